@@ -1,0 +1,133 @@
+"""The LoRA layer math against independent computations (paper §4.1)."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lora_lightning import LoRALinear, MergeStateError, RankTooLargeError
+
+
+def make(d_in=12, d_out=10, r=4, alpha=8.0, dtype=torch.float32, seed=0, **kw):
+    torch.manual_seed(seed)
+    base = nn.Linear(d_in, d_out).to(dtype)
+    return base, LoRALinear(base, r=r, alpha=alpha, **kw)
+
+
+def test_initial_output_equals_base_exactly():
+    base, layer = make()
+    w0 = base.weight.detach().clone()
+    x = torch.randn(5, 3, 12)
+    assert torch.equal(layer(x), torch.nn.functional.linear(x, w0, base.bias))
+    assert torch.count_nonzero(layer.lora_B) == 0 and torch.count_nonzero(layer.lora_A) > 0
+
+
+def test_forward_matches_formula():
+    base, layer = make(r=3, alpha=6.0)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(7, 12, dtype=torch.float64)
+    W, b, A, B = (t.detach().double() for t in (base.weight, base.bias, layer.lora_A, layer.lora_B))
+    expected = x @ W.T + b + (6.0 / 3) * (x @ A.T @ B.T)
+    torch.testing.assert_close(layer(x.float()).double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_keeps_base_parameters_without_copy():
+    base, layer = make()
+    assert layer.weight is base.weight and layer.bias is base.bias
+    assert set(dict(layer.named_parameters())) == {"weight", "bias", "lora_A", "lora_B"}
+
+
+def test_merge_equals_adapted_and_unmerge_restores():
+    base, layer = make(r=4, alpha=16)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    w0 = base.weight.detach().clone()
+    x = torch.randn(9, 12)
+    adapted = layer(x)
+    layer.merge()
+    torch.testing.assert_close(layer(x), adapted, atol=1e-5, rtol=0)
+    delta = (layer.lora_B @ layer.lora_A).detach() * 4.0
+    torch.testing.assert_close(layer.weight.detach(), w0 + delta, atol=1e-6, rtol=0)
+    layer.unmerge()
+    assert (layer.weight.detach() - w0).abs().max() < 1e-6
+    torch.testing.assert_close(layer(x), adapted, atol=1e-5, rtol=0)
+
+
+def test_merge_twice_and_unmerge_unmerged_raise():
+    _, layer = make()
+    with pytest.raises(MergeStateError, match="not merged"):
+        layer.unmerge()
+    layer.merge()
+    with pytest.raises(MergeStateError, match="already merged"):
+        layer.merge()
+
+
+def test_rslora_scaling_and_default_scaling():
+    _, plain = make(r=4, alpha=8)
+    assert plain.scaling == 2.0
+    torch.manual_seed(0)
+    rs = LoRALinear(nn.Linear(12, 10), r=4, alpha=8, scaling=8 / math.sqrt(4))
+    assert rs.scaling == 4.0
+
+
+def test_gaussian_init_std():
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(4096, 64), r=8, alpha=8, init="gaussian")
+    assert abs(layer.lora_A.std().item() - 1 / 8) < 0.005
+    torch.manual_seed(0)
+    kaiming = LoRALinear(nn.Linear(4096, 64), r=8, alpha=8)
+    bound = 1 / math.sqrt(4096)  # kaiming_uniform(a=sqrt(5)) == nn.Linear's default bound
+    assert kaiming.lora_A.abs().max() <= bound and kaiming.lora_A.abs().max() > 0.9 * bound
+
+
+def test_rank_larger_than_matrix_raises():
+    with pytest.raises(RankTooLargeError, match=r"r=11 .* min\(d_in, d_out\)=10"):
+        make(r=11)
+
+
+def test_low_precision_base_with_fp32_adapters():
+    base, layer = make(dtype=torch.bfloat16, adapter_dtype=torch.float32)
+    assert layer.weight.dtype == torch.bfloat16 and layer.lora_A.dtype == torch.float32
+    x = torch.randn(4, 12, dtype=torch.bfloat16)
+    assert torch.equal(layer(x), base(x))
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    out = layer(x)
+    assert out.dtype == torch.bfloat16
+    ref = (x.float() @ base.weight.float().T + base.bias.float()) + layer.scaling * (x.float() @ layer.lora_A.T @ layer.lora_B.T).detach()
+    torch.testing.assert_close(out.float(), ref, atol=0.1, rtol=0.02)
+    w0 = base.weight.detach().clone()
+    layer.merge()
+    layer.unmerge()
+    # bf16 round-off: one ulp-ish of |W| + |ΔW| at most
+    tol = 2 ** -7 * (w0.float().abs() + layer.delta_weight().abs()).max()
+    assert (layer.weight.float() - w0.float()).abs().max() <= tol
+
+
+def test_dropout_only_on_adapter_path():
+    base, layer = make(dropout=0.5)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(64, 12)
+    layer.eval()
+    assert torch.equal(layer(x), layer(x))
+    layer.train()
+    torch.manual_seed(1)
+    y1 = layer(x)
+    torch.manual_seed(2)
+    y2 = layer(x)
+    assert not torch.allclose(y1, y2)
+    # base path is untouched: the difference lies entirely in the column space of B
+    diff = (y1 - y2).detach()
+    proj = diff @ torch.linalg.pinv(layer.lora_B.detach()).T @ layer.lora_B.detach().T
+    torch.testing.assert_close(proj, diff, atol=1e-4, rtol=1e-4)
+
+
+def test_to_base_returns_plain_linear_of_same_class():
+    mha_out = nn.modules.linear.NonDynamicallyQuantizableLinear(6, 6)
+    layer = LoRALinear(mha_out, r=2, alpha=2)
+    plain = layer.to_base()
+    assert type(plain) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    assert plain.weight is mha_out.weight

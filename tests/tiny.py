@@ -1,0 +1,139 @@
+"""Tiny models built in the tests (no downloads): a plain-PyTorch transformer with separate
+q/k/v/o projections, a BERT-named tree, and a LightningModule around the former."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+D_MODEL, N_HEADS, N_LAYERS, VOCAB, N_CLASSES, SEQ = 16, 2, 3, 50, 3, 6
+
+
+class Attention(nn.Module):
+    def __init__(self, d: int = D_MODEL, heads: int = N_HEADS) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        split = lambda y: y.view(b, t, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
+        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, d)
+        return self.o_proj(y)
+
+
+class Block(nn.Module):
+    def __init__(self, d: int = D_MODEL) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.self_attn = Attention(d)
+        self.mlp = nn.Sequential()
+        self.mlp.up_proj = nn.Linear(d, 4 * d)
+        self.mlp.act = nn.GELU()
+        self.mlp.down_proj = nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class TinyTransformer(nn.Module):
+    """Token classifier-ish encoder: embed -> N blocks -> mean pool -> classifier."""
+
+    def __init__(self, n_layers: int = N_LAYERS, d: int = D_MODEL) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, d)
+        self.layers = nn.ModuleList(Block(d) for _ in range(n_layers))
+        self.classifier = nn.Linear(d, N_CLASSES)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        for block in self.layers:
+            x = block(x)
+        return self.classifier(x.mean(1))
+
+
+def tiny_model(seed: int = 0, **kw) -> TinyTransformer:
+    torch.manual_seed(seed)
+    return TinyTransformer(**kw)
+
+
+def tiny_batch(n: int = 8, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (n, SEQ), generator=g), torch.randint(0, N_CLASSES, (n,), generator=g)
+
+
+def randomize_adapters(model: nn.Module, seed: int = 3, std: float = 0.5) -> None:
+    """Give B non-zero values so ΔW != 0 (as after training)."""
+    from lora_lightning import lora_layers
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * std)
+
+
+class LitTiny(pl.LightningModule):
+    """An ordinary LightningModule that knows nothing about LoRA."""
+
+    def __init__(self, seed: int = 0, lr: float = 1e-2, build_in_configure_model: bool = False) -> None:
+        super().__init__()
+        self.seed, self.lr = seed, lr
+        self.net: TinyTransformer | None = None if build_in_configure_model else tiny_model(seed)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.net(ids)
+
+    def training_step(self, batch, batch_idx):
+        ids, y = batch
+        loss = F.cross_entropy(self(ids), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        ids, y = batch
+        self.log("val_loss", F.cross_entropy(self(ids), y))
+
+    def test_step(self, batch, batch_idx):
+        ids, y = batch
+        self.log("test_loss", F.cross_entropy(self(ids), y))
+
+    def configure_optimizers(self):
+        # deliberately passes ALL parameters: frozen ones get no grad and no optimizer state
+        return torch.optim.AdamW(self.parameters(), lr=self.lr)
+
+
+class LitTinyLate(LitTiny):
+    """Builds its network in ``configure_model`` (as for FSDP / meta-device init)."""
+
+    def __init__(self, seed: int = 0, lr: float = 1e-2) -> None:
+        super().__init__(seed, lr, build_in_configure_model=True)
+
+    def configure_model(self) -> None:
+        if self.net is None:
+            self.net = tiny_model(self.seed)
+
+
+def tiny_loader(n: int = 32, batch_size: int = 8, seed: int = 1) -> DataLoader:
+    ids, y = tiny_batch(n, seed)
+    return DataLoader(TensorDataset(ids, y), batch_size=batch_size, shuffle=False)
+
+
+def trainer(tmp_path, callbacks, **kw) -> pl.Trainer:
+    defaults = dict(
+        default_root_dir=str(tmp_path),
+        accelerator="cpu",
+        devices=1,
+        max_steps=4,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        deterministic=True,
+    )
+    defaults.update(kw)
+    return pl.Trainer(callbacks=callbacks, **defaults)
