@@ -64,6 +64,8 @@ class LoRACallback(Callback):
         merge_on_fit_end: fold the adapters into the base weights when ``fit`` ends.
         export_adapter: write the adapter to this ``.safetensors`` path when ``fit`` ends.
         export_merged: write the merged full model to this ``.safetensors`` path when ``fit`` ends.
+        export_module: attribute path of the network inside the LightningModule (e.g. ``"model"``):
+            the merged export is keyed relative to it, loadable by the bare network.
         on_base_mismatch: ``raise`` | ``warn`` | ``ignore`` when a loaded adapter/checkpoint was
             trained on other base weights.
     """
@@ -90,6 +92,7 @@ class LoRACallback(Callback):
         merge_on_fit_end: bool = False,
         export_adapter: str | None = None,
         export_merged: str | None = None,
+        export_module: str = "",
         on_base_mismatch: str = "raise",
         verbose: bool = True,
     ) -> None:
@@ -110,6 +113,7 @@ class LoRACallback(Callback):
         self.merge_on_fit_end = merge_on_fit_end
         self.export_adapter = export_adapter
         self.export_merged = export_merged
+        self.export_module = export_module
         self.on_base_mismatch = on_base_mismatch
         self.verbose = verbose
 
@@ -152,7 +156,7 @@ class LoRACallback(Callback):
         if self.merge_on_fit_end:
             merge_lora(pl_module)
         if self.export_merged and trainer.is_global_zero:
-            save_merged_model(pl_module, Path(self.export_merged))
+            save_merged_model(pl_module, Path(self.export_merged), submodule=self.export_module)
         trainer.strategy.barrier("lora_fit_end")
 
     # ------------------------------------------------------------------ state

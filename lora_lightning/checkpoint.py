@@ -227,10 +227,12 @@ def load_adapter(
     return saved
 
 
-def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
+def merged_state_dict(model: nn.Module, submodule: str = "") -> dict[str, Tensor]:
     """The base architecture's state dict with every ΔW folded in (the model is not modified).
 
-    Keys are those of the model before injection; ``lora_A``/``lora_B`` are dropped.
+    Keys are those of the model before injection; ``lora_A``/``lora_B`` are dropped. With
+    ``submodule`` (e.g. ``"model"`` inside a LightningModule) only that module's tensors are
+    kept, keyed relative to it, ready for the bare network's ``load_state_dict``.
     """
     layers = lora_layers(model)
     out: dict[str, Tensor] = {}
@@ -241,11 +243,17 @@ def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
         if owner in layers and leaf == "weight" and not layers[owner].merged:
             value = (value.float() + layers[owner].delta_weight().to(value.device)).to(value.dtype)
         out[key] = value
+    if submodule:
+        model.get_submodule(submodule)  # clear AttributeError for a wrong name
+        prefix = submodule + "."
+        out = {k[len(prefix) :]: v for k, v in out.items() if k.startswith(prefix)}
     return out
 
 
-def save_merged_model(model: nn.Module, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> Path:
+def save_merged_model(
+    model: nn.Module, path: str | os.PathLike, metadata: Mapping[str, str] | None = None, submodule: str = ""
+) -> Path:
     """Write the merged full model (base keys, ΔW folded in) to ``.safetensors`` atomically."""
-    tensors = _cpu_contiguous(merged_state_dict(model))
+    tensors = _cpu_contiguous(merged_state_dict(model, submodule))
     meta = {"format": "lora_lightning_merged", "lora_config": get_lora_state(model).config.to_json()}
     return atomic_write_bytes(path, safetensors_dumps(tensors, metadata=meta | dict(metadata or {})))
