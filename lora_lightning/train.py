@@ -36,7 +36,7 @@ from .errors import LoRAError  # noqa: E402
 from .injection import count_parameters, plan_injection  # noqa: E402
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-LORA_APP_KEYS = ("method", "budget", "merge_on_fit_end")
+LORA_APP_KEYS = ("method", "budget", "merge_on_fit_end", "lr")
 METHODS = ("lora", "full", "head_only")
 log = logging.getLogger("lora_lightning")
 

