@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .errors import AdapterMismatchError, BaseModelMismatchError
+from .layers import primary_weight
 
 SAMPLES_PER_MATRIX = 16
 ON_MISMATCH = ("raise", "warn", "ignore")
@@ -32,7 +33,7 @@ def base_fingerprint(model: nn.Module, names: list[str]) -> dict:
     digest = hashlib.sha256()
     hashable = True
     for name in ordered:
-        weight = model.get_submodule(name).weight
+        weight = primary_weight(model.get_submodule(name))  # .weight, or an nn.MultiheadAttention's in_proj_weight
         shapes.append(list(weight.shape))
         if weight.is_meta:
             hashable = False
@@ -66,6 +67,7 @@ def check_fingerprint(saved: dict | None, current: dict | None, on_mismatch: str
         raise AdapterMismatchError(
             f"the {source} was trained on a base with other adapted matrices: {'; '.join(diffs[:4])}"
             + (f" (+{len(diffs) - 4} more)" if len(diffs) > 4 else "")
+            + ". It belongs to another architecture or model size: load it onto the model it was trained on"
         )
     if saved.get("sha256") and current.get("sha256") and saved["sha256"] != current["sha256"]:
         msg = (

@@ -25,12 +25,15 @@ The forward never materialises ``B·A`` (a ``d_out x d_in`` matrix): it computes
 from __future__ import annotations
 
 import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import MergeStateError, RankTooLargeError
+from .errors import LoRAConfigError, MergeStateError, RankTooLargeError
 
 _DTYPES = {
     "float32": torch.float32,
@@ -47,12 +50,53 @@ def resolve_dtype(name: str | None, base_dtype: torch.dtype) -> torch.dtype:
     return base_dtype if base_dtype.is_floating_point else torch.float32
 
 
+@dataclass(frozen=True)
+class FusedSlices:
+    """Row layout of a fused projection, e.g. GPT-2 ``c_attn``: ``W = [Wq; Wk; Wv]`` (``parts``
+    ``("q", "k", "v")`` with ``sizes`` rows each). Only the ``adapted`` parts get an adapter
+    ``B_i·A_i`` (loralib's ``MergedLinear``); the other rows' outputs stay exactly the base's."""
+
+    parts: tuple[str, ...]
+    sizes: tuple[int, ...]
+    adapted: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.parts) != len(self.sizes) or not self.adapted or set(self.adapted) - set(self.parts):
+            raise LoRAConfigError(
+                f"fused layout parts={self.parts} sizes={self.sizes} adapted={self.adapted} is inconsistent: "
+                "give one size per part and adapt a non-empty subset of the parts"
+            )
+
+    @property
+    def d_out(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def adapted_rows(self) -> int:
+        """Rows of the stacked ``lora_B``: the summed sizes of the adapted parts."""
+        return sum(n for p, n in zip(self.parts, self.sizes) if p in self.adapted)
+
+    def segments(self) -> list[tuple[str, int, int, int | None, int]]:
+        """``(part, row_start, size, adapter_index or None, b_row_start)`` in layout order."""
+        out, start, i, b = [], 0, 0, 0
+        for part, size in zip(self.parts, self.sizes):
+            if part in self.adapted:
+                out.append((part, start, size, i, b))
+                i, b = i + 1, b + size
+            else:
+                out.append((part, start, size, None, b))
+            start += size
+        return out
+
+
 class LoRAMixin:
     """State and math shared by every LoRA layer: ``lora_A (r x d_in)``, ``lora_B (d_out x r)``.
 
     Subclasses provide ``_base_weight_view()`` returning the frozen weight as a
     ``d_out x d_in`` view (transposed for weights stored ``d_in x d_out``) that merge/unmerge
-    update in place.
+    update in place. With ``fused`` (a :class:`FusedSlices`), ``lora_A`` stacks one ``r x d_in``
+    block per adapted part (``n·r x d_in``) and ``lora_B`` the parts' ``size_i x r`` blocks
+    (``Σ size_i x r``), exactly loralib's ``MergedLinear`` layout; ΔW is zero on other rows.
     """
 
     r: int
@@ -61,6 +105,9 @@ class LoRAMixin:
     merged: bool
     lora_A: nn.Parameter
     lora_B: nn.Parameter
+    fused: FusedSlices | None = None
+    fan_in_fan_out: bool = False  # the stored weight is d_in x d_out (GPT-2 Conv1D)
+    base_weight_name: str = "weight"  # the state-dict leaf that merge changes
 
     def _init_lora(
         self,
@@ -74,21 +121,31 @@ class LoRAMixin:
         dtype: torch.dtype,
         device: torch.device,
         name: str = "",
+        fused: FusedSlices | None = None,
     ) -> None:
-        if r > min(d_in, d_out):
+        if fused is not None and fused.d_out != d_out:
+            raise LoRAConfigError(
+                f"fused layout of {name or 'a layer'} has {fused.d_out} rows ({dict(zip(fused.parts, fused.sizes))}) "
+                f"but the weight has d_out={d_out}; register the layout with the right sizes"
+            )
+        n = len(fused.adapted) if fused else 1
+        rows = fused.adapted_rows if fused else d_out
+        smallest = min(s for p, s in zip(fused.parts, fused.sizes) if p in fused.adapted) if fused else d_out
+        if r > min(d_in, smallest):
             raise RankTooLargeError(
-                f"r={r} is larger than min(d_in, d_out)={min(d_in, d_out)} for {name or 'a layer'} "
-                f"({d_out}x{d_in}); a rank-{r} update cannot exist there: choose r <= {min(d_in, d_out)} "
+                f"r={r} is larger than min(d_in, d_out)={min(d_in, smallest)} for {name or 'a layer'} "
+                f"({smallest}x{d_in}); a rank-{r} update cannot exist there: choose r <= {min(d_in, smallest)} "
                 "(or lower it for this module with rank_pattern)"
             )
+        self.fused = fused
         self.r = r
         self.alpha = float(alpha)
         self.scaling = float(scaling)
         self.init = init
         self.dropout_p = float(dropout)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.lora_A = nn.Parameter(torch.empty(r, d_in, dtype=dtype, device=device))
-        self.lora_B = nn.Parameter(torch.zeros(d_out, r, dtype=dtype, device=device))
+        self.lora_A = nn.Parameter(torch.empty(n * r, d_in, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(rows, r, dtype=dtype, device=device))
         self.merged = False
         self.reset_lora_parameters()
 
@@ -102,9 +159,30 @@ class LoRAMixin:
             nn.init.zeros_(self.lora_B)
 
     # ---------------------------------------------------------------- math
+    def live_delta_weight(self, dtype: torch.dtype | None = None) -> Tensor:
+        """Differentiable ``ΔW = scaling · B @ A`` (``d_out x d_in``; zero rows for un-adapted fused parts)."""
+        A, B = self.lora_A, self.lora_B
+        if dtype is not None:
+            A, B = A.to(dtype), B.to(dtype)
+        if self.fused is None:
+            return (B @ A) * self.scaling
+        r, blocks = self.r, []
+        for _, _, size, i, b in self.fused.segments():
+            if i is None:
+                blocks.append(A.new_zeros(size, A.shape[1]))
+            else:
+                blocks.append((B[b : b + size] @ A[i * r : (i + 1) * r]) * self.scaling)
+        return torch.cat(blocks, 0)
+
     def delta_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """``ΔW = scaling · B @ A`` as a ``d_out x d_in`` tensor (computed in ``dtype``)."""
-        return (self.lora_B.detach().to(dtype) @ self.lora_A.detach().to(dtype)) * self.scaling
+        """``ΔW = scaling · B @ A`` as a ``d_out x d_in`` tensor (computed in ``dtype``, detached)."""
+        with torch.no_grad():
+            return self.live_delta_weight(dtype)
+
+    def stored_delta_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """ΔW in the layout of the stored weight (``d_in x d_out`` for fan-in-fan-out Conv1D)."""
+        delta = self.delta_weight(dtype)
+        return delta.T if self.fan_in_fan_out else delta
 
     def lora_forward(self, x: Tensor) -> Tensor:
         """``scaling · dropout(x) @ Aᵀ @ Bᵀ`` for ``x (..., d_in)`` -> ``(..., d_out)`` in A's dtype."""
@@ -113,7 +191,57 @@ class LoRAMixin:
         if x.dtype != self.lora_A.dtype:
             x = x.to(self.lora_A.dtype)
         # scale the thin r-wide intermediate rather than the d_out-wide output
-        return F.linear(F.linear(x, self.lora_A) * self.scaling, self.lora_B)
+        h = F.linear(x, self.lora_A) * self.scaling
+        if self.fused is None:
+            return F.linear(h, self.lora_B)
+        r, pieces = self.r, []
+        for _, _, size, i, b in self.fused.segments():
+            if i is None:
+                pieces.append(h.new_zeros(*h.shape[:-1], size))
+            else:
+                pieces.append(F.linear(h[..., i * r : (i + 1) * r], self.lora_B[b : b + size]))
+        return torch.cat(pieces, -1)
+
+    def add_lora(self, out: Tensor, x: Tensor) -> Tensor:
+        """``out + lora_forward(x)``; for a fused layer un-adapted parts are passed through untouched."""
+        if self.merged:
+            return out
+        if self.fused is None:
+            if self._fast_path_ok(out, x):
+                # out += scaling·(dropout(x)·Aᵀ)·Bᵀ in one in-place GEMM: no d_out-wide temporary and
+                # no separate add pass (F.linear's backward does not need its output, so autograd
+                # is unaffected; ~6% off an all-linear MiniLM step, benchmarks/PROPOSED_PATCHES.md)
+                if self.dropout_p > 0:
+                    x = self.lora_dropout(x)
+                h = F.linear(x, self.lora_A) * self.scaling
+                out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), self.lora_B.t())
+                return out
+            return out + self.lora_forward(x).to(out.dtype)
+        delta = self.lora_forward(x).to(out.dtype)
+        pieces = []
+        for _, start, size, i, _ in self.fused.segments():
+            piece = out[..., start : start + size]
+            pieces.append(piece if i is None else piece + delta[..., start : start + size])
+        return torch.cat(pieces, -1)
+
+    def _plain_lora_math(self) -> bool:
+        """True when this layer uses the plain ``scaling·B·A`` math (not a variant overriding it)."""
+        cls = type(self)
+        return (
+            cls.lora_forward is LoRAMixin.lora_forward
+            and cls.live_delta_weight is LoRAMixin.live_delta_weight
+            and cls.delta_weight is LoRAMixin.delta_weight
+        )
+
+    def _fast_path_ok(self, out: Tensor, x: Tensor) -> bool:
+        """Whether the in-place ``addmm_`` forward applies: plain math, same dtypes, contiguous 2-D-able output."""
+        return (
+            self._plain_lora_math()
+            and x.dtype == self.lora_A.dtype
+            and out.dtype == self.lora_B.dtype
+            and out.dim() >= 1
+            and out.is_contiguous()
+        )
 
     # --------------------------------------------------------- merge/unmerge
     def _base_weight_view(self) -> Tensor:  # pragma: no cover - abstract
@@ -122,6 +250,14 @@ class LoRAMixin:
     def _add_delta(self, sign: float) -> None:
         weight = self._base_weight_view()
         with torch.no_grad():
+            A, B = self.lora_A.detach(), self.lora_B.detach()
+            plain = self.fused is None and self._plain_lora_math()
+            if plain and A.dtype == B.dtype == weight.dtype and A.device == weight.device:
+                # one fused in-place GEMM, W += sign·scaling·B@A (fp32 accumulation inside the kernel,
+                # one rounding), no d_out x d_in temporaries; works on a transposed (Conv1D) view too.
+                # Mixed dtypes (fp32 adapters on a bf16 base) keep the fp32 path below.
+                weight.addmm_(B, A, alpha=sign * self.scaling)
+                return
             delta = self.delta_weight(torch.float32 if weight.dtype != torch.float64 else torch.float64)
             if weight.dtype in (torch.float32, torch.float64):
                 weight.add_(delta.to(weight.device), alpha=sign)
@@ -142,8 +278,16 @@ class LoRAMixin:
         self._add_delta(-1.0)
         self.merged = False
 
+    def adapter_dims(self) -> tuple[int, int, tuple[str, ...]]:
+        """``(d_out adapted rows, d_in, adapted fused parts or ())``."""
+        return self.lora_B.shape[0], self.lora_A.shape[1], (self.fused.adapted if self.fused else ())
+
     def lora_extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}, dropout={self.dropout_p:g}, merged={self.merged}"
+        parts = f", parts={list(self.fused.adapted)}" if self.fused else ""
+        return (
+            f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}, dropout={self.dropout_p:g}{parts}, "
+            f"merged={self.merged}"
+        )
 
 
 class LoRALinear(nn.Linear, LoRAMixin):
@@ -152,7 +296,8 @@ class LoRALinear(nn.Linear, LoRAMixin):
     ``y = x W0ᵀ + b + (alpha/r) · dropout(x) Aᵀ Bᵀ`` with ``W0: d_out x d_in`` (frozen, kept
     in its own dtype), ``A: r x d_in`` and ``B: d_out x r`` (trainable). The module keeps the
     original ``weight`` and ``bias`` Parameter objects (no copy), so the base keys of the
-    state dict are unchanged; the adapter adds ``lora_A`` and ``lora_B``.
+    state dict are unchanged; the adapter adds ``lora_A`` and ``lora_B``. With ``fused``
+    only the listed row blocks (e.g. q and v of a fused qkv projection) are adapted.
     """
 
     def __init__(
@@ -165,6 +310,7 @@ class LoRALinear(nn.Linear, LoRAMixin):
         init: str = "kaiming",
         adapter_dtype: torch.dtype | None = None,
         name: str = "",
+        fused: FusedSlices | None = None,
     ) -> None:
         nn.Module.__init__(self)
         self.in_features = base.in_features
@@ -184,16 +330,14 @@ class LoRALinear(nn.Linear, LoRAMixin):
             dtype,
             base.weight.device,
             name,
+            fused,
         )
 
     def _base_weight_view(self) -> Tensor:
         return self.weight
 
     def forward(self, x: Tensor) -> Tensor:
-        out = F.linear(x, self.weight, self.bias)
-        if self.merged:
-            return out
-        return out + self.lora_forward(x).to(out.dtype)
+        return self.add_lora(F.linear(x, self.weight, self.bias), x)
 
     def to_base(self) -> nn.Linear:
         """A plain ``nn.Linear`` sharing this layer's (possibly merged) weight and bias."""
@@ -207,8 +351,270 @@ class LoRALinear(nn.Linear, LoRAMixin):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " + self.lora_extra_repr()
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """True for GPT-style ``Conv1D`` (``transformers.pytorch_utils.Conv1D``): a linear layer whose
+    weight is stored transposed, ``d_in x d_out`` (``y = x @ W + b``, "fan_in_fan_out")."""
+    weight = getattr(module, "weight", None)
+    return (
+        type(module).__name__ == "Conv1D"
+        and isinstance(weight, Tensor)
+        and weight.dim() == 2
+        and weight.shape[1] == getattr(module, "nf", None)
+    )
+
+
+def _plain_attrs(module: nn.Module) -> dict[str, Any]:
+    """A module's public non-tensor attributes (``nf``, ``embed_dim``, ...) to rebuild it later."""
+    return {k: v for k, v in vars(module).items() if not k.startswith("_") and k != "training"}
+
+
+def _rebuild(cls: type, attrs: dict[str, Any], params: dict[str, nn.Parameter | None], modules: dict[str, nn.Module]) -> nn.Module:
+    """A ``cls`` instance made without ``__init__`` (no re-initialisation) from saved attributes."""
+    module = cls.__new__(cls)
+    nn.Module.__init__(module)
+    for k, v in attrs.items():
+        object.__setattr__(module, k, v)
+    for k, p in params.items():
+        module.register_parameter(k, p)
+    for k, m in modules.items():
+        module.add_module(k, m)
+    return module
+
+
+class LoRAConv1D(nn.Module, LoRAMixin):
+    """A frozen GPT-2 ``Conv1D`` (weight ``W0ᵀ`` stored ``d_in x d_out``) plus ``(alpha/r)·B·A``.
+
+    ``y = x @ W + b + (alpha/r) · dropout(x) Aᵀ Bᵀ`` with the usual ``A: r x d_in``,
+    ``B: d_out x r`` (the same shapes PEFT uses with ``fan_in_fan_out=True``). Merging adds
+    ``ΔWᵀ`` to the stored weight. Keys ``weight``/``bias`` are unchanged.
+    """
+
+    fan_in_fan_out = True
+
+    def __init__(
+        self,
+        base: nn.Module,
+        r: int,
+        alpha: float,
+        scaling: float | None = None,
+        dropout: float = 0.0,
+        init: str = "kaiming",
+        adapter_dtype: torch.dtype | None = None,
+        name: str = "",
+        fused: FusedSlices | None = None,
+    ) -> None:
+        if not is_conv1d(base):
+            raise TypeError(f"LoRAConv1D wraps a GPT-style Conv1D (weight d_in x nf), got {type(base).__name__}")
+        nn.Module.__init__(self)
+        self._base_cls = type(base)
+        self._base_attrs = _plain_attrs(base)
+        d_in, d_out = base.weight.shape
+        self.in_features, self.out_features, self.nf = d_in, d_out, d_out
+        self.weight = base.weight
+        self.bias = base.bias
+        dtype = adapter_dtype or resolve_dtype(None, base.weight.dtype)
+        self._init_lora(
+            d_in, d_out, r, alpha, alpha / r if scaling is None else scaling, dropout, init, dtype, base.weight.device, name, fused
+        )
+
+    def _base_weight_view(self) -> Tensor:
+        return self.weight.T
+
+    def forward(self, x: Tensor) -> Tensor:
+        size_out = x.size()[:-1] + (self.nf,)
+        flat = x.reshape(-1, x.size(-1))
+        out = torch.addmm(self.bias, flat, self.weight) if self.bias is not None else flat @ self.weight
+        return self.add_lora(out.view(size_out), x)
+
+    def to_base(self) -> nn.Module:
+        """The original ``Conv1D`` class sharing this layer's (possibly merged) weight and bias."""
+        return _rebuild(self._base_cls, self._base_attrs, {"weight": self.weight, "bias": self.bias}, {})
+
+    def extra_repr(self) -> str:
+        return f"nx={self.in_features}, nf={self.nf}, fan_in_fan_out=True, " + self.lora_extra_repr()
+
+
+MHA_PARTS = ("q", "k", "v")
+
+
+class LoRAMultiheadAttention(nn.Module, LoRAMixin):
+    """``nn.MultiheadAttention`` with LoRA on the q/k/v blocks of ``in_proj_weight = [Wq; Wk; Wv]``
+    (``3E x E``) and, when ``out_proj`` is a :class:`LoRALinear`, on ``Wo``.
+
+    ``forward`` calls ``F.multi_head_attention_forward`` with ``in_proj_weight + ΔW_in`` and
+    ``out_proj.weight + ΔW_o`` (the ``d_out x d_in`` deltas are materialised; adapter dropout is
+    not applied here). The original parameters keep their names (``in_proj_weight``,
+    ``in_proj_bias``, ``out_proj.weight`` ...), so state-dict keys stay compatible;
+    ``to_base()`` returns a plain ``nn.MultiheadAttention`` (whose fast path then works again).
+    With no q/k/v adapters the module has no ``lora_A``/``lora_B`` and only hosts ``out_proj``.
+    """
+
+    base_weight_name = "in_proj_weight"
+    # used by nn.TransformerEncoderLayer's fast path (taken once every adapter is merged)
+    merge_masks = nn.MultiheadAttention.merge_masks
+
+    def __init__(
+        self,
+        base: nn.MultiheadAttention,
+        parts: Sequence[str] = (),
+        r: int = 8,
+        alpha: float = 16.0,
+        scaling: float | None = None,
+        dropout: float = 0.0,
+        init: str = "kaiming",
+        adapter_dtype: torch.dtype | None = None,
+        name: str = "",
+    ) -> None:
+        nn.Module.__init__(self)
+        self._base_cls = type(base)
+        self._base_attrs = _plain_attrs(base) | {"_qkv_same_embed_dim": base._qkv_same_embed_dim}
+        for k, v in _plain_attrs(base).items():
+            object.__setattr__(self, k, v)
+        self._same_dim = bool(base._qkv_same_embed_dim)
+        for pname, param in base._parameters.items():
+            self.register_parameter(pname, param)
+        self.out_proj = base.out_proj
+        self.merged = False
+        bad = sorted(set(parts) - set(MHA_PARTS))
+        if bad:
+            raise LoRAConfigError(f"nn.MultiheadAttention in-projection parts are {MHA_PARTS}; got {bad}")
+        if parts and not self._same_dim:
+            raise LoRAConfigError(
+                f"{name or 'this nn.MultiheadAttention'} has kdim/vdim != embed_dim (separate q/k/v_proj_weight); "
+                "LoRA on its q/k/v is not supported, target only 'o' (out_proj) there"
+            )
+        if parts:
+            if dropout > 0:
+                warnings.warn(
+                    f"LoRA dropout={dropout} is not applied to the nn.MultiheadAttention adapters of {name!r} "
+                    "(their ΔW is folded into the projection weights at each forward)",
+                    stacklevel=3,
+                )
+            e = self.embed_dim
+            fused = FusedSlices(MHA_PARTS, (e, e, e), tuple(p for p in MHA_PARTS if p in parts))
+            weight = self.in_proj_weight
+            dtype = adapter_dtype or resolve_dtype(None, weight.dtype)
+            self._init_lora(e, 3 * e, r, alpha, alpha / r if scaling is None else scaling, dropout, init, dtype, weight.device, name, fused)
+
+    @property
+    def _qkv_same_embed_dim(self) -> bool:  # type: ignore[override]
+        """Read by ``nn.TransformerEncoder(Layer)`` to pick its fused fast path, which reads
+        ``in_proj_weight`` directly and would skip unmerged adapters: report False until merged."""
+        return self._same_dim and not self.has_unmerged_adapters()
+
+    def has_unmerged_adapters(self) -> bool:
+        own = "lora_A" in self._parameters and not self.merged
+        out = isinstance(self.out_proj, LoRAMixin) and is_lora_layer(self.out_proj) and not self.out_proj.merged
+        return own or out
+
+    def _base_weight_view(self) -> Tensor:
+        return self.in_proj_weight
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Same contract as ``nn.MultiheadAttention.forward`` (its slow path, adapters added)."""
+        if query.is_nested:
+            raise RuntimeError(
+                "nested-tensor input reached a LoRA nn.MultiheadAttention; build nn.TransformerEncoder with "
+                "enable_nested_tensor=False, or merge_and_unload() the adapters for fast-path inference"
+            )
+        is_batched = query.dim() == 3
+        key_padding_mask = F._canonical_mask(
+            mask=key_padding_mask,
+            mask_name="key_padding_mask",
+            other_type=F._none_or_dtype(attn_mask),
+            other_name="attn_mask",
+            target_type=query.dtype,
+        )
+        attn_mask = F._canonical_mask(
+            mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="", target_type=query.dtype, check_other=False
+        )
+        if self.batch_first and is_batched:  # keep the "is" relations the functional relies on
+            if key is value:
+                if query is key:
+                    query = key = value = query.transpose(1, 0)
+                else:
+                    query, key = (x.transpose(1, 0) for x in (query, key))
+                    value = key
+            else:
+                query, key, value = (x.transpose(1, 0) for x in (query, key, value))
+        in_w = self.in_proj_weight
+        if "lora_A" in self._parameters and not self.merged:
+            in_w = in_w + self.live_delta_weight(self.lora_A.dtype).to(in_w.dtype)
+        out_w = self.out_proj.weight
+        if is_lora_layer(self.out_proj) and not self.out_proj.merged:
+            out_w = out_w + self.out_proj.live_delta_weight(self.out_proj.lora_A.dtype).to(out_w.dtype)
+        separate = {}
+        if not self._same_dim:
+            separate = dict(
+                use_separate_proj_weight=True,
+                q_proj_weight=self.q_proj_weight,
+                k_proj_weight=self.k_proj_weight,
+                v_proj_weight=self.v_proj_weight,
+            )
+        attn_output, attn_weights = F.multi_head_attention_forward(
+            query,
+            key,
+            value,
+            self.embed_dim,
+            self.num_heads,
+            in_w,
+            self.in_proj_bias,
+            self.bias_k,
+            self.bias_v,
+            self.add_zero_attn,
+            self.dropout,
+            out_w,
+            self.out_proj.bias,
+            training=self.training,
+            key_padding_mask=key_padding_mask,
+            need_weights=need_weights,
+            attn_mask=attn_mask,
+            average_attn_weights=average_attn_weights,
+            is_causal=is_causal,
+            **separate,
+        )
+        if self.batch_first and is_batched:
+            return attn_output.transpose(1, 0), attn_weights
+        return attn_output, attn_weights
+
+    def to_base(self) -> nn.MultiheadAttention:
+        """A plain ``nn.MultiheadAttention`` with this module's (possibly merged) parameters."""
+        params = {k: v for k, v in self._parameters.items() if k not in LORA_PARAM_NAMES}
+        return _rebuild(self._base_cls, self._base_attrs, params, {"out_proj": self.out_proj})  # type: ignore[return-value]
+
+    def extra_repr(self) -> str:
+        own = self.lora_extra_repr() if "lora_A" in self._parameters else "no q/k/v adapters"
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, " + own
+
+
 LORA_PARAM_NAMES = ("lora_A", "lora_B")
 
 
 def is_lora_layer(module: nn.Module) -> bool:
+    """A module holding its own ``lora_A``/``lora_B`` (a LoRA host without adapters is not one)."""
+    return isinstance(module, LoRAMixin) and "lora_A" in module._parameters
+
+
+def is_lora_module(module: nn.Module) -> bool:
+    """Any module lora_lightning put into the model (LoRA layers and adapter hosts)."""
     return isinstance(module, LoRAMixin)
+
+
+def primary_weight(module: nn.Module) -> Tensor:
+    """The main weight of an adaptable module: ``weight``, or ``in_proj_weight`` (or
+    ``q_proj_weight``) of an ``nn.MultiheadAttention``."""
+    for attr in ("weight", "in_proj_weight", "q_proj_weight"):
+        weight = getattr(module, attr, None)
+        if isinstance(weight, Tensor):
+            return weight
+    raise TypeError(f"{type(module).__name__} has no weight matrix to adapt")

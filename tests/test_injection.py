@@ -155,10 +155,13 @@ def test_double_injection_raises():
     assert len(lora_layers(m)) == 3
 
 
-def test_multihead_attention_out_proj_is_refused_not_silently_ignored():
+def test_multihead_attention_out_proj_is_adapted_not_silently_ignored():
+    # MHA's forward reads out_proj.weight directly: the MHA is wrapped so ΔW_o is used (see test_fused.py)
     enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 2)
-    with pytest.raises(TargetNotFoundError, match="nn.MultiheadAttention"):
-        inject_lora(enc, LoRAConfig(r=2, targets=["o"]))
+    inject_lora(enc, LoRAConfig(r=2, targets=["o"]))
+    assert sorted(lora_layers(enc)) == [f"layers.{i}.self_attn.out_proj" for i in range(2)]
+    assert all(type(layer.self_attn).__name__ == "LoRAMultiheadAttention" for layer in enc.layers)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 2)
     inject_lora(enc, LoRAConfig(r=2, targets=["mlp"]))  # linear1/linear2 are real Linear calls
     assert sorted(lora_layers(enc)) == [f"layers.{i}.linear{j}" for i in range(2) for j in (1, 2)]
 

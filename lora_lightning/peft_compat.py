@@ -1,0 +1,268 @@
+"""Interoperability with Hugging Face PEFT LoRA adapters (``adapter_model.safetensors`` +
+``adapter_config.json``).
+
+Both libraries store ``A: r x d_in`` and ``B: d_out x r`` per adapted module (also for GPT-2's
+``Conv1D``, where PEFT uses ``fan_in_fan_out=True`` and so do we, implicitly) and scale by
+``lora_alpha / r`` (or ``/ sqrt(r)`` with rsLoRA). PEFT keys are
+``base_model.model.<module>.lora_A.weight``; ``modules_to_save`` are stored as
+``base_model.model.<module>.<param>``.
+
+Fused-block adapters (``targets=["q", "v"]`` on GPT-2's ``c_attn``) export exactly as a
+whole-``c_attn`` PEFT adapter of rank ``n·r``: ``A' = [A_q; A_v]`` and ``B'`` block-structured,
+``[[B_q, 0], [0, 0], [0, B_v]]`` (zero rows for k), so ``B'A' = [B_q A_q; 0; B_v A_v]``; the
+module gets ``rank_pattern = n·r`` and ``alpha_pattern`` chosen so PEFT's scaling equals ours.
+Adapters inside ``nn.MultiheadAttention`` cannot be exported (PEFT lays those out differently).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save
+from torch import Tensor, nn
+
+from .checkpoint import atomic_write_bytes
+from .config import LoRAConfig
+from .errors import AdapterFileError, AdapterMismatchError, AlreadyInjectedError, LoRAConfigError
+from .injection import get_lora_state, has_lora, inject_lora, lora_layers
+from .layers import LoRAMultiheadAttention
+
+PEFT_PREFIX = "base_model.model."
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+# PEFT LoraConfig options that change the math in ways lora_lightning does not reproduce
+_UNSUPPORTED = {
+    "use_dora": (False, None),
+    "use_qalora": (False, None),
+    "lora_bias": (False, None),
+    "layer_replication": (None,),
+    "layers_to_transform": (None,),
+    "target_parameters": (None, []),
+    "trainable_token_indices": (None,),
+    "alora_invocation_tokens": (None,),
+    "megatron_config": (None,),
+    "use_bdlora": (None, False),
+}
+
+
+def _relative(name: str, submodule: str) -> str:
+    if not submodule:
+        return name
+    prefix = submodule + "."
+    if not name.startswith(prefix):
+        raise LoRAConfigError(f"{name!r} lies outside submodule {submodule!r}; export the module holding every adapter")
+    return name[len(prefix) :]
+
+
+def _peft_weights(layer: Any) -> tuple[Tensor, Tensor]:
+    """``(A', B')`` of one layer as a whole-module PEFT adapter (block-structured B' for fused layers)."""
+    A, B = layer.lora_A.detach(), layer.lora_B.detach()
+    if layer.fused is None:
+        return A, B
+    r, n = layer.r, len(layer.fused.adapted)
+    full_b = B.new_zeros(layer.fused.d_out, n * r)
+    for _, start, size, i, b in layer.fused.segments():
+        if i is not None:
+            full_b[start : start + size, i * r : (i + 1) * r] = B[b : b + size]
+    return A, full_b
+
+
+def export_peft_adapter(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    base_model_name_or_path: str | None = None,
+    submodule: str = "",
+) -> Path:
+    """Write the adapter of ``model`` as a PEFT LoRA adapter directory, loadable with
+    ``peft.PeftModel.from_pretrained(base, directory)``.
+
+    ``submodule``: attribute path of the Hugging Face model inside ``model`` (e.g. ``"model"``
+    in a LightningModule); PEFT names are relative to it. Returns the directory.
+    """
+    state = get_lora_state(model)
+    config = state.config
+    if config.bias != "none":
+        raise LoRAConfigError(
+            f"bias={config.bias!r}: exporting trained biases to PEFT is not supported; train with bias='none'"
+        )
+    layers = lora_layers(model)
+    mha = [n for n, m in model.named_modules() if isinstance(m, LoRAMultiheadAttention)]
+    if mha:
+        raise LoRAConfigError(
+            f"adapters inside nn.MultiheadAttention ({mha[0]}) have no PEFT equivalent layout; merge them "
+            "(merge_and_unload) or save with save_adapter() instead"
+        )
+    if any(layer.merged for layer in layers.values()):
+        raise LoRAConfigError("the adapters are merged into the base weights; call unmerge_lora(model) before exporting")
+    tensors: dict[str, Tensor] = {}
+    targets: list[str] = []
+    rank_pattern: dict[str, int] = {}
+    alpha_pattern: dict[str, float] = {}
+    fan_in_fan_out = []
+    for name, layer in layers.items():
+        rel = _relative(name, submodule)
+        A, B = _peft_weights(layer)
+        r_eff = A.shape[0]
+        alpha_eff = layer.scaling * (math.sqrt(r_eff) if config.use_rslora else r_eff)
+        tensors[f"{PEFT_PREFIX}{rel}.lora_A.weight"] = A
+        tensors[f"{PEFT_PREFIX}{rel}.lora_B.weight"] = B
+        targets.append(rel)
+        pattern = "^" + re.escape(rel)  # PEFT matches patterns with re.match(r"(.*\.)?(pattern)$", name)
+        if r_eff != config.r:
+            rank_pattern[pattern] = r_eff
+        if not math.isclose(alpha_eff, config.alpha, rel_tol=1e-12):
+            alpha_pattern[pattern] = alpha_eff
+        fan_in_fan_out.append(layer.fan_in_fan_out)
+    for saved in state.modules_to_save:
+        rel = _relative(saved, submodule)
+        for key, value in model.get_submodule(saved).state_dict().items():
+            tensors[f"{PEFT_PREFIX}{rel}.{key}"] = value
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": config.r,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": targets,
+        "fan_in_fan_out": bool(fan_in_fan_out) and all(fan_in_fan_out),
+        "bias": "none",
+        "use_rslora": config.use_rslora,
+        "modules_to_save": [_relative(s, submodule) for s in state.modules_to_save] or None,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "use_dora": False,
+    }
+    directory = Path(directory)
+    data = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    atomic_write_bytes(directory / WEIGHTS_NAME, save(data, metadata={"format": "pt"}))
+    atomic_write_bytes(directory / CONFIG_NAME, json.dumps(peft_config, indent=2, sort_keys=True).encode())
+    return directory
+
+
+def _peft_pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
+    """PEFT's per-module override lookup: ``re.match(rf"(.*\\.)?({pattern})$", name)``, first match."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", name):
+            return value
+    return default
+
+
+def read_peft_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """The ``adapter_config.json`` dict and tensors of a PEFT adapter directory, checked for
+    features lora_lightning cannot reproduce."""
+    directory = Path(directory)
+    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    if not config_path.is_file() or not weights_path.is_file():
+        raise AdapterFileError(
+            f"{str(directory)!r} is not a PEFT adapter directory: it needs {CONFIG_NAME} and {WEIGHTS_NAME} "
+            "(adapters saved as adapter_model.bin: load them with PEFT and re-save with safe_serialization=True)"
+        )
+    try:
+        cfg = json.loads(config_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise AdapterFileError(f"{str(config_path)!r} is not valid JSON: {exc}") from None
+    if cfg.get("peft_type") != "LORA":
+        raise AdapterFileError(f"{str(directory)!r} holds a {cfg.get('peft_type')!r} adapter; only PEFT LoRA adapters can be imported")
+    bad = [f"{k}={cfg[k]!r}" for k, ok in _UNSUPPORTED.items() if k in cfg and cfg[k] not in ok]
+    if cfg.get("bias", "none") != "none":
+        bad.append(f"bias={cfg['bias']!r}")
+    if bad:
+        raise LoRAConfigError(
+            f"the PEFT adapter in {str(directory)!r} uses {', '.join(bad)}, which lora_lightning does not support "
+            "(plain LoRA only: no DoRA, LoRA biases, trained biases, layer replication or selective layers)"
+        )
+    try:
+        tensors = load_file(str(weights_path))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several types
+        raise AdapterFileError(f"{str(weights_path)!r} is not a readable safetensors file: {exc}") from None
+    return cfg, tensors
+
+
+_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+
+
+def import_peft_adapter(model: nn.Module, directory: str | os.PathLike, submodule: str = "") -> LoRAConfig:
+    """Inject LoRA into ``model`` (which must have no adapters yet) with the structure of the PEFT
+    adapter in ``directory`` and load its weights, so outputs equal ``PeftModel``'s.
+
+    ``submodule``: where the Hugging Face model sits inside ``model`` (e.g. ``"model"``).
+    Returns the equivalent :class:`LoRAConfig` (exact module names as targets).
+    """
+    if has_lora(model):
+        raise AlreadyInjectedError(
+            f"{type(model).__name__} already has LoRA adapters; import a PEFT adapter into a model without "
+            "adapters (remove_lora / merge_and_unload first)"
+        )
+    cfg, tensors = read_peft_adapter(directory)
+    prefix = submodule + "." if submodule else ""
+    lora: dict[str, dict[str, Tensor]] = {}
+    other: dict[str, Tensor] = {}
+    for key, value in tensors.items():
+        match = _LORA_KEY.match(key)
+        if match:
+            lora.setdefault(match["module"], {})[match["ab"]] = value
+        elif ".lora_" in key:
+            raise LoRAConfigError(f"unsupported PEFT tensor {key!r} (only lora_A/lora_B weights are supported)")
+        else:
+            other[key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key] = value
+    if not lora:
+        raise AdapterFileError(f"the PEFT adapter in {str(directory)!r} holds no lora_A/lora_B tensors")
+    incomplete = [m for m, ab in lora.items() if set(ab) != {"A", "B"}]
+    if incomplete:
+        raise AdapterFileError(f"PEFT adapter lacks lora_A or lora_B for {incomplete[:3]}")
+    r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+    rank_pattern: dict[str, int] = {}
+    alpha_pattern: dict[str, float] = {}
+    for module, ab in lora.items():
+        r_m = ab["A"].shape[0]
+        a_m = float(_peft_pattern_value(cfg.get("alpha_pattern") or {}, module, alpha))
+        if r_m != r:
+            rank_pattern[prefix + module] = r_m
+        if a_m != alpha:
+            alpha_pattern[prefix + module] = a_m
+    config = LoRAConfig(
+        r=r,
+        alpha=alpha,
+        dropout=float(cfg.get("lora_dropout") or 0.0),
+        targets=[prefix + m for m in lora],
+        # PEFT task types add default heads ("classifier", "score"): keep those the file has tensors for
+        modules_to_save=[
+            prefix + m
+            for m in (cfg.get("modules_to_save") or [])
+            if any(k.startswith(m + ".") or f".{m}." in k for k in other)
+        ],
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        use_rslora=bool(cfg.get("use_rslora", False)),
+    )
+    inject_lora(model, config)
+    params = model.state_dict()
+    with torch.no_grad():
+        for module, ab in lora.items():
+            for leaf, value in (("lora_A", ab["A"]), ("lora_B", ab["B"])):
+                key = f"{prefix}{module}.{leaf}"
+                if key not in params or tuple(params[key].shape) != tuple(value.shape):
+                    got = tuple(params[key].shape) if key in params else "missing"
+                    raise AdapterMismatchError(
+                        f"PEFT tensor for {module}.{leaf} has shape {tuple(value.shape)} but the model has {got}; "
+                        "the adapter was made for another architecture or size"
+                    )
+                params[key].copy_(value)
+        for key, value in other.items():
+            full = prefix + key
+            if full not in params:
+                raise AdapterMismatchError(f"PEFT modules_to_save tensor {key!r} has no counterpart {full!r} in the model")
+            params[full].copy_(value)
+    return config
+
+
+__all__ = ["export_peft_adapter", "import_peft_adapter", "read_peft_adapter"]
