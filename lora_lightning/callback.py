@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
@@ -21,6 +22,8 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from .checkpoint import check_config_compatible, load_adapter, save_adapter, save_merged_model
 from .config import LoRAConfig
+from .errors import LoRAConfigError, NonFiniteError
+from .fingerprint import ON_MISMATCH
 from .injection import count_parameters, get_lora_state, has_lora, inject_lora
 from .lightning_io import AtomicCheckpointIO, filter_to_adapter, lora_checkpoint_info, refill_base_weights
 from .merging import merge_lora
@@ -68,6 +71,13 @@ class LoRACallback(Callback):
             the merged export is keyed relative to it, loadable by the bare network.
         on_base_mismatch: ``raise`` | ``warn`` | ``ignore`` when a loaded adapter/checkpoint was
             trained on other base weights.
+        check_finite: raise :class:`~lora_lightning.NonFiniteError` naming the step as soon as the
+            training loss (before ``backward``, so the adapters stay finite) or a trainable parameter
+            (after the optimizer step, before any checkpoint callback runs) is NaN/inf. Lightning's
+            ``detect_anomaly`` finds the op that made a NaN but is slow and checks no parameters;
+            ``EarlyStopping(check_finite=True)`` only looks at a validation metric, after
+            ``ModelCheckpoint`` may already have saved NaN adapters. Costs one scalar device sync
+            per step (plus one all-reduce under DDP/FSDP so every rank stops together).
     """
 
     def __init__(
@@ -86,6 +96,7 @@ class LoRACallback(Callback):
         use_rslora: bool | None = None,
         init: str | None = None,
         adapter_dtype: str | None = None,
+        variant: str | None = None,
         adapter_only_checkpoints: bool = True,
         atomic_checkpoints: bool = True,
         init_adapter: str | None = None,
@@ -94,14 +105,17 @@ class LoRACallback(Callback):
         export_merged: str | None = None,
         export_module: str = "",
         on_base_mismatch: str = "raise",
+        check_finite: bool = True,
         verbose: bool = True,
     ) -> None:
+        if on_base_mismatch not in ON_MISMATCH:
+            raise LoRAConfigError(f"on_base_mismatch={on_base_mismatch!r} must be one of {ON_MISMATCH}")
         overrides = {
             k: v
             for k, v in dict(
                 r=r, alpha=alpha, dropout=dropout, targets=targets, layers=layers, bias=bias,
                 modules_to_save=modules_to_save, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
-                use_rslora=use_rslora, init=init, adapter_dtype=adapter_dtype,
+                use_rslora=use_rslora, init=init, adapter_dtype=adapter_dtype, variant=variant,
             ).items()
             if v is not None
         }
@@ -115,7 +129,11 @@ class LoRACallback(Callback):
         self.export_merged = export_merged
         self.export_module = export_module
         self.on_base_mismatch = on_base_mismatch
+        self.check_finite = check_finite
         self.verbose = verbose
+        self._trainable: list[tuple[str, torch.Tensor]] = []
+        self._batch_idx = 0
+        self.variant_hooks: Any = None  # AdaLoRA's pruning schedule (lora_lightning.adalora), else None
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -138,6 +156,10 @@ class LoRACallback(Callback):
             self._inject(pl_module)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._trainable = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
+        from .adalora import variant_hooks
+
+        self.variant_hooks = variant_hooks(trainer, pl_module, self.config)
         counts = count_parameters(pl_module)
         params = {"lora": self.config.to_dict(), **counts.as_dict()}
         for logger in trainer.loggers:
@@ -150,7 +172,51 @@ class LoRACallback(Callback):
                 f"({100 * counts.trainable_fraction:.3f}%)"
             )
 
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if self.variant_hooks is not None:  # AdaLoRA: add the orthogonality penalty's gradient
+            self.variant_hooks.on_before_optimizer_step(trainer, pl_module)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._batch_idx = batch_idx
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        if not self.check_finite:
+            return
+        local_ok = bool(torch.isfinite(loss.detach()).all())
+        if not trainer.strategy.reduce_boolean_decision(local_ok, all=True):
+            value = f"{loss.detach().float().mean().item()}" if not local_ok else "non-finite on another rank"
+            raise NonFiniteError(
+                f"the training loss is {value} at global step {trainer.global_step} (epoch {trainer.current_epoch}, "
+                f"batch {self._batch_idx}); stopped before backward, so the adapters and every checkpoint saved so "
+                "far are finite. Lower the learning rate, clip gradients (Trainer(gradient_clip_val=...)) or check the "
+                "data/loss for inf and NaN; LoRACallback(check_finite=False) turns this check off"
+            )
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # runs before ModelCheckpoint's hook (Lightning moves checkpoint callbacks last)
+        if self.variant_hooks is not None:  # AdaLoRA: importance update + pruning after the optimizer step
+            self.variant_hooks.on_train_batch_end(trainer, pl_module)
+        if not self.check_finite or not self._trainable:
+            return
+        flags = torch.stack([torch.isfinite(p.detach()).all() for _, p in self._trainable])
+        local_ok = bool(flags.all())
+        if not trainer.strategy.reduce_boolean_decision(local_ok, all=True):
+            bad = [n for (n, _), ok in zip(self._trainable, flags.tolist()) if not ok]
+            where = f"{len(bad)} tensor(s), e.g. {bad[:3]}" if bad else "a tensor on another rank"
+            raise NonFiniteError(
+                f"trainable parameters became NaN/inf after global step {trainer.global_step} (epoch "
+                f"{trainer.current_epoch}, batch {batch_idx}): {where}, although the loss was finite (an exploding "
+                "update, or a NaN gradient from e.g. sqrt/log/division at 0 in the loss). Stopped before this step was "
+                "checkpointed. Lower the learning rate or clip gradients (Trainer(gradient_clip_val=...)); "
+                "Trainer(detect_anomaly=True) finds the op that made a NaN gradient; "
+                "LoRACallback(check_finite=False) turns this check off"
+            )
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.variant_hooks is not None:  # AdaLoRA: log and keep the final rank per layer
+            self.variant_hooks.on_fit_end(trainer, pl_module)
         if self.export_adapter and trainer.is_global_zero:
             save_adapter(pl_module, Path(self.export_adapter))
         if self.merge_on_fit_end:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Mapping
 
@@ -34,24 +34,38 @@ from .injection import (
 FORMAT = "lora_lightning"
 FORMAT_VERSION = "1"
 # fields that change what the adapter weights mean; dropout/init/adapter_dtype do not
-STRUCTURAL_FIELDS = ("r", "alpha", "targets", "layers", "bias", "modules_to_save", "rank_pattern", "alpha_pattern", "use_rslora")
+STRUCTURAL_FIELDS = ("r", "alpha", "targets", "layers", "bias", "modules_to_save", "rank_pattern", "alpha_pattern", "use_rslora", "variant", "vera_seed")
 
 
 # --------------------------------------------------------------------------- files
+def _create_temp(path: Path) -> tuple[int, str]:
+    """A new hidden ``.{name}.{random}.tmp`` file beside ``path``. Created with mode 0o666 minus the
+    umask, like ``open(path, "wb")`` would (``tempfile.mkstemp`` would make the final file 0o600)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:  # pragma: no cover - 48 random bits
+            continue
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` so that ``path`` is either the old file or the complete new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_temp(path)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError):  # e.g. ENOSPC: say which file, and that nothing was half-written
+            exc.add_note(f"while writing {str(path)!r}: the previous file there (if any) is unchanged, no partial file was left")
         raise
     try:  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -238,10 +252,13 @@ def merged_state_dict(model: nn.Module, submodule: str = "") -> dict[str, Tensor
     out: dict[str, Tensor] = {}
     for key, value in model.state_dict().items():
         owner, _, leaf = key.rpartition(".")
-        if owner in layers and leaf in ("lora_A", "lora_B"):
+        if owner in layers and leaf in getattr(layers[owner], "lora_state_names", ("lora_A", "lora_B")):
             continue
-        if owner in layers and leaf == "weight" and not layers[owner].merged:
-            value = (value.float() + layers[owner].delta_weight().to(value.device)).to(value.dtype)
+        if owner in layers and leaf == "weight" and hasattr(layers[owner], "merged_base_weight"):
+            value = layers[owner].merged_base_weight()  # variants: DoRA's W', a dequantized (NF4/int8) base
+        elif owner in layers and leaf == layers[owner].base_weight_name and not layers[owner].merged:
+            # stored layout: transposed for GPT-2 Conv1D, in_proj_weight for nn.MultiheadAttention
+            value = (value.float() + layers[owner].stored_delta_weight().to(value.device)).to(value.dtype)
         out[key] = value
     if submodule:
         model.get_submodule(submodule)  # clear AttributeError for a wrong name

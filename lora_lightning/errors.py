@@ -41,3 +41,7 @@ class AdapterFileError(LoRAError, OSError):
 
 class BaseModelMismatchError(AdapterMismatchError):
     """The adapter was trained on a different base model (fingerprint mismatch)."""
+
+
+class NonFiniteError(LoRAError, FloatingPointError):
+    """The training loss or an adapter parameter became NaN/inf (``LoRACallback(check_finite=True)``)."""
