@@ -23,6 +23,7 @@ from .errors import (
     LoRAConfigError,
     LoRAError,
     MergeStateError,
+    NonFiniteError,
     NotInjectedError,
     RankTooLargeError,
     TargetNotFoundError,
@@ -40,14 +41,29 @@ from .injection import (
     plan_injection,
     remove_lora,
 )
-from .layers import LoRALinear
+from .fused import register_fused_layout
+from .layers import FusedSlices, LoRAConv1D, LoRALinear, LoRAMultiheadAttention
 from .lightning_io import AtomicCheckpointIO
+from .peft_compat import export_peft_adapter, import_peft_adapter
 from .merging import is_merged, merge_and_unload, merge_lora, switch_adapter, unmerge_lora
+from .variants import AdaLoRALinear, DoRALinear, PiSSALinear, VariantLinear, VeRALinear, base_memory, pissa_to_lora
+from .adalora import AdaLoRAController, orthogonality_penalty
+from .budget import allocate_ranks
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ALIASES",
+    "AdaLoRAController",
+    "AdaLoRALinear",
+    "DoRALinear",
+    "PiSSALinear",
+    "VariantLinear",
+    "VeRALinear",
+    "allocate_ranks",
+    "base_memory",
+    "orthogonality_penalty",
+    "pissa_to_lora",
     "AdapterFileError",
     "AdapterMismatchError",
     "AdapterSpec",
@@ -58,8 +74,12 @@ __all__ = [
     "LoRAConfig",
     "LoRAConfigError",
     "LoRAError",
+    "FusedSlices",
+    "LoRAConv1D",
     "LoRALinear",
+    "LoRAMultiheadAttention",
     "MergeStateError",
+    "NonFiniteError",
     "NotInjectedError",
     "ParameterCount",
     "RankTooLargeError",
@@ -67,7 +87,9 @@ __all__ = [
     "adapter_state_dict",
     "count_parameters",
     "describe",
+    "export_peft_adapter",
     "has_lora",
+    "import_peft_adapter",
     "inject_lora",
     "is_merged",
     "load_adapter",
@@ -79,6 +101,7 @@ __all__ = [
     "plan_injection",
     "read_adapter",
     "read_adapter_config",
+    "register_fused_layout",
     "remove_lora",
     "save_adapter",
     "save_merged_model",

@@ -17,6 +17,9 @@ from .errors import LoRAConfigError
 BIAS_OPTIONS = ("none", "all", "lora_only")
 INIT_OPTIONS = ("kaiming", "gaussian")
 DTYPE_OPTIONS = (None, "float32", "bfloat16", "float16", "float64")
+# lora_lightning.variants: rslora = lora + use_rslora; qlora = lora + quantize_base (default nf4)
+VARIANT_OPTIONS = ("lora", "rslora", "dora", "vera", "pissa", "adalora", "qlora")
+QUANTIZE_OPTIONS = (None, "nf4", "int8")
 
 
 def _plain(value: Any) -> Any:
@@ -59,6 +62,18 @@ class LoRAConfig:
             model starts exactly equal to the base.
         adapter_dtype: dtype of A and B (e.g. ``float32`` adapters on a ``bfloat16`` base);
             ``None`` = same dtype as the base weight.
+        variant: ``lora`` | ``rslora`` (sets ``use_rslora``) | ``dora`` | ``vera`` | ``pissa`` |
+            ``adalora`` | ``qlora`` (sets ``quantize_base='nf4'`` unless given); see docs/variants.md.
+        quantize_base: store the adapted base weights quantized, ``nf4`` (torchao) or ``int8``
+            (pure PyTorch), dequantized on the fly; combinable with every variant.
+        vera_seed / vera_d_init: seed of VeRA's shared frozen A, B (regenerated, not saved) and the
+            initial value of its ``d`` vectors.
+        adalora_*: AdaLoRA schedule: ``r`` is the initial rank per matrix, ``adalora_target_r`` the
+            final average rank (total budget ``target_r x matrices``); full budget for the first
+            ``tinit`` fraction of steps, cubic decrease, final budget for the last ``tfinal``
+            fraction; masks recomputed every ``delta_t`` steps; EMA factors ``beta1``/``beta2`` of
+            importance and uncertainty; ``orth_reg`` weight of ``||PᵀP-I||²+||QQᵀ-I||²``;
+            ``total_steps`` (``None`` = the Trainer's estimated stepping batches).
     """
 
     r: int = 8
@@ -73,6 +88,18 @@ class LoRAConfig:
     use_rslora: bool = False
     init: str = "kaiming"
     adapter_dtype: str | None = None
+    variant: str = "lora"
+    quantize_base: str | None = None
+    vera_seed: int = 0
+    vera_d_init: float = 0.1
+    adalora_target_r: int = 4
+    adalora_tinit: float = 0.1
+    adalora_tfinal: float = 0.2
+    adalora_delta_t: int = 1
+    adalora_beta1: float = 0.85
+    adalora_beta2: float = 0.85
+    adalora_orth_reg: float = 0.1
+    adalora_total_steps: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("targets", "layers", "modules_to_save", "rank_pattern", "alpha_pattern"):
@@ -83,6 +110,10 @@ class LoRAConfig:
             self.modules_to_save = [self.modules_to_save]
         if isinstance(self.layers, int) and not isinstance(self.layers, bool):
             self.layers = [self.layers]
+        if self.variant == "rslora":
+            self.use_rslora = True
+        if self.variant == "qlora" and self.quantize_base is None:
+            self.quantize_base = "nf4"
         self.validate()
 
     # ------------------------------------------------------------------ checks
@@ -121,6 +152,44 @@ class LoRAConfig:
             check_rank(r, f"rank_pattern[{pattern!r}]")
         for pattern, a in dict(self.alpha_pattern).items():
             check_alpha(a, f"alpha_pattern[{pattern!r}]")
+        self._validate_variant()
+
+    def _validate_variant(self) -> None:
+        if self.variant not in VARIANT_OPTIONS:
+            raise LoRAConfigError(f"variant={self.variant!r} is not one of {VARIANT_OPTIONS}: set lora.variant to one of them")
+        if self.quantize_base not in QUANTIZE_OPTIONS:
+            raise LoRAConfigError(
+                f"quantize_base={self.quantize_base!r} is not one of {QUANTIZE_OPTIONS}: use 'nf4' (needs torchao), 'int8' or null"
+            )
+        if self.variant == "vera" and self.rank_pattern:
+            raise LoRAConfigError("variant='vera' shares one r x d_in A across layers: rank_pattern is not supported, drop it")
+        if isinstance(self.vera_seed, bool) or not isinstance(self.vera_seed, int):
+            raise LoRAConfigError(f"vera_seed={self.vera_seed!r} must be an integer")
+        check_alpha(self.vera_d_init, "vera_d_init")
+        check_rank(self.adalora_target_r, "adalora_target_r")
+        if self.variant == "adalora" and self.adalora_target_r > min([self.r, *self.rank_pattern.values()]):
+            raise LoRAConfigError(
+                f"adalora_target_r={self.adalora_target_r} exceeds the initial rank r={self.r}: AdaLoRA prunes from r "
+                "down to the target, so set adalora_target_r <= r (e.g. r=12, adalora_target_r=8)"
+            )
+        for name in ("adalora_tinit", "adalora_tfinal"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) < 1.0:
+                raise LoRAConfigError(f"{name}={v!r} must be a fraction of the training steps in [0, 1)")
+        if self.adalora_tinit + self.adalora_tfinal >= 1.0:
+            raise LoRAConfigError(
+                f"adalora_tinit + adalora_tfinal = {self.adalora_tinit + self.adalora_tfinal:g} >= 1 leaves no steps to "
+                "prune in: lower them (defaults 0.1 and 0.2)"
+            )
+        check_rank(self.adalora_delta_t, "adalora_delta_t")
+        for name in ("adalora_beta1", "adalora_beta2"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) < 1.0:
+                raise LoRAConfigError(f"{name}={v!r} must be an EMA factor in [0, 1), e.g. 0.85")
+        if isinstance(self.adalora_orth_reg, bool) or not isinstance(self.adalora_orth_reg, (int, float)) or self.adalora_orth_reg < 0:
+            raise LoRAConfigError(f"adalora_orth_reg={self.adalora_orth_reg!r} must be a number >= 0 (PEFT uses 0.5)")
+        if self.adalora_total_steps is not None:
+            check_rank(self.adalora_total_steps, "adalora_total_steps")
 
     # ------------------------------------------------------------- conversions
     def scaling_for(self, r: int, alpha: float) -> float:
@@ -139,7 +208,17 @@ class LoRAConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise LoRAConfigError(f"unknown LoRA option(s) {unknown}; valid options are {sorted(known)}")
+            import difflib
+
+            # PEFT's LoraConfig names (a common first guess), else the closest spelling
+            peft = {"rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "targets",
+                    "layers_to_transform": "layers", "use_dora": "variant='dora'"}
+            hints = {u: peft.get(u) or next(iter(difflib.get_close_matches(u, sorted(known), 1)), None) for u in unknown}
+            hint = "; ".join(f"use {h if h.startswith('variant') else repr(h)} instead of {u!r}" for u, h in hints.items() if h)
+            raise LoRAConfigError(
+                f"unknown LoRA option(s) {unknown}" + (f" ({hint})" if hint else "")
+                + f"; valid options are {sorted(known)}"
+            )
         return cls(**data)
 
     @classmethod

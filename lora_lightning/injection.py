@@ -22,12 +22,24 @@ from typing import Callable, Iterable
 from torch import nn
 
 from .config import LoRAConfig
+from .fused import FusedLayout, fused_layout, fused_out_features
 from .errors import AlreadyInjectedError, LoRAConfigError, NotInjectedError, RankTooLargeError, TargetNotFoundError
-from .layers import LORA_PARAM_NAMES, LoRALinear, LoRAMixin, is_lora_layer, resolve_dtype
+from .layers import (
+    LORA_PARAM_NAMES,
+    FusedSlices,
+    LoRAConv1D,
+    LoRALinear,
+    LoRAMixin,
+    LoRAMultiheadAttention,
+    is_conv1d,
+    is_lora_layer,
+    is_lora_module,
+    resolve_dtype,
+)
 
 # alias -> name suffixes (regex fragments anchored at a dot boundary and at the end of the name)
 ALIASES: dict[str, tuple[str, ...]] = {
-    "q": ("query", "q_proj", "q_lin", "q", "to_q", "wq", "query_proj"),
+    "q": ("query", "q_proj", "q_lin", "q", "to_q", "wq", "query_proj", "q_attn"),
     "k": ("key", "k_proj", "k_lin", "k", "to_k", "wk", "key_proj"),
     "v": ("value", "v_proj", "v_lin", "v", "to_v", "wv", "value_proj"),
     "o": (
@@ -103,37 +115,54 @@ def summarize_names(names: Iterable[str], limit: int = 40) -> str:
 
 # --------------------------------------------------------------------------- planning
 def adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Modules LoRA can wrap (``nn.Linear``), by full name, excluding those already adapted."""
+    """Modules LoRA can wrap whole (``nn.Linear``, GPT-2 ``Conv1D``), by full name, excluding adapted ones."""
     found: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and not is_lora_layer(module):
+        if (isinstance(module, nn.Linear) or is_conv1d(module)) and not is_lora_module(module):
             found[name] = module
     return found
 
 
-def _inside_multihead_attention(model: nn.Module, name: str) -> bool:
-    parent_name = name.rpartition(".")[0]
-    try:
-        parent = model.get_submodule(parent_name) if parent_name else model
-    except AttributeError:
-        return False
-    return isinstance(parent, nn.MultiheadAttention)
+def fused_modules(model: nn.Module) -> dict[str, tuple[nn.Module, "FusedLayout"]]:
+    """Fused projections (GPT-2 ``c_attn``, ``qkv``, ``nn.MultiheadAttention``) whose row blocks
+    the aliases ``q``/``k``/``v`` can target, with their layout."""
+    found = {}
+    for name, module in model.named_modules():
+        if is_lora_module(module):
+            continue
+        layout = fused_layout(name, module)
+        if layout is not None:
+            found[name] = (module, layout)
+    return found
+
+
+def _module_dims(module: nn.Module) -> tuple[int, int]:
+    """``(d_out, d_in)`` of a wrappable module (Conv1D stores its weight ``d_in x d_out``)."""
+    if is_conv1d(module):
+        return module.weight.shape[1], module.weight.shape[0]
+    return module.out_features, module.in_features
 
 
 @dataclass
 class AdapterSpec:
-    """One matrix to adapt: its module name, shape ``(d_out, d_in)``, rank and alpha."""
+    """One module to adapt: its name, adapted shape ``(d_out, d_in)``, rank and alpha.
+
+    For a fused projection ``parts`` names the adapted row blocks (e.g. ``("q", "v")`` of GPT-2's
+    ``c_attn``) and ``d_out`` is the sum of their sizes; each block gets its own ``A_i``, ``B_i``.
+    """
 
     name: str
     d_out: int
     d_in: int
     r: int
     alpha: float
+    parts: tuple[str, ...] = ()
+    fused: FusedSlices | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_params(self) -> int:
-        """``r·(d_in + d_out)``: the size of A plus B."""
-        return self.r * (self.d_in + self.d_out)
+        """``r·(d_in + d_out)`` (per adapted block of a fused matrix: ``Σ r·(d_in + size_i)``)."""
+        return self.r * (max(1, len(self.parts)) * self.d_in + self.d_out)
 
 
 def _first_match(patterns: dict[str, object], name: str) -> object | None:
@@ -164,18 +193,21 @@ def plan_injection(model: nn.Module, config: LoRAConfig) -> list[AdapterSpec]:
     """Resolve ``config`` against ``model`` without changing it. Raises on any mismatch."""
     candidates = adaptable_modules(model)
     saved = resolve_modules_to_save(model, config.modules_to_save) if config.modules_to_save else []
-    candidates = {n: m for n, m in candidates.items() if not any(n == s or n.startswith(s + ".") for s in saved)}
-    if not candidates:
+    kept = lambda n: not any(n == s or n.startswith(s + ".") for s in saved)  # noqa: E731
+    candidates = {n: m for n, m in candidates.items() if kept(n)}
+    fused = {n: v for n, v in fused_modules(model).items() if kept(n)}
+    if not candidates and not fused:
         raise TargetNotFoundError(
             f"{type(model).__name__} has no nn.Linear module to adapt "
             "(if the model is built in configure_model(), inject after it has run)"
         )
-    chosen: dict[str, None] = {}
+    chosen: dict[str, set[str] | None] = {}  # name -> adapted fused parts, None = whole matrix
     all_names = [n for n, _ in model.named_modules() if n]
     for spec in config.targets:
         match = compile_pattern(spec)
         hits = [n for n in candidates if match(n)]
-        if not hits:
+        part_hits = [n for n, (_, layout) in fused.items() if spec in layout.parts]
+        if not hits and not part_hits:
             others = [f"{n} ({type(model.get_submodule(n)).__name__})" for n in all_names if match(n)][:5]
             hint = (
                 f" It matches non-Linear module(s) {others}: LoRA adapts Linear layers, target their Linear children."
@@ -188,7 +220,12 @@ def plan_injection(model: nn.Module, config: LoRAConfig) -> list[AdapterSpec]:
                 "a name suffix such as 'attention.self.query', a glob such as '*.query', or 're:<regex>'."
             )
         for n in hits:
-            chosen[n] = None
+            chosen[n] = None  # the whole matrix (wins over adapting some of its blocks)
+        for n in part_hits:
+            if n not in chosen:
+                chosen[n] = set()
+            if chosen[n] is not None:
+                chosen[n].add(spec)  # type: ignore[union-attr]
     names = list(chosen)
     if config.layers is not None:
         indexed = {n: block_index(n) for n in names}
@@ -207,12 +244,13 @@ def plan_injection(model: nn.Module, config: LoRAConfig) -> list[AdapterSpec]:
                 f"available blocks: {present} (negative indices count from the end)"
             )
         names = [n for n in names if indexed[n] in wanted]
-    mha = [n for n in names if _inside_multihead_attention(model, n)]
-    if mha:
-        raise TargetNotFoundError(
-            f"{mha[0]} belongs to nn.MultiheadAttention, whose forward reads out_proj.weight directly, so a "
-            "LoRA layer there would be silently ignored; target the model's own q/k/v/o Linear layers instead"
-        )
+    for n in names:
+        module = model.get_submodule(n)
+        if chosen[n] and isinstance(module, nn.MultiheadAttention) and not module._qkv_same_embed_dim:
+            raise LoRAConfigError(
+                f"{n} is an nn.MultiheadAttention with kdim/vdim != embed_dim (separate q/k/v_proj_weight); LoRA on "
+                f"its {sorted(chosen[n])} is not supported: target only 'o' (its out_proj) there"
+            )
     for pattern in list(config.rank_pattern) + list(config.alpha_pattern):
         if not any(compile_pattern(pattern)(n) for n in names):
             raise TargetNotFoundError(
@@ -220,15 +258,23 @@ def plan_injection(model: nn.Module, config: LoRAConfig) -> list[AdapterSpec]:
             )
     specs = []
     for n in names:
-        module = candidates[n]
-        r = _first_match(config.rank_pattern, n) or config.r
-        alpha = _first_match(config.alpha_pattern, n) or config.alpha
-        spec = AdapterSpec(n, module.out_features, module.in_features, int(r), float(alpha))  # type: ignore[arg-type]
-        if spec.r > min(spec.d_in, spec.d_out):
+        r = int(_first_match(config.rank_pattern, n) or config.r)  # type: ignore[call-overload]
+        alpha = float(_first_match(config.alpha_pattern, n) or config.alpha)  # type: ignore[arg-type]
+        if chosen[n]:
+            module, layout = fused[n]
+            d_out, d_in = fused_out_features(module)
+            slices = layout.slices(d_out, n, sorted(chosen[n]))  # type: ignore[arg-type]
+            smallest = min(size for p, size in zip(slices.parts, slices.sizes) if p in slices.adapted)
+            spec = AdapterSpec(n, slices.adapted_rows, d_in, r, alpha, slices.adapted, slices)
+        else:
+            d_out, d_in = _module_dims(candidates[n])
+            smallest = d_out
+            spec = AdapterSpec(n, d_out, d_in, r, alpha)
+        if spec.r > min(spec.d_in, smallest):
             raise RankTooLargeError(
-                f"r={spec.r} is larger than min(d_in, d_out)={min(spec.d_in, spec.d_out)} for {n} "
-                f"({spec.d_out}x{spec.d_in}); choose r <= {min(spec.d_in, spec.d_out)} "
-                "(or lower it for this module with rank_pattern)"
+                f"r={spec.r} is larger than min(d_in, d_out)={min(spec.d_in, smallest)} for {n} "
+                f"({smallest}x{spec.d_in}{', per fused block' if spec.parts else ''}); choose r <= "
+                f"{min(spec.d_in, smallest)} (or lower it for this module with rank_pattern)"
             )
         specs.append(spec)
     return specs
@@ -281,7 +327,7 @@ def mark_trainable(model: nn.Module, state: LoRAState) -> None:
         p.requires_grad_(False)
     for name, module in model.named_modules():
         if is_lora_layer(module):
-            for pname in LORA_PARAM_NAMES:
+            for pname in getattr(module, "lora_trainable_names", LORA_PARAM_NAMES):  # variants add e.g. DoRA's m
                 getattr(module, pname).requires_grad_(True)
             if state.config.bias == "lora_only" and getattr(module, "bias", None) is not None:
                 module.bias.requires_grad_(True)
@@ -317,11 +363,16 @@ class ParameterCount:
 
 def count_parameters(model: nn.Module) -> ParameterCount:
     trainable = total = lora = 0
+    adapter = {
+        f"{n}.{leaf}" if n else leaf
+        for n, m in lora_layers(model).items()
+        for leaf in getattr(m, "lora_adapter_names", LORA_PARAM_NAMES)
+    }
     for name, p in model.named_parameters():
         total += p.numel()
         if p.requires_grad:
             trainable += p.numel()
-        if name.rpartition(".")[2] in LORA_PARAM_NAMES:
+        if name in adapter:
             lora += p.numel()
     return ParameterCount(trainable, total, lora)
 
@@ -345,18 +396,51 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> list[AdapterSpec]:
     from .fingerprint import base_fingerprint  # local: fingerprint imports this module
 
     fingerprint = base_fingerprint(model, [s.name for s in specs])
+    from .variants import VariantBuilder, uses_variant_layers  # DoRA, VeRA, PiSSA, AdaLoRA, quantized base
+
+    builder = VariantBuilder(model, config, specs) if uses_variant_layers(config) else None  # raises before changes
+    # nn.MultiheadAttention reads its weights directly: replace it by a host first (q/k/v adapters
+    # on in_proj_weight), then its out_proj by a LoRALinear whose ΔW the host adds.
+    hosts: dict[str, AdapterSpec | None] = {}
     for s in specs:
+        if isinstance(model.get_submodule(s.name), nn.MultiheadAttention):
+            hosts[s.name] = s
+    for s in specs:
+        parent = s.name.rpartition(".")[0]
+        if isinstance(model.get_submodule(parent) if parent else model, nn.MultiheadAttention):
+            hosts.setdefault(parent, None)
+    for name, s in hosts.items():
+        base = model.get_submodule(name)
+        kw = {}
+        if s is not None:
+            kw = dict(
+                parts=s.parts,
+                r=s.r,
+                alpha=s.alpha,
+                scaling=config.scaling_for(s.r, s.alpha),
+                dropout=config.dropout,
+                init=config.init,
+                adapter_dtype=resolve_dtype(config.adapter_dtype, base.in_proj_weight.dtype),
+            )
+        host = LoRAMultiheadAttention(base, name=name, **kw)
+        host.train(base.training)
+        set_submodule(model, name, host)
+        _pause_nested_tensor_fast_path(model, name)
+    for s in specs:
+        if s.name in hosts:
+            continue
         base = model.get_submodule(s.name)
-        dtype = resolve_dtype(config.adapter_dtype, base.weight.dtype)
-        layer = LoRALinear(
+        cls = LoRAConv1D if is_conv1d(base) else LoRALinear
+        layer = builder.build(base, s) if builder is not None else cls(
             base,
             r=s.r,
             alpha=s.alpha,
             scaling=config.scaling_for(s.r, s.alpha),
             dropout=config.dropout,
             init=config.init,
-            adapter_dtype=dtype,
+            adapter_dtype=resolve_dtype(config.adapter_dtype, base.weight.dtype),
             name=s.name,
+            fused=s.fused,
         )
         layer.train(base.training)
         set_submodule(model, s.name, layer)
@@ -367,11 +451,29 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> list[AdapterSpec]:
     return specs
 
 
+_NESTED_ATTR = "_lora_paused_use_nested_tensor"
+
+
+def _pause_nested_tensor_fast_path(model: nn.Module, host_name: str) -> None:
+    """``nn.TransformerEncoder`` may turn padded input into nested tensors (a fast path that reads
+    ``in_proj_weight`` directly); switch that off while a LoRA attention host sits inside it."""
+    for enc_name, enc in model.named_modules():
+        if isinstance(enc, nn.TransformerEncoder) and host_name.startswith(f"{enc_name}." if enc_name else ""):
+            if getattr(enc, "use_nested_tensor", False):
+                enc.use_nested_tensor = False
+                setattr(enc, _NESTED_ATTR, True)
+
+
 def remove_lora(model: nn.Module) -> nn.Module:
     """Replace every LoRA layer by its plain base layer (merged weights stay merged)."""
     state = get_lora_state(model)
-    for name, layer in lora_layers(model).items():
+    wrapped = [(n, m) for n, m in model.named_modules() if is_lora_module(m)]
+    for name, layer in reversed(wrapped):  # children (an attention host's out_proj) before parents
         set_submodule(model, name, layer.to_base())  # type: ignore[attr-defined]
+    for enc in model.modules():
+        if getattr(enc, _NESTED_ATTR, False):
+            enc.use_nested_tensor = True
+            delattr(enc, _NESTED_ATTR)
     object.__delattr__(model, STATE_ATTR)
     del state
     return model
@@ -382,11 +484,11 @@ def adapter_param_names(model: nn.Module) -> list[str]:
     state = get_lora_state(model)
     keys: list[str] = []
     sd_keys = model.state_dict(keep_vars=True).keys()
-    adapted = set(state.adapted)
+    adapted = lora_layers(model)
     saved = tuple(s + "." for s in state.modules_to_save)
     for key in sd_keys:
         owner, _, leaf = key.rpartition(".")
-        if leaf in LORA_PARAM_NAMES and owner in adapted:
+        if owner in adapted and leaf in getattr(adapted[owner], "lora_adapter_names", LORA_PARAM_NAMES):
             keys.append(key)
         elif key.startswith(saved):
             keys.append(key)
@@ -406,14 +508,15 @@ def describe(model: nn.Module) -> list[AdapterSpec]:
     """The adapted matrices of an injected model (name, shape, r, alpha)."""
     out = []
     for name, layer in lora_layers(model).items():
-        out.append(AdapterSpec(name, layer.lora_B.shape[0], layer.lora_A.shape[1], layer.r, layer.alpha))
+        d_out, d_in, parts = layer.adapter_dims()
+        out.append(AdapterSpec(name, d_out, d_in, layer.r, layer.alpha, parts, layer.fused))
     return out
 
 
 def set_adapter_trainable(model: nn.Module, trainable: bool = True) -> None:
     """Toggle ``requires_grad`` of A and B only (e.g. to freeze an adapter for evaluation)."""
     for layer in lora_layers(model).values():
-        for pname in LORA_PARAM_NAMES:
+        for pname in getattr(layer, "lora_trainable_names", LORA_PARAM_NAMES):
             getattr(layer, pname).requires_grad_(trainable)
 
 
@@ -425,6 +528,7 @@ __all__ = [
     "adapter_param_names",
     "count_parameters",
     "describe",
+    "fused_modules",
     "get_lora_state",
     "has_lora",
     "inject_lora",

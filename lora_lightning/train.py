@@ -67,6 +67,19 @@ def build_lora_config(cfg: DictConfig, model: pl.LightningModule) -> LoRAConfig:
     return config
 
 
+def variant_summary(trainer: pl.Trainer, model: pl.LightningModule, lora: LoRAConfig) -> dict[str, Any]:
+    """Variant extras for ``summary.json``: base-weight bytes (quantized base), AdaLoRA's final ranks."""
+    from .variants import base_memory, uses_variant_layers
+
+    out: dict[str, Any] = {"quantize_base": lora.quantize_base}
+    if uses_variant_layers(lora):
+        out.update(base_memory(model))
+    for cb in trainer.callbacks:
+        if isinstance(cb, LoRACallback) and cb.variant_hooks is not None:
+            out.update(cb.variant_hooks.summary())
+    return out
+
+
 def freeze_all_but_head(model: pl.LightningModule) -> None:
     head = set(getattr(model, "head_parameter_names", []))
     if not head:
@@ -151,6 +164,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "targets": list(lora.targets) if lora else None,
         "r": lora.r if lora else None,
         "alpha": lora.alpha if lora else None,
+        "variant": lora.variant if lora else None,
         "best_val_acc": float(ckpt_cb.best_model_score) if ckpt_cb and ckpt_cb.best_model_score is not None else None,
         **{k: v for k, v in results.items()},
         "params_trainable": counts.trainable,
@@ -171,6 +185,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         summary["adapter_path"] = str(adapter)
         summary["adapter_bytes"] = adapter.stat().st_size
         summary["adapter_fraction_of_full"] = summary["adapter_bytes"] / full_model_bytes
+        summary.update(variant_summary(trainer, model, lora))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     OmegaConf.save(cfg, out / "resolved_config.yaml", resolve=True)
     if logger:
