@@ -1,0 +1,495 @@
+"""Run every benchmark suite and write ``results.json`` and ``RESULTS.md``.
+
+    python -m benchmarks.run                    # full run (~10 min on one CPU core)
+    python -m benchmarks.run --quick            # tiny sizes, seconds: a smoke test
+    python -m benchmarks.run --device cuda --dtype bf16
+    taskset -c 1 python -m benchmarks.run --threads 1   # pin to one core on a shared machine
+
+See benchmarks/README.md for what every number means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.common import load_average, machine_info, setup_torch
+
+HERE = Path(__file__).resolve().parent
+
+
+# --------------------------------------------------------------------------- plan
+def make_plan(args) -> dict:
+    from benchmarks.models import TRAIN_METHODS, bert_large_width_spec, minilm_spec, tiny_bert_spec
+
+    if args.quick:
+        return {
+            "train_specs": [tiny_bert_spec(batch=2, seq=16)],
+            "methods": list(TRAIN_METHODS),
+            "rounds": 3,
+            "warmup": 1,
+            "memory_steps": 1,
+            "infer_specs": [tiny_bert_spec(batch=1, seq=16)],
+            "infer_rounds": 5,
+            "infer_warmup": 1,
+            "infer_sample_s": 0.005,
+            "size_specs": [tiny_bert_spec()],
+            "llama": {"layers": 2, "hidden": 256, "ffn": 704, "heads": 4, "kv_heads": 2},
+            "merge_repeats": 2,
+            "profile_specs": [tiny_bert_spec(batch=2, seq=16)] if args.profile else [],
+        }
+    large = bert_large_width_spec(layers=args.large_layers, batch=4, seq=128)
+    return {
+        "train_specs": [minilm_spec(batch=8, seq=128), large],
+        "methods": list(TRAIN_METHODS),
+        "rounds": args.rounds or 10,
+        "warmup": 2,
+        "memory_steps": 2,
+        "infer_specs": [minilm_spec(batch=1, seq=128), minilm_spec(batch=8, seq=128), bert_large_width_spec(args.large_layers, 1, 128)],
+        "infer_rounds": 30,
+        "infer_warmup": 3,
+        "infer_sample_s": 0.1,
+        "size_specs": [minilm_spec(), large],
+        "llama": {},  # TinyLlama-1.1B shape
+        "merge_repeats": 3,
+        "profile_specs": [minilm_spec(batch=8, seq=128), large] if args.profile else [],
+    }
+
+
+# --------------------------------------------------------------------------- goals
+def _verdict(value: float, lo: float | None, hi: float | None, iqr: tuple[float, float] | None = None) -> str:
+    ok = (lo is None or value >= lo) and (hi is None or value <= hi)
+    if ok:
+        return "PASS"
+    if iqr is not None:
+        a, b = iqr
+        inside = lambda x: (lo is None or x >= lo) and (hi is None or x <= hi)  # noqa: E731
+        if inside(a) or inside(b) or (lo is not None and a < lo < b) or (hi is not None and a < hi < b):
+            return "MISS (within noise: IQR reaches the goal)"
+    return "MISS"
+
+
+def evaluate_goals(results: dict) -> list[dict]:
+    goals = []
+
+    def ratio_goal(gid, text, model, r, lo, hi, target):
+        goals.append(
+            {
+                "id": gid,
+                "goal": text,
+                "model": model,
+                "measured": r["median"],
+                "iqr": [r["p25"], r["p75"]],
+                "ratio_of_min": r.get("of_min"),
+                "target": target,
+                "verdict": _verdict(r["median"], lo, hi, (r["p25"], r["p75"])),
+            }
+        )
+
+    for key, t in results.get("train", {}).items():
+        rr = t["speed"]["ratios"]
+        for cfg in ("qv", "all"):
+            if f"lora_{cfg}/full" in rr:
+                ratio_goal("1a", f"LoRA {cfg} step time / full fine-tuning", key, rr[f"lora_{cfg}/full"], None, 0.75, "<= 0.75")
+            if f"lora_{cfg}/floor" in rr:
+                ratio_goal("1b", f"LoRA {cfg} step time / frozen-base limit", key, rr[f"lora_{cfg}/floor"], None, 1.05, "<= 1.05")
+            if f"lora_{cfg}/peft_{cfg}" in rr:
+                ratio_goal("2", f"LoRA {cfg} step time / HF PEFT", key, rr[f"lora_{cfg}/peft_{cfg}"], None, 1.0, "<= 1.00")
+    for key, inf in results.get("inference", {}).items():
+        for variant in ("merged", "merged_unloaded"):
+            ratio_goal("3", f"inference latency {variant} / base", key, inf["ratios"][f"{variant}/base"], 0.98, 1.02, "1.00 +- 0.02")
+    im = results.get("inject_merge")
+    if im:
+        mat = im.get("materialized", {})
+        for label, row in mat.items():
+            if not isinstance(row, dict):
+                continue
+            s = row["inject_s"]["median"]
+            goals.append(
+                {
+                    "id": "5a",
+                    "goal": f"inject_lora ({label}, {row['n_matrices']} matrices) on {im['params'] / 1e9:.2f}B params",
+                    "model": "llama (bf16)",
+                    "measured": s,
+                    "unit": "s",
+                    "target": "< 1 s",
+                    "verdict": "PASS" if s < 1.0 else "MISS",
+                }
+            )
+        rates = {k: v["merge_ns_per_adapted_element"] for k, v in mat.items() if isinstance(v, dict)}
+        if rates:
+            spread = max(rates.values()) / min(rates.values())
+            goals.append(
+                {
+                    "id": "5b",
+                    "goal": "merge time proportional to adapted weights: max/min ns per adapted element over "
+                    + ", ".join(f"{k} ({mat[k]['n_matrices']})" for k in rates),
+                    "model": "llama (bf16)",
+                    "measured": spread,
+                    "target": "<= 1.5",
+                    "verdict": "PASS" if spread <= 1.5 else "MISS",
+                }
+            )
+    sz = results.get("sizes")
+    if sz:
+        for key, entry in sz["models"].items():
+            a = entry["adapters"]["lora_qv"]
+            goals.append(
+                {
+                    "id": "4",
+                    "goal": "adapter tensor bytes == closed form r*(d_in+d_out)*n*bytes (q,v)",
+                    "model": key,
+                    "measured": a["tensor_bytes"] / a["closed_form_bytes"],
+                    "target": "== 1",
+                    "verdict": "PASS" if a["tensor_bytes"] == a["closed_form_bytes"] else "MISS",
+                }
+            )
+        g = sz.get("gpt3_175b")
+        if g:
+            goals.append(
+                {
+                    "id": "4",
+                    "goal": "GPT-3 175B r=4 q,v adapter (fp16) vs paper's 35 MB",
+                    "model": "gpt3-175b (meta)",
+                    "measured": g["adapter_fp16_bytes"] / g["paper_adapter_bytes"],
+                    "target": "~1 (paper rounds)",
+                    "verdict": "PASS" if abs(g["adapter_fp16_bytes"] / g["paper_adapter_bytes"] - 1) < 0.1 else "MISS",
+                }
+            )
+    return goals
+
+
+# --------------------------------------------------------------------------- markdown
+def _ms(x: float) -> str:
+    return f"{x * 1e3:.1f}" if x >= 0.01 else f"{x * 1e3:.2f}"
+
+
+def _mb(b: float | None) -> str:
+    return "n/a" if b is None else f"{b / 2**20:.1f}"
+
+
+def _bytes(b: float) -> str:
+    for unit, div in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if b >= div:
+            return f"{b / div:.2f} {unit}"
+    return f"{int(b)} B"
+
+
+def _r(r: dict) -> str:
+    return f"{r['median']:.3f} [{r['p25']:.3f}-{r['p75']:.3f}]"
+
+
+def render_markdown(res: dict) -> str:
+    from benchmarks.models import METHOD_LABELS
+
+    mi = res["machine"]
+    L: list[str] = []
+    L.append("# lora-lightning benchmarks: results")
+    L.append("")
+    L.append(
+        f"Generated by `{res['command']}` on {res['started']} ({'quick smoke run: tiny sizes, numbers are not meaningful' if res['quick'] else 'full run'}), "
+        f"took {res['elapsed_s'] / 60:.1f} min. How to read every number: [README.md](README.md)."
+    )
+    L.append("")
+    L.append("## Machine")
+    L.append("")
+    L.append("| | |")
+    L.append("|---|---|")
+    L.append(f"| CPU | {mi['cpu_model']} ({mi['cpu_family_model']}; flags {', '.join(mi['cpu_flags']) or 'none of interest'}) |")
+    L.append(f"| logical CPUs / usable by this run | {mi['logical_cpus']} / {mi['usable_cpus']} |")
+    L.append(f"| torch threads | {mi['torch_threads']} |")
+    L.append(f"| RAM | {_bytes(mi['ram_bytes'] or 0)} |")
+    if "gpu" in mi:
+        L.append(f"| GPU | {mi['gpu']} ({_bytes(mi['gpu_memory_bytes'])}, CUDA {mi['cuda']}) |")
+    L.append(f"| device / dtype | {mi['device']} / {res['dtype']} (inject/merge suite: bf16) |")
+    L.append(f"| load average (1, 5, 15 min) at start | {mi['load_average_start']} |")
+    L.append(f"| load average at end | {res['load_average_end']} |")
+    L.append(f"| software | Python {mi['python']}, " + ", ".join(f"{k} {v}" for k, v in mi["versions"].items()) + " |")
+    L.append(f"| platform | {mi['platform']} |")
+    L.append("")
+    L.append(
+        "Timings of different configurations are taken round-robin in the same process (a fresh random "
+        "order every round), so load from other processes hits all of them alike; a ratio is the median "
+        "of the per-round ratios, [p25-p75] its interquartile range. A load average above the thread "
+        "count means other processes competed for the CPU during the run: absolute times are then "
+        "inflated, ratios much less so."
+    )
+    L.append("")
+
+    goals = res.get("goals", [])
+    if goals:
+        L.append("## Goals")
+        L.append("")
+        L.append("| # | goal | model | measured | target | verdict |")
+        L.append("|---|---|---|---|---|---|")
+        for g in goals:
+            if g.get("unit") == "s":
+                meas = f"{g['measured'] * 1e3:.0f} ms"
+            elif "iqr" in g:
+                meas = f"{g['measured']:.3f} [{g['iqr'][0]:.3f}-{g['iqr'][1]:.3f}]"
+            else:
+                meas = f"{g['measured']:.3f}"
+            L.append(f"| {g['id']} | {g['goal']} | {g['model']} | {meas} | {g['target']} | {g['verdict']} |")
+        L.append("")
+
+    for key, t in res.get("train", {}).items():
+        sp, mem = t["speed"], t["memory"]
+        L.append(f"## 1-2. Training step: {t['label']}")
+        L.append("")
+        L.append(
+            f"batch {t['batch']} x seq {t['seq']}, {res['dtype']}, AdamW over the trainable parameters; "
+            f"{t['rounds']} timed rounds after {t['warmup']} warm-up rounds. Memory: one fresh process per row, "
+            f"{mem[next(iter(mem))].get('metric', '?') if mem else '?'}; 'training' = peak minus the process "
+            "with the model loaded (activations + gradients + optimizer state + allocator slack)."
+        )
+        L.append("")
+        L.append("| method | trainable params | step ms median [p25-p75] | / full | / frozen-base limit | peak MiB | training MiB |")
+        L.append("|---|---|---|---|---|---|---|")
+        full = sp["methods"].get("full")
+        floor = sp["methods"].get("floor")
+        for m, row in sp["methods"].items():
+            s = row["step_s"]
+            rf = sp["ratios"].get(f"{m}/full")
+            rl = sp["ratios"].get(f"{m}/floor")
+            rf_s = "1" if m == "full" else (_r(rf) if rf else (f"{s['median'] / full['step_s']['median']:.3f}" if full else ""))
+            rl_s = "1" if m == "floor" else (_r(rl) if rl else (f"{s['median'] / floor['step_s']['median']:.3f}" if floor else ""))
+            mm = mem.get(m, {})
+            peak = _mb(mm.get("peak_bytes")) if "error" not in mm else "error"
+            train_mb = _mb(mm.get("training_bytes")) if "error" not in mm else "error"
+            L.append(
+                f"| {METHOD_LABELS[m]} | {row['trainable_params']:,} | {_ms(s['median'])} [{_ms(s['p25'])}-{_ms(s['p75'])}] | {rf_s} | {rl_s} | {peak} | {train_mb} |"
+            )
+        L.append("")
+        for a, b in (("lora_qv", "peft_qv"), ("lora_all", "peft_all")):
+            r = sp["ratios"].get(f"{a}/{b}")
+            if r:
+                L.append(f"- ours / PEFT ({a.split('_')[1]}): {_r(r)} (ratio of fastest repeats {r['of_min']:.3f})")
+        L.append("")
+
+    for key, inf in res.get("inference", {}).items():
+        L.append(f"## 3. Inference latency: {inf['label']}, batch {inf['batch']} x seq {inf['seq']}")
+        L.append("")
+        L.append(
+            f"eval mode, `torch.inference_mode()`, {inf['inner_calls_per_sample']} forward(s) per timed sample, "
+            f"{inf['latency_s']['base']['n']} samples per variant, round-robin."
+        )
+        L.append("")
+        L.append("| variant | latency ms median [p25-p75] | / base |")
+        L.append("|---|---|---|")
+        names = {
+            "base": "base model (no LoRA)",
+            "merged": "LoRA q,v merged (LoRA layers kept)",
+            "merged_unloaded": "LoRA q,v merge_and_unload",
+            "unmerged_qv": "LoRA q,v unmerged",
+            "unmerged_all": "LoRA all-linear unmerged",
+        }
+        for k, s in inf["latency_s"].items():
+            r = inf["ratios"].get(f"{k}/base")
+            L.append(f"| {names.get(k, k)} | {_ms(s['median'])} [{_ms(s['p25'])}-{_ms(s['p75'])}] | {'1' if k == 'base' else _r(r)} |")
+        c = inf["check"]
+        L.append("")
+        L.append(
+            f"Check: max |logits(merged) - logits(unmerged)| = {c['max_abs_diff_merged_vs_unmerged']:.2e}, "
+            f"(unloaded - unmerged) = {c['max_abs_diff_unloaded_vs_unmerged']:.2e}; the adapter is non-zero: "
+            f"max |unmerged - base| = {c['max_abs_diff_unmerged_vs_base']:.2e}."
+        )
+        L.append("")
+
+    sz = res.get("sizes")
+    if sz:
+        L.append("## 4. Checkpoint sizes")
+        L.append("")
+        L.append(
+            "`save_adapter` (safetensors, tensors + JSON metadata: config, module list, base fingerprint) vs the "
+            "full model's state dict written with `safetensors.torch.save_file`. Closed form: "
+            "r*(d_in+d_out) per adapted matrix times bytes per element."
+        )
+        L.append("")
+        L.append("| model | adapter | matrices | closed form | closed-form bytes | tensor bytes | file bytes | header+metadata | full checkpoint | full / adapter file |")
+        L.append("|---|---|---|---|---|---|---|---|---|---|")
+        for key, e in sz["models"].items():
+            for name, a in e["adapters"].items():
+                L.append(
+                    f"| {key} | {name} | {a['n_matrices']} | `{a['closed_form']}` | {a['closed_form_bytes']:,} | {a['tensor_bytes']:,} | "
+                    f"{a['file_bytes']:,} | {a['header_and_metadata_bytes']:,} | {_bytes(e['full_checkpoint_bytes'])} | {a['full_over_adapter_file']:,.0f}x |"
+                )
+        g = sz.get("gpt3_175b")
+        if g:
+            L.append("")
+            L.append(
+                f"GPT-3 175B (paper §4.2: 350 GB -> 35 MB, r=4 on q,v): a meta-device skeleton ({g['layers']} layers, d_model "
+                f"{g['d_model']}) has {g['skeleton_params'] / 1e9:.1f}B parameters = **{_bytes(g['full_fp16_bytes'])}** in fp16; "
+                f"`inject_lora(r=4, q,v)` on it adapts {g['n_matrices']} matrices with {g['adapter_params_meta']:,} parameters "
+                f"(closed form `{g['closed_form']}` = {g['adapter_params_closed_form'] * 2:,} bytes) = "
+                f"**{_bytes(g['adapter_fp16_bytes'])}** ({g['adapter_fp16_bytes'] / 2**20:.1f} MiB) in fp16; ratio "
+                f"{g['full_over_adapter']:,.0f}x (paper: {g['paper_ratio']:,.0f}x). Built and injected in {g['meta_build_and_inject_s'] * 1e3:.0f} ms."
+            )
+        L.append("")
+
+    im = res.get("inject_merge")
+    if im:
+        L.append(f"## 5. Injection and merge on a {im['params'] / 1e9:.2f}B-parameter Llama-shaped model (bf16)")
+        L.append("")
+        cfg = im["config"] or {"shape": "TinyLlama-1.1B (22 layers, hidden 2048, FFN 5632, 32 heads, 4 KV heads)"}
+        L.append(
+            f"Config {cfg}; built on the meta device in {im['meta_build_s'] * 1e3:.0f} ms"
+            + (f", materialised in bf16 in {im['materialize_s']:.1f} s" if "materialize_s" in im else "")
+            + f"; r={8}; median of {im['repeats']} repeats. `reference addmm_` is the arithmetic floor "
+            "(one fused in-place `W.addmm_(B, A)` per matrix in the weight dtype)."
+        )
+        L.append("")
+        L.append("| targets | matrices | inject on meta ms | inject (bf16 weights) ms | adapted elements | merge ms | unmerge ms | ns / adapted element | reference addmm_ ms | merge / reference |")
+        L.append("|---|---|---|---|---|---|---|---|---|---|")
+        mat = im.get("materialized", {})
+        for label, row in im["meta"].items():
+            m = mat.get(label) if isinstance(mat.get(label), dict) else None
+            if m:
+                L.append(
+                    f"| {label} | {row['n_matrices']} | {_ms(row['inject_s']['median'])} | {_ms(m['inject_s']['median'])} | "
+                    f"{m['adapted_weight_elements'] / 1e6:.1f}M ({m['adapted_fraction_of_model']:.0%}) | {_ms(m['merge_s']['median'])} | "
+                    f"{_ms(m['unmerge_s']['median'])} | {m['merge_ns_per_adapted_element']:.2f} | {_ms(m['reference_addmm_merge_s']['median'])} | {m['merge_over_reference']:.2f} |"
+                )
+            else:
+                L.append(f"| {label} | {row['n_matrices']} | {_ms(row['inject_s']['median'])} | skipped | | | | | | |")
+        if "skipped" in mat:
+            L.append("")
+            L.append(f"Materialised model skipped: {mat['skipped']}.")
+        L.append("")
+
+    prof = res.get("profile")
+    if prof:
+        L.append("## Profiles (torch.profiler, self time per step)")
+        L.append("")
+        for key, p in prof.items():
+            L.append(f"### {key}")
+            L.append("")
+            L.append("total self time per step (ms): " + ", ".join(f"{m} {v:.0f}" for m, v in p["total_ms"].items()))
+            L.append("")
+            for pair, rows in p["diffs"].items():
+                L.append(f"Largest per-op differences {pair} (ms per step):")
+                L.append("")
+                L.append("| op | a | b | a - b |")
+                L.append("|---|---|---|---|")
+                for r in rows:
+                    vals = [v for k, v in r.items() if k != "op"]
+                    L.append(f"| `{r['op']}` | {vals[0]:.1f} | {vals[1]:.1f} | {vals[2]:+.1f} |")
+                L.append("")
+            L.append("Full tables: " + ", ".join(f"`{Path(f).name}`" for f in p["files"].values()) + " in `profiles/`.")
+            L.append("")
+    return "\n".join(L) + "\n"
+
+
+# --------------------------------------------------------------------------- main
+def _finite_positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="dtype of the training / inference models")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, a few repeats: a smoke test (numbers not meaningful)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: CPUs usable by this process)")
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds of the training suite (default 10)")
+    p.add_argument("--large-layers", type=int, default=3, help="layers of the BERT-large-width model (default 3)")
+    p.add_argument(
+        "--suites", default="train,inference,sizes,inject_merge", help="comma-separated subset of train,inference,sizes,inject_merge"
+    )
+    p.add_argument("--no-memory", action="store_true", help="skip the per-configuration memory processes")
+    p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None, help="torch.profiler tables (default: on unless --quick)")
+    p.add_argument("--out", type=Path, default=HERE, help="folder for results.json, RESULTS.md and profiles/ (default: benchmarks/)")
+    args = p.parse_args(argv)
+    if args.profile is None:
+        args.profile = not args.quick
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            p.error("--device cuda: torch.cuda.is_available() is False")
+
+    t_start = time.perf_counter()
+    threads = setup_torch(args.device, args.threads)
+    suites = [s.strip() for s in args.suites.split(",") if s.strip()]
+    plan = make_plan(args)
+    res: dict = {
+        "command": "python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv),
+        "started": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "quick": args.quick,
+        "device": args.device,
+        "dtype": args.dtype,
+        "machine": machine_info(args.device, threads),
+        "plan": {k: ([s.as_dict() for s in v] if isinstance(v, list) and v and hasattr(v[0], "as_dict") else v) for k, v in plan.items()},
+    }
+
+    from benchmarks import suites as S
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t_start:7.1f}s load {load_average()}] {msg}", flush=True)
+
+    if "train" in suites:
+        res["train"] = {}
+        for spec in plan["train_specs"]:
+            log(f"train speed: {spec.key}")
+            speed = S.train_speed(spec, plan["methods"], args.device, args.dtype, plan["rounds"], plan["warmup"])
+            res["train"][spec.key] = {
+                "label": spec.label,
+                "batch": spec.batch,
+                "seq": spec.seq,
+                "rounds": plan["rounds"],
+                "warmup": plan["warmup"],
+                "speed": speed,
+                "memory": {},
+            }
+        if not args.no_memory:
+            log("train memory: one fresh process per configuration")
+            mem = S.train_memory(plan["train_specs"], plan["methods"], args.device, args.dtype, threads, plan["memory_steps"])
+            for spec in plan["train_specs"]:
+                res["train"][spec.key]["memory"] = mem[spec.key]
+    if "inference" in suites:
+        res["inference"] = {}
+        for spec in plan["infer_specs"]:
+            log(f"inference: {spec.key} batch {spec.batch}")
+            r = S.inference(spec, args.device, args.dtype, plan["infer_rounds"], plan["infer_warmup"], plan["infer_sample_s"])
+            r["label"] = spec.label
+            res["inference"][f"{spec.key}-b{spec.batch}"] = r
+    if "sizes" in suites:
+        log("sizes")
+        res["sizes"] = S.sizes(plan["size_specs"], args.dtype)
+    if "inject_merge" in suites:
+        log("inject / merge")
+        res["inject_merge"] = S.inject_merge(plan["llama"], args.device, plan["merge_repeats"])
+    if plan["profile_specs"]:
+        from benchmarks import profiling
+
+        res["profile"] = {}
+        for spec in plan["profile_specs"]:
+            log(f"profile: {spec.key}")
+            methods = ["full", "lora_qv", "peft_qv", "lora_all", "peft_all", "floor"]
+            pr = profiling.profile_methods(spec, methods, args.device, args.dtype, args.out / "profiles")
+            res["profile"][spec.key] = {
+                "files": {m: str(Path(f).relative_to(args.out)) for m, f in pr["files"].items()},
+                "total_ms": {m: profiling.total_ms(pr, m) for m in methods},
+                "diffs": {
+                    f"{a} vs {b}": profiling.diff(pr, a, b)
+                    for a, b in (("lora_qv", "floor"), ("lora_all", "floor"), ("lora_qv", "peft_qv"), ("lora_all", "peft_all"), ("lora_qv", "full"))
+                },
+            }
+    res["goals"] = evaluate_goals(res)
+    res["load_average_end"] = load_average()
+    res["elapsed_s"] = time.perf_counter() - t_start
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
+    (args.out / "RESULTS.md").write_text(render_markdown(res))
+    log(f"wrote {args.out / 'results.json'} and {args.out / 'RESULTS.md'}")
+    for g in res["goals"]:
+        print(f"  [{g['verdict']}] {g['goal']} ({g['model']}): {g['measured']:.4g} (target {g['target']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""End-to-end smoke test of ``python -m benchmarks.run --quick``.
+
+Checks that every section of results.json is present and holds finite, positive numbers, and
+that RESULTS.md is written. No wall-clock value is asserted against a threshold: the numbers
+of a quick run on a shared machine mean nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+METHODS = ("full", "lora_qv", "peft_qv", "lora_all", "peft_all", "floor", "head_only")
+
+pytest.importorskip("peft")
+
+
+def positive(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def check_summary(s: dict, where: str) -> None:
+    assert s["n"] >= 1, where
+    for k in ("median", "p25", "p75", "min", "max"):
+        assert positive(s[k]), f"{where}.{k} = {s.get(k)!r}"
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("bench")
+    env = os.environ | {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--threads", "1", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((out / "results.json").read_text()), out
+
+
+def test_machine_and_load_recorded(quick_run):
+    res, out = quick_run
+    m = res["machine"]
+    assert m["torch_threads"] == 1
+    assert len(m["load_average_start"]) == 3 and len(res["load_average_end"]) == 3
+    assert positive(res["elapsed_s"])
+    text = (out / "RESULTS.md").read_text()
+    for heading in ("## Machine", "## Goals", "## 1-2. Training step", "## 3. Inference", "## 4. Checkpoint sizes", "## 5. Injection"):
+        assert heading in text
+
+
+def test_train_section(quick_run):
+    res, _ = quick_run
+    assert res["train"]
+    for key, t in res["train"].items():
+        for m in METHODS:
+            row = t["speed"]["methods"][m]
+            check_summary(row["step_s"], f"{key}.{m}.step_s")
+            assert positive(row["total_params"]) and positive(row["trainable_params"])
+            mem = t["memory"][m]
+            assert "error" not in mem, mem.get("error")
+            assert positive(mem["peak_bytes"]) and positive(mem["loaded_bytes"])
+            assert mem["peak_bytes"] >= mem["loaded_bytes"]
+        for name in ("lora_qv/full", "lora_all/full", "lora_qv/floor", "lora_all/floor", "lora_qv/peft_qv", "lora_all/peft_all"):
+            check_summary(t["speed"]["ratios"][name], f"{key}.{name}")
+        # LoRA and PEFT adapt the same matrices: same trainable parameter count
+        ms = t["speed"]["methods"]
+        assert ms["lora_qv"]["trainable_params"] == ms["peft_qv"]["trainable_params"]
+        assert ms["lora_all"]["trainable_params"] == ms["peft_all"]["trainable_params"]
+        assert ms["full"]["trainable_params"] == ms["full"]["total_params"]
+
+
+def test_inference_section(quick_run):
+    res, _ = quick_run
+    assert res["inference"]
+    for key, inf in res["inference"].items():
+        for variant in ("base", "merged", "merged_unloaded", "unmerged_qv", "unmerged_all"):
+            check_summary(inf["latency_s"][variant], f"{key}.{variant}")
+        for name, r in inf["ratios"].items():
+            check_summary(r, f"{key}.{name}")
+        # merging is exact up to round-off, and the adapter really changes the output
+        assert inf["check"]["max_abs_diff_merged_vs_unmerged"] < 1e-4
+        assert inf["check"]["max_abs_diff_unmerged_vs_base"] > 0
+
+
+def test_sizes_section(quick_run):
+    res, _ = quick_run
+    sz = res["sizes"]
+    for key, e in sz["models"].items():
+        assert positive(e["full_checkpoint_bytes"])
+        for name, a in e["adapters"].items():
+            for k in ("closed_form_bytes", "tensor_bytes", "file_bytes", "header_and_metadata_bytes", "full_over_adapter_file"):
+                assert positive(a[k]), f"{key}.{name}.{k}"
+            if "+head" not in name:
+                assert a["tensor_bytes"] == a["closed_form_bytes"]
+    g = sz["gpt3_175b"]
+    assert g["adapter_params_meta"] == g["adapter_params_closed_form"] == 4 * (12288 + 12288) * 2 * 96
+    assert positive(g["full_fp16_bytes"]) and 340e9 < g["full_fp16_bytes"] < 360e9
+
+
+def test_inject_merge_section(quick_run):
+    res, _ = quick_run
+    im = res["inject_merge"]
+    assert positive(im["params"])
+    for label in ("q,v", "q,k,v,o", "all-linear"):
+        check_summary(im["meta"][label]["inject_s"], f"meta.{label}")
+        row = im["materialized"][label]
+        for k in ("inject_s", "merge_s", "unmerge_s", "reference_addmm_merge_s"):
+            check_summary(row[k], f"materialized.{label}.{k}")
+        assert positive(row["merge_ns_per_adapted_element"]) and positive(row["adapted_weight_elements"])
+
+
+def test_goals_have_verdicts(quick_run):
+    res, _ = quick_run
+    ids = {g["id"] for g in res["goals"]}
+    assert {"1a", "1b", "2", "3", "4", "5a", "5b"} <= ids
+    for g in res["goals"]:
+        assert g["verdict"].startswith(("PASS", "MISS"))
+        assert math.isfinite(g["measured"])
