@@ -117,7 +117,7 @@ def diff_of(a: Stat, b: Stat) -> tuple[float, float]:
 
 # --------------------------------------------------------------------------- tables
 def write_csv(rows: list[dict], path: Path) -> None:
-    cols = ["experiment", "method", "targets_key", "r", "alpha", "seed", "best_val_acc", "params_lora", "params_trainable", "fit_seconds", "steps", "adapter_bytes"]
+    cols = ["experiment", "method", "variant", "lr", "targets_key", "r", "alpha", "seed", "best_val_acc", "params_lora", "params_trainable", "fit_seconds", "steps", "adapter_bytes"]
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)
@@ -257,6 +257,56 @@ def plot_table6(stats: dict[tuple[str, int], Stat], ref_rows: list[dict], path: 
     return path
 
 
+# --------------------------------------------------------------------------- variants (issue 8)
+VARIANT_ORDER = ["lora", "rslora", "dora", "pissa", "vera", "adalora", "qlora"]
+
+
+def variants_markdown(rows: list[dict]) -> str:
+    """One row per (variant, lr): val acc, adapter parameters, step time, adapter bytes, base bytes."""
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row.get("variant") or "lora", row.get("lr") or math.nan), []).append(row)
+    order = sorted(groups, key=lambda k: (VARIANT_ORDER.index(k[0]) if k[0] in VARIANT_ORDER else 99, k[1]))
+    lines = [
+        "| variant | lr | val acc (mean ± std) | seeds | adapter params | trainable (incl. head) | s / step (median) | adapter file | adapted base weights |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key in order:
+        g = groups[key]
+        stat = Stat.of(r[METRIC] for r in g)
+        step = statistics.median(r["fit_seconds"] / r["steps"] for r in g if r.get("steps"))
+        base = g[0].get("base_bytes_after")
+        before = g[0].get("base_bytes_before")
+        base_txt = f"{base / 1e6:.2f} MB (from {before / 1e6:.2f} MB)" if base and before and base != before else (f"{before / 1e6:.2f} MB" if before else "-")
+        lines.append(
+            f"| {key[0]} | {key[1]:g} | **{stat}** | {stat.n} | {g[0]['params_lora']:,} | {g[0]['params_trainable']:,} "
+            f"| {step:.2f} | {g[0].get('adapter_bytes', 0) / 1e6:.2f} MB | {base_txt} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_adalora_ranks(rows: list[dict], path: Path) -> Path | None:
+    """Final AdaLoRA rank per adapted matrix (one bar group per seed)."""
+    runs = [r for r in rows if r.get("adalora_ranks")]
+    if not runs:
+        return None
+    fig = _figure(8.0, 3.6)
+    ax = fig.add_subplot(1, 1, 1)
+    names = sorted(runs[0]["adalora_ranks"])
+    width = 0.8 / len(runs)
+    for i, run in enumerate(sorted(runs, key=lambda r: r.get("seed", 0))):
+        ax.bar([j + i * width for j in range(len(names))], [run["adalora_ranks"].get(n, 0) for n in names], width, label=f"seed {run.get('seed')}")
+    short = [n.replace("model.bert.encoder.layer.", "L").replace(".attention.self.", ".") for n in names]
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], short, rotation=60, fontsize=7)
+    ax.set_ylabel("final rank")
+    ax.set_title("AdaLoRA: rank per matrix after budget pruning (start r=8)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130)
+    return path
+
+
 # --------------------------------------------------------------------------- main
 def noise_line(rows: list[dict], *keys: str) -> str:
     sd, dof = pooled_std(rows, *keys)
@@ -281,6 +331,12 @@ def summarize(runs: Path, out: Path) -> str:
         md, stats = table6_markdown(t6, ref)
         plot_table6(stats, ref, out / "table6.png")
         parts += ["## Table 6 (ours)", "", md, "", noise_line(t6, "targets_key", "r") if t6 else "", "", table6_findings(stats), "", "![table 6](results/table6.png)", ""]
+    var = [r for r in load_runs(runs / "variants") if r.get("method") == "lora"]
+    if var:
+        write_csv(var, out / "variants_runs.csv")
+        parts += ["## Variants (ours, issue 8)", "", variants_markdown(var), "", noise_line(var, "variant", "lr"), ""]
+        if plot_adalora_ranks(var, out / "adalora_ranks.png"):
+            parts += ["![AdaLoRA ranks](results/adalora_ranks.png)", ""]
     if not parts:
         raise SystemExit(f"no summary.json under {runs}/table5, {runs}/table6 or {runs}/table6_reference; run the sweeps first")
     text = "\n".join(parts)

@@ -165,6 +165,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "r": lora.r if lora else None,
         "alpha": lora.alpha if lora else None,
         "variant": lora.variant if lora else None,
+        "lr": float(cfg.model.lr) if cfg.model.get("lr") is not None else None,
         "best_val_acc": float(ckpt_cb.best_model_score) if ckpt_cb and ckpt_cb.best_model_score is not None else None,
         **{k: v for k, v in results.items()},
         "params_trainable": counts.trainable,

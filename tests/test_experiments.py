@@ -38,6 +38,7 @@ def sweeps(tmp_path_factory):
     t5 = _sweep(tmp, "table5", ["lora.targets=[q],[q,v]", "seed=1,2"])
     t6 = _sweep(tmp, "table6", ["lora.r=2,4", "lora.targets=[q,v]", "seed=1,2"])
     ref = _sweep(tmp, "table6_reference", ["seed=1"])
+    _sweep(tmp, "variants", ["lora.variant=lora,vera", "seed=1"])
     return tmp, t5, t6, ref
 
 
@@ -78,6 +79,10 @@ def test_summarize_reports_means_of_the_runs(sweeps):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "full fine-tuning" in text and "head only" in text
     assert "paper's claim" in text
+    # variants: VeRA trains r + d_out per matrix (12 matrices: q, v of 6 layers), LoRA r(d_in + d_out)
+    variant_rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| lora |") or line.startswith("| vera |")}
+    assert f"| {12 * (8 + 384):,} |" in variant_rows["vera"]
+    assert f"| {12 * 8 * (384 + 384):,} |" in variant_rows["lora"]
 
 
 def test_subspace_report_runs_on_the_sweep_adapters(sweeps):
