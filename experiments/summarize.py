@@ -184,14 +184,14 @@ def table6_findings(stats: dict[tuple[str, int], Stat]) -> str:
     lines = ["| paper's claim | ours: difference (pp) ± SE | verdict |", "|---|---|---|"]
     if ("q,v", 1) in stats and ("q,v", 64) in stats:
         d, se = diff_of(stats[("q,v", 1)], stats[("q,v", 64)])
-        lines.append(f"| r=1 is already competitive for W{{q,v}} (r=1 minus r=64; paper: -0.1 / -0.1) | {d:+.2f} ± {se:.2f} | {'agrees' if d > -2 * se else 'disagrees'} (competitive = not 2 SE below) |")
+        lines.append(f"| r=1 is already competitive for W{{q,v}} (r=1 minus r=64; paper: -0.1 / -0.1) | {d:+.2f} ± {se:.2f} | {'agrees (not 2 SE below r=64)' if d > -2 * se else 'disagrees (more than 2 SE below r=64)'} |")
     if ("q", 1) in stats and ("q", 8) in stats:
         d, se = diff_of(stats[("q", 8)], stats[("q", 1)])
         lines.append(f"| W{{q}} alone gains from a larger r (r=8 minus r=1; paper: +1.6 / 0.0) | {d:+.2f} ± {se:.2f} | {verdict(d, se)} |")
     for t in TABLE6_TARGETS:
         if (t, 8) in stats and (t, 64) in stats:
             d, se = diff_of(stats[(t, 64)], stats[(t, 8)])
-            lines.append(f"| little gain past r=8 for W{{{t}}} (r=64 minus r=8) | {d:+.2f} ± {se:.2f} | {'agrees' if d < 2 * se else 'disagrees'} (no gain above 2 SE) |")
+            lines.append(f"| little gain past r=8 for W{{{t}}} (r=64 minus r=8) | {d:+.2f} ± {se:.2f} | {'agrees (gain under 2 SE)' if d < 2 * se else 'disagrees (gain over 2 SE)'} |")
     if ("q,v", 8) in stats and ("q", 8) in stats:
         d, se = diff_of(stats[("q,v", 8)], stats[("q", 8)])
         lines.append(f"| W{{q,v}} beats W{{q}} at the same r=8 | {d:+.2f} ± {se:.2f} | {verdict(d, se)} |")
@@ -277,7 +277,7 @@ def variants_markdown(rows: list[dict]) -> str:
         step = statistics.median(r["fit_seconds"] / r["steps"] for r in g if r.get("steps"))
         base = g[0].get("base_bytes_after")
         before = g[0].get("base_bytes_before")
-        base_txt = f"{base / 1e6:.2f} MB (from {before / 1e6:.2f} MB)" if base and before and base != before else (f"{before / 1e6:.2f} MB" if before else "-")
+        base_txt = f"{base / 1e6:.2f} MB (from {before / 1e6:.2f} MB)" if base and before and base != before else "unchanged"
         lines.append(
             f"| {key[0]} | {key[1]:g} | **{stat}** | {stat.n} | {g[0]['params_lora']:,} | {g[0]['params_trainable']:,} "
             f"| {step:.2f} | {g[0].get('adapter_bytes', 0) / 1e6:.2f} MB | {base_txt} |"
