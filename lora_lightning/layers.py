@@ -210,7 +210,8 @@ class LoRAMixin:
             if self._fast_path_ok(out, x):
                 # out += scaling·(dropout(x)·Aᵀ)·Bᵀ in one in-place GEMM: no d_out-wide temporary and
                 # no separate add pass (F.linear's backward does not need its output, so autograd
-                # is unaffected; ~6% off an all-linear MiniLM step, benchmarks/PROPOSED_PATCHES.md)
+                # is unaffected). Plain Linear/Conv1D layers take LoRALinearFunction instead;
+                # benchmarks/OPTIMIZATIONS.md has the measurements of both.
                 if self.dropout_p > 0:
                     x = self.lora_dropout(x)
                 h = F.linear(x, self.lora_A) * self.scaling
@@ -241,6 +242,20 @@ class LoRAMixin:
             and out.dtype == self.lora_B.dtype
             and out.dim() >= 1
             and out.is_contiguous()
+        )
+
+    def _one_node_ok(self, x: Tensor) -> bool:
+        """Whether :class:`LoRALinearFunction` applies: plain math, one dtype for input, base weight
+        and adapters, plain (not quantized or sharded) tensors, no autocast, non-empty input."""
+        w = self.weight
+        return (
+            self._plain_lora_math()
+            and type(w.data) is Tensor
+            and type(x) is Tensor
+            and x.dtype == w.dtype == self.lora_A.dtype == self.lora_B.dtype
+            and x.dim() >= 1
+            and x.numel() > 0
+            and not torch.is_autocast_enabled(x.device.type)
         )
 
     # --------------------------------------------------------- merge/unmerge
@@ -337,6 +352,9 @@ class LoRALinear(nn.Linear, LoRAMixin):
         return self.weight
 
     def forward(self, x: Tensor) -> Tensor:
+        if not self.merged and self.fused is None and self._one_node_ok(x):
+            x_d = self.lora_dropout(x) if self.dropout_p > 0 and self.lora_dropout.training else None
+            return LoRALinearFunction.apply(x, x_d, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling)
         return self.add_lora(F.linear(x, self.weight, self.bias), x)
 
     def to_base(self) -> nn.Linear:
@@ -349,6 +367,59 @@ class LoRALinear(nn.Linear, LoRAMixin):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " + self.lora_extra_repr()
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    """``y = x·W0ᵀ + b + scaling·(x_d·Aᵀ)·Bᵀ`` as one autograd node, with its backward written out.
+
+    Shapes: ``x, x_d (..., d_in)`` (``x_d`` = ``dropout(x)``; ``None`` means ``x`` itself), ``W0 (d_out x d_in)``,
+    ``A (r x d_in)``, ``B (d_out x r)``. Backward, with ``g = ∂L/∂y`` flattened to ``(N, d_out)``:
+    ``gh = scaling·g·B``, ``∂A = ghᵀ·x_d``, ``∂B = scaling·(hᵀ·g)ᵀ``, ``∂x = g·W0 (+ gh·A)``.
+
+    Same function as ``F.linear(x, W0, b) + scaling·F.linear(F.linear(x_d, A), B)``, but autograd
+    sees one node instead of five, the low-rank update is added into the base output in place, and
+    every skinny (r-wide) product uses the fast GEMM layout (``hᵀ·g`` instead of ``gᵀ·h``: ~5x on one
+    CPU core for r=8). ``W0``'s gradient is computed only when it requires grad.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, x_d: Tensor | None, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+        d_in = x.shape[-1]
+        x2 = x.reshape(-1, d_in)
+        xd2 = x2 if x_d is None else x_d.reshape(-1, d_in)
+        out = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
+        h = torch.mm(xd2, lora_A.t())
+        out.addmm_(h, lora_B.t(), alpha=scaling)
+        ctx.same, ctx.scaling, ctx.has_bias = x_d is None, scaling, bias is not None
+        # inputs only (plus h, N x r), so a create_graph backward can rebuild a differentiable graph;
+        # x is kept alive only when W0 itself trains (or x is x_d, needed for ∂A anyway)
+        ctx.save_for_backward(x if weight.requires_grad or x_d is None else None, x_d, h, weight, lora_A, lora_B)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, x_d, h, weight, lora_A, lora_B = ctx.saved_tensors
+        s = ctx.scaling
+        xd2 = (x if ctx.same else x_d).reshape(-1, lora_A.shape[-1])
+        if torch.is_grad_enabled():  # double backward: recompute h inside the graph being built
+            h = torch.mm(xd2, lora_A.t())
+        g2 = grad.reshape(-1, grad.shape[-1])
+        # r-wide products in the layouts BLAS handles well (B is d_out x r, row-major)
+        gh = torch.mm(g2, lora_B.t().contiguous().t()) * s
+        grad_A = torch.mm(gh.t(), xd2) if ctx.needs_input_grad[4] else None
+        grad_B = torch.mm(h.t(), g2).t() * s if ctx.needs_input_grad[5] else None
+        grad_x = grad_xd = None
+        lead = grad.shape[:-1]
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.mm(g2, weight)
+            if ctx.same:
+                grad_x = grad_x.addmm_(gh, lora_A)
+            grad_x = grad_x.view(*lead, grad_x.shape[-1])
+        if not ctx.same and ctx.needs_input_grad[1]:
+            grad_xd = torch.mm(gh, lora_A).view(*lead, lora_A.shape[-1])
+        grad_w = torch.mm(g2.t(), x.reshape(-1, lora_A.shape[-1])) if ctx.needs_input_grad[2] else None
+        grad_b = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
+        return grad_x, grad_xd, grad_w, grad_b, grad_A, grad_B, None
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -421,6 +492,10 @@ class LoRAConv1D(nn.Module, LoRAMixin):
         return self.weight.T
 
     def forward(self, x: Tensor) -> Tensor:
+        if not self.merged and self.fused is None and self._one_node_ok(x):
+            x_d = self.lora_dropout(x) if self.dropout_p > 0 and self.lora_dropout.training else None
+            # weight is stored d_in x d_out: its transpose is a view, autograd maps ∂W back
+            return LoRALinearFunction.apply(x, x_d, self.weight.t(), self.bias, self.lora_A, self.lora_B, self.scaling)
         size_out = x.size()[:-1] + (self.nf,)
         flat = x.reshape(-1, x.size(-1))
         out = torch.addmm(self.bias, flat, self.weight) if self.bias is not None else flat @ self.weight

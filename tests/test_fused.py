@@ -69,6 +69,27 @@ def test_conv1d_forward_and_merge_match_hand_computation():
     assert type(plain) is Conv1D and plain.nf == 24 and plain.nx == 12 and plain.weight is layer.weight
 
 
+
+def test_conv1d_gradients_match_hand_computation_including_a_trained_base():
+    """The one-node autograd path on Conv1D's transposed weight: every gradient against the
+    same formula written with separate ops (base weight and bias trained too)."""
+    torch.manual_seed(1)
+    base = Conv1D(7, 5).double()
+    layer = LoRAConv1D(base, r=2, alpha=3).double()
+    torch.nn.init.normal_(layer.lora_B)
+    params = [layer.weight, layer.bias, layer.lora_A, layer.lora_B]
+    for p in params:
+        p.requires_grad_(True)
+    x = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(3, 4, 7, dtype=torch.float64)
+    y = layer(x)
+    got = torch.autograd.grad(y, [x, *params], g)
+    ref_y = x @ layer.weight + layer.bias + 1.5 * (x @ layer.lora_A.T @ layer.lora_B.T)
+    ref = torch.autograd.grad(ref_y, [x, *params], g)
+    torch.testing.assert_close(y, ref_y, atol=1e-12, rtol=0)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
 def test_gpt2_conv1d_targets_merge_save_load_and_merged_state_dict(tmp_path):
     m = gpt2()
     x = ids()

@@ -131,3 +131,91 @@ def test_to_base_returns_plain_linear_of_same_class():
     plain = layer.to_base()
     assert type(plain) is nn.modules.linear.NonDynamicallyQuantizableLinear
     assert plain.weight is mha_out.weight
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("train_bias,train_weight", [(False, False), (True, False), (True, True)])
+def test_one_node_autograd_matches_the_composed_formula(dropout, train_bias, train_weight):
+    """LoRALinear's single autograd node (LoRALinearFunction) against the same formula built from
+    separate differentiable ops: outputs and every gradient, with and without adapter dropout."""
+    torch.manual_seed(3)
+    base = nn.Linear(12, 10).double()
+    layer = LoRALinear(base, r=4, alpha=8.0, dropout=dropout).double()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    layer.weight.requires_grad_(train_weight)
+    layer.bias.requires_grad_(train_bias)
+    params = [p for p in (layer.weight, layer.bias, layer.lora_A, layer.lora_B) if p.requires_grad]
+    x = torch.randn(3, 5, 12, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(9)
+    y = layer(x)
+    assert y.grad_fn is not None and "LoRALinearFunction" in type(y.grad_fn).__name__
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x, *params], g)
+
+    torch.manual_seed(9)
+    x_d = torch.nn.functional.dropout(x, dropout, True) if dropout > 0 else x
+    ref_y = x @ layer.weight.T + layer.bias + (x_d @ layer.lora_A.T) @ layer.lora_B.T * (8.0 / 4)
+    ref = torch.autograd.grad(ref_y, [x, *params], g)
+    assert torch.allclose(y, ref_y, atol=1e-12)
+    for a, b in zip(got, ref):
+        assert torch.allclose(a, b, atol=1e-12)
+
+
+def test_one_node_autograd_gradcheck_and_double_backward():
+    from lora_lightning.layers import LoRALinearFunction
+
+    torch.manual_seed(4)
+    w, b = torch.randn(5, 6, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    A = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    x_d = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    same = lambda x, A, B: LoRALinearFunction.apply(x, None, w, b, A, B, 1.7)  # noqa: E731
+    apart = lambda x, x_d, A, B: LoRALinearFunction.apply(x, x_d, w, None, A, B, 0.3)  # noqa: E731
+    assert torch.autograd.gradcheck(same, (x, A, B))
+    assert torch.autograd.gradgradcheck(same, (x, A, B))
+    assert torch.autograd.gradcheck(apart, (x, x_d, A, B))
+    assert torch.autograd.gradgradcheck(apart, (x, x_d, A, B))
+
+
+def test_autocast_and_mixed_dtypes_take_the_composed_path():
+    base, layer = make()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(4, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16 and "LoRALinearFunction" not in type(y.grad_fn).__name__
+    ref = (x @ layer.weight.T + layer.bias + (x @ layer.lora_A.T) @ layer.lora_B.T * layer.scaling)
+    assert torch.allclose(y.float(), ref, atol=5e-2, rtol=2e-2)
+    half_base, half = make(dtype=torch.bfloat16, adapter_dtype=torch.float32)  # bf16 base, fp32 adapters
+    out = half(torch.randn(4, 12, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and "LoRALinearFunction" not in type(out.grad_fn).__name__
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    """The adapted layer traces with dynamo in one graph (no break at the autograd Function) and
+    gives the eager outputs and gradients; training mode with adapter dropout compiles too."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    model[0] = LoRALinear(model[0], r=4, alpha=8.0, dropout=0.1)
+    model[2] = LoRALinear(model[2], r=4, alpha=8.0)
+    for layer in (model[0], model[2]):
+        nn.init.normal_(layer.lora_B)
+        layer.weight.requires_grad_(False)
+    x = torch.randn(5, 16)
+    model.eval()
+    ref = model(x)
+    ref.square().sum().backward()
+    ref_grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    y = compiled(x)
+    y.square().sum().backward()
+    torch.testing.assert_close(y, ref, atol=1e-6, rtol=0)
+    for p, g in zip([p for p in model.parameters() if p.requires_grad], ref_grads):
+        torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-5)
+    model.train()
+    torch.compile(model, backend="aot_eager", fullgraph=True)(x).sum().backward()
+    assert model[0].lora_A.grad is not None
