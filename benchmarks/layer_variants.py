@@ -1,11 +1,16 @@
-"""A/B measurement of LoRALinear.forward variants (the evidence behind PROPOSED_PATCHES.md).
+"""A/B/C measurement of the ``LoRALinear.forward`` implementations (evidence for OPTIMIZATIONS.md).
 
-    taskset -c 1 python -m benchmarks.layer_variants [--quick] [--rounds N]
+    taskset -c 1 python -m benchmarks.layer_variants [--quick] [--rounds N] [--large]
 
-Builds the same model several times: LoRA all-linear with the current ``LoRALinear.forward``,
-with the proposed fused forward (a patched subclass method, installed per instance, the library
-file is not changed), and the frozen-base limit; times the training steps round-robin and checks
-that both forwards give the same loss and the same gradients.
+Builds the same model once per forward and times the training steps round-robin against the
+frozen-base limit:
+
+* ``composed``: ``F.linear(x, W0, b) + lora_forward(x)`` (five autograd nodes, a d_out-wide add);
+* ``inplace``: the low-rank path added into the base output with ``addmm_`` (the second version);
+* ``one_node``: the library's forward today, :class:`lora_lightning.layers.LoRALinearFunction`.
+
+The older two are installed per instance as patched methods (the library is not changed). All
+three must give the same loss and gradients; the script checks that too.
 """
 
 from __future__ import annotations
@@ -22,52 +27,57 @@ from torch import Tensor
 from benchmarks.common import interleaved, load_average, paired_ratio, setup_torch, summarize
 from benchmarks.models import bert_large_width_spec, build_model, make_batch, make_trainer, minilm_spec, prepare, tiny_bert_spec
 
+VARIANTS = ("composed", "inplace", "one_node")
 
-def fused_forward(self, x: Tensor) -> Tensor:
-    """Proposed: add the low-rank path into the base output in place (``addmm_``).
 
-    Saves one output-sized temporary and one elementwise pass per adapted layer in the forward;
-    autograd is unaffected (F.linear's backward does not need its output).
-    """
+def composed_forward(self, x: Tensor) -> Tensor:
+    """The first forward: base output plus the separately computed low-rank output."""
+    out = F.linear(x, self.weight, self.bias)
+    return out if self.merged else out + self.lora_forward(x).to(out.dtype)
+
+
+def inplace_forward(self, x: Tensor) -> Tensor:
+    """The second forward: the low-rank path added into the base output in place (``addmm_``)."""
     out = F.linear(x, self.weight, self.bias)
     if self.merged:
         return out
     if self.dropout_p > 0:
         x = self.lora_dropout(x)
-    if x.dtype != self.lora_A.dtype or out.dtype != self.lora_B.dtype or not out.is_contiguous():
-        return out + self.lora_forward(x).to(out.dtype)  # mixed dtypes: the current path
     h = F.linear(x, self.lora_A) * self.scaling  # (..., r)
     out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), self.lora_B.t())
     return out
 
 
-def patch(model: torch.nn.Module) -> int:
+def patch(model: torch.nn.Module, variant: str) -> int:
     from lora_lightning import lora_layers
 
     layers = lora_layers(model)
-    for layer in layers.values():
-        layer.forward = types.MethodType(fused_forward, layer)
+    fn = {"composed": composed_forward, "inplace": inplace_forward, "one_node": None}[variant]
+    if fn is not None:
+        for layer in layers.values():
+            layer.forward = types.MethodType(fn, layer)
     return len(layers)
 
 
 def check_equal(spec, method: str) -> dict:
-    """Loss and A/B gradients of current vs fused forward on the same (non-zero B) model."""
+    """Loss and gradients of every forward on the same (non-zero B) model, vs ``composed``."""
     from benchmarks.models import randomize_lora_B
 
-    res = {}
-    grads = []
-    for fused in (False, True):
+    res, grads = {}, {}
+    for variant in VARIANTS:
         torch.manual_seed(0)
         m = prepare(build_model(spec), method)
         randomize_lora_B(m)
         m.eval()  # no dropout: deterministic
-        if fused:
-            patch(m)
+        patch(m, variant)
         loss = m(**make_batch(spec, "cpu")).loss
         loss.backward()
-        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
-        res["loss_fused" if fused else "loss_current"] = float(loss)
-    res["max_grad_abs_diff"] = max(float((grads[0][k] - grads[1][k]).abs().max()) for k in grads[0])
+        grads[variant] = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+        res[f"loss_{variant}"] = float(loss)
+    for variant in VARIANTS[1:]:
+        res[f"max_grad_abs_diff_{variant}_vs_composed"] = max(
+            float((grads[variant][k] - grads["composed"][k]).abs().max()) for k in grads["composed"]
+        )
     return res
 
 
@@ -84,27 +94,24 @@ def main(argv=None) -> int:
     for spec in specs:
         fns = {}
         for method in ("lora_all", "lora_qv"):
-            for variant in ("current", "fused"):
+            for variant in VARIANTS:
                 m = prepare(build_model(spec), method)
-                if variant == "fused":
-                    patch(m)
+                patch(m, variant)
                 fns[f"{method}:{variant}"], _ = make_trainer(m, make_batch(spec, "cpu"))
         m = prepare(build_model(spec), "floor")
         fns["floor"], _ = make_trainer(m, make_batch(spec, "cpu"))
         times = interleaved(fns, rounds=3 if args.quick else args.rounds, warmup=1 if args.quick else 2, device="cpu", seed=3)
-        entry = {
+        ratios = {}
+        for method in ("lora_all", "lora_qv"):
+            for variant in VARIANTS:
+                ratios[f"{method} {variant}/floor"] = paired_ratio(times[f"{method}:{variant}"], times["floor"])
+            for variant in VARIANTS[1:]:
+                ratios[f"{method} {variant}/composed"] = paired_ratio(times[f"{method}:{variant}"], times[f"{method}:composed"])
+        out["models"][spec.key] = {
             "step_s": {k: summarize(v) for k, v in times.items()},
-            "ratios": {
-                "lora_all fused/current": paired_ratio(times["lora_all:fused"], times["lora_all:current"]),
-                "lora_qv fused/current": paired_ratio(times["lora_qv:fused"], times["lora_qv:current"]),
-                "lora_all current/floor": paired_ratio(times["lora_all:current"], times["floor"]),
-                "lora_all fused/floor": paired_ratio(times["lora_all:fused"], times["floor"]),
-                "lora_qv current/floor": paired_ratio(times["lora_qv:current"], times["floor"]),
-                "lora_qv fused/floor": paired_ratio(times["lora_qv:fused"], times["floor"]),
-            },
+            "ratios": ratios,
             "equality": check_equal(spec, "lora_all"),
         }
-        out["models"][spec.key] = entry
     out["load_average_end"] = load_average()
     print(json.dumps(out, indent=1))
     return 0
