@@ -20,6 +20,8 @@ computes exactly what the base computes. ``merge()`` folds ``ΔW = (alpha/r)·B�
 
 The forward never materialises ``B·A`` (a ``d_out x d_in`` matrix): it computes
 ``(dropout(x)·Aᵀ)·(scaling)·Bᵀ``, two thin matmuls costing ``r·(d_in + d_out)`` per token.
+For ``nn.Linear`` and ``Conv1D`` the base and low-rank products are one autograd node
+(:class:`LoRALinearFunction`) with the backward written out (benchmarks/OPTIMIZATIONS.md §3).
 """
 
 from __future__ import annotations
