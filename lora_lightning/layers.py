@@ -260,6 +260,12 @@ class LoRAMixin:
             and not torch.is_autocast_enabled(x.device.type)
         )
 
+    def _one_node_forward(self, x: Tensor, weight: Tensor) -> Tensor:
+        """``x·W0ᵀ + b + scaling·(dropout(x)·Aᵀ)·Bᵀ`` through :class:`LoRALinearFunction`; ``weight`` is
+        ``W0 (d_out x d_in)``, possibly a transposed view (autograd maps its gradient back)."""
+        x_d = self.lora_dropout(x) if self.dropout_p > 0 and self.lora_dropout.training else None
+        return LoRALinearFunction.apply(x, x_d, weight, self.bias, self.lora_A, self.lora_B, self.scaling)
+
     # --------------------------------------------------------- merge/unmerge
     def _base_weight_view(self) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -355,8 +361,7 @@ class LoRALinear(nn.Linear, LoRAMixin):
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.merged and self.fused is None and self._one_node_ok(x):
-            x_d = self.lora_dropout(x) if self.dropout_p > 0 and self.lora_dropout.training else None
-            return LoRALinearFunction.apply(x, x_d, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling)
+            return self._one_node_forward(x, self.weight)
         return self.add_lora(F.linear(x, self.weight, self.bias), x)
 
     def to_base(self) -> nn.Linear:
@@ -495,9 +500,7 @@ class LoRAConv1D(nn.Module, LoRAMixin):
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.merged and self.fused is None and self._one_node_ok(x):
-            x_d = self.lora_dropout(x) if self.dropout_p > 0 and self.lora_dropout.training else None
-            # weight is stored d_in x d_out: its transpose is a view, autograd maps ∂W back
-            return LoRALinearFunction.apply(x, x_d, self.weight.t(), self.bias, self.lora_A, self.lora_B, self.scaling)
+            return self._one_node_forward(x, self.weight.t())  # stored d_in x d_out: W0 is its transpose (a view)
         size_out = x.size()[:-1] + (self.nf,)
         flat = x.reshape(-1, x.size(-1))
         out = torch.addmm(self.bias, flat, self.weight) if self.bias is not None else flat @ self.weight
