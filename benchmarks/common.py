@@ -180,11 +180,12 @@ def _cpuinfo() -> dict:
     return info
 
 
-def _mem_total() -> int | None:
+def meminfo_bytes(field: str) -> int | None:
+    """A ``/proc/meminfo`` field (``MemTotal``, ``MemAvailable``...) in bytes; None where unreadable."""
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:
-                if line.startswith("MemTotal:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
@@ -217,7 +218,7 @@ def machine_info(device: str, threads: int) -> dict:
         "logical_cpus": os.cpu_count(),
         "usable_cpus": len(os.sched_getaffinity(0)),
         "torch_threads": threads,
-        "ram_bytes": _mem_total(),
+        "ram_bytes": meminfo_bytes("MemTotal"),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "versions": versions,

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchmarks.common import interleaved, paired_ratio, summarize, sync, time_once
+from benchmarks.common import interleaved, meminfo_bytes, paired_ratio, summarize, sync, time_once
 from benchmarks.models import (
     DTYPES,
     LORA_ALPHA,
@@ -269,17 +269,6 @@ def gpt3_sizes() -> dict:
 TARGET_SETS = {"q,v": ["q", "v"], "q,k,v,o": ["q", "k", "v", "o"], "all-linear": ["all-linear"]}
 
 
-def _mem_available() -> int | None:
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def _reference_merge(model: nn.Module, sign: float) -> None:
     """The arithmetic floor of a merge: one fused in-place ``W += sign·s·B@A`` per matrix (addmm_)."""
     from lora_lightning import lora_layers
@@ -313,7 +302,7 @@ def inject_merge(llama_kwargs: dict, device: str, repeats: int) -> dict:
     del meta_model
 
     need = n_params * 2 * 1.3 + 1.5e9
-    avail = _mem_available() if device == "cpu" else None
+    avail = meminfo_bytes("MemAvailable") if device == "cpu" else None
     if avail is not None and avail < need:
         out["materialized"] = {"skipped": f"needs ~{need / 1e9:.1f} GB free, {avail / 1e9:.1f} GB available"}
         return out

@@ -17,9 +17,9 @@ from __future__ import annotations
 import fnmatch
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
-from torch import nn
+from torch import Tensor, nn
 
 from .config import LoRAConfig
 from .fused import FusedLayout, fused_layout, fused_out_features
@@ -378,6 +378,18 @@ def count_parameters(model: nn.Module) -> ParameterCount:
 
 
 # --------------------------------------------------------------------------- injection
+def _layer_kwargs(config: LoRAConfig, spec: AdapterSpec, base_weight: Tensor) -> dict[str, Any]:
+    """The adapter arguments every LoRA layer class takes, for one resolved target."""
+    return dict(
+        r=spec.r,
+        alpha=spec.alpha,
+        scaling=config.scaling_for(spec.r, spec.alpha),
+        dropout=config.dropout,
+        init=config.init,
+        adapter_dtype=resolve_dtype(config.adapter_dtype, base_weight.dtype),
+    )
+
+
 def inject_lora(model: nn.Module, config: LoRAConfig) -> list[AdapterSpec]:
     """Replace every targeted ``nn.Linear`` by a :class:`LoRALinear` and freeze the rest.
 
@@ -411,17 +423,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> list[AdapterSpec]:
             hosts.setdefault(parent, None)
     for name, s in hosts.items():
         base = model.get_submodule(name)
-        kw = {}
-        if s is not None:
-            kw = dict(
-                parts=s.parts,
-                r=s.r,
-                alpha=s.alpha,
-                scaling=config.scaling_for(s.r, s.alpha),
-                dropout=config.dropout,
-                init=config.init,
-                adapter_dtype=resolve_dtype(config.adapter_dtype, base.in_proj_weight.dtype),
-            )
+        kw = dict(parts=s.parts, **_layer_kwargs(config, s, base.in_proj_weight)) if s is not None else {}
         host = LoRAMultiheadAttention(base, name=name, **kw)
         host.train(base.training)
         set_submodule(model, name, host)
@@ -432,15 +434,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> list[AdapterSpec]:
         base = model.get_submodule(s.name)
         cls = LoRAConv1D if is_conv1d(base) else LoRALinear
         layer = builder.build(base, s) if builder is not None else cls(
-            base,
-            r=s.r,
-            alpha=s.alpha,
-            scaling=config.scaling_for(s.r, s.alpha),
-            dropout=config.dropout,
-            init=config.init,
-            adapter_dtype=resolve_dtype(config.adapter_dtype, base.weight.dtype),
-            name=s.name,
-            fused=s.fused,
+            base, name=s.name, fused=s.fused, **_layer_kwargs(config, s, base.weight)
         )
         layer.train(base.training)
         set_submodule(model, s.name, layer)

@@ -117,14 +117,16 @@ class LoRAMixin:
         d_out: int,
         r: int,
         alpha: float,
-        scaling: float,
+        scaling: float | None,
         dropout: float,
         init: str,
-        dtype: torch.dtype,
-        device: torch.device,
+        adapter_dtype: torch.dtype | None,
+        base_weight: Tensor,
         name: str = "",
         fused: FusedSlices | None = None,
     ) -> None:
+        """Validate ``r`` and create ``A``/``B``. ``scaling`` defaults to ``alpha/r``; the adapters take
+        ``adapter_dtype`` or the base weight's dtype, on the base weight's device."""
         if fused is not None and fused.d_out != d_out:
             raise LoRAConfigError(
                 f"fused layout of {name or 'a layer'} has {fused.d_out} rows ({dict(zip(fused.parts, fused.sizes))}) "
@@ -142,10 +144,11 @@ class LoRAMixin:
         self.fused = fused
         self.r = r
         self.alpha = float(alpha)
-        self.scaling = float(scaling)
+        self.scaling = float(alpha / r if scaling is None else scaling)
         self.init = init
         self.dropout_p = float(dropout)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        dtype, device = adapter_dtype or resolve_dtype(None, base_weight.dtype), base_weight.device
         self.lora_A = nn.Parameter(torch.empty(n * r, d_in, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(rows, r, dtype=dtype, device=device))
         self.merged = False
@@ -341,19 +344,8 @@ class LoRALinear(nn.Linear, LoRAMixin):
         self._base_cls = type(base)
         self.weight = base.weight
         self.bias = base.bias
-        dtype = adapter_dtype or resolve_dtype(None, base.weight.dtype)
         self._init_lora(
-            base.in_features,
-            base.out_features,
-            r,
-            alpha,
-            alpha / r if scaling is None else scaling,
-            dropout,
-            init,
-            dtype,
-            base.weight.device,
-            name,
-            fused,
+            base.in_features, base.out_features, r, alpha, scaling, dropout, init, adapter_dtype, base.weight, name, fused
         )
 
     def _base_weight_view(self) -> Tensor:
@@ -490,10 +482,7 @@ class LoRAConv1D(nn.Module, LoRAMixin):
         self.in_features, self.out_features, self.nf = d_in, d_out, d_out
         self.weight = base.weight
         self.bias = base.bias
-        dtype = adapter_dtype or resolve_dtype(None, base.weight.dtype)
-        self._init_lora(
-            d_in, d_out, r, alpha, alpha / r if scaling is None else scaling, dropout, init, dtype, base.weight.device, name, fused
-        )
+        self._init_lora(d_in, d_out, r, alpha, scaling, dropout, init, adapter_dtype, base.weight, name, fused)
 
     def _base_weight_view(self) -> Tensor:
         return self.weight.T
@@ -572,9 +561,7 @@ class LoRAMultiheadAttention(nn.Module, LoRAMixin):
                 )
             e = self.embed_dim
             fused = FusedSlices(MHA_PARTS, (e, e, e), tuple(p for p in MHA_PARTS if p in parts))
-            weight = self.in_proj_weight
-            dtype = adapter_dtype or resolve_dtype(None, weight.dtype)
-            self._init_lora(e, 3 * e, r, alpha, alpha / r if scaling is None else scaling, dropout, init, dtype, weight.device, name, fused)
+            self._init_lora(e, 3 * e, r, alpha, scaling, dropout, init, adapter_dtype, self.in_proj_weight, name, fused)
 
     @property
     def _qkv_same_embed_dim(self) -> bool:  # type: ignore[override]

@@ -17,6 +17,9 @@ def _decoder(cls_name, cfg_name, **extra):
     return getattr(transformers, cls_name)(cfg)
 
 
+# the same module names in the Llama family (Llama, Mistral, Qwen2)
+LLAMA_STYLE = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+               "mlp": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
 FAMILIES = {
     "bert": (
         lambda: transformers.BertModel(transformers.BertConfig(**COMMON)),
@@ -56,20 +59,17 @@ FAMILIES = {
     "llama": (
         lambda: _decoder("LlamaModel", "LlamaConfig"),
         "layers.{i}.",
-        {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-         "mlp": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")},
+        LLAMA_STYLE,
     ),
     "mistral": (
         lambda: _decoder("MistralModel", "MistralConfig"),
         "layers.{i}.",
-        {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-         "mlp": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")},
+        LLAMA_STYLE,
     ),
     "qwen2": (
         lambda: _decoder("Qwen2Model", "Qwen2Config"),
         "layers.{i}.",
-        {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-         "mlp": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")},
+        LLAMA_STYLE,
     ),
     "t5": (
         lambda: transformers.T5EncoderModel(
