@@ -20,8 +20,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lora_lightning.analysis import amplification_report, delta_weight, plot_subspace_similarity, subspace_similarity_grid
-from lora_lightning.checkpoint import read_adapter_config
-from lora_lightning.models import default_model_path
+from lora_lightning import read_adapter_config
+from lora_lightning.app.models import default_model_path
 
 MODULES = {"q": "attention.self.query", "v": "attention.self.value"}
 N_LAYERS = 6

@@ -1,19 +1,23 @@
 """lora-lightning: LoRA (Hu et al. 2021, arXiv 2106.09685) for any PyTorch Lightning module.
 
-Plain-PyTorch core (layers, injection, checkpoint I/O, merging) with a thin Lightning callback
-on top. ``h = W0·x + (alpha/r)·B·A·x`` with ``W0`` frozen, ``A: r x d_in``, ``B: d_out x r = 0``.
+A plain-PyTorch core (config, targets, layers, variants, injection, merging, adapter files) with a
+thin Lightning layer on top. ``h = W0·x + (alpha/r)·B·A·x`` with ``W0`` frozen, ``A: r x d_in``,
+``B: d_out x r = 0``.
+
+``import lora_lightning`` loads only the core (torch and safetensors); ``LoRACallback``,
+``AtomicCheckpointIO`` and ``load_lora_checkpoint`` import Lightning when first used. Once Lightning
+is imported (before or after this package), the Lightning layer is installed so that
+``MyModule.load_from_checkpoint(...)`` and ``trainer.test(ckpt_path=...)`` restore LoRA checkpoints.
 """
 
-from .callback import LoRACallback
-from .checkpoint import (
-    adapter_state_dict,
-    load_adapter,
-    merged_state_dict,
-    read_adapter,
-    read_adapter_config,
-    save_adapter,
-    save_merged_model,
-)
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.util
+import sys
+from typing import Any
+
 from .config import LoRAConfig
 from .errors import (
     AdapterFileError,
@@ -23,85 +27,148 @@ from .errors import (
     LoRAConfigError,
     LoRAError,
     MergeStateError,
+    NoAdapterGradientError,
     NonFiniteError,
     NotInjectedError,
     RankTooLargeError,
     TargetNotFoundError,
 )
+from .variants import (
+    AdaLoRAController,
+    AdaLoRALinear,
+    DoRALinear,
+    PiSSALinear,
+    Variant,
+    VeRALinear,
+    get_variant,
+    orthogonality_penalty,
+    pissa_to_lora,
+    register_variant,
+    register_variant_alias,
+)
+from .layers import FusedSlices, LoRAConv1D, LoRALayer, LoRALinear, LoRAMultiheadAttention
+from .targets import ALIASES, AdapterSpec, lora_parameter_count, plan_injection, register_fused_layout
+from .record import LoRAState
 from .injection import (
-    ALIASES,
-    AdapterSpec,
     ParameterCount,
+    base_memory,
     count_parameters,
     describe,
+    get_lora_state,
     has_lora,
     inject_lora,
     lora_layers,
-    lora_parameter_count,
-    plan_injection,
     remove_lora,
 )
-from .fused import register_fused_layout
-from .layers import FusedSlices, LoRAConv1D, LoRALinear, LoRAMultiheadAttention
-from .lightning_io import AtomicCheckpointIO
-from .peft_compat import export_peft_adapter, import_peft_adapter
-from .merging import is_merged, merge_and_unload, merge_lora, switch_adapter, unmerge_lora
-from .variants import AdaLoRALinear, DoRALinear, PiSSALinear, VariantLinear, VeRALinear, base_memory, pissa_to_lora
-from .adalora import AdaLoRAController, orthogonality_penalty
-from .budget import allocate_ranks
+from .merging import is_merged, merge_and_unload, merge_lora, merged_state_dict, unmerge_lora
+from .adapter_io import (
+    adapter_state_dict,
+    load_adapter,
+    read_adapter,
+    read_adapter_config,
+    save_adapter,
+    save_merged_model,
+    switch_adapter,
+)
+from .peft_format import export_peft_adapter, import_peft_adapter
+from .gradients import make_inputs_require_grad
+from .budget import allocate_ranks, rank_for_budget
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+_LIGHTNING_EXPORTS = ("LoRACallback", "AtomicCheckpointIO", "load_lora_checkpoint")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LIGHTNING_EXPORTS:
+        return getattr(importlib.import_module(".lightning", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class _InstallWithLightning(importlib.abc.MetaPathFinder):
+    """Imports the Lightning layer right after ``lightning.pytorch`` is first imported."""
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname != "lightning.pytorch":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            exec_module = spec.loader.exec_module
+
+            def exec_then_install(module: Any) -> None:
+                exec_module(module)
+                importlib.import_module(".lightning", __name__)
+
+            spec.loader.exec_module = exec_then_install  # type: ignore[method-assign]
+        return spec
+
+
+if "lightning.pytorch" in sys.modules:
+    importlib.import_module(".lightning", __name__)
+elif not any(isinstance(f, _InstallWithLightning) for f in sys.meta_path):
+    sys.meta_path.insert(0, _InstallWithLightning())
 
 __all__ = [
     "ALIASES",
     "AdaLoRAController",
     "AdaLoRALinear",
-    "DoRALinear",
-    "PiSSALinear",
-    "VariantLinear",
-    "VeRALinear",
-    "allocate_ranks",
-    "base_memory",
-    "orthogonality_penalty",
-    "pissa_to_lora",
     "AdapterFileError",
     "AdapterMismatchError",
     "AdapterSpec",
     "AlreadyInjectedError",
     "AtomicCheckpointIO",
     "BaseModelMismatchError",
+    "DoRALinear",
+    "FusedSlices",
     "LoRACallback",
     "LoRAConfig",
     "LoRAConfigError",
-    "LoRAError",
-    "FusedSlices",
     "LoRAConv1D",
+    "LoRAError",
+    "LoRALayer",
     "LoRALinear",
     "LoRAMultiheadAttention",
+    "LoRAState",
     "MergeStateError",
+    "NoAdapterGradientError",
     "NonFiniteError",
     "NotInjectedError",
     "ParameterCount",
+    "PiSSALinear",
     "RankTooLargeError",
     "TargetNotFoundError",
+    "Variant",
+    "VeRALinear",
     "adapter_state_dict",
+    "allocate_ranks",
+    "base_memory",
     "count_parameters",
     "describe",
     "export_peft_adapter",
+    "get_lora_state",
+    "get_variant",
     "has_lora",
     "import_peft_adapter",
     "inject_lora",
     "is_merged",
     "load_adapter",
+    "load_lora_checkpoint",
     "lora_layers",
     "lora_parameter_count",
+    "make_inputs_require_grad",
     "merge_and_unload",
     "merge_lora",
     "merged_state_dict",
+    "orthogonality_penalty",
+    "pissa_to_lora",
     "plan_injection",
+    "rank_for_budget",
     "read_adapter",
     "read_adapter_config",
     "register_fused_layout",
+    "register_variant",
+    "register_variant_alias",
     "remove_lora",
     "save_adapter",
     "save_merged_model",

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .errors import LoRAError
+from .errors import AnalysisInputError
 
 __all__ = [
     "AnalysisInputError",
@@ -46,10 +46,6 @@ __all__ = [
 
 # Relative threshold below which a singular value counts as zero (numerical rank).
 _RANK_RTOL = 1e-10
-
-
-class AnalysisInputError(LoRAError, ValueError):
-    """An input to an analysis function has the wrong shape, rank, index or value."""
 
 
 # ----------------------------------------------------------------------------------------------

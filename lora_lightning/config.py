@@ -1,39 +1,91 @@
 """The LoRA configuration: one validated dataclass shared by the core, the callback and the app.
 
-Every field is a plain Python value so the config round-trips through JSON (safetensors
-metadata), Lightning checkpoints, Hydra/OmegaConf and ``LightningCLI``.
+:class:`LoRAConfig` holds the options every variant shares. A variant with options of its own
+(VeRA's seed, AdaLoRA's schedule) registers a subclass whose extra fields are prefixed with the
+variant's name; ``LoRAConfig(variant="vera", vera_seed=7)`` returns that subclass, so the flat
+spelling works everywhere (Python, YAML, Hydra overrides, checkpoints) and each variant validates
+its own fields. Two spellings of one thing are normalised: ``variant="rslora"`` is
+``variant="lora", use_rslora=True`` and ``variant="qlora"`` is ``variant="lora", quantize_base="nf4"``.
+
+Every field is a plain Python value so a config round-trips through JSON (safetensors metadata),
+Lightning checkpoints, Hydra/OmegaConf and ``LightningCLI``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
+import sys
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 from .errors import LoRAConfigError
+from .quantization import QUANTIZERS
 
 BIAS_OPTIONS = ("none", "all", "lora_only")
 INIT_OPTIONS = ("kaiming", "gaussian")
 DTYPE_OPTIONS = (None, "float32", "bfloat16", "float16", "float64")
-# lora_lightning.variants: rslora = lora + use_rslora; qlora = lora + quantize_base (default nf4)
-VARIANT_OPTIONS = ("lora", "rslora", "dora", "vera", "pissa", "adalora", "qlora")
-QUANTIZE_OPTIONS = (None, "nf4", "int8")
+
+# variant name -> its config class; alias -> (variant, presets). Filled by variants.registry.
+_VARIANT_CONFIGS: dict[str, type["LoRAConfig"]] = {}
+_VARIANT_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {}
+# PEFT's LoraConfig names, a common first guess
+_PEFT_NAMES = {"rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "targets",
+               "layers_to_transform": "layers", "use_dora": "variant='dora'"}
 
 
 def _plain(value: Any) -> Any:
     """OmegaConf containers / tuples -> plain lists and dicts (no-op for plain values)."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(value, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(value, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
+    omegaconf = sys.modules.get("omegaconf")  # only if the caller uses it: never imported here
+    if omegaconf is not None and isinstance(value, (omegaconf.DictConfig, omegaconf.ListConfig)):
+        return omegaconf.OmegaConf.to_container(value, resolve=True)
     if isinstance(value, tuple):
         return list(value)
     return value
+
+
+def variant_names() -> list[str]:
+    """Registered variants and their aliases, e.g. ``['adalora', 'dora', 'lora', 'qlora', ...]``."""
+    return sorted(set(_VARIANT_CONFIGS) | set(_VARIANT_ALIASES))
+
+
+def _resolve_variant(name: Any) -> tuple[str, dict[str, Any]]:
+    if name in _VARIANT_ALIASES:
+        return _VARIANT_ALIASES[name]
+    if name in _VARIANT_CONFIGS:
+        return name, {}
+    raise LoRAConfigError(f"variant={name!r} is not one of {variant_names()}: set lora.variant to one of them")
+
+
+def _option_owner(name: str) -> str | None:
+    """The variant whose own config class declares option ``name`` (None for shared options)."""
+    for variant, cls in _VARIANT_CONFIGS.items():
+        if name in own_option_names(cls):
+            return variant
+    return None
+
+
+def own_option_names(cls: type["LoRAConfig"]) -> list[str]:
+    """Fields a variant's config class adds to :class:`LoRAConfig`."""
+    shared = {f.name for f in dataclasses.fields(LoRAConfig)}
+    return [f.name for f in dataclasses.fields(cls) if f.name not in shared]
+
+
+def _unknown_options_error(unknown: list[str], cls: type["LoRAConfig"]) -> LoRAConfigError:
+    known = sorted(f.name for f in dataclasses.fields(cls))
+    hints = []
+    for u in unknown:
+        owner = _option_owner(u)
+        if owner is not None:
+            hints.append(f"{u!r} is an option of variant={owner!r}, not of variant={cls.variant_name!r}")
+            continue
+        guess = _PEFT_NAMES.get(u) or next(iter(difflib.get_close_matches(u, known, 1)), None)
+        if guess:
+            hints.append(f"use {guess if guess.startswith('variant') else repr(guess)} instead of {u!r}")
+    hint = f" ({'; '.join(hints)})" if hints else ""
+    return LoRAConfigError(f"unknown LoRA option(s) {unknown}{hint}; valid options are {known}")
 
 
 @dataclass
@@ -45,7 +97,7 @@ class LoRAConfig:
         alpha: scaling numerator; the update is scaled by ``alpha / r`` (or ``alpha / sqrt(r)``
             with ``use_rslora``), so re-tuning the learning rate is not needed when r changes (§4.1).
         dropout: dropout probability on the adapter input (not on the frozen path).
-        targets: which Linear layers get adapters: aliases ``q``, ``k``, ``v``, ``o``, ``mlp``,
+        targets: which layers get adapters: aliases ``q``, ``k``, ``v``, ``o``, ``mlp``,
             ``all-linear``; a dotted-name suffix (``attention.self.query``); a glob on the full
             module name (``*.layer.0.*.query``); or ``re:<regex>`` (``re.fullmatch`` on full names).
         layers: keep only modules whose block index (first integer in the module name) is in
@@ -60,20 +112,13 @@ class LoRAConfig:
         init: initialisation of ``A``: ``kaiming`` (uniform, as loralib/PEFT) or ``gaussian``
             (``N(0, 1/r)``, the paper's "random Gaussian"). ``B`` is always zero, so the adapted
             model starts exactly equal to the base.
-        adapter_dtype: dtype of A and B (e.g. ``float32`` adapters on a ``bfloat16`` base);
-            ``None`` = same dtype as the base weight.
-        variant: ``lora`` | ``rslora`` (sets ``use_rslora``) | ``dora`` | ``vera`` | ``pissa`` |
-            ``adalora`` | ``qlora`` (sets ``quantize_base='nf4'`` unless given); see docs/variants.md.
+        adapter_dtype: dtype of the adapter tensors (e.g. ``float32`` adapters on a ``bfloat16``
+            base, the QLoRA recipe); kept through ``module.to(dtype)`` and Lightning's ``*-true``
+            precisions. ``None`` = the base weight's dtype (and it follows the module's casts).
+        variant: a registered variant (``lora``, ``dora``, ``pissa``, ``vera``, ``adalora``, ...) or
+            an alias (``rslora``, ``qlora``); see docs/variants.md.
         quantize_base: store the adapted base weights quantized, ``nf4`` (torchao) or ``int8``
-            (pure PyTorch), dequantized on the fly; combinable with every variant.
-        vera_seed / vera_d_init: seed of VeRA's shared frozen A, B (regenerated, not saved) and the
-            initial value of its ``d`` vectors.
-        adalora_*: AdaLoRA schedule: ``r`` is the initial rank per matrix, ``adalora_target_r`` the
-            final average rank (total budget ``target_r x matrices``); full budget for the first
-            ``tinit`` fraction of steps, cubic decrease, final budget for the last ``tfinal``
-            fraction; masks recomputed every ``delta_t`` steps; EMA factors ``beta1``/``beta2`` of
-            importance and uncertainty; ``orth_reg`` weight of ``||PᵀP-I||²+||QQᵀ-I||²``;
-            ``total_steps`` (``None`` = the Trainer's estimated stepping batches).
+            (pure PyTorch), dequantized on the fly; combinable with every Linear variant.
     """
 
     r: int = 8
@@ -90,16 +135,23 @@ class LoRAConfig:
     adapter_dtype: str | None = None
     variant: str = "lora"
     quantize_base: str | None = None
-    vera_seed: int = 0
-    vera_d_init: float = 0.1
-    adalora_target_r: int = 4
-    adalora_tinit: float = 0.1
-    adalora_tfinal: float = 0.2
-    adalora_delta_t: int = 1
-    adalora_beta1: float = 0.85
-    adalora_beta2: float = 0.85
-    adalora_orth_reg: float = 0.1
-    adalora_total_steps: int | None = None
+
+    # the registered name of this config class's variant; fields of a subclass that change what
+    # saved adapter weights mean (compared when an adapter or checkpoint is loaded)
+    variant_name: ClassVar[str] = "lora"
+    structural_options: ClassVar[tuple[str, ...]] = ()
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "LoRAConfig":
+        names = [f.name for f in dataclasses.fields(cls)]
+        variant = kwargs.get("variant", args[names.index("variant")] if len(args) > names.index("variant") else None)
+        target = cls
+        if cls is LoRAConfig and variant is not None:
+            target = _VARIANT_CONFIGS.get(_resolve_variant(variant)[0], cls)
+        valid = {f.name for f in dataclasses.fields(target)}
+        unknown = sorted(set(kwargs) - valid)
+        if unknown:
+            raise _unknown_options_error(unknown, target)
+        return object.__new__(target)
 
     def __post_init__(self) -> None:
         for name in ("targets", "layers", "modules_to_save", "rank_pattern", "alpha_pattern"):
@@ -110,15 +162,22 @@ class LoRAConfig:
             self.modules_to_save = [self.modules_to_save]
         if isinstance(self.layers, int) and not isinstance(self.layers, bool):
             self.layers = [self.layers]
-        if self.variant == "rslora":
-            self.use_rslora = True
-        if self.variant == "qlora" and self.quantize_base is None:
-            self.quantize_base = "nf4"
+        variant, presets = _resolve_variant(self.variant)
+        defaults = {f.name: f.default for f in dataclasses.fields(LoRAConfig)}
+        for key, value in presets.items():  # an alias fills what the user left at its default
+            if getattr(self, key) == defaults[key]:
+                setattr(self, key, value)
+        self.variant = variant
+        if _VARIANT_CONFIGS.get(variant, type(self)) is not type(self):
+            raise LoRAConfigError(
+                f"{type(self).__name__} is the config of variant={self.variant_name!r}, not of variant={variant!r}; "
+                f"use LoRAConfig(variant={variant!r}, ...)"
+            )
         self.validate()
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> None:
-        """Raise :class:`LoRAConfigError` naming the bad field and the fix."""
+        """Raise :class:`LoRAConfigError` naming the bad field and the fix (variants extend this)."""
         check_rank(self.r, "r")
         check_alpha(self.alpha, "alpha")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= float(self.dropout) < 1.0:
@@ -148,48 +207,17 @@ class LoRAConfig:
             raise LoRAConfigError(f"layers={self.layers!r} must be null or a non-empty list of block indices, e.g. [0, 1]")
         if not isinstance(self.modules_to_save, list) or not all(isinstance(m, str) for m in self.modules_to_save):
             raise LoRAConfigError(f"modules_to_save={self.modules_to_save!r} must be a list of module names")
-        for pattern, r in dict(self.rank_pattern).items():
+        if not isinstance(self.rank_pattern, dict) or not isinstance(self.alpha_pattern, dict):
+            raise LoRAConfigError("rank_pattern and alpha_pattern must be mappings {pattern: value}, e.g. {'v': 16}")
+        for pattern, r in self.rank_pattern.items():
             check_rank(r, f"rank_pattern[{pattern!r}]")
-        for pattern, a in dict(self.alpha_pattern).items():
+        for pattern, a in self.alpha_pattern.items():
             check_alpha(a, f"alpha_pattern[{pattern!r}]")
-        self._validate_variant()
-
-    def _validate_variant(self) -> None:
-        if self.variant not in VARIANT_OPTIONS:
-            raise LoRAConfigError(f"variant={self.variant!r} is not one of {VARIANT_OPTIONS}: set lora.variant to one of them")
-        if self.quantize_base not in QUANTIZE_OPTIONS:
+        if self.quantize_base is not None and self.quantize_base not in QUANTIZERS:
             raise LoRAConfigError(
-                f"quantize_base={self.quantize_base!r} is not one of {QUANTIZE_OPTIONS}: use 'nf4' (needs torchao), 'int8' or null"
+                f"quantize_base={self.quantize_base!r} is not one of {[None, *QUANTIZERS]}: use 'nf4' (needs torchao), "
+                "'int8' or null"
             )
-        if self.variant == "vera" and self.rank_pattern:
-            raise LoRAConfigError("variant='vera' shares one r x d_in A across layers: rank_pattern is not supported, drop it")
-        if isinstance(self.vera_seed, bool) or not isinstance(self.vera_seed, int):
-            raise LoRAConfigError(f"vera_seed={self.vera_seed!r} must be an integer")
-        check_alpha(self.vera_d_init, "vera_d_init")
-        check_rank(self.adalora_target_r, "adalora_target_r")
-        if self.variant == "adalora" and self.adalora_target_r > min([self.r, *self.rank_pattern.values()]):
-            raise LoRAConfigError(
-                f"adalora_target_r={self.adalora_target_r} exceeds the initial rank r={self.r}: AdaLoRA prunes from r "
-                "down to the target, so set adalora_target_r <= r (e.g. r=12, adalora_target_r=8)"
-            )
-        for name in ("adalora_tinit", "adalora_tfinal"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) < 1.0:
-                raise LoRAConfigError(f"{name}={v!r} must be a fraction of the training steps in [0, 1)")
-        if self.adalora_tinit + self.adalora_tfinal >= 1.0:
-            raise LoRAConfigError(
-                f"adalora_tinit + adalora_tfinal = {self.adalora_tinit + self.adalora_tfinal:g} >= 1 leaves no steps to "
-                "prune in: lower them (defaults 0.1 and 0.2)"
-            )
-        check_rank(self.adalora_delta_t, "adalora_delta_t")
-        for name in ("adalora_beta1", "adalora_beta2"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) < 1.0:
-                raise LoRAConfigError(f"{name}={v!r} must be an EMA factor in [0, 1), e.g. 0.85")
-        if isinstance(self.adalora_orth_reg, bool) or not isinstance(self.adalora_orth_reg, (int, float)) or self.adalora_orth_reg < 0:
-            raise LoRAConfigError(f"adalora_orth_reg={self.adalora_orth_reg!r} must be a number >= 0 (PEFT uses 0.5)")
-        if self.adalora_total_steps is not None:
-            check_rank(self.adalora_total_steps, "adalora_total_steps")
 
     # ------------------------------------------------------------- conversions
     def scaling_for(self, r: int, alpha: float) -> float:
@@ -203,32 +231,49 @@ class LoRAConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "LoRAConfig":
-        data = dict(_plain(data))
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            import difflib
+    def from_dict(cls, data: Mapping[str, Any], *, drop_other_variant_defaults: bool = False) -> "LoRAConfig":
+        """Build a config from a flat mapping (YAML, JSON, a checkpoint).
 
-            # PEFT's LoraConfig names (a common first guess), else the closest spelling
-            peft = {"rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "targets",
-                    "layers_to_transform": "layers", "use_dora": "variant='dora'"}
-            hints = {u: peft.get(u) or next(iter(difflib.get_close_matches(u, sorted(known), 1)), None) for u in unknown}
-            hint = "; ".join(f"use {h if h.startswith('variant') else repr(h)} instead of {u!r}" for u, h in hints.items() if h)
-            raise LoRAConfigError(
-                f"unknown LoRA option(s) {unknown}" + (f" ({hint})" if hint else "")
-                + f"; valid options are {sorted(known)}"
-            )
-        return cls(**data)
+        With ``drop_other_variant_defaults`` options of variants other than the selected one are
+        dropped when they hold their default (a Hydra schema or an old checkpoint lists every
+        variant's options); one set to another value raises, since it would have no effect.
+        """
+        data = dict(_plain(data))
+        if drop_other_variant_defaults:
+            active = _resolve_variant(data.get("variant", "lora"))[0]
+            for key in list(data):
+                owner = _option_owner(key)
+                if owner is None or owner == active:
+                    continue
+                default = {f.name: f for f in dataclasses.fields(_VARIANT_CONFIGS[owner])}[key].default
+                if data[key] != default:
+                    raise LoRAConfigError(
+                        f"{key}={data[key]!r} is an option of variant={owner!r} and has no effect with "
+                        f"variant={data.get('variant', 'lora')!r}: drop it or set variant={owner!r}"
+                    )
+                del data[key]
+        return LoRAConfig(**data) if cls is LoRAConfig else cls(**data)
 
     @classmethod
     def from_json(cls, text: str) -> "LoRAConfig":
-        return cls.from_dict(json.loads(text))
+        return cls.from_dict(json.loads(text), drop_other_variant_defaults=True)
 
     def differences(self, other: "LoRAConfig") -> dict[str, tuple[Any, Any]]:
-        """Fields whose values differ, as ``{field: (self_value, other_value)}``."""
+        """Fields whose values differ, as ``{field: (self_value, other_value)}`` (missing = None)."""
         a, b = self.to_dict(), other.to_dict()
-        return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+        return {k: (a.get(k), b.get(k)) for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k)}
+
+
+def all_option_defaults() -> dict[str, Any]:
+    """Every option of :class:`LoRAConfig` and of every registered variant, with its default: the
+    schema behind the Hydra app's ``lora`` group and the callback's keyword arguments."""
+    out = LoRAConfig().to_dict()
+    for cls in _VARIANT_CONFIGS.values():
+        defaults = {f.name: f for f in dataclasses.fields(cls)}
+        for name in own_option_names(cls):
+            f = defaults[name]
+            out[name] = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return out
 
 
 def check_rank(r: Any, what: str = "r") -> None:
@@ -239,3 +284,9 @@ def check_rank(r: Any, what: str = "r") -> None:
 def check_alpha(alpha: Any, what: str = "alpha") -> None:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
         raise LoRAConfigError(f"{what}={alpha!r} must be a positive number (commonly alpha = r or 2r)")
+
+
+def check_fraction(value: Any, what: str, meaning: str) -> None:
+    """``value`` must be a number in ``[0, 1)``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
+        raise LoRAConfigError(f"{what}={value!r} must be {meaning} in [0, 1)")

@@ -1,4 +1,6 @@
-"""Exceptions raised for inputs a user can get wrong. Each message names the problem and the fix."""
+"""Every exception lora_lightning raises for input a user can get wrong. Each message names the
+problem and the fix in one line. All derive from :class:`LoRAError`, so ``except LoRAError``
+catches every one of them (the Hydra app turns them into one ``error: ...`` line)."""
 
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ class AdapterMismatchError(LoRAError, ValueError):
 
 
 class AdapterFileError(LoRAError, OSError):
-    """An adapter file is missing, truncated, corrupt or not written by lora_lightning."""
+    """An adapter file or checkpoint is missing, truncated, corrupt or not what it was taken for."""
 
 
 class BaseModelMismatchError(AdapterMismatchError):
@@ -45,3 +47,23 @@ class BaseModelMismatchError(AdapterMismatchError):
 
 class NonFiniteError(LoRAError, FloatingPointError):
     """The training loss or an adapter parameter became NaN/inf (``LoRACallback(check_finite=True)``)."""
+
+
+class NoAdapterGradientError(LoRAError, RuntimeError):
+    """A training step ended with adapters that received no gradient (e.g. reentrant checkpointing)."""
+
+
+class AnalysisInputError(LoRAError, ValueError):
+    """A §7 analysis function got a tensor or index it cannot use."""
+
+
+class DataError(LoRAError, ValueError):
+    """The app's data source or column setting is wrong; the message names the problem and the fix."""
+
+
+class ModelLoadError(LoRAError, OSError):
+    """The app could not load a model or tokenizer offline; the message says what was tried and the fix."""
+
+
+class AppConfigError(LoRAError, ValueError):
+    """A setting of the Hydra app is inconsistent (e.g. an unknown ``lora.method``)."""

@@ -1,300 +1,34 @@
-"""Finding the weight matrices to adapt, replacing them with LoRA layers, and freezing the rest.
+"""Putting adapters into a model and taking them out: injection, freezing, parameter counts.
 
-Targets are resolved against module names from ``model.named_modules()``:
-
-* aliases ``q``, ``k``, ``v``, ``o``, ``mlp`` cover the usual names of BERT/RoBERTa/ViT
-  (``attention.self.query`` ...), Llama/Mistral/Qwen (``q_proj`` ... ``down_proj``), T5
-  (``SelfAttention.q``), DistilBERT (``q_lin``), plain PyTorch (``q_proj``/``out_proj``,
-  ``linear1``/``linear2``); ``all-linear`` adapts every Linear except output heads;
-* a plain string is a dotted-name suffix (``attention.self.query`` matches
-  ``bert.encoder.layer.3.attention.self.query``);
-* a string with ``*``, ``?`` or ``[`` is a glob on the full name;
-* ``re:<regex>`` is ``re.fullmatch`` on the full name.
+:func:`inject_lora` plans the config against the model (:func:`~lora_lightning.targets.plan_injection`),
+builds every adapter layer through the config's variant, and only then swaps them in, so a bad
+target, rank or variant option leaves the model untouched. It records a
+:class:`~lora_lightning.record.LoRAState` on the model and freezes everything but the adapters,
+their biases (``bias``) and ``modules_to_save``.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import re
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Iterable
 
-from torch import Tensor, nn
+import torch
+import torch.nn.functional as F
+from torch import nn
 
 from .config import LoRAConfig
-from .fused import FusedLayout, fused_layout, fused_out_features
-from .errors import AlreadyInjectedError, LoRAConfigError, NotInjectedError, RankTooLargeError, TargetNotFoundError
-from .layers import (
-    LORA_PARAM_NAMES,
-    FusedSlices,
-    LoRAConv1D,
-    LoRALinear,
-    LoRAMixin,
-    LoRAMultiheadAttention,
-    is_conv1d,
-    is_lora_layer,
-    is_lora_module,
-    resolve_dtype,
-)
-
-# alias -> name suffixes (regex fragments anchored at a dot boundary and at the end of the name)
-ALIASES: dict[str, tuple[str, ...]] = {
-    "q": ("query", "q_proj", "q_lin", "q", "to_q", "wq", "query_proj", "q_attn"),
-    "k": ("key", "k_proj", "k_lin", "k", "to_k", "wk", "key_proj"),
-    "v": ("value", "v_proj", "v_lin", "v", "to_v", "wv", "value_proj"),
-    "o": (
-        r"attention\.output\.dense",  # BERT / RoBERTa / ViT
-        "o_proj",  # Llama / Mistral / Qwen
-        "out_proj",  # BART / OPT / plain PyTorch
-        "out_lin",  # DistilBERT
-        r"(?:SelfAttention|EncDecAttention)\.o",  # T5
-        r"to_out\.0",
-        r"attention\.wo",  # Meta Llama layout
-        r"attn\.c_proj",  # GPT-2
-        r"attn\.proj",  # timm ViT
-    ),
-    "mlp": (
-        r"intermediate\.dense",  # BERT up-projection
-        r"(?<!attention\.)output\.dense",  # BERT down-projection (not the attention output!)
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-        r"mlp\.c_fc",
-        r"mlp\.c_proj",
-        r"DenseReluDense\.wi(?:_0|_1)?",
-        r"DenseReluDense\.wo",
-        "fc1",
-        "fc2",
-        r"ffn\.lin1",
-        r"ffn\.lin2",
-        "linear1",
-        "linear2",
-        r"feed_forward\.w[123]",
-    ),
-}
-HEAD_NAMES = ("classifier", "lm_head", "score", "qa_outputs", "head", "pooler", "cls")
-ALL_LINEAR = "all-linear"
-
-
-# --------------------------------------------------------------------------- patterns
-def compile_pattern(spec: str) -> Callable[[str], bool]:
-    """A predicate on full module names for a target spec (alias, suffix, glob or ``re:``)."""
-    if spec in ALIASES:
-        regex = re.compile(r"(?:^|\.)(?:" + "|".join(ALIASES[spec]) + r")$")
-        return lambda name: regex.search(name) is not None
-    if spec == ALL_LINEAR:
-        return lambda name: not any(part in HEAD_NAMES for part in name.split("."))
-    if spec.startswith("re:"):
-        try:
-            regex = re.compile(spec[3:])
-        except re.error as exc:
-            raise LoRAConfigError(f"target {spec!r} is not a valid regular expression: {exc}") from None
-        return lambda name: regex.fullmatch(name) is not None
-    if any(c in spec for c in "*?["):
-        return lambda name: fnmatch.fnmatchcase(name, spec)
-    return lambda name: name == spec or name.endswith("." + spec)
-
-
-def block_index(name: str) -> int | None:
-    """The block a module belongs to: the first all-digit component of its dotted name."""
-    for part in name.split("."):
-        if part.isdigit():
-            return int(part)
-    return None
-
-
-def summarize_names(names: Iterable[str], limit: int = 40) -> str:
-    """Names with block indices folded to ``{i}``, de-duplicated, e.g. ``encoder.layer.{i}.query``."""
-    seen: dict[str, None] = {}
-    for n in names:
-        seen[re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)", "{i}", n)] = None
-    folded = list(seen)
-    text = ", ".join(folded[:limit])
-    return text + (f", ... ({len(folded) - limit} more)" if len(folded) > limit else "")
-
-
-# --------------------------------------------------------------------------- planning
-def adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Modules LoRA can wrap whole (``nn.Linear``, GPT-2 ``Conv1D``), by full name, excluding adapted ones."""
-    found: dict[str, nn.Module] = {}
-    for name, module in model.named_modules():
-        if (isinstance(module, nn.Linear) or is_conv1d(module)) and not is_lora_module(module):
-            found[name] = module
-    return found
-
-
-def fused_modules(model: nn.Module) -> dict[str, tuple[nn.Module, "FusedLayout"]]:
-    """Fused projections (GPT-2 ``c_attn``, ``qkv``, ``nn.MultiheadAttention``) whose row blocks
-    the aliases ``q``/``k``/``v`` can target, with their layout."""
-    found = {}
-    for name, module in model.named_modules():
-        if is_lora_module(module):
-            continue
-        layout = fused_layout(name, module)
-        if layout is not None:
-            found[name] = (module, layout)
-    return found
-
-
-def _module_dims(module: nn.Module) -> tuple[int, int]:
-    """``(d_out, d_in)`` of a wrappable module (Conv1D stores its weight ``d_in x d_out``)."""
-    if is_conv1d(module):
-        return module.weight.shape[1], module.weight.shape[0]
-    return module.out_features, module.in_features
-
-
-@dataclass
-class AdapterSpec:
-    """One module to adapt: its name, adapted shape ``(d_out, d_in)``, rank and alpha.
-
-    For a fused projection ``parts`` names the adapted row blocks (e.g. ``("q", "v")`` of GPT-2's
-    ``c_attn``) and ``d_out`` is the sum of their sizes; each block gets its own ``A_i``, ``B_i``.
-    """
-
-    name: str
-    d_out: int
-    d_in: int
-    r: int
-    alpha: float
-    parts: tuple[str, ...] = ()
-    fused: FusedSlices | None = field(default=None, repr=False, compare=False)
-
-    @property
-    def num_params(self) -> int:
-        """``r·(d_in + d_out)`` (per adapted block of a fused matrix: ``Σ r·(d_in + size_i)``)."""
-        return self.r * (max(1, len(self.parts)) * self.d_in + self.d_out)
-
-
-def _first_match(patterns: dict[str, object], name: str) -> object | None:
-    for pattern, value in patterns.items():
-        if compile_pattern(pattern)(name):
-            return value
-    return None
-
-
-def resolve_modules_to_save(model: nn.Module, patterns: list[str]) -> list[str]:
-    """Full names of modules matching ``modules_to_save`` (outermost matches only)."""
-    names = [n for n, _ in model.named_modules() if n]
-    chosen: list[str] = []
-    for pattern in patterns:
-        match = compile_pattern(pattern)
-        hits = [n for n in names if match(n)]
-        if not hits:
-            raise TargetNotFoundError(
-                f"modules_to_save entry {pattern!r} matched no module. Top-level modules: "
-                f"{[n for n, _ in model.named_children()]}; candidates include {summarize_names(names, 25)}"
-            )
-        chosen.extend(h for h in hits if h not in chosen)
-    # drop names nested inside another chosen module
-    return [n for n in chosen if not any(n.startswith(o + ".") for o in chosen if o != n)]
-
-
-def plan_injection(model: nn.Module, config: LoRAConfig) -> list[AdapterSpec]:
-    """Resolve ``config`` against ``model`` without changing it. Raises on any mismatch."""
-    candidates = adaptable_modules(model)
-    saved = resolve_modules_to_save(model, config.modules_to_save) if config.modules_to_save else []
-    kept = lambda n: not any(n == s or n.startswith(s + ".") for s in saved)  # noqa: E731
-    candidates = {n: m for n, m in candidates.items() if kept(n)}
-    fused = {n: v for n, v in fused_modules(model).items() if kept(n)}
-    if not candidates and not fused:
-        raise TargetNotFoundError(
-            f"{type(model).__name__} has no nn.Linear module to adapt "
-            "(if the model is built in configure_model(), inject after it has run)"
-        )
-    chosen: dict[str, set[str] | None] = {}  # name -> adapted fused parts, None = whole matrix
-    all_names = [n for n, _ in model.named_modules() if n]
-    for spec in config.targets:
-        match = compile_pattern(spec)
-        hits = [n for n in candidates if match(n)]
-        part_hits = [n for n, (_, layout) in fused.items() if spec in layout.parts]
-        if not hits and not part_hits:
-            others = [f"{n} ({type(model.get_submodule(n)).__name__})" for n in all_names if match(n)][:5]
-            hint = (
-                f" It matches non-Linear module(s) {others}: LoRA adapts Linear layers, target their Linear children."
-                if others
-                else ""
-            )
-            raise TargetNotFoundError(
-                f"target {spec!r} matched no Linear module in {type(model).__name__}.{hint} "
-                f"Linear modules: {summarize_names(candidates)}. Use an alias (q, k, v, o, mlp, all-linear), "
-                "a name suffix such as 'attention.self.query', a glob such as '*.query', or 're:<regex>'."
-            )
-        for n in hits:
-            chosen[n] = None  # the whole matrix (wins over adapting some of its blocks)
-        for n in part_hits:
-            if n not in chosen:
-                chosen[n] = set()
-            if chosen[n] is not None:
-                chosen[n].add(spec)  # type: ignore[union-attr]
-    names = list(chosen)
-    if config.layers is not None:
-        indexed = {n: block_index(n) for n in names}
-        present = sorted({i for i in indexed.values() if i is not None})
-        if not present:
-            raise LoRAConfigError(
-                f"layers={config.layers} was given but no targeted module has a block index in its name "
-                f"(targeted: {summarize_names(names)}); drop 'layers' or target by name"
-            )
-        n_blocks = present[-1] + 1
-        wanted = {i + n_blocks if i < 0 else i for i in config.layers}
-        missing = sorted(i for i in wanted if i not in present)
-        if missing:
-            raise LoRAConfigError(
-                f"layers={config.layers}: block(s) {missing} do not exist among the targeted modules; "
-                f"available blocks: {present} (negative indices count from the end)"
-            )
-        names = [n for n in names if indexed[n] in wanted]
-    for n in names:
-        module = model.get_submodule(n)
-        if chosen[n] and isinstance(module, nn.MultiheadAttention) and not module._qkv_same_embed_dim:
-            raise LoRAConfigError(
-                f"{n} is an nn.MultiheadAttention with kdim/vdim != embed_dim (separate q/k/v_proj_weight); LoRA on "
-                f"its {sorted(chosen[n])} is not supported: target only 'o' (its out_proj) there"
-            )
-    for pattern in list(config.rank_pattern) + list(config.alpha_pattern):
-        if not any(compile_pattern(pattern)(n) for n in names):
-            raise TargetNotFoundError(
-                f"rank/alpha pattern {pattern!r} matches none of the adapted modules: {summarize_names(names)}"
-            )
-    specs = []
-    for n in names:
-        r = int(_first_match(config.rank_pattern, n) or config.r)  # type: ignore[call-overload]
-        alpha = float(_first_match(config.alpha_pattern, n) or config.alpha)  # type: ignore[arg-type]
-        if chosen[n]:
-            module, layout = fused[n]
-            d_out, d_in = fused_out_features(module)
-            slices = layout.slices(d_out, n, sorted(chosen[n]))  # type: ignore[arg-type]
-            smallest = min(size for p, size in zip(slices.parts, slices.sizes) if p in slices.adapted)
-            spec = AdapterSpec(n, slices.adapted_rows, d_in, r, alpha, slices.adapted, slices)
-        else:
-            d_out, d_in = _module_dims(candidates[n])
-            smallest = d_out
-            spec = AdapterSpec(n, d_out, d_in, r, alpha)
-        if spec.r > min(spec.d_in, smallest):
-            raise RankTooLargeError(
-                f"r={spec.r} is larger than min(d_in, d_out)={min(spec.d_in, smallest)} for {n} "
-                f"({smallest}x{spec.d_in}{', per fused block' if spec.parts else ''}); choose r <= "
-                f"{min(spec.d_in, smallest)} (or lower it for this module with rank_pattern)"
-            )
-        specs.append(spec)
-    return specs
-
-
-# --------------------------------------------------------------------------- state
-@dataclass
-class LoRAState:
-    """What injection recorded on the model: the config, adapted and fully-trained modules."""
-
-    config: LoRAConfig
-    adapted: list[str]
-    modules_to_save: list[str]
-    fingerprint: dict = field(default_factory=dict)
-
+from .errors import AlreadyInjectedError, NotInjectedError
+from .layers import LoRALayer, LoRALinear, LoRAMultiheadAttention, is_lora_layer, is_lora_module
+from .record import LoRAState, base_fingerprint
+from .targets import AdapterSpec, plan_injection, resolve_modules_to_save, summarize_names
+from .variants.registry import get_variant
 
 STATE_ATTR = "_lora_state"
 
 
+# --------------------------------------------------------------------------- queries
 def get_lora_state(model: nn.Module) -> LoRAState:
+    """The record :func:`inject_lora` left on ``model``; :class:`NotInjectedError` if there is none."""
     state = getattr(model, STATE_ATTR, None)
     if state is None:
         inner = [n for n, m in model.named_modules() if n and getattr(m, STATE_ATTR, None) is not None]
@@ -310,8 +44,20 @@ def has_lora(model: nn.Module) -> bool:
     return any(is_lora_layer(m) for m in model.modules())
 
 
-def lora_layers(model: nn.Module) -> dict[str, LoRAMixin]:
+def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
     return {n: m for n, m in model.named_modules() if is_lora_layer(m)}  # type: ignore[misc]
+
+
+def describe(model: nn.Module) -> list[AdapterSpec]:
+    """The adapted matrices of an injected model as they are now (name, kind, shape, r, alpha, scaling)."""
+    out = []
+    for name, layer in lora_layers(model).items():
+        s = layer.structure()
+        out.append(
+            AdapterSpec(name, s["d_out"], s["d_in"], s["r"], s["alpha"], tuple(s["parts"]), layer.fused, s["kind"],
+                        s["scaling"], layer.variant_name)
+        )
+    return out
 
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -320,17 +66,17 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-# --------------------------------------------------------------------------- freezing
-def mark_trainable(model: nn.Module, state: LoRAState) -> None:
-    """Freeze everything except A/B, biases per ``config.bias`` and ``modules_to_save``."""
+# --------------------------------------------------------------------------- freezing and counting
+def mark_trainable(model: nn.Module, state: LoRAState | None = None) -> None:
+    """Freeze everything except the adapters, biases per ``config.bias`` and ``modules_to_save``."""
+    state = state or get_lora_state(model)
     for p in model.parameters():
         p.requires_grad_(False)
-    for name, module in model.named_modules():
-        if is_lora_layer(module):
-            for pname in getattr(module, "lora_trainable_names", LORA_PARAM_NAMES):  # variants add e.g. DoRA's m
-                getattr(module, pname).requires_grad_(True)
-            if state.config.bias == "lora_only" and getattr(module, "bias", None) is not None:
-                module.bias.requires_grad_(True)
+    for module in lora_layers(model).values():
+        for pname in module.trainable_names:
+            getattr(module, pname).requires_grad_(True)
+        if state.config.bias == "lora_only" and getattr(module, "bias", None) is not None:
+            module.bias.requires_grad_(True)
     if state.config.bias == "all":
         for pname, p in model.named_parameters():
             if pname == "bias" or pname.endswith(".bias"):
@@ -342,7 +88,7 @@ def mark_trainable(model: nn.Module, state: LoRAState) -> None:
 
 @dataclass
 class ParameterCount:
-    """Trainable vs total parameters (shared parameters counted once)."""
+    """Trainable vs total parameters (shared parameters counted once); ``lora``: the adapter tensors."""
 
     trainable: int
     total: int
@@ -363,11 +109,7 @@ class ParameterCount:
 
 def count_parameters(model: nn.Module) -> ParameterCount:
     trainable = total = lora = 0
-    adapter = {
-        f"{n}.{leaf}" if n else leaf
-        for n, m in lora_layers(model).items()
-        for leaf in getattr(m, "lora_adapter_names", LORA_PARAM_NAMES)
-    }
+    adapter = {f"{n}.{leaf}" if n else leaf for n, m in lora_layers(model).items() for leaf in m.adapter_names}
     for name, p in model.named_parameters():
         total += p.numel()
         if p.requires_grad:
@@ -377,25 +119,41 @@ def count_parameters(model: nn.Module) -> ParameterCount:
     return ParameterCount(trainable, total, lora)
 
 
+def base_memory(model: nn.Module) -> dict[str, int]:
+    """Bytes held by the adapted Linear base weights now (quantized or not) vs in their original dtype."""
+    now = before = 0
+    for layer in lora_layers(model).values():
+        if isinstance(layer, LoRALinear):
+            now += layer.base_weight_bytes()
+            before += layer.in_features * layer.out_features * torch.empty((), dtype=layer.base_dtype).element_size()
+    return {"base_bytes_before": before, "base_bytes_after": now}
+
+
+def adapter_param_names(model: nn.Module) -> list[str]:
+    """State-dict keys that make up the adapter: A/B (and a variant's own tensors), trainable biases,
+    ``modules_to_save`` (with their buffers)."""
+    state = get_lora_state(model)
+    keys: list[str] = []
+    adapted = lora_layers(model)
+    saved = tuple(s + "." for s in state.modules_to_save)
+    for key in model.state_dict(keep_vars=True):
+        owner, _, leaf = key.rpartition(".")
+        if owner in adapted and leaf in adapted[owner].adapter_names:
+            keys.append(key)
+        elif key.startswith(saved):
+            keys.append(key)
+        elif leaf == "bias" and (state.config.bias == "all" or (state.config.bias == "lora_only" and owner in adapted)):
+            keys.append(key)
+    return keys
+
+
 # --------------------------------------------------------------------------- injection
-def _layer_kwargs(config: LoRAConfig, spec: AdapterSpec, base_weight: Tensor) -> dict[str, Any]:
-    """The adapter arguments every LoRA layer class takes, for one resolved target."""
-    return dict(
-        r=spec.r,
-        alpha=spec.alpha,
-        scaling=config.scaling_for(spec.r, spec.alpha),
-        dropout=config.dropout,
-        init=config.init,
-        adapter_dtype=resolve_dtype(config.adapter_dtype, base_weight.dtype),
-    )
-
-
 def inject_lora(model: nn.Module, config: LoRAConfig) -> list[AdapterSpec]:
-    """Replace every targeted ``nn.Linear`` by a :class:`LoRALinear` and freeze the rest.
+    """Replace every targeted layer by its LoRA layer and freeze the rest; returns the adapted matrices.
 
-    Returns the list of adapted matrices. Raises :class:`AlreadyInjectedError` if the model
-    already has adapters, :class:`TargetNotFoundError` / :class:`LoRAConfigError` on a bad config
-    (before anything is modified).
+    Raises :class:`AlreadyInjectedError` if the model already has adapters, and
+    :class:`~lora_lightning.TargetNotFoundError` / :class:`~lora_lightning.LoRAConfigError` on a bad
+    config, before anything is modified.
     """
     if has_lora(model):
         existing = list(lora_layers(model))
@@ -405,130 +163,166 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> list[AdapterSpec]:
             "swap adapter weights, or remove_lora()/merge_and_unload() first"
         )
     specs = plan_injection(model, config)
-    from .fingerprint import base_fingerprint  # local: fingerprint imports this module
-
     fingerprint = base_fingerprint(model, [s.name for s in specs])
-    from .variants import VariantBuilder, uses_variant_layers  # DoRA, VeRA, PiSSA, AdaLoRA, quantized base
-
-    builder = VariantBuilder(model, config, specs) if uses_variant_layers(config) else None  # raises before changes
-    # nn.MultiheadAttention reads its weights directly: replace it by a host first (q/k/v adapters
-    # on in_proj_weight), then its out_proj by a LoRALinear whose ΔW the host adds.
-    hosts: dict[str, AdapterSpec | None] = {}
+    variant = get_variant(config.variant)(model, config, specs)  # shared state; raises before any change
+    # build everything first, swap in after: a failure while building leaves the model untouched
+    built: dict[str, nn.Module] = {}
+    hosts: dict[str, AdapterSpec | None] = {}  # nn.MultiheadAttention -> its q/k/v spec (None: hosts out_proj only)
     for s in specs:
-        if isinstance(model.get_submodule(s.name), nn.MultiheadAttention):
+        if s.kind == "mha":
             hosts[s.name] = s
     for s in specs:
         parent = s.name.rpartition(".")[0]
         if isinstance(model.get_submodule(parent) if parent else model, nn.MultiheadAttention):
             hosts.setdefault(parent, None)
+    for enc_layer_name in _encoder_layers_with(model, specs):  # their fast path reads the base weights
+        hosts.setdefault(f"{enc_layer_name}.self_attn", None)
+    for s in specs:
+        if s.kind != "mha":
+            base = model.get_submodule(s.name)
+            built[s.name] = variant.build(base, s)
+            built[s.name].train(base.training)
     for name, s in hosts.items():
         base = model.get_submodule(name)
-        kw = dict(parts=s.parts, **_layer_kwargs(config, s, base.in_proj_weight)) if s is not None else {}
-        host = LoRAMultiheadAttention(base, name=name, **kw)
+        kw = dict(parts=s.parts, **variant.layer_kwargs(_WeightView(base.in_proj_weight), s)) if s is not None else {}
+        host = LoRAMultiheadAttention(base, **({"name": name} | kw))
         host.train(base.training)
-        set_submodule(model, name, host)
-        _pause_nested_tensor_fast_path(model, name)
-    for s in specs:
-        if s.name in hosts:
-            continue
-        base = model.get_submodule(s.name)
-        cls = LoRAConv1D if is_conv1d(base) else LoRALinear
-        layer = builder.build(base, s) if builder is not None else cls(
-            base, name=s.name, fused=s.fused, **_layer_kwargs(config, s, base.weight)
-        )
-        layer.train(base.training)
-        set_submodule(model, s.name, layer)
+        if f"{name}.out_proj" in built:
+            host.out_proj = built.pop(f"{name}.out_proj")
+        built[name] = host
+    for name in sorted(built, key=lambda n: n.count(".")):  # parents before children
+        set_submodule(model, name, built[name])
+    _guard_transformer_encoders(model, specs)
     saved = resolve_modules_to_save(model, config.modules_to_save) if config.modules_to_save else []
-    state = LoRAState(config=config, adapted=[s.name for s in specs], modules_to_save=saved, fingerprint=fingerprint)
+    layers = lora_layers(model)
+    state = LoRAState(config, {s.name: layers[s.name].structure() for s in specs}, saved, fingerprint)
     object.__setattr__(model, STATE_ATTR, state)
     mark_trainable(model, state)
     return specs
 
 
-_NESTED_ATTR = "_lora_paused_use_nested_tensor"
+class _WeightView:
+    """Stands in for a module whose ``weight`` is ``weight`` (the MHA in-projection) in ``layer_kwargs``."""
 
-
-def _pause_nested_tensor_fast_path(model: nn.Module, host_name: str) -> None:
-    """``nn.TransformerEncoder`` may turn padded input into nested tensors (a fast path that reads
-    ``in_proj_weight`` directly); switch that off while a LoRA attention host sits inside it."""
-    for enc_name, enc in model.named_modules():
-        if isinstance(enc, nn.TransformerEncoder) and host_name.startswith(f"{enc_name}." if enc_name else ""):
-            if getattr(enc, "use_nested_tensor", False):
-                enc.use_nested_tensor = False
-                setattr(enc, _NESTED_ATTR, True)
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight
 
 
 def remove_lora(model: nn.Module) -> nn.Module:
-    """Replace every LoRA layer by its plain base layer (merged weights stay merged)."""
-    state = get_lora_state(model)
+    """Replace every LoRA layer by its plain base layer (merged weights stay merged), in place."""
+    get_lora_state(model)
     wrapped = [(n, m) for n, m in model.named_modules() if is_lora_module(m)]
     for name, layer in reversed(wrapped):  # children (an attention host's out_proj) before parents
         set_submodule(model, name, layer.to_base())  # type: ignore[attr-defined]
     for enc in model.modules():
+        for handle in getattr(enc, _HOOKS_ATTR, ()):
+            handle.remove()
         if getattr(enc, _NESTED_ATTR, False):
             enc.use_nested_tensor = True
             delattr(enc, _NESTED_ATTR)
+        for attr in (_HOOKS_ATTR, _MASK_ATTR):
+            enc.__dict__.pop(attr, None)
     object.__delattr__(model, STATE_ATTR)
-    del state
     return model
 
 
-def adapter_param_names(model: nn.Module) -> list[str]:
-    """State-dict keys that make up the adapter: A/B, trainable biases, ``modules_to_save`` (incl. buffers)."""
-    state = get_lora_state(model)
-    keys: list[str] = []
-    sd_keys = model.state_dict(keep_vars=True).keys()
-    adapted = lora_layers(model)
-    saved = tuple(s + "." for s in state.modules_to_save)
-    for key in sd_keys:
-        owner, _, leaf = key.rpartition(".")
-        if owner in adapted and leaf in getattr(adapted[owner], "lora_adapter_names", LORA_PARAM_NAMES):
-            keys.append(key)
-        elif key.startswith(saved):
-            keys.append(key)
-        elif leaf == "bias" and (
-            state.config.bias == "all" or (state.config.bias == "lora_only" and owner in adapted)
-        ):
-            keys.append(key)
-    return keys
+# --------------------------------------------------------------------------- nn.TransformerEncoder
+_NESTED_ATTR = "_lora_paused_use_nested_tensor"
+_HOOKS_ATTR = "_lora_hooks"
+_MASK_ATTR = "_lora_nested_padding"
 
 
-def lora_parameter_count(specs: Iterable[AdapterSpec]) -> int:
-    """Closed form ``Σ r·(d_in + d_out)`` over the adapted matrices."""
-    return sum(s.num_params for s in specs)
+def _inside(name: str, prefix: str) -> bool:
+    return name.startswith(prefix + ".") if prefix else True
 
 
-def describe(model: nn.Module) -> list[AdapterSpec]:
-    """The adapted matrices of an injected model (name, shape, r, alpha)."""
-    out = []
-    for name, layer in lora_layers(model).items():
-        d_out, d_in, parts = layer.adapter_dims()
-        out.append(AdapterSpec(name, d_out, d_in, layer.r, layer.alpha, parts, layer.fused))
-    return out
+def _encoder_layers_with(model: nn.Module, specs: Iterable[AdapterSpec]) -> list[str]:
+    names = [s.name for s in specs]
+    return [
+        n for n, m in model.named_modules() if isinstance(m, nn.TransformerEncoderLayer) and any(_inside(s, n) for s in names)
+    ]
 
 
-def set_adapter_trainable(model: nn.Module, trainable: bool = True) -> None:
-    """Toggle ``requires_grad`` of A and B only (e.g. to freeze an adapter for evaluation)."""
-    for layer in lora_layers(model).values():
-        for pname in getattr(layer, "lora_trainable_names", LORA_PARAM_NAMES):
-            getattr(layer, pname).requires_grad_(trainable)
+def _guard_transformer_encoders(model: nn.Module, specs: list[AdapterSpec]) -> None:
+    """``nn.TransformerEncoderLayer``'s fast path reads the base weights directly: its attention host
+    reports it unusable while any adapter in the layer is unmerged. ``nn.TransformerEncoder`` may turn
+    padded input into nested tensors (whose padded positions come out as zeros): that conversion is
+    paused, and the zeros are reproduced, so the adapted model computes what the base computes."""
+    for name in _encoder_layers_with(model, specs):
+        layer = model.get_submodule(name)
+        layer.self_attn.guard_fast_path([m for m in layer.modules() if is_lora_layer(m)])
+    names = [s.name for s in specs]
+    for enc_name, enc in model.named_modules():
+        if not isinstance(enc, nn.TransformerEncoder) or not any(_inside(s, enc_name) for s in names):
+            continue
+        if getattr(enc, "use_nested_tensor", False):
+            enc.use_nested_tensor = False
+            setattr(enc, _NESTED_ATTR, True)
+            handles = [
+                enc.register_forward_pre_hook(_note_nested_padding, with_kwargs=True),
+                enc.layers[-1].register_forward_hook(_zero_nested_padding),
+                enc.register_forward_hook(_forget_nested_padding),
+            ]
+            setattr(enc, _HOOKS_ATTR, handles)
+
+
+def _would_use_nested_tensor(enc: nn.TransformerEncoder, src: torch.Tensor, mask: Any, padding: Any) -> bool:
+    """The conditions under which ``nn.TransformerEncoder.forward`` (torch 2.x) converts to nested tensors."""
+    first = enc.layers[0]
+    if (
+        not torch.backends.mha.get_fastpath_enabled()
+        or first.training
+        or not isinstance(src, torch.Tensor)
+        or src.dim() != 3
+        or padding is None
+        or src.is_nested
+        or mask is not None
+        or torch.is_autocast_enabled()
+    ):
+        return False
+    if getattr(enc, "mask_check", True) and (
+        torch.compiler.is_compiling() or not torch._nested_tensor_from_mask_left_aligned(src, padding.logical_not())
+    ):
+        return False
+    attn = first.self_attn
+    tensor_args = (src, attn.in_proj_weight, attn.in_proj_bias, attn.out_proj.weight, attn.out_proj.bias,
+                   first.norm1.weight, first.norm1.bias, first.norm2.weight, first.norm2.bias,
+                   first.linear1.weight, first.linear1.bias, first.linear2.weight, first.linear2.bias)
+    if torch.overrides.has_torch_function(tensor_args) or src.device.type not in ("cpu", "cuda", "xpu"):
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensor_args if t is not None))
+
+
+def _note_nested_padding(enc: nn.Module, args: tuple, kwargs: dict) -> None:
+    src = args[0] if args else kwargs.get("src")
+    mask = args[1] if len(args) > 1 else kwargs.get("mask")
+    padding = args[2] if len(args) > 2 else kwargs.get("src_key_padding_mask")
+    if padding is not None and isinstance(src, torch.Tensor):
+        padding = F._canonical_mask(mask=padding, mask_name="src_key_padding_mask", other_type=F._none_or_dtype(mask),
+                                    other_name="mask", target_type=src.dtype)
+    pad = padding.logical_not().logical_not() if _would_use_nested_tensor(enc, src, mask, padding) else None
+    object.__setattr__(enc.layers[-1], _MASK_ATTR, pad)  # read by the last layer's hook below
+
+
+def _zero_nested_padding(layer: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+    pad = getattr(layer, _MASK_ATTR, None)
+    return None if pad is None else output.masked_fill(pad[..., None], 0.0)
+
+
+def _forget_nested_padding(enc: nn.Module, args: tuple, output: Any) -> None:
+    object.__setattr__(enc.layers[-1], _MASK_ATTR, None)
 
 
 __all__ = [
-    "ALIASES",
-    "AdapterSpec",
-    "LoRAState",
     "ParameterCount",
+    "base_memory",
     "adapter_param_names",
     "count_parameters",
     "describe",
-    "fused_modules",
     "get_lora_state",
     "has_lora",
     "inject_lora",
     "lora_layers",
-    "lora_parameter_count",
     "mark_trainable",
-    "plan_injection",
     "remove_lora",
 ]

@@ -14,28 +14,33 @@
           ^                                     ^
           +------------------ x (d_in) ---------+
 
-Only ``A`` and ``B`` are trained. Because ``B = 0`` at initialisation the adapted model
-computes exactly what the base computes. ``merge()`` folds ``ΔW = (alpha/r)·B·A`` into ``W0``
-(zero extra inference latency, §4.1); ``unmerge()`` subtracts it again to switch tasks.
+Only ``A`` and ``B`` are trained. Because ``B = 0`` at initialisation the adapted model computes
+exactly what the base computes. ``merge()`` folds ``ΔW = (alpha/r)·B·A`` into ``W0`` (zero extra
+inference latency, §4.1); ``unmerge()`` subtracts it again to switch tasks.
 
-The forward never materialises ``B·A`` (a ``d_out x d_in`` matrix): it computes
-``(dropout(x)·Aᵀ)·(scaling)·Bᵀ``, two thin matmuls costing ``r·(d_in + d_out)`` per token.
-For ``nn.Linear`` and ``Conv1D`` the base and low-rank products are one autograd node
-(:class:`LoRALinearFunction`) with the backward written out (benchmarks/OPTIMIZATIONS.md §3).
+Every layer states its update as ``ΔW = s·B'·A'`` through :meth:`LoRALayer.factors` (plain LoRA:
+``B' = B``, ``A' = A``; VeRA, AdaLoRA and fused projections build ``A'``/``B'`` from their own
+tensors), so one forward, one merge and one export serve them all. The forward never materialises
+``B'·A'`` (``d_out x d_in``): base and low-rank products run as one autograd node
+(:class:`LoRALinearFunction`, backward written out, benchmarks/OPTIMIZATIONS.md §3); only inputs
+that node cannot take (mixed dtypes, autocast, quantized or sharded weights) take the composed
+formula ``F.linear(x, W0, b) + s·(dropout(x)·A'ᵀ)·B'ᵀ``.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import LoRAConfigError, MergeStateError, RankTooLargeError
+from .quantization import dequantize, quantize, storage_bytes
 
 _DTYPES = {
     "float32": torch.float32,
@@ -78,6 +83,10 @@ class FusedSlices:
         """Rows of the stacked ``lora_B``: the summed sizes of the adapted parts."""
         return sum(n for p, n in zip(self.parts, self.sizes) if p in self.adapted)
 
+    @property
+    def smallest_adapted(self) -> int:
+        return min(n for p, n in zip(self.parts, self.sizes) if p in self.adapted)
+
     def segments(self) -> list[tuple[str, int, int, int | None, int]]:
         """``(part, row_start, size, adapter_index or None, b_row_start)`` in layout order."""
         out, start, i, b = [], 0, 0, 0
@@ -90,16 +99,43 @@ class FusedSlices:
             start += size
         return out
 
+    def expand_B(self, B: Tensor, r: int) -> Tensor:
+        """The stacked ``B (Σ adapted sizes x r)`` as the whole matrix's ``B' (d_out x n·r)``:
+        block ``i`` of ``B`` in its rows and columns ``i·r..(i+1)·r``, zeros elsewhere, so that
+        ``B'·A' = [B_q A_q; 0; B_v A_v]`` for ``A' = [A_q; A_v]`` (differentiable)."""
+        n = len(self.adapted)
+        rows = []
+        for _, _, size, i, b in self.segments():
+            if i is None:
+                rows.append(B.new_zeros(size, n * r))
+            else:
+                blocks = [B.new_zeros(size, r)] * n
+                blocks[i] = B[b : b + size]
+                rows.append(torch.cat(blocks, 1))
+        return torch.cat(rows, 0)
 
-class LoRAMixin:
+
+class LoRALayer:
     """State and math shared by every LoRA layer: ``lora_A (r x d_in)``, ``lora_B (d_out x r)``.
 
-    Subclasses provide ``_base_weight_view()`` returning the frozen weight as a
-    ``d_out x d_in`` view (transposed for weights stored ``d_in x d_out``) that merge/unmerge
-    update in place. With ``fused`` (a :class:`FusedSlices`), ``lora_A`` stacks one ``r x d_in``
-    block per adapted part (``n·r x d_in``) and ``lora_B`` the parts' ``size_i x r`` blocks
-    (``Σ size_i x r``), exactly loralib's ``MergedLinear`` layout; ΔW is zero on other rows.
+    Subclasses provide ``_base_weight_view()``: the frozen weight as a ``d_out x d_in`` view
+    (transposed for weights stored ``d_in x d_out``) that merge/unmerge update in place. With
+    ``fused`` (a :class:`FusedSlices`), ``lora_A`` stacks one ``r x d_in`` block per adapted part
+    (``n·r x d_in``) and ``lora_B`` the parts' ``size_i x r`` blocks (``Σ size_i x r``), exactly
+    loralib's ``MergedLinear`` layout; ΔW is zero on the other rows.
+
+    Class attributes name what a variant adds: ``trainable_names`` (trained), ``adapter_names``
+    (saved in adapter files and checkpoints) and ``extra_state_names`` (other state-dict entries
+    that are not part of the base layer, e.g. a quantized weight's scales).
     """
+
+    variant_name: str = "lora"
+    kind: str = "linear"  # linear | conv1d | mha: what the layer wraps
+    trainable_names: tuple[str, ...] = ("lora_A", "lora_B")
+    adapter_names: tuple[str, ...] = ("lora_A", "lora_B")
+    extra_state_names: tuple[str, ...] = ()
+    fan_in_fan_out: bool = False  # the stored weight is d_in x d_out (GPT-2 Conv1D)
+    base_weight_name: str = "weight"  # the state-dict leaf that merge changes
 
     r: int
     alpha: float
@@ -108,8 +144,7 @@ class LoRAMixin:
     lora_A: nn.Parameter
     lora_B: nn.Parameter
     fused: FusedSlices | None = None
-    fan_in_fan_out: bool = False  # the stored weight is d_in x d_out (GPT-2 Conv1D)
-    base_weight_name: str = "weight"  # the state-dict leaf that merge changes
+    pinned_dtype: torch.dtype | None = None
 
     def _init_lora(
         self,
@@ -124,9 +159,10 @@ class LoRAMixin:
         base_weight: Tensor,
         name: str = "",
         fused: FusedSlices | None = None,
+        pin_dtype: bool = False,
     ) -> None:
         """Validate ``r`` and create ``A``/``B``. ``scaling`` defaults to ``alpha/r``; the adapters take
-        ``adapter_dtype`` or the base weight's dtype, on the base weight's device."""
+        ``adapter_dtype`` (kept through later casts when ``pin_dtype``) or the base weight's dtype."""
         if fused is not None and fused.d_out != d_out:
             raise LoRAConfigError(
                 f"fused layout of {name or 'a layer'} has {fused.d_out} rows ({dict(zip(fused.parts, fused.sizes))}) "
@@ -134,7 +170,7 @@ class LoRAMixin:
             )
         n = len(fused.adapted) if fused else 1
         rows = fused.adapted_rows if fused else d_out
-        smallest = min(s for p, s in zip(fused.parts, fused.sizes) if p in fused.adapted) if fused else d_out
+        smallest = fused.smallest_adapted if fused else d_out
         if r > min(d_in, smallest):
             raise RankTooLargeError(
                 f"r={r} is larger than min(d_in, d_out)={min(d_in, smallest)} for {name or 'a layer'} "
@@ -149,6 +185,7 @@ class LoRAMixin:
         self.dropout_p = float(dropout)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         dtype, device = adapter_dtype or resolve_dtype(None, base_weight.dtype), base_weight.device
+        self.pinned_dtype = dtype if pin_dtype else None
         self.lora_A = nn.Parameter(torch.empty(n * r, d_in, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(rows, r, dtype=dtype, device=device))
         self.merged = False
@@ -164,23 +201,22 @@ class LoRAMixin:
             nn.init.zeros_(self.lora_B)
 
     # ---------------------------------------------------------------- math
+    def factors(self) -> tuple[Tensor, Tensor, float]:
+        """``(A' (R x d_in), B' (d_out x R), s)`` with ``ΔW = s·B'·A'`` (differentiable). Plain LoRA:
+        ``(A, B, alpha/r)``; a fused layer's ``B'`` is block-structured (zero rows for un-adapted parts)."""
+        if self.fused is None:
+            return self.lora_A, self.lora_B, self.scaling
+        return self.lora_A, self.fused.expand_B(self.lora_B, self.r), self.scaling
+
     def live_delta_weight(self, dtype: torch.dtype | None = None) -> Tensor:
-        """Differentiable ``ΔW = scaling · B @ A`` (``d_out x d_in``; zero rows for un-adapted fused parts)."""
-        A, B = self.lora_A, self.lora_B
+        """Differentiable ``ΔW = s·B'·A'`` (``d_out x d_in``), in ``dtype`` if given."""
+        A, B, s = self.factors()
         if dtype is not None:
             A, B = A.to(dtype), B.to(dtype)
-        if self.fused is None:
-            return (B @ A) * self.scaling
-        r, blocks = self.r, []
-        for _, _, size, i, b in self.fused.segments():
-            if i is None:
-                blocks.append(A.new_zeros(size, A.shape[1]))
-            else:
-                blocks.append((B[b : b + size] @ A[i * r : (i + 1) * r]) * self.scaling)
-        return torch.cat(blocks, 0)
+        return (B @ A) * s
 
     def delta_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """``ΔW = scaling · B @ A`` as a ``d_out x d_in`` tensor (computed in ``dtype``, detached)."""
+        """The update merging adds, ``d_out x d_in``, computed in ``dtype``, detached."""
         with torch.no_grad():
             return self.live_delta_weight(dtype)
 
@@ -190,84 +226,26 @@ class LoRAMixin:
         return delta.T if self.fan_in_fan_out else delta
 
     def lora_forward(self, x: Tensor) -> Tensor:
-        """``scaling · dropout(x) @ Aᵀ @ Bᵀ`` for ``x (..., d_in)`` -> ``(..., d_out)`` in A's dtype."""
+        """``s · dropout(x) @ A'ᵀ @ B'ᵀ`` for ``x (..., d_in)`` -> ``(..., d_out)``, in the adapters' dtype."""
+        A, B, s = self.factors()
         if self.dropout_p > 0:
             x = self.lora_dropout(x)
-        if x.dtype != self.lora_A.dtype:
-            x = x.to(self.lora_A.dtype)
-        # scale the thin r-wide intermediate rather than the d_out-wide output
-        h = F.linear(x, self.lora_A) * self.scaling
-        if self.fused is None:
-            return F.linear(h, self.lora_B)
-        r, pieces = self.r, []
-        for _, _, size, i, b in self.fused.segments():
-            if i is None:
-                pieces.append(h.new_zeros(*h.shape[:-1], size))
-            else:
-                pieces.append(F.linear(h[..., i * r : (i + 1) * r], self.lora_B[b : b + size]))
-        return torch.cat(pieces, -1)
+        if x.dtype != A.dtype:
+            x = x.to(A.dtype)
+        return F.linear(F.linear(x, A) * s, B)  # scale the thin r-wide intermediate
 
-    def add_lora(self, out: Tensor, x: Tensor) -> Tensor:
-        """``out + lora_forward(x)``; for a fused layer un-adapted parts are passed through untouched."""
+    def adapted_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None, base: Callable[[], Tensor]) -> Tensor:
+        """``base() + lora_forward(x)``, as one autograd node where :class:`LoRALinearFunction` can take
+        the inputs. ``weight`` is ``W0 (d_out x d_in)`` (a transposed view for Conv1D); ``base`` computes
+        the frozen output the usual way for the composed fallback."""
         if self.merged:
-            return out
-        if self.fused is None:
-            if self._fast_path_ok(out, x):
-                # out += scaling·(dropout(x)·Aᵀ)·Bᵀ in one in-place GEMM: no d_out-wide temporary and
-                # no separate add pass (F.linear's backward does not need its output, so autograd
-                # is unaffected). Plain Linear/Conv1D layers take LoRALinearFunction instead;
-                # benchmarks/OPTIMIZATIONS.md has the measurements of both.
-                if self.dropout_p > 0:
-                    x = self.lora_dropout(x)
-                h = F.linear(x, self.lora_A) * self.scaling
-                out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), self.lora_B.t())
-                return out
-            return out + self.lora_forward(x).to(out.dtype)
-        delta = self.lora_forward(x).to(out.dtype)
-        pieces = []
-        for _, start, size, i, _ in self.fused.segments():
-            piece = out[..., start : start + size]
-            pieces.append(piece if i is None else piece + delta[..., start : start + size])
-        return torch.cat(pieces, -1)
-
-    def _plain_lora_math(self) -> bool:
-        """True when this layer uses the plain ``scaling·B·A`` math (not a variant overriding it)."""
-        cls = type(self)
-        return (
-            cls.lora_forward is LoRAMixin.lora_forward
-            and cls.live_delta_weight is LoRAMixin.live_delta_weight
-            and cls.delta_weight is LoRAMixin.delta_weight
-        )
-
-    def _fast_path_ok(self, out: Tensor, x: Tensor) -> bool:
-        """Whether the in-place ``addmm_`` forward applies: plain math, same dtypes, contiguous 2-D-able output."""
-        return (
-            self._plain_lora_math()
-            and x.dtype == self.lora_A.dtype
-            and out.dtype == self.lora_B.dtype
-            and out.dim() >= 1
-            and out.is_contiguous()
-        )
-
-    def _one_node_ok(self, x: Tensor) -> bool:
-        """Whether :class:`LoRALinearFunction` applies: plain math, one dtype for input, base weight
-        and adapters, plain (not quantized or sharded) tensors, no autocast, non-empty input."""
-        w = self.weight
-        return (
-            self._plain_lora_math()
-            and type(w.data) is Tensor
-            and type(x) is Tensor
-            and x.dtype == w.dtype == self.lora_A.dtype == self.lora_B.dtype
-            and x.dim() >= 1
-            and x.numel() > 0
-            and not torch.is_autocast_enabled(x.device.type)
-        )
-
-    def _one_node_forward(self, x: Tensor, weight: Tensor) -> Tensor:
-        """``x·W0ᵀ + b + scaling·(dropout(x)·Aᵀ)·Bᵀ`` through :class:`LoRALinearFunction`; ``weight`` is
-        ``W0 (d_out x d_in)``, possibly a transposed view (autograd maps its gradient back)."""
-        x_d = self.lora_dropout(x) if self.dropout_p > 0 and self.lora_dropout.training else None
-        return LoRALinearFunction.apply(x, x_d, weight, self.bias, self.lora_A, self.lora_B, self.scaling)
+            return base()
+        A, B, s = self.factors()
+        if _one_node_ok(x, weight, A, B):
+            x_d = self.lora_dropout(x) if self.dropout_p > 0 and self.lora_dropout.training else None
+            return LoRALinearFunction.apply(x, x_d, weight, bias, A, B, s)
+        out = base()
+        return out + self.lora_forward(x).to(out.dtype)
 
     # --------------------------------------------------------- merge/unmerge
     def _base_weight_view(self) -> Tensor:  # pragma: no cover - abstract
@@ -276,37 +254,71 @@ class LoRAMixin:
     def _add_delta(self, sign: float) -> None:
         weight = self._base_weight_view()
         with torch.no_grad():
-            A, B = self.lora_A.detach(), self.lora_B.detach()
-            plain = self.fused is None and self._plain_lora_math()
-            if plain and A.dtype == B.dtype == weight.dtype and A.device == weight.device:
-                # one fused in-place GEMM, W += sign·scaling·B@A (fp32 accumulation inside the kernel,
-                # one rounding), no d_out x d_in temporaries; works on a transposed (Conv1D) view too.
-                # Mixed dtypes (fp32 adapters on a bf16 base) keep the fp32 path below.
-                weight.addmm_(B, A, alpha=sign * self.scaling)
+            A, B, s = (t.detach() if isinstance(t, Tensor) else t for t in self.factors())
+            if A.dtype == B.dtype == weight.dtype and A.device == weight.device:
+                # one in-place GEMM, W += sign·s·B'@A' (fp32 accumulation inside the kernel, one rounding),
+                # no d_out x d_in temporaries; works on a transposed (Conv1D) view too
+                weight.addmm_(B, A, alpha=sign * s)
                 return
-            delta = self.delta_weight(torch.float32 if weight.dtype != torch.float64 else torch.float64)
+            wide = torch.float64 if weight.dtype == torch.float64 else torch.float32
+            delta = self.delta_weight(wide).to(weight.device)
             if weight.dtype in (torch.float32, torch.float64):
-                weight.add_(delta.to(weight.device), alpha=sign)
+                weight.add_(delta, alpha=sign)
             else:  # low-precision base: do the sum in fp32, round once
-                weight.copy_((weight.float() + sign * delta.to(weight.device)).to(weight.dtype))
+                weight.copy_((weight.to(wide) + sign * delta).to(weight.dtype))
 
     def merge(self) -> None:
-        """``W0 <- W0 + scaling·B·A``; afterwards forward costs exactly the base layer's."""
+        """``W0 <- W0 + ΔW``; afterwards forward costs exactly the base layer's."""
         if self.merged:
             raise MergeStateError("this LoRA layer is already merged; call unmerge() first (merging twice would add ΔW twice)")
         self._add_delta(+1.0)
         self.merged = True
 
     def unmerge(self) -> None:
-        """``W0 <- W0 - scaling·B·A`` (exact up to floating-point round-off of the base dtype)."""
+        """``W0 <- W0 - ΔW`` (exact up to floating-point round-off of the base dtype)."""
         if not self.merged:
             raise MergeStateError("this LoRA layer is not merged; nothing to unmerge (call merge() first)")
         self._add_delta(-1.0)
         self.merged = False
 
-    def adapter_dims(self) -> tuple[int, int, tuple[str, ...]]:
-        """``(d_out adapted rows, d_in, adapted fused parts or ())``."""
-        return self.lora_B.shape[0], self.lora_A.shape[1], (self.fused.adapted if self.fused else ())
+    def merged_weight(self) -> Tensor:
+        """The stored base weight with ΔW folded in (what a merged export holds), detached."""
+        value = getattr(self, self.base_weight_name).detach()
+        if self.merged:
+            return value
+        return (value.float() + self.stored_delta_weight().to(value.device)).to(value.dtype)
+
+    @property
+    def state_names(self) -> tuple[str, ...]:
+        """State-dict leaves this layer adds to its base layer (dropped from merged exports)."""
+        return tuple(dict.fromkeys(("lora_A", "lora_B") + self.trainable_names + self.adapter_names + self.extra_state_names))
+
+    def structure(self) -> dict[str, Any]:
+        """``{kind, d_out (adapted rows), d_in, r, alpha, scaling, parts}``: what an adapter must match."""
+        return {
+            "kind": self.kind,
+            "d_out": int(self.lora_B.shape[0]) if self.fused else int(self.out_features),
+            "d_in": int(self.in_features),
+            "r": int(self.r),
+            "alpha": float(self.alpha),
+            "scaling": float(self.scaling),
+            "parts": list(self.fused.adapted) if self.fused else [],
+        }
+
+    # ------------------------------------------------------------- dtype pin
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Any:
+        """``module.to(...)`` / ``.half()`` / Lightning's ``*-true`` precisions cast every tensor; adapters
+        created with an explicit ``adapter_dtype`` keep that dtype (fp32 adapters on a half-precision
+        base, the QLoRA recipe), whatever the cast."""
+        out = super()._apply(fn, recurse)  # type: ignore[misc]
+        if self.pinned_dtype is not None:
+            for name in self.trainable_names:
+                p = getattr(self, name, None)
+                if isinstance(p, Tensor) and p.is_floating_point() and p.dtype != self.pinned_dtype:
+                    p.data = p.data.to(self.pinned_dtype)
+                    if p.grad is not None:
+                        p.grad.data = p.grad.data.to(self.pinned_dtype)
+        return out
 
     def lora_extra_repr(self) -> str:
         parts = f", parts={list(self.fused.adapted)}" if self.fused else ""
@@ -316,69 +328,32 @@ class LoRAMixin:
         )
 
 
-class LoRALinear(nn.Linear, LoRAMixin):
-    """A frozen ``nn.Linear`` plus a trainable low-rank update.
-
-    ``y = x W0ᵀ + b + (alpha/r) · dropout(x) Aᵀ Bᵀ`` with ``W0: d_out x d_in`` (frozen, kept
-    in its own dtype), ``A: r x d_in`` and ``B: d_out x r`` (trainable). The module keeps the
-    original ``weight`` and ``bias`` Parameter objects (no copy), so the base keys of the
-    state dict are unchanged; the adapter adds ``lora_A`` and ``lora_B``. With ``fused``
-    only the listed row blocks (e.g. q and v of a fused qkv projection) are adapted.
-    """
-
-    def __init__(
-        self,
-        base: nn.Linear,
-        r: int,
-        alpha: float,
-        scaling: float | None = None,
-        dropout: float = 0.0,
-        init: str = "kaiming",
-        adapter_dtype: torch.dtype | None = None,
-        name: str = "",
-        fused: FusedSlices | None = None,
-    ) -> None:
-        nn.Module.__init__(self)
-        self.in_features = base.in_features
-        self.out_features = base.out_features
-        self._base_cls = type(base)
-        self.weight = base.weight
-        self.bias = base.bias
-        self._init_lora(
-            base.in_features, base.out_features, r, alpha, scaling, dropout, init, adapter_dtype, base.weight, name, fused
-        )
-
-    def _base_weight_view(self) -> Tensor:
-        return self.weight
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.merged and self.fused is None and self._one_node_ok(x):
-            return self._one_node_forward(x, self.weight)
-        return self.add_lora(F.linear(x, self.weight, self.bias), x)
-
-    def to_base(self) -> nn.Linear:
-        """A plain ``nn.Linear`` sharing this layer's (possibly merged) weight and bias."""
-        linear = self._base_cls.__new__(self._base_cls)
-        nn.Module.__init__(linear)
-        linear.in_features, linear.out_features = self.in_features, self.out_features
-        linear.weight, linear.bias = self.weight, self.bias
-        return linear
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " + self.lora_extra_repr()
+def _one_node_ok(x: Tensor, weight: Tensor, A: Tensor, B: Tensor) -> bool:
+    """Whether :class:`LoRALinearFunction` can take these inputs: one dtype for input, base weight and
+    adapters, plain (not quantized, sharded or nested) tensors, no autocast, a non-empty input."""
+    w = weight.data if isinstance(weight, nn.Parameter) else weight
+    return (
+        type(x) is Tensor
+        and type(w) is Tensor
+        and not x.is_nested
+        and x.dtype == weight.dtype == A.dtype == B.dtype
+        and x.dim() >= 1
+        and x.numel() > 0
+        and not torch.is_autocast_enabled(x.device.type)
+    )
 
 
 class LoRALinearFunction(torch.autograd.Function):
-    """``y = x·W0ᵀ + b + scaling·(x_d·Aᵀ)·Bᵀ`` as one autograd node, with its backward written out.
+    """``y = x·W0ᵀ + b + s·(x_d·Aᵀ)·Bᵀ`` as one autograd node, with its backward written out.
 
     Shapes: ``x, x_d (..., d_in)`` (``x_d`` = ``dropout(x)``; ``None`` means ``x`` itself), ``W0 (d_out x d_in)``,
-    ``A (r x d_in)``, ``B (d_out x r)``. Backward, with ``g = ∂L/∂y`` flattened to ``(N, d_out)``:
-    ``gh = scaling·g·B``, ``∂A = ghᵀ·x_d``, ``∂B = scaling·(hᵀ·g)ᵀ``, ``∂x = g·W0 (+ gh·A)``.
+    ``A (R x d_in)``, ``B (d_out x R)``. Backward, with ``g = ∂L/∂y`` flattened to ``(N, d_out)``:
+    ``gh = s·g·B``, ``∂A = ghᵀ·x_d``, ``∂B = s·(hᵀ·g)ᵀ``, ``∂x = g·W0 (+ gh·A)``.
 
-    Same function as ``F.linear(x, W0, b) + scaling·F.linear(F.linear(x_d, A), B)``, but autograd
-    sees one node instead of five, the low-rank update is added into the base output in place, and
-    every skinny (r-wide) product uses the fast GEMM layout (``hᵀ·g`` instead of ``gᵀ·h``: ~5x on one
-    CPU core for r=8). ``W0``'s gradient is computed only when it requires grad.
+    Same function as ``F.linear(x, W0, b) + s·F.linear(F.linear(x_d, A), B)``, but autograd sees one
+    node instead of five, the low-rank update is added into the base output in place, and every
+    skinny (r-wide) product uses the fast GEMM layout (``hᵀ·g`` instead of ``gᵀ·h``: ~5x on one CPU
+    core for r=8). ``W0``'s gradient is computed only when it requires grad.
     """
 
     @staticmethod
@@ -390,7 +365,7 @@ class LoRALinearFunction(torch.autograd.Function):
         h = torch.mm(xd2, lora_A.t())
         out.addmm_(h, lora_B.t(), alpha=scaling)
         ctx.same, ctx.scaling, ctx.has_bias = x_d is None, scaling, bias is not None
-        # inputs only (plus h, N x r), so a create_graph backward can rebuild a differentiable graph;
+        # inputs only (plus h, N x R), so a create_graph backward can rebuild a differentiable graph;
         # x is kept alive only when W0 itself trains (or x is x_d, needed for ∂A anyway)
         ctx.save_for_backward(x if weight.requires_grad or x_d is None else None, x_d, h, weight, lora_A, lora_B)
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -403,7 +378,7 @@ class LoRALinearFunction(torch.autograd.Function):
         if torch.is_grad_enabled():  # double backward: recompute h inside the graph being built
             h = torch.mm(xd2, lora_A.t())
         g2 = grad.reshape(-1, grad.shape[-1])
-        # r-wide products in the layouts BLAS handles well (B is d_out x r, row-major)
+        # r-wide products in the layouts BLAS handles well (B is d_out x R, row-major)
         gh = torch.mm(g2, lora_B.t().contiguous().t()) * s
         grad_A = torch.mm(gh.t(), xd2) if ctx.needs_input_grad[4] else None
         grad_B = torch.mm(h.t(), g2).t() * s if ctx.needs_input_grad[5] else None
@@ -451,7 +426,120 @@ def _rebuild(cls: type, attrs: dict[str, Any], params: dict[str, nn.Parameter | 
     return module
 
 
-class LoRAConv1D(nn.Module, LoRAMixin):
+class LoRALinear(LoRALayer, nn.Linear):
+    """A frozen ``nn.Linear`` plus a trainable low-rank update.
+
+    ``y = x W0ᵀ + b + (alpha/r) · dropout(x) Aᵀ Bᵀ`` with ``W0: d_out x d_in`` (frozen, kept in its
+    own dtype, optionally stored quantized: ``quantize="nf4" | "int8"``, dequantized on the fly),
+    ``A: r x d_in`` and ``B: d_out x r`` (trainable). The module keeps the original ``weight`` and
+    ``bias`` Parameter objects (no copy), so the base keys of the state dict are unchanged; the
+    adapter adds ``lora_A`` and ``lora_B``. With ``fused`` only the listed row blocks (e.g. q and v
+    of a fused qkv projection) are adapted. Variants subclass it and override :meth:`factors` (or,
+    for DoRA, ``forward``).
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        r: int,
+        alpha: float,
+        scaling: float | None = None,
+        dropout: float = 0.0,
+        init: str = "kaiming",
+        adapter_dtype: torch.dtype | None = None,
+        name: str = "",
+        fused: FusedSlices | None = None,
+        quantize: str | None = None,
+        pin_dtype: bool = False,
+    ) -> None:
+        nn.Module.__init__(self)
+        if not isinstance(base, nn.Linear):
+            raise LoRAConfigError(f"{name or 'this module'} is a {type(base).__name__}; {type(self).__name__} adapts nn.Linear")
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self._base_cls = type(base)
+        self.weight = base.weight
+        self.bias = base.bias
+        self.base_dtype = base.weight.dtype
+        self.quantize_base: str | None = None
+        self.register_buffer("weight_scale", None)
+        self._init_lora(
+            base.in_features, base.out_features, r, alpha, scaling, dropout, init, adapter_dtype, base.weight, name,
+            fused, pin_dtype,
+        )
+        if quantize is not None:
+            self.quantize_(quantize)
+
+    @property
+    def extra_state_names(self) -> tuple[str, ...]:  # type: ignore[override]
+        return ("weight_scale",) if self.weight_scale is not None else ()
+
+    def _base_weight_view(self) -> Tensor:
+        return self.weight
+
+    # ----------------------------------------------------------- quantized base
+    def quantize_(self, method: str) -> tuple[int, int]:
+        """Store ``W0`` quantized (``nf4`` | ``int8``). Returns ``(bytes before, bytes after)``."""
+        before = self.weight.numel() * self.weight.element_size()
+        stored, scale = quantize(self.weight.detach(), method)
+        self.weight = nn.Parameter(stored, requires_grad=False)
+        self.weight_scale = scale
+        self.quantize_base = method
+        return before, storage_bytes(stored, scale)
+
+    def base_weight(self) -> Tensor:
+        """Dense ``W0 (d_out x d_in)`` in the base dtype (dequantized if stored quantized)."""
+        if self.quantize_base is None:
+            return self.weight
+        return dequantize(self.weight, self.weight_scale, self.base_dtype)
+
+    def base_weight_bytes(self) -> int:
+        return storage_bytes(self.weight, self.weight_scale)
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.base_weight()
+        return self.adapted_forward(x, w, self.bias, lambda: F.linear(x, w, self.bias))
+
+    # ------------------------------------------------------------- merging
+    def merge(self) -> None:
+        """Fold ΔW into ``W0``. A quantized ``W0`` is dequantized first and the merged weight is kept in
+        full precision (re-quantizing ``W0 + ΔW`` would lose the update's small values)."""
+        if self.quantize_base is not None and not self.merged:
+            self.weight = nn.Parameter(self.merged_weight(), requires_grad=False)
+            self.weight_scale = None
+            self.quantize_base = None
+            self.merged = True
+            return
+        super().merge()
+
+    def merged_weight(self) -> Tensor:
+        if self.quantize_base is None:
+            return super().merged_weight()
+        with torch.no_grad():
+            return (self.base_weight().float() + self.delta_weight(torch.float32)).to(self.base_dtype)
+
+    def to_base(self) -> nn.Linear:
+        """A plain ``nn.Linear`` with this layer's (merged or base) weight and bias; a quantized
+        weight is dequantized to full precision."""
+        linear = self._base_cls.__new__(self._base_cls)
+        nn.Module.__init__(linear)
+        linear.in_features, linear.out_features = self.in_features, self.out_features
+        weight = self.weight
+        if self.quantize_base is not None:
+            weight = nn.Parameter(self.base_weight().detach().clone(), requires_grad=False)
+        linear.weight, linear.bias = weight, self.bias
+        return linear
+
+    def extra_repr(self) -> str:
+        quant = f", quantize_base={self.quantize_base}" if self.quantize_base else ""
+        variant = f"variant={self.variant_name}, " if self.variant_name != "lora" else ""
+        return (
+            f"{variant}in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            + self.lora_extra_repr() + quant
+        )
+
+
+class LoRAConv1D(LoRALayer, nn.Module):
     """A frozen GPT-2 ``Conv1D`` (weight ``W0ᵀ`` stored ``d_in x d_out``) plus ``(alpha/r)·B·A``.
 
     ``y = x @ W + b + (alpha/r) · dropout(x) Aᵀ Bᵀ`` with the usual ``A: r x d_in``,
@@ -459,6 +547,7 @@ class LoRAConv1D(nn.Module, LoRAMixin):
     ``ΔWᵀ`` to the stored weight. Keys ``weight``/``bias`` are unchanged.
     """
 
+    kind = "conv1d"
     fan_in_fan_out = True
 
     def __init__(
@@ -472,6 +561,7 @@ class LoRAConv1D(nn.Module, LoRAMixin):
         adapter_dtype: torch.dtype | None = None,
         name: str = "",
         fused: FusedSlices | None = None,
+        pin_dtype: bool = False,
     ) -> None:
         if not is_conv1d(base):
             raise TypeError(f"LoRAConv1D wraps a GPT-style Conv1D (weight d_in x nf), got {type(base).__name__}")
@@ -482,18 +572,19 @@ class LoRAConv1D(nn.Module, LoRAMixin):
         self.in_features, self.out_features, self.nf = d_in, d_out, d_out
         self.weight = base.weight
         self.bias = base.bias
-        self._init_lora(d_in, d_out, r, alpha, scaling, dropout, init, adapter_dtype, base.weight, name, fused)
+        self._init_lora(d_in, d_out, r, alpha, scaling, dropout, init, adapter_dtype, base.weight, name, fused, pin_dtype)
 
     def _base_weight_view(self) -> Tensor:
         return self.weight.T
 
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.merged and self.fused is None and self._one_node_ok(x):
-            return self._one_node_forward(x, self.weight.t())  # stored d_in x d_out: W0 is its transpose (a view)
-        size_out = x.size()[:-1] + (self.nf,)
+    def _base_output(self, x: Tensor) -> Tensor:
         flat = x.reshape(-1, x.size(-1))
         out = torch.addmm(self.bias, flat, self.weight) if self.bias is not None else flat @ self.weight
-        return self.add_lora(out.view(size_out), x)
+        return out.view(x.size()[:-1] + (self.nf,))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # stored d_in x d_out: W0 is its transpose (a view; autograd maps its gradient back)
+        return self.adapted_forward(x, self.weight.t(), self.bias, lambda: self._base_output(x))
 
     def to_base(self) -> nn.Module:
         """The original ``Conv1D`` class sharing this layer's (possibly merged) weight and bias."""
@@ -506,7 +597,7 @@ class LoRAConv1D(nn.Module, LoRAMixin):
 MHA_PARTS = ("q", "k", "v")
 
 
-class LoRAMultiheadAttention(nn.Module, LoRAMixin):
+class LoRAMultiheadAttention(LoRALayer, nn.Module):
     """``nn.MultiheadAttention`` with LoRA on the q/k/v blocks of ``in_proj_weight = [Wq; Wk; Wv]``
     (``3E x E``) and, when ``out_proj`` is a :class:`LoRALinear`, on ``Wo``.
 
@@ -515,9 +606,11 @@ class LoRAMultiheadAttention(nn.Module, LoRAMixin):
     not applied here). The original parameters keep their names (``in_proj_weight``,
     ``in_proj_bias``, ``out_proj.weight`` ...), so state-dict keys stay compatible;
     ``to_base()`` returns a plain ``nn.MultiheadAttention`` (whose fast path then works again).
-    With no q/k/v adapters the module has no ``lora_A``/``lora_B`` and only hosts ``out_proj``.
+    With no q/k/v adapters the module has no ``lora_A``/``lora_B`` and only hosts ``out_proj`` (or
+    guards the fast path of the ``nn.TransformerEncoderLayer`` around adapted MLP layers).
     """
 
+    kind = "mha"
     base_weight_name = "in_proj_weight"
     # used by nn.TransformerEncoderLayer's fast path (taken once every adapter is merged)
     merge_masks = nn.MultiheadAttention.merge_masks
@@ -533,6 +626,7 @@ class LoRAMultiheadAttention(nn.Module, LoRAMixin):
         init: str = "kaiming",
         adapter_dtype: torch.dtype | None = None,
         name: str = "",
+        pin_dtype: bool = False,
     ) -> None:
         nn.Module.__init__(self)
         self._base_cls = type(base)
@@ -540,10 +634,12 @@ class LoRAMultiheadAttention(nn.Module, LoRAMixin):
         for k, v in _plain_attrs(base).items():
             object.__setattr__(self, k, v)
         self._same_dim = bool(base._qkv_same_embed_dim)
+        self._guarded: tuple[weakref.ref, ...] = ()
         for pname, param in base._parameters.items():
             self.register_parameter(pname, param)
         self.out_proj = base.out_proj
         self.merged = False
+        self.in_features = self.out_features = self.embed_dim
         bad = sorted(set(parts) - set(MHA_PARTS))
         if bad:
             raise LoRAConfigError(f"nn.MultiheadAttention in-projection parts are {MHA_PARTS}; got {bad}")
@@ -561,18 +657,22 @@ class LoRAMultiheadAttention(nn.Module, LoRAMixin):
                 )
             e = self.embed_dim
             fused = FusedSlices(MHA_PARTS, (e, e, e), tuple(p for p in MHA_PARTS if p in parts))
-            self._init_lora(e, 3 * e, r, alpha, scaling, dropout, init, adapter_dtype, self.in_proj_weight, name, fused)
+            self._init_lora(e, 3 * e, r, alpha, scaling, dropout, init, adapter_dtype, self.in_proj_weight, name, fused, pin_dtype)
+
+    def guard_fast_path(self, layers: Sequence[LoRALayer]) -> None:
+        """Report ``_qkv_same_embed_dim = False`` while any of ``layers`` (the adapted layers of the
+        surrounding ``nn.TransformerEncoderLayer``) is unmerged: its fast path reads the base weights."""
+        self._guarded = tuple(weakref.ref(layer) for layer in layers)
 
     @property
     def _qkv_same_embed_dim(self) -> bool:  # type: ignore[override]
-        """Read by ``nn.TransformerEncoder(Layer)`` to pick its fused fast path, which reads
-        ``in_proj_weight`` directly and would skip unmerged adapters: report False until merged."""
+        """Read by ``nn.TransformerEncoder(Layer)`` to pick its fused fast path, which reads the weights
+        directly and would skip unmerged adapters: report False until every adapter is merged."""
         return self._same_dim and not self.has_unmerged_adapters()
 
     def has_unmerged_adapters(self) -> bool:
-        own = "lora_A" in self._parameters and not self.merged
-        out = isinstance(self.out_proj, LoRAMixin) and is_lora_layer(self.out_proj) and not self.out_proj.merged
-        return own or out
+        layers = [self, self.out_proj] + [ref() for ref in self._guarded]
+        return any(layer is not None and is_lora_layer(layer) and not layer.merged for layer in layers)
 
     def _base_weight_view(self) -> Tensor:
         return self.in_proj_weight
@@ -615,7 +715,7 @@ class LoRAMultiheadAttention(nn.Module, LoRAMixin):
             else:
                 query, key, value = (x.transpose(1, 0) for x in (query, key, value))
         in_w = self.in_proj_weight
-        if "lora_A" in self._parameters and not self.merged:
+        if is_lora_layer(self) and not self.merged:
             in_w = in_w + self.live_delta_weight(self.lora_A.dtype).to(in_w.dtype)
         out_w = self.out_proj.weight
         if is_lora_layer(self.out_proj) and not self.out_proj.merged:
@@ -656,25 +756,36 @@ class LoRAMultiheadAttention(nn.Module, LoRAMixin):
 
     def to_base(self) -> nn.MultiheadAttention:
         """A plain ``nn.MultiheadAttention`` with this module's (possibly merged) parameters."""
-        params = {k: v for k, v in self._parameters.items() if k not in LORA_PARAM_NAMES}
+        params = {k: v for k, v in self._parameters.items() if k not in self.state_names}
         return _rebuild(self._base_cls, self._base_attrs, params, {"out_proj": self.out_proj})  # type: ignore[return-value]
 
     def extra_repr(self) -> str:
-        own = self.lora_extra_repr() if "lora_A" in self._parameters else "no q/k/v adapters"
+        own = self.lora_extra_repr() if is_lora_layer(self) else "no q/k/v adapters"
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, " + own
 
 
-LORA_PARAM_NAMES = ("lora_A", "lora_B")
-
-
 def is_lora_layer(module: nn.Module) -> bool:
-    """A module holding its own ``lora_A``/``lora_B`` (a LoRA host without adapters is not one)."""
-    return isinstance(module, LoRAMixin) and "lora_A" in module._parameters
+    """A module holding adapter tensors of its own (an attention host without q/k/v adapters is not one)."""
+    return isinstance(module, LoRALayer) and "lora_B" in module._parameters
 
 
 def is_lora_module(module: nn.Module) -> bool:
-    """Any module lora_lightning put into the model (LoRA layers and adapter hosts)."""
-    return isinstance(module, LoRAMixin)
+    """Any module lora_lightning put into the model (LoRA layers and attention hosts)."""
+    return isinstance(module, LoRALayer)
+
+
+def base_kind(module: nn.Module) -> str | None:
+    """What LoRA can wrap ``module`` as — ``linear``, ``conv1d`` or ``mha`` — seeing through LoRA layers
+    (an adapted layer counts as the layer it wraps); ``None`` for anything else."""
+    if isinstance(module, LoRALayer):
+        return module.kind
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if is_conv1d(module):
+        return "conv1d"
+    if isinstance(module, nn.MultiheadAttention):
+        return "mha"
+    return None
 
 
 def primary_weight(module: nn.Module) -> Tensor:

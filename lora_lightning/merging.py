@@ -1,20 +1,18 @@
-"""Merging adapters into the base weights (zero added latency) and switching between adapters.
+"""Merging adapters into the base weights (zero added latency, paper §4.1) and back.
 
-``merge_lora``: ``W0 <- W0 + (alpha/r)·B·A`` for every adapted matrix; ``unmerge_lora`` subtracts
-it again (exact up to the round-off of the base dtype); ``merge_and_unload`` merges and swaps
-each LoRA layer back for the base layer, so the model has the base architecture again;
-``switch_adapter`` replaces one task's adapter by another on the same base (paper §4.1).
+``merge_lora``: ``W0 <- W0 + ΔW`` for every adapted matrix; ``unmerge_lora`` subtracts it again (exact
+up to the round-off of the base dtype); ``merge_and_unload`` merges and swaps each LoRA layer back for
+its base layer, so the model has the base architecture again; ``merged_state_dict`` gives the
+merged weights without changing the model. (Switching between adapter files lives with the file
+I/O, :func:`lora_lightning.switch_adapter`.)
 """
 
 from __future__ import annotations
 
-import os
+from torch import Tensor, nn
 
-from torch import nn
-
-from .checkpoint import check_config_compatible, load_adapter, read_adapter_config
-from .errors import AdapterMismatchError, MergeStateError
-from .injection import get_lora_state, has_lora, lora_layers, remove_lora
+from .errors import MergeStateError
+from .injection import get_lora_state, lora_layers, remove_lora
 
 
 def is_merged(model: nn.Module) -> bool:
@@ -63,24 +61,25 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     return remove_lora(model)
 
 
-def switch_adapter(model: nn.Module, path: str | os.PathLike, *, on_base_mismatch: str = "raise") -> nn.Module:
-    """Replace the current adapter by the one in ``path``, keeping the merged/unmerged state.
+def merged_state_dict(model: nn.Module, submodule: str = "") -> dict[str, Tensor]:
+    """The base architecture's state dict with every ΔW folded in (the model is not modified).
 
-    If the new adapter has another structure (targets, ranks), the old LoRA layers are removed
-    (after unmerging) and the new ones injected.
+    Keys are those of the model before injection; adapter tensors are dropped; a quantized base
+    comes out dequantized. With ``submodule`` (e.g. ``"model"`` inside a LightningModule) only that
+    module's tensors are kept, keyed relative to it, ready for the bare network's ``load_state_dict``.
     """
-    if not has_lora(model):
-        load_adapter(model, path, on_base_mismatch=on_base_mismatch)
-        return model
-    was_merged = is_merged(model)
-    new_config = read_adapter_config(path)  # fails before anything changes
-    if was_merged:
-        unmerge_lora(model)
-    try:
-        check_config_compatible(new_config, get_lora_state(model).config)
-    except AdapterMismatchError:
-        remove_lora(model)
-    load_adapter(model, path, on_base_mismatch=on_base_mismatch)
-    if was_merged:
-        merge_lora(model)
-    return model
+    layers = lora_layers(model)
+    out: dict[str, Tensor] = {}
+    for key, value in model.state_dict().items():
+        owner, _, leaf = key.rpartition(".")
+        layer = layers.get(owner)
+        if layer is not None and leaf in layer.state_names:
+            continue
+        if layer is not None and leaf == layer.base_weight_name:
+            value = layer.merged_weight()  # stored layout: transposed for Conv1D, in_proj_weight for MHA
+        out[key] = value
+    if submodule:
+        model.get_submodule(submodule)  # clear AttributeError for a wrong name
+        prefix = submodule + "."
+        out = {k[len(prefix) :]: v for k, v in out.items() if k.startswith(prefix)}
+    return out

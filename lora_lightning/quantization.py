@@ -21,7 +21,8 @@ from torch import Tensor
 
 from .errors import LoRAConfigError
 
-QUANT_OPTIONS = (None, "nf4", "int8")
+# the storage formats quantize_base accepts
+QUANTIZERS = ("nf4", "int8")
 NF4_BLOCK = 64
 NF4_SCALER_BLOCK = 256
 
@@ -64,8 +65,8 @@ def quantize(weight: Tensor, method: str) -> tuple[Tensor, Tensor | None]:
 
     ``nf4``: an ``NF4Tensor`` (scale inside it). ``int8``: ``(int8 d_out x d_in, float32 d_out)``.
     """
-    if method not in ("nf4", "int8"):
-        raise LoRAConfigError(f"quantize_base={method!r} is not one of {QUANT_OPTIONS}")
+    if method not in QUANTIZERS:
+        raise LoRAConfigError(f"quantize_base={method!r} is not one of {QUANTIZERS}")
     w = weight.detach().float().contiguous()
     if method == "nf4":
         if w.numel() % NF4_BLOCK:

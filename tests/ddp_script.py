@@ -33,10 +33,10 @@ torch.set_num_threads(1)  # 2 ranks on 2 cores: no oversubscription
 
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 
-import lora_lightning.checkpoint as ll_checkpoint  # noqa: E402
-import lora_lightning.lightning_io as ll_io  # noqa: E402
+import lora_lightning.adapter_io as ll_checkpoint  # noqa: E402
+import lora_lightning.lightning.checkpoints as ll_io  # noqa: E402
 from lora_lightning import LoRACallback  # noqa: E402
-from tiny import LitTiny, tiny_loader, trainer  # noqa: E402
+from conftest import LitTiny, tiny_loader, trainer  # noqa: E402
 
 LORA = dict(r=2, targets=["q", "v", "mlp"])
 

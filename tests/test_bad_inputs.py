@@ -44,26 +44,8 @@ from lora_lightning import (  # noqa: E402
     save_adapter,
     unmerge_lora,
 )
-from lora_lightning.fingerprint import base_fingerprint  # noqa: E402
-from tiny import LitTiny, randomize_adapters, tiny_loader, tiny_model, trainer  # noqa: E402
-
-
-def adapted(seed: int = 0, **kw):
-    model = tiny_model(seed)
-    inject_lora(model, LoRAConfig(**(dict(r=4, targets=["q", "v"]) | kw)))
-    randomize_adapters(model)
-    return model
-
-
-def snapshot(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def assert_unchanged(model, before: dict[str, torch.Tensor]) -> None:
-    after = model.state_dict()
-    assert after.keys() == before.keys()
-    for k, v in before.items():
-        assert torch.equal(after[k], v), f"{k} changed"
+from lora_lightning.record import base_fingerprint  # noqa: E402
+from conftest import LitTiny, adapted, assert_unchanged, randomize_adapters, snapshot, tiny_loader, tiny_model, trainer  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -206,7 +188,7 @@ def test_adapter_from_another_base_model(tmp_path):
     path, _ = _saved(tmp_path)
     other = tiny_model(seed=1)
     before = snapshot(other)
-    with pytest.raises(BaseModelMismatchError, match=r"trained on different base weights \(fingerprint .* vs model .*on_base_mismatch='warn'/'ignore'"):
+    with pytest.raises(BaseModelMismatchError, match=r"trained on different base weights: 6 of 6 adapted matrices hold other values .*on_base_mismatch='warn'"):
         load_adapter(other, path)
     assert_unchanged(other, before)
 
@@ -437,21 +419,25 @@ def test_fingerprint_is_recorded_at_injection_and_survives_merge(tmp_path):
     base = tiny_model(0)
     names = [f"layers.{i}.self_attn.{p}_proj" for i in range(3) for p in "qv"]
     expected = base_fingerprint(base, names)
-    assert expected["shapes"] == [[16, 16]] * 6 and len(expected["sha256"]) == 64
+    assert expected["shapes"] == [[16, 16]] * 6 and len(expected["samples"]) == 6
+    first = base.layers[0].self_attn.q_proj.weight.detach().reshape(-1)
+    assert expected["samples"][0][0] == float(first[0]) and expected["samples"][0][-1] == float(first[-1])
     model = adapted(seed=0)
     merge_lora(model)  # W0 now holds W0 + ΔW: the fingerprint must still be the original base's
     path = save_adapter(model, tmp_path / "m.safetensors")
     _, meta = read_adapter(path)
-    assert json.loads(meta["base_fingerprint"]) == expected
+    assert json.loads(meta["lora_record"])["fingerprint"] == expected
     load_adapter(tiny_model(0), path)  # loads onto the original base without complaint
-    # one sampled weight value changed -> another fingerprint
+    # one sampled weight value changed -> refused
+    changed = tiny_model(0)
     with torch.no_grad():
-        base.layers[0].self_attn.q_proj.weight[0, 0] += 1.0
-    assert base_fingerprint(base, names)["sha256"] != expected["sha256"]
+        changed.layers[0].self_attn.q_proj.weight[0, 0] += 0.05
+    with pytest.raises(BaseModelMismatchError, match="1 of 6 adapted matrices"):
+        load_adapter(changed, path)
     ckpt = torch.load(_checkpoint(tmp_path), weights_only=False)
-    assert ckpt["lora_lightning"]["fingerprint"]["sha256"] == base_fingerprint(
+    assert ckpt["lora_lightning"]["fingerprint"]["samples"] == base_fingerprint(
         LitTiny(seed=0), [f"net.{n}" for n in names]
-    )["sha256"]
+    )["samples"]
 
 
 # ----------------------------------------------------------------------------- table generator

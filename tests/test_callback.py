@@ -15,7 +15,7 @@ from lora_lightning import (
     load_adapter,
     read_adapter,
 )
-from tiny import N_LAYERS, LitTiny, LitTinyLate, tiny_batch, tiny_loader, tiny_model, trainer
+from conftest import N_LAYERS, LitTiny, LitTinyLate, tiny_batch, tiny_loader, tiny_model, trainer
 
 
 def lora_tensors(module):
@@ -66,7 +66,7 @@ def test_checkpoint_holds_only_adapter_and_config(tmp_path):
     assert len(state) == len(sd)
     assert sum(s["exp_avg"].numel() for s in state.values()) == n_lora + n_head
     assert ckpt["lora_lightning"]["config"]["r"] == 4
-    assert len(ckpt["lora_lightning"]["adapted_modules"]) == 2 * N_LAYERS
+    assert len(ckpt["lora_lightning"]["modules"]) == 2 * N_LAYERS
     assert isinstance(t.strategy.checkpoint_io, AtomicCheckpointIO)
     full = sum(p.numel() for p in tiny_model().parameters())
     assert (tmp_path / "ckpt" / "last.ckpt").stat().st_size < 4 * full  # full weights alone would be 4*full bytes

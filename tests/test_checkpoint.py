@@ -14,6 +14,7 @@ from lora_lightning import (
     BaseModelMismatchError,
     LoRAConfig,
     adapter_state_dict,
+    describe,
     inject_lora,
     load_adapter,
     lora_parameter_count,
@@ -22,20 +23,12 @@ from lora_lightning import (
     read_adapter_config,
     save_adapter,
 )
-from lora_lightning.checkpoint import atomic_write_bytes
-from tiny import N_LAYERS, randomize_adapters, tiny_batch, tiny_model
-
-
-def adapted(seed=0, **kw):
-    m = tiny_model(seed)
-    cfg = dict(r=4, targets=["q", "v"]) | kw
-    specs = inject_lora(m, LoRAConfig(**cfg))
-    randomize_adapters(m)
-    return m, specs
+from lora_lightning.adapter_io import atomic_write_bytes
+from conftest import N_LAYERS, adapted, randomize_adapters, tiny_batch, tiny_model
 
 
 def test_round_trip_gives_identical_outputs(tmp_path):
-    m, _ = adapted(modules_to_save=["classifier"])
+    m = adapted(modules_to_save=["classifier"])
     with torch.no_grad():
         m.classifier.weight.add_(1.0)
     ids, _ = tiny_batch()
@@ -47,7 +40,8 @@ def test_round_trip_gives_identical_outputs(tmp_path):
 
 
 def test_file_holds_only_adapter_and_size_matches_closed_form(tmp_path):
-    m, specs = adapted()
+    m = adapted()
+    specs = describe(m)
     path = save_adapter(m, tmp_path / "a.safetensors")
     tensors, meta = read_adapter(path)
     assert all(".lora_A" in k or ".lora_B" in k for k in tensors)
@@ -65,7 +59,7 @@ def test_file_holds_only_adapter_and_size_matches_closed_form(tmp_path):
 
 
 def test_loading_into_mismatched_model_raises_clearly(tmp_path):
-    m, _ = adapted()
+    m = adapted()
     path = save_adapter(m, tmp_path / "a.safetensors")
     other = tiny_model(0)
     inject_lora(other, LoRAConfig(r=2, targets=["q", "v"]))
@@ -83,7 +77,7 @@ def test_loading_into_mismatched_model_raises_clearly(tmp_path):
 
 
 def test_base_fingerprint_mismatch_raise_warn_ignore(tmp_path):
-    m, _ = adapted(seed=0)
+    m = adapted(seed=0)
     path = save_adapter(m, tmp_path / "a.safetensors")
     with pytest.raises(BaseModelMismatchError, match="different base weights"):
         load_adapter(tiny_model(seed=1), path)
@@ -95,7 +89,7 @@ def test_base_fingerprint_mismatch_raise_warn_ignore(tmp_path):
 
 
 def test_corrupt_truncated_and_foreign_files(tmp_path):
-    m, _ = adapted()
+    m = adapted()
     path = save_adapter(m, tmp_path / "a.safetensors")
     raw = path.read_bytes()
     (tmp_path / "trunc.safetensors").write_bytes(raw[: len(raw) // 2])
@@ -140,7 +134,7 @@ def test_keys_relative_to_a_wrapper_load_into_the_bare_model(tmp_path):
 
 
 def test_merged_state_dict_has_base_keys_and_adapted_function():
-    m, _ = adapted()
+    m = adapted()
     sd = merged_state_dict(m)
     assert set(sd) == set(tiny_model().state_dict())
     plain = tiny_model(5)
@@ -150,7 +144,7 @@ def test_merged_state_dict_has_base_keys_and_adapted_function():
 
 
 def test_adapter_state_dict_shares_storage():
-    m, _ = adapted()
+    m = adapted()
     sd = adapter_state_dict(m)
     layer = m.layers[0].self_attn.q_proj
     assert sd["layers.0.self_attn.q_proj.lora_A"].data_ptr() == layer.lora_A.data_ptr()

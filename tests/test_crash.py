@@ -4,7 +4,7 @@ under a final name complete, and the newest complete checkpoint resumes.
 The child (this file run as a script) trains ``LitTiny`` with ``LoRACallback`` and writes a lot:
 ``ModelCheckpoint(every_n_train_steps=1, save_top_k=-1, save_last=True)`` (``last.ckpt`` is
 overwritten every step) plus two adapter exports per step (``step{N}.safetensors`` and an
-overwritten ``latest.safetensors``). Its ``lora_lightning.checkpoint.os`` is swapped for a proxy
+overwritten ``latest.safetensors``). Its ``lora_lightning.adapter_io.os`` is swapped for a proxy
 that writes every file in 1 KiB chunks with a pause between them, and that, on the ``--hang-nth``-th
 write of ``last.ckpt``, writes half the bytes, drops a ``HANG`` marker and stalls: the parent then
 SIGKILLs it, deterministically mid-write, while the real ``atomic_write_bytes`` (temp file, fsync,
@@ -60,7 +60,7 @@ class _SlowFile:
 
 
 class _SlowOs:
-    """Stands in for ``os`` inside ``lora_lightning.checkpoint``: remembers the temp path opened last."""
+    """Stands in for ``os`` inside ``lora_lightning.adapter_io``: remembers the temp path opened last."""
 
     def __init__(self, out: Path, hang_name: str, hang_nth: int) -> None:
         self.out, self.hang_name, self.hang_nth = out, hang_name, hang_nth
@@ -87,9 +87,9 @@ def child_main(out: Path) -> None:
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    import lora_lightning.checkpoint as ll_checkpoint
+    import lora_lightning.adapter_io as ll_checkpoint
     from lora_lightning import LoRACallback, save_adapter
-    from tiny import LitTiny, tiny_loader, trainer
+    from conftest import LitTiny, tiny_loader, trainer
 
     ll_checkpoint.os = _SlowOs(out, "last.ckpt", HANG_NTH)
 
@@ -175,7 +175,7 @@ def test_newest_complete_checkpoint_resumes_despite_leftover_temp_files(crashed,
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from lora_lightning import LoRACallback, load_adapter
-    from tiny import LitTiny, tiny_batch, tiny_loader, trainer
+    from conftest import LitTiny, tiny_batch, tiny_loader, trainer
 
     ckpt_dir = crashed / "ckpt"
     leftovers = {p.name for p in ckpt_dir.iterdir() if p.name.endswith(".tmp")}
@@ -221,7 +221,7 @@ def test_newest_complete_checkpoint_resumes_despite_leftover_temp_files(crashed,
 
 
 def test_atomic_write_fsyncs_the_file_before_rename_and_the_directory_after(tmp_path, monkeypatch):
-    from lora_lightning.checkpoint import atomic_write_bytes
+    from lora_lightning.adapter_io import atomic_write_bytes
 
     events: list[tuple[str, str]] = []
     real_fsync, real_replace = os.fsync, os.replace

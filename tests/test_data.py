@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_lightning.data import (
+from lora_lightning.app.data import (
     DataError,
     PadCollator,
     TextClassificationDataModule,

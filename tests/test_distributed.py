@@ -26,7 +26,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, Sampler
 
 from lora_lightning import LoRACallback, LoRAConfig, inject_lora, save_adapter
-from tiny import N_LAYERS, LitTiny, randomize_adapters, tiny_loader, trainer
+from conftest import N_LAYERS, LitTiny, randomize_adapters, tiny_loader, trainer
 
 SCRIPT = Path(__file__).with_name("ddp_script.py")
 REPO = SCRIPT.parent.parent
@@ -153,7 +153,7 @@ def test_resume_ddp_checkpoint_on_one_process_matches_two_process_resume(ddp_run
 def test_fsdp_use_orig_params_trains_only_adapters_and_checkpoints_adapter_only(tmp_path):
     from lightning.pytorch.strategies import FSDPStrategy
 
-    from tiny import Block
+    from conftest import Block
 
     model = LitTiny(seed=0)
     base = {k: v.clone() for k, v in model.state_dict().items()}

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lora_lightning import LoRAConfig, inject_lora, lora_layers, merge_lora, plan_injection
-from tiny import randomize_adapters
+from conftest import randomize_adapters
 
 transformers = pytest.importorskip("transformers")
 

@@ -23,9 +23,9 @@ from lora_lightning import (
     save_adapter,
     unmerge_lora,
 )
-from lora_lightning.fused import FUSED_LAYOUTS
+from lora_lightning.targets import FUSED_LAYOUTS
 from lora_lightning.layers import LoRAConv1D, LoRAMultiheadAttention
-from tiny import randomize_adapters
+from conftest import randomize_adapters
 
 transformers = pytest.importorskip("transformers")
 from transformers.pytorch_utils import Conv1D  # noqa: E402

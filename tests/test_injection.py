@@ -17,8 +17,8 @@ from lora_lightning import (
     lora_parameter_count,
     plan_injection,
 )
-from lora_lightning.injection import block_index, compile_pattern, summarize_names
-from tiny import N_LAYERS, tiny_batch, tiny_model
+from lora_lightning.targets import block_index, compile_pattern, summarize_names
+from conftest import N_LAYERS, tiny_batch, tiny_model
 
 
 def names_for(model, **kw):

@@ -17,7 +17,7 @@ from lora_lightning import (
     switch_adapter,
     unmerge_lora,
 )
-from tiny import randomize_adapters, tiny_batch, tiny_model
+from conftest import randomize_adapters, tiny_batch, tiny_model
 
 
 def test_merged_model_matches_adapted_and_unmerge_round_trips():

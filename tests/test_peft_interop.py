@@ -15,7 +15,7 @@ from lora_lightning import (
     inject_lora,
     lora_layers,
 )
-from tiny import randomize_adapters
+from conftest import randomize_adapters
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 import torch
 
 from lora_lightning import LoRALinear, lora_layers
-from tiny import LitTiny, tiny_loader, tiny_model
+from conftest import LitTiny, tiny_loader, tiny_model
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

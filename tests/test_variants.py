@@ -30,7 +30,7 @@ from lora_lightning import (
     unmerge_lora,
 )
 from lora_lightning.errors import AdapterMismatchError
-from tiny import LitTiny, tiny_batch, tiny_loader, tiny_model, trainer
+from conftest import LitTiny, tiny_batch, tiny_loader, tiny_model, trainer
 
 Q_V = ["q", "v"]
 
@@ -40,7 +40,7 @@ def _perturb(model: nn.Module, seed: int = 5, std: float = 0.3) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in lora_layers(model).values():
-            for name in getattr(layer, "lora_trainable_names", ("lora_A", "lora_B")):
+            for name in getattr(layer, "trainable_names", ("lora_A", "lora_B")):
                 p = getattr(layer, name)
                 p.add_(torch.randn(p.shape, generator=g) * std)
 
@@ -228,7 +228,7 @@ def test_quantized_base_error_bound_memory_grads_and_merge(method, tmp_path):
         if not nf4_available():
             pytest.skip("torchao NF4 not importable")
     from lora_lightning.quantization import dequantize, quantization_error_bound
-    from lora_lightning.variants import base_memory
+    from lora_lightning import base_memory
 
     ids, _ = tiny_batch()
     w0 = tiny_model().layers[0].mlp.up_proj.weight.detach().clone()
@@ -264,7 +264,7 @@ def test_quantized_base_error_bound_memory_grads_and_merge(method, tmp_path):
 
 # --------------------------------------------------------------------------- AdaLoRA
 def test_adalora_orthogonality_gradient_matches_independent_autograd():
-    from lora_lightning.adalora import AdaLoRAController, orthogonality_penalty
+    from lora_lightning.variants.adalora import AdaLoRAController, orthogonality_penalty
 
     model = tiny_model()
     inject_lora(model, LoRAConfig(variant="adalora", r=4, adalora_target_r=2, targets=Q_V, adalora_orth_reg=0.3))
@@ -284,7 +284,7 @@ def test_adalora_orthogonality_gradient_matches_independent_autograd():
 
 
 def test_adalora_delta_and_cubic_schedule():
-    from lora_lightning.adalora import cubic_budget
+    from lora_lightning.variants.adalora import cubic_budget
 
     model = tiny_model()
     inject_lora(model, LoRAConfig(variant="adalora", r=4, alpha=8, adalora_target_r=2, targets=["q"]))
@@ -337,7 +337,7 @@ def test_dora_and_vera_train_through_the_callback(tmp_path):
 
         trainer(tmp_path, [cb, Snapshot()], max_steps=3).fit(lit, tiny_loader())
         changed = {n.rpartition(".")[2] for n, p in lit.named_parameters() if not torch.equal(before[n], p.detach())}
-        assert changed == set(next(iter(lora_layers(lit).values())).lora_trainable_names), (variant, changed)
+        assert changed == set(next(iter(lora_layers(lit).values())).trainable_names), (variant, changed)
         assert (tmp_path / f"{variant}.safetensors").is_file()
 
 
@@ -372,7 +372,7 @@ def test_app_variants_experiment_two_variants(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", PYTHONWARNINGS="ignore")
     args = ["-m", "experiment=variants", "data.train_size=32", "data.val_size=32", "logger=none", "progress=none",
             "lora.variant=lora,dora", "seed=1", f"hydra.sweep.dir={tmp_path}/sweep"]
-    res = subprocess.run([sys.executable, "-m", "lora_lightning.train", *args], cwd=tmp_path, env=env,
+    res = subprocess.run([sys.executable, "-m", "lora_lightning.app.train", *args], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     summaries = [json.loads((tmp_path / "sweep" / str(i) / "summary.json").read_text()) for i in range(2)]

@@ -1,5 +1,6 @@
-"""Tiny models built in the tests (no downloads): a plain-PyTorch transformer with separate
-q/k/v/o projections, a BERT-named tree, and a LightningModule around the former."""
+"""Shared test helpers (no downloads): a tiny plain-PyTorch transformer with separate q/k/v/o
+projections and a LightningModule around it, tiny random Hugging Face models, and the helpers
+tests use to adapt, snapshot and compare models. Test files import them with ``from conftest import``."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+from lora_lightning import LoRAConfig, inject_lora, lora_layers
 
 D_MODEL, N_HEADS, N_LAYERS, VOCAB, N_CLASSES, SEQ = 16, 2, 3, 50, 3, 6
 
@@ -68,13 +71,62 @@ def tiny_batch(n: int = 8, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def randomize_adapters(model: nn.Module, seed: int = 3, std: float = 0.5) -> None:
-    """Give B non-zero values so ΔW != 0 (as after training)."""
-    from lora_lightning import lora_layers
-
+    """Give ``B`` random values (or, for a variant without a trainable ``B``, every trainable adapter
+    tensor) so ΔW != 0, as after training."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in lora_layers(model).values():
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * std)
+            for name in ("lora_B",) if "lora_B" in layer.trainable_names else layer.trainable_names:
+                p = getattr(layer, name)
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * std)
+
+
+def adapted(seed: int = 0, **kw) -> TinyTransformer:
+    """A tiny transformer with LoRA (default r=4 on q, v; ``kw`` overrides) and random adapters."""
+    model = tiny_model(seed)
+    inject_lora(model, LoRAConfig(**(dict(r=4, targets=["q", "v"]) | kw)))
+    randomize_adapters(model)
+    return model
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every state-dict tensor."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    """``model`` holds exactly the keys and values of ``before`` (a :func:`snapshot`)."""
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        assert torch.equal(after[k], v), f"{k} changed"
+
+
+def lora_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the ``lora_A``/``lora_B`` tensors in ``module``'s state dict."""
+    return {k: v.detach().clone() for k, v in module.state_dict().items() if ".lora_" in k}
+
+
+def tiny_bert_classifier(num_labels: int = 2, seed: int = 0, vocab_size: int = 100) -> nn.Module:
+    """A randomly initialised 2-layer BertForSequenceClassification (hidden 32); global RNG untouched."""
+    import transformers
+
+    config = transformers.BertConfig(
+        vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=128, num_labels=num_labels,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return transformers.BertForSequenceClassification(config)
+
+
+def tiny_gpt2(seed: int = 0, d: int = 16, heads: int = 2, vocab: int = 40, lm_head: bool = False) -> nn.Module:
+    """A randomly initialised 2-layer GPT-2 (Conv1D layers, fused ``c_attn``), in eval mode."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=d, n_head=heads, vocab_size=vocab, n_positions=16, bos_token_id=0, eos_token_id=0)
+    return (transformers.GPT2LMHeadModel if lm_head else transformers.GPT2Model)(cfg).eval()
 
 
 class LitTiny(pl.LightningModule):

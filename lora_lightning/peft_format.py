@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
-from .checkpoint import atomic_write_bytes
+from .adapter_io import atomic_write_bytes
 from .config import LoRAConfig
 from .errors import AdapterFileError, AdapterMismatchError, AlreadyInjectedError, LoRAConfigError
 from .injection import get_lora_state, has_lora, inject_lora, lora_layers
@@ -60,19 +60,6 @@ def _relative(name: str, submodule: str) -> str:
     return name[len(prefix) :]
 
 
-def _peft_weights(layer: Any) -> tuple[Tensor, Tensor]:
-    """``(A', B')`` of one layer as a whole-module PEFT adapter (block-structured B' for fused layers)."""
-    A, B = layer.lora_A.detach(), layer.lora_B.detach()
-    if layer.fused is None:
-        return A, B
-    r, n = layer.r, len(layer.fused.adapted)
-    full_b = B.new_zeros(layer.fused.d_out, n * r)
-    for _, start, size, i, b in layer.fused.segments():
-        if i is not None:
-            full_b[start : start + size, i * r : (i + 1) * r] = B[b : b + size]
-    return A, full_b
-
-
 def export_peft_adapter(
     model: nn.Module,
     directory: str | os.PathLike,
@@ -91,6 +78,11 @@ def export_peft_adapter(
         raise LoRAConfigError(
             f"bias={config.bias!r}: exporting trained biases to PEFT is not supported; train with bias='none'"
         )
+    if config.variant != "lora" or config.quantize_base is not None:
+        raise LoRAConfigError(
+            f"variant={config.variant!r} / quantize_base={config.quantize_base!r}: only plain LoRA adapters have an exact "
+            "PEFT LoRA equivalent here; save with save_adapter(), or merge_and_unload() for a plain model"
+        )
     layers = lora_layers(model)
     mha = [n for n, m in model.named_modules() if isinstance(m, LoRAMultiheadAttention)]
     if mha:
@@ -107,7 +99,7 @@ def export_peft_adapter(
     fan_in_fan_out = []
     for name, layer in layers.items():
         rel = _relative(name, submodule)
-        A, B = _peft_weights(layer)
+        A, B, _ = (t.detach() if isinstance(t, Tensor) else t for t in layer.factors())  # fused: block-structured B'
         r_eff = A.shape[0]
         alpha_eff = layer.scaling * (math.sqrt(r_eff) if config.use_rslora else r_eff)
         tensors[f"{PEFT_PREFIX}{rel}.lora_A.weight"] = A

@@ -1,6 +1,6 @@
 """AdaLoRA's rank allocation (Zhang et al. 2023, arXiv 2303.10512, §3.2-3.3, Alg. 1).
 
-Each adapted matrix has ``ΔW = s·P·diag(λ)·Q`` (:class:`~lora_lightning.variants.AdaLoRALinear`).
+Each adapted matrix has ``ΔW = s·P·diag(λ)·Q`` (:class:`AdaLoRALinear`).
 After every optimizer step the controller
 
 1. updates, per entry ``w`` of ``P``, ``λ``, ``Q``, the sensitivity ``I = |w·∂L/∂w|`` smoothed as
@@ -12,20 +12,102 @@ After every optimizer step the controller
 
 Before every optimizer step it adds ``orth_reg · ∇(Σ ||PᵀP - I||²_F + ||QQᵀ - I||²_F)`` to the
 gradients — the same as adding the penalty to the loss, without changing the user's ``training_step``.
-:class:`~lora_lightning.LoRACallback` owns a controller when ``variant='adalora'``; in plain PyTorch
+:class:`~lora_lightning.LoRACallback` drives it through the variant's training hooks; in plain PyTorch
 call :meth:`AdaLoRAController.before_optimizer_step` and :meth:`AdaLoRAController.after_optimizer_step`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from .config import LoRAConfig
-from .errors import LoRAConfigError
-from .variants import AdaLoRALinear
+from ..config import LoRAConfig, check_fraction, check_rank
+from ..errors import LoRAConfigError
+from ..layers import LoRALinear
+from .registry import Variant, register_variant
+
+if TYPE_CHECKING:
+    from ..targets import AdapterSpec
+
+
+@dataclass
+class AdaLoRAConfig(LoRAConfig):
+    """AdaLoRA's schedule: ``r`` is the initial rank per matrix, ``adalora_target_r`` the final average
+    rank (total budget ``target_r x matrices``); full budget for the first ``tinit`` fraction of steps,
+    cubic decrease, final budget for the last ``tfinal`` fraction; masks recomputed every ``delta_t``
+    steps; EMA factors ``beta1``/``beta2`` of importance and uncertainty; ``orth_reg`` weight of
+    ``||PᵀP-I||²+||QQᵀ-I||²``; ``total_steps`` (``None`` = the Trainer's estimated stepping batches)."""
+
+    variant: str = "adalora"
+    adalora_target_r: int = 4
+    adalora_tinit: float = 0.1
+    adalora_tfinal: float = 0.2
+    adalora_delta_t: int = 1
+    adalora_beta1: float = 0.85
+    adalora_beta2: float = 0.85
+    adalora_orth_reg: float = 0.1
+    adalora_total_steps: int | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        check_rank(self.adalora_target_r, "adalora_target_r")
+        if self.adalora_target_r > min([self.r, *self.rank_pattern.values()]):
+            raise LoRAConfigError(
+                f"adalora_target_r={self.adalora_target_r} exceeds the initial rank r={self.r}: AdaLoRA prunes from r "
+                "down to the target, so set adalora_target_r <= r (e.g. r=12, adalora_target_r=8)"
+            )
+        check_fraction(self.adalora_tinit, "adalora_tinit", "a fraction of the training steps")
+        check_fraction(self.adalora_tfinal, "adalora_tfinal", "a fraction of the training steps")
+        if self.adalora_tinit + self.adalora_tfinal >= 1.0:
+            raise LoRAConfigError(
+                f"adalora_tinit + adalora_tfinal = {self.adalora_tinit + self.adalora_tfinal:g} >= 1 leaves no steps to "
+                "prune in: lower them (defaults 0.1 and 0.2)"
+            )
+        check_rank(self.adalora_delta_t, "adalora_delta_t")
+        check_fraction(self.adalora_beta1, "adalora_beta1", "an EMA factor (e.g. 0.85)")
+        check_fraction(self.adalora_beta2, "adalora_beta2", "an EMA factor (e.g. 0.85)")
+        reg = self.adalora_orth_reg
+        if isinstance(reg, bool) or not isinstance(reg, (int, float)) or reg < 0:
+            raise LoRAConfigError(f"adalora_orth_reg={reg!r} must be a number >= 0 (PEFT uses 0.5)")
+        if self.adalora_total_steps is not None:
+            check_rank(self.adalora_total_steps, "adalora_total_steps")
+
+
+class AdaLoRALinear(LoRALinear):
+    """``ΔW = s·P·diag(λ)·Q`` with ``P = lora_B (d_out x r)``, ``λ = lora_E (r)``, ``Q = lora_A (r x d_in)``;
+    ``P, Q ~ N(0, 0.02²)``, ``λ = 0``. As factors: ``A' = λ ⊙ Q``, ``B' = P``. :class:`AdaLoRAController`
+    zeroes entries of ``λ`` by importance until the total rank budget is met and adds the
+    orthogonality penalty's gradient."""
+
+    variant_name = "adalora"
+    trainable_names = ("lora_A", "lora_B", "lora_E")
+    adapter_names = ("lora_A", "lora_B", "lora_E")
+
+    def __init__(self, base: nn.Linear, *args, **kwargs) -> None:
+        super().__init__(base, *args, **kwargs)
+        self.lora_E = nn.Parameter(torch.zeros(self.r, dtype=self.lora_A.dtype, device=self.lora_A.device))
+        with torch.no_grad():
+            nn.init.normal_(self.lora_A, std=0.02)
+            nn.init.normal_(self.lora_B, std=0.02)
+
+    def factors(self) -> tuple[Tensor, Tensor, float]:
+        return self.lora_A * self.lora_E[:, None], self.lora_B, self.scaling
+
+    def orthogonality_penalty(self) -> Tensor:
+        """``||PᵀP - I||²_F + ||QQᵀ - I||²_F`` (differentiable scalar)."""
+        eye = torch.eye(self.r, dtype=self.lora_A.dtype, device=self.lora_A.device)
+        return ((self.lora_B.T @ self.lora_B - eye) ** 2).sum() + ((self.lora_A @ self.lora_A.T - eye) ** 2).sum()
+
+    def rank(self) -> int:
+        """Entries of ``λ`` not pruned (non-zero)."""
+        return int((self.lora_E.detach() != 0).sum())
+
+
+def adalora_layers(model: nn.Module) -> dict[str, AdaLoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, AdaLoRALinear)}
 
 
 def orthogonality_penalty(model: nn.Module) -> Tensor:
@@ -34,10 +116,6 @@ def orthogonality_penalty(model: nn.Module) -> Tensor:
     if not layers:
         raise LoRAConfigError("the model has no AdaLoRA layers: inject with LoRAConfig(variant='adalora')")
     return torch.stack([layer.orthogonality_penalty() for layer in layers.values()]).sum()
-
-
-def adalora_layers(model: nn.Module) -> dict[str, AdaLoRALinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, AdaLoRALinear)}
 
 
 def cubic_budget(step: int, total_steps: int, initial: int, target: int, tinit: int, tfinal: int) -> int:
@@ -167,53 +245,51 @@ class AdaLoRAController:
         return sum(self.ranks().values())
 
 
-__all__ = ["AdaLoRAController", "adalora_layers", "cubic_budget", "orthogonality_penalty"]
-
-
 class AdaLoRAHooks:
-    """The Lightning side of :class:`AdaLoRAController`, driven by :class:`~lora_lightning.LoRACallback`:
-    the penalty gradient in ``on_before_optimizer_step``, importance update + pruning in
-    ``on_train_batch_end`` once per optimizer step, final ranks logged in ``on_fit_end``
-    (``adalora/rank/<module>``) and kept in :attr:`final_ranks` (``{module: rank}``)."""
+    """:class:`AdaLoRAController` as a variant's training hooks: the penalty gradient before every
+    optimizer step, importance update + pruning after it, the final ranks at the end
+    (``adalora/rank/<module>``, kept in :attr:`final_ranks`)."""
 
-    def __init__(self, trainer: Any, pl_module: nn.Module, config: LoRAConfig) -> None:
-        estimated = trainer.estimated_stepping_batches
-        total = int(estimated) if estimated not in (None, float("inf")) else None
-        self.controller = AdaLoRAController(pl_module, config, total)
-        self.last_step = trainer.global_step
-        self.penalty: float | None = None
+    def __init__(self, model: nn.Module, config: AdaLoRAConfig, total_steps: int | None) -> None:
+        self.controller = AdaLoRAController(model, config, total_steps)
         self.final_ranks: dict[str, int] = {}
+        self._penalty: float | None = None
 
-    def on_before_optimizer_step(self, trainer: Any, pl_module: nn.Module) -> None:
+    def before_optimizer_step(self) -> dict[str, float]:
         penalty = self.controller.before_optimizer_step()
-        self.penalty = None if penalty is None else float(penalty)
+        self._penalty = None if penalty is None else float(penalty)
+        return {}
 
-    def on_train_batch_end(self, trainer: Any, pl_module: nn.Module) -> None:
-        step = trainer.global_step
-        if step == self.last_step:  # gradient accumulation: no optimizer step in this batch
-            return
-        self.last_step = step
+    def after_optimizer_step(self, step: int) -> dict[str, float]:
         n_allocations = len(self.controller.history)
-        total = self.controller.after_optimizer_step(step)
-        metrics: dict[str, float] = {"adalora/total_rank": float(total)}
-        if self.penalty is not None:
-            metrics["adalora/orth_penalty"] = self.penalty
+        metrics: dict[str, float] = {"adalora/total_rank": float(self.controller.after_optimizer_step(step))}
+        if self._penalty is not None:
+            metrics["adalora/orth_penalty"] = self._penalty
         if len(self.controller.history) != n_allocations:
             metrics["adalora/budget"] = float(self.controller.history[-1]["budget"])
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+        return metrics
 
-    def on_fit_end(self, trainer: Any, pl_module: nn.Module) -> None:
+    def at_end(self) -> dict[str, float]:
         self.final_ranks = self.controller.ranks()
-        metrics = {f"adalora/rank/{n}": float(r) for n, r in self.final_ranks.items()}
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+        return {f"adalora/rank/{n}": float(r) for n, r in self.final_ranks.items()}
 
     def summary(self) -> dict[str, Any]:
         ranks = self.final_ranks or self.controller.ranks()
         return {"adalora_ranks": ranks, "adalora_total_rank": sum(ranks.values())}
 
 
-def variant_hooks(trainer: Any, pl_module: nn.Module, config: LoRAConfig) -> AdaLoRAHooks | None:
-    """The training-time hooks a variant needs (AdaLoRA only), or ``None``."""
-    return AdaLoRAHooks(trainer, pl_module, config) if config.variant == "adalora" else None
+@register_variant("adalora")
+class AdaLoRA(Variant):
+    """Trainable ``r·(d_in + d_out) + r`` per matrix (``P``, ``Q`` and ``λ``)."""
+
+    config_class = AdaLoRAConfig
+    layer_class = AdaLoRALinear
+
+    @classmethod
+    def num_params(cls, spec: "AdapterSpec") -> int:
+        return super().num_params(spec) + spec.r
+
+    @classmethod
+    def training_hooks(cls, model: nn.Module, config: LoRAConfig, total_steps: int | None) -> AdaLoRAHooks:
+        assert isinstance(config, AdaLoRAConfig)
+        return AdaLoRAHooks(model, config, total_steps)

@@ -1,0 +1,356 @@
+"""Adapter files: adapter-only state dicts, ``.safetensors`` files with the LoRA record inside,
+loading (checked against the model), switching between task adapters, and the merged export.
+
+An adapter file holds the adapter tensors (``lora_A``/``lora_B`` or a variant's own, trainable
+biases, ``modules_to_save``) and, in the safetensors metadata, the :class:`~lora_lightning.record.LoRAState`
+(config, per-module structure, base fingerprint). Every write is atomic: temp file in the target
+folder, fsync, rename, fsync of the folder; a failed write leaves the previous file as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_dumps
+from torch import Tensor, nn
+
+from .config import LoRAConfig
+from .errors import AdapterFileError, AdapterMismatchError, LoRAConfigError, MergeStateError
+from .injection import (
+    STATE_ATTR,
+    adapter_param_names,
+    describe,
+    get_lora_state,
+    has_lora,
+    inject_lora,
+    lora_layers,
+    mark_trainable,
+    remove_lora,
+    set_submodule,
+    _guard_transformer_encoders,
+)
+from .layers import is_lora_module
+from .merging import is_merged, merge_lora, merged_state_dict, unmerge_lora
+from .record import FORMAT, FORMAT_VERSION, LoRAState, align_names, base_fingerprint, check_compatible, check_fingerprint
+from .targets import plan_injection, resolve_modules_to_save
+
+LOAD_HINT = "pass on_base_mismatch='warn' (or 'ignore') to load_adapter/switch_adapter"
+
+
+# --------------------------------------------------------------------------- files
+def _create_temp(path: Path) -> tuple[int, str]:
+    """A new hidden ``.{name}.{random}.tmp`` file beside ``path``. Created with mode 0o666 minus the
+    umask, like ``open(path, "wb")`` would (``tempfile.mkstemp`` would make the final file 0o600)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:  # pragma: no cover - 48 random bits
+            continue
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` so that ``path`` is either the old file or the complete new one."""
+    path = Path(path)
+    if path.is_dir():
+        raise AdapterFileError(f"{str(path)!r} is a directory; give a file path such as {str(path / 'adapter.safetensors')!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = _create_temp(path)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(exc, OSError):  # e.g. ENOSPC: say which file, and that nothing was half-written
+            exc.add_note(f"while writing {str(path)!r}: the previous file there (if any) is unchanged, no partial file was left")
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:  # pragma: no cover - some filesystems refuse fsync on directories
+        pass
+    return path
+
+
+def check_output_path(path: str | os.PathLike, what: str) -> Path:
+    """Fail now, not after training, if ``path`` cannot be written: a directory, or a folder that
+    cannot be created or written. Creates nothing."""
+    path = Path(path)
+    if path.is_dir():
+        raise AdapterFileError(f"{what}={str(path)!r} is a directory; give a file path such as {str(path / 'adapter.safetensors')!r}")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise AdapterFileError(f"{what}={str(path)!r} cannot be written: {str(parent)!r} is not a writable folder")
+    return path
+
+
+def _cpu_contiguous(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+
+
+# --------------------------------------------------------------------------- saving
+def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The adapter tensors of an injected model, keyed like ``model.state_dict()`` (no copies)."""
+    keys = set(adapter_param_names(model))
+    return {k: v for k, v in model.state_dict().items() if k in keys}
+
+
+def adapter_metadata(model: nn.Module) -> dict[str, str]:
+    """String metadata describing the adapter: format, the LoRA record, and its config on its own."""
+    state = get_lora_state(model)
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "lora_config": state.config.to_json(),
+        "lora_record": json.dumps(state.to_dict(), sort_keys=True),
+    }
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, extra_metadata: Mapping[str, str] | None = None) -> Path:
+    """Write the adapter of ``model`` to a ``.safetensors`` file (atomically). Returns the path."""
+    tensors = _cpu_contiguous(adapter_state_dict(model))
+    metadata = adapter_metadata(model) | {k: str(v) for k, v in (extra_metadata or {}).items()}
+    return atomic_write_bytes(path, safetensors_dumps(tensors, metadata=metadata))
+
+
+def save_merged_model(
+    model: nn.Module, path: str | os.PathLike, metadata: Mapping[str, str] | None = None, submodule: str = ""
+) -> Path:
+    """Write the merged full model (base keys, ΔW folded in) to ``.safetensors`` atomically."""
+    tensors = _cpu_contiguous(merged_state_dict(model, submodule))
+    meta = {"format": "lora_lightning_merged", "lora_config": get_lora_state(model).config.to_json()}
+    return atomic_write_bytes(path, safetensors_dumps(tensors, metadata=meta | dict(metadata or {})))
+
+
+# --------------------------------------------------------------------------- reading
+def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Tensors and metadata of an adapter file; clear errors for missing / corrupt / foreign files."""
+    path = Path(path)
+    if not path.is_file():
+        what = "is a directory, not an adapter file" if path.is_dir() else "does not exist"
+        raise AdapterFileError(f"adapter file {str(path)!r} {what}; check the path (adapters end in .safetensors)")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise AdapterFileError(
+            f"{str(path)!r} is not a readable safetensors file (truncated or corrupt?): {exc}. "
+            "Re-export the adapter with save_adapter()"
+        ) from None
+    if metadata.get("format") != FORMAT or "lora_config" not in metadata:
+        raise AdapterFileError(
+            f"{str(path)!r} is a safetensors file but not a lora_lightning adapter (no 'lora_config' metadata); "
+            "for a PEFT adapter directory use import_peft_adapter()"
+        )
+    return tensors, metadata
+
+
+def record_from_metadata(metadata: Mapping[str, str], path: str | os.PathLike) -> LoRAState:
+    """The :class:`LoRAState` in an adapter file's metadata (this format, or version 1's keys)."""
+    try:
+        if "lora_record" in metadata:
+            return LoRAState.from_dict(json.loads(metadata["lora_record"]))
+        return LoRAState.from_dict(
+            {
+                "config": json.loads(metadata["lora_config"]),
+                "adapted_modules": json.loads(metadata.get("adapted_modules") or "[]"),
+                "fingerprint": json.loads(metadata.get("base_fingerprint") or "{}"),
+            }
+        )
+    except (LoRAConfigError, ValueError, KeyError, TypeError) as exc:
+        raise AdapterFileError(f"{str(path)!r} holds an invalid LoRA record: {exc}") from None
+
+
+def read_adapter_config(path: str | os.PathLike) -> LoRAConfig:
+    """The :class:`LoRAConfig` stored in an adapter file."""
+    _, metadata = read_adapter(path)
+    return record_from_metadata(metadata, path).config
+
+
+# --------------------------------------------------------------------------- loading
+def _matched_tensors(model: nn.Module, tensors: Mapping[str, Tensor], source: str) -> dict[str, Tensor]:
+    """``tensors`` keyed like the model's adapter keys; raises before any change if keys or shapes differ."""
+    if any(layer.merged for layer in lora_layers(model).values()):
+        raise MergeStateError(
+            "the model's adapters are merged into the base weights; loading new adapter weights now would leave "
+            "the old ΔW inside W0. Call unmerge_lora(model) first, or use switch_adapter()"
+        )
+    wanted = adapter_param_names(model)
+    mapping = align_names(list(tensors), wanted) or {k: k for k in tensors}
+    got = {mapping[k]: v for k, v in tensors.items()}
+    missing = [k for k in wanted if k not in got]
+    unexpected = [k for k in got if k not in set(wanted)]
+    params = model.state_dict()
+    shape_errors = [
+        f"{k}: {tuple(got[k].shape)} in {source} vs {tuple(params[k].shape)} in model"
+        for k in wanted
+        if k in got and tuple(got[k].shape) != tuple(params[k].shape)
+    ]
+    if missing or unexpected or shape_errors:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} key(s), e.g. {missing[:3]}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} key(s), e.g. {unexpected[:3]}")
+        if shape_errors:
+            parts.append(f"shape mismatch: {'; '.join(shape_errors[:3])}")
+        raise AdapterMismatchError(
+            f"the {source} does not fit this model ({' | '.join(parts)}). It was made for other targets, ranks or "
+            "another architecture: inject with the adapter's own config (load onto a model without adapters)"
+        )
+    return got
+
+
+def load_adapter_state(model: nn.Module, tensors: Mapping[str, Tensor], source: str = "adapter") -> None:
+    """Copy adapter tensors into an injected model after checking keys and shapes."""
+    got = _matched_tensors(model, tensors, source)
+    params = model.state_dict()
+    with torch.no_grad():
+        for k, v in got.items():
+            params[k].copy_(v.to(device=params[k].device, dtype=params[k].dtype))
+
+
+def planned_state(model: nn.Module, config: LoRAConfig) -> LoRAState:
+    """The record injecting ``config`` into ``model`` would leave, without changing the model. Works on
+    an injected model too: planning sees through adapters, and the fingerprint samples of matrices
+    adapted now come from the model's record (taken before any merge)."""
+    specs = plan_injection(model, config)
+    names = sorted(s.name for s in specs)
+    current = getattr(model, STATE_ATTR, None)
+    recorded: dict[str, tuple] = {}
+    if current is not None:
+        fp = current.fingerprint
+        samples = fp.get("samples") or [None] * len(fp.get("names", []))
+        recorded = {n: (shape, smp) for n, shape, smp in zip(fp.get("names", []), fp.get("shapes", []), samples)}
+    fresh = base_fingerprint(model, [n for n in names if n not in recorded])
+    entries = dict(zip(fresh["names"], zip(fresh["shapes"], fresh["samples"] or [None] * len(fresh["names"]))))
+    entries.update({n: recorded[n] for n in names if n in recorded})
+    samples = [entries[n][1] for n in names]
+    fingerprint = {
+        "names": names,
+        "shapes": [list(entries[n][0]) for n in names],
+        "samples": None if any(smp is None for smp in samples) else samples,
+    }
+    saved = resolve_modules_to_save(model, config.modules_to_save) if config.modules_to_save else []
+    return LoRAState(config, {s.name: s.structure() for s in specs}, saved, fingerprint)
+
+
+def load_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    on_base_mismatch: str = "raise",
+) -> LoRAConfig:
+    """Load an adapter file into ``model``; returns the adapter's config.
+
+    A model without adapters is injected with the file's config first; a model with adapters must
+    hold the same adapter structure. The base fingerprint is checked (``on_base_mismatch``:
+    ``raise`` | ``warn`` | ``ignore``). Nothing changes when anything does not fit.
+    """
+    tensors, metadata = read_adapter(path)
+    saved = record_from_metadata(metadata, path)
+    name = f"adapter {Path(path).name}"
+    if has_lora(model):
+        state = get_lora_state(model)
+        check_compatible(saved, state, source=name)
+        check_fingerprint(saved.fingerprint, state.fingerprint, on_base_mismatch, name, LOAD_HINT)
+        load_adapter_state(model, tensors, source=name)
+        return saved.config
+    planned = planned_state(model, saved.config)
+    check_compatible(saved, planned, source=name)
+    check_fingerprint(saved.fingerprint, planned.fingerprint, on_base_mismatch, name, LOAD_HINT)
+    inject_lora(model, saved.config)
+    try:
+        load_adapter_state(model, tensors, source=name)
+    except BaseException:
+        remove_lora(model)
+        raise
+    return saved.config
+
+
+@contextmanager
+def unchanged_on_error(model: nn.Module) -> Iterator[None]:
+    """Undo every adapter change made inside the block if it raises: the LoRA modules, their tensors,
+    merged state and merged base weights, the record and ``requires_grad`` flags come back exactly."""
+    state = getattr(model, STATE_ATTR, None)
+    modules = [(n, m) for n, m in model.named_modules() if is_lora_module(m)]
+    layers = lora_layers(model)
+    merged = {n: layer.merged for n, layer in layers.items()}
+    # adapter tensors always; a base weight only if merged (unmerge + merge is exact only to round-off)
+    snapshot = [
+        (getattr(layer, leaf), getattr(layer, leaf).detach().clone())
+        for n, layer in layers.items()
+        for leaf in layer.state_names + ((layer.base_weight_name,) if layer.merged else ())
+        if isinstance(getattr(layer, leaf, None), Tensor)
+    ]
+    specs = describe(model)
+    try:
+        yield
+    except BaseException:
+        if getattr(model, STATE_ATTR, None) is not None:
+            remove_lora(model)
+        for name, module in sorted(modules, key=lambda nm: nm[0].count(".")):  # parents first
+            set_submodule(model, name, module)
+        if state is not None:
+            object.__setattr__(model, STATE_ATTR, state)
+            _guard_transformer_encoders(model, specs)
+            with torch.no_grad():
+                for tensor, value in snapshot:
+                    tensor.copy_(value)
+            for n, layer in lora_layers(model).items():
+                layer.merged = merged[n]
+            mark_trainable(model, state)
+        raise
+
+
+def switch_adapter(model: nn.Module, path: str | os.PathLike, *, on_base_mismatch: str = "raise") -> nn.Module:
+    """Replace the current adapter by the one in ``path``, keeping the merged/unmerged state.
+
+    An adapter of another structure (targets, ranks, variant) replaces the LoRA layers. Everything is
+    checked before the model changes, and on any error the model is exactly as before.
+    """
+    if not has_lora(model):
+        load_adapter(model, path, on_base_mismatch=on_base_mismatch)
+        return model
+    tensors, metadata = read_adapter(path)
+    saved = record_from_metadata(metadata, path)
+    name = f"adapter {Path(path).name}"
+    state = get_lora_state(model)
+    try:
+        check_compatible(saved, state, source=name)
+        same = True
+    except AdapterMismatchError:
+        same = False
+    target = state if same else planned_state(model, saved.config)
+    if not same:
+        check_compatible(saved, target, source=name)
+    check_fingerprint(saved.fingerprint, target.fingerprint, on_base_mismatch, name, LOAD_HINT)
+    was_merged = is_merged(model)
+    with unchanged_on_error(model):
+        if was_merged:
+            unmerge_lora(model)
+        if not same:
+            remove_lora(model)
+            inject_lora(model, saved.config)
+        load_adapter_state(model, tensors, source=name)
+        if was_merged:
+            merge_lora(model)
+    return model

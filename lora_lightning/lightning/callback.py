@@ -1,0 +1,376 @@
+"""``LoRACallback``: LoRA for any LightningModule, as a Trainer callback.
+
+Timing (``Trainer._run``): ``setup`` hooks -> ``configure_model`` -> checkpoint restore ->
+``strategy.setup`` (precision cast, optimizers built, DDP wrap) -> ``on_fit_start``. The callback
+injects in ``setup`` — or right after ``configure_model`` when the module builds its layers there —
+so a restored checkpoint finds the adapters, the optimizer only ever sees the adapter parameters
+and DDP wraps the adapted model. Injecting in ``on_fit_start`` would be too late.
+
+A module may meet several fits, callbacks and checkpoints (fit then test, a second fit, a new
+callback on the same module). The callback looks at what the module holds: adapters of the same
+structure are reused (unmerged for training if they were merged), other adapters are an error
+before anything runs (or replaced with ``replace_existing=True``), and ``init_adapter`` is applied
+once per module.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+import weakref
+from pathlib import Path
+from typing import Any, Mapping
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
+
+from ..adapter_io import check_output_path, load_adapter, planned_state, read_adapter, save_adapter, save_merged_model
+from ..config import _VARIANT_CONFIGS, LoRAConfig, all_option_defaults
+from ..errors import AdapterMismatchError, LoRAConfigError, NoAdapterGradientError, NonFiniteError
+from ..gradients import adapters_without_grad, make_inputs_require_grad, uses_activation_checkpointing
+from ..injection import count_parameters, get_lora_state, has_lora, inject_lora, lora_layers, mark_trainable, remove_lora
+from ..merging import merge_lora, unmerge_lora
+from ..record import ON_MISMATCH, differences
+from ..variants.registry import get_variant
+from .checkpoints import (
+    AtomicCheckpointIO,
+    CheckpointOptions,
+    _RunAfter,
+    ensure_checkpoint_hooks,
+    set_checkpoint_options,
+)
+
+_CALLBACK = "_lora_lightning_callback"
+_CONFIGURE_HOOKED = "_lora_lightning_configure_hooked"
+_HALF_PRECISIONS = ("16-true", "bf16-true", "transformer-engine")
+
+
+class _CallbackRef:
+    """A weak reference to the module's current ``LoRACallback`` that survives pickling as an empty
+    one (``ddp_spawn`` pickles the module; the worker's ``setup`` points it at the worker's callback)."""
+
+    def __init__(self, callback: "LoRACallback") -> None:
+        self._ref: weakref.ReferenceType | None = weakref.ref(callback)
+
+    def __call__(self) -> "LoRACallback | None":
+        return self._ref() if self._ref is not None else None
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self._ref = None
+
+
+class _PrepareAfterConfigure:
+    """Runs after the module's ``configure_model``: the current ``LoRACallback`` prepares the module."""
+
+    def __init__(self, module: pl.LightningModule) -> None:
+        self.module = module
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        ref = getattr(self.module, _CALLBACK, None)
+        callback = ref() if ref is not None else None
+        if callback is not None:
+            callback._prepare(self.module)
+
+
+class LoRACallback(Callback):
+    """Inject rank-r adapters ``W0 + (alpha/r)·B·A`` when fitting is set up, train only them, and keep
+    Lightning checkpoints adapter-only (with the LoRA record, so every load gives the trained model).
+
+    LoRA options are those of :class:`~lora_lightning.LoRAConfig` and of every registered variant
+    (``r``, ``alpha``, ``targets``, ..., ``vera_seed``, ``adalora_target_r``), given as a config
+    object/dict or as keyword arguments (convenient from YAML / ``LightningCLI``); a keyword given
+    as ``None`` leaves the config's value. Other options:
+
+    Args:
+        adapter_only_checkpoints: checkpoints hold only adapter tensors (+ ``modules_to_save``) and
+            the LoRA record; loading refills the base weights from the model itself.
+        atomic_checkpoints: replace the default checkpoint writer by :class:`AtomicCheckpointIO`.
+        init_adapter: ``.safetensors`` adapter loaded right after injection (warm start / eval); read
+            and checked at setup, applied once per module.
+        merge_on_fit_end: fold the adapters into the base weights when ``fit`` ends (a later fit
+            unmerges them again; a later test/validate with ``ckpt_path`` loads into the unmerged model).
+        export_adapter / export_merged: write the adapter / the merged full model to this
+            ``.safetensors`` path when ``fit`` ends (checked to be writable at setup).
+        export_module: attribute path of the network inside the LightningModule (e.g. ``"model"``):
+            the merged export is keyed relative to it, loadable by the bare network.
+        on_base_mismatch: ``raise`` | ``warn`` | ``ignore`` when a loaded adapter/checkpoint was
+            trained on other base weights.
+        replace_existing: the module already holds adapters of another structure (an earlier fit
+            with other settings): replace them with new ones instead of raising.
+        inputs_require_grad: make the activations entering adapted blocks require grad, which
+            reentrant activation checkpointing needs for the adapters to get any gradient. ``"auto"``
+            does it when a Hugging Face submodule has gradient checkpointing on, and otherwise stops
+            the first step that leaves every adapter without a gradient with an error naming this.
+        check_finite: raise :class:`~lora_lightning.NonFiniteError` naming the step as soon as the
+            training loss (before ``backward``, so the adapters stay finite) or a trainable parameter
+            (after the optimizer step, before any checkpoint callback runs) is NaN/inf. Costs one
+            scalar device sync per step (plus one all-reduce under DDP/FSDP so every rank stops together).
+    """
+
+    def __init__(
+        self,
+        config: LoRAConfig | Mapping[str, Any] | None = None,
+        *,
+        adapter_only_checkpoints: bool = True,
+        atomic_checkpoints: bool = True,
+        init_adapter: str | None = None,
+        merge_on_fit_end: bool = False,
+        export_adapter: str | None = None,
+        export_merged: str | None = None,
+        export_module: str = "",
+        on_base_mismatch: str = "raise",
+        replace_existing: bool = False,
+        inputs_require_grad: bool | str = "auto",
+        check_finite: bool = True,
+        verbose: bool = True,
+        **lora_options: Any,
+    ) -> None:
+        if on_base_mismatch not in ON_MISMATCH:
+            raise LoRAConfigError(f"on_base_mismatch={on_base_mismatch!r} must be one of {ON_MISMATCH}")
+        if inputs_require_grad not in (True, False, "auto"):
+            raise LoRAConfigError(f"inputs_require_grad={inputs_require_grad!r} must be True, False or 'auto'")
+        base = config.to_dict() if isinstance(config, LoRAConfig) else dict(config or {})
+        self.config = LoRAConfig.from_dict(base | {k: v for k, v in lora_options.items() if v is not None})
+        self.adapter_only_checkpoints = adapter_only_checkpoints
+        self.atomic_checkpoints = atomic_checkpoints
+        self.init_adapter = init_adapter
+        self.merge_on_fit_end = merge_on_fit_end
+        self.export_adapter = export_adapter
+        self.export_merged = export_merged
+        self.export_module = export_module
+        self.on_base_mismatch = on_base_mismatch
+        self.replace_existing = replace_existing
+        self.inputs_require_grad = inputs_require_grad
+        self.check_finite = check_finite
+        self.verbose = verbose
+        self.variant_hooks: Any = None  # a variant's training hooks (AdaLoRA's rank schedule), else None
+        self._trainable: list[tuple[str, torch.Tensor]] = []
+        self._batch_idx = 0
+        self._last_step = -1
+        self._grad_checked = False
+        self._input_hooks: list[Any] = []
+        self._init_applied: weakref.WeakSet = weakref.WeakSet()
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.atomic_checkpoints and type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        if stage == "fit":  # fail now, not after training
+            for what in ("export_adapter", "export_merged"):
+                if getattr(self, what):
+                    check_output_path(getattr(self, what), what)
+        if self.init_adapter:
+            read_adapter(self.init_adapter)  # a missing or foreign file fails before the model changes
+        set_checkpoint_options(
+            pl_module,
+            CheckpointOptions(self.adapter_only_checkpoints, self.on_base_mismatch, "pass LoRACallback(on_base_mismatch='warn')"),
+        )
+        ensure_checkpoint_hooks(pl_module)
+        object.__setattr__(pl_module, _CALLBACK, _CallbackRef(self))
+        if is_overridden("configure_model", pl_module):
+            # the layers may not exist yet: prepare right after configure_model (still before the optimizer)
+            if not getattr(pl_module, _CONFIGURE_HOOKED, False):
+                object.__setattr__(pl_module, _CONFIGURE_HOOKED, True)
+                object.__setattr__(pl_module, "configure_model", _RunAfter(pl_module.configure_model, _PrepareAfterConfigure(pl_module)))
+        else:
+            self._prepare(pl_module)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        state = get_lora_state(pl_module)
+        self._trainable = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
+        self._last_step, self._grad_checked = trainer.global_step, False
+        total = trainer.estimated_stepping_batches
+        self.variant_hooks = get_variant(state.config.variant).training_hooks(
+            pl_module, state.config, int(total) if total not in (None, float("inf")) else None
+        )
+        self._remove_input_hooks()
+        if self.inputs_require_grad is True or (self.inputs_require_grad == "auto" and uses_activation_checkpointing(pl_module)):
+            self._input_hooks = make_inputs_require_grad(pl_module)
+        precision = str(trainer.precision)
+        if precision in _HALF_PRECISIONS and state.config.adapter_dtype is None:
+            rank_zero_warn(
+                f"precision={precision!r} casts the adapters to the half-precision dtype; set "
+                "LoRACallback(adapter_dtype='float32') to keep fp32 adapters on the half-precision base (the QLoRA recipe)"
+            )
+        counts = count_parameters(pl_module)
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"lora": state.config.to_dict(), **counts.as_dict()})
+        if self.verbose:
+            rank_zero_info(
+                f"LoRA: {state.describe()}; trainable {counts.trainable:,} of {counts.total:,} parameters "
+                f"({100 * counts.trainable_fraction:.3f}%)"
+            )
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._grad_checked:
+            return
+        self._grad_checked = True
+        missing = adapters_without_grad(pl_module)
+        trainable = sum(len(layer.trainable_names) for layer in lora_layers(pl_module).values())
+        if missing and len(missing) == trainable:
+            raise NoAdapterGradientError(
+                f"no adapter received a gradient in the first training step ({len(missing)} tensors, e.g. {missing[0]}): "
+                "with a frozen base, reentrant activation checkpointing (torch.utils.checkpoint(..., use_reentrant=True), "
+                "HF gradient_checkpointing_enable()) cuts them off. Set LoRACallback(inputs_require_grad=True) or use "
+                "use_reentrant=False"
+            )
+        if missing:
+            rank_zero_warn(f"{len(missing)} adapter tensor(s) got no gradient in the first step (unused in forward?), e.g. {missing[:3]}")
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if self.variant_hooks is not None:
+            self._log(trainer, self.variant_hooks.before_optimizer_step())
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._batch_idx = batch_idx
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        if not self.check_finite:
+            return
+        local_ok = bool(torch.isfinite(loss.detach()).all())
+        if not trainer.strategy.reduce_boolean_decision(local_ok, all=True):
+            value = f"{loss.detach().float().mean().item()}" if not local_ok else "non-finite on another rank"
+            raise NonFiniteError(
+                f"the training loss is {value} at global step {trainer.global_step} (epoch {trainer.current_epoch}, "
+                f"batch {self._batch_idx}); stopped before backward, so the adapters and every checkpoint saved so "
+                "far are finite. Lower the learning rate, clip gradients (Trainer(gradient_clip_val=...)) or check the "
+                "data/loss for inf and NaN; LoRACallback(check_finite=False) turns this check off"
+            )
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # runs before ModelCheckpoint's hook (Lightning moves checkpoint callbacks last)
+        if self.variant_hooks is not None and trainer.global_step != self._last_step:  # an optimizer step happened
+            self._log(trainer, self.variant_hooks.after_optimizer_step(trainer.global_step))
+        self._last_step = trainer.global_step
+        if not self.check_finite or not self._trainable:
+            return
+        flags = torch.stack([torch.isfinite(p.detach()).all() for _, p in self._trainable])
+        local_ok = bool(flags.all())
+        if not trainer.strategy.reduce_boolean_decision(local_ok, all=True):
+            bad = [n for (n, _), ok in zip(self._trainable, flags.tolist()) if not ok]
+            where = f"{len(bad)} tensor(s), e.g. {bad[:3]}" if bad else "a tensor on another rank"
+            raise NonFiniteError(
+                f"trainable parameters became NaN/inf after global step {trainer.global_step} (epoch "
+                f"{trainer.current_epoch}, batch {batch_idx}): {where}, although the loss was finite (an exploding "
+                "update, or a NaN gradient from e.g. sqrt/log/division at 0 in the loss). Stopped before this step was "
+                "checkpointed. Lower the learning rate or clip gradients (Trainer(gradient_clip_val=...)); "
+                "Trainer(detect_anomaly=True) finds the op that made a NaN gradient; "
+                "LoRACallback(check_finite=False) turns this check off"
+            )
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.variant_hooks is not None:
+            self._log(trainer, self.variant_hooks.at_end())
+        if self.export_adapter and trainer.is_global_zero:
+            save_adapter(pl_module, Path(self.export_adapter))
+        if self.merge_on_fit_end:
+            merge_lora(pl_module)
+        if self.export_merged and trainer.is_global_zero:
+            save_merged_model(pl_module, Path(self.export_merged), submodule=self.export_module)
+        trainer.strategy.barrier("lora_fit_end")
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_input_hooks()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable (``ddp_spawn`` sends the Trainer to its workers): run-time handles are dropped."""
+        state = self.__dict__.copy()
+        state.update(_init_applied=None, _input_hooks=[], variant_hooks=None, _trainable=[])
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._init_applied = weakref.WeakSet()
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {"config": self.config.to_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Nothing to restore: the module's checkpoint record (checked before this runs) is authoritative."""
+
+    # ---------------------------------------------------------------- helpers
+    def _prepare(self, pl_module: pl.LightningModule) -> None:
+        """Give ``pl_module`` this callback's adapters: reuse the ones it holds if they have the same
+        structure, else inject (replacing others only when asked); apply ``init_adapter`` once."""
+        if has_lora(pl_module):
+            state = get_lora_state(pl_module)
+            diffs = differences(state, planned_state(pl_module, self.config), "the model", "this LoRACallback")
+            if diffs:
+                if not self.replace_existing:
+                    raise AdapterMismatchError(
+                        f"{type(pl_module).__name__} already holds LoRA adapters ({state.describe()}) and this "
+                        f"LoRACallback asks for other ones ({'; '.join(diffs)}). Keep the same LoRA settings to continue "
+                        "training them, pass LoRACallback(replace_existing=True) to replace them with new adapters, or "
+                        "call remove_lora(model) first"
+                    )
+                if any(layer.merged for layer in lora_layers(pl_module).values()):
+                    unmerge_lora(pl_module)
+                remove_lora(pl_module)
+                self._inject(pl_module)
+            else:
+                if any(layer.merged for layer in lora_layers(pl_module).values()):
+                    unmerge_lora(pl_module)  # merged by merge_on_fit_end: train / load into the adapters again
+                self._apply_init_adapter(pl_module)
+                mark_trainable(pl_module, state)
+        else:
+            self._inject(pl_module)
+
+    def _inject(self, pl_module: pl.LightningModule) -> None:
+        inject_lora(pl_module, self.config)
+        try:
+            self._apply_init_adapter(pl_module)
+        except BaseException:
+            remove_lora(pl_module)  # a bad init_adapter leaves the module as it was
+            raise
+
+    def _apply_init_adapter(self, pl_module: pl.LightningModule) -> None:
+        if self.init_adapter and pl_module not in self._init_applied:
+            load_adapter(pl_module, self.init_adapter, on_base_mismatch=self.on_base_mismatch)
+            self._init_applied.add(pl_module)
+
+    def _remove_input_hooks(self) -> None:
+        for handle in self._input_hooks:
+            handle.remove()
+        self._input_hooks = []
+
+    @staticmethod
+    def _log(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+        if metrics:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+
+
+def _lora_option_parameters() -> list[inspect.Parameter]:
+    """One keyword per LoRA option (shared and every registered variant's), typed ``T | None``."""
+    hints: dict[str, Any] = {}
+    for cls in [LoRAConfig, *_VARIANT_CONFIGS.values()]:
+        for name, hint in typing.get_type_hints(cls).items():
+            hints.setdefault(name, hint)
+    return [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=hints[name] | None)
+        for name in all_option_defaults()
+    ]
+
+
+def _with_lora_keywords(init: Any) -> None:
+    """``LoRACallback.__init__``'s visible signature lists every LoRA option (LightningCLI / jsonargparse
+    read it), derived from the config and the variant registry so the two cannot drift."""
+    sig = inspect.signature(init)
+    params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    taken = {p.name for p in params}
+    params += [p for p in _lora_option_parameters() if p.name not in taken]
+    init.__signature__ = sig.replace(parameters=params)
+
+
+_with_lora_keywords(LoRACallback.__init__)
+__all__ = ["LoRACallback"]

@@ -1,0 +1,259 @@
+"""What an adapter records about the model it was made for, and the one check that it fits a model.
+
+An injected model carries a :class:`LoRAState`: the config, the structure of every adapted matrix
+(kind, shape, rank, alpha, scaling, fused blocks), the fully trained ``modules_to_save`` and a
+fingerprint of the base weights. Adapter files and Lightning checkpoints store the same record, and
+everything that loads an adapter calls :func:`check_compatible`: it compares what the adapter *is*
+(the resolved set of adapted modules and their structure), not how its config spelled the targets,
+so ``['v', 'q']``, ``['q', 'v']`` and ``['q_proj', 'v_proj']`` are the same adapter on a Llama block.
+
+The fingerprint samples 16 evenly spaced values of every adapted base matrix. They are compared
+with a tolerance of one bfloat16 step (relative 2^-7, absolute 1e-7), so the same base stored in
+fp32, bf16 or fp16 matches, and a different base of the same architecture does not.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from .config import LoRAConfig
+from .errors import AdapterMismatchError, BaseModelMismatchError, LoRAConfigError
+from .layers import primary_weight
+
+FORMAT = "lora_lightning"
+FORMAT_VERSION = "2"
+SAMPLES_PER_MATRIX = 16
+SAMPLE_RTOL = 2.0**-7
+SAMPLE_ATOL = 1e-7
+ON_MISMATCH = ("raise", "warn", "ignore")
+STRUCTURE_KEYS = ("kind", "d_out", "d_in", "r", "alpha", "scaling", "parts")
+
+
+# --------------------------------------------------------------------------- fingerprint
+def base_fingerprint(model: nn.Module, names: list[str]) -> dict[str, Any]:
+    """``{"names", "shapes", "samples"}`` of the named modules' base weights (names sorted; samples
+    ``None`` for weights on the meta device). Compute it before merging (the record keeps it)."""
+    ordered = sorted(names)
+    shapes, samples = [], []
+    for name in ordered:
+        weight = primary_weight(model.get_submodule(name))  # .weight, or an nn.MultiheadAttention's in_proj_weight
+        shapes.append(list(weight.shape))
+        if weight.is_meta:
+            samples = None
+            continue
+        full = getattr(weight, "full_tensor", None)  # a sharded DTensor: sample the whole matrix
+        flat = (full() if callable(full) else weight).detach().reshape(-1)
+        idx = torch.linspace(0, flat.numel() - 1, SAMPLES_PER_MATRIX, device=flat.device).long()
+        if samples is not None:
+            samples.append([float(v) for v in flat[idx].float().cpu()])
+    return {"names": ordered, "shapes": shapes, "samples": samples}
+
+
+def align_names(saved: list[str], wanted: list[str]) -> dict[str, str] | None:
+    """Map saved module/key names onto the model's, allowing one consistent prefix added or removed
+    (``model.bert...`` in a LightningModule vs ``bert...`` in the bare network); ``None`` if the two
+    sets do not correspond."""
+    if set(saved) == set(wanted):
+        return {k: k for k in saved}
+    wanted_set = set(wanted)
+    for s in saved[:1]:
+        for w in wanted:
+            if w.endswith("." + s):
+                prefix = w[: -len(s)]
+                mapped = {k: prefix + k for k in saved}
+            elif s.endswith("." + w):
+                cut = len(s) - len(w)
+                if not all(k[:cut] == s[:cut] for k in saved):
+                    continue
+                mapped = {k: k[cut:] for k in saved}
+            else:
+                continue
+            if set(mapped.values()) == wanted_set:
+                return mapped
+    return None
+
+
+def _samples_differ(a: list[float], b: list[float]) -> bool:
+    return any(abs(x - y) > SAMPLE_RTOL * max(abs(x), abs(y)) + SAMPLE_ATOL for x, y in zip(a, b))
+
+
+def check_fingerprint(
+    saved: Mapping[str, Any] | None,
+    current: Mapping[str, Any] | None,
+    on_mismatch: str = "raise",
+    source: str = "adapter",
+    override_hint: str = "pass on_base_mismatch='warn' or 'ignore'",
+) -> None:
+    """Compare a saved fingerprint with the model's. Other module names or shapes always raise
+    :class:`AdapterMismatchError`; other values raise :class:`BaseModelMismatchError`, warn or pass
+    according to ``on_mismatch``; ``override_hint`` says how the caller's user sets it."""
+    if on_mismatch not in ON_MISMATCH:
+        raise LoRAConfigError(f"on_base_mismatch={on_mismatch!r} must be one of {ON_MISMATCH}")
+    if not saved or not current:
+        return
+    s_names, c_names = list(saved.get("names", [])), list(current.get("names", []))
+    mapping = align_names(s_names, c_names)
+    if mapping is None:
+        only_s = sorted(set(s_names) - set(c_names))
+        only_c = sorted(set(c_names) - set(s_names))
+        raise AdapterMismatchError(
+            f"the {source} adapts other modules than the model has: only in {source}: {only_s[:3]}"
+            f"{' ...' if len(only_s) > 3 else ''}; only in model: {only_c[:3]}{' ...' if len(only_c) > 3 else ''}. "
+            "It was trained on another architecture: load it onto the model it was trained on"
+        )
+    c_index = {n: i for i, n in enumerate(c_names)}
+    s_shapes, c_shapes = saved.get("shapes", []), current.get("shapes", [])
+    diffs = [
+        f"{n}: {list(s_shapes[i])} in {source} vs {list(c_shapes[c_index[mapping[n]]])} in model"
+        for i, n in enumerate(s_names)
+        if list(s_shapes[i]) != list(c_shapes[c_index[mapping[n]]])
+    ]
+    if diffs:
+        raise AdapterMismatchError(
+            f"the {source} was trained on a base with other adapted matrices: {'; '.join(diffs[:4])}"
+            + (f" (+{len(diffs) - 4} more)" if len(diffs) > 4 else "")
+            + ". It belongs to another architecture or model size: load it onto the model it was trained on"
+        )
+    s_samples, c_samples = saved.get("samples"), current.get("samples")
+    if not s_samples or not c_samples:
+        return  # meta-device weights, or a version-1 record: names and shapes are all we can check
+    differ = [n for i, n in enumerate(s_names) if _samples_differ(s_samples[i], c_samples[c_index[mapping[n]]])]
+    if not differ:
+        return
+    msg = (
+        f"the {source} was trained on different base weights: {len(differ)} of {len(s_names)} adapted matrices hold "
+        f"other values (e.g. {differ[0]}), with the same names and shapes. Load it onto the base model it was "
+        f"trained on, or {override_hint} if this is intended"
+    )
+    if on_mismatch == "raise":
+        raise BaseModelMismatchError(msg)
+    if on_mismatch == "warn":
+        warnings.warn(msg, stacklevel=3)
+
+
+# --------------------------------------------------------------------------- the record
+@dataclass
+class LoRAState:
+    """What injection recorded on the model (and what adapter files and checkpoints store): the
+    config, ``{module: structure}`` of every adapted matrix, the ``modules_to_save`` and the base
+    fingerprint."""
+
+    config: LoRAConfig
+    modules: dict[str, dict[str, Any]]
+    modules_to_save: list[str]
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def adapted(self) -> list[str]:
+        return list(self.modules)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "config": self.config.to_dict(),
+            "modules": {n: dict(s) for n, s in self.modules.items()},
+            "modules_to_save": list(self.modules_to_save),
+            "fingerprint": dict(self.fingerprint),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "LoRAState":
+        """Read a record (this version, or version 1: config + names, structure derived from the config)."""
+        config = LoRAConfig.from_dict(data["config"], drop_other_variant_defaults=True)
+        modules = data.get("modules")
+        if modules is None:  # version 1 stored only the names
+            from .targets import first_match
+
+            modules = {}
+            for name in data.get("adapted_modules", []):
+                r = int(first_match(config.rank_pattern, name) or config.r)
+                alpha = float(first_match(config.alpha_pattern, name) or config.alpha)
+                modules[name] = {"r": r, "alpha": alpha, "scaling": config.scaling_for(r, alpha)}
+        fingerprint = dict(data.get("fingerprint") or {})
+        return cls(config, {n: dict(s) for n, s in modules.items()}, list(data.get("modules_to_save", [])), fingerprint)
+
+    def describe(self) -> str:
+        """``'12 matrices (r=8 on q,v: ...)'``: what the adapters are, for log lines and errors."""
+        ranks = sorted({s.get("r") for s in self.modules.values()})
+        from .targets import summarize_names
+
+        r_text = f"r={ranks[0]}" if len(ranks) == 1 else f"r in {ranks}"
+        return f"{len(self.modules)} matrices, {r_text}, variant={self.config.variant!r} ({summarize_names(self.modules, 6)})"
+
+
+def _close(a: Any, b: Any) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        return a is not None and b is not None and math.isclose(float(a), float(b), rel_tol=1e-9)
+    return a == b
+
+
+def differences(saved: LoRAState, current: LoRAState, source: str = "adapter", against: str = "model") -> list[str]:
+    """Each difference that changes what the saved adapter weights mean, as ``"r: 4 in <source> vs 8 in
+    <against>"``: variant and its structural options, the adapted modules (as resolved, not as spelled),
+    their rank / alpha / scaling / fused blocks, ``bias`` and ``modules_to_save``. Shapes are left to
+    :func:`check_fingerprint`. Raises :class:`AdapterMismatchError` outright when the same targets name
+    other modules (another architecture)."""
+    diffs: list[str] = []
+    sc, cc = saved.config, current.config
+
+    def differ(name: str, a: Any, b: Any) -> None:
+        diffs.append(f"{name}: {a!r} in {source} vs {b!r} in {against}")
+
+    if sc.variant != cc.variant:
+        differ("variant", sc.variant, cc.variant)
+    else:
+        for name in type(cc).structural_options:
+            if getattr(sc, name, None) != getattr(cc, name, None):
+                differ(name, getattr(sc, name, None), getattr(cc, name, None))
+    mapping = align_names(saved.adapted, current.adapted)
+    if mapping is None:
+        only_s = sorted(set(saved.adapted) - set(current.adapted))
+        only_c = sorted(set(current.adapted) - set(saved.adapted))
+        modules = (
+            f"only in {source}: {only_s[:3]}{' ...' if len(only_s) > 3 else ''}; "
+            f"only in {against}: {only_c[:3]}{' ...' if len(only_c) > 3 else ''}"
+        )
+        if (sc.targets, sc.layers) == (cc.targets, cc.layers):
+            raise AdapterMismatchError(
+                f"the {source} adapts modules this model does not have ({modules}): the same targets "
+                f"{sc.targets!r} name other modules here, so it was trained on another architecture. Load it onto "
+                "the model it was trained on"
+            )
+        diffs.append(f"targets: {sc.targets!r} in {source} vs {cc.targets!r} in {against} ({modules})")
+    else:
+        for key in ("r", "alpha", "scaling", "parts", "kind"):
+            bad = [
+                (s[key], current.modules[mapping[n]][key])
+                for n, s in saved.modules.items()
+                if key in s and key in current.modules[mapping[n]] and not _close(s[key], current.modules[mapping[n]][key])
+            ]
+            if not bad:
+                continue
+            if key == "scaling":
+                if not any(d.startswith(("r:", "alpha:")) for d in diffs):  # else implied by r or alpha
+                    differ(*(("use_rslora", sc.use_rslora, cc.use_rslora) if sc.use_rslora != cc.use_rslora else ("scaling", *bad[0])))
+            elif key in ("r", "alpha"):
+                differ(key, *bad[0])
+            else:
+                differ(f"{key} of {len(bad)} module(s)", *bad[0])
+    if sc.bias != cc.bias:
+        differ("bias", sc.bias, cc.bias)
+    if (saved.modules_to_save or current.modules_to_save) and align_names(saved.modules_to_save, current.modules_to_save) is None:
+        differ("modules_to_save", saved.modules_to_save, current.modules_to_save)
+    return diffs
+
+
+def check_compatible(saved: LoRAState, current: LoRAState, source: str = "adapter") -> None:
+    """Raise :class:`AdapterMismatchError` listing :func:`differences` between a saved adapter and the model."""
+    diffs = differences(saved, current, source)
+    if diffs:
+        raise AdapterMismatchError(
+            f"the {source} was made with a different LoRA config ({'; '.join(diffs)}); use the same LoRA settings, "
+            "or start from a model without adapters so the saved config is used"
+        )

@@ -1,0 +1,171 @@
+"""The variant registry: one :class:`Variant` subclass per LoRA variant, registered by name.
+
+A variant is one file holding its options (a :class:`~lora_lightning.LoRAConfig` subclass whose
+extra fields carry the variant's name as prefix, with ``structural_options`` naming those that
+change what saved weights mean), its layer (a :class:`~lora_lightning.layers.LoRALinear` subclass),
+its exact trainable-parameter count and, if it needs them, training-time hooks::
+
+    @register_variant("mine")
+    class Mine(Variant):
+        config_class = MineConfig      # optional: only if the variant has options of its own
+        layer_class = MineLinear
+
+        @classmethod
+        def num_params(cls, spec): return spec.r * (spec.d_in + spec.d_out) + spec.d_out
+
+Everything else reads from here: injection builds layers through :meth:`Variant.build`, the
+parameter budget and counts call :meth:`Variant.num_params`, loading compares the config's
+``structural_options``, ``LoRACallback`` accepts every registered option as a keyword and the
+Hydra app's ``lora`` group lists them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Sequence
+
+from torch import nn
+
+from ..config import _VARIANT_ALIASES, _VARIANT_CONFIGS, LoRAConfig, _resolve_variant
+from ..errors import LoRAConfigError
+from ..layers import LoRAConv1D, LoRALayer, LoRALinear, resolve_dtype
+
+if TYPE_CHECKING:  # the plan's types; targets imports this module
+    from ..targets import AdapterSpec
+
+_VARIANTS: dict[str, type["Variant"]] = {}
+
+
+class TrainingHooks(Protocol):
+    """What a variant does during training (AdaLoRA's rank schedule). Each method returns metrics
+    to log (``{name: value}``); ``LoRACallback`` calls them, plain-PyTorch loops may too."""
+
+    def before_optimizer_step(self) -> dict[str, float]: ...
+
+    def after_optimizer_step(self, step: int) -> dict[str, float]: ...
+
+    def at_end(self) -> dict[str, float]: ...
+
+    def summary(self) -> dict[str, Any]: ...
+
+
+class Variant:
+    """Plain LoRA, and the base of every variant. One instance builds the layers of one injection
+    (and holds what they share, e.g. VeRA's frozen projections); it is created before the model is
+    changed, so a target the variant cannot adapt fails first."""
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type[LoRAConfig]] = LoRAConfig
+    layer_class: ClassVar[type[LoRALinear]] = LoRALinear
+    # False: also GPT-2 Conv1D, fused q/k/v blocks and nn.MultiheadAttention (plain LoRA math only)
+    linear_only: ClassVar[bool] = True
+
+    def __init__(self, model: nn.Module, config: LoRAConfig, specs: Sequence["AdapterSpec"]) -> None:
+        self.config = config
+        self.check_targets(model, config, specs)
+
+    @classmethod
+    def check_targets(cls, model: nn.Module, config: LoRAConfig, specs: Sequence["AdapterSpec"]) -> None:
+        """Raise :class:`LoRAConfigError` for a planned matrix this variant cannot adapt."""
+        if cls.linear_only:
+            bad = [s.name for s in specs if s.kind != "linear" or s.fused is not None]
+            if bad:
+                raise LoRAConfigError(
+                    f"variant={config.variant!r} adapts whole nn.Linear layers only; {bad[:3]} are fused projections, "
+                    "GPT-2 Conv1D or nn.MultiheadAttention. Target their nn.Linear children, or use variant='lora' there"
+                )
+        if config.quantize_base is not None:
+            bad = [s.name for s in specs if s.kind != "linear"]
+            if bad:
+                raise LoRAConfigError(
+                    f"quantize_base={config.quantize_base!r} stores nn.Linear weights only; {bad[:3]} are GPT-2 Conv1D "
+                    "or nn.MultiheadAttention: target nn.Linear layers or drop quantize_base"
+                )
+            if config.quantize_base == "nf4":
+                from ..quantization import NF4_BLOCK, torchao_nf4
+
+                torchao_nf4()  # a clear error now if torchao is missing
+                odd = [s.name for s in specs if (s.d_in * s.d_out) % NF4_BLOCK]
+                if odd:
+                    raise LoRAConfigError(
+                        f"quantize_base='nf4' needs weights with a multiple of {NF4_BLOCK} values; {odd[:3]} are not: "
+                        "use quantize_base='int8' or other targets"
+                    )
+
+    def layer_kwargs(self, base: nn.Module, spec: "AdapterSpec") -> dict[str, Any]:
+        """The arguments every layer class takes, for one planned matrix."""
+        c = self.config
+        weight = getattr(base, "weight")
+        return dict(
+            r=spec.r,
+            alpha=spec.alpha,
+            scaling=spec.scaling if spec.scaling is not None else c.scaling_for(spec.r, spec.alpha),
+            dropout=c.dropout,
+            init=c.init,
+            adapter_dtype=resolve_dtype(c.adapter_dtype, weight.dtype),
+            name=spec.name,
+            pin_dtype=c.adapter_dtype is not None,
+        )
+
+    def build(self, base: nn.Module, spec: "AdapterSpec") -> LoRALayer:
+        """The adapter layer replacing ``base`` (a Linear or GPT-2 Conv1D) for one planned matrix."""
+        kw = self.layer_kwargs(base, spec)
+        if spec.kind == "conv1d":
+            return LoRAConv1D(base, fused=spec.fused, **kw)
+        return self.layer_class(base, fused=spec.fused, quantize=self.config.quantize_base, **kw)
+
+    @classmethod
+    def alpha_and_scaling(cls, config: LoRAConfig, r: int, alpha: float) -> tuple[float, float]:
+        """The ``alpha`` and scaling ``s`` a layer of rank ``r`` gets (``alpha/r``, or ``alpha/sqrt(r)``)."""
+        return alpha, config.scaling_for(r, alpha)
+
+    @classmethod
+    def num_params(cls, spec: "AdapterSpec") -> int:
+        """Trainable parameters of one adapted matrix: ``r·(n·d_in + d_out)`` for ``n`` adapted blocks."""
+        return spec.r * (max(1, len(spec.parts)) * spec.d_in + spec.d_out)
+
+    @classmethod
+    def training_hooks(cls, model: nn.Module, config: LoRAConfig, total_steps: int | None) -> TrainingHooks | None:
+        """Hooks the variant needs while training (``None``: nothing to do)."""
+        return None
+
+
+def register_variant(name: str) -> Any:
+    """Class decorator registering a :class:`Variant` subclass (and its config class) under ``name``."""
+
+    def decorate(cls: type[Variant]) -> type[Variant]:
+        if not (isinstance(cls, type) and issubclass(cls, Variant)):
+            raise TypeError(f"@register_variant({name!r}) decorates a Variant subclass, got {cls!r}")
+        if name in _VARIANT_ALIASES or (name in _VARIANTS and _VARIANTS[name].__qualname__ != cls.__qualname__):
+            raise LoRAConfigError(f"variant name {name!r} is already registered; choose another name")
+        config_class = cls.config_class
+        if config_class is not LoRAConfig:
+            if not issubclass(config_class, LoRAConfig):
+                raise TypeError(f"{cls.__name__}.config_class must subclass LoRAConfig")
+            fields = {f.name: f for f in __import__("dataclasses").fields(config_class)}
+            if fields["variant"].default != name:
+                raise LoRAConfigError(
+                    f"{config_class.__name__} must declare `variant: str = {name!r}` so it can be built on its own"
+                )
+            config_class.variant_name = name
+        cls.name = name
+        _VARIANTS[name] = cls
+        _VARIANT_CONFIGS[name] = config_class
+        return cls
+
+    return decorate
+
+
+def register_variant_alias(alias: str, variant: str, **presets: Any) -> None:
+    """``variant=alias`` means ``variant=variant`` with ``presets`` for options left at their default."""
+    if variant not in _VARIANTS:
+        raise LoRAConfigError(f"cannot alias {alias!r} to unregistered variant {variant!r}")
+    _VARIANT_ALIASES[alias] = (variant, dict(presets))
+
+
+def get_variant(name: str) -> type[Variant]:
+    """The registered variant class for ``name`` (aliases resolved); unknown names list the choices."""
+    return _VARIANTS[_resolve_variant(name)[0]]
+
+
+def registered_variants() -> dict[str, type[Variant]]:
+    return dict(_VARIANTS)
