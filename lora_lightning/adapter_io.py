@@ -291,7 +291,7 @@ def unchanged_on_error(model: nn.Module) -> Iterator[None]:
     """Undo every adapter change made inside the block if it raises: the LoRA modules, their tensors,
     merged state and merged base weights, the record and ``requires_grad`` flags come back exactly."""
     state = getattr(model, STATE_ATTR, None)
-    modules = [(n, m) for n, m in model.named_modules() if is_lora_module(m)]
+    modules = dict(model.named_modules())  # every module object, so each is put back, not a copy
     layers = lora_layers(model)
     merged = {n: layer.merged for n, layer in layers.items()}
     # adapter tensors always; a base weight only if merged (unmerge + merge is exact only to round-off)
@@ -307,8 +307,9 @@ def unchanged_on_error(model: nn.Module) -> Iterator[None]:
     except BaseException:
         if getattr(model, STATE_ATTR, None) is not None:
             remove_lora(model)
-        for name, module in sorted(modules, key=lambda nm: nm[0].count(".")):  # parents first
-            set_submodule(model, name, module)
+        for name, module in sorted(modules.items(), key=lambda nm: nm[0].count(".")):  # parents first
+            if name and model.get_submodule(name) is not module:
+                set_submodule(model, name, module)
         if state is not None:
             object.__setattr__(model, STATE_ATTR, state)
             _guard_transformer_encoders(model, specs)

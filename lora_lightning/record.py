@@ -215,9 +215,10 @@ def differences(saved: LoRAState, current: LoRAState, source: str = "adapter", a
     if mapping is None:
         only_s = sorted(set(saved.adapted) - set(current.adapted))
         only_c = sorted(set(current.adapted) - set(saved.adapted))
-        modules = (
-            f"only in {source}: {only_s[:3]}{' ...' if len(only_s) > 3 else ''}; "
-            f"only in {against}: {only_c[:3]}{' ...' if len(only_c) > 3 else ''}"
+        modules = "; ".join(
+            f"only in {where}: {names[:3]}{' ...' if len(names) > 3 else ''}"
+            for where, names in ((source, only_s), (against, only_c))
+            if names
         )
         if (sc.targets, sc.layers) == (cc.targets, cc.layers):
             raise AdapterMismatchError(
@@ -226,6 +227,9 @@ def differences(saved: LoRAState, current: LoRAState, source: str = "adapter", a
                 "the model it was trained on"
             )
         diffs.append(f"targets: {sc.targets!r} in {source} vs {cc.targets!r} in {against} ({modules})")
+        for key in ("r", "alpha"):  # per-module ranks cannot be paired up; the configs' can
+            if getattr(sc, key) != getattr(cc, key):
+                differ(key, getattr(sc, key), getattr(cc, key))
     else:
         for key in ("r", "alpha", "scaling", "parts", "kind"):
             bad = [

@@ -134,6 +134,7 @@ class LitTiny(pl.LightningModule):
 
     def __init__(self, seed: int = 0, lr: float = 1e-2, build_in_configure_model: bool = False) -> None:
         super().__init__()
+        self.save_hyperparameters()  # so LitTiny.load_from_checkpoint(path) rebuilds the same base
         self.seed, self.lr = seed, lr
         self.net: TinyTransformer | None = None if build_in_configure_model else tiny_model(seed)
 
@@ -153,6 +154,9 @@ class LitTiny(pl.LightningModule):
     def test_step(self, batch, batch_idx):
         ids, y = batch
         self.log("test_loss", F.cross_entropy(self(ids), y))
+
+    def predict_step(self, batch, batch_idx):
+        return self(batch[0])
 
     def configure_optimizers(self):
         # deliberately passes ALL parameters: frozen ones get no grad and no optimizer state

@@ -168,12 +168,7 @@ class LoRACallback(Callback):
                     check_output_path(getattr(self, what), what)
         if self.init_adapter:
             read_adapter(self.init_adapter)  # a missing or foreign file fails before the model changes
-        set_checkpoint_options(
-            pl_module,
-            CheckpointOptions(self.adapter_only_checkpoints, self.on_base_mismatch, "pass LoRACallback(on_base_mismatch='warn')"),
-        )
-        ensure_checkpoint_hooks(pl_module)
-        object.__setattr__(pl_module, _CALLBACK, _CallbackRef(self))
+        self._attach(pl_module)
         if is_overridden("configure_model", pl_module):
             # the layers may not exist yet: prepare right after configure_model (still before the optimizer)
             if not getattr(pl_module, _CONFIGURE_HOOKED, False):
@@ -216,10 +211,7 @@ class LoRACallback(Callback):
         trainable = sum(len(layer.trainable_names) for layer in lora_layers(pl_module).values())
         if missing and len(missing) == trainable:
             raise NoAdapterGradientError(
-                f"no adapter received a gradient in the first training step ({len(missing)} tensors, e.g. {missing[0]}): "
-                "with a frozen base, reentrant activation checkpointing (torch.utils.checkpoint(..., use_reentrant=True), "
-                "HF gradient_checkpointing_enable()) cuts them off. Set LoRACallback(inputs_require_grad=True) or use "
-                "use_reentrant=False"
+                self._no_gradient_message(f"no adapter received a gradient ({len(missing)} tensors, e.g. {missing[0]})")
             )
         if missing:
             rank_zero_warn(f"{len(missing)} adapter tensor(s) got no gradient in the first step (unused in forward?), e.g. {missing[:3]}")
@@ -232,6 +224,8 @@ class LoRACallback(Callback):
         self._batch_idx = batch_idx
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        if not loss.requires_grad:
+            raise NoAdapterGradientError(self._no_gradient_message("the training loss does not require grad"))
         if not self.check_finite:
             return
         local_ok = bool(torch.isfinite(loss.detach()).all())
@@ -299,6 +293,15 @@ class LoRACallback(Callback):
         """Nothing to restore: the module's checkpoint record (checked before this runs) is authoritative."""
 
     # ---------------------------------------------------------------- helpers
+    def _attach(self, pl_module: pl.LightningModule) -> None:
+        """Make this callback the one that decides how ``pl_module``'s checkpoints are written and read."""
+        set_checkpoint_options(
+            pl_module,
+            CheckpointOptions(self.adapter_only_checkpoints, self.on_base_mismatch, "pass LoRACallback(on_base_mismatch='warn')"),
+        )
+        ensure_checkpoint_hooks(pl_module)
+        object.__setattr__(pl_module, _CALLBACK, _CallbackRef(self))
+
     def _prepare(self, pl_module: pl.LightningModule) -> None:
         """Give ``pl_module`` this callback's adapters: reuse the ones it holds if they have the same
         structure, else inject (replacing others only when asked); apply ``init_adapter`` once."""
@@ -337,6 +340,14 @@ class LoRACallback(Callback):
         if self.init_adapter and pl_module not in self._init_applied:
             load_adapter(pl_module, self.init_adapter, on_base_mismatch=self.on_base_mismatch)
             self._init_applied.add(pl_module)
+
+    @staticmethod
+    def _no_gradient_message(what: str) -> str:
+        return (
+            f"{what} in the first training step: with a frozen base, reentrant activation checkpointing "
+            "(torch.utils.checkpoint(..., use_reentrant=True), HF gradient_checkpointing_enable()) cuts the adapters off "
+            "from the loss. Set LoRACallback(inputs_require_grad=True) or use use_reentrant=False"
+        )
 
     def _remove_input_hooks(self) -> None:
         for handle in self._input_hooks:

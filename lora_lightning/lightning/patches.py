@@ -90,6 +90,7 @@ def _recover_results_in_main_process(self: _MultiProcessingLauncher, worker_outp
     module = trainer.lightning_module
     fitted = worker_output.weights_path is not None
     if callback is not None and fitted:
+        callback._attach(module)  # later checkpoints of the main process stay adapter-only
         callback._prepare(module)  # the adapters the workers trained, so strict=False keeps their keys
     getattr(_recover_results_in_main_process, _PATCHED)(self, worker_output, trainer)
     if callback is not None and fitted:
