@@ -31,7 +31,7 @@ def _specs_at(targets: list[Target], config: LoRAConfig, ranks: dict[str, int]) 
     out = []
     for t in targets:
         alpha, scaling = variant.alpha_and_scaling(config, max(1, ranks[t.name]), float(first_match(config.alpha_pattern, t.name) or config.alpha))
-        out.append(t.spec(ranks[t.name], alpha, scaling, config.variant))
+        out.append(t.spec(ranks[t.name], alpha, scaling, config))
     return out
 
 

@@ -50,12 +50,13 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
 
 def describe(model: nn.Module) -> list[AdapterSpec]:
     """The adapted matrices of an injected model as they are now (name, kind, shape, r, alpha, scaling)."""
+    state = getattr(model, STATE_ATTR, None)
     out = []
     for name, layer in lora_layers(model).items():
         s = layer.structure()
         out.append(
             AdapterSpec(name, s["d_out"], s["d_in"], s["r"], s["alpha"], tuple(s["parts"]), layer.fused, s["kind"],
-                        s["scaling"], layer.variant_name)
+                        s["scaling"], layer.variant_name, state.config if state is not None else None)
         )
     return out
 

@@ -150,19 +150,22 @@ class LoRALayer:
         self,
         d_in: int,
         d_out: int,
+        base_weight: Tensor,
         r: int,
         alpha: float,
-        scaling: float | None,
-        dropout: float,
-        init: str,
-        adapter_dtype: torch.dtype | None,
-        base_weight: Tensor,
+        *,
+        scaling: float | None = None,
+        dropout: float = 0.0,
+        init: str = "kaiming",
+        adapter_dtype: torch.dtype | None = None,
         name: str = "",
         fused: FusedSlices | None = None,
         pin_dtype: bool = False,
     ) -> None:
-        """Validate ``r`` and create ``A``/``B``. ``scaling`` defaults to ``alpha/r``; the adapters take
-        ``adapter_dtype`` (kept through later casts when ``pin_dtype``) or the base weight's dtype."""
+        """Validate ``r`` and create ``A (n·r x d_in)``/``B (rows x r)``, the options every layer takes:
+        ``scaling`` (default ``alpha/r``), ``dropout`` on the adapter input, ``init`` of ``A``
+        (``kaiming`` | ``gaussian``), ``adapter_dtype`` (default: the base weight's; kept through later
+        casts when ``pin_dtype``), ``name`` (for errors), ``fused`` row layout."""
         if fused is not None and fused.d_out != d_out:
             raise LoRAConfigError(
                 f"fused layout of {name or 'a layer'} has {fused.d_out} rows ({dict(zip(fused.parts, fused.sizes))}) "
@@ -438,23 +441,14 @@ class LoRALinear(LoRALayer, nn.Linear):
     for DoRA, ``forward``).
     """
 
-    def __init__(
-        self,
-        base: nn.Linear,
-        r: int,
-        alpha: float,
-        scaling: float | None = None,
-        dropout: float = 0.0,
-        init: str = "kaiming",
-        adapter_dtype: torch.dtype | None = None,
-        name: str = "",
-        fused: FusedSlices | None = None,
-        quantize: str | None = None,
-        pin_dtype: bool = False,
-    ) -> None:
+    def __init__(self, base: nn.Linear, r: int, alpha: float, *, quantize: str | None = None, **options: Any) -> None:
+        """``options``: those of :meth:`LoRALayer._init_lora` (scaling, dropout, init, adapter_dtype, name,
+        fused, pin_dtype); ``quantize``: store ``W0`` as ``nf4`` or ``int8``."""
         nn.Module.__init__(self)
         if not isinstance(base, nn.Linear):
-            raise LoRAConfigError(f"{name or 'this module'} is a {type(base).__name__}; {type(self).__name__} adapts nn.Linear")
+            raise LoRAConfigError(
+                f"{options.get('name') or 'this module'} is a {type(base).__name__}; {type(self).__name__} adapts nn.Linear"
+            )
         self.in_features = base.in_features
         self.out_features = base.out_features
         self._base_cls = type(base)
@@ -463,10 +457,7 @@ class LoRALinear(LoRALayer, nn.Linear):
         self.base_dtype = base.weight.dtype
         self.quantize_base: str | None = None
         self.register_buffer("weight_scale", None)
-        self._init_lora(
-            base.in_features, base.out_features, r, alpha, scaling, dropout, init, adapter_dtype, base.weight, name,
-            fused, pin_dtype,
-        )
+        self._init_lora(base.in_features, base.out_features, base.weight, r, alpha, **options)
         if quantize is not None:
             self.quantize_(quantize)
 
@@ -550,19 +541,8 @@ class LoRAConv1D(LoRALayer, nn.Module):
     kind = "conv1d"
     fan_in_fan_out = True
 
-    def __init__(
-        self,
-        base: nn.Module,
-        r: int,
-        alpha: float,
-        scaling: float | None = None,
-        dropout: float = 0.0,
-        init: str = "kaiming",
-        adapter_dtype: torch.dtype | None = None,
-        name: str = "",
-        fused: FusedSlices | None = None,
-        pin_dtype: bool = False,
-    ) -> None:
+    def __init__(self, base: nn.Module, r: int, alpha: float, **options: Any) -> None:
+        """``options``: those of :meth:`LoRALayer._init_lora`."""
         if not is_conv1d(base):
             raise TypeError(f"LoRAConv1D wraps a GPT-style Conv1D (weight d_in x nf), got {type(base).__name__}")
         nn.Module.__init__(self)
@@ -572,7 +552,7 @@ class LoRAConv1D(LoRALayer, nn.Module):
         self.in_features, self.out_features, self.nf = d_in, d_out, d_out
         self.weight = base.weight
         self.bias = base.bias
-        self._init_lora(d_in, d_out, r, alpha, scaling, dropout, init, adapter_dtype, base.weight, name, fused, pin_dtype)
+        self._init_lora(d_in, d_out, base.weight, r, alpha, **options)
 
     def _base_weight_view(self) -> Tensor:
         return self.weight.T
@@ -615,19 +595,9 @@ class LoRAMultiheadAttention(LoRALayer, nn.Module):
     # used by nn.TransformerEncoderLayer's fast path (taken once every adapter is merged)
     merge_masks = nn.MultiheadAttention.merge_masks
 
-    def __init__(
-        self,
-        base: nn.MultiheadAttention,
-        parts: Sequence[str] = (),
-        r: int = 8,
-        alpha: float = 16.0,
-        scaling: float | None = None,
-        dropout: float = 0.0,
-        init: str = "kaiming",
-        adapter_dtype: torch.dtype | None = None,
-        name: str = "",
-        pin_dtype: bool = False,
-    ) -> None:
+    def __init__(self, base: nn.MultiheadAttention, parts: Sequence[str] = (), r: int = 8, alpha: float = 16.0, **options: Any) -> None:
+        """``parts``: the in-projection blocks to adapt (none: only host ``out_proj``); ``options``: those
+        of :meth:`LoRALayer._init_lora` (adapter dropout is not applied here)."""
         nn.Module.__init__(self)
         self._base_cls = type(base)
         self._base_attrs = _plain_attrs(base) | {"_qkv_same_embed_dim": base._qkv_same_embed_dim}
@@ -640,6 +610,7 @@ class LoRAMultiheadAttention(LoRALayer, nn.Module):
         self.out_proj = base.out_proj
         self.merged = False
         self.in_features = self.out_features = self.embed_dim
+        name = options.get("name", "")
         bad = sorted(set(parts) - set(MHA_PARTS))
         if bad:
             raise LoRAConfigError(f"nn.MultiheadAttention in-projection parts are {MHA_PARTS}; got {bad}")
@@ -649,15 +620,15 @@ class LoRAMultiheadAttention(LoRALayer, nn.Module):
                 "LoRA on its q/k/v is not supported, target only 'o' (out_proj) there"
             )
         if parts:
-            if dropout > 0:
+            if options.get("dropout", 0.0) > 0:
                 warnings.warn(
-                    f"LoRA dropout={dropout} is not applied to the nn.MultiheadAttention adapters of {name!r} "
+                    f"LoRA dropout={options['dropout']} is not applied to the nn.MultiheadAttention adapters of {name!r} "
                     "(their ΔW is folded into the projection weights at each forward)",
                     stacklevel=3,
                 )
             e = self.embed_dim
             fused = FusedSlices(MHA_PARTS, (e, e, e), tuple(p for p in MHA_PARTS if p in parts))
-            self._init_lora(e, 3 * e, r, alpha, scaling, dropout, init, adapter_dtype, self.in_proj_weight, name, fused, pin_dtype)
+            self._init_lora(e, 3 * e, self.in_proj_weight, r, alpha, fused=fused, **options)
 
     def guard_fast_path(self, layers: Sequence[LoRALayer]) -> None:
         """Report ``_qkv_same_embed_dim = False`` while any of ``layers`` (the adapted layers of the

@@ -21,34 +21,32 @@ def is_merged(model: nn.Module) -> bool:
     return bool(layers) and all(layer.merged for layer in layers)
 
 
-def merge_lora(model: nn.Module) -> int:
-    """Fold every adapter into its base weight. Returns the number of merged matrices."""
+def _fold_all(model: nn.Module, merge: bool) -> int:
+    """Merge (or unmerge) every LoRA layer, after checking none is in that state already."""
     get_lora_state(model)
     layers = lora_layers(model)
-    merged = [n for n, layer in layers.items() if layer.merged]
-    if merged:
+    wrong = [n for n, layer in layers.items() if layer.merged == merge]
+    if wrong:
         raise MergeStateError(
-            f"{len(merged)} LoRA layer(s) are already merged (e.g. {merged[0]}); merging again would add ΔW twice. "
+            f"{len(wrong)} LoRA layer(s) are already merged (e.g. {wrong[0]}); merging again would add ΔW twice. "
             "Call unmerge_lora(model) first"
+            if merge
+            else f"{len(wrong)} LoRA layer(s) are not merged (e.g. {wrong[0]}); there is nothing to unmerge. "
+            "Call merge_lora(model) first"
         )
     for layer in layers.values():
-        layer.merge()
+        layer.merge() if merge else layer.unmerge()
     return len(layers)
+
+
+def merge_lora(model: nn.Module) -> int:
+    """Fold every adapter into its base weight. Returns the number of merged matrices."""
+    return _fold_all(model, merge=True)
 
 
 def unmerge_lora(model: nn.Module) -> int:
     """Subtract every adapter from its base weight. Returns the number of unmerged matrices."""
-    get_lora_state(model)
-    layers = lora_layers(model)
-    unmerged = [n for n, layer in layers.items() if not layer.merged]
-    if unmerged:
-        raise MergeStateError(
-            f"{len(unmerged)} LoRA layer(s) are not merged (e.g. {unmerged[0]}); there is nothing to unmerge. "
-            "Call merge_lora(model) first"
-        )
-    for layer in layers.values():
-        layer.unmerge()
-    return len(layers)
+    return _fold_all(model, merge=False)
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:

@@ -217,12 +217,14 @@ class AdapterSpec:
     kind: str = "linear"
     scaling: float | None = None
     variant: str = "lora"
+    config: LoRAConfig | None = field(default=None, repr=False, compare=False)  # the variant's options
 
     @property
     def num_params(self) -> int:
         """Trainable adapter parameters of this matrix, exactly (the variant's count; plain LoRA:
         ``r·(d_in + d_out)``, per adapted block of a fused matrix ``Σ r·(d_in + size_i)``)."""
-        return get_variant(self.variant).num_params(self)
+        variant = get_variant(self.variant)
+        return variant.num_params(self, self.config or variant.config_class())
 
     def structure(self) -> dict[str, Any]:
         """What an adapter must match to load here: ``{kind, d_out, d_in, r, alpha, scaling, parts}``."""
@@ -246,9 +248,9 @@ class Target:
     def max_rank(self) -> int:
         return min(self.d_in, self.fused.smallest_adapted if self.fused else self.d_out)
 
-    def spec(self, r: int, alpha: float, scaling: float | None, variant: str = "lora") -> AdapterSpec:
-        """This target adapted at rank ``r``."""
-        return AdapterSpec(self.name, self.d_out, self.d_in, r, alpha, self.parts, self.fused, self.kind, scaling, variant)
+    def spec(self, r: int, alpha: float, scaling: float | None, config: LoRAConfig) -> AdapterSpec:
+        """This target adapted at rank ``r`` by ``config``'s variant."""
+        return AdapterSpec(self.name, self.d_out, self.d_in, r, alpha, self.parts, self.fused, self.kind, scaling, config.variant, config)
 
 
 def resolve_modules_to_save(model: nn.Module, patterns: list[str]) -> list[str]:
@@ -373,7 +375,7 @@ def plan_injection(model: nn.Module, config: LoRAConfig) -> list[AdapterSpec]:
                 f"({shape}{', per fused block' if t.parts else ''}); choose r <= {t.max_rank} "
                 "(or lower it for this module with rank_pattern)"
             )
-        specs.append(t.spec(r, alpha, scaling, config.variant))
+        specs.append(t.spec(r, alpha, scaling, config))
     variant.check_targets(model, config, specs)
     return specs
 

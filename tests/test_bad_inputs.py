@@ -472,18 +472,21 @@ def _table() -> str:
     pytest.warns = lambda *a, **k: Recorder(real_warns(*a, **k), True)
     rows = []
     warnings.simplefilter("ignore")
+    import test_lifecycle
+
+    lifecycle = [(n, f) for n, f in vars(test_lifecycle).items() if (inspect.getdoc(f) or "").startswith("bad input: ")]
     try:
-        for name, fn in list(globals().items()):
+        for name, fn in [*globals().items(), *lifecycle]:
             if not name.startswith("test_") or not callable(fn):
                 continue
-            doc = inspect.getdoc(fn) or ""
+            doc = (inspect.getdoc(fn) or "").removeprefix("bad input: ")
             if doc.startswith("(not a table row)"):
                 continue
             records.clear()
             params = inspect.signature(fn).parameters
             with tempfile.TemporaryDirectory() as tmp:
                 fn(**({"tmp_path": Path(tmp)} if "tmp_path" in params else {}))
-                message = records[-1].replace(tmp + os.sep, "") if records else "(no error, no warning: it loads)"
+                message = records[-1].replace(tmp + os.sep, "").replace(tmp, "out") if records else "(no error, no warning: it loads)"
             rows.append((doc.splitlines()[0], message, name))
     finally:
         pytest.raises, pytest.warns = real_raises, real_warns
@@ -495,8 +498,9 @@ def _table() -> str:
     out = [
         "# Bad inputs: what you see",
         "",
-        "Every row is a test in `tests/test_bad_inputs.py` that asserts the exception type and the key part of the",
-        "message (and, where a file or model is involved, that nothing was overwritten or changed). The messages below",
+        "Every row is a test in `tests/test_bad_inputs.py` (or, for the lifecycle rows, `tests/test_lifecycle.py`) that",
+        "asserts the exception type and the key part of the message (and, where a file or model is involved, that",
+        "nothing was overwritten or changed). The messages below",
         "are the real ones, shortened; regenerate with `.venv/bin/python tests/test_bad_inputs.py > docs/bad_inputs.md`.",
         "Every exception derives from `lora_lightning.LoRAError` (and from the matching built-in: `ValueError`,",
         "`RuntimeError`, `OSError` or `FloatingPointError`).",

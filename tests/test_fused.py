@@ -301,19 +301,27 @@ def test_multihead_attention_merge_unmerge_round_trip_and_padding_mask():
 
 
 def test_multihead_attention_with_separate_kv_dims():
+    torch.manual_seed(0)
     mha = nn.MultiheadAttention(D, HEADS, kdim=8, vdim=8, batch_first=True)
     root = nn.Module()
     root.attn = mha
     with pytest.raises(LoRAConfigError, match="kdim/vdim != embed_dim"):
         inject_lora(root, LoRAConfig(r=2, targets=["q"]))
     assert type(root.attn) is nn.MultiheadAttention
-    inject_lora(root, LoRAConfig(r=2, targets=["o"]))  # out_proj still works
+    inject_lora(root, LoRAConfig(r=2, alpha=4, targets=["o"]))  # out_proj still works
     q, kv = torch.randn(2, 3, D), torch.randn(2, 4, 8)
     base = mha(q, kv, kv)[0].detach()
     torch.testing.assert_close(root.attn(q, kv, kv)[0], base, atol=1e-6, rtol=0)
     randomize_adapters(root)
-    delta = root.attn.out_proj.delta_weight()
+    out_proj = root.attn.out_proj
+    # independent reference: a plain MHA with separate q/k/v weights and Wo + (alpha/r)·B·A written out here
     ref = nn.MultiheadAttention(D, HEADS, kdim=8, vdim=8, batch_first=True)
-    ref.load_state_dict({k: v for k, v in merge_and_unload(root).attn.state_dict().items()})
-    torch.testing.assert_close(ref(q, kv, kv)[0], root.attn(q, kv, kv)[0], atol=1e-6, rtol=0)
-    assert (ref(q, kv, kv)[0] - base).abs().max() > 1e-4 and delta.abs().max() > 0
+    with torch.no_grad():
+        for name in ("q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias"):
+            getattr(ref, name).copy_(getattr(mha, name))
+        ref.out_proj.weight.copy_(out_proj.weight + (4 / 2) * out_proj.lora_B @ out_proj.lora_A)  # alpha/r = 4/2
+        ref.out_proj.bias.copy_(out_proj.bias)
+    expected = ref(q, kv, kv)[0]
+    assert (expected - base).abs().max() > 1e-3  # the adapter matters
+    torch.testing.assert_close(root.attn(q, kv, kv)[0], expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(merge_and_unload(root).attn(q, kv, kv)[0], expected, atol=1e-5, rtol=0)

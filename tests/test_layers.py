@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from lora_lightning import LoRALinear, MergeStateError, RankTooLargeError
+from lora_lightning import LoRAConfig, LoRALinear, MergeStateError, RankTooLargeError, inject_lora
 
 
 def make(d_in=12, d_out=10, r=4, alpha=8.0, dtype=torch.float32, seed=0, **kw):
@@ -64,12 +64,22 @@ def test_merge_twice_and_unmerge_unmerged_raise():
         layer.merge()
 
 
-def test_rslora_scaling_and_default_scaling():
-    _, plain = make(r=4, alpha=8)
-    assert plain.scaling == 2.0
+@pytest.mark.parametrize("spelling", [{}, {"use_rslora": True}, {"variant": "rslora"}], ids=["alpha/r", "use_rslora", "variant=rslora"])
+def test_scaling_follows_the_config_into_the_forward(spelling):
+    """The config decides the scale (alpha/r, or alpha/sqrt(r) for rsLoRA); the output is checked against
+    the formula written out here, with the scale computed here."""
     torch.manual_seed(0)
-    rs = LoRALinear(nn.Linear(12, 10), r=4, alpha=8, scaling=8 / math.sqrt(4))
-    assert rs.scaling == 4.0
+    model = nn.Module()
+    model.q_proj = nn.Linear(12, 10)
+    inject_lora(model, LoRAConfig(r=4, alpha=8, targets=["q"], **spelling))
+    layer = model.q_proj
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    expected_scale = 8 / math.sqrt(4) if spelling else 8 / 4
+    x = torch.randn(3, 12)
+    manual = x @ layer.weight.T + layer.bias + expected_scale * (x @ layer.lora_A.T) @ layer.lora_B.T
+    torch.testing.assert_close(layer(x), manual, atol=1e-5, rtol=0)
+    assert layer.scaling == expected_scale
 
 
 def test_gaussian_init_std():

@@ -75,11 +75,24 @@ def fitted(tmp_path, steps: int = 4, seed: int = 0, **cb_kw) -> tuple[LitTiny, P
     return model, tmp_path / "ckpt" / "last.ckpt"
 
 
+def weights_only_checkpoint(tmp_path, trained: LitTiny) -> Path:
+    """``trainer.save_checkpoint(path, weights_only=True)`` of a fitted model (no optimizer, no callbacks)."""
+    run = trainer(tmp_path, [LoRACallback(**LORA)], max_steps=1, limit_train_batches=0)
+    run.fit(trained, tiny_loader())  # attaches the model to a trainer (reuses its adapters, trains nothing)
+    run.save_checkpoint(tmp_path / "weights.ckpt", weights_only=True)
+    saved = torch.load(tmp_path / "weights.ckpt", weights_only=True)
+    assert "optimizer_states" not in saved and set(saved["state_dict"]) == set(lora_tensors(trained))
+    return tmp_path / "weights.ckpt"
+
+
 # ============================================================ 1. load_from_checkpoint / eval with ckpt_path
+@pytest.mark.parametrize("kind", ["adapter-only", "weights-only"])
 @pytest.mark.parametrize("kw", [{}, {"strict": False}], ids=["strict", "strict=False"])
-def test_load_from_checkpoint_returns_the_trained_model(tmp_path, kw):
+def test_load_from_checkpoint_returns_the_trained_model(tmp_path, kw, kind):
     trained, ckpt = fitted(tmp_path)
     assert set(torch.load(ckpt, weights_only=True)["state_dict"]) == set(lora_tensors(trained))  # adapter-only
+    if kind == "weights-only":
+        ckpt = weights_only_checkpoint(tmp_path, trained)
     loaded = LitTiny.load_from_checkpoint(ckpt, **kw)
     assert has_lora(loaded)
     torch.testing.assert_close(outputs(loaded), outputs(trained), atol=0, rtol=0)
@@ -108,9 +121,12 @@ def test_load_from_checkpoint_checks_the_base_and_its_advice_works(tmp_path):
         assert torch.equal(lora_tensors(other)[k], v)
 
 
+@pytest.mark.parametrize("kind", ["adapter-only", "weights-only"])
 @pytest.mark.parametrize("entry", ["validate", "test", "predict"])
-def test_eval_with_ckpt_path_and_no_callback_gives_the_trained_model(tmp_path, entry):
+def test_eval_with_ckpt_path_and_no_callback_gives_the_trained_model(tmp_path, entry, kind):
     trained, ckpt = fitted(tmp_path)
+    if kind == "weights-only":
+        ckpt = weights_only_checkpoint(tmp_path, trained)
     fresh = LitTiny()
     run = trainer(tmp_path, [], max_steps=1)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(IDS, torch.zeros(len(IDS), dtype=torch.long)), batch_size=len(IDS))
@@ -151,6 +167,35 @@ def test_load_from_checkpoint_in_a_fresh_process(tmp_path, order):
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
 
 
+def test_eval_with_ckpt_path_and_a_callback_gives_the_trained_model(tmp_path):
+    trained, ckpt = fitted(tmp_path)
+    for path in (ckpt, weights_only_checkpoint(tmp_path, trained)):
+        fresh = LitTiny()
+        trainer(tmp_path, [LoRACallback(**LORA)], max_steps=1).test(fresh, tiny_loader(), ckpt_path=str(path))
+        torch.testing.assert_close(outputs(fresh), outputs(trained), atol=0, rtol=0)
+
+
+def test_resuming_a_weights_only_checkpoint_is_refused_by_lightning_before_training(tmp_path):
+    trained, _ = fitted(tmp_path)
+    path = weights_only_checkpoint(tmp_path, trained)
+    run = trainer(tmp_path, [LoRACallback(**LORA)], max_steps=8)
+    with pytest.raises(KeyError, match="contains only the model"):
+        run.fit(LitTiny(), tiny_loader(), ckpt_path=str(path))
+    assert run.global_step == 0
+
+
+def test_a_full_checkpoint_evaluates_as_it_is_without_the_callback(tmp_path):
+    model = LitTiny()
+    full = ModelCheckpoint(dirpath=tmp_path / "full", save_last=True)
+    trainer(tmp_path, [full], max_steps=2, enable_checkpointing=True).fit(model, tiny_loader())
+    fresh = LitTiny()
+    trainer(tmp_path, [], max_steps=1).test(fresh, tiny_loader(), ckpt_path=str(tmp_path / "full" / "last.ckpt"))
+    assert not has_lora(fresh)
+    torch.testing.assert_close(outputs(fresh), outputs(model), atol=0, rtol=0)
+    with pytest.raises(AdapterFileError, match="holds no LoRA adapters"):  # into a model with adapters: one line
+        trainer(tmp_path, [LoRACallback(**LORA)], max_steps=1).test(LitTiny(), tiny_loader(), ckpt_path=str(tmp_path / "full" / "last.ckpt"))
+
+
 # ============================================================ 2. a second LoRACallback on the same module
 def test_second_callback_with_the_same_config_continues_the_adapters(tmp_path, caplog):
     model, _ = fitted(tmp_path)
@@ -162,6 +207,7 @@ def test_second_callback_with_the_same_config_continues_the_adapters(tmp_path, c
 
 
 def test_second_callback_with_another_config_fails_before_training(tmp_path):
+    """bad input: a second `LoRACallback(r=8, targets=[q,k,v,o])` on a module a first fit gave r=4 q,v adapters"""
     model, _ = fitted(tmp_path)
     before = snapshot(model)
     run = trainer(tmp_path, [LoRACallback(r=8, targets=["q", "k", "v", "o"])], max_steps=2)
@@ -323,6 +369,7 @@ class LitCheckpointed(LitTiny):
 
 
 def test_reentrant_checkpointing_without_input_grads_stops_at_step_one_naming_the_setting(tmp_path):
+    """bad input: reentrant activation checkpointing (`use_reentrant=True`) with a frozen base and a trainable head"""
     model = LitCheckpointed(reentrant=True)
     with pytest.raises(NoAdapterGradientError, match=r"LoRACallback\(inputs_require_grad=True\)"):
         trainer(tmp_path, [LoRACallback(**LORA)], max_steps=2).fit(model, tiny_loader())
@@ -499,6 +546,7 @@ def test_rslora_spellings_are_one_config(tmp_path):
 
 # ============================================================ 11. errors that came late or misled
 def test_export_path_that_is_a_directory_fails_at_setup(tmp_path):
+    """bad input: `LoRACallback(export_adapter=<a directory>)`: fails at setup, not after training"""
     model = LitTiny()
     run = trainer(tmp_path, [LoRACallback(**LORA, export_adapter=str(tmp_path))], max_steps=3)
     with pytest.raises(AdapterFileError, match="is a directory"):
@@ -507,6 +555,7 @@ def test_export_path_that_is_a_directory_fails_at_setup(tmp_path):
 
 
 def test_adapter_from_another_architecture_with_the_same_shapes_names_the_modules(tmp_path):
+    """bad input: `load_adapter` of an adapter from another architecture whose matrices have the same shapes"""
     class Renamed(nn.Module):  # same shapes, other module tree
         def __init__(self) -> None:
             super().__init__()
@@ -520,6 +569,7 @@ def test_adapter_from_another_architecture_with_the_same_shapes_names_the_module
 
 
 def test_resuming_a_full_checkpoint_with_the_callback_says_how_to_start_lora_from_it(tmp_path):
+    """bad input: `trainer.fit(model, ckpt_path=<a full checkpoint of a run without LoRA>)` with `LoRACallback`"""
     model = LitTiny()
     full = ModelCheckpoint(dirpath=tmp_path / "full", save_last=True)
     trainer(tmp_path, [full], max_steps=2, enable_checkpointing=True).fit(model, tiny_loader())

@@ -1,21 +1,23 @@
-"""The README's Python examples run as written (with a tiny LightningModule and data module
-standing in for the user's ``MyLightningModule`` and ``dm``), and do what the text says."""
+"""The README's Python examples run as written (with a tiny LightningModule and data module standing
+in for the user's ``MyLightningModule``, ``MyNetwork`` and ``dm``), and do what the text says: each
+result is checked against an independent computation."""
 
 import re
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+import torch.nn.functional as F
 
-from lora_lightning import LoRALinear, lora_layers
-from conftest import LitTiny, tiny_loader, tiny_model
+from conftest import LitTiny, tiny_batch, tiny_loader, tiny_model
+from lora_lightning import LoRALinear, lora_layers, read_adapter
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def python_blocks() -> list[str]:
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
-    assert len(blocks) >= 2, "README lost its Python examples"
+    assert len(blocks) >= 3, "README lost its Python examples"
     return blocks
 
 
@@ -26,31 +28,63 @@ class TinyData(pl.LightningDataModule):
     def val_dataloader(self):
         return tiny_loader(seed=2)
 
+    def test_dataloader(self):
+        return tiny_loader(seed=2)
 
-def test_callback_example_trains_exports_and_writes_adapter_only_checkpoints(tmp_path, monkeypatch):
+
+def outputs(module, ids):
+    module.eval()
+    with torch.no_grad():
+        return module(ids)
+
+
+def test_callback_and_load_for_inference_examples(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    ns = {"MyLightningModule": LitTiny, "dm": TinyData()}
-    exec(python_blocks()[0], ns)  # noqa: S102 - the README's own example
-    model, trainer = ns["model"], ns["trainer"]
+    ns = {"MyLightningModule": LitTiny, "MyNetwork": tiny_model, "dm": TinyData()}
+    exec(python_blocks()[0], ns)  # noqa: S102 - the README's own example: attach the callback, fit
+    trained, trainer = ns["model"], ns["trainer"]
     assert trainer.current_epoch == 3
-    layers = lora_layers(model)
+    layers = lora_layers(trained)
     assert layers and all(isinstance(m, LoRALinear) for m in layers.values())
     assert {n.rsplit(".", 1)[-1] for n in layers} == {"q_proj", "v_proj"}
-    assert (tmp_path / "adapter.safetensors").stat().st_size > 0
     ckpts = list(tmp_path.rglob("*.ckpt"))
-    assert ckpts, "the default ModelCheckpoint wrote nothing"
-    state = torch.load(ckpts[0], map_location="cpu", weights_only=False)["state_dict"]
+    state = torch.load(ckpts[0], map_location="cpu", weights_only=True)["state_dict"]
     assert state and all("lora_" in k or ".classifier." in k for k in state), sorted(state)[:5]
+    ids = tiny_batch()[0]
+    expected = outputs(trained, ids)
+    assert not torch.allclose(expected, outputs(LitTiny(), ids), atol=1e-3)  # training changed the model
+
+    exec(python_blocks()[1], ns)  # noqa: S102 - load for inference, three ways
+    ckpt_model = LitTiny.load_from_checkpoint(ns["ckpt_path"])  # what the first line of the block does
+    torch.testing.assert_close(outputs(ckpt_model, ids), expected, atol=0, rtol=0)
+    merged = ns["model"]  # load_adapter + merge_and_unload: the plain base architecture
+    assert not lora_layers(merged) and not any(".lora_" in k for k in merged.state_dict())
+    torch.testing.assert_close(outputs(merged, ids), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(outputs(ns["net"], ids), expected, atol=1e-5, rtol=0)  # the merged export
 
 
-def test_plain_pytorch_example_saves_and_merges(tmp_path, monkeypatch):
+def test_plain_pytorch_example_trains_saves_and_merges_exactly(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     model = tiny_model()
-    ids = torch.randint(0, 50, (4, 6))
-    base = model(ids).detach()
-    ns = {"model": model}
-    exec(python_blocks()[1], ns)  # noqa: S102
-    assert (tmp_path / "task_a.safetensors").stat().st_size > 0
+    ids, y = tiny_batch()
+
+    def train(m):  # the user's loop: a few AdamW steps on whatever requires grad
+        params = [p for p in m.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=0.05)
+        for _ in range(5):
+            opt.zero_grad()
+            F.cross_entropy(m(ids), y).backward()
+            opt.step()
+
+    exec(python_blocks()[2], {"model": model, "train": train})  # noqa: S102
+    tensors, _ = read_adapter(tmp_path / "task_a.safetensors")
     layers = lora_layers(model)
     assert len(layers) == 2 * len(model.layers) and all(m.merged for m in layers.values())
-    torch.testing.assert_close(model(ids), base)  # B = 0 until trained: merged == base
+    # independent check of the merge: the base weights plus (alpha/r)·B·A from the saved file
+    reference = tiny_model()
+    with torch.no_grad():
+        for name in layers:
+            B, A = tensors[f"{name}.lora_B"], tensors[f"{name}.lora_A"]
+            assert B.abs().sum() > 0  # trained
+            reference.get_submodule(name).weight.add_((16 / 4) * B @ A)  # LoRAConfig's default alpha=16, r=4
+    torch.testing.assert_close(outputs(model, ids), outputs(reference, ids), atol=1e-5, rtol=0)

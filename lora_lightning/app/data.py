@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lora_lightning.errors import DataError
 
-from .models import _offline_transformers, resolve_model_path
+from .models import _offline_transformers, load_failure, resolve_model_path
 
 RT_SOURCE = "rotten_tomatoes"
 RT_LABEL_NAMES: tuple[str, ...] = ("rotten", "fresh")  # label id = index: rotten=0, fresh=1
@@ -225,10 +225,8 @@ def load_tokenizer(name_or_path: str) -> Any:
     try:
         tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True, use_fast=True)
     except (OSError, ValueError, KeyError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(".")
-        where = "a local folder" if Path(path).exists() else "no such local folder and not in the local HF cache"
         raise DataError(
-            f"Could not load a tokenizer from {name_or_path!r} (tried {path!r}, {where}, offline): {first}. "
+            f"Could not load a tokenizer from {name_or_path!r} ({load_failure(e, path)}). "
             f"Fix: set data.tokenizer to 'default' or a local folder holding tokenizer.json."
         ) from None
     if not getattr(tok, "is_fast", False):

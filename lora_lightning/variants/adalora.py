@@ -286,8 +286,8 @@ class AdaLoRA(Variant):
     layer_class = AdaLoRALinear
 
     @classmethod
-    def num_params(cls, spec: "AdapterSpec") -> int:
-        return super().num_params(spec) + spec.r
+    def num_params(cls, spec: "AdapterSpec", config: LoRAConfig) -> int:
+        return super().num_params(spec, config) + spec.r
 
     @classmethod
     def training_hooks(cls, model: nn.Module, config: LoRAConfig, total_steps: int | None) -> AdaLoRAHooks:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import LoRAConfig
 from ..layers import LoRALinear
 from .registry import Variant, register_variant
 
@@ -78,5 +79,5 @@ class DoRA(Variant):
     layer_class = DoRALinear
 
     @classmethod
-    def num_params(cls, spec: "AdapterSpec") -> int:
-        return super().num_params(spec) + spec.d_out
+    def num_params(cls, spec: "AdapterSpec", config: LoRAConfig) -> int:
+        return super().num_params(spec, config) + spec.d_out

@@ -11,7 +11,7 @@ its exact trainable-parameter count and, if it needs them, training-time hooks::
         layer_class = MineLinear
 
         @classmethod
-        def num_params(cls, spec): return spec.r * (spec.d_in + spec.d_out) + spec.d_out
+        def num_params(cls, spec, config): return spec.r * (spec.d_in + spec.d_out) + spec.d_out
 
 Everything else reads from here: injection builds layers through :meth:`Variant.build`, the
 parameter budget and counts call :meth:`Variant.num_params`, loading compares the config's
@@ -119,8 +119,9 @@ class Variant:
         return alpha, config.scaling_for(r, alpha)
 
     @classmethod
-    def num_params(cls, spec: "AdapterSpec") -> int:
-        """Trainable parameters of one adapted matrix: ``r·(n·d_in + d_out)`` for ``n`` adapted blocks."""
+    def num_params(cls, spec: "AdapterSpec", config: LoRAConfig) -> int:
+        """Trainable parameters of one adapted matrix under ``config`` (the variant's options): plain LoRA
+        ``r·(n·d_in + d_out)`` for ``n`` adapted blocks."""
         return spec.r * (max(1, len(spec.parts)) * spec.d_in + spec.d_out)
 
     @classmethod

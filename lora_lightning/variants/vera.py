@@ -67,7 +67,8 @@ class VeRALinear(LoRALinear):
     def __init__(self, base: nn.Linear, shared_A: nn.Parameter, shared_B: nn.Parameter, d_init: float = 0.1,
                  dropout: float = 0.0, name: str = "", quantize: str | None = None, pin_dtype: bool = False) -> None:
         r = shared_A.shape[0]
-        super().__init__(base, r, 1.0, 1.0, dropout, "kaiming", shared_A.dtype, name, quantize=quantize, pin_dtype=pin_dtype)
+        super().__init__(base, r, 1.0, scaling=1.0, dropout=dropout, adapter_dtype=shared_A.dtype, name=name,
+                         quantize=quantize, pin_dtype=pin_dtype)
         if shared_A.shape[1] < self.in_features or shared_B.shape[0] < self.out_features:
             raise LoRAConfigError(f"VeRA shared matrices {tuple(shared_A.shape)}, {tuple(shared_B.shape)} are too small for {name}")
         self.lora_A = shared_A  # replaces the layer's own A/B by the shared frozen ones
@@ -107,5 +108,5 @@ class VeRA(Variant):
         return 1.0, 1.0  # no alpha/r: the trained d and b carry the scale
 
     @classmethod
-    def num_params(cls, spec: "AdapterSpec") -> int:
+    def num_params(cls, spec: "AdapterSpec", config: LoRAConfig) -> int:
         return spec.r + spec.d_out
