@@ -112,6 +112,11 @@ class LoRAConfig:
         init: initialisation of ``A``: ``kaiming`` (uniform, as loralib/PEFT) or ``gaussian``
             (``N(0, 1/r)``, the paper's "random Gaussian"). ``B`` is always zero, so the adapted
             model starts exactly equal to the base.
+        init_seed: draw each adapter's random initialisation from its own stream, seeded by
+            ``(init_seed, module name, rank)``: runs with different seeds or ranks start from
+            independent ``A`` matrices, and a run does not depend on what consumed the global RNG
+            before injection. ``None``: the global torch RNG (reproducible with ``seed_everything``,
+            but the first rows of a rank-64 ``A`` then equal a rank-8 ``A`` drawn from the same state).
         adapter_dtype: dtype of the adapter tensors (e.g. ``float32`` adapters on a ``bfloat16``
             base, the QLoRA recipe); kept through ``module.to(dtype)`` and Lightning's ``*-true``
             precisions. ``None`` = the base weight's dtype (and it follows the module's casts).
@@ -132,6 +137,7 @@ class LoRAConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     use_rslora: bool = False
     init: str = "kaiming"
+    init_seed: int | None = None
     adapter_dtype: str | None = None
     variant: str = "lora"
     quantize_base: str | None = None
@@ -188,6 +194,8 @@ class LoRAConfig:
             raise LoRAConfigError(f"bias={self.bias!r} is not one of {BIAS_OPTIONS}: set lora.bias to one of them")
         if self.init not in INIT_OPTIONS:
             raise LoRAConfigError(f"init={self.init!r} is not one of {INIT_OPTIONS}")
+        if self.init_seed is not None and (isinstance(self.init_seed, bool) or not isinstance(self.init_seed, int)):
+            raise LoRAConfigError(f"init_seed={self.init_seed!r} must be an integer or null (null: the global torch RNG)")
         if self.adapter_dtype not in DTYPE_OPTIONS:
             raise LoRAConfigError(
                 f"adapter_dtype={self.adapter_dtype!r} is not one of {DTYPE_OPTIONS}: use e.g. 'float32' or null"

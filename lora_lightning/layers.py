@@ -29,6 +29,7 @@ formula ``F.linear(x, W0, b) + s·(dropout(x)·A'ᵀ)·B'ᵀ``.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
 import weakref
@@ -161,11 +162,13 @@ class LoRALayer:
         name: str = "",
         fused: FusedSlices | None = None,
         pin_dtype: bool = False,
+        generator: torch.Generator | None = None,
     ) -> None:
         """Validate ``r`` and create ``A (n·r x d_in)``/``B (rows x r)``, the options every layer takes:
         ``scaling`` (default ``alpha/r``), ``dropout`` on the adapter input, ``init`` of ``A``
         (``kaiming`` | ``gaussian``), ``adapter_dtype`` (default: the base weight's; kept through later
-        casts when ``pin_dtype``), ``name`` (for errors), ``fused`` row layout."""
+        casts when ``pin_dtype``), ``name`` (for errors), ``fused`` row layout, ``generator`` (a CPU
+        generator for the random initialisation; ``None``: the global RNG)."""
         if fused is not None and fused.d_out != d_out:
             raise LoRAConfigError(
                 f"fused layout of {name or 'a layer'} has {fused.d_out} rows ({dict(zip(fused.parts, fused.sizes))}) "
@@ -192,15 +195,15 @@ class LoRALayer:
         self.lora_A = nn.Parameter(torch.empty(n * r, d_in, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(rows, r, dtype=dtype, device=device))
         self.merged = False
-        self.reset_lora_parameters()
+        self.reset_lora_parameters(generator)
 
-    def reset_lora_parameters(self) -> None:
+    def reset_lora_parameters(self, generator: torch.Generator | None = None) -> None:
         """A random (Kaiming-uniform like nn.Linear, or N(0, 1/r)); B = 0 so ΔW = 0."""
+        if self.init == "gaussian":
+            init_random(self.lora_A, lambda t, g: nn.init.normal_(t, std=1.0 / self.r, generator=g), generator)
+        else:
+            init_random(self.lora_A, lambda t, g: nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=g), generator)
         with torch.no_grad():
-            if self.init == "gaussian":
-                nn.init.normal_(self.lora_A, std=1.0 / self.r)
-            else:
-                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B)
 
     # ---------------------------------------------------------------- math
@@ -329,6 +332,24 @@ class LoRALayer:
             f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}, dropout={self.dropout_p:g}{parts}, "
             f"merged={self.merged}"
         )
+
+
+def init_random(tensor: Tensor, fill: Callable[[Tensor, torch.Generator | None], Any], generator: torch.Generator | None) -> None:
+    """``fill(tensor, generator)`` in place; with a (CPU) generator the values are drawn on the CPU
+    in float32, so they are the same whatever the tensor's device and dtype."""
+    with torch.no_grad():
+        if generator is None:
+            fill(tensor, None)
+        else:
+            values = torch.empty(tensor.shape, dtype=torch.float32)
+            fill(values, generator)
+            tensor.copy_(values)
+
+
+def stream_generator(seed: int, *key: object) -> torch.Generator:
+    """A CPU generator seeded by ``seed`` and ``key`` through SHA-256: a stream of its own per key."""
+    digest = hashlib.sha256(repr((int(seed), *key)).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
 def _one_node_ok(x: Tensor, weight: Tensor, A: Tensor, B: Tensor) -> bool:

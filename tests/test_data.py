@@ -272,3 +272,22 @@ def test_datamodule_rotten_tomatoes_with_minilm_tokenizer(tmp_path: Path) -> Non
     assert abs(sum(dm.splits["train"].labels.tolist()) - 200 * 7368 / 12752) <= 2  # stratified cap
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"][:, 0].eq(101).all()  # [CLS] of the BERT uncased vocab
+
+
+def test_shuffle_seed_varies_the_batch_order_but_not_the_split(tmp_path: Path, tiny_tokenizer_dir: Path) -> None:
+    csv_path = _write_csv(tmp_path / "r.csv", _reviews(200))
+    cache = tmp_path / "cache"
+
+    def first_batch_and_split(**kw: object) -> tuple[list[list[int]], list[list[int]]]:
+        dm = _dm(csv_path, tiny_tokenizer_dir, cache, seed=0, batch_size=16, **kw)
+        dm.setup("fit")
+        batch = next(iter(dm.train_dataloader()))["input_ids"].tolist()
+        return batch, [t.tolist() for t in dm.splits["val"].input_ids]
+
+    b1, v1 = first_batch_and_split(shuffle_seed=1)
+    b2, v2 = first_batch_and_split(shuffle_seed=2)
+    b1_again, _ = first_batch_and_split(shuffle_seed=1)
+    default, v0 = first_batch_and_split()  # shuffle_seed defaults to seed
+    seed0, _ = first_batch_and_split(shuffle_seed=0)
+    assert v1 == v2 == v0  # one split
+    assert b1 != b2 and b1 == b1_again and default == seed0

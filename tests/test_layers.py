@@ -229,3 +229,26 @@ def test_torch_compile_fullgraph_matches_eager():
     model.train()
     torch.compile(model, backend="aot_eager", fullgraph=True)(x).sum().backward()
     assert model[0].lora_A.grad is not None
+
+
+def test_init_seed_gives_each_adapter_its_own_stream():
+    """§7.2 compares A matrices of runs with r=8 and r=64: drawn from the global RNG in the same state, the
+    first rows of a higher-rank A are the lower-rank A itself; with init_seed each (seed, module, rank) has
+    its own stream, independent of whatever used the global RNG before."""
+    from conftest import tiny_model
+
+    def first_A(r, **kw):
+        model = tiny_model(0)  # tiny_model re-seeds the global RNG: both draws start from the same state
+        inject_lora(model, LoRAConfig(r=r, targets=["q"], **kw))
+        return model.layers[0].self_attn.q_proj.lora_A.detach().clone()
+
+    assert torch.equal(first_A(16)[:4], first_A(4))  # the artefact, without init_seed
+    a4, a16 = first_A(4, init_seed=1), first_A(16, init_seed=1)
+    assert not torch.allclose(a16[:4], a4, atol=1e-3)
+    assert torch.equal(first_A(4, init_seed=1), a4)  # reproducible
+    torch.manual_seed(123)
+    _ = torch.rand(1000)  # consumption of the global RNG does not matter
+    assert torch.equal(first_A(4, init_seed=1), a4)
+    assert not torch.allclose(first_A(4, init_seed=2), a4, atol=1e-3)
+    g = first_A(16, init_seed=3, init="gaussian")
+    assert abs(g.std().item() - 1 / 16) < 0.15 / 16  # N(0, 1/r): 256 draws

@@ -313,6 +313,14 @@ def test_fit_again_after_merge_on_fit_end_trains_the_adapters(tmp_path):
     assert all(not torch.equal(v, after_first[k]) for k, v in lora_tensors(model).items() if k.endswith("lora_A"))
 
 
+def test_test_without_ckpt_path_after_a_merged_fit_keeps_the_merged_weights(tmp_path):
+    model, _ = fitted(tmp_path, merge_on_fit_end=True)
+    before = outputs(model)
+    trainer(tmp_path, [LoRACallback(**LORA)], max_steps=1).test(model, tiny_loader(), verbose=False)
+    assert is_merged(model)  # evaluation keeps the zero-latency merged weights
+    assert torch.equal(outputs(model), before)
+
+
 def test_test_with_best_checkpoint_after_a_merged_fit(tmp_path):
     model = LitTiny()
     ckpt = ModelCheckpoint(dirpath=tmp_path / "c", monitor="val_loss", save_top_k=1)

@@ -268,7 +268,9 @@ class TextClassificationDataModule(LightningDataModule):
     data file contents, tokenizer, ``max_length`` and columns; the seeded stratified split and the
     ``train_size``/``val_size``/``test_size`` caps (a cap above the split size keeps the whole
     split) are applied after loading, so changing them does not re-tokenise and leaves the other
-    splits unchanged. Batches are padded to their longest sequence. With ``val_file``/``test_file``
+    splits unchanged. ``seed`` fixes the split; ``shuffle_seed`` (default: ``seed``) the order of the
+    training batches, so runs can share one split and still see different batch orders. Batches are
+    padded to their longest sequence. With ``val_file``/``test_file``
     those splits come from the files and are not carved out of ``source``.
     """
 
@@ -281,6 +283,7 @@ class TextClassificationDataModule(LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         seed: int = 0,
+        shuffle_seed: int | None = None,
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         train_size: int | None = None,
@@ -305,7 +308,8 @@ class TextClassificationDataModule(LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
-        self.seed = seed
+        self.seed = seed  # the split
+        self.shuffle_seed = seed if shuffle_seed is None else shuffle_seed  # the order of training batches
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.caps = {"train": train_size, "val": val_size, "test": test_size}
         self.text_column, self.label_column = text_column, label_column
@@ -429,7 +433,7 @@ class TextClassificationDataModule(LightningDataModule):
         data = self.splits[split]
         if len(data) == 0:
             raise DataError(f"The {split} split is empty; check data.{split}_size and the split fractions.")
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        generator = torch.Generator().manual_seed(self.shuffle_seed) if shuffle else None
         return DataLoader(
             data,
             batch_size=self.batch_size if split == "train" else self.eval_batch_size,

@@ -76,7 +76,7 @@ class _PrepareAfterConfigure:
         ref = getattr(self.module, _CALLBACK, None)
         callback = ref() if ref is not None else None
         if callback is not None:
-            callback._prepare(self.module)
+            callback._prepare(self.module, callback._stage)
 
 
 class LoRACallback(Callback):
@@ -149,6 +149,7 @@ class LoRACallback(Callback):
         self._last_step = -1
         self._grad_checked = False
         self._input_hooks: list[Any] = []
+        self._stage = "fit"
         self._init_applied: weakref.WeakSet = weakref.WeakSet()
 
     # ------------------------------------------------------------------ hooks
@@ -162,13 +163,14 @@ class LoRACallback(Callback):
         if self.init_adapter:
             read_adapter(self.init_adapter)  # a missing or foreign file fails before the model changes
         self._attach(pl_module)
+        self._stage = stage
         if is_overridden("configure_model", pl_module):
             # the layers may not exist yet: prepare right after configure_model (still before the optimizer)
             if not getattr(pl_module, _CONFIGURE_HOOKED, False):
                 object.__setattr__(pl_module, _CONFIGURE_HOOKED, True)
                 object.__setattr__(pl_module, "configure_model", _RunAfter(pl_module.configure_model, _PrepareAfterConfigure(pl_module)))
         else:
-            self._prepare(pl_module)
+            self._prepare(pl_module, stage)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         state = get_lora_state(pl_module)
@@ -295,9 +297,10 @@ class LoRACallback(Callback):
         ensure_checkpoint_hooks(pl_module)
         object.__setattr__(pl_module, _CALLBACK, _CallbackRef(self))
 
-    def _prepare(self, pl_module: pl.LightningModule) -> None:
+    def _prepare(self, pl_module: pl.LightningModule, stage: str = "fit") -> None:
         """Give ``pl_module`` this callback's adapters: reuse the ones it holds if they have the same
-        structure, else inject (replacing others only when asked); apply ``init_adapter`` once."""
+        structure (unmerged for training), else inject (replacing others only when asked); apply
+        ``init_adapter`` once."""
         if has_lora(pl_module):
             state = get_lora_state(pl_module)
             diffs = differences(state, planned_state(pl_module, self.config), "the model", "this LoRACallback")
@@ -314,7 +317,8 @@ class LoRACallback(Callback):
                 remove_lora(pl_module)
                 self._inject(pl_module)
             else:
-                if any(layer.merged for layer in lora_layers(pl_module).values()):
+                merged = any(layer.merged for layer in lora_layers(pl_module).values())
+                if merged and (stage == "fit" or self._needs_init(pl_module)):
                     unmerge_lora(pl_module)  # merged by merge_on_fit_end: train / load into the adapters again
                 self._apply_init_adapter(pl_module)
                 mark_trainable(pl_module, state)
@@ -329,8 +333,11 @@ class LoRACallback(Callback):
             remove_lora(pl_module)  # a bad init_adapter leaves the module as it was
             raise
 
+    def _needs_init(self, pl_module: pl.LightningModule) -> bool:
+        return bool(self.init_adapter) and pl_module not in self._init_applied
+
     def _apply_init_adapter(self, pl_module: pl.LightningModule) -> None:
-        if self.init_adapter and pl_module not in self._init_applied:
+        if self._needs_init(pl_module):
             load_adapter(pl_module, self.init_adapter, on_base_mismatch=self.on_base_mismatch)
             self._init_applied.add(pl_module)
 

@@ -94,7 +94,7 @@ def _recover_results_in_main_process(self: _MultiProcessingLauncher, worker_outp
     if callback is not None and fitted:
         callback._attach(module)  # later checkpoints of the main process stay adapter-only
         try:
-            callback._prepare(module)  # the adapters the workers trained, so strict=False keeps their keys
+            callback._prepare(module, "fit")  # the adapters the workers trained, so strict=False keeps their keys
         except TargetNotFoundError:  # layers built in configure_model, which never ran here
             callback = None
             rank_zero_warn(

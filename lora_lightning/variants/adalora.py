@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ..config import LoRAConfig, check_fraction, check_rank
 from ..errors import LoRAConfigError
-from ..layers import LoRALinear
+from ..layers import LoRALinear, init_random
 from .registry import Variant, register_variant
 
 if TYPE_CHECKING:
@@ -86,12 +86,11 @@ class AdaLoRALinear(LoRALinear):
     trainable_names = ("lora_A", "lora_B", "lora_E")
     adapter_names = ("lora_A", "lora_B", "lora_E")
 
-    def __init__(self, base: nn.Linear, *args, **kwargs) -> None:
-        super().__init__(base, *args, **kwargs)
+    def __init__(self, base: nn.Linear, *args, generator: torch.Generator | None = None, **kwargs) -> None:
+        super().__init__(base, *args, generator=generator, **kwargs)
         self.lora_E = nn.Parameter(torch.zeros(self.r, dtype=self.lora_A.dtype, device=self.lora_A.device))
-        with torch.no_grad():
-            nn.init.normal_(self.lora_A, std=0.02)
-            nn.init.normal_(self.lora_B, std=0.02)
+        for tensor in (self.lora_A, self.lora_B):
+            init_random(tensor, lambda t, g: nn.init.normal_(t, std=0.02, generator=g), generator)
 
     def factors(self) -> tuple[Tensor, Tensor, float]:
         return self.lora_A * self.lora_E[:, None], self.lora_B, self.scaling

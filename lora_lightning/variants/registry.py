@@ -23,11 +23,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Sequence
 
+import torch
 from torch import nn
 
 from ..config import _VARIANT_ALIASES, _VARIANT_CONFIGS, LoRAConfig, _resolve_variant
 from ..errors import LoRAConfigError
-from ..layers import LoRAConv1D, LoRALayer, LoRALinear, resolve_dtype
+from ..layers import LoRAConv1D, LoRALayer, LoRALinear, resolve_dtype, stream_generator
 
 if TYPE_CHECKING:  # the plan's types; targets imports this module
     from ..targets import AdapterSpec
@@ -104,7 +105,13 @@ class Variant:
             adapter_dtype=resolve_dtype(c.adapter_dtype, weight.dtype),
             name=spec.name,
             pin_dtype=c.adapter_dtype is not None,
+            generator=self.generator(spec),
         )
+
+    def generator(self, spec: "AdapterSpec") -> torch.Generator | None:
+        """The random stream of one adapter: seeded by ``(init_seed, name, rank)``, or ``None`` (global RNG)."""
+        c = self.config
+        return None if c.init_seed is None else stream_generator(c.init_seed, spec.name, spec.r)
 
     def build(self, base: nn.Module, spec: "AdapterSpec") -> LoRALayer:
         """The adapter layer replacing ``base`` (a Linear or GPT-2 Conv1D) for one planned matrix."""
