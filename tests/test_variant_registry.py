@@ -95,6 +95,9 @@ def test_toy_variant_config_and_callback_keywords():
     with pytest.raises(LoRAConfigError, match="'gain_init' is an option of variant='gain'"):
         LoRAConfig(gain_init=0.5)  # an option of another variant
     assert LoRACallback(variant="gain", gain_per_row=True).config.gain_per_row is True
+    import inspect
+
+    assert {"gain_per_row", "gain_init"} <= set(inspect.signature(LoRACallback.__init__).parameters)
 
 
 def test_toy_variant_layers_merge_and_file_round_trip(tmp_path):

@@ -35,7 +35,7 @@ from ..gradients import adapters_without_grad, make_inputs_require_grad, uses_ac
 from ..injection import count_parameters, get_lora_state, has_lora, inject_lora, lora_layers, mark_trainable, remove_lora
 from ..merging import merge_lora, unmerge_lora
 from ..record import ON_MISMATCH, differences
-from ..variants.registry import get_variant
+from ..variants.registry import ON_REGISTER, get_variant
 from .checkpoints import (
     AtomicCheckpointIO,
     CheckpointOptions,
@@ -384,4 +384,5 @@ def _with_lora_keywords(init: Any) -> None:
 
 
 _with_lora_keywords(LoRACallback.__init__)
+ON_REGISTER.append(lambda: _with_lora_keywords(LoRACallback.__init__))  # a variant registered later adds its options
 __all__ = ["LoRACallback"]

@@ -21,7 +21,7 @@ Hydra app's ``lora`` group lists them.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -34,6 +34,8 @@ if TYPE_CHECKING:  # the plan's types; targets imports this module
     from ..targets import AdapterSpec
 
 _VARIANTS: dict[str, type["Variant"]] = {}
+# called after each registration (the Lightning layer refreshes LoRACallback's keyword list)
+ON_REGISTER: list[Callable[[], None]] = []
 
 
 class TrainingHooks(Protocol):
@@ -158,6 +160,8 @@ def register_variant(name: str) -> Any:
         cls.name = name
         _VARIANTS[name] = cls
         _VARIANT_CONFIGS[name] = config_class
+        for listener in ON_REGISTER:
+            listener()
         return cls
 
     return decorate
