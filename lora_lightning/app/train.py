@@ -43,6 +43,9 @@ ConfigStore.instance().store(group="lora", name="options", node=all_option_defau
 def build_lora_config(cfg: DictConfig, model: pl.LightningModule) -> LoRAConfig:
     """``cfg.lora`` -> :class:`LoRAConfig`, resolving ``modules_to_save: auto`` and ``budget``."""
     fields = {k: v for k, v in OmegaConf.to_container(cfg.lora, resolve=True).items() if k not in LORA_APP_KEYS}
+    targets = fields.get("targets")
+    if isinstance(targets, str) and not targets.startswith("re:"):  # "q+k+v+o": a list as one sweeper choice
+        fields["targets"] = [t.strip() for t in targets.split("+") if t.strip()]
     if fields.get("modules_to_save") == "auto":
         head = getattr(model, "head_parameter_names", [])
         fields["modules_to_save"] = sorted({n.rpartition(".")[0] for n in head})
@@ -90,9 +93,21 @@ def build_logger(cfg: DictConfig) -> Any:
     return logger
 
 
+class ValidationCurve(pl.Callback):
+    """Records ``(optimizer step, val_acc)`` at every validation run (sanity check excluded) for summary.json."""
+
+    def __init__(self) -> None:
+        self.points: list[tuple[int, float]] = []
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking and "val_acc" in trainer.callback_metrics:
+            self.points.append((trainer.global_step, float(trainer.callback_metrics["val_acc"])))
+
+
 def build_callbacks(cfg: DictConfig, out: Path, lora: LoRAConfig | None) -> list[pl.Callback]:
     callbacks: list[pl.Callback] = [
-        ModelCheckpoint(dirpath=out / "checkpoints", monitor="val_acc", mode="max", save_top_k=1, save_last=True, filename="best-{epoch}-{val_acc:.4f}")
+        ModelCheckpoint(dirpath=out / "checkpoints", monitor="val_acc", mode="max", save_top_k=1, save_last=True, filename="best-{epoch}-{step}-{val_acc:.4f}"),
+        ValidationCurve(),
     ]
     if cfg.progress == "rich":
         callbacks.append(RichProgressBar(leave=True))
@@ -129,6 +144,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     logger = build_logger(cfg)
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg, out, lora), logger=logger)
 
+    if cfg.get("tune") is not None:
+        return find_lr(cfg, trainer, model, datamodule, out)
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule)
     fit_seconds = time.perf_counter() - start
@@ -152,6 +169,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "variant": str(cfg.lora.get("variant", "lora")) if lora else None,  # as asked (rslora, qlora: aliases)
         "lr": float(cfg.model.lr) if cfg.model.get("lr") is not None else None,
         "best_val_acc": float(ckpt_cb.best_model_score) if ckpt_cb and ckpt_cb.best_model_score is not None else None,
+        "val_curve": next((cb.points for cb in trainer.callbacks if isinstance(cb, ValidationCurve)), []),
+        "data": str(cfg.data.get("source")),
         **{k: v for k, v in results.items()},
         "params_trainable": counts.trainable,
         "params_total": counts.total,
@@ -177,6 +196,35 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if logger:
         _log_summary(logger, summary)
     return summary
+
+
+def find_lr(cfg: DictConfig, trainer: pl.Trainer, model: pl.LightningModule, datamodule: Any, out: Path) -> dict[str, Any]:
+    """``tune=lr_find``: Lightning's learning-rate range test on the method's trainable parameters (the
+    LoRA callback injects first, as in a fit); writes ``lr_find.json`` and ``lr_find.png``."""
+    from lightning.pytorch.tuner import Tuner
+
+    if cfg.tune.get("mode") != "lr_find":
+        raise AppConfigError(f"tune.mode={cfg.tune.get('mode')!r} is not known; use tune=lr_find")
+    trainer.fit_loop.max_epochs = -1  # the ramp runs num_training steps, over as many epochs as it takes
+    finder = Tuner(trainer).lr_find(
+        model, datamodule=datamodule, min_lr=float(cfg.tune.min_lr), max_lr=float(cfg.tune.max_lr),
+        num_training=int(cfg.tune.num_training), update_attr=False,
+    )
+    if finder is None:
+        raise AppConfigError("the learning-rate range test did not run (the Trainer is in fast_dev_run mode?)")
+    suggestion = finder.suggestion()
+    result = {"mode": "lr_find", "method": cfg.lora.get("method", "lora"), "suggested_lr": suggestion,
+              "lr": [float(x) for x in finder.results["lr"]], "loss": [float(x) for x in finder.results["loss"]],
+              "output_dir": str(out)}
+    (out / "lr_find.json").write_text(json.dumps(result, indent=2))
+    fig = finder.plot(suggest=suggestion is not None)
+    fig.savefig(out / "lr_find.png", dpi=120)
+    if suggestion is None:
+        print(f"lr_find: no clear descent in the loss ({len(result['lr'])} points, {out / 'lr_find.png'}); widen "
+              "tune.min_lr/max_lr or raise tune.num_training")
+    else:
+        print(f"lr_find: suggested lr {suggestion:.3g} (loss vs lr in {out / 'lr_find.png'}); train with lora.lr={suggestion:.3g}")
+    return result
 
 
 def _log_summary(logger: Any, summary: dict[str, Any]) -> None:
@@ -224,7 +272,8 @@ def print_summary(summary: dict[str, Any]) -> None:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    """Entry point; returns the test accuracy (handy for Hydra sweepers)."""
+    """Entry point; returns the best validation accuracy, the objective Hydra sweepers maximise (the
+    test split only reports the checkpoint chosen on validation)."""
     os.environ.setdefault("WANDB_SILENT", "true")
     try:
         summary = run(cfg)
@@ -235,8 +284,10 @@ def main(cfg: DictConfig) -> float | None:
         raise
     except USER_ERRORS as exc:
         _fail(exc)
+    if summary.get("mode") == "lr_find":
+        return summary.get("suggested_lr")
     print_summary(summary)
-    return summary.get("test_acc")
+    return summary.get("best_val_acc")
 
 
 def _fail(exc: BaseException) -> None:
