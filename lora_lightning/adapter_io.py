@@ -291,7 +291,7 @@ def unchanged_on_error(model: nn.Module) -> Iterator[None]:
     """Undo every adapter change made inside the block if it raises: the LoRA modules, their tensors,
     merged state and merged base weights, the record and ``requires_grad`` flags come back exactly."""
     state = getattr(model, STATE_ATTR, None)
-    modules = dict(model.named_modules())  # every module object, so each is put back, not a copy
+    modules = dict(model.named_modules(remove_duplicate=False))  # every module object and every name it has
     layers = lora_layers(model)
     merged = {n: layer.merged for n, layer in layers.items()}
     # adapter tensors always; a base weight only if merged (unmerge + merge is exact only to round-off)

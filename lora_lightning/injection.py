@@ -191,6 +191,9 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> list[AdapterSpec]:
         if f"{name}.out_proj" in built:
             host.out_proj = built.pop(f"{name}.out_proj")
         built[name] = host
+    for s in specs:  # modules sharing the adapted weight share the adapter layer too
+        for other in s.tied:
+            built[other] = built[s.name]
     for name in sorted(built, key=lambda n: n.count(".")):  # parents before children
         set_submodule(model, name, built[name])
     _guard_transformer_encoders(model, specs)
@@ -212,9 +215,10 @@ class _WeightView:
 def remove_lora(model: nn.Module) -> nn.Module:
     """Replace every LoRA layer by its plain base layer (merged weights stay merged), in place."""
     get_lora_state(model)
-    wrapped = [(n, m) for n, m in model.named_modules() if is_lora_module(m)]
+    wrapped = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if is_lora_module(m)]
+    bases: dict[int, nn.Module] = {}  # one base module per LoRA layer, shared again where the layer was
     for name, layer in reversed(wrapped):  # children (an attention host's out_proj) before parents
-        set_submodule(model, name, layer.to_base())  # type: ignore[attr-defined]
+        set_submodule(model, name, bases.setdefault(id(layer), layer.to_base()))  # type: ignore[attr-defined]
     for enc in model.modules():
         for handle in getattr(enc, _HOOKS_ATTR, ()):
             handle.remove()

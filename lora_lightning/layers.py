@@ -227,9 +227,11 @@ class LoRALayer:
             return self.live_delta_weight(dtype)
 
     def stored_delta_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """ΔW in the layout of the stored weight (``d_in x d_out`` for fan-in-fan-out Conv1D)."""
+        """ΔW in the layout of the stored weight (``d_in x d_out`` for fan-in-fan-out Conv1D and
+        Embedding, ``out x in x k...`` for a convolution)."""
         delta = self.delta_weight(dtype)
-        return delta.T if self.fan_in_fan_out else delta
+        delta = delta.T if self.fan_in_fan_out else delta
+        return delta.reshape(getattr(self, self.base_weight_name).shape)
 
     def lora_forward(self, x: Tensor) -> Tensor:
         """``s · dropout(x) @ A'ᵀ @ B'ᵀ`` for ``x (..., d_in)`` -> ``(..., d_out)``, in the adapters' dtype."""
@@ -595,6 +597,136 @@ class LoRAConv1D(LoRALayer, nn.Module):
         return f"nx={self.in_features}, nf={self.nf}, fan_in_fan_out=True, " + self.lora_extra_repr()
 
 
+class LoRAEmbedding(LoRALayer, nn.Embedding):
+    """A frozen ``nn.Embedding`` (weight ``W0: num x dim``) plus ``s·(B·A)ᵀ``, ``A: r x num``, ``B: dim x r``.
+
+    ``y = W0[x] + s · (Aᵀ[x]) Bᵀ``: a lookup of ``A``'s columns, then ``B``. As in loralib and PEFT the
+    initialisation is the reverse of Linear's — ``A = 0`` and ``B ~ N(0, 1)`` — so the output equals the
+    base's at step 0 (a zero ``B`` would leave ``A`` without a gradient signal through the lookup).
+    ``padding_idx`` is honoured: its row gets no gradient, so the padding vector stays the base's.
+    Adapter dropout is not applied to a lookup. Keys: ``weight`` unchanged, ``lora_A``, ``lora_B``.
+    """
+
+    kind = "embedding"
+    fan_in_fan_out = True  # the stored weight is num x dim: ΔWᵀ of the d_out x d_in = dim x num update
+
+    def __init__(self, base: nn.Embedding, r: int, alpha: float, **options: Any) -> None:
+        name = options.get("name") or "this nn.Embedding"
+        if base.max_norm is not None:
+            raise LoRAConfigError(
+                f"{name} has max_norm={base.max_norm}: it renormalises embedding rows in place during forward, which "
+                "the adapter cannot follow; target other layers or build the Embedding without max_norm"
+            )
+        if base.sparse:
+            raise LoRAConfigError(f"{name} has sparse=True (sparse gradients); LoRA needs dense ones: target other layers")
+        nn.Module.__init__(self)
+        self._base_cls = type(base)
+        self._base_attrs = _plain_attrs(base)
+        for k, v in self._base_attrs.items():
+            object.__setattr__(self, k, v)
+        self.weight = base.weight
+        self.in_features, self.out_features = base.num_embeddings, base.embedding_dim
+        if options.get("dropout", 0.0) > 0:
+            warnings.warn(f"LoRA dropout is not applied to the embedding adapter of {name} (a lookup)", stacklevel=3)
+        self._init_lora(base.num_embeddings, base.embedding_dim, base.weight, r, alpha, **options)
+
+    def reset_lora_parameters(self, generator: torch.Generator | None = None) -> None:
+        """A = 0, B ~ N(0, 1): ΔW = 0 at step 0 (loralib's and PEFT's embedding initialisation)."""
+        with torch.no_grad():
+            nn.init.zeros_(self.lora_A)
+        init_random(self.lora_B, lambda t, g: nn.init.normal_(t, generator=g), generator)
+
+    def _base_weight_view(self) -> Tensor:
+        return self.weight.T
+
+    def _lookup(self, x: Tensor, table: Tensor) -> Tensor:
+        return F.embedding(x, table, self.padding_idx, None, self.norm_type, self.scale_grad_by_freq, False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self._lookup(x, self.weight)
+        if self.merged:
+            return out
+        A, B, s = self.factors()
+        return out + (s * self._lookup(x, A.T) @ B.T).to(out.dtype)
+
+    def to_base(self) -> nn.Embedding:
+        return _rebuild(self._base_cls, self._base_attrs, {"weight": self.weight}, {})  # type: ignore[return-value]
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, padding_idx={self.padding_idx}, " + self.lora_extra_repr()
+
+
+class _LoRAConvNd(LoRALayer):
+    """A frozen ``nn.Conv{1,2,3}d`` (``W0: out x in x k...``) plus ``s·B·A``: ``A`` a convolution with the
+    layer's kernel, stride, padding and dilation (``r x in x k...``), ``B`` a 1x1 convolution
+    (``out x r x 1...``) — PEFT's and loralib's layout, so ``ΔW = s·B·A`` reshaped to the kernel's shape
+    merges exactly. Grouped convolutions are refused (their ΔW is block-diagonal; PEFT cannot merge them)."""
+
+    kind = "conv"
+    _conv_fn: Callable[..., Tensor]
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, **options: Any) -> None:
+        name = options.get("name") or f"this {type(base).__name__}"
+        if base.groups != 1:
+            raise LoRAConfigError(
+                f"{name} is a grouped convolution (groups={base.groups}): LoRA on grouped convolutions is not supported "
+                "(its update would be block-diagonal); target other layers"
+            )
+        nn.Module.__init__(self)
+        self._base_cls = type(base)
+        self._base_attrs = _plain_attrs(base) | {"_reversed_padding_repeated_twice": base._reversed_padding_repeated_twice}
+        for k, v in self._base_attrs.items():
+            object.__setattr__(self, k, v)
+        self.weight, self.bias = base.weight, base.bias
+        kernel = math.prod(base.kernel_size)
+        self.in_features, self.out_features = base.in_channels * kernel, base.out_channels
+        self._init_lora(self.in_features, base.out_channels, base.weight, r, alpha, **options)
+        ones = (1,) * len(base.kernel_size)
+        self.lora_A = nn.Parameter(self.lora_A.data.view(r, base.in_channels, *base.kernel_size))
+        self.lora_B = nn.Parameter(self.lora_B.data.view(base.out_channels, r, *ones))
+
+    def factors(self) -> tuple[Tensor, Tensor, float]:
+        return self.lora_A.reshape(self.r, -1), self.lora_B.reshape(self.out_channels, self.r), self.scaling
+
+    def _base_weight_view(self) -> Tensor:
+        return self.weight.view(self.out_channels, -1)
+
+    def lora_forward(self, x: Tensor) -> Tensor:
+        """``s · conv1x1(conv(dropout(x), A), B)`` in the adapters' dtype."""
+        if self.dropout_p > 0:
+            x = self.lora_dropout(x)
+        h = self._conv_forward(x.to(self.lora_A.dtype), self.lora_A, None)  # type: ignore[attr-defined]
+        return type(self)._conv_fn(h, self.lora_B) * self.scaling
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self._conv_forward(x, self.weight, self.bias)  # type: ignore[attr-defined]
+        return out if self.merged else out + self.lora_forward(x).to(out.dtype)
+
+    def to_base(self) -> nn.Module:
+        return _rebuild(self._base_cls, self._base_attrs, {"weight": self.weight, "bias": self.bias}, {})
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, " + self.lora_extra_repr()
+
+
+class LoRAConv1d(_LoRAConvNd, nn.Conv1d):
+    __doc__ = _LoRAConvNd.__doc__
+    _conv_fn = staticmethod(F.conv1d)
+
+
+class LoRAConv2d(_LoRAConvNd, nn.Conv2d):
+    __doc__ = _LoRAConvNd.__doc__
+    _conv_fn = staticmethod(F.conv2d)
+
+
+class LoRAConv3d(_LoRAConvNd, nn.Conv3d):
+    __doc__ = _LoRAConvNd.__doc__
+    _conv_fn = staticmethod(F.conv3d)
+
+
+CONV_LAYERS: dict[type, type[_LoRAConvNd]] = {nn.Conv1d: LoRAConv1d, nn.Conv2d: LoRAConv2d, nn.Conv3d: LoRAConv3d}
+
+
 MHA_PARTS = ("q", "k", "v")
 
 
@@ -767,7 +899,8 @@ def is_lora_module(module: nn.Module) -> bool:
 
 
 def base_kind(module: nn.Module) -> str | None:
-    """What LoRA can wrap ``module`` as — ``linear``, ``conv1d`` or ``mha`` — seeing through LoRA layers
+    """What LoRA can wrap ``module`` as — ``linear``, ``conv1d`` (GPT-2), ``mha``, ``embedding`` or ``conv``
+    (``nn.Conv1d/2d/3d``) — seeing through LoRA layers
     (an adapted layer counts as the layer it wraps); ``None`` for anything else."""
     if isinstance(module, LoRALayer):
         return module.kind
@@ -777,6 +910,10 @@ def base_kind(module: nn.Module) -> str | None:
         return "conv1d"
     if isinstance(module, nn.MultiheadAttention):
         return "mha"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if type(module) in CONV_LAYERS:
+        return "conv"
     return None
 
 

@@ -21,9 +21,31 @@ def is_merged(model: nn.Module) -> bool:
     return bool(layers) and all(layer.merged for layer in layers)
 
 
+def check_mergeable(model: nn.Module) -> None:
+    """Raise :class:`MergeStateError` if an adapted weight is also used by a module the adapter does not
+    wrap (tied weights, e.g. GPT-2's ``wte`` and ``lm_head``): merging would change that module too."""
+    layers = {id(layer): name for name, layer in lora_layers(model).items()}
+    users: dict[int, list[tuple[str, nn.Module]]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for param in module._parameters.values():
+            if param is not None:
+                users.setdefault(id(param), []).append((name, module))
+    for name, layer in lora_layers(model).items():
+        weight = getattr(layer, layer.base_weight_name)
+        others = sorted({n for n, m in users.get(id(weight), []) if id(m) not in layers and not n.startswith(name + ".")})
+        if others:
+            raise MergeStateError(
+                f"the weight of {name} is tied to {others[:3]}, which the adapter does not wrap: merging would change "
+                f"{others[0]} as well. Keep the adapters unmerged (they compute the right thing), untie the weights, or "
+                "target the tied module(s) too"
+            )
+
+
 def _fold_all(model: nn.Module, merge: bool) -> int:
     """Merge (or unmerge) every LoRA layer, after checking none is in that state already."""
     get_lora_state(model)
+    if merge:
+        check_mergeable(model)
     layers = lora_layers(model)
     wrong = [n for n, layer in layers.items() if layer.merged == merge]
     if wrong:
@@ -66,6 +88,7 @@ def merged_state_dict(model: nn.Module, submodule: str = "") -> dict[str, Tensor
     comes out dequantized. With ``submodule`` (e.g. ``"model"`` inside a LightningModule) only that
     module's tensors are kept, keyed relative to it, ready for the bare network's ``load_state_dict``.
     """
+    check_mergeable(model)
     layers = lora_layers(model)
     out: dict[str, Tensor] = {}
     for key, value in model.state_dict().items():

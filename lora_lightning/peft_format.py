@@ -99,18 +99,24 @@ def export_peft_adapter(
     fan_in_fan_out = []
     for name, layer in layers.items():
         rel = _relative(name, submodule)
-        A, B, _ = (t.detach() if isinstance(t, Tensor) else t for t in layer.factors())  # fused: block-structured B'
+        if layer.kind in ("embedding", "conv"):  # PEFT keeps these in the layer's own shapes
+            A, B = layer.lora_A.detach(), layer.lora_B.detach()
+        else:
+            A, B, _ = (t.detach() if isinstance(t, Tensor) else t for t in layer.factors())  # fused: block-structured B'
         r_eff = A.shape[0]
         alpha_eff = layer.scaling * (math.sqrt(r_eff) if config.use_rslora else r_eff)
-        tensors[f"{PEFT_PREFIX}{rel}.lora_A.weight"] = A
-        tensors[f"{PEFT_PREFIX}{rel}.lora_B.weight"] = B
+        if layer.kind == "embedding":
+            tensors[f"{PEFT_PREFIX}{rel}.lora_embedding_A"], tensors[f"{PEFT_PREFIX}{rel}.lora_embedding_B"] = A, B
+        else:
+            tensors[f"{PEFT_PREFIX}{rel}.lora_A.weight"], tensors[f"{PEFT_PREFIX}{rel}.lora_B.weight"] = A, B
         targets.append(rel)
         pattern = "^" + re.escape(rel)  # PEFT matches patterns with re.match(r"(.*\.)?(pattern)$", name)
         if r_eff != config.r:
             rank_pattern[pattern] = r_eff
         if not math.isclose(alpha_eff, config.alpha, rel_tol=1e-12):
             alpha_pattern[pattern] = alpha_eff
-        fan_in_fan_out.append(layer.fan_in_fan_out)
+        if layer.kind in ("linear", "conv1d"):  # PEFT's fan_in_fan_out describes Linear-like weights only
+            fan_in_fan_out.append(layer.fan_in_fan_out)
     for saved in state.modules_to_save:
         rel = _relative(saved, submodule)
         for key, value in model.get_submodule(saved).state_dict().items():
@@ -179,7 +185,9 @@ def read_peft_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], dic
     return cfg, tensors
 
 
-_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+_LORA_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+)\.(?:lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight|lora_embedding_(?P<eab>[AB])(?:\.[^.]+)?)$"
+)
 
 
 def import_peft_adapter(model: nn.Module, directory: str | os.PathLike, submodule: str = "") -> LoRAConfig:
@@ -201,7 +209,7 @@ def import_peft_adapter(model: nn.Module, directory: str | os.PathLike, submodul
     for key, value in tensors.items():
         match = _LORA_KEY.match(key)
         if match:
-            lora.setdefault(match["module"], {})[match["ab"]] = value
+            lora.setdefault(match["module"], {})[match["ab"] or match["eab"]] = value
         elif ".lora_" in key:
             raise LoRAConfigError(f"unsupported PEFT tensor {key!r} (only lora_A/lora_B weights are supported)")
         else:

@@ -27,6 +27,7 @@ wraps), so a config can be planned, compared or budgeted on an injected model to
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Sequence
@@ -54,6 +55,14 @@ ALIASES: dict[str, tuple[str, ...]] = {
         r"attn\.c_proj",  # GPT-2
         r"attn\.proj",  # timm ViT
     ),
+    "embed": (
+        "embed_tokens",  # Llama / Mistral / Qwen / BART
+        "wte",  # GPT-2
+        "word_embeddings",  # BERT / RoBERTa
+        "shared",  # T5
+        "tok_embeddings",  # Meta Llama layout
+        "embed_in",  # GPT-NeoX
+    ),
     "mlp": (
         r"intermediate\.dense",  # BERT up-projection
         r"(?<!attention\.)output\.dense",  # BERT down-projection (not the attention output!)
@@ -75,6 +84,8 @@ ALIASES: dict[str, tuple[str, ...]] = {
 }
 HEAD_NAMES = ("classifier", "lm_head", "score", "qa_outputs", "head", "pooler", "cls")
 ALL_LINEAR = "all-linear"
+ADAPTABLE_KINDS = ("linear", "conv1d", "embedding", "conv")  # what a target may name as a whole module
+LINEAR_KINDS = ("linear", "conv1d")  # what all-linear adapts
 
 
 # --------------------------------------------------------------------------- patterns
@@ -194,6 +205,10 @@ def module_dims(module: nn.Module) -> tuple[int, int]:
         return module.out_features, module.in_features
     if kind == "conv1d":
         return module.weight.shape[1], module.weight.shape[0]
+    if kind == "embedding":  # a lookup is a product with a one-hot input: d_in = vocabulary, d_out = width
+        return module.embedding_dim, module.num_embeddings
+    if kind == "conv":  # the kernel flattened: d_in = in_channels · ∏ kernel
+        return module.out_channels, module.in_channels * math.prod(module.kernel_size)
     return module.out_features, module.in_features
 
 
@@ -218,6 +233,7 @@ class AdapterSpec:
     scaling: float | None = None
     variant: str = "lora"
     config: LoRAConfig | None = field(default=None, repr=False, compare=False)  # the variant's options
+    tied: tuple[str, ...] = ()  # modules sharing this one's weight: they get the same adapter layer
 
     @property
     def num_params(self) -> int:
@@ -243,6 +259,7 @@ class Target:
     d_in: int
     parts: tuple[str, ...] = ()
     fused: FusedSlices | None = None
+    tied: tuple[str, ...] = ()  # other modules holding the same weight (T5's encoder/decoder embed_tokens)
 
     @property
     def max_rank(self) -> int:
@@ -250,7 +267,8 @@ class Target:
 
     def spec(self, r: int, alpha: float, scaling: float | None, config: LoRAConfig) -> AdapterSpec:
         """This target adapted at rank ``r`` by ``config``'s variant."""
-        return AdapterSpec(self.name, self.d_out, self.d_in, r, alpha, self.parts, self.fused, self.kind, scaling, config.variant, config)
+        return AdapterSpec(self.name, self.d_out, self.d_in, r, alpha, self.parts, self.fused, self.kind, scaling, config.variant,
+                           config, self.tied)
 
 
 def resolve_modules_to_save(model: nn.Module, patterns: list[str]) -> list[str]:
@@ -284,7 +302,7 @@ def resolve_targets(model: nn.Module, config: LoRAConfig) -> list[Target]:
         layout = fused_layout(name, module)
         if layout is not None:
             fused[name] = (module, layout)
-        if kind in ("linear", "conv1d"):
+        if kind in ADAPTABLE_KINDS:
             whole[name] = module
     if not whole and not fused:
         raise TargetNotFoundError(
@@ -295,7 +313,7 @@ def resolve_targets(model: nn.Module, config: LoRAConfig) -> list[Target]:
     all_names = [n for n, _ in model.named_modules() if n]
     for spec in config.targets:
         match = compile_pattern(spec)
-        hits = [n for n in whole if match(n)]
+        hits = [n for n in whole if match(n) and (spec != ALL_LINEAR or base_kind(whole[n]) in LINEAR_KINDS)]
         part_hits = [n for n, (_, layout) in fused.items() if spec in layout.parts]
         if not hits and not part_hits:
             others = [f"{n} ({type(model.get_submodule(n)).__name__})" for n in all_names if match(n)][:5]
@@ -305,8 +323,8 @@ def resolve_targets(model: nn.Module, config: LoRAConfig) -> list[Target]:
                 else ""
             )
             raise TargetNotFoundError(
-                f"target {spec!r} matched no Linear module in {type(model).__name__}.{hint} "
-                f"Linear modules: {summarize_names(whole)}. Use an alias (q, k, v, o, mlp, all-linear), "
+                f"target {spec!r} matched no Linear module (nor Embedding or Conv) in {type(model).__name__}.{hint} "
+                f"Adaptable modules: {summarize_names(whole)}. Use an alias (q, k, v, o, mlp, embed, all-linear), "
                 "a name suffix such as 'attention.self.query', a glob such as '*.query', or 're:<regex>'."
             )
         for n in hits:
@@ -335,6 +353,12 @@ def resolve_targets(model: nn.Module, config: LoRAConfig) -> list[Target]:
             )
         names = [n for n in names if indexed[n] in wanted]
     targets = []
+    ties = _weight_ties(whole)  # modules sharing one weight are adapted once, under the first one's name
+    primary_of = {other: first for first, others in ties.items() for other in others}
+    for n in names:
+        if n in primary_of and chosen[n] is None:
+            chosen[primary_of[n]] = None
+    names = list(dict.fromkeys(primary_of.get(n, n) if chosen[n] is None else n for n in names))
     for n in names:
         if chosen[n]:
             module, layout = fused[n]
@@ -348,8 +372,19 @@ def resolve_targets(model: nn.Module, config: LoRAConfig) -> list[Target]:
             targets.append(Target(n, base_kind(module) or "linear", slices.adapted_rows, d_in, slices.adapted, slices))
         else:
             d_out, d_in = module_dims(whole[n])
-            targets.append(Target(n, base_kind(whole[n]) or "linear", d_out, d_in))
+            targets.append(Target(n, base_kind(whole[n]) or "linear", d_out, d_in, tied=ties.get(n, ())))
     return targets
+
+
+def _weight_ties(modules: dict[str, nn.Module]) -> dict[str, tuple[str, ...]]:
+    """``{first name: other names}`` for modules of one kind holding the same weight Parameter (one
+    adapter must serve all of them, or merging would fold several updates into one tensor)."""
+    groups: dict[tuple[int, str | None], list[str]] = {}
+    for name, module in modules.items():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, nn.Parameter) and not isinstance(module, LoRALayer):
+            groups.setdefault((id(weight), base_kind(module)), []).append(name)
+    return {names[0]: tuple(names[1:]) for names in groups.values() if len(names) > 1}
 
 
 def plan_injection(model: nn.Module, config: LoRAConfig) -> list[AdapterSpec]:

@@ -58,7 +58,7 @@ def test_target_name_that_does_not_exist_lists_candidates(tmp_path):
         t.fit(model, tiny_loader())
     msg = str(info.value)
     assert "net.layers.{i}.self_attn.q_proj" in msg and "net.layers.{i}.mlp.down_proj" in msg  # candidates
-    assert "Use an alias (q, k, v, o, mlp, all-linear)" in msg
+    assert "Use an alias (q, k, v, o, mlp, embed, all-linear)" in msg
     assert_unchanged(model, before)
 
 

@@ -32,6 +32,7 @@ from ..adapter_io import check_output_path, load_adapter, planned_state, read_ad
 from ..config import _VARIANT_CONFIGS, LoRAConfig, all_option_defaults
 from ..errors import AdapterMismatchError, LoRAConfigError, NoAdapterGradientError, NonFiniteError
 from ..gradients import adapters_without_grad, make_inputs_require_grad, uses_activation_checkpointing
+from ..loraplus import apply_loraplus, check_ratio, optimizers_and_schedulers
 from ..injection import count_parameters, get_lora_state, has_lora, inject_lora, lora_layers, mark_trainable, remove_lora
 from ..merging import merge_lora, unmerge_lora
 from ..record import ON_MISMATCH, differences
@@ -46,6 +47,7 @@ from .checkpoints import (
 
 _CALLBACK = "_lora_lightning_callback"
 _CONFIGURE_HOOKED = "_lora_lightning_configure_hooked"
+_LORAPLUS_HOOKED = "_lora_lightning_loraplus_hooked"
 _HALF_PRECISIONS = ("16-true", "bf16-true", "transformer-engine")
 
 
@@ -79,6 +81,31 @@ class _PrepareAfterConfigure:
             callback._prepare(self.module, callback._stage)
 
 
+class _LoRAPlusOptimizers:
+    """Wraps the module's ``configure_optimizers``: the current ``LoRACallback``'s LoRA+ ratio is applied to
+    the optimizers it returns (see :func:`lora_lightning.loraplus.apply_loraplus`)."""
+
+    def __init__(self, module: pl.LightningModule) -> None:
+        self.__wrapped__ = module.configure_optimizers
+        self.module = module
+
+    def __call__(self) -> Any:
+        configured = self.__wrapped__()
+        ref = getattr(self.module, _CALLBACK, None)
+        callback = ref() if ref is not None else None
+        ratio = callback.loraplus_lr_ratio if callback is not None else None
+        if ratio is not None and ratio != 1:
+            optimizers, schedulers = optimizers_and_schedulers(configured)
+            moved = sum(apply_loraplus(opt, self.module, ratio, schedulers) for opt in optimizers)
+            if not moved:
+                raise LoRAConfigError(
+                    f"loraplus_lr_ratio={ratio} but the optimizers from configure_optimizers hold no trainable lora_B "
+                    f"(variant={get_lora_state(self.module).config.variant!r} or a custom parameter list): drop "
+                    "loraplus_lr_ratio or pass the adapters to the optimizer"
+                )
+        return configured
+
+
 class LoRACallback(Callback):
     """Inject rank-r adapters ``W0 + (alpha/r)·B·A`` when fitting is set up, train only them, and keep
     Lightning checkpoints adapter-only (with the LoRA record, so every load gives the trained model).
@@ -108,6 +135,9 @@ class LoRACallback(Callback):
             reentrant activation checkpointing needs for the adapters to get any gradient. ``"auto"``
             does it when a Hugging Face submodule has gradient checkpointing on, and otherwise stops
             the first step that leaves every adapter without a gradient with an error naming this.
+        loraplus_lr_ratio: LoRA+ (Hayou et al. 2024): ``B`` trains with this many times the learning rate
+            of the parameter group it is in (16 in the paper), in the optimizer and LR schedulers your
+            ``configure_optimizers`` returns — same class, same other hyperparameters, one schedule.
         check_finite: raise :class:`~lora_lightning.NonFiniteError` naming the step as soon as the
             training loss (before ``backward``, so the adapters stay finite) or a trainable parameter
             (after the optimizer step, before any checkpoint callback runs) is NaN/inf. Costs one
@@ -128,6 +158,7 @@ class LoRACallback(Callback):
         on_base_mismatch: str = "raise",
         replace_existing: bool = False,
         inputs_require_grad: bool | str = "auto",
+        loraplus_lr_ratio: float | None = None,
         check_finite: bool = True,
         verbose: bool = True,
         **lora_options: Any,
@@ -143,6 +174,7 @@ class LoRACallback(Callback):
         self.merge_on_fit_end, self.export_adapter, self.export_merged = merge_on_fit_end, export_adapter, export_merged
         self.export_module = export_module
         self.inputs_require_grad, self.check_finite, self.verbose = inputs_require_grad, check_finite, verbose
+        self.loraplus_lr_ratio = None if loraplus_lr_ratio is None else check_ratio(loraplus_lr_ratio)
         self.variant_hooks: Any = None  # a variant's training hooks (AdaLoRA's rank schedule), else None
         self._trainable: list[tuple[str, torch.Tensor]] = []
         self._batch_idx = 0
@@ -164,6 +196,9 @@ class LoRACallback(Callback):
             read_adapter(self.init_adapter)  # a missing or foreign file fails before the model changes
         self._attach(pl_module)
         self._stage = stage
+        if not getattr(pl_module, _LORAPLUS_HOOKED, False):
+            object.__setattr__(pl_module, _LORAPLUS_HOOKED, True)
+            object.__setattr__(pl_module, "configure_optimizers", _LoRAPlusOptimizers(pl_module))
         if is_overridden("configure_model", pl_module):
             # the layers may not exist yet: prepare right after configure_model (still before the optimizer)
             if not getattr(pl_module, _CONFIGURE_HOOKED, False):

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..config import _VARIANT_ALIASES, _VARIANT_CONFIGS, LoRAConfig, _resolve_variant
 from ..errors import LoRAConfigError
-from ..layers import LoRAConv1D, LoRALayer, LoRALinear, resolve_dtype, stream_generator
+from ..layers import CONV_LAYERS, LoRAConv1D, LoRAEmbedding, LoRALayer, LoRALinear, resolve_dtype, stream_generator
 
 if TYPE_CHECKING:  # the plan's types; targets imports this module
     from ..targets import AdapterSpec
@@ -59,7 +59,7 @@ class Variant:
     name: ClassVar[str] = ""
     config_class: ClassVar[type[LoRAConfig]] = LoRAConfig
     layer_class: ClassVar[type[LoRALinear]] = LoRALinear
-    # False: also GPT-2 Conv1D, fused q/k/v blocks and nn.MultiheadAttention (plain LoRA math only)
+    # False: also GPT-2 Conv1D, fused q/k/v blocks, nn.MultiheadAttention, nn.Embedding and nn.Conv1d/2d/3d
     linear_only: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module, config: LoRAConfig, specs: Sequence["AdapterSpec"]) -> None:
@@ -74,14 +74,16 @@ class Variant:
             if bad:
                 raise LoRAConfigError(
                     f"variant={config.variant!r} adapts whole nn.Linear layers only; {bad[:3]} are fused projections, "
-                    "GPT-2 Conv1D or nn.MultiheadAttention. Target their nn.Linear children, or use variant='lora' there"
+                    "GPT-2 Conv1D, nn.MultiheadAttention, embeddings or convolutions. Target nn.Linear layers, or use "
+                    "variant='lora' there"
                 )
         if config.quantize_base is not None:
             bad = [s.name for s in specs if s.kind != "linear"]
             if bad:
                 raise LoRAConfigError(
-                    f"quantize_base={config.quantize_base!r} stores nn.Linear weights only; {bad[:3]} are GPT-2 Conv1D "
-                    "or nn.MultiheadAttention: target nn.Linear layers or drop quantize_base"
+                    f"quantize_base={config.quantize_base!r} stores nn.Linear weights only; {bad[:3]} are not nn.Linear "
+                    "(GPT-2 Conv1D, nn.MultiheadAttention, an embedding or a convolution): target nn.Linear layers or "
+                    "drop quantize_base"
                 )
             if config.quantize_base == "nf4":
                 from ..quantization import NF4_BLOCK, torchao_nf4
@@ -120,6 +122,10 @@ class Variant:
         kw = self.layer_kwargs(base, spec)
         if spec.kind == "conv1d":
             return LoRAConv1D(base, fused=spec.fused, **kw)
+        if spec.kind == "embedding":
+            return LoRAEmbedding(base, **kw)
+        if spec.kind == "conv":
+            return CONV_LAYERS[type(base)](base, **kw)
         return self.layer_class(base, fused=spec.fused, quantize=self.config.quantize_base, **kw)
 
     @classmethod
