@@ -472,9 +472,16 @@ def _table() -> str:
     pytest.warns = lambda *a, **k: Recorder(real_warns(*a, **k), True)
     rows = []
     warnings.simplefilter("ignore")
+    import test_embedding_conv
     import test_lifecycle
+    import test_loraplus
 
-    lifecycle = [(n, f) for n, f in vars(test_lifecycle).items() if (inspect.getdoc(f) or "").startswith("bad input: ")]
+    lifecycle = [
+        (n, f)
+        for module in (test_lifecycle, test_embedding_conv, test_loraplus)
+        for n, f in vars(module).items()
+        if (inspect.getdoc(f) or "").startswith("bad input: ")
+    ]
     try:
         for name, fn in [*globals().items(), *lifecycle]:
             if not name.startswith("test_") or not callable(fn):
@@ -498,7 +505,7 @@ def _table() -> str:
     out = [
         "# Bad inputs: what you see",
         "",
-        "Every row is a test in `tests/test_bad_inputs.py` (or, for the lifecycle rows, `tests/test_lifecycle.py`) that",
+        "Every row is a test in `tests/test_bad_inputs.py` (or `test_lifecycle.py`, `test_embedding_conv.py`, `test_loraplus.py`) that",
         "asserts the exception type and the key part of the message (and, where a file or model is involved, that",
         "nothing was overwritten or changed). The messages below",
         "are the real ones, shortened; regenerate with `.venv/bin/python tests/test_bad_inputs.py > docs/bad_inputs.md`.",

@@ -119,17 +119,56 @@ def test_all_linear_does_not_take_embeddings_or_convolutions():
     assert set(lora_layers(net)) == {"proj"}
 
 
-def test_refused_layers_are_one_line_errors_before_any_change():
+def test_grouped_convolution_is_refused_before_any_change():
+    """bad input: `targets=["conv"]` on a grouped `nn.Conv2d(4, 8, 3, groups=2)`"""
     grouped = Net(nn.Conv2d(4, 8, 3, groups=2))
     with pytest.raises(LoRAConfigError, match=r"conv is a grouped convolution \(groups=2\)"):
         inject_lora(grouped, LoRAConfig(r=2, targets=["conv"]))
     assert type(grouped.conv) is nn.Conv2d
+
+
+def test_embedding_with_max_norm_is_refused():
+    """bad input: `targets=["embed"]` on an `nn.Embedding(..., max_norm=1.0)` (renormalises rows in forward)"""
     net = Net()
     net.embed_tokens = nn.Embedding(20, 8, max_norm=1.0)
     with pytest.raises(LoRAConfigError, match="max_norm=1.0: it renormalises embedding rows"):
         inject_lora(net, LoRAConfig(r=2, targets=["embed"]))
+    assert type(net.embed_tokens) is nn.Embedding
+
+
+def test_embedding_with_padding_idx_keeps_the_padding_vector():
+    """bad input: `targets=["embed"]` on an `nn.Embedding(..., padding_idx=0)`: accepted, the padding row is never adapted"""
+    net = Net()
+    inject_lora(net, LoRAConfig(r=2, targets=["embed"]))
+    pad = net.embed_tokens.weight[0].detach().clone()
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1.0)
+    for _ in range(3):
+        opt.zero_grad()
+        net.embed_tokens(IDS).square().sum().backward()
+        opt.step()
+    merge_lora(net)
+    assert torch.equal(net.embed_tokens.weight[0], pad) and not torch.equal(net.embed_tokens.weight[3], Net().embed_tokens.weight[3])
+
+
+def test_variant_on_an_embedding_is_refused():
+    """bad input: `LoRAConfig(variant="dora", targets=["embed"])`: variants adapt nn.Linear layers only"""
     with pytest.raises(LoRAConfigError, match="adapts whole nn.Linear layers only"):
         inject_lora(Net(), LoRAConfig(variant="dora", r=2, targets=["embed"]))
+
+
+def test_conv_lora_digits_example_runs():
+    pytest.importorskip("sklearn")
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("digits", Path(__file__).parent.parent / "examples" / "conv_lora_digits.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    table = example.main(["--quick", "--seeds", "1"])
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "method" not in line]
+    assert [r.split(" | ")[0] for r in rows] == ["| LoRA r=4 on conv1-3 + new head", "| full fine-tuning", "| head only"]
+    r = 4  # r·(in·3·3 + out) per convolution, plus the new head
+    assert rows[0].split(" | ")[1] == f"{r * (9 * 1 + 16) + r * (9 * 16 + 32) + r * (9 * 32 + 32) + 32 * 5 + 5:,}"
 
 
 def test_embedding_and_conv_round_trip_through_peft(tmp_path):
@@ -210,8 +249,7 @@ def test_modules_sharing_one_weight_share_one_adapter_and_merge_once(tmp_path):
 
 
 def test_merging_a_weight_tied_to_a_module_the_adapter_does_not_wrap_is_refused():
-    """GPT-2's wte and lm_head share one weight: adapting the embedding alone is fine unmerged, but merging
-    would change lm_head too, so it is refused (and so is the merged export)."""
+    """bad input: `merge_lora` of GPT-2 with `targets=["embed"]` (wte's weight is tied to lm_head): refused, unmerged it is right"""
     transformers = pytest.importorskip("transformers")
     from lora_lightning import MergeStateError, merged_state_dict
 

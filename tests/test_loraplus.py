@@ -99,8 +99,13 @@ def test_plain_pytorch_schedulers_keep_the_ratio(make):
         sched.step()
 
 
-def test_bad_ratio_and_a_variant_without_B_are_one_line_errors(tmp_path):
+def test_non_positive_ratio_is_refused():
+    """bad input: `LoRACallback(loraplus_lr_ratio=0)`"""
     with pytest.raises(LoRAConfigError, match=r"loraplus_lr_ratio=0 must be a positive number"):
         LoRACallback(**LORA, loraplus_lr_ratio=0)
+
+
+def test_loraplus_with_a_variant_without_B_is_refused_at_setup(tmp_path):
+    """bad input: `LoRACallback(variant="vera", loraplus_lr_ratio=16)` (VeRA trains no B)"""
     with pytest.raises(LoRAConfigError, match="hold no trainable lora_B .*variant='vera'"):
         trainer(tmp_path, [LoRACallback(variant="vera", r=2, targets=["q", "v"], loraplus_lr_ratio=16)], max_steps=1).fit(LitTiny(), tiny_loader())
