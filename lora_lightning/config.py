@@ -122,8 +122,9 @@ class LoRAConfig:
             precisions. ``None`` = the base weight's dtype (and it follows the module's casts).
         variant: a registered variant (``lora``, ``dora``, ``pissa``, ``vera``, ``adalora``, ...) or
             an alias (``rslora``, ``qlora``); see docs/variants.md.
-        quantize_base: store the adapted base weights quantized, ``nf4`` (torchao) or ``int8``
-            (pure PyTorch), dequantized on the fly; combinable with every Linear variant.
+        quantize_base: store the adapted base weights quantized — ``nf4`` (torchao), ``int8`` (pure
+            PyTorch), ``bnb-nf4`` / ``bnb-fp4`` / ``bnb-int8`` (bitsandbytes) — dequantized on the fly;
+            combinable with every Linear variant.
     """
 
     r: int = 8
@@ -223,8 +224,8 @@ class LoRAConfig:
             check_alpha(a, f"alpha_pattern[{pattern!r}]")
         if self.quantize_base is not None and self.quantize_base not in QUANTIZERS:
             raise LoRAConfigError(
-                f"quantize_base={self.quantize_base!r} is not one of {[None, *QUANTIZERS]}: use 'nf4' (needs torchao), "
-                "'int8' or null"
+                f"quantize_base={self.quantize_base!r} is not one of {[None, *QUANTIZERS]}: use 'nf4' (torchao), "
+                "'bnb-nf4' (bitsandbytes), 'int8' (pure PyTorch) or null"
             )
 
     # ------------------------------------------------------------- conversions

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import LoRAConfigError, MergeStateError, RankTooLargeError
-from .quantization import dequantize, quantize, storage_bytes
+from .quantization import quantizer
 
 _DTYPES = {
     "float32": torch.float32,
@@ -480,6 +480,7 @@ class LoRALinear(LoRALayer, nn.Linear):
         self.base_dtype = base.weight.dtype
         self.quantize_base: str | None = None
         self.register_buffer("weight_scale", None)
+        self._quant_state: Any = None
         self._init_lora(base.in_features, base.out_features, base.weight, r, alpha, **options)
         if quantize is not None:
             self.quantize_(quantize)
@@ -493,22 +494,29 @@ class LoRALinear(LoRALayer, nn.Linear):
 
     # ----------------------------------------------------------- quantized base
     def quantize_(self, method: str) -> tuple[int, int]:
-        """Store ``W0`` quantized (``nf4`` | ``int8``). Returns ``(bytes before, bytes after)``."""
+        """Store ``W0`` quantized (see :mod:`lora_lightning.quantization`). Returns ``(bytes before, after)``.
+        A per-row scale is a buffer (``weight_scale``, it follows ``.to()``); a bitsandbytes ``QuantState``
+        is kept beside the packed weight."""
         before = self.weight.numel() * self.weight.element_size()
-        stored, scale = quantize(self.weight.detach(), method)
+        stored, state = quantizer(method).quantize(self.weight.detach().float().contiguous())
         self.weight = nn.Parameter(stored, requires_grad=False)
-        self.weight_scale = scale
+        self.weight_scale = state if isinstance(state, Tensor) else None
+        self._quant_state = None if isinstance(state, Tensor) else state
         self.quantize_base = method
-        return before, storage_bytes(stored, scale)
+        return before, self.base_weight_bytes()
 
     def base_weight(self) -> Tensor:
         """Dense ``W0 (d_out x d_in)`` in the base dtype (dequantized if stored quantized)."""
         if self.quantize_base is None:
             return self.weight
-        return dequantize(self.weight, self.weight_scale, self.base_dtype)
+        state = self.weight_scale if self.weight_scale is not None else self._quant_state
+        return quantizer(self.quantize_base).dequantize(self.weight, state, self.base_dtype)
 
     def base_weight_bytes(self) -> int:
-        return storage_bytes(self.weight, self.weight_scale)
+        if self.quantize_base is None:
+            return self.weight.numel() * self.weight.element_size()
+        state = self.weight_scale if self.weight_scale is not None else self._quant_state
+        return quantizer(self.quantize_base).nbytes(self.weight, state)
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.base_weight()
@@ -520,7 +528,7 @@ class LoRALinear(LoRALayer, nn.Linear):
         full precision (re-quantizing ``W0 + ΔW`` would lose the update's small values)."""
         if self.quantize_base is not None and not self.merged:
             self.weight = nn.Parameter(self.merged_weight(), requires_grad=False)
-            self.weight_scale = None
+            self.weight_scale, self._quant_state = None, None
             self.quantize_base = None
             self.merged = True
             return

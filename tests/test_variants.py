@@ -220,14 +220,12 @@ def test_vera_shared_frozen_projections_and_tiny_trainable_count(tmp_path):
 
 
 # --------------------------------------------------------------------------- quantized base
-@pytest.mark.parametrize("method", ["int8", "nf4"])
+@pytest.mark.parametrize("method", ["int8", "nf4", "bnb-nf4", "bnb-fp4", "bnb-int8"])
 def test_quantized_base_error_bound_memory_grads_and_merge(method, tmp_path):
-    if method == "nf4":
-        from lora_lightning.quantization import nf4_available
+    from lora_lightning.quantization import QUANTIZERS, available, quantization_error_bound
 
-        if not nf4_available():
-            pytest.skip("torchao NF4 not importable")
-    from lora_lightning.quantization import dequantize, quantization_error_bound
+    if not available(method):
+        pytest.skip(f"{QUANTIZERS[method].requires} not importable here")
     from lora_lightning import base_memory
 
     ids, _ = tiny_batch()
@@ -238,15 +236,15 @@ def test_quantized_base_error_bound_memory_grads_and_merge(method, tmp_path):
     deq = layer.base_weight().detach()
     err = (deq - w0).abs()
     assert torch.all(err <= quantization_error_bound(w0, method)) and err.max() > 0
-    assert (err.norm() / w0.norm()) < (0.01 if method == "int8" else 0.12)
+    assert (err.norm() / w0.norm()) < {"int8": 0.01, "bnb-int8": 0.01, "bnb-fp4": 0.2}.get(method, 0.12)
     mem = base_memory(model)
     n_values = 3 * (2 * 16 * 16 + 2 * 16 * 64)
     assert mem["base_bytes_before"] == 4 * n_values
     per_value = mem["base_bytes_after"] / n_values
-    assert (1.0 <= per_value < 1.3) if method == "int8" else (0.5 <= per_value < 0.6)
+    assert (1.0 <= per_value < 1.3) if method.endswith("int8") else (0.5 <= per_value < 0.6)
     # B = 0: the output is exactly the dequantized base's
     x = torch.randn(3, 16)
-    assert torch.equal(layer(x), F.linear(x, dequantize(layer.weight, layer.weight_scale), layer.bias))
+    assert torch.equal(layer(x), F.linear(x, deq, layer.bias))
     # gradients reach only the adapters
     model(ids).sum().backward()
     for name, p in model.named_parameters():
@@ -379,3 +377,47 @@ def test_app_variants_experiment_two_variants(tmp_path):
     assert [s["variant"] for s in summaries] == ["lora", "dora"]
     lora, dora = summaries
     assert dora["params_lora"] == lora["params_lora"] + 6 * 2 * 384  # + one magnitude per output row
+
+
+def test_bitsandbytes_precision_plugin_keeps_the_lora_layers():
+    """Lightning's BitsandbytesPrecision swaps every nn.Linear for a bitsandbytes layer; LoRA layers are
+    nn.Linear subclasses, so without the shield the adapters would be dropped. (The plugin itself runs only
+    on CUDA: the Trainer refuses it on a CPU, so its convert_module is called here directly.)"""
+    from lora_lightning.quantization import available
+
+    if not available("bnb-nf4"):
+        pytest.skip("bitsandbytes not importable here")
+    from lightning.pytorch.plugins import BitsandbytesPrecision
+
+    from lora_lightning.lightning.callback import bitsandbytes_format, shield_from_bitsandbytes
+
+    plugin = BitsandbytesPrecision("nf4", dtype=torch.float32)
+    assert bitsandbytes_format(plugin) == "bnb-nf4"
+    unshielded = tiny_model()
+    inject_lora(unshielded, LoRAConfig(r=2, targets=Q_V))
+    plugin.convert_module(unshielded)
+    assert not lora_layers(unshielded)  # what the plugin does to LoRA layers on its own
+    plugin = BitsandbytesPrecision("nf4", dtype=torch.float32)
+    model = tiny_model()
+    inject_lora(model, LoRAConfig(r=2, targets=Q_V, quantize_base="bnb-nf4"))
+    shield_from_bitsandbytes(plugin, model)
+    plugin.convert_module(model)
+    import bitsandbytes as bnb
+
+    assert len(lora_layers(model)) == 6 and all(m.quantize_base == "bnb-nf4" for m in lora_layers(model).values())
+    assert isinstance(model.layers[0].self_attn.k_proj, bnb.nn.Linear4bit)  # the rest is the plugin's
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Lightning's BitsandbytesPrecision runs only on CUDA GPUs")
+def test_lora_callback_with_bitsandbytes_precision_on_cuda(tmp_path):
+    from lightning.pytorch.plugins import BitsandbytesPrecision
+
+    from conftest import LitTiny, tiny_loader, trainer
+    from lora_lightning import LoRACallback
+
+    model = LitTiny()
+    trainer(tmp_path, [LoRACallback(r=2, targets=Q_V)], max_steps=3, accelerator="cuda",
+            plugins=[BitsandbytesPrecision("nf4", dtype=torch.bfloat16)]).fit(model, tiny_loader())
+    layers = lora_layers(model)
+    assert len(layers) == 6 and all(m.quantize_base == "bnb-nf4" for m in layers.values())
+    assert any(m.lora_B.abs().sum() > 0 for m in layers.values())

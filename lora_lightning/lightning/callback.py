@@ -15,6 +15,7 @@ once per module.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import typing
 import weakref
@@ -106,6 +107,24 @@ class _LoRAPlusOptimizers:
         return configured
 
 
+_BNB_FORMATS = {"_NF4Linear": "bnb-nf4", "_NF4DQLinear": "bnb-nf4", "_FP4Linear": "bnb-fp4", "_FP4DQLinear": "bnb-fp4",
+                "_Linear8bitLt": "bnb-int8", "_Int8LinearInference": "bnb-int8"}
+
+
+def bitsandbytes_format(plugin: Any) -> str | None:
+    """The ``quantize_base`` matching a Lightning ``BitsandbytesPrecision`` plugin (``None`` for other plugins)."""
+    if type(plugin).__name__ != "BitsandbytesPrecision":
+        return None
+    return _BNB_FORMATS.get(getattr(getattr(plugin, "_linear_cls", None), "__name__", ""), "bnb-nf4")
+
+
+def shield_from_bitsandbytes(plugin: Any, module: pl.LightningModule) -> None:
+    """``BitsandbytesPrecision.convert_module`` swaps every ``nn.Linear`` for a bitsandbytes layer, which would
+    replace the LoRA layers (``nn.Linear`` subclasses) and drop their adapters: list them in its
+    ``ignore_modules``. Their frozen bases are quantized by ``quantize_base`` instead."""
+    plugin.ignore_modules = set(plugin.ignore_modules) | set(lora_layers(module))
+
+
 class LoRACallback(Callback):
     """Inject rank-r adapters ``W0 + (alpha/r)·B·A`` when fitting is set up, train only them, and keep
     Lightning checkpoints adapter-only (with the LoRA record, so every load gives the trained model).
@@ -182,6 +201,7 @@ class LoRACallback(Callback):
         self._grad_checked = False
         self._input_hooks: list[Any] = []
         self._stage = "fit"
+        self._bnb_plugin: Any = None
         self._init_applied: weakref.WeakSet = weakref.WeakSet()
 
     # ------------------------------------------------------------------ hooks
@@ -194,6 +214,11 @@ class LoRACallback(Callback):
                     check_output_path(getattr(self, what), what)
         if self.init_adapter:
             read_adapter(self.init_adapter)  # a missing or foreign file fails before the model changes
+        self._bnb_plugin = trainer.precision_plugin if bitsandbytes_format(trainer.precision_plugin) else None
+        fmt = bitsandbytes_format(trainer.precision_plugin)
+        if fmt is not None and self.config.quantize_base is None:
+            self.config = dataclasses.replace(self.config, quantize_base=fmt)  # the adapted bases, quantized alike
+            rank_zero_info(f"LoRA: BitsandbytesPrecision: the adapted base weights are stored as quantize_base={fmt!r}")
         self._attach(pl_module)
         self._stage = stage
         if not getattr(pl_module, _LORAPLUS_HOOKED, False):
@@ -359,6 +384,8 @@ class LoRACallback(Callback):
                 mark_trainable(pl_module, state)
         else:
             self._inject(pl_module)
+        if getattr(self, "_bnb_plugin", None) is not None:
+            shield_from_bitsandbytes(self._bnb_plugin, pl_module)
 
     def _inject(self, pl_module: pl.LightningModule) -> None:
         inject_lora(pl_module, self.config)

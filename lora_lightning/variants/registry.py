@@ -28,6 +28,7 @@ from torch import nn
 
 from ..config import _VARIANT_ALIASES, _VARIANT_CONFIGS, LoRAConfig, _resolve_variant
 from ..errors import LoRAConfigError
+from ..quantization import quantizer
 from ..layers import CONV_LAYERS, LoRAConv1D, LoRAEmbedding, LoRALayer, LoRALinear, resolve_dtype, stream_generator
 
 if TYPE_CHECKING:  # the plan's types; targets imports this module
@@ -85,16 +86,9 @@ class Variant:
                     "(GPT-2 Conv1D, nn.MultiheadAttention, an embedding or a convolution): target nn.Linear layers or "
                     "drop quantize_base"
                 )
-            if config.quantize_base == "nf4":
-                from ..quantization import NF4_BLOCK, torchao_nf4
-
-                torchao_nf4()  # a clear error now if torchao is missing
-                odd = [s.name for s in specs if (s.d_in * s.d_out) % NF4_BLOCK]
-                if odd:
-                    raise LoRAConfigError(
-                        f"quantize_base='nf4' needs weights with a multiple of {NF4_BLOCK} values; {odd[:3]} are not: "
-                        "use quantize_base='int8' or other targets"
-                    )
+            fmt = quantizer(config.quantize_base)
+            for s in specs:  # a missing package or an odd-sized weight fails now, before any change
+                fmt.check(s.d_in * s.d_out, s.name)
 
     def layer_kwargs(self, base: nn.Module, spec: "AdapterSpec") -> dict[str, Any]:
         """The arguments every layer class takes, for one planned matrix."""
