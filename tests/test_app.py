@@ -162,3 +162,34 @@ def test_optuna_search_writes_the_best_config_of_its_trials(tmp_path):
     assert best["best_value"] == pytest.approx(max(t["best_val_acc"] for t in trials))
     winner = max(trials, key=lambda t: t["best_val_acc"])
     assert "+".join(winner["targets"]) == best["best_params"]["lora.targets"] or winner["best_val_acc"] == best["best_value"]
+
+
+def test_joblib_launcher_runs_jobs_in_parallel_with_their_share_of_the_cores(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    sweep = tmp_path / "sweep"
+    res = cli(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "experiment=table5", "scale=smoke",
+               "lora.targets=[q],[q,v]", "seed=1", f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    runs = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/summary.json"))]
+    cores = len(os.sched_getaffinity(0))
+    assert len(runs) == 2 and {r["threads"] for r in runs} == {max(1, cores // 2)}
+    assert sorted(tuple(r["targets"]) for r in runs) == [("q",), ("q", "v")]
+    # the summariser reads the launcher's runs like any others
+    from experiments.summarize import load_runs
+
+    assert len(load_runs(sweep)) == 2
+
+
+def test_slurm_launcher_and_multinode_trainer_configs_compose(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=cpu", f"output_dir={tmp_path}"],
+                      return_hydra_config=True)
+        launcher = cfg.hydra.launcher
+        assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+        assert (launcher.partition, launcher.tasks_per_node, launcher.timeout_min) == ("cpu", 1, 60)
+        cfg = compose("config", overrides=["trainer=multinode", "trainer.num_nodes=4", f"output_dir={tmp_path}"])
+    assert (cfg.trainer.num_nodes, cfg.trainer.strategy, cfg.trainer.accelerator) == (4, "ddp", "gpu")
+    assert cfg.trainer._target_ == "lightning.pytorch.Trainer"

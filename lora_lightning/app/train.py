@@ -76,6 +76,21 @@ def freeze_all_but_head(model: pl.LightningModule) -> None:
         p.requires_grad_(name in head)
 
 
+def parallel_job_threads() -> int | None:
+    """Under a launcher running ``n_jobs`` runs at once on this machine (``hydra/launcher=joblib``), each run
+    gets ``cores // n_jobs`` torch threads (at least 1), so the jobs do not oversubscribe the cores;
+    ``threads=...`` overrides it. ``None`` otherwise (torch's default)."""
+    try:
+        launcher = HydraConfig.get().launcher
+    except ValueError:  # not under Hydra
+        return None
+    n_jobs = launcher.get("n_jobs") if "n_jobs" in launcher else None
+    if not n_jobs:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // (cores if n_jobs < 0 else int(n_jobs)))
+
+
 def run_name(cfg: DictConfig) -> str:
     if cfg.run_name:
         return str(cfg.run_name)
@@ -124,8 +139,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     method = cfg.lora.get("method", "lora")
     if method not in METHODS:
         raise AppConfigError(f"lora.method={method!r} is not one of {METHODS}")
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
+    threads = cfg.threads or parallel_job_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -178,6 +194,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "params_lora": counts.lora,
         "full_model_bytes": full_model_bytes,
         "fit_seconds": round(fit_seconds, 2),
+        "threads": torch.get_num_threads(),
         "steps": trainer.global_step,
         "epochs": trainer.current_epoch,
         "train_size": len(datamodule.splits["train"]) if getattr(datamodule, "splits", None) else None,
