@@ -361,6 +361,8 @@ def render_markdown(res: dict) -> str:
             L.append(f"Materialised model skipped: {mat['skipped']}.")
         L.append("")
 
+    L.extend(sharded_memory_section(HERE / "sharded_memory.json"))
+
     prof = res.get("profile")
     if prof:
         L.append("## Profiles (torch.profiler, self time per step)")
@@ -384,6 +386,39 @@ def render_markdown(res: dict) -> str:
     return "\n".join(L) + "\n"
 
 
+def sharded_memory_section(path: Path) -> list[str]:
+    """The table of ``python -m benchmarks.sharded_memory`` (its own run), if it was run."""
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text())
+    m = data["model"]
+    L = [
+        "## 6. Sharded training memory: FSDP2 vs DDP, 2 CPU processes",
+        "",
+        f"`python -m benchmarks.sharded_memory` on {data['date']} ({data['seconds']} s; torch {data['software']['torch']}, "
+        f"lightning {data['software']['lightning']}). Model: {m['layers']} blocks of width {m['d_model']} (FFN {m['ffn']}), "
+        f"vocabulary {m['vocab']}, {m['parameters'] / 1e6:.1f}M parameters, fp32, AdamW; LoRA r={m['lora']['r']} on "
+        f"{'+'.join(m['lora']['targets'])} through `LoRACallback`; FSDP2 = Lightning's `ModelParallelStrategy` with "
+        "`fully_shard` per block. Bytes each rank holds itself after the 2nd optimizer step (a `DTensor` counts its local "
+        "shard); both ranks measured, the larger shown. RSS is the whole process (runtime, activations, DDP's gradient "
+        "buckets, FSDP2's temporarily unsharded blocks included).",
+        "",
+        "| configuration | trainable | parameters | gradients | optimizer state | sum per rank | vs DDP full FT | RSS (peak) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    base = None
+    for row in data["results"]:
+        r = max(row["ranks"], key=lambda x: x["params"] + x["grads"] + x["optimizer"])
+        total = r["params"] + r["grads"] + r["optimizer"]
+        base = base or total
+        L.append(
+            f"| {row['config']} | {r['trainable'] / 1e6:.2f}M | {_bytes(r['params'])} | {_bytes(r['grads'])} | "
+            f"{_bytes(r['optimizer'])} | {_bytes(total)} | {total / base:.3f} | {_bytes(r['rss'])} ({_bytes(r['peak_rss'])}) |"
+        )
+    L.append("")
+    return L
+
+
 # --------------------------------------------------------------------------- main
 def _finite_positive(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
@@ -403,7 +438,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-memory", action="store_true", help="skip the per-configuration memory processes")
     p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None, help="torch.profiler tables (default: on unless --quick)")
     p.add_argument("--out", type=Path, default=HERE, help="folder for results.json, RESULTS.md and profiles/ (default: benchmarks/)")
+    p.add_argument("--render", action="store_true", help="only re-write RESULTS.md from results.json (and sharded_memory.json)")
     args = p.parse_args(argv)
+    if args.render:
+        (args.out / "RESULTS.md").write_text(render_markdown(json.loads((args.out / "results.json").read_text())))
+        return 0
     if args.profile is None:
         args.profile = not args.quick
     if args.device == "cuda":

@@ -51,6 +51,7 @@ from .targets import ALIASES, AdapterSpec, lora_parameter_count, plan_injection,
 from .record import LoRAState
 from .injection import (
     ParameterCount,
+    adapter_param_names,
     base_memory,
     count_parameters,
     describe,
@@ -73,10 +74,11 @@ from .adapter_io import (
 from .peft_format import export_peft_adapter, import_peft_adapter
 from .gradients import make_inputs_require_grad
 from .budget import allocate_ranks, rank_for_budget
+from .sharding import gathered, is_sharded
 
 __version__ = "0.2.0"
 
-_LIGHTNING_EXPORTS = ("LoRACallback", "AtomicCheckpointIO", "load_lora_checkpoint")
+_LIGHTNING_EXPORTS = ("LoRACallback", "AtomicCheckpointIO", "load_lora_checkpoint", "inject_before_sharding")
 
 
 def __getattr__(name: str) -> Any:
@@ -140,6 +142,7 @@ __all__ = [
     "TargetNotFoundError",
     "Variant",
     "VeRALinear",
+    "adapter_param_names",
     "adapter_state_dict",
     "allocate_ranks",
     "base_memory",
@@ -147,10 +150,13 @@ __all__ = [
     "describe",
     "export_peft_adapter",
     "get_lora_state",
+    "gathered",
     "get_variant",
     "has_lora",
+    "inject_before_sharding",
     "import_peft_adapter",
     "inject_lora",
+    "is_sharded",
     "is_merged",
     "load_adapter",
     "load_lora_checkpoint",

@@ -39,6 +39,7 @@ from .injection import (
 from .layers import is_lora_module
 from .merging import is_merged, merge_lora, merged_state_dict, unmerge_lora
 from .record import FORMAT, FORMAT_VERSION, LoRAState, align_names, base_fingerprint, check_compatible, check_fingerprint
+from .sharding import check_not_sharded
 from .targets import plan_injection, resolve_modules_to_save
 
 LOAD_HINT = "pass on_base_mismatch='warn' (or 'ignore') to load_adapter/switch_adapter"
@@ -124,8 +125,11 @@ def adapter_metadata(model: nn.Module) -> dict[str, str]:
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, extra_metadata: Mapping[str, str] | None = None) -> Path:
-    """Write the adapter of ``model`` to a ``.safetensors`` file (atomically). Returns the path."""
-    tensors = _cpu_contiguous(adapter_state_dict(model))
+    """Write the adapter of ``model`` to a ``.safetensors`` file (atomically). Returns the path.
+    A sharded (FSDP2) model: call it inside :func:`~lora_lightning.gathered`."""
+    adapter = adapter_state_dict(model)
+    check_not_sharded(adapter.values(), "save_adapter")
+    tensors = _cpu_contiguous(adapter)
     metadata = adapter_metadata(model) | {k: str(v) for k, v in (extra_metadata or {}).items()}
     return atomic_write_bytes(path, safetensors_dumps(tensors, metadata=metadata))
 
@@ -133,7 +137,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, extra_metadata: Mapp
 def save_merged_model(
     model: nn.Module, path: str | os.PathLike, metadata: Mapping[str, str] | None = None, submodule: str = ""
 ) -> Path:
-    """Write the merged full model (base keys, ΔW folded in) to ``.safetensors`` atomically."""
+    """Write the merged full model (base keys, ΔW folded in) to ``.safetensors`` atomically.
+    A sharded (FSDP2) model: call it inside :func:`~lora_lightning.gathered`."""
+    check_not_sharded(model, "save_merged_model")
     tensors = _cpu_contiguous(merged_state_dict(model, submodule))
     meta = {"format": "lora_lightning_merged", "lora_config": get_lora_state(model).config.to_json()}
     return atomic_write_bytes(path, safetensors_dumps(tensors, metadata=meta | dict(metadata or {})))

@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LoRAConfig
-from .errors import AlreadyInjectedError, NotInjectedError
-from .layers import LoRALayer, LoRALinear, LoRAMultiheadAttention, is_lora_layer, is_lora_module
+from .errors import AlreadyInjectedError, LoRAConfigError, NotInjectedError
+from .layers import LoRALayer, LoRALinear, LoRAMultiheadAttention, is_lora_layer, is_lora_module, primary_weight
 from .record import LoRAState, base_fingerprint
+from .sharding import _is_dtensor
 from .targets import AdapterSpec, plan_injection, resolve_modules_to_save, summarize_names
 from .variants.registry import get_variant
 
@@ -164,6 +165,13 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> list[AdapterSpec]:
             "swap adapter weights, or remove_lora()/merge_and_unload() first"
         )
     specs = plan_injection(model, config)
+    sharded = [s.name for s in specs if _is_dtensor(primary_weight(model.get_submodule(s.name)))]
+    if sharded:
+        raise LoRAConfigError(
+            f"the weights of {summarize_names(sharded, 3)} are already sharded (DTensor from fully_shard); an adapter added now "
+            "would not be sharded with them. Inject before fully_shard: with LoRACallback, call "
+            "lora_lightning.inject_before_sharding(self) in configure_model before sharding"
+        )
     fingerprint = base_fingerprint(model, [s.name for s in specs])
     variant = get_variant(config.variant)(model, config, specs)  # shared state; raises before any change
     # build everything first, swap in after: a failure while building leaves the model untouched

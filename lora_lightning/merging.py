@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from .errors import MergeStateError
 from .injection import get_lora_state, lora_layers, remove_lora
+from .sharding import check_not_sharded
 
 
 def is_merged(model: nn.Module) -> bool:
@@ -44,6 +45,7 @@ def check_mergeable(model: nn.Module) -> None:
 def _fold_all(model: nn.Module, merge: bool) -> int:
     """Merge (or unmerge) every LoRA layer, after checking none is in that state already."""
     get_lora_state(model)
+    check_not_sharded(model, "merge_lora" if merge else "unmerge_lora")
     if merge:
         check_mergeable(model)
     layers = lora_layers(model)

@@ -174,6 +174,40 @@ class LitTinyLate(LitTiny):
             self.net = tiny_model(self.seed)
 
 
+class LitSharded(LitTiny):
+    """FSDP2 the way Lightning's ModelParallelStrategy asks for it: ``fully_shard`` each block, then the root,
+    in ``configure_model`` (the layers exist after ``__init__``, so LoRACallback injects before this runs)."""
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in self.net.layers:
+            fully_shard(block)
+        fully_shard(self.net)
+
+
+class LitShardedLate(LitTiny):
+    """Builds the network in ``configure_model`` and shards it there: ``inject_before_sharding`` in between."""
+
+    def __init__(self, seed: int = 0, lr: float = 1e-2, call_inject: bool = True) -> None:
+        super().__init__(seed, lr, build_in_configure_model=True)
+        self.call_inject = call_inject
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        from lora_lightning import inject_before_sharding
+
+        if self.net is not None:
+            return
+        self.net = tiny_model(self.seed)
+        if self.call_inject:
+            inject_before_sharding(self)
+        for block in self.net.layers:
+            fully_shard(block)
+        fully_shard(self.net)
+
+
 def tiny_loader(n: int = 32, batch_size: int = 8, seed: int = 1) -> DataLoader:
     ids, y = tiny_batch(n, seed)
     return DataLoader(TensorDataset(ids, y), batch_size=batch_size, shuffle=False)

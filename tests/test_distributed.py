@@ -1,10 +1,15 @@
-"""Distributed training: DDP on the CPU (gloo, 2 processes) and FSDP (GPU only, skipped without one).
+"""Distributed training on the CPU (gloo): DDP and FSDP2 (Lightning's ModelParallelStrategy) on 2
+processes, and FSDP1 (GPU only, skipped without one).
 
-One subprocess launch (``tests/ddp_script.py``) trains 1 epoch on 2 ranks and then, in the same
+DDP: one subprocess launch (``tests/ddp_script.py``) trains 1 epoch on 2 ranks and then, in the same
 processes, resumes from the checkpoint it wrote for a second epoch. Everything else runs in this
 process: the single-process reference runs that the DDP numbers are checked against (2 ranks x
 batch 4 with averaged gradients == 1 process x batch 8 on the same 8 samples per step, up to
 float round-off), and the 1-process resume from the 2-process checkpoint.
+
+FSDP2: the same on 2 ranks with ``fully_shard`` per block, once per checkpoint format (a sharded
+folder, one file), then a 1-process launch that resumes both checkpoints and runs the cases that
+must refuse. Sharded or not, the adapters must equal the same single-process reference.
 
 Lightning gives every DDP training loader a ``DistributedSampler(shuffle=True, seed=PL_GLOBAL_SEED
 or 0)``: in epoch ``e`` the ranks together take ``randperm(32, seed + e)`` in order (rank ``r``
@@ -45,29 +50,37 @@ def assert_adapters_close(a: dict, b: dict, atol: float = 2e-5) -> None:
         torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
 
 
-@pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory):
-    """Launch the 2-rank run once: ``train`` (1 epoch) then ``resumed`` (2nd epoch from its checkpoint)."""
-    out = tmp_path_factory.mktemp("ddp")
-    model = LitTiny(seed=0)
-    inject_lora(model, LoRAConfig(**LORA))
-    randomize_adapters(model)  # B != 0: every adapter tensor gets a gradient from step 1
-    init = save_adapter(model, out / "init.safetensors")
+def _launch(out: Path, *args: str) -> float:
+    """Run ``tests/ddp_script.py OUT *args`` in a clean environment; returns the seconds it took."""
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT", "PL_GLOBAL_SEED")}
     env["PYTHONWARNINGS"] = "ignore"
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), str(out), "--devices", "2", "--epochs", "1", "--resume-epochs", "2",
-         "--init", str(init)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        [sys.executable, str(SCRIPT), str(out), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
     )
-    assert proc.returncode == 0, f"DDP run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, f"run {args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return time.perf_counter() - start
+
+
+def _initial_adapter(out: Path) -> Path:
+    model = LitTiny(seed=0)
+    inject_lora(model, LoRAConfig(**LORA))
+    randomize_adapters(model)  # B != 0: every adapter tensor gets a gradient from step 1
+    return save_adapter(model, out / "init.safetensors")
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    """Launch the 2-rank run once: ``train`` (1 epoch) then ``resumed`` (2nd epoch from its checkpoint)."""
+    out = tmp_path_factory.mktemp("ddp")
+    init = _initial_adapter(out)
+    seconds = _launch(out, "--devices", "2", "--epochs", "1", "--resume-epochs", "2", "--init", str(init))
     records = {
         (tag, rank): torch.load(out / f"{tag}-rank{rank}.pt", weights_only=False)
         for tag in ("train", "resumed")
         for rank in (0, 1)
     }
-    return {"out": out, "init": init, "records": records, "seconds": time.perf_counter() - start}
+    return {"out": out, "init": init, "records": records, "seconds": seconds}
 
 
 class EpochPermutation(Sampler):
@@ -147,6 +160,114 @@ def test_resume_ddp_checkpoint_on_one_process_matches_two_process_resume(ddp_run
     # the second epoch changed the adapters relative to the checkpoint
     saved = torch.load(ckpt, weights_only=False)["state_dict"]
     assert max((ddp_resumed[k] - saved[k]).abs().max().item() for k in saved) > 1e-3
+
+
+# --------------------------------------------------------------------------- FSDP2 (ModelParallelStrategy)
+@pytest.fixture(scope="module")
+def fsdp2_runs(tmp_path_factory):
+    """Two launches: 2 ranks train 1 epoch and resume a 2nd, once per checkpoint format; then 1 process
+    (batch 8 = 2 x 4) resumes each 2-rank checkpoint and runs the cases that must refuse."""
+    out = tmp_path_factory.mktemp("fsdp2")
+    init = _initial_adapter(out)
+    fsdp = ("--strategy", "fsdp2", "--init", str(init), "--resume-epochs", "2")
+    _launch(out, "--devices", "2", "--epochs", "1", "--tag", "fsdp", "--format", "sharded", "--format", "file", *fsdp)
+    (sharded,) = (out / "fsdp-sharded-ckpt").glob("*.ckpt")
+    (single,) = (out / "fsdp-file-ckpt").glob("*.ckpt")
+    _launch(out, "--devices", "1", "--batch", "8", "--resume-from", f"one-sharded={sharded}",
+            "--resume-from", f"one-file={single}", "--refusals", *fsdp)
+    load = lambda name: torch.load(out / name, weights_only=False)  # noqa: E731
+    records = {(tag, rank): load(f"{tag}-rank{rank}.pt") for tag in ("fsdp-sharded", "fsdp-file", "fsdp-sharded-resumed",
+                                                                      "fsdp-file-resumed") for rank in (0, 1)}
+    records |= {(tag, 0): load(f"{tag}-rank0.pt") for tag in ("one-sharded", "one-file")}
+    return {"out": out, "init": init, "records": records, "sharded": sharded, "file": single,
+            "refusals": load("refusals-rank0.pt")}
+
+
+@pytest.fixture(scope="module")
+def single_process_reference(fsdp2_runs, tmp_path_factory):
+    """The same data on one process, unsharded: after epoch 1 and after epoch 2."""
+    root = tmp_path_factory.mktemp("reference")
+    one, _ = _single_process_fit(root / "1", epochs=1, init=fsdp2_runs["init"])
+    two, _ = _single_process_fit(root / "2", epochs=2, init=fsdp2_runs["init"])
+    return {"epoch1": one, "epoch2": two}
+
+
+def test_fsdp2_shards_and_trains_only_adapters_equal_to_single_process_run(fsdp2_runs, single_process_reference):
+    ref = single_process_reference["epoch1"]
+    adapter_names = sorted(lora_tensors(ref))
+    for fmt in ("sharded", "file"):
+        r0, r1 = fsdp2_runs["records"][(f"fsdp-{fmt}", 0)], fsdp2_runs["records"][(f"fsdp-{fmt}", 1)]
+        assert r0["world_size"] == 2 and r0["global_step"] == r1["global_step"] == STEPS_PER_EPOCH
+        for r in (r0, r1):
+            assert r["trainable"] == adapter_names  # only adapters (LitTiny hands AdamW every parameter)
+            assert set(adapter_names) <= set(r["sharded"]) and r["sharded_after_fit"]  # adapters sharded too
+            assert r["with_optimizer_state"] == adapter_names and r["optimizer_state_sharded"]
+        # each rank holds about half of every sharded tensor: together exactly the full model
+        full = {k: v.numel() for k, v in (r0["base"] | r0["adapter"]).items()}
+        assert {k: r0["local_numel"][k] + r1["local_numel"][k] for k in full} == full
+        assert max(sum(r["local_numel"].values()) for r in (r0, r1)) < 0.52 * sum(full.values())
+        assert_adapters_close(r0["adapter"], r1["adapter"], atol=0)
+        assert_adapters_close(r0["adapter"], lora_tensors(ref))  # FSDP2's averaged gradients == one process
+        base = LitTiny(seed=0).state_dict()
+        for k, v in r0["base"].items():
+            assert torch.equal(v, base[k]), f"frozen {k} changed"
+
+
+def test_fsdp2_exports_gather_full_tensors_on_rank0(fsdp2_runs, single_process_reference):
+    from safetensors.torch import load_file
+
+    from lora_lightning import merged_state_dict
+
+    ref = single_process_reference["epoch1"]
+    out = fsdp2_runs["out"]
+    writes = (out / "writes-rank0.log").read_text().split()
+    assert not (out / "writes-rank1.log").exists(), "rank 1 wrote files"
+    assert writes.count("fsdp-sharded-adapter.safetensors") == writes.count("fsdp-sharded-merged.safetensors") == 1
+    for fmt in ("sharded", "file"):
+        assert_adapters_close(load_file(out / f"fsdp-{fmt}-adapter.safetensors"), lora_tensors(ref))
+        merged, expected = load_file(out / f"fsdp-{fmt}-merged.safetensors"), merged_state_dict(ref)
+        assert merged.keys() == expected.keys()
+        for k in expected:
+            torch.testing.assert_close(merged[k], expected[k], atol=2e-5, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_fsdp2_checkpoints_hold_only_adapter_state_in_both_formats(fsdp2_runs):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    trained = fsdp2_runs["records"][("fsdp-sharded", 0)]["adapter"]
+    stored = FileSystemReader(fsdp2_runs["sharded"]).read_metadata().state_dict_metadata
+    tensors = {k.removeprefix("state_dict.") for k in stored if k.startswith("state_dict.")}
+    assert tensors == set(trained)
+    optimizer_params = {k.removeprefix("optimizer_0.state.").rsplit(".", 1)[0] for k in stored if k.startswith("optimizer_0.state.")}
+    assert optimizer_params == set(trained)
+    meta = torch.load(fsdp2_runs["sharded"] / "meta.pt", weights_only=False)
+    assert meta["lora_lightning"]["config"]["r"] == LORA["r"] and "state_dict" not in meta
+    single = torch.load(fsdp2_runs["file"], weights_only=False)
+    assert set(single["state_dict"]) == set(trained) and single["lora_lightning"]["config"]["r"] == LORA["r"]
+    file_trained = fsdp2_runs["records"][("fsdp-file", 0)]["adapter"]
+    for k, v in single["state_dict"].items():
+        assert torch.equal(v, file_trained[k])
+
+
+def test_fsdp2_checkpoints_resume_on_two_processes_and_on_one(fsdp2_runs, single_process_reference):
+    ref = lora_tensors(single_process_reference["epoch2"])
+    records = fsdp2_runs["records"]
+    for fmt in ("sharded", "file"):
+        r0, r1 = records[(f"fsdp-{fmt}-resumed", 0)], records[(f"fsdp-{fmt}-resumed", 1)]
+        one = records[(f"one-{fmt}", 0)]
+        assert r0["global_step"] == r1["global_step"] == one["global_step"] == 2 * STEPS_PER_EPOCH
+        assert one["world_size"] == 1
+        assert_adapters_close(r0["adapter"], r1["adapter"], atol=0)
+        assert_adapters_close(r0["adapter"], ref)  # == an uninterrupted 2-epoch run on one process
+        assert_adapters_close(one["adapter"], ref)
+
+
+def test_fsdp2_network_built_in_configure_model(fsdp2_runs, single_process_reference):
+    refusals = fsdp2_runs["refusals"]
+    assert_adapters_close(refusals["late"], lora_tensors(single_process_reference["epoch1"]))  # inject_before_sharding
+    assert refusals["late_without_inject"].startswith("LoRAConfigError: ")
+    assert "already sharded" in refusals["late_without_inject"] and "inject_before_sharding(self)" in refusals["late_without_inject"]
+    assert refusals["merge_on_fit_end"].startswith("LoRAConfigError: ") and "export_merged" in refusals["merge_on_fit_end"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Lightning's FSDPStrategy needs a CUDA device")

@@ -19,6 +19,7 @@ import dataclasses
 import inspect
 import typing
 import weakref
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -31,12 +32,14 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from ..adapter_io import check_output_path, load_adapter, planned_state, read_adapter, save_adapter, save_merged_model
 from ..config import _VARIANT_CONFIGS, LoRAConfig, all_option_defaults
-from ..errors import AdapterMismatchError, LoRAConfigError, NoAdapterGradientError, NonFiniteError
+from ..errors import AdapterMismatchError, LoRAConfigError, NoAdapterGradientError, NonFiniteError, TargetNotFoundError
 from ..gradients import adapters_without_grad, make_inputs_require_grad, uses_activation_checkpointing
 from ..loraplus import apply_loraplus, check_ratio, optimizers_and_schedulers
-from ..injection import count_parameters, get_lora_state, has_lora, inject_lora, lora_layers, mark_trainable, remove_lora
+from ..injection import adapter_param_names, count_parameters, get_lora_state, has_lora, inject_lora, lora_layers, mark_trainable, remove_lora
 from ..merging import merge_lora, unmerge_lora
 from ..record import ON_MISMATCH, differences
+from ..sharding import gathered, is_sharded
+from ..targets import resolve_targets
 from ..variants.registry import ON_REGISTER, get_variant
 from .checkpoints import (
     AtomicCheckpointIO,
@@ -67,6 +70,21 @@ class _CallbackRef:
 
     def __setstate__(self, state: dict) -> None:
         self._ref = None
+
+
+def inject_before_sharding(pl_module: pl.LightningModule) -> None:
+    """Call in ``configure_model`` between building the layers and sharding them (FSDP2's ``fully_shard``)
+    when the model is built there: the attached ``LoRACallback`` injects its adapters now, so they are
+    sharded with the layers they adapt. (Layers built in ``__init__`` need nothing: the callback injects
+    before ``configure_model`` runs.)"""
+    ref = getattr(pl_module, _CALLBACK, None)
+    callback = ref() if ref is not None else None
+    if callback is None:
+        raise LoRAConfigError(
+            f"inject_before_sharding: no LoRACallback is attached to {type(pl_module).__name__}'s Trainer; add "
+            "LoRACallback(...) to Trainer(callbacks=[...])"
+        )
+    callback._prepare(pl_module, callback._stage)
 
 
 class _PrepareAfterConfigure:
@@ -225,15 +243,23 @@ class LoRACallback(Callback):
             object.__setattr__(pl_module, _LORAPLUS_HOOKED, True)
             object.__setattr__(pl_module, "configure_optimizers", _LoRAPlusOptimizers(pl_module))
         if is_overridden("configure_model", pl_module):
-            # the layers may not exist yet: prepare right after configure_model (still before the optimizer)
+            # inject now if the layers exist (so a configure_model that shards them with FSDP2's fully_shard
+            # shards the adapters too); if configure_model builds them, right after it (before the optimizer)
             if not getattr(pl_module, _CONFIGURE_HOOKED, False):
                 object.__setattr__(pl_module, _CONFIGURE_HOOKED, True)
                 object.__setattr__(pl_module, "configure_model", _RunAfter(pl_module.configure_model, _PrepareAfterConfigure(pl_module)))
+            if has_lora(pl_module) or self._targets_exist(pl_module):
+                self._prepare(pl_module, stage)
         else:
             self._prepare(pl_module, stage)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         state = get_lora_state(pl_module)
+        if self.merge_on_fit_end and is_sharded(pl_module):
+            raise LoRAConfigError(
+                "LoRACallback(merge_on_fit_end=True) cannot merge into sharded (FSDP2) weights in place; set "
+                "merge_on_fit_end=False and export_merged='merged.safetensors' (gathered and written by rank 0)"
+            )
         self._trainable = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
         self._last_step, self._grad_checked = trainer.global_step, False
         total = trainer.estimated_stepping_batches
@@ -319,12 +345,17 @@ class LoRACallback(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.variant_hooks is not None:
             self._log(trainer, self.variant_hooks.at_end())
-        if self.export_adapter and trainer.is_global_zero:
-            save_adapter(pl_module, Path(self.export_adapter))
+        sharded = is_sharded(pl_module)  # FSDP2: every rank gathers the full tensors, rank 0 writes them
+        if self.export_adapter:
+            with gathered(pl_module, adapter_param_names(pl_module)) if sharded else nullcontext():
+                if trainer.is_global_zero:
+                    save_adapter(pl_module, Path(self.export_adapter))
         if self.merge_on_fit_end:
             merge_lora(pl_module)
-        if self.export_merged and trainer.is_global_zero:
-            save_merged_model(pl_module, Path(self.export_merged), submodule=self.export_module)
+        if self.export_merged:
+            with gathered(pl_module) if sharded else nullcontext():
+                if trainer.is_global_zero:
+                    save_merged_model(pl_module, Path(self.export_merged), submodule=self.export_module)
         trainer.strategy.barrier("lora_fit_end")
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -387,6 +418,13 @@ class LoRACallback(Callback):
         if getattr(self, "_bnb_plugin", None) is not None:
             shield_from_bitsandbytes(self._bnb_plugin, pl_module)
 
+    def _targets_exist(self, pl_module: pl.LightningModule) -> bool:
+        try:
+            resolve_targets(pl_module, self.config)
+        except TargetNotFoundError:
+            return False
+        return True
+
     def _inject(self, pl_module: pl.LightningModule) -> None:
         inject_lora(pl_module, self.config)
         try:
@@ -447,4 +485,4 @@ def _with_lora_keywords(init: Any) -> None:
 
 _with_lora_keywords(LoRACallback.__init__)
 ON_REGISTER.append(lambda: _with_lora_keywords(LoRACallback.__init__))  # a variant registered later adds its options
-__all__ = ["LoRACallback"]
+__all__ = ["LoRACallback", "inject_before_sharding"]

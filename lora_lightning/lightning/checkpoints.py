@@ -108,6 +108,15 @@ def record_in_checkpoint(module: nn.Module, checkpoint: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------- loading
+def no_record_error(n_tensors: int) -> AdapterFileError:
+    return AdapterFileError(
+        f"the checkpoint holds no LoRA adapters ({n_tensors} tensors of a full model, saved without "
+        "LoRACallback), so it cannot be loaded into a model with adapters. To start LoRA from its weights, load "
+        "them first (model = MyModule.load_from_checkpoint(path), or model.load_state_dict(torch.load(path)"
+        "['state_dict'])) and fit that model with LoRACallback and no ckpt_path"
+    )
+
+
 def prepare_for_checkpoint(module: nn.Module, checkpoint: dict[str, Any]) -> None:
     """Ready ``module`` for Lightning's ``load_state_dict(checkpoint["state_dict"])`` (see module doc)."""
     options = checkpoint_options(module)
@@ -116,12 +125,7 @@ def prepare_for_checkpoint(module: nn.Module, checkpoint: dict[str, Any]) -> Non
     if record is None:
         adapter_keys = [f"{n}.{leaf}" for n, layer in lora_layers(module).items() for leaf in layer.adapter_names]
         if adapter_keys and not any(k in state_dict for k in adapter_keys):
-            raise AdapterFileError(
-                f"the checkpoint holds no LoRA adapters ({len(state_dict)} tensors of a full model, saved without "
-                "LoRACallback), so it cannot be loaded into a model with adapters. To start LoRA from its weights, load "
-                "them first (model = MyModule.load_from_checkpoint(path), or model.load_state_dict(torch.load(path)"
-                "['state_dict'])) and fit that model with LoRACallback and no ckpt_path"
-            )
+            raise no_record_error(len(state_dict))
         return
     saved = LoRAState.from_dict(record)
     base_keys = [k for k in module.state_dict() if k not in set(adapter_param_names(module) if has_lora(module) else [])]

@@ -1,4 +1,4 @@
-"""Three places where Lightning puts weights into a module without any hook a callback could use,
+"""Four places where Lightning puts weights into a module without any hook a callback could use,
 wrapped so that the trained adapters are never silently lost:
 
 1. ``MyModule.load_from_checkpoint(path)`` builds a fresh module and loads ``state_dict`` into it
@@ -11,6 +11,9 @@ wrapped so that the trained adapters are never silently lost:
 3. ``strategy="ddp_spawn"``: the main process reloads the workers' weights with ``strict=False``
    (``_MultiProcessingLauncher._recover_results_in_main_process``), which drops adapter keys its module
    lacks. The main process gets the ``LoRACallback``'s adapters first (merged if the workers merged).
+4. ``ModelParallelStrategy.load_checkpoint`` (FSDP2) asks an adapter-only checkpoint for every base
+   tensor; for a module with adapters :func:`~lora_lightning.lightning.sharded.load_model_parallel_checkpoint`
+   loads what the checkpoint holds, after checking it.
 
 :func:`install` runs once, when ``lora_lightning.lightning`` is imported; ``import lora_lightning``
 imports it as soon as Lightning itself is imported (before or after). Each wrapper calls the
@@ -20,10 +23,12 @@ original; ``lightning>=2.4,<2.7`` is what the tests cover.
 from __future__ import annotations
 
 import contextvars
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningModule
 from lightning.pytorch.core import saving
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
 from lightning.pytorch.utilities import rank_zero_warn
@@ -39,6 +44,7 @@ from .checkpoints import (
     prepare_for_checkpoint,
     set_checkpoint_options,
 )
+from .sharded import load_model_parallel_checkpoint
 
 _FROM_CHECKPOINT_HINT = "load it with lora_lightning.load_lora_checkpoint(MyModule, path, on_base_mismatch='warn')"
 _load_options: contextvars.ContextVar[CheckpointOptions] = contextvars.ContextVar(
@@ -107,6 +113,13 @@ def _recover_results_in_main_process(self: _MultiProcessingLauncher, worker_outp
             layer.merged = callback.merge_on_fit_end
 
 
+def _load_model_parallel_checkpoint(self: ModelParallelStrategy, checkpoint_path: Any, weights_only: bool | None = None) -> Any:
+    module = self.lightning_module
+    if module is None or not has_lora(module):
+        return getattr(_load_model_parallel_checkpoint, _PATCHED)(self, checkpoint_path, weights_only)
+    return load_model_parallel_checkpoint(self, Path(self.broadcast(checkpoint_path)), weights_only)
+
+
 def _wrap(owner: Any, name: str, wrapper: Any) -> None:
     current = getattr(owner, name)
     if getattr(current, _PATCHED, None) is not None:
@@ -116,7 +129,8 @@ def _wrap(owner: Any, name: str, wrapper: Any) -> None:
 
 
 def install() -> None:
-    """Install the three wrappers (idempotent)."""
+    """Install the four wrappers (idempotent)."""
     _wrap(saving, "_load_state", _load_state)
     _wrap(_CheckpointConnector, "restore_model", _restore_model)
     _wrap(_MultiProcessingLauncher, "_recover_results_in_main_process", _recover_results_in_main_process)
+    _wrap(ModelParallelStrategy, "load_checkpoint", _load_model_parallel_checkpoint)
