@@ -71,10 +71,21 @@ from .adapter_io import (
     save_merged_model,
     switch_adapter,
 )
-from .peft_format import export_peft_adapter, import_peft_adapter
+from .peft_format import export_peft_adapter, export_peft_adapters, import_peft_adapter
 from .gradients import make_inputs_require_grad
 from .budget import allocate_ranks, rank_for_budget
 from .sharding import gathered, is_sharded
+from .named import (
+    active_adapter,
+    add_adapter,
+    add_weighted_adapter,
+    delete_adapter,
+    disable_adapter,
+    list_adapters,
+    mixed_batch,
+    set_adapter,
+    use_adapter,
+)
 
 __version__ = "0.2.0"
 
@@ -142,22 +153,29 @@ __all__ = [
     "TargetNotFoundError",
     "Variant",
     "VeRALinear",
+    "active_adapter",
     "adapter_param_names",
     "adapter_state_dict",
+    "add_adapter",
+    "add_weighted_adapter",
     "allocate_ranks",
     "base_memory",
     "count_parameters",
+    "delete_adapter",
     "describe",
+    "disable_adapter",
     "export_peft_adapter",
-    "get_lora_state",
+    "export_peft_adapters",
     "gathered",
+    "get_lora_state",
     "get_variant",
     "has_lora",
-    "inject_before_sharding",
     "import_peft_adapter",
+    "inject_before_sharding",
     "inject_lora",
-    "is_sharded",
     "is_merged",
+    "is_sharded",
+    "list_adapters",
     "load_adapter",
     "load_lora_checkpoint",
     "lora_layers",
@@ -166,6 +184,7 @@ __all__ = [
     "merge_and_unload",
     "merge_lora",
     "merged_state_dict",
+    "mixed_batch",
     "orthogonality_penalty",
     "pissa_to_lora",
     "plan_injection",
@@ -178,6 +197,8 @@ __all__ = [
     "remove_lora",
     "save_adapter",
     "save_merged_model",
+    "set_adapter",
     "switch_adapter",
     "unmerge_lora",
+    "use_adapter",
 ]

@@ -124,9 +124,18 @@ def adapter_metadata(model: nn.Module) -> dict[str, str]:
     }
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, extra_metadata: Mapping[str, str] | None = None) -> Path:
-    """Write the adapter of ``model`` to a ``.safetensors`` file (atomically). Returns the path.
+def save_adapter(
+    model: nn.Module, path: str | os.PathLike, extra_metadata: Mapping[str, str] | None = None, adapter_name: str | None = None
+) -> Path:
+    """Write the adapter of ``model`` (the active one, or the named ``adapter_name``) to a
+    ``.safetensors`` file (atomically); its name is in the metadata. Returns the path.
     A sharded (FSDP2) model: call it inside :func:`~lora_lightning.gathered`."""
+    from .named import active_adapter, use_adapter
+
+    if adapter_name is not None and adapter_name != active_adapter(model):
+        with use_adapter(model, adapter_name, trainable=True):
+            return save_adapter(model, path, extra_metadata, adapter_name)
+    extra_metadata = {"adapter_name": active_adapter(model), **(extra_metadata or {})}
     adapter = adapter_state_dict(model)
     check_not_sharded(adapter.values(), "save_adapter")
     tensors = _cpu_contiguous(adapter)
@@ -264,16 +273,34 @@ def load_adapter(
     path: str | os.PathLike,
     *,
     on_base_mismatch: str = "raise",
+    adapter_name: str | None = None,
 ) -> LoRAConfig:
     """Load an adapter file into ``model``; returns the adapter's config.
 
     A model without adapters is injected with the file's config first; a model with adapters must
     hold the same adapter structure. The base fingerprint is checked (``on_base_mismatch``:
-    ``raise`` | ``warn`` | ``ignore``). Nothing changes when anything does not fit.
+    ``raise`` | ``warn`` | ``ignore``). Nothing changes when anything does not fit. The tensors are
+    copied into the existing ones (no module is re-created: a compiled model keeps its graph).
+    ``adapter_name``: load into that named adapter instead of the active one, adding it (inactive) if
+    the model does not hold it yet.
     """
     tensors, metadata = read_adapter(path)
     saved = record_from_metadata(metadata, path)
     name = f"adapter {Path(path).name}"
+    if adapter_name is not None and has_lora(model):
+        from .named import active_adapter, add_adapter, delete_adapter, list_adapters, use_adapter
+
+        if adapter_name != active_adapter(model):
+            added = adapter_name not in list_adapters(model)
+            if added:
+                add_adapter(model, adapter_name, saved.config)
+            try:
+                with use_adapter(model, adapter_name, trainable=True):
+                    return load_adapter(model, path, on_base_mismatch=on_base_mismatch)
+            except BaseException:
+                if added:
+                    delete_adapter(model, adapter_name)
+                raise
     if has_lora(model):
         state = get_lora_state(model)
         check_compatible(saved, state, source=name)

@@ -25,6 +25,9 @@ from .targets import AdapterSpec, plan_injection, resolve_modules_to_save, summa
 from .variants.registry import get_variant
 
 STATE_ATTR = "_lora_state"
+ORIGINALS_ATTR = "_lora_originals"  # modules_to_save values at injection (lora_lightning.named)
+NAMED_ATTR = "_lora_named"
+BANK = "lora_bank"  # <module>.lora_bank[name]: an inactive named adapter's tensors
 
 
 # --------------------------------------------------------------------------- queries
@@ -84,8 +87,8 @@ def mark_trainable(model: nn.Module, state: LoRAState | None = None) -> None:
             if pname == "bias" or pname.endswith(".bias"):
                 p.requires_grad_(True)
     for name in state.modules_to_save:
-        for p in model.get_submodule(name).parameters():
-            p.requires_grad_(True)
+        for pname, p in model.get_submodule(name).named_parameters():
+            p.requires_grad_(f"{BANK}." not in f"{pname}.")  # the active adapter's copy only
 
 
 @dataclass
@@ -131,14 +134,18 @@ def base_memory(model: nn.Module) -> dict[str, int]:
     return {"base_bytes_before": before, "base_bytes_after": now}
 
 
-def adapter_param_names(model: nn.Module) -> list[str]:
-    """State-dict keys that make up the adapter: A/B (and a variant's own tensors), trainable biases,
-    ``modules_to_save`` (with their buffers)."""
+def adapter_param_names(model: nn.Module, all_adapters: bool = False) -> list[str]:
+    """State-dict keys that make up the (active) adapter: A/B (and a variant's own tensors), trainable
+    biases, ``modules_to_save`` (with their buffers); ``all_adapters``: the inactive named adapters' too."""
     state = get_lora_state(model)
     keys: list[str] = []
     adapted = lora_layers(model)
     saved = tuple(s + "." for s in state.modules_to_save)
     for key in model.state_dict(keep_vars=True):
+        if f".{BANK}." in f".{key}":
+            if all_adapters:
+                keys.append(key)
+            continue
         owner, _, leaf = key.rpartition(".")
         if owner in adapted and leaf in adapted[owner].adapter_names:
             keys.append(key)
@@ -209,6 +216,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> list[AdapterSpec]:
     layers = lora_layers(model)
     state = LoRAState(config, {s.name: layers[s.name].structure() for s in specs}, saved, fingerprint)
     object.__setattr__(model, STATE_ATTR, state)
+    keep_originals(model, saved)
     mark_trainable(model, state)
     return specs
 
@@ -220,9 +228,23 @@ class _WeightView:
         self.weight = weight
 
 
+def keep_originals(model: nn.Module, modules_to_save: list[str]) -> None:
+    """Remember the ``modules_to_save`` parameters at injection: ``disable_adapter`` computes with them and a
+    new named adapter's copies start from them (PEFT keeps the original module likewise)."""
+    originals = {}
+    for root in modules_to_save:
+        for key, value in model.get_submodule(root).named_parameters():
+            originals[f"{root}.{key}"] = value.detach().clone()
+    object.__setattr__(model, ORIGINALS_ATTR, originals)
+
+
 def remove_lora(model: nn.Module) -> nn.Module:
-    """Replace every LoRA layer by its plain base layer (merged weights stay merged), in place."""
+    """Replace every LoRA layer by its plain base layer (merged weights stay merged), in place; the
+    inactive named adapters are dropped."""
     get_lora_state(model)
+    for module in model.modules():
+        if BANK in module._modules:
+            del module._modules[BANK]
     wrapped = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if is_lora_module(m)]
     bases: dict[int, nn.Module] = {}  # one base module per LoRA layer, shared again where the layer was
     for name, layer in reversed(wrapped):  # children (an attention host's out_proj) before parents
@@ -236,6 +258,8 @@ def remove_lora(model: nn.Module) -> nn.Module:
         for attr in (_HOOKS_ATTR, _MASK_ATTR):
             enc.__dict__.pop(attr, None)
     object.__delattr__(model, STATE_ATTR)
+    for attr in (ORIGINALS_ATTR, NAMED_ATTR):
+        model.__dict__.pop(attr, None)
     return model
 
 

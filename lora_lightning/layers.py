@@ -34,7 +34,7 @@ import math
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -116,6 +116,25 @@ class FusedSlices:
         return torch.cat(rows, 0)
 
 
+class AdapterSlots(nn.Module):
+    """One inactive named adapter's tensors for one module, under the leaf names the module uses for
+    its active adapter (``lora_A``, ``lora_B``; a ``modules_to_save`` copy: ``weight``, ``bias``...), plus
+    a LoRA layer's ``r``, ``alpha`` and ``scaling``."""
+
+    def __init__(self, tensors: Mapping[str, Tensor], r: int | None = None, alpha: float | None = None,
+                 scaling: float | None = None) -> None:
+        super().__init__()
+        for leaf, t in tensors.items():
+            if isinstance(t, nn.Parameter):
+                self.register_parameter(leaf, t)
+            else:
+                self.register_buffer(leaf, t)
+        self.r, self.alpha, self.scaling = r, alpha, scaling
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}" if self.r is not None else ""
+
+
 class LoRALayer:
     """State and math shared by every LoRA layer: ``lora_A (r x d_in)``, ``lora_B (d_out x r)``.
 
@@ -146,6 +165,13 @@ class LoRALayer:
     lora_B: nn.Parameter
     fused: FusedSlices | None = None
     pinned_dtype: torch.dtype | None = None
+    # named adapters (lora_lightning.named): the active one lives in the slots above, the others in
+    # ``lora_bank[name]``; ``lora_route`` routes the rows of the next input to adapters (mixed batches);
+    # ``lora_disabled`` gives the base output
+    lora_active: str = "default"
+    lora_route: list[tuple[str | None, Tensor]] | None = None
+    lora_disabled: bool = False
+    supports_routing: bool = False
 
     def _init_lora(
         self,
@@ -246,14 +272,63 @@ class LoRALayer:
         """``base() + lora_forward(x)``, as one autograd node where :class:`LoRALinearFunction` can take
         the inputs. ``weight`` is ``W0 (d_out x d_in)`` (a transposed view for Conv1D); ``base`` computes
         the frozen output the usual way for the composed fallback."""
-        if self.merged:
+        if self.merged or self.lora_disabled:
             return base()
+        if self.lora_route is not None:
+            return self._routed_forward(x, base())
         A, B, s = self.factors()
         if _one_node_ok(x, weight, A, B):
             x_d = self.lora_dropout(x) if self.dropout_p > 0 and self.lora_dropout.training else None
             return LoRALinearFunction.apply(x, x_d, weight, bias, A, B, s)
         out = base()
         return out + self.lora_forward(x).to(out.dtype)
+
+    # ------------------------------------------------------- named adapters
+    def adapter_factors(self, name: str) -> tuple[Tensor, Tensor, float]:
+        """``factors()`` of the named adapter (the active one, or one held in ``lora_bank``)."""
+        if name == self.lora_active:
+            return self.factors()
+        slots = self.lora_bank[name]  # type: ignore[attr-defined]
+        B = slots.lora_B if self.fused is None else self.fused.expand_B(slots.lora_B, slots.r)
+        return slots.lora_A, B, slots.scaling
+
+    def _routed_forward(self, x: Tensor, out: Tensor) -> Tensor:
+        """``out`` plus, for each ``(name, rows)`` of ``lora_route``, the named adapter's update on those
+        rows of ``x`` (dim 0); rows routed to ``None`` keep the base output."""
+        rows = sum(int(idx.numel()) for _, idx in self.lora_route or [])
+        if x.shape[0] != rows:
+            raise LoRAConfigError(
+                f"mixed batch: {rows} adapter names were given but a LoRA layer received {x.shape[0]} rows along dim 0; "
+                "give one name (or None) per sample of the batch, with the batch first"
+            )
+        for name, idx in self.lora_route or []:
+            if name is None or idx.numel() == 0:
+                continue
+            A, B, s = self.adapter_factors(name)
+            xs = x.index_select(0, idx)
+            if self.dropout_p > 0:
+                xs = self.lora_dropout(xs)
+            delta = F.linear(F.linear(xs.to(A.dtype), A) * s, B)
+            out = out.index_add(0, idx, delta.to(out.dtype))
+        return out
+
+    def new_adapter_slots(self, r: int, alpha: float, scaling: float, generator: torch.Generator | None = None) -> nn.Module:
+        """A freshly initialised adapter of rank ``r`` for this layer (this layer's own init: A random
+        and B = 0, or the reverse for embeddings), as a module holding ``lora_A``/``lora_B``."""
+        A0, B0 = self.lora_A, self.lora_B
+        n = A0.shape[0] // self.r
+        limit = min(int(self.in_features), self.fused.smallest_adapted if self.fused else int(self.out_features))
+        if r > limit:
+            raise RankTooLargeError(f"r={r} is larger than min(d_in, d_out)={limit} for this layer; choose r <= {limit}")
+        A = nn.Parameter(torch.empty((n * r, *A0.shape[1:]), dtype=A0.dtype, device=A0.device))
+        B = nn.Parameter(torch.zeros((B0.shape[0], r, *B0.shape[2:]), dtype=B0.dtype, device=B0.device))
+        saved = (self.lora_A, self.lora_B, self.r, self.alpha, self.scaling)
+        try:
+            self.lora_A, self.lora_B, self.r, self.alpha, self.scaling = A, B, r, float(alpha), float(scaling)
+            self.reset_lora_parameters(generator)
+        finally:
+            self.lora_A, self.lora_B, self.r, self.alpha, self.scaling = saved
+        return AdapterSlots({"lora_A": A, "lora_B": B}, r=r, alpha=float(alpha), scaling=float(scaling))
 
     # --------------------------------------------------------- merge/unmerge
     def _base_weight_view(self) -> Tensor:  # pragma: no cover - abstract
@@ -464,6 +539,8 @@ class LoRALinear(LoRALayer, nn.Linear):
     for DoRA, ``forward``).
     """
 
+    supports_routing = True
+
     def __init__(self, base: nn.Linear, r: int, alpha: float, *, quantize: str | None = None, **options: Any) -> None:
         """``options``: those of :meth:`LoRALayer._init_lora` (scaling, dropout, init, adapter_dtype, name,
         fused, pin_dtype); ``quantize``: store ``W0`` as ``nf4`` or ``int8``."""
@@ -571,6 +648,7 @@ class LoRAConv1D(LoRALayer, nn.Module):
 
     kind = "conv1d"
     fan_in_fan_out = True
+    supports_routing = True
 
     def __init__(self, base: nn.Module, r: int, alpha: float, **options: Any) -> None:
         """``options``: those of :meth:`LoRALayer._init_lora`."""
@@ -652,7 +730,7 @@ class LoRAEmbedding(LoRALayer, nn.Embedding):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self._lookup(x, self.weight)
-        if self.merged:
+        if self.merged or self.lora_disabled:
             return out
         A, B, s = self.factors()
         return out + (s * self._lookup(x, A.T) @ B.T).to(out.dtype)
@@ -708,7 +786,7 @@ class _LoRAConvNd(LoRALayer):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self._conv_forward(x, self.weight, self.bias)  # type: ignore[attr-defined]
-        return out if self.merged else out + self.lora_forward(x).to(out.dtype)
+        return out if self.merged or self.lora_disabled else out + self.lora_forward(x).to(out.dtype)
 
     def to_base(self) -> nn.Module:
         return _rebuild(self._base_cls, self._base_attrs, {"weight": self.weight, "bias": self.bias}, {})
@@ -847,7 +925,7 @@ class LoRAMultiheadAttention(LoRALayer, nn.Module):
             else:
                 query, key, value = (x.transpose(1, 0) for x in (query, key, value))
         in_w = self.in_proj_weight
-        if is_lora_layer(self) and not self.merged:
+        if is_lora_layer(self) and not self.merged and not self.lora_disabled:
             in_w = in_w + self.live_delta_weight(self.lora_A.dtype).to(in_w.dtype)
         out_w = self.out_proj.weight
         if is_lora_layer(self.out_proj) and not self.out_proj.merged:

@@ -94,6 +94,8 @@ def merged_state_dict(model: nn.Module, submodule: str = "") -> dict[str, Tensor
     layers = lora_layers(model)
     out: dict[str, Tensor] = {}
     for key, value in model.state_dict().items():
+        if ".lora_bank." in f".{key}":  # inactive named adapters
+            continue
         owner, _, leaf = key.rpartition(".")
         layer = layers.get(owner)
         if layer is not None and leaf in layer.state_names:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from .adapter_io import atomic_write_bytes
 from .config import LoRAConfig
 from .errors import AdapterFileError, AdapterMismatchError, AlreadyInjectedError, LoRAConfigError
-from .injection import get_lora_state, has_lora, inject_lora, lora_layers
+from .injection import BANK, get_lora_state, has_lora, inject_lora, lora_layers
 from .layers import LoRAMultiheadAttention
 
 PEFT_PREFIX = "base_model.model."
@@ -65,13 +65,19 @@ def export_peft_adapter(
     directory: str | os.PathLike,
     base_model_name_or_path: str | None = None,
     submodule: str = "",
+    adapter_name: str | None = None,
 ) -> Path:
-    """Write the adapter of ``model`` as a PEFT LoRA adapter directory, loadable with
-    ``peft.PeftModel.from_pretrained(base, directory)``.
+    """Write the adapter of ``model`` (the active one, or the named ``adapter_name``) as a PEFT LoRA
+    adapter directory, loadable with ``peft.PeftModel.from_pretrained(base, directory)``.
 
     ``submodule``: attribute path of the Hugging Face model inside ``model`` (e.g. ``"model"``
     in a LightningModule); PEFT names are relative to it. Returns the directory.
     """
+    from .named import active_adapter, use_adapter
+
+    if adapter_name is not None and adapter_name != active_adapter(model):
+        with use_adapter(model, adapter_name, trainable=True):
+            return export_peft_adapter(model, directory, base_model_name_or_path, submodule)
     state = get_lora_state(model)
     config = state.config
     if config.bias != "none":
@@ -120,7 +126,8 @@ def export_peft_adapter(
     for saved in state.modules_to_save:
         rel = _relative(saved, submodule)
         for key, value in model.get_submodule(saved).state_dict().items():
-            tensors[f"{PEFT_PREFIX}{rel}.{key}"] = value
+            if f".{BANK}." not in f".{key}":  # other named adapters' copies
+                tensors[f"{PEFT_PREFIX}{rel}.{key}"] = value
     peft_config = {
         "peft_type": "LORA",
         "task_type": None,
@@ -143,6 +150,23 @@ def export_peft_adapter(
     data = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     atomic_write_bytes(directory / WEIGHTS_NAME, save(data, metadata={"format": "pt"}))
     atomic_write_bytes(directory / CONFIG_NAME, json.dumps(peft_config, indent=2, sort_keys=True).encode())
+    return directory
+
+
+def export_peft_adapters(
+    model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None, submodule: str = ""
+) -> Path:
+    """Every named adapter in PEFT's multi-adapter layout: ``"default"`` (or the first) in ``directory``,
+    each other one in ``directory/<name>`` (``PeftModel.from_pretrained(base, directory)`` then
+    ``model.load_adapter(directory/<name>, adapter_name=<name>)``). Returns the directory."""
+    from .named import list_adapters
+
+    names = list_adapters(model)
+    first = "default" if "default" in names else names[0]
+    directory = Path(directory)
+    for name in names:
+        target = directory if name == first else directory / name
+        export_peft_adapter(model, target, base_model_name_or_path, submodule, adapter_name=name)
     return directory
 
 
@@ -190,17 +214,20 @@ _LORA_KEY = re.compile(
 )
 
 
-def import_peft_adapter(model: nn.Module, directory: str | os.PathLike, submodule: str = "") -> LoRAConfig:
-    """Inject LoRA into ``model`` (which must have no adapters yet) with the structure of the PEFT
-    adapter in ``directory`` and load its weights, so outputs equal ``PeftModel``'s.
+def import_peft_adapter(
+    model: nn.Module, directory: str | os.PathLike, submodule: str = "", adapter_name: str | None = None
+) -> LoRAConfig:
+    """Inject LoRA into ``model`` with the structure of the PEFT adapter in ``directory`` and load its
+    weights, so outputs equal ``PeftModel``'s. A model that has adapters takes it as a new named adapter
+    ``adapter_name`` (inactive; same adapted modules required); a fresh model names it ``adapter_name``.
 
     ``submodule``: where the Hugging Face model sits inside ``model`` (e.g. ``"model"``).
     Returns the equivalent :class:`LoRAConfig` (exact module names as targets).
     """
-    if has_lora(model):
+    if has_lora(model) and adapter_name is None:
         raise AlreadyInjectedError(
             f"{type(model).__name__} already has LoRA adapters; import a PEFT adapter into a model without "
-            "adapters (remove_lora / merge_and_unload first)"
+            "adapters (remove_lora / merge_and_unload first), or as a named adapter: adapter_name=..."
         )
     cfg, tensors = read_peft_adapter(directory)
     prefix = submodule + "." if submodule else ""
@@ -244,7 +271,26 @@ def import_peft_adapter(model: nn.Module, directory: str | os.PathLike, submodul
         alpha_pattern=alpha_pattern,
         use_rslora=bool(cfg.get("use_rslora", False)),
     )
-    inject_lora(model, config)
+    from .named import add_adapter, delete_adapter, use_adapter
+
+    if has_lora(model):
+        add_adapter(model, adapter_name, config)  # type: ignore[arg-type]
+        try:
+            with use_adapter(model, adapter_name, trainable=True):  # type: ignore[arg-type]
+                _copy_peft_tensors(model, lora, other, prefix)
+        except BaseException:
+            delete_adapter(model, adapter_name)  # type: ignore[arg-type]
+            raise
+        return config
+    if adapter_name is not None:
+        add_adapter(model, adapter_name, config)
+    else:
+        inject_lora(model, config)
+    _copy_peft_tensors(model, lora, other, prefix)
+    return config
+
+
+def _copy_peft_tensors(model: nn.Module, lora: dict[str, dict[str, Tensor]], other: dict[str, Tensor], prefix: str) -> None:
     params = model.state_dict()
     with torch.no_grad():
         for module, ab in lora.items():
@@ -262,7 +308,6 @@ def import_peft_adapter(model: nn.Module, directory: str | os.PathLike, submodul
             if full not in params:
                 raise AdapterMismatchError(f"PEFT modules_to_save tensor {key!r} has no counterpart {full!r} in the model")
             params[full].copy_(value)
-    return config
 
 
-__all__ = ["export_peft_adapter", "import_peft_adapter", "read_peft_adapter"]
+__all__ = ["export_peft_adapter", "export_peft_adapters", "import_peft_adapter", "read_peft_adapter"]

@@ -88,3 +88,45 @@ def test_plain_pytorch_example_trains_saves_and_merges_exactly(tmp_path, monkeyp
             assert B.abs().sum() > 0  # trained
             reference.get_submodule(name).weight.add_((16 / 4) * B @ A)  # LoRAConfig's default alpha=16, r=4
     torch.testing.assert_close(outputs(model, ids), outputs(reference, ids), atol=1e-5, rtol=0)
+
+
+def test_many_adapters_example(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = tiny_model()
+    ids, y = tiny_batch()
+    steps = {}
+
+    def train(m):  # a few AdamW steps on what requires grad; records which tensors moved
+        before = {k: v.detach().clone() for k, v in m.state_dict().items()}
+        params = [p for p in m.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=0.05)
+        for _ in range(5):
+            opt.zero_grad()
+            F.cross_entropy(m(ids), y).backward()
+            opt.step()
+        steps[len(steps)] = {k for k, v in m.state_dict().items() if not torch.equal(v, before[k])}
+
+    x = ids[:4]  # a batch of four, one adapter name per sample
+    ns = {"model": model, "train": train, "x": x}
+    exec(python_blocks()[3], ns)  # noqa: S102 - the "Many adapters" example
+    # the second fit moved task_b's tensors only: never the frozen base, never default's (in the bank)
+    assert steps[1] and not any(".lora_bank.default." in k for k in steps[1])
+    assert all("lora_" in k or "classifier" in k for k in steps[1]), sorted(steps[1])[:5]
+    import copy
+
+    from lora_lightning import list_adapters, merge_lora, set_adapter
+
+    assert list_adapters(model) == ["default", "task_b"]
+    base = tiny_model()  # the untouched base: same seed, no adapters
+    torch.testing.assert_close(ns["y_base"], outputs(base, x), atol=1e-6, rtol=0)
+    per_adapter = {}
+    for name in ("default", "task_b"):
+        m = copy.deepcopy(model)
+        set_adapter(m, name)
+        merge_lora(m)
+        per_adapter[name] = outputs(m, x)
+    torch.testing.assert_close(ns["y_default"], per_adapter["default"], atol=1e-5, rtol=0)
+    assert not torch.allclose(per_adapter["default"], per_adapter["task_b"], atol=1e-3)
+    for i, name in enumerate(["default", "task_b", None, "task_b"]):
+        ref = outputs(base, x)[i] if name is None else per_adapter[name][i]
+        torch.testing.assert_close(ns["y_mixed"][i], ref, atol=1e-5, rtol=0)

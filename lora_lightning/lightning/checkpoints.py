@@ -30,6 +30,7 @@ from ..adapter_io import adapter_param_names, atomic_write_bytes, planned_state
 from ..errors import AdapterFileError
 from ..injection import get_lora_state, has_lora, inject_lora, lora_layers
 from ..merging import is_merged, unmerge_lora
+from ..named import has_named_adapters, named_adapters, restore_named_adapters
 from ..record import LoRAState, check_compatible, check_fingerprint
 
 CHECKPOINT_KEY = "lora_lightning"
@@ -102,9 +103,11 @@ def record_in_checkpoint(module: nn.Module, checkpoint: dict[str, Any]) -> None:
     if not has_lora(module):
         return
     if checkpoint_options(module).adapter_only:
-        keys = set(adapter_param_names(module))
+        keys = set(adapter_param_names(module, all_adapters=True))
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
     checkpoint[CHECKPOINT_KEY] = get_lora_state(module).to_dict() | {"merged": is_merged(module)}
+    if has_named_adapters(module):
+        checkpoint[CHECKPOINT_KEY]["adapters"] = named_adapters(module).to_dict()
 
 
 # --------------------------------------------------------------------------- loading
@@ -128,7 +131,7 @@ def prepare_for_checkpoint(module: nn.Module, checkpoint: dict[str, Any]) -> Non
             raise no_record_error(len(state_dict))
         return
     saved = LoRAState.from_dict(record)
-    base_keys = [k for k in module.state_dict() if k not in set(adapter_param_names(module) if has_lora(module) else [])]
+    base_keys = [k for k in module.state_dict() if k not in set(adapter_param_names(module, all_adapters=True) if has_lora(module) else [])]
     full = bool(base_keys) and all(k in state_dict for k in base_keys)  # the checkpoint brings its own base
     if not has_lora(module):
         planned = planned_state(module, saved.config)
@@ -137,7 +140,11 @@ def prepare_for_checkpoint(module: nn.Module, checkpoint: dict[str, Any]) -> Non
             check_fingerprint(saved.fingerprint, planned.fingerprint, options.on_base_mismatch, "checkpoint", options.override_hint)
         inject_lora(module, saved.config)
         ensure_checkpoint_hooks(module)  # its later checkpoints stay adapter-only, with the record
+        restore_named_adapters(module, record.get("adapters"))
     else:
+        if record.get("adapters") and any(layer.merged for layer in lora_layers(module).values()):
+            unmerge_lora(module)
+        restore_named_adapters(module, record.get("adapters"))  # activates the checkpoint's active adapter
         state = get_lora_state(module)
         check_compatible(saved, state, source="checkpoint")
         if not full:

@@ -46,7 +46,7 @@ class DoRALinear(LoRALinear):
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.base_weight()
-        if self.merged:
+        if self.merged or self.lora_disabled:
             return F.linear(x, w, self.bias)
         dt = self.lora_A.dtype
         v = w.to(dt) + self.live_delta_weight(dt)

@@ -1,0 +1,546 @@
+"""Several named adapters on one frozen base, in PEFT's vocabulary, as functions on any ``nn.Module``.
+
+The adapter injected first is named ``"default"`` (the single-adapter API keeps working on it).
+Each adapter is a full set of tensors: ``A``/``B`` for every adapted matrix plus its own copy of
+the ``modules_to_save``. The *active* adapter sits in the layers' usual slots (``lora_A``,
+``lora_B``, the ``modules_to_save`` parameters), so training, merging, saving, PEFT export and
+checkpoints act on it exactly as with one adapter; the others wait in ``<module>.lora_bank[name]``
+(their keys in a checkpoint: ``...query.lora_bank.<name>.lora_A``). :func:`set_adapter` swaps
+tensor *objects* between the slots and the bank — no copy, nothing re-created — and only the
+active adapter requires grad.
+
+* :func:`add_adapter`, :func:`set_adapter`, :func:`delete_adapter`, :func:`list_adapters`,
+  :func:`active_adapter`, :func:`disable_adapter` (a context manager: exactly the base outputs).
+* :func:`add_weighted_adapter`: ``linear`` / ``cat`` / ``svd`` combinations, PEFT's formulas.
+* :func:`mixed_batch`: one forward where each sample names its adapter (or ``None``: the base).
+* :func:`use_adapter`: a context manager that activates an adapter for a block of code.
+
+Named adapters share the adapted modules (their ranks may differ), the ``modules_to_save`` and the
+base; they are plain LoRA (``variant="lora"``, rsLoRA scaling and quantized bases included).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator, Literal, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .config import LoRAConfig
+from .errors import AdapterMismatchError, LoRAConfigError, MergeStateError, NotInjectedError
+from .injection import BANK, ORIGINALS_ATTR, STATE_ATTR, get_lora_state, has_lora, inject_lora, lora_layers, mark_trainable
+from .layers import AdapterSlots, LoRALayer, stream_generator
+from .record import LoRAState
+
+DEFAULT = "default"
+NAMED_ATTR = "_lora_named"
+COMBINATIONS = ("linear", "cat", "svd")
+
+
+@dataclass
+class NamedAdapters:
+    """Which adapters a model holds (in the order they were added) and which one is active."""
+
+    active: str = DEFAULT
+    configs: dict[str, LoRAConfig] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"active": self.active, "configs": {n: c.to_dict() for n, c in self.configs.items()}}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "NamedAdapters":
+        return cls(data["active"], {n: LoRAConfig.from_dict(c) for n, c in data["configs"].items()})
+
+
+# --------------------------------------------------------------------------- queries
+def named_adapters(model: nn.Module) -> NamedAdapters:
+    """The model's adapters; a model injected once holds one, ``"default"``."""
+    state = get_lora_state(model)
+    named = getattr(model, NAMED_ATTR, None)
+    if named is None:
+        named = NamedAdapters(DEFAULT, {DEFAULT: state.config})
+        object.__setattr__(model, NAMED_ATTR, named)
+    return named
+
+
+def list_adapters(model: nn.Module) -> list[str]:
+    """Names of the adapters ``model`` holds, in the order they were added."""
+    return list(named_adapters(model).configs)
+
+
+def active_adapter(model: nn.Module) -> str:
+    return named_adapters(model).active
+
+
+def has_named_adapters(model: nn.Module) -> bool:
+    """Whether ``model`` holds more than one adapter (checkpoints then carry all of them)."""
+    named = getattr(model, NAMED_ATTR, None)
+    return named is not None and len(named.configs) > 1
+
+
+# --------------------------------------------------------------------------- carriers
+def _carriers(model: nn.Module) -> dict[str, tuple[nn.Module, tuple[str, ...]]]:
+    """Every module that holds adapter tensors, with the leaf names of those tensors: the LoRA layers
+    (``lora_A``, ``lora_B``) and each ``modules_to_save`` submodule with parameters of its own."""
+    out: dict[str, tuple[nn.Module, tuple[str, ...]]] = {n: (m, tuple(m.adapter_names)) for n, m in lora_layers(model).items()}
+    for root in get_lora_state(model).modules_to_save:
+        for sub_name, sub in model.get_submodule(root).named_modules():
+            if isinstance(sub, (AdapterSlots, nn.ModuleDict)) and BANK in sub_name.split("."):
+                continue
+            leaves = tuple(k for k, p in sub._parameters.items() if p is not None)
+            if leaves:
+                out[f"{root}.{sub_name}" if sub_name else root] = (sub, leaves)
+    return out
+
+
+def _bank(module: nn.Module) -> nn.ModuleDict:
+    bank = module._modules.get(BANK)
+    if bank is None:
+        bank = nn.ModuleDict()
+        module.add_module(BANK, bank)
+    return bank  # type: ignore[return-value]
+
+
+def _swap(model: nn.Module, incoming: str, outgoing: str) -> None:
+    """Move the active adapter's tensors to ``bank[outgoing]`` and ``bank[incoming]``'s into the slots."""
+    for module, leaves in _carriers(model).values():
+        bank = _bank(module)
+        slots = bank[incoming]
+        out = AdapterSlots({leaf: getattr(module, leaf) for leaf in leaves},
+                           *((module.r, module.alpha, module.scaling) if isinstance(module, LoRALayer) else ()))
+        for leaf in leaves:
+            setattr(module, leaf, getattr(slots, leaf))
+        if isinstance(module, LoRALayer):
+            module.r, module.alpha, module.scaling = slots.r, slots.alpha, slots.scaling
+            module.lora_active = incoming
+        del bank[incoming]
+        bank[outgoing] = out
+
+
+def _refresh_state(model: nn.Module, name: str) -> None:
+    """The model's record describes the active adapter."""
+    old = get_lora_state(model)
+    structures = {n: layer.structure() for n, layer in lora_layers(model).items()}
+    state = LoRAState(named_adapters(model).configs[name], structures, list(old.modules_to_save), old.fingerprint)
+    object.__setattr__(model, STATE_ATTR, state)
+
+
+def _check_name(model: nn.Module, name: str, *, exists: bool) -> None:
+    names = list_adapters(model)
+    if exists and name not in names:
+        raise AdapterMismatchError(f"adapter {name!r} does not exist; the model holds {names}")
+    if not exists:
+        if not isinstance(name, str) or not name or "." in name or name.startswith("_"):
+            raise LoRAConfigError(f"adapter name {name!r} is not valid: use a non-empty string without '.' that does not start with '_'")
+        if name in names:
+            raise AdapterMismatchError(f"an adapter named {name!r} already exists ({names}); pick another name or delete_adapter it first")
+
+
+def _check_unmerged(model: nn.Module, what: str) -> None:
+    if any(layer.merged for layer in lora_layers(model).values()):
+        raise MergeStateError(f"{what}: the active adapter is merged into the base weights; call unmerge_lora(model) first")
+
+
+# --------------------------------------------------------------------------- adding and switching
+def _check_same_structure(model: nn.Module, name: str, config: LoRAConfig) -> LoRAState:
+    from .adapter_io import planned_state  # adapter_io imports this module
+
+    if config.variant != "lora":
+        raise LoRAConfigError(
+            f"add_adapter({name!r}): variant={config.variant!r}; named adapters are plain LoRA (variant='lora', "
+            "use_rslora and quantized bases included)"
+        )
+    state = get_lora_state(model)
+    if state.config.variant != "lora":
+        raise LoRAConfigError(f"add_adapter({name!r}): the model's adapters are variant={state.config.variant!r}; named adapters are plain LoRA")
+    if config.bias != "none" or config.quantize_base != state.config.quantize_base:
+        raise LoRAConfigError(
+            f"add_adapter({name!r}): bias={config.bias!r}, quantize_base={config.quantize_base!r} must be 'none' and "
+            f"{state.config.quantize_base!r} (the base, biases included, is shared by every adapter)"
+        )
+    planned = planned_state(model, config)
+    if set(planned.modules) != set(state.modules):
+        extra, missing = sorted(set(planned.modules) - set(state.modules)), sorted(set(state.modules) - set(planned.modules))
+        raise AdapterMismatchError(
+            f"add_adapter({name!r}): its targets adapt other modules than the model's adapters (new: {extra[:3]}, "
+            f"not adapted by it: {missing[:3]}); named adapters share the adapted modules: use the same targets"
+        )
+    keys = ("kind", "d_in", "d_out", "parts")
+    bad = [n for n in state.modules if any(planned.modules[n][k] != state.modules[n][k] for k in keys)]
+    if bad:
+        raise AdapterMismatchError(f"add_adapter({name!r}): {bad[:3]} would be adapted in another layout (fused parts differ)")
+    if sorted(planned.modules_to_save) != sorted(state.modules_to_save):
+        raise AdapterMismatchError(
+            f"add_adapter({name!r}): modules_to_save {planned.modules_to_save} differ from the model's {state.modules_to_save}; "
+            "named adapters have the same modules_to_save (each its own copy)"
+        )
+    return planned
+
+
+def add_adapter(model: nn.Module, name: str, config: LoRAConfig | None = None) -> None:
+    """Add a new, freshly initialised adapter ``name`` (inactive; ``set_adapter`` activates it).
+
+    A model without adapters is injected with ``config`` and its adapter is named ``name``. Otherwise
+    ``config`` (default: the active adapter's) must adapt the same modules and keep the same
+    ``modules_to_save``; ``r``/``alpha`` (and their patterns) may differ. Each ``modules_to_save`` copy
+    starts from the module's values at injection, as in PEFT.
+    """
+    if not has_lora(model):
+        if config is None:
+            raise NotInjectedError(f"add_adapter({name!r}): the model has no adapters yet; pass a LoRAConfig")
+        if not isinstance(name, str) or not name or "." in name or name.startswith("_"):
+            raise LoRAConfigError(f"adapter name {name!r} is not valid: use a non-empty string without '.' that does not start with '_'")
+        inject_lora(model, config)
+        object.__setattr__(model, NAMED_ATTR, NamedAdapters(name, {name: config}))
+        for layer in lora_layers(model).values():
+            layer.lora_active = name
+        return
+    _check_name(model, name, exists=False)
+    config = config or get_lora_state(model).config
+    planned = _check_same_structure(model, name, config)
+    originals = getattr(model, ORIGINALS_ATTR, {})
+    built: list[tuple[nn.Module, AdapterSlots]] = []
+    for module_name, (module, leaves) in _carriers(model).items():
+        if isinstance(module, LoRALayer):
+            s = planned.modules[module_name]
+            gen = None if config.init_seed is None else stream_generator(config.init_seed, module_name, s["r"])
+            built.append((module, module.new_adapter_slots(s["r"], s["alpha"], s["scaling"], gen)))  # type: ignore[arg-type]
+        else:
+            tensors = {}
+            for leaf in leaves:
+                current = getattr(module, leaf)
+                start = originals.get(f"{module_name}.{leaf}", current).detach()
+                tensors[leaf] = nn.Parameter(start.to(device=current.device, dtype=current.dtype).clone(), requires_grad=False)
+            built.append((module, AdapterSlots(tensors)))
+    for module, slots in built:  # nothing changes until every adapter tensor exists
+        for p in slots.parameters():
+            p.requires_grad_(False)
+        _bank(module)[name] = slots
+    named_adapters(model).configs[name] = config
+
+
+def set_adapter(model: nn.Module, name: str) -> None:
+    """Make ``name`` the active adapter (the one forward uses, training updates and files hold).
+    Tensor objects move between slots and bank: no copy, modules unchanged. Only it requires grad."""
+    _check_name(model, name, exists=True)
+    named = named_adapters(model)
+    if name == named.active:
+        return
+    _check_unmerged(model, f"set_adapter({name!r})")
+    _swap(model, name, named.active)
+    named.active = name
+    _refresh_state(model, name)
+    mark_trainable(model)
+
+
+@contextmanager
+def use_adapter(model: nn.Module, name: str, *, trainable: bool = False) -> Iterator[None]:
+    """Activate ``name`` inside the block and the previous active adapter after it. ``trainable``:
+    keep every adapter's ``requires_grad`` as it was (training several adapters in one step)."""
+    previous = active_adapter(model)
+    grads = {p: p.requires_grad for p in model.parameters()} if trainable else None
+    set_adapter(model, name)
+    if grads is not None:
+        for p, g in grads.items():
+            p.requires_grad_(g)
+    try:
+        yield
+    finally:
+        set_adapter(model, previous)
+        if grads is not None:
+            for p, g in grads.items():
+                p.requires_grad_(g)
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name``. Deleting the active one activates the first remaining adapter; the
+    last adapter cannot be deleted (``remove_lora(model)`` removes LoRA altogether)."""
+    _check_name(model, name, exists=True)
+    named = named_adapters(model)
+    if len(named.configs) == 1:
+        raise AdapterMismatchError(f"delete_adapter({name!r}): it is the model's only adapter; call remove_lora(model) to remove LoRA")
+    if name == named.active:
+        set_adapter(model, next(n for n in named.configs if n != name))
+    for module, _ in _carriers(model).values():
+        bank = _bank(module)
+        del bank[name]
+        if not len(bank):
+            del module._modules[BANK]
+    del named.configs[name]
+
+
+@contextmanager
+def disable_adapter(model: nn.Module) -> Iterator[None]:
+    """Inside the block the model computes exactly its base outputs: no adapter update, and the
+    ``modules_to_save`` at their values from before injection."""
+    _check_unmerged(model, "disable_adapter")
+    layers = list(lora_layers(model).values())
+    originals = getattr(model, ORIGINALS_ATTR, {})
+    swapped: list[tuple[nn.Module, str, Tensor]] = []
+    for module_name, (module, leaves) in _carriers(model).items():
+        if isinstance(module, LoRALayer):
+            continue
+        for leaf in leaves:
+            key = f"{module_name}.{leaf}"
+            if key not in originals:
+                raise AdapterMismatchError(f"disable_adapter: no value from before injection is kept for {key}")
+            current = getattr(module, leaf)
+            swapped.append((module, leaf, current))
+            setattr(module, leaf, nn.Parameter(originals[key].to(device=current.device, dtype=current.dtype), requires_grad=False))
+    for layer in layers:
+        layer.lora_disabled = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.lora_disabled = False
+        for module, leaf, current in swapped:
+            setattr(module, leaf, current)
+
+
+def restore_named_adapters(model: nn.Module, record: dict | None) -> None:
+    """Give ``model`` (whose active adapter matches the record's) the named adapters a checkpoint or file
+    recorded (``NamedAdapters.to_dict()``), so their tensors can be loaded; ``None``: only one adapter."""
+    if not record:
+        return
+    saved = NamedAdapters.from_dict(record)
+    named = named_adapters(model)
+    if named.active != saved.active:
+        if saved.active in named.configs:
+            set_adapter(model, saved.active)
+        else:  # the model's single adapter is the record's active one under another name
+            if len(named.configs) > 1:
+                raise AdapterMismatchError(
+                    f"the checkpoint's active adapter is {saved.active!r} but the model holds {list(named.configs)}"
+                )
+            named.configs = {saved.active: named.configs.pop(named.active)}
+            named.active = saved.active
+            for layer in lora_layers(model).values():
+                layer.lora_active = saved.active
+    for name, config in saved.configs.items():
+        if name not in named.configs:
+            add_adapter(model, name, config)
+    named.configs = {n: named.configs[n] for n in saved.configs} | {n: c for n, c in named.configs.items() if n not in saved.configs}
+
+
+# --------------------------------------------------------------------------- mixed batches
+@contextmanager
+def mixed_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iterator[None]:
+    """Forwards inside the block route sample ``i`` (dim 0 of every adapted layer's input) through
+    adapter ``adapter_names[i]``, or the base for ``None``; every output row equals running that sample
+    through its own merged model. For Linear and GPT-2 Conv1D layers (fused q/k/v included); each
+    ``modules_to_save`` module runs its rows through the matching adapter's copy (its first input and
+    its output batch-first)."""
+    names = list(adapter_names)
+    known = list_adapters(model)
+    unknown = sorted({n for n in names if n is not None and n not in known})
+    if unknown:
+        raise AdapterMismatchError(f"mixed_batch: unknown adapter name(s) {unknown}; the model holds {known}")
+    _check_unmerged(model, "mixed_batch")
+    layers = lora_layers(model)
+    unsupported = [n for n, layer in layers.items() if not layer.supports_routing or layer.variant_name != "lora"]
+    if unsupported:
+        raise LoRAConfigError(
+            f"mixed_batch routes Linear and GPT-2 Conv1D LoRA layers; {unsupported[:3]} are "
+            f"{type(layers[unsupported[0]]).__name__}: run those samples in separate batches with set_adapter"
+        )
+    device = next(iter(layers.values())).lora_A.device
+    route = []
+    for name in dict.fromkeys(names):
+        idx = torch.tensor([i for i, n in enumerate(names) if n == name], dtype=torch.long, device=device)
+        route.append((name, idx))
+    routed = [_RoutedModule(model, root, route) for root in get_lora_state(model).modules_to_save]
+    for layer in layers.values():
+        layer.lora_route = route
+    for r in routed:
+        object.__setattr__(r.module, "forward", r)  # an instance attribute: nn.Module.__call__ calls it
+    try:
+        yield
+    finally:
+        for layer in layers.values():
+            layer.lora_route = None
+        for r in routed:
+            r.module.__dict__.pop("forward", None)
+
+
+class _RoutedModule:
+    """A ``modules_to_save`` module's forward under :func:`mixed_batch`: the rows of its first input
+    (dim 0) routed to each adapter go through that adapter's copy of the module (``None``: its values
+    from before injection), and the outputs are put back in row order."""
+
+    def __init__(self, model: nn.Module, root: str, route: list[tuple[str | None, Tensor]]) -> None:
+        self.module, self.route = model.get_submodule(root), route
+        originals = getattr(model, ORIGINALS_ATTR, {})
+        self.carriers: list[tuple[nn.Module, str, dict[str | None, Tensor]]] = []
+        active = active_adapter(model)
+        for name, (module, leaves) in _carriers(model).items():
+            if not (name == root or name.startswith(root + ".")) or isinstance(module, LoRALayer):
+                continue
+            for leaf in leaves:
+                values: dict[str | None, Tensor] = {None: originals[f"{name}.{leaf}"], active: getattr(module, leaf)}
+                for adapter, slots in module._modules.get(BANK, {}).items():
+                    values[adapter] = getattr(slots, leaf)
+                self.carriers.append((module, leaf, values))
+
+    def __call__(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if not isinstance(x, Tensor) or x.shape[0] != sum(int(i.numel()) for _, i in self.route):
+            raise LoRAConfigError(
+                f"mixed_batch: {type(self.module).__name__} (modules_to_save) must take the batch first in its first input"
+            )
+        out: Tensor | None = None
+        current = [(m, leaf, getattr(m, leaf)) for m, leaf, _ in self.carriers]
+        try:
+            for name, idx in self.route:
+                for module, leaf, values in self.carriers:
+                    v = values[name]
+                    setattr(module, leaf, v if isinstance(v, nn.Parameter) else nn.Parameter(v.to(getattr(module, leaf)), requires_grad=False))
+                part = type(self.module).forward(self.module, x.index_select(0, idx), *args, **kwargs)
+                if not isinstance(part, Tensor):
+                    raise LoRAConfigError(f"mixed_batch: {type(self.module).__name__} (modules_to_save) must return one tensor")
+                if out is None:
+                    out = part.new_zeros((x.shape[0], *part.shape[1:]))
+                out = out.index_copy(0, idx, part)
+        finally:
+            for module, leaf, value in current:
+                setattr(module, leaf, value)
+        assert out is not None
+        return out
+
+
+# --------------------------------------------------------------------------- combining
+def _factors(layer: LoRALayer, name: str) -> tuple[Tensor, Tensor, float, int]:
+    """``(A, B, scaling, r)`` of adapter ``name`` in ``layer``, compact (a fused layer's B not expanded)."""
+    if name == layer.lora_active:
+        return layer.lora_A.detach(), layer.lora_B.detach(), layer.scaling, layer.r
+    slots = layer.lora_bank[name]  # type: ignore[attr-defined]
+    return slots.lora_A.detach(), slots.lora_B.detach(), slots.scaling, slots.r
+
+
+def _part_blocks(layer: LoRALayer, A: Tensor, B: Tensor, r: int) -> list[tuple[Tensor, Tensor]]:
+    """Per adapted part of a fused layer, its ``(A_i (r x d_in), B_i (size_i x r))``; one pair otherwise."""
+    A, B = A.reshape(A.shape[0], -1), B.reshape(B.shape[0], -1)  # a convolution's A/B as matrices
+    if layer.fused is None:
+        return [(A, B)]
+    sizes = [size for part, size in zip(layer.fused.parts, layer.fused.sizes) if part in layer.fused.adapted]
+    rows = torch.split(B, sizes, dim=0)
+    return [(A[i * r : (i + 1) * r], rows[i]) for i in range(len(sizes))]
+
+
+def _combine_layer(
+    layer: LoRALayer, adapters: Sequence[str], weights: Sequence[float], how: str, new_r: int,
+    svd_clamp: float | None, svd_full_matrices: bool, svd_driver: str | None,
+) -> tuple[Tensor, Tensor]:
+    """The combined adapter's ``(A, B)`` for one layer, with scaling 1 (alpha = r), PEFT's formulas."""
+    per = [_factors(layer, a) for a in adapters]
+    dtype = per[0][0].dtype
+    parts = list(zip(*[_part_blocks(layer, A, B, r) for A, B, _, r in per]))  # [part][adapter] -> (A_i, B_i)
+    new_A, new_B = [], []
+    for blocks in parts:
+        if how == "cat":
+            A = torch.cat([a * w * s for (a, _), w, (_, _, s, _) in zip(blocks, weights, per)], dim=0)
+            B = torch.cat([b for _, b in blocks], dim=1)
+        elif how == "linear":
+            A = sum(a * (math.sqrt(abs(w * s)) * (1 if w * s >= 0 else -1)) for (a, _), w, (_, _, s, _) in zip(blocks, weights, per))
+            B = sum(b * math.sqrt(abs(w * s)) for (_, b), w, (_, _, s, _) in zip(blocks, weights, per))
+        else:  # svd of the weighted sum of the updates
+            delta = sum(w * s * (b.float() @ a.float()) for (a, b), w, (_, _, s, _) in zip(blocks, weights, per))
+            U, S, Vh = torch.linalg.svd(delta, full_matrices=svd_full_matrices, driver=svd_driver)
+            U, Vh = U[:, :new_r] @ torch.diag(S[:new_r]), Vh[:new_r, :]
+            if svd_clamp is not None:
+                hi = torch.quantile(torch.cat([U.flatten(), Vh.flatten()]), svd_clamp)
+                U, Vh = U.clamp(-hi, hi), Vh.clamp(-hi, hi)
+            A, B = Vh, U
+        new_A.append(A.to(dtype))
+        new_B.append(B.to(dtype))
+    return torch.cat(new_A, dim=0), torch.cat(new_B, dim=0)
+
+
+def add_weighted_adapter(
+    model: nn.Module,
+    adapters: Sequence[str],
+    weights: Sequence[float],
+    adapter_name: str,
+    combination_type: Literal["linear", "cat", "svd"] = "svd",
+    svd_rank: int | None = None,
+    svd_clamp: float | None = None,
+    svd_full_matrices: bool = True,
+    svd_driver: str | None = None,
+) -> None:
+    """Add ``adapter_name`` = the weighted combination of ``adapters`` (PEFT's ``add_weighted_adapter``):
+
+    * ``cat``: ``A = [w_i·s_i·A_i]`` stacked, ``B = [B_i]`` side by side — rank ``Σ r_i``, exactly
+      ``ΔW = Σ w_i·ΔW_i``;
+    * ``linear``: ``A = Σ √|w_i s_i|·sign(w_i s_i)·A_i``, ``B = Σ √|w_i s_i|·B_i`` (same ranks; an
+      approximation: cross terms ``B_i A_j`` appear);
+    * ``svd``: the best rank-``svd_rank`` (default ``max r_i``) approximation of ``Σ w_i·ΔW_i``.
+
+    The new adapter has ``alpha = r`` (scaling 1), as in PEFT; its ``modules_to_save`` start from their
+    values at injection. Inactive until ``set_adapter``."""
+    if combination_type not in COMBINATIONS:
+        raise LoRAConfigError(f"combination_type={combination_type!r} is not one of {COMBINATIONS}")
+    adapters, weights = list(adapters), [float(w) for w in weights]
+    if not adapters or len(adapters) != len(weights):
+        raise LoRAConfigError(f"add_weighted_adapter: {len(adapters)} adapters and {len(weights)} weights; give one weight per adapter")
+    for a in adapters:
+        _check_name(model, a, exists=True)
+    _check_name(model, adapter_name, exists=False)
+    _check_unmerged(model, "add_weighted_adapter")
+    named = named_adapters(model)
+    configs = [named.configs[a] for a in adapters]
+    layers = lora_layers(model)
+    ranks = {a: {n: _factors(layer, a)[3] for n, layer in layers.items()} for a in adapters}
+    if combination_type == "linear" and len({tuple(r.values()) for r in ranks.values()}) > 1:
+        raise AdapterMismatchError(f"combination_type='linear' needs adapters of the same ranks; {adapters} differ: use 'cat' or 'svd'")
+    if combination_type == "cat":
+        new_ranks = {n: sum(ranks[a][n] for a in adapters) for n in layers}
+    elif combination_type == "linear":
+        new_ranks = dict(ranks[adapters[0]])
+    else:
+        limit = {n: min(layer.in_features, layer.fused.smallest_adapted if layer.fused else layer.out_features) for n, layer in layers.items()}
+        new_ranks = {n: svd_rank if svd_rank is not None else max(ranks[a][n] for a in adapters) for n in layers}
+        too_big = [n for n in layers if new_ranks[n] > limit[n] or new_ranks[n] < 1]
+        if too_big:
+            raise LoRAConfigError(
+                f"svd_rank={svd_rank} does not fit {too_big[:3]} (min(d_in, d_out)={limit[too_big[0]]}); choose 1 <= svd_rank <= "
+                f"{min(limit.values())}"
+            )
+    tensors = {
+        n: _combine_layer(layer, adapters, weights, combination_type, new_ranks[n], svd_clamp, svd_full_matrices, svd_driver)
+        for n, layer in layers.items()
+    }
+    uniform = len(set(new_ranks.values())) == 1
+    r0 = next(iter(new_ranks.values()))
+    config = dataclasses.replace(
+        configs[0], r=r0, alpha=float(r0), use_rslora=False, init_seed=None,
+        rank_pattern={} if uniform else {n: r for n, r in new_ranks.items()},
+        alpha_pattern={} if uniform else {n: float(r) for n, r in new_ranks.items()},
+    )
+    add_adapter(model, adapter_name, config)
+    with torch.no_grad():
+        for n, layer in layers.items():
+            slots = layer.lora_bank[adapter_name]  # type: ignore[attr-defined]
+            A, B = tensors[n]
+            slots.lora_A.copy_(A.reshape(slots.lora_A.shape))
+            slots.lora_B.copy_(B.reshape(slots.lora_B.shape))
+
+
+__all__ = [
+    "DEFAULT",
+    "NamedAdapters",
+    "active_adapter",
+    "add_adapter",
+    "add_weighted_adapter",
+    "delete_adapter",
+    "disable_adapter",
+    "has_named_adapters",
+    "list_adapters",
+    "mixed_batch",
+    "named_adapters",
+    "restore_named_adapters",
+    "set_adapter",
+    "use_adapter",
+]
