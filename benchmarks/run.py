@@ -362,6 +362,9 @@ def render_markdown(res: dict) -> str:
         L.append("")
 
     L.extend(sharded_memory_section(HERE / "sharded_memory.json"))
+    from benchmarks.mixed_batch import render as mixed_batch_section
+
+    L.extend(mixed_batch_section(HERE / "mixed_batch.json"))
 
     prof = res.get("profile")
     if prof:
