@@ -1,41 +1,57 @@
 #!/usr/bin/env bash
 # Issue 18: the sweeps behind the default recipe (experiments/README.md, "The default recipe").
-#   bash experiments/recipe.sh search   # seed 0: lr x targets for LoRA, lr for full fine-tuning, head only
-#   bash experiments/recipe.sh final LORA_LR LORA_TARGETS "RT_FULL_LR TREC_FULL_LR SPEECH_FULL_LR NG_FULL_LR"
-#                                        # seeds 1,2,3: the chosen LoRA default, full FT at its best lr, head only
-# Two streams of single-threaded runs, one per core (taskset), each over two data sets.
+#   bash experiments/recipe.sh search DATA...        # seed 0: LoRA lr x targets, full FT lr, head only
+#   bash experiments/recipe.sh search-full DATA...   # seed 0: full FT lr only (a task held out of the LoRA search)
+#   bash experiments/recipe.sh final LORA_LR LORA_TARGETS DATA...
+#        # seeds 1,2,3: the chosen LoRA default, full FT at the lr with the best seed-0 validation accuracy
+#        # in multirun/recipe/search-DATA-full, head only
+# Runs are single-threaded; data sets are split over two streams, one per core (taskset), at low priority.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-TRAIN=".venv/bin/python -m lora_lightning.app.train"
+PY=.venv/bin/python
+TRAIN="nice -n 10 $PY -m lora_lightning.app.train"
 export HF_HUB_OFFLINE=1 WANDB_MODE=offline WANDB_SILENT=true PYTHONWARNINGS=ignore
-stage=${1:?search or final}
+stage=${1:?search, search-full or final}; shift
+if [ "$stage" = final ]; then LORA_LR=${1:?lora lr}; LORA_TARGETS=${2:?lora targets, e.g. [q,k,v,o]}; shift 2; fi
+DATASETS=("$@")
 mkdir -p experiments/logs
+
+best_full_lr() {  # the lr of the seed-0 full fine-tuning run with the best validation accuracy
+  $PY - "multirun/recipe/search-$1-full" <<'PYEOF'
+import json, pathlib, sys
+runs = [json.loads(p.read_text()) for p in pathlib.Path(sys.argv[1]).glob("*/summary.json")]
+if not runs:
+    sys.exit(f"no finished runs in {sys.argv[1]}: run `experiments/recipe.sh search-full` for this data set first")
+print(max(runs, key=lambda s: s["best_val_acc"])["lr"])
+PYEOF
+}
+
+run_data() {  # core data
+  local core=$1 data=$2 T="taskset -c $1 $TRAIN -m experiment=recipe data=$2"
+  case "$stage" in
+    search)
+      $T seed=0 'lora.lr=1e-3,2e-3,4e-3' 'lora.targets=[q,v],[q,k,v,o]' hydra.sweep.dir="multirun/recipe/search-$data-lora"
+      $T seed=0 lora=full 'lora.lr=5e-5,1e-4,2e-4' hydra.sweep.dir="multirun/recipe/search-$data-full"
+      $T seed=0 lora=head_only hydra.sweep.dir="multirun/recipe/search-$data-head" ;;
+    search-full)
+      $T seed=0 lora=full 'lora.lr=5e-5,1e-4,2e-4' hydra.sweep.dir="multirun/recipe/search-$data-full" ;;
+    final)
+      $T seed=1,2,3 lora.lr="$LORA_LR" "lora.targets=$LORA_TARGETS" hydra.sweep.dir="multirun/recipe/final-$data-lora"
+      $T seed=1,2,3 lora=full lora.lr="$(best_full_lr "$data")" hydra.sweep.dir="multirun/recipe/final-$data-full"
+      $T seed=1,2,3 lora=head_only hydra.sweep.dir="multirun/recipe/final-$data-head" ;;
+  esac
+}
 
 stream() {  # core, data sets...
   local core=$1; shift
-  for data in "$@"; do
-    if [ "$stage" = search ]; then
-      taskset -c "$core" $TRAIN -m experiment=recipe data="$data" seed=0 'lora.lr=1e-3,2e-3,4e-3' 'lora.targets=[q,v],[q,k,v,o]' \
-        hydra.sweep.dir="multirun/recipe/search-$data-lora"
-      taskset -c "$core" $TRAIN -m experiment=recipe data="$data" seed=0 lora=full 'lora.lr=5e-5,1e-4,2e-4' \
-        hydra.sweep.dir="multirun/recipe/search-$data-full"
-      taskset -c "$core" $TRAIN -m experiment=recipe data="$data" seed=0 lora=head_only hydra.sweep.dir="multirun/recipe/search-$data-head"
-    else
-      local full_lr=${FULL_LR[$data]}
-      taskset -c "$core" $TRAIN -m experiment=recipe data="$data" seed=1,2,3 lora.lr="$LORA_LR" "lora.targets=$LORA_TARGETS" \
-        hydra.sweep.dir="multirun/recipe/final-$data-lora"
-      taskset -c "$core" $TRAIN -m experiment=recipe data="$data" seed=1,2,3 lora=full lora.lr="$full_lr" \
-        hydra.sweep.dir="multirun/recipe/final-$data-full"
-      taskset -c "$core" $TRAIN -m experiment=recipe data="$data" seed=1,2,3 lora=head_only hydra.sweep.dir="multirun/recipe/final-$data-head"
-    fi
-  done
+  for data in "$@"; do run_data "$core" "$data"; done
 }
 
-if [ "$stage" = final ]; then
-  LORA_LR=${2:?lora lr}; LORA_TARGETS=${3:?lora targets, e.g. [q,k,v,o]}
-  read -r -a lrs <<<"${4:?four full-FT lrs}"
-  declare -A FULL_LR=([rotten_tomatoes]=${lrs[0]} [trec]=${lrs[1]} [convention_speeches]=${lrs[2]} [newsgroups]=${lrs[3]})
-fi
-stream 0 rotten_tomatoes convention_speeches >"experiments/logs/recipe_${stage}_a.log" 2>&1 &
-stream 1 trec newsgroups >"experiments/logs/recipe_${stage}_b.log" 2>&1 &
+even=() odd=()
+for i in "${!DATASETS[@]}"; do
+  if (( i % 2 == 0 )); then even+=("${DATASETS[$i]}"); else odd+=("${DATASETS[$i]}"); fi
+done
+C0=${FIRST_CORE:-0}; C1=$(( (C0 + 1) % 2 ))  # FIRST_CORE=1: start on the second core
+stream "$C0" "${even[@]}" >"experiments/logs/recipe_${stage}_$(IFS=-; echo "${even[*]}").log" 2>&1 &
+if (( ${#odd[@]} )); then stream "$C1" "${odd[@]}" >"experiments/logs/recipe_${stage}_$(IFS=-; echo "${odd[*]}").log" 2>&1 & fi
 wait

@@ -44,20 +44,32 @@ TABLE6_PAPER = {  # weights -> {r: (WikiSQL, MultiNLI)}
     "q,v": {1: (73.4, 91.3), 2: (73.3, 91.4), 4: (73.7, 91.3), 8: (73.8, 91.6), 64: (73.5, 91.4)},
     "q,k,v,o": {1: (74.1, 91.2), 2: (73.7, 91.7), 4: (74.0, 91.7), 8: (74.0, 91.5), 64: (73.9, 91.4)},
 }
-METRIC = "best_val_acc"
+METRIC = "best_val_acc"  # the paper's metric
+TEST_METRIC = "test_acc"  # accuracy on the test split of the checkpoint with the best validation accuracy
+METRIC_NAMES = {METRIC: "validation accuracy", TEST_METRIC: "test accuracy"}
 PAPER_SPREAD = "Paper rows: (±0.5) / (±0.1) is the fluctuation the paper states for WikiSQL / MultiNLI."
 
 
 # --------------------------------------------------------------------------- loading
 def load_runs(root: Path) -> list[dict]:
-    """Every ``summary.json`` below ``root`` (one per finished run), with ``dir`` added."""
+    """Every ``summary.json`` below ``root`` (one per finished run), with ``dir`` and ``targets_key`` added."""
     rows = []
-    for path in sorted(root.rglob("summary.json")):
+    for path in sorted(root.rglob("summary.json")) if root.is_dir() else []:
         row = json.loads(path.read_text())
         row["dir"] = str(path.parent)
         row["targets_key"] = ",".join(row.get("targets") or [])
         rows.append(row)
     return rows
+
+
+def of_experiment(rows: list[dict], experiment: str, methods: Sequence[str] | None = None) -> list[dict]:
+    """The runs of one ``experiment`` (the summary's field, whatever folder they sit in), optionally of some methods."""
+    return [r for r in rows if r.get("experiment") == experiment and (methods is None or r.get("method") in methods)]
+
+
+def has_metric(row: dict, metric: str) -> bool:
+    """Whether a run recorded ``metric`` (``test_acc`` is absent when the run had no test split)."""
+    return isinstance(row.get(metric), (int, float))
 
 
 @dataclass(frozen=True)
@@ -87,18 +99,21 @@ class Stat:
         return f"{self.mean:.1f} ± {self.std:.1f}"
 
 
-def group(rows: list[dict], *keys: str) -> dict[tuple, Stat]:
+def group(rows: list[dict], *keys: str, metric: str = METRIC) -> dict[tuple, Stat]:
+    """``Stat`` of ``metric`` per value of ``keys`` (runs without the metric are left out)."""
     out: dict[tuple, list[float]] = {}
     for row in rows:
-        out.setdefault(tuple(row[k] for k in keys), []).append(row[METRIC])
+        if has_metric(row, metric):
+            out.setdefault(tuple(row[k] for k in keys), []).append(row[metric])
     return {k: Stat.of(v) for k, v in out.items()}
 
 
-def pooled_std(rows: list[dict], *keys: str) -> tuple[float, int]:
+def pooled_std(rows: list[dict], *keys: str, metric: str = METRIC) -> tuple[float, int]:
     """Seed noise: the pooled within-group standard deviation (in %) and its degrees of freedom."""
     groups: dict[tuple, list[float]] = {}
     for row in rows:
-        groups.setdefault(tuple(row[k] for k in keys), []).append(100.0 * row[METRIC])
+        if has_metric(row, metric):
+            groups.setdefault(tuple(row[k] for k in keys), []).append(100.0 * row[metric])
     ss = sum(sum((x - statistics.fmean(v)) ** 2 for x in v) for v in groups.values() if len(v) > 1)
     dof = sum(len(v) - 1 for v in groups.values() if len(v) > 1)
     return (math.sqrt(ss / dof) if dof else math.nan), dof
@@ -357,11 +372,18 @@ def claims_markdown(checks: Sequence[ClaimCheck]) -> str:
     return "\n".join(lines)
 
 
-def method_markdown(family: int, margin: float = MARGIN, alpha: float = ALPHA) -> str:
-    """The report's Method paragraph: the test, the correction, the equivalence margin, the three outcomes."""
+def method_markdown(family: int, margin: float = MARGIN, alpha: float = ALPHA, *, test_family: int = 0, heading: bool = True) -> str:
+    """The report's Method paragraph: the test, the correction, the equivalence margin, the three outcomes.
+    ``test_family``: the number of checks repeated on test accuracy (a second Holm family), 0 if none."""
+    test = (
+        f" The same claims are also checked on test accuracy (the checkpoint with the best validation accuracy, "
+        f"evaluated once on the test split): those {test_family} checks form a second family, Holm-corrected on their own."
+        if test_family
+        else ""
+    )
     return (
-        "## Method\n\n"
-        "Tables: every accuracy cell is mean ± std over n seeds (± is the sample standard deviation, n−1 "
+        ("## Method\n\n" if heading else "")
+        + "Tables: every accuracy cell is mean ± std over n seeds (± is the sample standard deviation, n−1 "
         "denominator, not the standard error; n is printed with each table). "
         "Claim checks compare two of our configurations a and b with Welch's two-sample t-test (unequal "
         "variances): difference d = mean_a − mean_b, standard error SE = sqrt(s_a²/n_a + s_b²/n_b), t = d/SE, "
@@ -381,6 +403,7 @@ def method_markdown(family: int, margin: float = MARGIN, alpha: float = ALPHA) -
         "supports the opposite (a significant difference in the other direction, or a significant difference "
         "where the paper claims none), \"inconclusive\" otherwise. A difference that merely stays under a "
         "threshold is never scored as agreement."
+        + test
     )
 
 
@@ -392,30 +415,48 @@ def spread_caption(stats: Iterable[Stat]) -> str:
 
 
 # --------------------------------------------------------------------------- tables
+CSV_COLUMNS = [
+    "experiment", "method", "variant", "lr", "targets_key", "r", "alpha", "init", "init_seed", "seed",
+    "best_val_acc", "test_acc", "params_lora", "params_trainable", "fit_seconds", "steps", "adapter_bytes",
+]
+
+
 def write_csv(rows: list[dict], path: Path) -> None:
-    cols = ["experiment", "method", "variant", "lr", "targets_key", "r", "alpha", "seed", "best_val_acc", "params_lora", "params_trainable", "fit_seconds", "steps", "adapter_bytes"]
+    """One line per run (the columns of ``CSV_COLUMNS``; empty where a run did not record one)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(cols)
+        w.writerow(CSV_COLUMNS)
         for row in sorted(rows, key=lambda r: (r.get("method", ""), r["targets_key"], r.get("r") or 0, r.get("seed", 0))):
-            w.writerow([row.get(c, "") for c in cols])
+            w.writerow(["" if row.get(c) is None else row.get(c) for c in CSV_COLUMNS])
+
+
+def _bold(stat: Stat | None) -> str:
+    return f"**{stat}**" if stat is not None else "-"
+
+
+def table5_stats(rows: list[dict], metric: str = METRIC) -> dict[str, Stat]:
+    """Table 5 cells: one ``Stat`` per weight-type set."""
+    return {k[0]: s for k, s in group(rows, "targets_key", metric=metric).items()}
 
 
 def table5_markdown(rows: list[dict]) -> tuple[str, dict[str, Stat]]:
-    stats = {k[0]: s for k, s in group(rows, "targets_key").items()}
+    """Table 5, ours (validation and, where recorded, test accuracy) beside the paper's; returns the val cells too."""
+    stats, test = table5_stats(rows), table5_stats(rows, TEST_METRIC)
     ranks = {row["targets_key"]: row["r"] for row in rows}
     params = {row["targets_key"]: row["params_lora"] for row in rows}
     head = "| weights | " + " | ".join(f"W{{{t}}}" for t in TABLE5_ORDER) + " |"
     lines = [head, "|---" * (len(TABLE5_ORDER) + 1) + "|"]
     lines.append("| r (ours) | " + " | ".join(str(ranks.get(t, "-")) for t in TABLE5_ORDER) + " |")
     lines.append("| LoRA params (ours) | " + " | ".join(f"{params[t]:,}" if t in params else "-" for t in TABLE5_ORDER) + " |")
-    lines.append("| **val acc, MiniLM / Rotten Tomatoes (ours, mean ± std)** | " + " | ".join(f"**{stats[t]}**" if t in stats else "-" for t in TABLE5_ORDER) + " |")
+    lines.append("| **val acc, MiniLM / Rotten Tomatoes (ours, mean ± std)** | " + " | ".join(_bold(stats.get(t)) for t in TABLE5_ORDER) + " |")
+    if test:
+        lines.append("| test acc, same runs (ours, mean ± std) | " + " | ".join(str(test[t]) if t in test else "-" for t in TABLE5_ORDER) + " |")
     lines.append("| seeds (ours) | " + " | ".join(str(stats[t].n) if t in stats else "0" for t in TABLE5_ORDER) + " |")
     lines.append("| r (paper) | " + " | ".join(str(TABLE5_PAPER[t][0]) for t in TABLE5_ORDER) + " |")
     lines.append("| WikiSQL (paper, ±0.5) | " + " | ".join(f"{TABLE5_PAPER[t][1]}" for t in TABLE5_ORDER) + " |")
     lines.append("| MultiNLI (paper, ±0.1) | " + " | ".join(f"{TABLE5_PAPER[t][2]}" for t in TABLE5_ORDER) + " |")
-    lines += ["", spread_caption(stats.values()) + " " + PAPER_SPREAD]
+    lines += ["", spread_caption([*stats.values(), *test.values()]) + " " + PAPER_SPREAD]
     return "\n".join(lines), stats
 
 
@@ -443,24 +484,43 @@ def table5_findings(stats: dict[str, Stat], margin: float = MARGIN, alpha: float
     return claims_markdown(check_claims(table5_claims(stats), margin, alpha))
 
 
+def table6_stats(rows: list[dict], metric: str = METRIC) -> dict[tuple[str, int], Stat]:
+    """Table 6 cells: one ``Stat`` per (weight-type set, r)."""
+    return {(k[0], k[1]): s for k, s in group(rows, "targets_key", "r", metric=metric).items()}
+
+
+REFERENCE_LABELS = {"full": "full fine-tuning", "head_only": "head only (frozen encoder)"}
+
+
+def reference_markdown(ref_rows: list[dict]) -> tuple[list[str], list[Stat]]:
+    """Table 6's reference rows (full fine-tuning, head only): val and test accuracy, trainable parameters."""
+    val = {k[0]: s for k, s in group(ref_rows, "method").items()}
+    test = {k[0]: s for k, s in group(ref_rows, "method", metric=TEST_METRIC).items()}
+    params = {row["method"]: row.get("params_trainable") for row in ref_rows}
+    lines = ["| reference (ours) | val acc (mean ± std) | test acc (mean ± std) | lr | trainable params |", "|---|---|---|---|---|"]
+    for m, label in REFERENCE_LABELS.items():
+        if m in val:
+            lrs = sorted({row.get("lr") for row in ref_rows if row["method"] == m and row.get("lr") is not None})
+            p = f"{params[m]:,}" if params.get(m) else "-"
+            lines.append(f"| {label} | {val[m]} | {test.get(m, '-')} | {', '.join(f'{x:g}' for x in lrs) or '-'} | {p} |")
+    return lines, [*val.values(), *test.values()]
+
+
 def table6_markdown(rows: list[dict], ref_rows: list[dict]) -> tuple[str, dict[tuple[str, int], Stat]]:
-    stats = {(k[0], k[1]): s for k, s in group(rows, "targets_key", "r").items()}
+    """Table 6, ours (val and test rows) beside the paper's, and the reference rows; returns the val cells too."""
+    stats, test = table6_stats(rows), table6_stats(rows, TEST_METRIC)
     lines = ["| weights | " + " | ".join(f"r={r}" for r in TABLE6_RANKS) + " | source |", "|---" * (len(TABLE6_RANKS) + 2) + "|"]
     for t in TABLE6_TARGETS:
-        lines.append(f"| **W{{{t}}}** | " + " | ".join(f"**{stats[(t, r)]}**" if (t, r) in stats else "-" for r in TABLE6_RANKS) + " | ours, val acc (mean ± std) |")
-        lines.append(f"| | " + " | ".join(f"{TABLE6_PAPER[t][r][0]}" for r in TABLE6_RANKS) + " | paper, WikiSQL (±0.5) |")
-        lines.append(f"| | " + " | ".join(f"{TABLE6_PAPER[t][r][1]}" for r in TABLE6_RANKS) + " | paper, MultiNLI (±0.1) |")
-    ref: dict[str, Stat] = {}
+        lines.append(f"| **W{{{t}}}** | " + " | ".join(_bold(stats.get((t, r))) for r in TABLE6_RANKS) + " | ours, val acc (mean ± std) |")
+        if test:
+            lines.append("| | " + " | ".join(str(test[(t, r)]) if (t, r) in test else "-" for r in TABLE6_RANKS) + " | ours, test acc (mean ± std) |")
+        lines.append("| | " + " | ".join(f"{TABLE6_PAPER[t][r][0]}" for r in TABLE6_RANKS) + " | paper, WikiSQL (±0.5) |")
+        lines.append("| | " + " | ".join(f"{TABLE6_PAPER[t][r][1]}" for r in TABLE6_RANKS) + " | paper, MultiNLI (±0.1) |")
+    ref_stats: list[Stat] = []
     if ref_rows:
-        ref = {k[0]: s for k, s in group(ref_rows, "method").items()}
-        params = {row["method"]: row["params_trainable"] for row in ref_rows}
-        lines.append("")
-        lines.append("| reference (ours) | val acc (mean ± std) | trainable params |")
-        lines.append("|---|---|---|")
-        for m, label in (("full", "full fine-tuning"), ("head_only", "head only (frozen encoder)")):
-            if m in ref:
-                lines.append(f"| {label} | {ref[m]} | {params[m]:,} |")
-    lines += ["", spread_caption([*stats.values(), *ref.values()]) + " " + PAPER_SPREAD]
+        ref_lines, ref_stats = reference_markdown(ref_rows)
+        lines += ["", *ref_lines]
+    lines += ["", spread_caption([*stats.values(), *test.values(), *ref_stats]) + " " + PAPER_SPREAD]
     return "\n".join(lines), stats
 
 
@@ -495,53 +555,67 @@ def _figure(width: float, height: float):
     return fig
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130)
+    return path
+
+
+def _metrics_present(rows: list[dict]) -> list[str]:
+    """``[METRIC]``, plus ``TEST_METRIC`` when some run recorded it."""
+    return [METRIC] + ([TEST_METRIC] if any(has_metric(r, TEST_METRIC) for r in rows) else [])
+
+
 def plot_table5(rows: list[dict], stats: dict[str, Stat], path: Path) -> Path:
+    """Bars (mean ± std over seeds) and one dot per seed, per weight-type set; val and test side by side."""
+    metrics = _metrics_present(rows)
     fig = _figure(7.5, 3.8)
     ax = fig.add_subplot(1, 1, 1)
     present = [t for t in TABLE5_ORDER if t in stats]
-    xs = range(len(present))
-    ax.bar(xs, [stats[t].mean for t in present], yerr=[0 if math.isnan(stats[t].std) else stats[t].std for t in present], color="#8fb3d9", capsize=4, label="mean ± std over seeds")
-    for i, t in enumerate(present):
-        seeds = [100 * r[METRIC] for r in rows if r["targets_key"] == t]
-        ax.scatter([i] * len(seeds), seeds, color="#1f3b5c", s=12, zorder=3, label="one seed" if i == 0 else None)
+    width = 0.8 / len(metrics)
+    for m_i, (metric, colour, dots) in enumerate(zip(metrics, ("#8fb3d9", "#e3b778"), ("#1f3b5c", "#7a4f0f"))):
+        cells = table5_stats(rows, metric)
+        xs = [i + (m_i - (len(metrics) - 1) / 2) * width for i in range(len(present))]
+        ax.bar(xs, [cells[t].mean if t in cells else math.nan for t in present], width,
+               yerr=[0 if t not in cells or math.isnan(cells[t].std) else cells[t].std for t in present],
+               color=colour, capsize=3, label=f"{METRIC_NAMES[metric]}, mean ± std over seeds")
+        for x, t in zip(xs, present):
+            seeds = [100 * r[metric] for r in rows if r["targets_key"] == t and has_metric(r, metric)]
+            ax.scatter([x] * len(seeds), seeds, color=dots, s=10, zorder=3)
     ranks = {row["targets_key"]: row["r"] for row in rows}
-    ax.set_xticks(list(xs), [f"W{{{t}}}\nr={ranks[t]}" for t in present])
-    lo = min(100 * r[METRIC] for r in rows)
-    hi = max(100 * r[METRIC] for r in rows)
-    ax.set_ylim(lo - 1.5, hi + 1.0)
-    ax.set_ylabel("validation accuracy (%)")
-    ax.set_title("Table 5 at CPU scale: one budget (36,864 LoRA params), different weight types")
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
-    return path
+    ax.set_xticks(list(range(len(present))), [f"W{{{t}}}\nr={ranks[t]}" for t in present])
+    values = [100 * r[m] for r in rows for m in metrics if has_metric(r, m)]
+    ax.set_ylim(min(values) - 1.5, max(values) + 1.0)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("Table 5 at CPU scale: one LoRA parameter budget, different weight types (dots: seeds)", fontsize=9)
+    ax.legend(loc="lower right", fontsize=7)
+    return _save(fig, path)
 
 
-def plot_table6(stats: dict[tuple[str, int], Stat], ref_rows: list[dict], path: Path) -> Path:
-    fig = _figure(6.5, 4.0)
-    ax = fig.add_subplot(1, 1, 1)
-    for t, colour in zip(TABLE6_TARGETS, ("#d1495b", "#00798c", "#edae49")):
-        rs = [r for r in TABLE6_RANKS if (t, r) in stats]
-        if not rs:
-            continue
-        means = [stats[(t, r)].mean for r in rs]
-        errs = [0 if math.isnan(stats[(t, r)].std) else stats[(t, r)].std for r in rs]
-        ax.errorbar(rs, means, yerr=errs, marker="o", capsize=3, color=colour, label=f"W{{{t}}}")
-    ref = {k[0]: s for k, s in group(ref_rows, "method").items()} if ref_rows else {}
-    for m, style, label in (("full", "--", "full fine-tuning"), ("head_only", ":", "head only")):
-        if m in ref:
-            ax.axhline(ref[m].mean, color="grey", linestyle=style, label=f"{label} ({ref[m]})")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(TABLE6_RANKS, [str(r) for r in TABLE6_RANKS])
-    ax.set_xlabel("rank r")
-    ax.set_ylabel("validation accuracy (%)")
-    ax.set_title("Table 6 at CPU scale: accuracy vs rank (mean ± std over seeds)")
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
-    return path
+def plot_table6(stats: dict[tuple[str, int], Stat], ref_rows: list[dict], path: Path, rows: list[dict] | None = None) -> Path:
+    """Accuracy vs r per weight-type set (mean ± std over seeds), reference rows as lines; one panel per metric."""
+    metrics = _metrics_present((rows or []) + ref_rows)
+    fig = _figure(6.5 * len(metrics), 4.0)
+    for m_i, metric in enumerate(metrics):
+        ax = fig.add_subplot(1, len(metrics), m_i + 1)
+        cells = stats if metric == METRIC or rows is None else table6_stats(rows, metric)
+        for t, colour in zip(TABLE6_TARGETS, ("#d1495b", "#00798c", "#edae49")):
+            rs = [r for r in TABLE6_RANKS if (t, r) in cells]
+            if rs:
+                errs = [0 if math.isnan(cells[(t, r)].std) else cells[(t, r)].std for r in rs]
+                ax.errorbar(rs, [cells[(t, r)].mean for r in rs], yerr=errs, marker="o", capsize=3, color=colour, label=f"W{{{t}}}")
+        ref = {k[0]: s for k, s in group(ref_rows, "method", metric=metric).items()} if ref_rows else {}
+        for m, style, label in (("full", "--", "full fine-tuning"), ("head_only", ":", "head only")):
+            if m in ref:
+                ax.axhline(ref[m].mean, color="grey", linestyle=style, label=f"{label} ({ref[m]})")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(TABLE6_RANKS, [str(r) for r in TABLE6_RANKS])
+        ax.set_xlabel("rank r")
+        ax.set_ylabel(f"{METRIC_NAMES[metric]} (%)")
+        ax.set_title(f"Table 6 at CPU scale: {METRIC_NAMES[metric]} vs rank (mean ± std over seeds)", fontsize=9)
+        ax.legend(fontsize=7, loc="lower right")
+    return _save(fig, path)
 
 
 # --------------------------------------------------------------------------- variants (issue 8)
@@ -564,7 +638,7 @@ def variants_markdown(rows: list[dict]) -> str:
         step = statistics.median(r["fit_seconds"] / r["steps"] for r in g if r.get("steps"))
         base = g[0].get("base_bytes_after")
         before = g[0].get("base_bytes_before")
-        base_txt = f"{base / 1e6:.2f} MB (from {before / 1e6:.2f} MB)" if base and before and base != before else "unchanged"
+        base_txt = f"{base / 1e6:.2f} MB (from {before / 1e6:.2f} MB)" if base and before and base != before else "unchanged" if base else "not recorded"
         lines.append(
             f"| {key[0]} | {key[1]:g} | **{stat}** | {stat.n} | {g[0]['params_lora']:,} | {g[0]['params_trainable']:,} "
             f"| {step:.2f} | {g[0].get('adapter_bytes', 0) / 1e6:.2f} MB | {base_txt} |"
@@ -595,52 +669,138 @@ def plot_adalora_ranks(rows: list[dict], path: Path) -> Path | None:
     return path
 
 
-# --------------------------------------------------------------------------- main
-def noise_line(rows: list[dict], *keys: str) -> str:
-    sd, dof = pooled_std(rows, *keys)
+
+
+def read_variants_csv(path: Path) -> list[dict]:
+    """The rows of a ``variants_runs.csv`` written by ``write_csv`` (numbers parsed; empty cells dropped)."""
+    def value(text: str):
+        for cast in (int, float):
+            try:
+                return cast(text)
+            except ValueError:
+                pass
+        return text
+
+    with path.open() as fh:
+        return [{k: value(v) for k, v in row.items() if v != ""} for row in csv.DictReader(fh)]
+
+
+# --------------------------------------------------------------------------- the ablation report
+def noise_line(rows: list[dict], *keys: str, metric: str = METRIC) -> str:
+    """Run count, seed noise (pooled within-configuration std of ``metric``) and median fit time."""
+    sd, dof = pooled_std(rows, *keys, metric=metric)
     times = [row["fit_seconds"] for row in rows if row.get("fit_seconds")]
     t = f"; fit time per run median {statistics.median(times):.0f} s" if times else ""
-    return f"{len(rows)} runs; seed noise (pooled within-config std) {sd:.2f} pp with {dof} degrees of freedom{t}."
+    return f"{len(rows)} runs; seed noise of {METRIC_NAMES[metric]} (pooled within-config std) {sd:.2f} pp with {dof} degrees of freedom{t}."
 
 
-def summarize(runs: Path, out: Path, margin: float = MARGIN, alpha: float = ALPHA) -> str:
-    """Write the tables, CSVs and plots for whatever sweeps exist under ``runs``; return the markdown.
-    The claim checks of Table 5 and Table 6 form one Holm family (see ``method_markdown``)."""
+@dataclass
+class AblationReport:
+    """The Table 5 / Table 6 / variants sections (markdown blocks) and every claim check, by metric:
+    ``checks[metric]`` is a list of ``(table, check)``, one Holm family per metric."""
+
+    parts: list[str]
+    checks: dict[str, list[tuple[str, ClaimCheck]]]
+    variants: list[str]
+
+    def family(self, metric: str) -> int:
+        checks = self.checks.get(metric, [])
+        return checks[0][1].family if checks else 0
+
+
+def _claims_block(checks: dict[str, list[tuple[str, ClaimCheck]]], table: str) -> str:
+    """The claim tables of one table of the paper, one per metric."""
+    blocks = []
+    for metric, pairs in checks.items():
+        mine = [c for t, c in pairs if t == table]
+        if mine:
+            note = "the paper's metric" if metric == METRIC else "the checkpoint chosen on validation, evaluated once"
+            blocks += [f"On {METRIC_NAMES[metric]} ({note}):", "", claims_markdown(mine), ""]
+    return "\n".join(blocks).strip() or "(no claim of the paper can be checked on these runs)"
+
+
+def ablation_report(rows: list[dict], out: Path, link: str = "results", margin: float = MARGIN, alpha: float = ALPHA,
+                    variants_csv: Path | None = None) -> AblationReport:
+    """Tables 5 and 6 (+ reference rows, + variants) from the runs' summaries: CSVs and PNGs into ``out``
+    (linked as ``link/<name>.png``), claims checked on validation and on test accuracy."""
     parts: list[str] = []
-    claims: dict[str, list[Claim]] = {}
-    t5 = [r for r in load_runs(runs / "table5") if r.get("method") == "lora"]
+    claims: dict[str, dict[str, list[Claim]]] = {METRIC: {}, TEST_METRIC: {}}
+    t5 = of_experiment(rows, "table5", ["lora"])
     if t5:
         write_csv(t5, out / "table5_runs.csv")
         md, stats = table5_markdown(t5)
         plot_table5(t5, stats, out / "table5.png")
-        claims["table5"] = table5_claims(stats)
-        parts += ["## Table 5 (ours)", "", md, "", noise_line(t5, "targets_key"), "", "{table5}", "", "![table 5](results/table5.png)", ""]
-    t6 = [r for r in load_runs(runs / "table6") if r.get("method") == "lora"]
-    ref = [r for r in load_runs(runs / "table6_reference") if r.get("method") in ("full", "head_only")]
+        claims[METRIC]["table5"] = table5_claims(stats)
+        claims[TEST_METRIC]["table5"] = table5_claims(table5_stats(t5, TEST_METRIC))
+        noise = [noise_line(t5, "targets_key", metric=m) for m in _metrics_present(t5)]
+        parts += ["## Table 5 (ours)", "", md, "", *noise, "", "{table5}", "", f"![table 5]({link}/table5.png)", ""]
+    t6 = of_experiment(rows, "table6", ["lora"])
+    ref = of_experiment(rows, "table6_reference", ["full", "head_only"])
     if t6 or ref:
         write_csv(t6 + ref, out / "table6_runs.csv")
         md, stats6 = table6_markdown(t6, ref)
-        plot_table6(stats6, ref, out / "table6.png")
-        claims["table6"] = table6_claims(stats6)
-        parts += ["## Table 6 (ours)", "", md, "", noise_line(t6, "targets_key", "r") if t6 else "", "", "{table6}", "", "![table 6](results/table6.png)", ""]
-    var = [r for r in load_runs(runs / "variants") if r.get("method") == "lora"]
+        plot_table6(stats6, ref, out / "table6.png", t6)
+        claims[METRIC]["table6"] = table6_claims(stats6)
+        claims[TEST_METRIC]["table6"] = table6_claims(table6_stats(t6, TEST_METRIC))
+        noise = [noise_line(t6, "targets_key", "r", metric=m) for m in _metrics_present(t6)] if t6 else []
+        parts += ["## Table 6 (ours)", "", md, "", *noise, "", "{table6}", "", f"![table 6]({link}/table6.png)", ""]
+    variants = variants_section(of_experiment(rows, "variants", ["lora"]), out, link, variants_csv)
+    checks: dict[str, list[tuple[str, ClaimCheck]]] = {}
+    for metric, by_table in claims.items():
+        flat = [(t, c) for t, cs in by_table.items() for c in cs]
+        if flat:
+            checks[metric] = list(zip([t for t, _ in flat], check_claims([c for _, c in flat], margin, alpha)))
+    parts = [_claims_block(checks, part[1:-1]) if part in ("{table5}", "{table6}") else part for part in parts]
+    return AblationReport(parts, checks, variants)
+
+
+def variants_section(var: list[dict], out: Path, link: str, variants_csv: Path | None) -> list[str]:
+    """The variants sweep (issue 8): from its runs, or else from a saved ``variants_runs.csv`` (earlier scale)."""
     if var:
         write_csv(var, out / "variants_runs.csv")
-        parts += ["## Variants (ours, issue 8)", "", variants_markdown(var), "", noise_line(var, "variant", "lr"), ""]
+        lines = ["## Variants (ours, issue 8)", "", variants_markdown(var), "", noise_line(var, "variant", "lr"), ""]
         if plot_adalora_ranks(var, out / "adalora_ranks.png"):
-            parts += ["![AdaLoRA ranks](results/adalora_ranks.png)", ""]
-    if not parts:
-        raise SystemExit(f"no summary.json under {runs}/table5, {runs}/table6 or {runs}/table6_reference; run the sweeps first")
-    # one family over every claim of the report, then each table's rows back in its place
-    checks = check_claims([c for cs in claims.values() for c in cs], margin, alpha)
-    rendered: dict[str, str] = {}
-    i = 0
-    for key, cs in claims.items():
-        rendered["{" + key + "}"] = claims_markdown(checks[i : i + len(cs)]) or "(no claim of the paper can be checked on these runs)"
-        i += len(cs)
-    parts = [rendered.get(part, part) for part in parts]
-    family = checks[0].family if checks else 0
-    text = "\n".join([method_markdown(family, margin, alpha), "", *parts])
+            lines += [f"![AdaLoRA ranks]({link}/adalora_ranks.png)", ""]
+        return lines
+    if variants_csv is None or not variants_csv.is_file():
+        return []
+    rows = read_variants_csv(variants_csv)
+    steps = sorted({r["steps"] for r in rows if r.get("steps")})
+    lrs = [r["lr"] for r in rows if r.get("lr")]
+    base_lr = max(set(lrs), key=lrs.count) if lrs else math.nan
+    others = sorted({(r.get("variant"), r["lr"]) for r in rows if r.get("lr") and r["lr"] != base_lr})
+    other_txt = "".join(f"; {v} also at lr {lr:g}" for v, lr in others)
+    return [
+        "## Variants (earlier scale, not re-run)",
+        "",
+        f"Read from `{variants_csv.name}` (the run folders are gone). These runs used the first ablation scale "
+        f"(`conf/experiment/ablation_scale_75steps.yaml`: {', '.join(map(str, steps))} optimizer steps, one epoch, "
+        "Kaiming-uniform A, no per-adapter init stream, seeds that did not vary the batch order), "
+        f"lr {base_lr:g} for every variant{other_txt}, r=8 on {{Wq,Wv}}; the size of the QLoRA base was not saved in the CSV. "
+        "These runs are not comparable with the tables above and were not repeated at the current scale.",
+        "",
+        variants_markdown(rows),
+        "",
+        noise_line(rows, "variant", "lr"),
+        "",
+    ]
+
+
+def summarize(runs: Path, out: Path, margin: float = MARGIN, alpha: float = ALPHA, variants_csv: Path | None = None,
+              link: str = "results") -> str:
+    """Write the tables, CSVs and plots for whatever ablation sweeps exist under ``runs`` (found by the
+    summaries' ``experiment`` field) and ``out/tables.md``; return its markdown. The claim checks of
+    Table 5 and Table 6 form one Holm family per metric (see ``method_markdown``)."""
+    report = ablation_report(load_runs(runs), out, link, margin, alpha, variants_csv)
+    if not report.parts and not report.variants:
+        raise SystemExit(f"no table5, table6, table6_reference or variants summary.json under {runs}; run the sweeps first")
+    return write_tables(report, out, margin, alpha)
+
+
+def write_tables(report: AblationReport, out: Path, margin: float = MARGIN, alpha: float = ALPHA) -> str:
+    """``out/tables.md``: the Method paragraph, then the ablation tables and the variants; returns its text."""
+    method = method_markdown(report.family(METRIC), margin, alpha, test_family=report.family(TEST_METRIC))
+    text = "\n".join([method, "", *report.parts, *report.variants])
     out.mkdir(parents=True, exist_ok=True)
     (out / "tables.md").write_text(text)
     return text
@@ -648,14 +808,34 @@ def summarize(runs: Path, out: Path, margin: float = MARGIN, alpha: float = ALPH
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", type=Path, default=Path("multirun"), help="folder holding table5/, table6/, table6_reference/")
+    p.add_argument("--runs", type=Path, default=Path("experiments/runs"),
+                   help="the collected runs (default %(default)s); with --collect, where they are copied to")
     p.add_argument("--out", type=Path, default=Path("experiments/results"), help="where tables.md, CSVs and PNGs go")
+    p.add_argument("--readme", type=Path, default=None, help="the generated report (default: README.md beside --out)")
+    p.add_argument("--variants-csv", type=Path, default=Path("experiments/results/variants_runs.csv"),
+                   help="the earlier variants sweep, shown when --runs holds no variants runs")
     p.add_argument("--margin", type=float, default=MARGIN, help="equivalence margin in accuracy points for the TOST checks (default %(default)s)")
+    p.add_argument("--recipe-margin", type=float, default=1.0, help="equivalence margin of LoRA vs full fine-tuning in the recipe (default %(default)s)")
     p.add_argument("--alpha", type=float, default=ALPHA, help="family-wise error rate of the claim checks (default %(default)s)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--ablation-lrs", action="store_true", help="print '<family> <lr>' per family, chosen on the search runs under --runs")
+    mode.add_argument("--collect", action="store_true", help="copy the finished runs under --source to --runs (summaries, configs, the §7.2/§7.3 adapters)")
+    p.add_argument("--source", type=Path, default=Path("multirun"), help="with --collect: the Hydra output folder (default %(default)s)")
     args = p.parse_args(argv)
-    if not args.margin > 0 or not 0 < args.alpha < 1:
-        p.error("--margin must be > 0 and --alpha in (0, 1)")
-    print(summarize(args.runs, args.out, args.margin, args.alpha))
+    if not args.margin > 0 or not args.recipe_margin > 0 or not 0 < args.alpha < 1:
+        p.error("--margin and --recipe-margin must be > 0 and --alpha in (0, 1)")
+    from experiments import collect, report  # noqa: PLC0415 (they import this module)
+
+    if args.ablation_lrs:
+        print(collect.format_lrs(collect.ablation_lrs(load_runs(args.runs))), end="")
+        return
+    if args.collect:
+        copied = collect.collect(args.source, args.runs)
+        print(f"copied {len(copied)} files ({sum(p.stat().st_size for p in copied) / 1e6:.1f} MB) from {args.source} to {args.runs}")
+        return
+    readme = args.readme or args.out.parent / "README.md"
+    text = report.write_readme(args.runs, args.out, readme, args.margin, args.alpha, args.recipe_margin, args.variants_csv)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -93,7 +93,17 @@ def test_subspace_report_runs_on_the_sweep_adapters(sweeps):
     assert (out / "subspace_r2_r4_Wq.png").read_bytes()[:4] == b"\x89PNG"
     # one row per layer and matrix; every phi is a number in [0, 1]
     rows = [line for line in text.splitlines() if line.startswith("| Wq, ") or line.startswith("| Wv, ")]
-    assert len(rows) == 12
-    for line in rows:
-        vals = [float(v) for v in line.strip("|").split("|")[1:]]
-        assert all(0.0 <= v <= 1.0 for v in vals), line
+    # three tables: r=small vs r=large, seed vs seed (each trained and at init), and how far A moved
+    assert len(rows) == 3 * 12
+    from experiments.subspace import NO_STREAM
+
+    for line in rows[:24]:
+        vals = [float(v) for v in line.strip("|").split("|")[1:] if v.strip() != NO_STREAM]
+        assert vals and all(0.0 <= v <= 1.0 for v in vals), line
+    moved = [float(v) for line in rows[24:] for v in line.strip("|").split("|")[1:] if v.strip() != NO_STREAM]
+    assert moved and all(v >= 0.0 for v in moved)
+    from experiments.subspace import relative_change
+
+    adapter = next((tmp / "table6").rglob("adapter.safetensors"))
+    change = relative_change(adapter, "q", 0)  # the smoke runs train a few steps: small, but not zero
+    assert change is not None and 0.0 < change < 1.0

@@ -183,6 +183,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "r": lora.r if lora else None,
         "alpha": lora.alpha if lora else None,
         "variant": str(cfg.lora.get("variant", "lora")) if lora else None,  # as asked (rslora, qlora: aliases)
+        "init": lora.init if lora else None,
+        "init_seed": lora.init_seed if lora else None,
         "lr": float(cfg.model.lr) if cfg.model.get("lr") is not None else None,
         "best_val_acc": float(ckpt_cb.best_model_score) if ckpt_cb and ckpt_cb.best_model_score is not None else None,
         "val_curve": next((cb.points for cb in trainer.callbacks if isinstance(cb, ValidationCurve)), []),

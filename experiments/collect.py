@@ -1,0 +1,102 @@
+"""The learning rate chosen per ablation family, and the copy of finished runs into the repository.
+
+    python -m experiments.summarize --ablation-lrs --runs multirun   # '<family> <lr>' lines, for ablations.sh
+    python -m experiments.summarize --collect                        # multirun/{ablations,recipe} -> experiments/runs
+
+``--collect`` keeps, per finished run (one with a ``summary.json``), the two small files every table
+is built from (``summary.json``, ``resolved_config.yaml``) and, for the Table 6 runs on {Wq, Wv} at the
+ranks §7.2 / §7.3 read, the ``adapter.safetensors``; the layout below ``multirun/`` is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Iterable
+
+SEARCH_EXPERIMENT = "ablation_search"
+FAMILIES = ("lora-1", "lora-2", "lora-4", "full", "head_only")
+COLLECTED = ("ablations", "recipe")  # the sweep folders below multirun/ that --collect copies
+SMALL_FILES = ("summary.json", "resolved_config.yaml")
+ADAPTER = "adapter.safetensors"
+SUBSPACE_RANKS = (4, 8, 64)  # the ranks experiments/subspace.py reads (§7.2: 8 vs 64; §7.3: 4 and 64)
+
+
+# --------------------------------------------------------------------------- learning rates
+def family_of(row: dict) -> str:
+    """``lora-<number of weight types>``, ``full`` or ``head_only``."""
+    method = row.get("method")
+    if method == "lora":
+        return f"lora-{len(row.get('targets') or [])}"
+    return str(method)
+
+
+def ablation_lrs(rows: Iterable[dict]) -> dict[str, float]:
+    """Per family, the lr of the search runs (``experiment=ablation_search``) with the highest best
+    validation accuracy (mean over runs at that lr); ties go to the smaller lr."""
+    by_family: dict[str, dict[float, list[float]]] = {}
+    for row in rows:
+        if row.get("experiment") == SEARCH_EXPERIMENT and row.get("best_val_acc") is not None and row.get("lr") is not None:
+            by_family.setdefault(family_of(row), {}).setdefault(float(row["lr"]), []).append(float(row["best_val_acc"]))
+    chosen = {}
+    for family, by_lr in by_family.items():
+        means = {lr: sum(v) / len(v) for lr, v in by_lr.items()}
+        chosen[family] = min(means, key=lambda lr: (-means[lr], lr))
+    return chosen
+
+
+def format_lrs(lrs: dict[str, float]) -> str:
+    """One ``<family> <lr>`` line per family (``FAMILIES`` order first); ``repr`` of a float is exact and Hydra reads it."""
+    order = [f for f in FAMILIES if f in lrs] + sorted(f for f in lrs if f not in FAMILIES)
+    return "".join(f"{f} {lrs[f]!r}\n" for f in order)
+
+
+# --------------------------------------------------------------------------- collect
+def keeps_adapter(summary: dict) -> bool:
+    """Whether a run's adapter is needed by experiments/subspace.py: Table 6, {Wq, Wv}, r in 4, 8, 64."""
+    return (
+        summary.get("experiment") == "table6"
+        and summary.get("method") == "lora"
+        and summary.get("targets") == ["q", "v"]
+        and summary.get("r") in SUBSPACE_RANKS
+    )
+
+
+def relocated(summary: dict, source_dir: Path, rel: Path, with_adapter: bool) -> dict:
+    """The summary as stored in the repository: ``adapter_path`` relative to the run folder (``None``
+    when the adapter is not kept), absolute paths into the source run made relative (``multirun/...``)."""
+    out = dict(summary)
+    prefix = str(source_dir.resolve())
+    for key, value in summary.items():
+        if isinstance(value, str) and (value == prefix or value.startswith(prefix + "/")):
+            out[key] = str(Path("multirun") / rel / value[len(prefix) + 1 :]).rstrip("/")
+    out["adapter_path"] = ADAPTER if with_adapter else None
+    out["collected_from"] = str(Path("multirun") / rel)
+    return out
+
+
+def finished_runs(source: Path) -> list[Path]:
+    """The run folders (holding a ``summary.json``) below ``source/ablations`` and ``source/recipe``."""
+    return sorted(p.parent for sweep in COLLECTED for p in (source / sweep).rglob("summary.json"))
+
+
+def collect(source: Path, dest: Path) -> list[Path]:
+    """Copy every finished run under ``source/{ablations,recipe}`` to ``dest/<same relative path>``:
+    ``summary.json`` (paths rewritten, see ``relocated``), ``resolved_config.yaml`` and, where
+    ``keeps_adapter``, ``adapter.safetensors``. Returns the files written."""
+    written: list[Path] = []
+    for run in finished_runs(source):
+        rel = run.relative_to(source)
+        target = dest / rel
+        target.mkdir(parents=True, exist_ok=True)
+        summary = json.loads((run / "summary.json").read_text())
+        adapter = run / ADAPTER
+        with_adapter = keeps_adapter(summary) and adapter.is_file()
+        (target / "summary.json").write_text(json.dumps(relocated(summary, run, rel, with_adapter), indent=2) + "\n")
+        written.append(target / "summary.json")
+        for name in SMALL_FILES[1:] + ((ADAPTER,) if with_adapter else ()):
+            if (run / name).is_file():
+                shutil.copyfile(run / name, target / name)
+                written.append(target / name)
+    return written
