@@ -63,18 +63,23 @@ def test_callback_and_load_for_inference_examples(tmp_path, monkeypatch):
     torch.testing.assert_close(outputs(ns["net"], ids), expected, atol=1e-5, rtol=0)  # the merged export
 
 
+def adamw_steps(m, ids, y, steps: int = 5) -> None:
+    """A user's training loop: a few AdamW steps on whatever requires grad."""
+    params = [p for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=0.05)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(m(ids), y).backward()
+        opt.step()
+
+
 def test_plain_pytorch_example_trains_saves_and_merges_exactly(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     model = tiny_model()
     ids, y = tiny_batch()
 
-    def train(m):  # the user's loop: a few AdamW steps on whatever requires grad
-        params = [p for p in m.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=0.05)
-        for _ in range(5):
-            opt.zero_grad()
-            F.cross_entropy(m(ids), y).backward()
-            opt.step()
+    def train(m):  # the user's loop
+        adamw_steps(m, ids, y)
 
     exec(python_blocks()[2], {"model": model, "train": train})  # noqa: S102
     tensors, _ = read_adapter(tmp_path / "task_a.safetensors")
@@ -98,12 +103,7 @@ def test_many_adapters_example(tmp_path, monkeypatch):
 
     def train(m):  # a few AdamW steps on what requires grad; records which tensors moved
         before = {k: v.detach().clone() for k, v in m.state_dict().items()}
-        params = [p for p in m.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=0.05)
-        for _ in range(5):
-            opt.zero_grad()
-            F.cross_entropy(m(ids), y).backward()
-            opt.step()
+        adamw_steps(m, ids, y)
         steps[len(steps)] = {k for k, v in m.state_dict().items() if not torch.equal(v, before[k])}
 
     x = ids[:4]  # a batch of four, one adapter name per sample
