@@ -36,8 +36,19 @@ class Quantizer:
     name = ""
     requires = ""  # the package it needs, for error messages
 
+    block = 0  # a blockwise format stores weights in blocks of this many values (0: any size)
+
+    def load(self) -> None:
+        """Import the package the format needs (raising an install hint if it is missing)."""
+
     def check(self, numel: int, name: str) -> None:
         """Raise :class:`LoRAConfigError` if a weight of ``numel`` values cannot be stored (before any change)."""
+        self.load()
+        if self.block and numel % self.block:
+            raise LoRAConfigError(
+                f"quantize_base={self.name!r} stores blocks of {self.block} values; {name} has {numel}, not a multiple: "
+                "use quantize_base='int8' or other targets"
+            )
 
     def quantize(self, w: Tensor) -> tuple[Tensor, Any]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -70,15 +81,10 @@ def _nf4_bound(w: Tensor, block: int) -> Tensor:
 
 
 class TorchaoNF4(Quantizer):
-    name, requires = "nf4", "torchao"
+    name, requires, block = "nf4", "torchao", NF4_BLOCK
 
-    def check(self, numel: int, name: str) -> None:
+    def load(self) -> None:
         torchao_nf4()
-        if numel % NF4_BLOCK:
-            raise LoRAConfigError(
-                f"quantize_base='nf4' needs weights with a multiple of {NF4_BLOCK} values; {name} has {numel}: "
-                "use quantize_base='int8' or other targets"
-            )
 
     def quantize(self, w: Tensor) -> tuple[Tensor, Any]:
         return torchao_nf4()(w, NF4_BLOCK, _scaler_block(w.numel() // NF4_BLOCK)), None
@@ -109,18 +115,13 @@ class RowInt8(Quantizer):
 
 
 class Bnb4bit(Quantizer):
-    requires = "bitsandbytes"
+    requires, block = "bitsandbytes", BNB_BLOCK
 
     def __init__(self, quant_type: str) -> None:
         self.quant_type, self.name = quant_type, f"bnb-{quant_type}"
 
-    def check(self, numel: int, name: str) -> None:
+    def load(self) -> None:
         bitsandbytes_functional()
-        if numel % BNB_BLOCK:
-            raise LoRAConfigError(
-                f"quantize_base={self.name!r} quantizes blocks of {BNB_BLOCK} values; {name} has {numel}: use "
-                "quantize_base='int8' or other targets"
-            )
 
     def quantize(self, w: Tensor) -> tuple[Tensor, Any]:
         return bitsandbytes_functional().quantize_4bit(w, blocksize=BNB_BLOCK, quant_type=self.quant_type, compress_statistics=True)
@@ -141,7 +142,7 @@ class Bnb4bit(Quantizer):
 class BnbInt8(Quantizer):
     name, requires = "bnb-int8", "bitsandbytes"
 
-    def check(self, numel: int, name: str) -> None:
+    def load(self) -> None:
         bitsandbytes_functional()
 
     def quantize(self, w: Tensor) -> tuple[Tensor, Any]:
