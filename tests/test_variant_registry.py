@@ -198,3 +198,13 @@ def test_rank_for_budget_and_allocate_ranks_spend_within_the_budget_for_every_va
         assert count_parameters(model).trainable <= budget, name
     with pytest.raises(LoRAConfigError, match="rank_pattern is not supported"):
         allocate_ranks(tiny_model(0), LoRAConfig(variant="vera", targets=["q", "v"]), 5000)
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "bnb-nf4", "bnb-fp4"])
+def test_blockwise_formats_refuse_weights_that_are_not_whole_blocks(fmt):
+    from lora_lightning.quantization import QUANTIZERS
+
+    q = QUANTIZERS[fmt]
+    q.check(q.block * 3, "ok")  # whole blocks: accepted
+    with pytest.raises(LoRAConfigError, match=rf"quantize_base='{fmt}' stores blocks of 64 values; layer has 100, not a multiple"):
+        q.check(100, "layer")
