@@ -84,6 +84,7 @@ from .named import (
     list_adapters,
     mixed_batch,
     set_adapter,
+    set_trainable_adapters,
     use_adapter,
 )
 
@@ -200,5 +201,6 @@ __all__ = [
     "set_adapter",
     "switch_adapter",
     "unmerge_lora",
+    "set_trainable_adapters",
     "use_adapter",
 ]

@@ -256,6 +256,29 @@ def use_adapter(model: nn.Module, name: str, *, trainable: bool = False) -> Iter
                 p.requires_grad_(g)
 
 
+def set_trainable_adapters(model: nn.Module, names: Sequence[str]) -> None:
+    """Make the adapters ``names`` (the active one among them or not) require grad and freeze everything
+    else: several adapters trained in one run (each step routes its batches through ``use_adapter(...,
+    trainable=True)``; an optimizer built afterwards holds all of them)."""
+    for name in names:
+        _check_name(model, name, exists=True)
+    mark_trainable(model)
+    named = named_adapters(model)
+    if named.active not in names:
+        for p in _active_tensors(model):
+            p.requires_grad_(False)
+    for module, _ in _carriers(model).values():
+        bank = module._modules.get(BANK)
+        for name in names:
+            if bank is not None and name in bank:
+                for p in bank[name].parameters():
+                    p.requires_grad_(True)
+
+
+def _active_tensors(model: nn.Module) -> list[Tensor]:
+    return [getattr(module, leaf) for module, leaves in _carriers(model).values() for leaf in leaves]
+
+
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter ``name``. Deleting the active one activates the first remaining adapter; the
     last adapter cannot be deleted (``remove_lora(model)`` removes LoRA altogether)."""

@@ -37,10 +37,12 @@ from ..gradients import adapters_without_grad, make_inputs_require_grad, uses_ac
 from ..loraplus import apply_loraplus, check_ratio, optimizers_and_schedulers
 from ..injection import adapter_param_names, count_parameters, get_lora_state, has_lora, inject_lora, lora_layers, mark_trainable, remove_lora
 from ..merging import merge_lora, unmerge_lora
+from ..named import add_adapter, named_adapters, set_adapter, set_trainable_adapters, use_adapter
 from ..record import ON_MISMATCH, differences
 from ..sharding import gathered, is_sharded
 from ..targets import resolve_targets
 from ..variants.registry import ON_REGISTER, get_variant
+from .routing import MetricOwners, check_adapter_names, route_steps
 from .checkpoints import (
     AtomicCheckpointIO,
     CheckpointOptions,
@@ -109,9 +111,11 @@ class _LoRAPlusOptimizers:
         self.module = module
 
     def __call__(self) -> Any:
-        configured = self.__wrapped__()
         ref = getattr(self.module, _CALLBACK, None)
         callback = ref() if ref is not None else None
+        if callback is not None and callback.adapters and has_lora(self.module):
+            set_trainable_adapters(self.module, callback.adapters)  # (a restored checkpoint re-froze the bank)
+        configured = self.__wrapped__()
         ratio = callback.loraplus_lr_ratio if callback is not None else None
         if ratio is not None and ratio != 1:
             optimizers, schedulers = optimizers_and_schedulers(configured)
@@ -175,6 +179,12 @@ class LoRACallback(Callback):
         loraplus_lr_ratio: LoRA+ (Hayou et al. 2024): ``B`` trains with this many times the learning rate
             of the parameter group it is in (16 in the paper), in the optimizer and LR schedulers your
             ``configure_optimizers`` returns — same class, same other hyperparameters, one schedule.
+        adapters: train several named adapters in this one fit (two or more names, or a dict name ->
+            option overrides such as ``{"a": {}, "b": {"r": 4}}``; same targets for all). Give the
+            dataloaders as dicts keyed by these names: each training batch runs through its adapter and the
+            losses add up; validation/test/predict loaders run through theirs; ``self.log("x")`` inside a
+            step logs ``"<name>/x"`` and ``active_adapter(self)`` names the adapter. Every adapter has its
+            own checkpoint entries; ``export_adapter`` / ``export_merged`` must contain ``{name}``.
         check_finite: raise :class:`~lora_lightning.NonFiniteError` naming the step as soon as the
             training loss (before ``backward``, so the adapters stay finite) or a trainable parameter
             (after the optimizer step, before any checkpoint callback runs) is NaN/inf. Costs one
@@ -197,6 +207,7 @@ class LoRACallback(Callback):
         inputs_require_grad: bool | str = "auto",
         loraplus_lr_ratio: float | None = None,
         check_finite: bool = True,
+        adapters: list[str] | Mapping[str, Mapping[str, Any]] | None = None,
         verbose: bool = True,
         **lora_options: Any,
     ) -> None:
@@ -212,6 +223,14 @@ class LoRACallback(Callback):
         self.export_module = export_module
         self.inputs_require_grad, self.check_finite, self.verbose = inputs_require_grad, check_finite, verbose
         self.loraplus_lr_ratio = None if loraplus_lr_ratio is None else check_ratio(loraplus_lr_ratio)
+        self.adapters = check_adapter_names(adapters)
+        self.adapter_configs: dict[str, LoRAConfig] = {}
+        if self.adapters:
+            overrides = adapters if isinstance(adapters, Mapping) else {}
+            for name in self.adapters:
+                self.adapter_configs[name] = LoRAConfig.from_dict(self.config.to_dict() | dict(overrides.get(name) or {}))
+            self._check_multi_options()
+        self._metric_owners = MetricOwners()
         self.variant_hooks: Any = None  # a variant's training hooks (AdaLoRA's rank schedule), else None
         self._trainable: list[tuple[str, torch.Tensor]] = []
         self._batch_idx = 0
@@ -239,6 +258,8 @@ class LoRACallback(Callback):
             rank_zero_info(f"LoRA: BitsandbytesPrecision: the adapted base weights are stored as quantize_base={fmt!r}")
         self._attach(pl_module)
         self._stage = stage
+        if self.adapters:
+            route_steps(pl_module, _current_callback)
         if not getattr(pl_module, _LORAPLUS_HOOKED, False):
             object.__setattr__(pl_module, _LORAPLUS_HOOKED, True)
             object.__setattr__(pl_module, "configure_optimizers", _LoRAPlusOptimizers(pl_module))
@@ -255,6 +276,11 @@ class LoRACallback(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         state = get_lora_state(pl_module)
+        if self.adapters and is_sharded(pl_module):
+            raise LoRAConfigError(
+                f"LoRACallback(adapters={self.adapters}) with sharded (FSDP2) parameters: routing swaps adapter tensors "
+                "between modules, which sharding does not allow; train several adapters with DDP or one process"
+            )
         if self.merge_on_fit_end and is_sharded(pl_module):
             raise LoRAConfigError(
                 "LoRACallback(merge_on_fit_end=True) cannot merge into sharded (FSDP2) weights in place; set "
@@ -262,6 +288,7 @@ class LoRACallback(Callback):
             )
         self._trainable = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
         self._last_step, self._grad_checked = trainer.global_step, False
+        self._metric_owners = MetricOwners()
         total = trainer.estimated_stepping_batches
         self.variant_hooks = get_variant(state.config.variant).training_hooks(
             pl_module, state.config, int(total) if total not in (None, float("inf")) else None
@@ -346,6 +373,15 @@ class LoRACallback(Callback):
         if self.variant_hooks is not None:
             self._log(trainer, self.variant_hooks.at_end())
         sharded = is_sharded(pl_module)  # FSDP2: every rank gathers the full tensors, rank 0 writes them
+        if self.adapters:
+            for name in self.adapters:  # one file per adapter (routing and merging are refused when sharded)
+                with use_adapter(pl_module, name, trainable=True):
+                    if trainer.is_global_zero and self.export_adapter:
+                        save_adapter(pl_module, Path(self.export_adapter.format(name=name)))
+                    if trainer.is_global_zero and self.export_merged:
+                        save_merged_model(pl_module, Path(self.export_merged.format(name=name)), submodule=self.export_module)
+            trainer.strategy.barrier("lora_fit_end")
+            return
         if self.export_adapter:
             with gathered(pl_module, adapter_param_names(pl_module)) if sharded else nullcontext():
                 if trainer.is_global_zero:
@@ -364,7 +400,7 @@ class LoRACallback(Callback):
     def __getstate__(self) -> dict[str, Any]:
         """Picklable (``ddp_spawn`` sends the Trainer to its workers): run-time handles are dropped."""
         state = self.__dict__.copy()
-        state.update(_init_applied=None, _input_hooks=[], variant_hooks=None, _trainable=[])
+        state.update(_init_applied=None, _input_hooks=[], variant_hooks=None, _trainable=[], _metric_owners=MetricOwners())
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -373,7 +409,27 @@ class LoRACallback(Callback):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        return {"config": self.config.to_dict()}
+        state: dict[str, Any] = {"config": self.config.to_dict()}
+        if self.adapters:
+            state["adapters"] = {n: c.to_dict() for n, c in self.adapter_configs.items()}
+        return state
+
+    def check_metric_owner(self, value: Any, adapter: str, key: str) -> None:
+        """Raise when one torchmetrics object is logged for two adapters (see ``routing``)."""
+        self._metric_owners.check(value, adapter, key)
+
+    def _check_multi_options(self) -> None:
+        names = self.adapters or []
+        for what in ("export_adapter", "export_merged"):
+            path = getattr(self, what)
+            if path and "{name}" not in path:
+                raise LoRAConfigError(f"{what}={path!r} with adapters={names}: put {{name}} in the path (e.g. 'out/{{name}}.safetensors') to write one file per adapter")
+        if self.merge_on_fit_end:
+            raise LoRAConfigError(f"merge_on_fit_end=True with adapters={names}: the base holds one merged adapter at a time; use export_merged='merged-{{name}}.safetensors' or merge_lora after set_adapter")
+        if self.init_adapter:
+            raise LoRAConfigError(f"init_adapter with adapters={names}: warm-start each adapter with load_adapter(model, path, adapter_name=...) before fit")
+        if self.config.variant != "lora":
+            raise LoRAConfigError(f"adapters={names} with variant={self.config.variant!r}: several adapters in one fit are plain LoRA (variant='lora')")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Nothing to restore: the module's checkpoint record (checked before this runs) is authoritative."""
@@ -392,7 +448,9 @@ class LoRACallback(Callback):
         """Give ``pl_module`` this callback's adapters: reuse the ones it holds if they have the same
         structure (unmerged for training), else inject (replacing others only when asked); apply
         ``init_adapter`` once."""
-        if has_lora(pl_module):
+        if self.adapters:
+            self._prepare_named(pl_module)
+        elif has_lora(pl_module):
             state = get_lora_state(pl_module)
             diffs = differences(state, planned_state(pl_module, self.config), "the model", "this LoRACallback")
             if diffs:
@@ -417,6 +475,31 @@ class LoRACallback(Callback):
             self._inject(pl_module)
         if getattr(self, "_bnb_plugin", None) is not None:
             shield_from_bitsandbytes(self._bnb_plugin, pl_module)
+
+    def _prepare_named(self, pl_module: pl.LightningModule) -> None:
+        """``adapters=[...]``: the module holds exactly these named adapters, all trainable."""
+        names = self.adapters or []
+        if has_lora(pl_module):
+            held = named_adapters(pl_module)
+            diffs = [] if list(held.configs) == names else [f"adapters {list(held.configs)} vs {names}"]
+            for name in names:
+                if not diffs and held.configs[name].to_dict() != self.adapter_configs[name].to_dict():
+                    diffs.append(f"adapter {name!r} has other options")
+            if diffs and not self.replace_existing:
+                raise AdapterMismatchError(
+                    f"{type(pl_module).__name__} already holds LoRA adapters and this LoRACallback asks for others "
+                    f"({'; '.join(diffs)}). Keep the same adapters to continue training them, pass "
+                    "LoRACallback(replace_existing=True) to replace them, or call remove_lora(model) first"
+                )
+            if any(layer.merged for layer in lora_layers(pl_module).values()):
+                unmerge_lora(pl_module)
+            if diffs:
+                remove_lora(pl_module)
+        if not has_lora(pl_module):
+            for name in names:
+                add_adapter(pl_module, name, self.adapter_configs[name])
+            set_adapter(pl_module, names[0])
+        set_trainable_adapters(pl_module, names)
 
     def _targets_exist(self, pl_module: pl.LightningModule) -> bool:
         try:
@@ -459,6 +542,11 @@ class LoRACallback(Callback):
         if metrics:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
+
+
+def _current_callback(pl_module: pl.LightningModule) -> "LoRACallback | None":
+    ref = getattr(pl_module, _CALLBACK, None)
+    return ref() if ref is not None else None
 
 
 def _lora_option_parameters() -> list[inspect.Parameter]:
