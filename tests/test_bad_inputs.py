@@ -475,11 +475,12 @@ def _table() -> str:
     import test_embedding_conv
     import test_lifecycle
     import test_loraplus
+    import test_multi_adapter_fit
     import test_named_adapters
 
     lifecycle = [
         (n, f)
-        for module in (test_lifecycle, test_embedding_conv, test_loraplus, test_named_adapters)
+        for module in (test_lifecycle, test_embedding_conv, test_loraplus, test_named_adapters, test_multi_adapter_fit)
         for n, f in vars(module).items()
         if (inspect.getdoc(f) or "").startswith("bad input: ")
     ]
@@ -506,7 +507,7 @@ def _table() -> str:
     out = [
         "# Bad inputs: what you see",
         "",
-        "Every row is a test in `tests/test_bad_inputs.py` (or `test_lifecycle.py`, `test_embedding_conv.py`, `test_loraplus.py`, `test_named_adapters.py`) that",
+        "Every row is a test in `tests/test_bad_inputs.py` (or `test_lifecycle.py`, `test_embedding_conv.py`, `test_loraplus.py`, `test_named_adapters.py`, `test_multi_adapter_fit.py`) that",
         "asserts the exception type and the key part of the message (and, where a file or model is involved, that",
         "nothing was overwritten or changed). The messages below",
         "are the real ones, shortened; regenerate with `.venv/bin/python tests/test_bad_inputs.py > docs/bad_inputs.md`.",

@@ -107,3 +107,25 @@ def test_subspace_report_runs_on_the_sweep_adapters(sweeps):
     adapter = next((tmp / "table6").rglob("adapter.safetensors"))
     change = relative_change(adapter, "q", 0)  # the smoke runs train a few steps: small, but not zero
     assert change is not None and 0.0 < change < 1.0
+
+
+def test_two_task_adapters_in_one_fit_smoke(tmp_path):
+    """experiments/two_tasks.py at smoke scale: both protocols run, the together run trains two adapters
+    (twice the alone run's trainable parameters) and exports one file per task, and the report's means
+    are the runs' own numbers."""
+    from experiments.two_tasks import TASKS, report, run_one
+
+    from lora_lightning import read_adapter
+
+    both = run_one("together", list(TASKS), 0, 2, smoke=True, results=tmp_path)
+    alone = [run_one("alone", [t], 0, 2, smoke=True, results=tmp_path) for t in TASKS]
+    assert both["trainable"] == sum(a["trainable"] for a in alone)
+    assert set(both["test_acc"]) == set(TASKS) and all(0 <= v <= 1 for v in both["test_acc"].values())
+    for task in TASKS:
+        assert read_adapter(tmp_path / f"together-{'+'.join(TASKS)}-0" / f"{task}.safetensors")[1]["adapter_name"] == task
+    text = report(tmp_path, tmp_path / "two_tasks.md")
+    for a in alone:
+        (task,) = a["tasks"]
+        row = next(line for line in text.splitlines() if line.startswith(f"| {task} |"))
+        assert f"{100 * a['test_acc'][task]:.2f} ± nan (n=1)" in row
+        assert f"{100 * both['test_acc'][task]:.2f} ± nan (n=1)" in row

@@ -152,30 +152,80 @@ class SharedMetric(LitTwo):
         return F.cross_entropy(logits, y)
 
 
-@pytest.mark.parametrize(
-    "kwargs, fit_kwargs, model_cls, match",
-    [
-        (dict(adapters=["a"]), None, LitTwo, "two or more distinct names"),
-        (dict(adapters=["a", "a"]), None, LitTwo, "two or more distinct names"),
-        (dict(adapters=["a", "b"], export_adapter="x.safetensors"), None, LitTwo, r"put \{name\} in the path"),
-        (dict(adapters=["a", "b"], merge_on_fit_end=True), None, LitTwo, "merge_on_fit_end=True with adapters"),
-        (dict(adapters=["a", "b"], variant="dora"), None, LitTwo, "plain LoRA"),
-        (dict(adapters=["a", "b"]), "single", LitTwo, "routes each training batch by adapter name"),
-        (dict(adapters=["a", "b"]), "wrong_keys", LitTwo, r"keys \['a', 'c'\]"),
-        (dict(adapters=["a", "b"]), "dict", SharedMetric, "one torchmetrics object is logged as a/acc and b/acc"),
-    ],
-)
-def test_bad_multi_adapter_inputs(tmp_path, kwargs, fit_kwargs, model_cls, match):
-    with pytest.raises(LoRAConfigError, match=match):
-        cb = LoRACallback(**OPTS, **kwargs)
-        data = {"single": tiny_loader(), "wrong_keys": {"a": tiny_loader(), "c": tiny_loader()}, "dict": loaders()}[fit_kwargs]
-        trainer(tmp_path, [cb], max_steps=2).fit(model_cls(), train_dataloaders=data)
+def _fit(tmp_path, data, model=None, **kwargs) -> None:
+    trainer(tmp_path, [LoRACallback(**OPTS, **kwargs)], max_steps=2).fit(model or LitTwo(), train_dataloaders=data)
+
+
+def test_one_adapter_name():
+    """bad input: LoRACallback(adapters=["a"]) (one name) or a repeated name"""
+    for names in (["a"], ["a", "a"], ["a", "b.c"]):
+        with pytest.raises(LoRAConfigError, match="give two or more distinct names"):
+            LoRACallback(**OPTS, adapters=names)
+
+
+def test_export_path_without_name():
+    """bad input: LoRACallback(adapters=[...], export_adapter="x.safetensors") (one path for several adapters)"""
+    with pytest.raises(LoRAConfigError, match=r"put \{name\} in the path"):
+        LoRACallback(**OPTS, adapters=["a", "b"], export_adapter="x.safetensors")
+
+
+def test_merge_on_fit_end_with_several_adapters():
+    """bad input: LoRACallback(adapters=[...], merge_on_fit_end=True)"""
+    with pytest.raises(LoRAConfigError, match="the base holds one merged adapter at a time"):
+        LoRACallback(**OPTS, adapters=["a", "b"], merge_on_fit_end=True)
+
+
+def test_several_adapters_of_a_variant():
+    """bad input: LoRACallback(adapters=[...], variant="dora")"""
+    with pytest.raises(LoRAConfigError, match="several adapters in one fit are plain LoRA"):
+        LoRACallback(**OPTS, adapters=["a", "b"], variant="dora")
+
+
+def test_single_train_loader_with_several_adapters(tmp_path):
+    """bad input: LoRACallback(adapters=["a", "b"]) with one train dataloader (not a dict keyed by adapter)"""
+    with pytest.raises(LoRAConfigError, match="routes each training batch by adapter name but got list"):
+        _fit(tmp_path, tiny_loader(), adapters=["a", "b"])
+
+
+def test_train_loader_keyed_by_an_unknown_adapter(tmp_path):
+    """bad input: train_dataloaders={"a": ..., "c": ...} for LoRACallback(adapters=["a", "b"])"""
+    with pytest.raises(LoRAConfigError, match=r"got a dict with keys \['a', 'c'\]"):
+        _fit(tmp_path, {"a": tiny_loader(), "c": tiny_loader()}, adapters=["a", "b"])
+
+
+def test_val_loader_keyed_by_an_unknown_adapter(tmp_path):
+    """bad input: val_dataloaders={"a": ..., "x": ...} for LoRACallback(adapters=["a", "b"])"""
+    with pytest.raises(LoRAConfigError, match=r"dataloader keys \['x'\] are not adapters"):
+        trainer(tmp_path, [LoRACallback(**OPTS, adapters=["a", "b"])], max_steps=1).fit(
+            LitTwo(), train_dataloaders=loaders(), val_dataloaders={"a": tiny_loader(), "x": tiny_loader()}
+        )
+
+
+def test_single_val_loader_with_several_adapters(tmp_path):
+    """bad input: LoRACallback(adapters=["a", "b"]) with one val dataloader during fit"""
+    with pytest.raises(LoRAConfigError, match="validates each adapter on its own data but got one validation dataloader"):
+        trainer(tmp_path, [LoRACallback(**OPTS, adapters=["a", "b"])], max_steps=1).fit(
+            LitTwo(), train_dataloaders=loaders(), val_dataloaders=tiny_loader()
+        )
+    model = LitTwo()  # after fitting, test/predict with one loader run the active adapter
+    t = trainer(tmp_path, [LoRACallback(**OPTS, adapters=["a", "b"])], max_steps=1)
+    t.fit(model, train_dataloaders=loaders())
+    assert "test_loss" in t.test(model, dataloaders=tiny_loader(), verbose=False)[0]
+
+
+def test_one_metric_object_for_two_adapters(tmp_path):
+    """bad input: one torchmetrics object updated and logged by the steps of two adapters"""
+    with pytest.raises(LoRAConfigError, match="one torchmetrics object is logged as a/acc and b/acc"):
+        _fit(tmp_path, loaders(), SharedMetric(), adapters=["a", "b"])
 
 
 def test_a_second_fit_with_other_adapters_is_refused(tmp_path):
+    """bad input: a second fit of the same module with LoRACallback(adapters=["a", "c"]) after ["a", "b"]"""
+    from lora_lightning import AdapterMismatchError
+
     model = LitTwo(seed=0)
     trainer(tmp_path, [LoRACallback(**OPTS, adapters=["a", "b"])], max_steps=1).fit(model, train_dataloaders=loaders())
-    with pytest.raises(Exception, match=r"adapters \['a', 'b'\] vs \['a', 'c'\]"):
+    with pytest.raises(AdapterMismatchError, match=r"adapters \['a', 'b'\] vs \['a', 'c'\]"):
         trainer(tmp_path, [LoRACallback(**OPTS, adapters=["a", "c"])], max_steps=1).fit(
             model, train_dataloaders={"a": tiny_loader(), "c": tiny_loader()}
         )

@@ -130,3 +130,31 @@ def test_many_adapters_example(tmp_path, monkeypatch):
     for i, name in enumerate(["default", "task_b", None, "task_b"]):
         ref = outputs(base, x)[i] if name is None else per_adapter[name][i]
         torch.testing.assert_close(ns["y_mixed"][i], ref, atol=1e-5, rtol=0)
+
+
+def test_several_adapters_in_one_fit_example(tmp_path, monkeypatch):
+    """The README's one-fit example: both adapters train (each on its own loader), logs are per adapter,
+    one exported file per adapter."""
+    monkeypatch.chdir(tmp_path)
+    from conftest import LitTiny
+
+    from lora_lightning import read_adapter, use_adapter
+
+    class Module(LitTiny):
+        def validation_step(self, batch, batch_idx, dataloader_idx=0):
+            ids, y = batch
+            self.log("val_loss", torch.nn.functional.cross_entropy(self(ids), y))
+
+    module = Module()
+    ns = {"module": module, "sentiment_train": tiny_loader(seed=1), "topic_train": tiny_loader(seed=3),
+          "sentiment_val": tiny_loader(seed=2), "topic_val": tiny_loader(seed=4)}
+    exec(python_blocks()[4], ns)  # noqa: S102
+    assert {"sentiment/val_loss", "topic/val_loss", "sentiment/train_loss", "topic/train_loss"} <= set(ns["metrics"])
+    heads = {}
+    for name in ("sentiment", "topic"):
+        assert read_adapter(tmp_path / "adapters" / f"{name}.safetensors")[1]["adapter_name"] == name
+        with use_adapter(module, name):
+            heads[name] = module.net.classifier.weight.detach().clone()
+    start = LitTiny().net.classifier.weight
+    assert not torch.allclose(heads["sentiment"], start) and not torch.allclose(heads["topic"], start)
+    assert not torch.allclose(heads["sentiment"], heads["topic"])

@@ -9,8 +9,8 @@ other hooks this layer installs, so the class is untouched and the module stays 
   The returned loss is the sum: the adapters' tensors are disjoint, so each gets exactly the gradient
   of its own task's loss (global-norm gradient clipping is the one thing that still couples them).
 * ``validation_step`` / ``test_step`` / ``predict_step``: dataloaders given as a dict keyed by adapter
-  names run each loader through its adapter (``dataloader_idx`` -> key); a single loader runs through
-  the active adapter.
+  names run each loader through its adapter (``dataloader_idx`` -> key); outside ``fit`` a single loader
+  runs through the active adapter (inside ``fit`` it is refused: which adapter would it score?).
 * Inside a routed step ``self.log("val_acc", ...)`` is logged as ``"<adapter>/val_acc"`` (without
   Lightning's ``/dataloader_idx_<i>`` suffix), and ``active_adapter(self)`` names the adapter, so a
   module keeps per-task state (heads, torchmetrics objects) keyed by it. One torchmetrics object logged
@@ -85,7 +85,12 @@ class _RoutedStep:
         trainer = self.module._trainer
         loaders = getattr(trainer, _STEPS[self.method], None) if trainer is not None else None
         if not isinstance(loaders, Mapping):
-            return None
+            if trainer is not None and trainer.state.fn == "fit":
+                raise LoRAConfigError(
+                    f"LoRACallback(adapters={names}) validates each adapter on its own data but got one validation "
+                    f"dataloader: pass val_dataloaders={{{', '.join(repr(n) + ': loader' for n in names)}}}"
+                )
+            return None  # validate/test/predict after fitting: the active adapter
         keys = list(loaders)
         unknown = [k for k in keys if k not in names]
         if unknown:
