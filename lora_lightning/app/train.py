@@ -29,6 +29,9 @@ from lora_lightning import LoRACallback, LoRAConfig, base_memory, count_paramete
 from lora_lightning.config import all_option_defaults
 from lora_lightning.errors import AppConfigError, LoRAError
 
+from .generation_data import GenerationDataModule
+from .generation_job import run_generation
+
 CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")  # also shipped in the wheel (package data)
 LORA_APP_KEYS = ("method", "budget", "merge_on_fit_end", "lr")
 METHODS = ("lora", "full", "head_only")
@@ -109,20 +112,23 @@ def build_logger(cfg: DictConfig) -> Any:
 
 
 class ValidationCurve(pl.Callback):
-    """Records ``(optimizer step, val_acc)`` at every validation run (sanity check excluded) for summary.json."""
+    """Records ``(optimizer step, <metric>)`` at every validation run (sanity check excluded) for summary.json."""
 
-    def __init__(self) -> None:
+    def __init__(self, metric: str = "val_acc") -> None:
+        self.metric = metric
         self.points: list[tuple[int, float]] = []
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.sanity_checking and "val_acc" in trainer.callback_metrics:
-            self.points.append((trainer.global_step, float(trainer.callback_metrics["val_acc"])))
+        if not trainer.sanity_checking and self.metric in trainer.callback_metrics:
+            self.points.append((trainer.global_step, float(trainer.callback_metrics[self.metric])))
 
 
-def build_callbacks(cfg: DictConfig, out: Path, lora: LoRAConfig | None) -> list[pl.Callback]:
+def build_callbacks(cfg: DictConfig, out: Path, lora: LoRAConfig | None, monitor: str = "val_acc") -> list[pl.Callback]:
+    mode = "min" if monitor.endswith("loss") else "max"
     callbacks: list[pl.Callback] = [
-        ModelCheckpoint(dirpath=out / "checkpoints", monitor="val_acc", mode="max", save_top_k=1, save_last=True, filename="best-{epoch}-{step}-{val_acc:.4f}"),
-        ValidationCurve(),
+        ModelCheckpoint(dirpath=out / "checkpoints", monitor=monitor, mode=mode, save_top_k=1, save_last=True,
+                        filename=f"best-{{epoch}}-{{step}}-{{{monitor}:.4f}}"),
+        ValidationCurve(monitor),
     ]
     if cfg.progress == "rich":
         callbacks.append(RichProgressBar(leave=True))
@@ -150,6 +156,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.data, _convert_="all")
     datamodule.prepare_data()
     datamodule.setup("fit")
+    if isinstance(datamodule, GenerationDataModule) or _is_causal_lm(cfg):
+        return run_causal_lm(cfg, datamodule, out, method)
     model = instantiate(cfg.model, _convert_="all", num_labels=datamodule.num_labels, label_names=list(datamodule.label_names))
     base_params = count_parameters(model)
     full_model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -217,6 +225,43 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
+def _is_causal_lm(cfg: DictConfig) -> bool:
+    return str(cfg.model.get("_target_", "")).endswith("CausalLMModule")
+
+
+def run_causal_lm(cfg: DictConfig, datamodule: Any, out: Path, method: str) -> dict[str, Any]:
+    """``model=smollm2 data=e2e_nlg``: the generation job (:mod:`lora_lightning.app.generation_job`)."""
+    if not (isinstance(datamodule, GenerationDataModule) and _is_causal_lm(cfg)):
+        raise AppConfigError(
+            f"model={cfg.model.get('_target_')} and data={cfg.data.get('_target_')} do not go together: a causal LM "
+            "(model=smollm2) trains on generation data (data=e2e_nlg or a JSONL of input/target), a classifier "
+            "(model=minilm) on classification data"
+        )
+    if method == "head_only":
+        raise AppConfigError("lora.method=head_only: a causal LM has no new head (its output layer is the tied embedding); use lora or full")
+    model = instantiate(cfg.model, _convert_="all")
+    lora = build_lora_config(cfg, model) if method == "lora" else None
+    logger = build_logger(cfg)
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg, out, lora, monitor="val_loss"), logger=logger)
+    if cfg.get("tune") is not None:
+        return find_lr(cfg, trainer, model, datamodule, out)
+    base = count_parameters(model)
+    summary = {
+        "experiment": cfg.experiment_name, "run_name": cfg.run_name, "method": method, "task": "causal_lm",
+        "model": str(cfg.model.get("model")), "data": str(cfg.data.get("source")), "seed": int(cfg.seed),
+        "targets": list(lora.targets) if lora else None, "r": lora.r if lora else None,
+        "alpha": lora.alpha if lora else None, "lr": float(cfg.model.lr), "params_base": base.total,
+        "full_model_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+        **run_generation(cfg, datamodule, out, method, lora, trainer, model), "output_dir": str(out),
+    }
+    summary["val_curve"] = next((cb.points for cb in trainer.callbacks if isinstance(cb, ValidationCurve)), [])
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    OmegaConf.save(cfg, out / "resolved_config.yaml", resolve=True)
+    if logger:
+        _log_summary(logger, summary)
+    return summary
+
+
 def find_lr(cfg: DictConfig, trainer: pl.Trainer, model: pl.LightningModule, datamodule: Any, out: Path) -> dict[str, Any]:
     """``tune=lr_find``: Lightning's learning-rate range test on the method's trainable parameters (the
     LoRA callback injects first, as in a fit); writes ``lr_find.json`` and ``lr_find.png``."""
@@ -274,13 +319,19 @@ def print_summary(summary: dict[str, Any]) -> None:
     what = summary["method"] if summary["method"] != "lora" else f"LoRA r={summary['r']} alpha={summary['alpha']:g} on {summary['targets']}"
     rows = [
         ("method", what),
-        ("test accuracy", pct(summary.get("test_acc"))),
-        ("test macro-F1", pct(summary.get("test_f1"))),
-        ("best val accuracy", pct(summary.get("best_val_acc"))),
+        *((("test BLEU-4 (merged model)", pct(summary.get("test_bleu"))),
+           ("test ROUGE-L (merged model)", pct(summary.get("test_rougeL"))),
+           ("zero-shot BLEU-4 / ROUGE-L", f"{pct(summary.get('zero_shot_bleu'))} / {pct(summary.get('zero_shot_rougeL'))}"),
+           ("best val loss", "-" if summary.get("best_val_loss") is None else f"{summary['best_val_loss']:.4f}"))
+          if summary.get("task") == "causal_lm" else
+          (("test accuracy", pct(summary.get("test_acc"))),
+           ("test macro-F1", pct(summary.get("test_f1"))),
+           ("best val accuracy", pct(summary.get("best_val_acc"))))),
         ("trainable params", f"{summary['params_trainable']:,} of {summary['params_total']:,} ({100 * summary['params_trainable'] / summary['params_total']:.3f}%)"),
         ("adapter file", mb(summary.get("adapter_bytes"))),
         ("full model (fp32)", mb(summary["full_model_bytes"])),
         ("best checkpoint file", mb(summary.get("best_checkpoint_bytes"))),
+        ("train tokens/s", "-" if summary.get("train_tokens_per_second") is None else f"{summary['train_tokens_per_second']:,.0f}"),
         ("fit time", f"{summary['fit_seconds']:.1f} s ({summary['steps']} steps)"),
         ("output dir", summary["output_dir"]),
     ]
