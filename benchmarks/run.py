@@ -365,6 +365,9 @@ def render_markdown(res: dict) -> str:
     from benchmarks.mixed_batch import render as mixed_batch_section
 
     L.extend(mixed_batch_section(HERE / "mixed_batch.json"))
+    from benchmarks.generation_speed import render as generation_speed_section
+
+    L.extend(generation_speed_section(HERE / "generation_speed.json"))
 
     prof = res.get("profile")
     if prof:

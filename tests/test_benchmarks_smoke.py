@@ -127,3 +127,20 @@ def test_goals_have_verdicts(quick_run):
     for g in res["goals"]:
         assert g["verdict"].startswith(("PASS", "MISS"))
         assert math.isfinite(g["measured"])
+
+
+def test_generation_speed_smoke(tmp_path):
+    """benchmarks/generation_speed.py at smoke size: the four paths generate the same tokens and the
+    rendered table shows the measured throughputs."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("peft")
+    from benchmarks.generation_speed import main, render
+
+    out = tmp_path / "gs.json"
+    assert main(["--batches", "2", "--new-tokens", "3", "--rounds", "1", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    (res,) = data["results"]
+    assert set(res["tokens_equal_to_merged"].values()) == {1.0}
+    table = "\n".join(render(out))
+    base = 2 * 3 / res["median_s"]["base (no adapters)"]
+    assert f"| 2 | {base:.1f} |" in table
