@@ -153,5 +153,5 @@ def test_causal_lm_job_smoke(tmp_path, smollm2_tokenizer_dir):
     assert summary["peft_max_abs_logit_diff"] < 1e-4
     preds = json.loads((tmp_path / "run" / "test_predictions.json").read_text())
     assert len(preds) == 2 and all(p["references"] for p in preds)
-    assert (tmp_path / "run" / "merged_hf" / "config.json").is_file()
+    assert (tmp_path / "run" / "merged_hf" / "config.json").is_file() and summary["merged_hf_generates_the_same"] is True
     assert (tmp_path / "run" / "peft_adapter" / "adapter_config.json").is_file()

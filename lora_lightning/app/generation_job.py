@@ -78,6 +78,11 @@ def run_generation(cfg: Any, datamodule: GenerationDataModule, out: Path, method
         merged.save_pretrained(out / "merged_hf")
         tokenizer.save_pretrained(out / "merged_hf")
         summary["merged_hf"] = str(out / "merged_hf")
+        reloaded, _ = load_causal_lm(out / "merged_hf")  # plain transformers, no lora_lightning layers
+        prompts = datamodule.prompts("test")[0][:2]
+        summary["merged_hf_generates_the_same"] = (
+            generate(reloaded, tokenizer, prompts, max_new, gen_batch) == generate(model.model, tokenizer, prompts, max_new, gen_batch)
+        )
     counts = count_parameters(model)
     summary.update({
         "best_val_loss": float(ckpt.best_model_score) if ckpt and ckpt.best_model_score is not None else None,
