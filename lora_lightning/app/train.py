@@ -342,8 +342,9 @@ def print_summary(summary: dict[str, Any]) -> None:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    """Entry point; returns the best validation accuracy, the objective Hydra sweepers maximise (the
-    test split only reports the checkpoint chosen on validation)."""
+    """Entry point; returns the best validation accuracy (the causal-LM job: minus the best validation
+    loss), the objective Hydra sweepers maximise (the test split only reports the checkpoint chosen on
+    validation)."""
     os.environ.setdefault("WANDB_SILENT", "true")
     try:
         summary = run(cfg)
@@ -357,6 +358,8 @@ def main(cfg: DictConfig) -> float | None:
     if summary.get("mode") == "lr_find":
         return summary.get("suggested_lr")
     print_summary(summary)
+    if summary.get("task") == "causal_lm":  # sweepers maximise: the negated best validation loss
+        return None if summary.get("best_val_loss") is None else -float(summary["best_val_loss"])
     return summary.get("best_val_acc")
 
 
