@@ -8,7 +8,7 @@ non-zero A and B (the speed does not depend on their values), PEFT's model holdi
 (our PEFT export loaded with ``peft``). Workload: a batch of prompts (chat template, 40-60 tokens,
 left-padded), ``max_new_tokens`` greedy tokens with the KV cache, generation forced to the full length
 (no early stop) so every path produces the same number of tokens. Each round times the four paths back
-to back (one thread, ``torch.no_grad``); medians over rounds, ratios within the run. The generated
+to back, in an order rotating by one each round (one thread, ``torch.no_grad``); medians over rounds, ratios within the run. The generated
 token ids of the paths are compared first.
 Writes ``benchmarks/generation_speed.json``; ``python -m benchmarks.run --render`` puts it in RESULTS.md.
 """
@@ -41,9 +41,9 @@ def build(tmp: Path):
     from lora_lightning import LoRAConfig, export_peft_adapter, inject_lora, lora_layers, merge_and_unload
     from lora_lightning.app.causal_lm import load_causal_lm
 
-    base, tok = load_causal_lm("smollm2")
-    base.eval()
-    ours = copy.deepcopy(base)
+    loaded, tok = load_causal_lm("smollm2")
+    base = copy.deepcopy(loaded).eval()  # every path's weights in fresh memory (a loaded model's may be file-mapped)
+    ours = copy.deepcopy(loaded)
     inject_lora(ours, LoRAConfig(r=R, alpha=ALPHA, targets=TARGETS, dropout=0.0))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -78,8 +78,10 @@ def measure(batch: int, new_tokens: int, rounds: int) -> dict:
         outs = {n: gen(m)[:, width:] for n, m in paths.items()}
         same = {n: float((o == outs["LoRA merged"]).float().mean()) for n, o in outs.items()}
         times: dict[str, list[float]] = {n: [] for n in paths}
-        for _ in range(rounds):
-            for n, m in paths.items():
+        names = list(paths)
+        for k in range(rounds):  # the order rotates each round, so no path always runs first
+            for n in names[k % len(names):] + names[: k % len(names)]:
+                m = paths[n]
                 t0 = time.perf_counter()
                 gen(m)
                 times[n].append(time.perf_counter() - t0)
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--new-tokens", type=int, default=48)
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--out", type=Path, default=HERE / "generation_speed.json")
     args = p.parse_args(argv)
     from benchmarks.common import setup_torch, write_results
@@ -122,7 +124,7 @@ def render(path: Path) -> list[str]:
         f"transformers {data['software']['transformers']}, peft {data['software']['peft']}, {data['threads']} thread, load average "
         f"at the end {' '.join(map(str, data['loadavg_at_end'] or [])) or 'n/a'}). LoRA r={data['r']} on {'+'.join(data['targets'])} (random non-zero "
         f"adapters); greedy decoding with the KV cache, {first['new_tokens']} new tokens forced; median of {first['rounds']} rounds, "
-        "the four paths back to back in each round. Generated tokens per second; ratios against the base model without "
+        "the four paths back to back in each round, the order rotating. Generated tokens per second; ratios against the base model without "
         "adapters. The last column: fraction of generated tokens identical to the merged model's.",
         "",
         "| batch | base | LoRA merged | LoRA unmerged (ours) | LoRA unmerged (PEFT) | merged / base | unmerged ours / base | unmerged PEFT / base | tokens = merged (ours, PEFT) |",

@@ -28,11 +28,11 @@ def load(root: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(root.glob("*/*/summary.json"))]
 
 
-def _ms(values: list[float], scale: float = 100.0) -> str:
+def _ms(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
     v = [scale * x for x in values]
     if not v:
         return "-"
-    return f"{statistics.fmean(v):.1f} ± {statistics.stdev(v):.1f}" if len(v) > 1 else f"{v[0]:.1f}"
+    return f"{statistics.fmean(v):.{digits}f} ± {statistics.stdev(v):.{digits}f}" if len(v) > 1 else f"{v[0]:.{digits}f}"
 
 
 def report(rows: list[dict], out: Path) -> str:
@@ -61,9 +61,17 @@ def report(rows: list[dict], out: Path) -> str:
         desc = f"{label} r={rs[0]['r']} on {'+'.join(rs[0]['targets'])}" if method == "lora" else label
         lines.append(
             f"| {desc} | {len(rs)} | {rs[0]['lr']:g} | {rs[0]['params_trainable']:,} | {_ms([r['test_bleu'] for r in rs])} | "
-            f"{_ms([r['test_rougeL'] for r in rs])} | {_ms([r['test_loss'] for r in rs], 1.0)} | "
+            f"{_ms([r['test_rougeL'] for r in rs])} | {_ms([r['test_loss'] for r in rs], 1.0, 3)} | "
             f"{statistics.fmean(r['fit_seconds'] for r in rs):.0f} | {statistics.fmean(r['train_tokens_per_second'] for r in rs):.0f} |"
         )
+    if by["lora"] and by["full"]:
+        from experiments.summarize import Stat, welch
+
+        lines.append("")
+        for key, name in (("test_bleu", "BLEU-4"), ("test_rougeL", "ROUGE-L")):
+            w = welch(Stat.of([r[key] for r in by["lora"]]), Stat.of([r[key] for r in by["full"]]))
+            lines.append(f"LoRA - full fine-tuning, {name}: {w.diff:+.1f} points "
+                         f"(95% CI {w.ci[0]:+.1f} to {w.ci[1]:+.1f}, Welch p = {w.p:.2f}).  ")
     lines += ["", f"Zero-shot scores seen across runs (must be one value each): BLEU {zs_bleu}, ROUGE-L {zs_rouge}."]
     diffs = [r["peft_max_abs_logit_diff"] for r in by["lora"] if "peft_max_abs_logit_diff" in r]
     if diffs:
