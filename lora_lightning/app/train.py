@@ -331,7 +331,7 @@ def print_summary(summary: dict[str, Any]) -> None:
         ("adapter file", mb(summary.get("adapter_bytes"))),
         ("full model (fp32)", mb(summary["full_model_bytes"])),
         ("best checkpoint file", mb(summary.get("best_checkpoint_bytes"))),
-        ("train tokens/s", "-" if summary.get("train_tokens_per_second") is None else f"{summary['train_tokens_per_second']:,.0f}"),
+        *((("train tokens/s", f"{summary['train_tokens_per_second']:,.0f}"),) if summary.get("train_tokens_per_second") else ()),
         ("fit time", f"{summary['fit_seconds']:.1f} s ({summary['steps']} steps)"),
         ("output dir", summary["output_dir"]),
     ]
