@@ -286,7 +286,8 @@ def test_two_processes_fit_test_validate_refit_and_resume(two_process_run):
     with torch.no_grad():
         losses = [F.cross_entropy(single(ids[i : i + 16 : 2]), y[i : i + 16 : 2]) for i in (0, 16)]
     assert results["test_with_callback"]["loss"] == pytest.approx(float(torch.stack(losses).mean()), abs=1e-5)
-    assert results["validate_without_callback"]["loss"] == pytest.approx(results["test_with_callback"]["loss"], abs=0)
+    # the tested model's base went through merge (fit end) and unmerge (before loading): W0 up to fp32 round-off
+    assert results["validate_without_callback"]["loss"] == pytest.approx(results["test_with_callback"]["loss"], abs=1e-6)
     if strategy == "ddp":  # in the main process of ddp_spawn, evaluation leaves the module as it was
         assert results["validate_without_callback"]["has_lora"]
         torch.testing.assert_close(torch.load(out / "validate_without_callback.pt"), outputs(single), atol=0, rtol=0)
