@@ -24,8 +24,8 @@ FIELDS = ("method", "seed", "lr", "targets", "r", "epochs", "steps", "test_bleu"
           "generation_tokens_per_second", "peft_max_abs_logit_diff", "adapter_bytes", "output_dir")
 
 
-def load(root: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(root.glob("*/*/summary.json"))]
+def load(root: Path, sweeps: tuple[str, ...] = ("lora", "full")) -> list[dict]:
+    return [json.loads(p.read_text()) for sweep in sweeps for p in sorted((root / sweep).glob("*/summary.json"))]
 
 
 def _ms(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
@@ -35,7 +35,7 @@ def _ms(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
     return f"{statistics.fmean(v):.{digits}f} ± {statistics.stdev(v):.{digits}f}" if len(v) > 1 else f"{v[0]:.{digits}f}"
 
 
-def report(rows: list[dict], out: Path) -> str:
+def report(rows: list[dict], out: Path, longer: list[dict] | None = None) -> str:
     by = {m: [r for r in rows if r["method"] == m] for m in ("lora", "full")}
     zs_bleu = sorted({round(r["zero_shot_bleu"], 6) for r in rows if "zero_shot_bleu" in r})
     zs_rouge = sorted({round(r["zero_shot_rougeL"], 6) for r in rows if "zero_shot_rougeL" in r})
@@ -84,6 +84,10 @@ def report(rows: list[dict], out: Path) -> str:
         for p, z in list(zip(preds, zero))[:3]:
             lines += [f"- input: `{p['prompt_input']}`", f"  - zero-shot: {z}", f"  - LoRA (merged): {p['prediction']}",
                       f"  - a reference: {p['references'][0]}"]
+    for r in longer or []:
+        lines += ["", f"A longer run (multirun/smollm2/lora_3epochs, seed {r['seed']}, {r['epochs']} epochs, {r['steps']} steps): "
+                  f"BLEU-4 {100 * r['test_bleu']:.1f}, ROUGE-L {100 * r['test_rougeL']:.1f}, test loss {r['test_loss']:.3f}; "
+                  f"validation loss by step {[(s, round(v, 3)) for s, v in r.get('val_curve', [])]}."]
     text = "\n".join(lines) + "\n"
     out.mkdir(parents=True, exist_ok=True)
     (out / "decoder.md").write_text(text)
@@ -100,7 +104,7 @@ def main() -> None:
     p.add_argument("--runs", type=Path, default=RUNS)
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args()
-    print(report(load(args.runs), args.out))
+    print(report(load(args.runs), args.out, load(args.runs, ("lora_3epochs",))))
 
 
 if __name__ == "__main__":
