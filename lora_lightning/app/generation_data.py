@@ -179,13 +179,9 @@ class GenerationDataModule(LightningDataModule):
     def tokenizer(self) -> Any:
         if self._tokenizer is None:
             from .causal_lm import resolve_decoder_path
-            from .models import _offline_transformers
+            from .data import load_tokenizer
 
-            path = resolve_decoder_path(self.tokenizer_name)
-            try:
-                self._tokenizer = _offline_transformers().AutoTokenizer.from_pretrained(path, local_files_only=True)
-            except (OSError, ValueError) as e:
-                raise DataError(f"could not load a tokenizer from {self.tokenizer_name!r}: {e}; set data.tokenizer to 'smollm2' or a local folder") from None
+            self._tokenizer = load_tokenizer(resolve_decoder_path(self.tokenizer_name))
             if self._tokenizer.chat_template is None:
                 raise DataError(f"tokenizer {self.tokenizer_name!r} has no chat template; the causal-LM job needs an instruct model's tokenizer")
             if self._tokenizer.pad_token_id is None:

@@ -45,7 +45,7 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, dm: GenerationDataModule, s
     return score(preds, refs), preds, n_tokens / seconds
 
 
-def run_generation(cfg: Any, datamodule: GenerationDataModule, out: Path, method: str, lora: LoRAConfig | None,
+def run_generation(cfg: Any, datamodule: GenerationDataModule, out: Path, lora: LoRAConfig | None,
                    trainer: pl.Trainer, model: CausalLMModule) -> dict[str, Any]:
     gen = cfg.get("generation", {}) or {}
     max_new, gen_batch = int(gen.get("max_new_tokens", 64)), int(gen.get("batch_size", 16))

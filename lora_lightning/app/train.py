@@ -252,7 +252,7 @@ def run_causal_lm(cfg: DictConfig, datamodule: Any, out: Path, method: str) -> d
         "targets": list(lora.targets) if lora else None, "r": lora.r if lora else None,
         "alpha": lora.alpha if lora else None, "lr": float(cfg.model.lr), "params_base": base.total,
         "full_model_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
-        **run_generation(cfg, datamodule, out, method, lora, trainer, model), "output_dir": str(out),
+        **run_generation(cfg, datamodule, out, lora, trainer, model), "output_dir": str(out),
     }
     summary["val_curve"] = next((cb.points for cb in trainer.callbacks if isinstance(cb, ValidationCurve)), [])
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -74,13 +74,18 @@ class _CallbackRef:
         self._ref = None
 
 
+def _current_callback(pl_module: pl.LightningModule) -> "LoRACallback | None":
+    """The ``LoRACallback`` currently attached to ``pl_module`` (``None``: none, or a pickled copy's)."""
+    ref = getattr(pl_module, _CALLBACK, None)
+    return ref() if ref is not None else None
+
+
 def inject_before_sharding(pl_module: pl.LightningModule) -> None:
     """Call in ``configure_model`` between building the layers and sharding them (FSDP2's ``fully_shard``)
     when the model is built there: the attached ``LoRACallback`` injects its adapters now, so they are
     sharded with the layers they adapt. (Layers built in ``__init__`` need nothing: the callback injects
     before ``configure_model`` runs.)"""
-    ref = getattr(pl_module, _CALLBACK, None)
-    callback = ref() if ref is not None else None
+    callback = _current_callback(pl_module)
     if callback is None:
         raise LoRAConfigError(
             f"inject_before_sharding: no LoRACallback is attached to {type(pl_module).__name__}'s Trainer; add "
@@ -96,23 +101,22 @@ class _PrepareAfterConfigure:
         self.module = module
 
     def __call__(self, *args: Any, **kwargs: Any) -> None:
-        ref = getattr(self.module, _CALLBACK, None)
-        callback = ref() if ref is not None else None
+        callback = _current_callback(self.module)
         if callback is not None:
             callback._prepare(self.module, callback._stage)
 
 
 class _LoRAPlusOptimizers:
-    """Wraps the module's ``configure_optimizers``: the current ``LoRACallback``'s LoRA+ ratio is applied to
-    the optimizers it returns (see :func:`lora_lightning.loraplus.apply_loraplus`)."""
+    """Wraps the module's ``configure_optimizers``: with ``adapters=[...]`` every named adapter is made
+    trainable first (so the optimizer holds them all), and the current ``LoRACallback``'s LoRA+ ratio is
+    applied to the optimizers it returns (see :func:`lora_lightning.loraplus.apply_loraplus`)."""
 
     def __init__(self, module: pl.LightningModule) -> None:
         self.__wrapped__ = module.configure_optimizers
         self.module = module
 
     def __call__(self) -> Any:
-        ref = getattr(self.module, _CALLBACK, None)
-        callback = ref() if ref is not None else None
+        callback = _current_callback(self.module)
         if callback is not None and callback.adapters and has_lora(self.module):
             set_trainable_adapters(self.module, callback.adapters)  # (a restored checkpoint re-froze the bank)
         configured = self.__wrapped__()
@@ -542,11 +546,6 @@ class LoRACallback(Callback):
         if metrics:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
-
-
-def _current_callback(pl_module: pl.LightningModule) -> "LoRACallback | None":
-    ref = getattr(pl_module, _CALLBACK, None)
-    return ref() if ref is not None else None
 
 
 def _lora_option_parameters() -> list[inspect.Parameter]:

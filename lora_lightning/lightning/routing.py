@@ -27,7 +27,7 @@ import torch
 from torchmetrics import Metric
 
 from ..errors import LoRAConfigError
-from ..named import active_adapter, use_adapter
+from ..named import use_adapter
 
 _ROUTED = "_lora_lightning_routed_steps"
 _STEPS = {"training_step": None, "validation_step": "val_dataloaders", "test_step": "test_dataloaders",
@@ -164,4 +164,4 @@ def check_adapter_names(names: Sequence[str] | Mapping[str, Any] | None) -> list
     return listed
 
 
-__all__ = ["routed", "route_steps", "MetricOwners", "check_adapter_names", "active_adapter"]
+__all__ = ["routed", "route_steps", "MetricOwners", "check_adapter_names"]
