@@ -8,7 +8,7 @@
 # (best validation accuracy per family). Two streams of single-threaded runs (one per core).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-TRAIN=".venv/bin/python -m lora_lightning.app.train"
+TRAIN="nice -n 19 .venv/bin/python -m lora_lightning.app.train -m skip_done=true"  # re-launching resumes: finished runs are skipped
 export HF_HUB_OFFLINE=1 WANDB_MODE=offline WANDB_SILENT=true PYTHONWARNINGS=ignore
 stage=${1:?search or tables}
 OUT=multirun/ablations
@@ -18,12 +18,12 @@ if [ "$stage" = search ]; then
   (
     for targets in '[q]' '[q,v]' '[q,k,v,o]'; do
       n=$(tr -cd ',' <<<"$targets" | wc -c); n=$((n + 1))
-      $TRAIN -m experiment=ablation_search "lora.targets=$targets" 'lora.lr=1e-3,2e-3,4e-3' hydra.sweep.dir="$OUT/search/lora-$n"
+      $TRAIN experiment=ablation_search "lora.targets=$targets" 'lora.lr=1e-3,2e-3,4e-3' hydra.sweep.dir="$OUT/search/lora-$n"
     done
   ) >experiments/logs/ablations_search_a.log 2>&1 &
   (
-    $TRAIN -m experiment=ablation_search lora=full 'lora.lr=5e-5,1e-4,2e-4' hydra.sweep.dir="$OUT/search/full"
-    $TRAIN -m experiment=ablation_search lora=head_only 'lora.lr=1e-3,3e-3,1e-2' hydra.sweep.dir="$OUT/search/head_only"
+    $TRAIN experiment=ablation_search lora=full 'lora.lr=5e-5,1e-4,2e-4' hydra.sweep.dir="$OUT/search/full"
+    $TRAIN experiment=ablation_search lora=head_only 'lora.lr=1e-3,3e-3,1e-2' hydra.sweep.dir="$OUT/search/head_only"
   ) >experiments/logs/ablations_search_b.log 2>&1 &
   wait
   exit 0
@@ -35,15 +35,15 @@ L1=$(lr lora-1); L2=$(lr lora-2); L4=$(lr lora-4); LF=$(lr full); LH=$(lr head_o
 echo "learning rates: lora-1 $L1, lora-2 $L2, lora-4 $L4, full $LF, head_only $LH"
 for v in "$L1" "$L2" "$L4" "$LF" "$LH"; do [ -n "$v" ] || { echo "run the search first" >&2; exit 1; }; done
 (
-  taskset -c 0 $TRAIN -m experiment=table6 'lora.targets=[q]' lora.lr="$L1" hydra.sweep.dir="$OUT/table6/q"
-  taskset -c 0 $TRAIN -m experiment=table6 'lora.targets=[q,v]' lora.lr="$L2" hydra.sweep.dir="$OUT/table6/qv"
-  taskset -c 0 $TRAIN -m experiment=table6_reference lora=full lora.lr="$LF" hydra.sweep.dir="$OUT/table6_reference/full"
+  taskset -c 0 $TRAIN experiment=table6 'lora.targets=[q]' lora.lr="$L1" hydra.sweep.dir="$OUT/table6/q"
+  taskset -c 0 $TRAIN experiment=table6 'lora.targets=[q,v]' lora.lr="$L2" hydra.sweep.dir="$OUT/table6/qv"
+  taskset -c 0 $TRAIN experiment=table6_reference lora=full lora.lr="$LF" hydra.sweep.dir="$OUT/table6_reference/full"
 ) >experiments/logs/ablations_tables_a.log 2>&1 &
 (
-  taskset -c 1 $TRAIN -m experiment=table6 'lora.targets=[q,k,v,o]' lora.lr="$L4" hydra.sweep.dir="$OUT/table6/qkvo"
-  taskset -c 1 $TRAIN -m experiment=table5 'lora.targets=[q],[k],[v],[o]' lora.lr="$L1" hydra.sweep.dir="$OUT/table5/one"
-  taskset -c 1 $TRAIN -m experiment=table5 'lora.targets=[q,k],[q,v]' lora.lr="$L2" hydra.sweep.dir="$OUT/table5/two"
-  taskset -c 1 $TRAIN -m experiment=table5 'lora.targets=[q,k,v,o]' lora.lr="$L4" hydra.sweep.dir="$OUT/table5/four"
-  taskset -c 1 $TRAIN -m experiment=table6_reference lora=head_only lora.lr="$LH" hydra.sweep.dir="$OUT/table6_reference/head_only"
+  taskset -c 1 $TRAIN experiment=table6 'lora.targets=[q,k,v,o]' lora.lr="$L4" hydra.sweep.dir="$OUT/table6/qkvo"
+  taskset -c 1 $TRAIN experiment=table5 'lora.targets=[q],[k],[v],[o]' lora.lr="$L1" hydra.sweep.dir="$OUT/table5/one"
+  taskset -c 1 $TRAIN experiment=table5 'lora.targets=[q,k],[q,v]' lora.lr="$L2" hydra.sweep.dir="$OUT/table5/two"
+  taskset -c 1 $TRAIN experiment=table5 'lora.targets=[q,k,v,o]' lora.lr="$L4" hydra.sweep.dir="$OUT/table5/four"
+  taskset -c 1 $TRAIN experiment=table6_reference lora=head_only lora.lr="$LH" hydra.sweep.dir="$OUT/table6_reference/head_only"
 ) >experiments/logs/ablations_tables_b.log 2>&1 &
 wait

@@ -93,6 +93,17 @@ def test_main_job_multirun_writes_adapter_checkpoints_summary_and_wandb(tmp_path
         for needle in (b"experiment_name", b"apptest", f"lora.r={r}".encode(), b"params/trainable", b"val_acc", b"summary/test_acc"):
             assert needle in record, needle
     assert "test accuracy" in res.stdout  # the summary table
+    # skip_done=true: the same sweep re-launched into the same dir runs only the job it lacks
+    before = {run.name: (run / "summary.json").stat().st_mtime_ns for run in runs}
+    res = cli(["-m", *TINY, "logger=none", "lora.r=1,2,4", "experiment_name=apptest", "skip_done=true",
+               f"hydra.sweep.dir={tmp_path}/sweep"], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert {n: (tmp_path / "sweep" / n / "summary.json").stat().st_mtime_ns for n in before} == before
+    assert json.loads((tmp_path / "sweep" / "2" / "summary.json").read_text())["r"] == 4
+    # a dir holding another run's summary is refused, not silently reused
+    res = cli(["-m", *TINY, "logger=none", "lora.r=2", "experiment_name=apptest", "skip_done=true",
+               f"hydra.sweep.dir={tmp_path}/sweep"], tmp_path)
+    assert res.returncode != 0 and "skip_done=true" in res.stderr and "lora.r=1" in res.stderr, res.stderr[-2000:]
 
 
 @pytest.mark.parametrize(

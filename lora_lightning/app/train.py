@@ -140,6 +140,21 @@ def build_callbacks(cfg: DictConfig, out: Path, lora: LoRAConfig | None, monitor
 
 
 # --------------------------------------------------------------------------- the job
+def finished_summary(cfg: DictConfig, out: Path) -> dict[str, Any] | None:
+    """``skip_done=true``: the summary already in ``out`` when it belongs to this very run (same run_name and
+    seed), so an interrupted sweep re-launched into the same ``hydra.sweep.dir`` only runs what is missing."""
+    path = out / "summary.json"
+    if not cfg.get("skip_done") or not path.exists():
+        return None
+    summary = json.loads(path.read_text())
+    if summary.get("run_name") != cfg.run_name or summary.get("seed") != int(cfg.seed):
+        raise AppConfigError(
+            f"skip_done=true: {path} holds run {summary.get('run_name')!r} seed {summary.get('seed')}, not "
+            f"{cfg.run_name!r} seed {cfg.seed}; give the sweep its own hydra.sweep.dir or set skip_done=false"
+        )
+    return summary
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train + evaluate as configured; returns the summary (also written to ``summary.json``)."""
     method = cfg.lora.get("method", "lora")
@@ -152,6 +167,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     OmegaConf.update(cfg, "run_name", run_name(cfg))
+    done = finished_summary(cfg, out)
+    if done is not None:
+        log.info("skip_done: %s already holds the summary of %s; not re-run", out, cfg.run_name)
+        return done
 
     datamodule = instantiate(cfg.data, _convert_="all")
     datamodule.prepare_data()
