@@ -62,6 +62,7 @@ from .injection import (
     remove_lora,
 )
 from .merging import is_merged, merge_and_unload, merge_lora, merged_state_dict, unmerge_lora
+from .shared_input import set_shared_input_fusion, set_shared_input_groups, shared_input_groups
 from .adapter_io import (
     adapter_state_dict,
     load_adapter,
@@ -184,6 +185,9 @@ __all__ = [
     "make_inputs_require_grad",
     "merge_and_unload",
     "merge_lora",
+    "set_shared_input_fusion",
+    "set_shared_input_groups",
+    "shared_input_groups",
     "merged_state_dict",
     "mixed_batch",
     "orthogonality_penalty",

@@ -125,6 +125,9 @@ class LoRAConfig:
         quantize_base: store the adapted base weights quantized — ``nf4`` (torchao), ``int8`` (pure
             PyTorch), ``bnb-nf4`` / ``bnb-fp4`` / ``bnb-int8`` (bitsandbytes) — dequantized on the fly;
             combinable with every Linear variant.
+        fuse_shared_inputs: run plain LoRA Linear layers that read the same tensor (q/k/v, gate/up) as
+            one autograd node (one fused backward: one ``∂[A_1;...;A_n]`` GEMM, ``∂x`` summed in place; lora_lightning.shared_input).
+            A speed setting only: results equal the unfused layers' up to float round-off.
     """
 
     r: int = 8
@@ -142,6 +145,7 @@ class LoRAConfig:
     adapter_dtype: str | None = None
     variant: str = "lora"
     quantize_base: str | None = None
+    fuse_shared_inputs: bool = True
 
     # the registered name of this config class's variant; fields of a subclass that change what
     # saved adapter weights mean (compared when an adapter or checkpoint is loaded)

@@ -21,6 +21,7 @@ from .errors import AlreadyInjectedError, LoRAConfigError, NotInjectedError
 from .layers import LoRALayer, LoRALinear, LoRAMultiheadAttention, is_lora_layer, is_lora_module, primary_weight
 from .record import LoRAState, base_fingerprint
 from .sharding import _is_dtensor
+from .shared_input import attach_tracker
 from .targets import AdapterSpec, plan_injection, resolve_modules_to_save, summarize_names
 from .variants.registry import get_variant
 
@@ -218,6 +219,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> list[AdapterSpec]:
     object.__setattr__(model, STATE_ATTR, state)
     keep_originals(model, saved)
     mark_trainable(model, state)
+    attach_tracker(list(dict.fromkeys(layers.values())), enabled=config.fuse_shared_inputs)
     return specs
 
 

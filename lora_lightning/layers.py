@@ -540,6 +540,7 @@ class LoRALinear(LoRALayer, nn.Linear):
     """
 
     supports_routing = True
+    lora_shared: Any = None  # the model's SharedInputTracker (shared_input.py); None: always on its own
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, *, quantize: str | None = None, **options: Any) -> None:
         """``options``: those of :meth:`LoRALayer._init_lora` (scaling, dropout, init, adapter_dtype, name,
@@ -596,6 +597,11 @@ class LoRALinear(LoRALayer, nn.Linear):
         return quantizer(self.quantize_base).nbytes(self.weight, state)
 
     def forward(self, x: Tensor) -> Tensor:
+        shared = self.lora_shared
+        if shared is not None:  # siblings reading the same x: one node for the group (shared_input.py)
+            out = shared.forward(self, x)
+            if out is not None:
+                return out
         w = self.base_weight()
         return self.adapted_forward(x, w, self.bias, lambda: F.linear(x, w, self.bias))
 

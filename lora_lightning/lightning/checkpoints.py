@@ -32,6 +32,7 @@ from ..injection import get_lora_state, has_lora, inject_lora, lora_layers
 from ..merging import is_merged, unmerge_lora
 from ..named import has_named_adapters, named_adapters, restore_named_adapters
 from ..record import LoRAState, check_compatible, check_fingerprint
+from ..shared_input import set_shared_input_groups, shared_input_groups
 
 CHECKPOINT_KEY = "lora_lightning"
 _OPTIONS = "_lora_lightning_options"
@@ -106,6 +107,8 @@ def record_in_checkpoint(module: nn.Module, checkpoint: dict[str, Any]) -> None:
         keys = set(adapter_param_names(module, all_adapters=True))
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
     checkpoint[CHECKPOINT_KEY] = get_lora_state(module).to_dict() | {"merged": is_merged(module)}
+    # the learnt shared-input groups: restored on resume, so its first step runs fused as the uninterrupted run's did
+    checkpoint[CHECKPOINT_KEY]["shared_input_groups"] = shared_input_groups(module)
     if has_named_adapters(module):
         checkpoint[CHECKPOINT_KEY]["adapters"] = named_adapters(module).to_dict()
 
@@ -151,6 +154,8 @@ def prepare_for_checkpoint(module: nn.Module, checkpoint: dict[str, Any]) -> Non
             check_fingerprint(saved.fingerprint, state.fingerprint, options.on_base_mismatch, "checkpoint", options.override_hint)
         if any(layer.merged for layer in lora_layers(module).values()):
             unmerge_lora(module)  # the checkpoint's adapters replace these; the base must be W0 again
+    if record.get("shared_input_groups"):
+        set_shared_input_groups(module, record["shared_input_groups"])
     if full:  # its base tensors are loaded as saved: merged if they were merged when saved
         for layer in lora_layers(module).values():
             layer.merged = bool(record.get("merged", False))

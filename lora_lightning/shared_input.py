@@ -1,0 +1,283 @@
+"""Shared-input fusion: LoRA layers that read the same tensor (q, k and v of an attention block; gate and
+up of a Llama-style MLP) computed as one autograd node.
+
+For members ``i = 1..n`` reading ``x (..., d_in)``, with ``A_i (r_i x d_in)``, ``B_i (d_out_i x r_i)``::
+
+    h_i = x · A_iᵀ                                   (N, r_i)
+    y_i = x · W_iᵀ + b_i + s_i · h_i · B_iᵀ           bit-identical to the separate layer's output
+
+and the backward, with ``g_i = ∂L/∂y_i`` and ``gh_i = s_i · g_i · B_i``::
+
+    ∂[A_1; ...; A_n] = [gh_1, ..., gh_n]ᵀ · x        one GEMM
+    ∂B_i = s_i · (h[:, i]ᵀ · g_i)ᵀ
+    ∂x   = Σ g_i · W_i + [gh_1, ..., gh_n] · [A_1; ...; A_n]   accumulated in one buffer
+
+so the backward reads ``x`` once for all the members' ``∂A``, autograd sees one node for the group, and the
+input gradients are summed in place instead of by autograd's separate adds. The forward keeps each
+member's own thin GEMM so that outputs are bit-identical to the unfused layers' (gradients agree to float
+round-off: the sums run in another order).
+
+Nothing is hard-coded by name: a :class:`SharedInputTracker` watches the calls of the plain LoRA Linear
+layers of one model. Layers called one after the other with the *same tensor object* form a group (learnt
+on the first forward, which runs unfused); from the next forward on, the group's first member computes
+every member's output and the others take theirs from a cache keyed by the input tensor's identity. A
+member called with any other tensor computes its own output as usual, so a wrong grouping can cost time
+but never change a result. A group is used only when, at that call, every member is a plain LoRA layer
+(no variant, fused layout, quantized base, routing, merge or disable), its adapter dropout is inactive
+(``p = 0`` or eval mode: with dropout each member sees its own mask, so no single GEMM exists), and input,
+base and adapters share a dtype outside autocast. Under ``torch.compile`` tracing the layers keep their
+single-layer node (the tracker's Python bookkeeping would break the graph).
+
+Switch it with ``LoRAConfig(fuse_shared_inputs=False)`` at injection, or :func:`set_shared_input_fusion`.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .layers import LoRALinear
+
+TRACKER_ATTR = "lora_shared"  # the attribute of each LoRALinear holding its model's tracker
+
+
+class SharedInputLoRAFunction(torch.autograd.Function):
+    """``(y_1, ..., y_n)`` of ``n`` LoRA Linear layers that read the same ``x`` (module docstring).
+
+    ``apply(x, scalings, ranks, W_1, b_1, A_1, B_1, ..., W_n, b_n, A_n, B_n)``; ``b_i`` may be ``None``.
+    Saves ``x``, ``h (N x Σr)`` and the parameters only; outputs nobody uses get no gradient work.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, scalings: tuple[float, ...], ranks: tuple[int, ...], *params: Tensor | None) -> tuple[Tensor, ...]:
+        n = len(scalings)
+        weights, biases, As, Bs = params[0::4], params[1::4], params[2::4], params[3::4]
+        d_in, lead = x.shape[-1], x.shape[:-1]
+        x2 = x.reshape(-1, d_in)
+        # each member's h_i on its own (not one x·[A_1;...;A_n]ᵀ GEMM): the outputs are then bit-identical to
+        # the separate layers', so a model's output never depends on whether its groups are learnt yet
+        hs, outs = [], []
+        for i in range(n):
+            w, b = weights[i], biases[i]
+            out = torch.addmm(b, x2, w.t()) if b is not None else torch.mm(x2, w.t())
+            h_i = torch.mm(x2, As[i].t())
+            out.addmm_(h_i, Bs[i].t(), alpha=scalings[i])
+            hs.append(h_i)
+            outs.append(out.view(*lead, out.shape[-1]))
+        h = torch.cat(hs, 1)  # (N, Σr), saved for ∂B
+        ctx.scalings, ctx.ranks, ctx.has_bias = scalings, ranks, tuple(b is not None for b in biases)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, h, *weights, *As, *Bs)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        x, h, *rest = ctx.saved_tensors
+        scalings, ranks = ctx.scalings, ctx.ranks
+        n = len(ranks)
+        weights, As, Bs = rest[:n], rest[n : 2 * n], rest[2 * n :]
+        d_in = x.shape[-1]
+        x2 = x.reshape(-1, d_in)
+        A_cat = torch.cat(As, 0)
+        if torch.is_grad_enabled():  # double backward: h inside the graph being built
+            h = torch.mm(x2, A_cat.t())
+        need = ctx.needs_input_grad
+        out: list[Tensor | None] = [None, None, None] + [None] * (4 * n)
+        ghs, grad_x, offset = [], None, 0
+        for i, g in enumerate(grads):
+            r, s = ranks[i], scalings[i]
+            if g is None:  # output unused: contributes nothing
+                ghs.append(x2.new_zeros(x2.shape[0], r))
+                offset += r
+                continue
+            g2 = g.reshape(-1, g.shape[-1])
+            gh = torch.mm(g2, Bs[i].t().contiguous().t()) * s  # (N, r_i), B column-major: the fast layout
+            ghs.append(gh)
+            base = 3 + 4 * i
+            if need[base + 3]:
+                out[base + 3] = torch.mm(h[:, offset : offset + r].t(), g2).t() * s
+            if need[base]:
+                out[base] = torch.mm(g2.t(), x2)
+            if ctx.has_bias[i] and need[base + 1]:
+                out[base + 1] = g2.sum(0)
+            if need[0]:
+                grad_x = torch.mm(g2, weights[i]) if grad_x is None else grad_x.addmm_(g2, weights[i])
+            offset += r
+        gh_cat = torch.cat(ghs, 1)
+        if any(need[3 + 4 * i + 2] for i in range(n)):
+            grad_A = torch.mm(gh_cat.t(), x2)  # (Σr, d_in): the one thin backward GEMM
+            offset = 0
+            for i in range(n):
+                if need[3 + 4 * i + 2]:
+                    out[3 + 4 * i + 2] = grad_A[offset : offset + ranks[i]]
+                offset += ranks[i]
+        if need[0]:
+            grad_x = torch.mm(gh_cat, A_cat) if grad_x is None else grad_x.addmm_(gh_cat, A_cat)
+            out[0] = grad_x.view(x.shape)
+        return tuple(out)
+
+
+def _in_backward() -> bool:
+    """Whether autograd is running a backward pass on this thread (where checkpointing recomputes)."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
+
+
+def _plain_member(layer: nn.Module) -> bool:
+    """A layer the fused node computes exactly: plain LoRA on a Linear, unfused layout, unquantized base."""
+    from .layers import LoRALinear
+
+    return type(layer) is LoRALinear and layer.fused is None and getattr(layer, "quantize_base", None) is None
+
+
+def _ready(layer: "LoRALinear", x: Tensor) -> bool:
+    """Whether ``layer`` would take its one-node path for ``x`` now, with no dropout mask to draw."""
+    from .layers import _one_node_ok
+
+    return (
+        not layer.merged
+        and layer.quantize_base is None
+        and not layer.lora_disabled
+        and layer.lora_route is None
+        and (layer.dropout_p == 0 or not layer.lora_dropout.training)
+        and _one_node_ok(x, layer.weight, layer.lora_A, layer.lora_B)
+    )
+
+
+class SharedInputTracker:
+    """Learns which plain LoRA Linear layers of one model read the same tensor, and runs them as one node.
+
+    One tracker per injected model, set as ``layer.lora_shared`` on every plain LoRA Linear layer.
+    ``groups`` maps a group's first member to the members in call order.
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.groups: dict[nn.Module, list[nn.Module]] = {}
+        self.member_of: dict[nn.Module, nn.Module] = {}  # layer -> its group's first member
+        self._last: tuple[weakref.ref, list[nn.Module]] | None = None  # learning: the last input and its readers
+        self._cache: tuple[weakref.ref, dict[nn.Module, Tensor]] | None = None  # outputs waiting for their member
+        # groups learnt but not run yet: they start at a leader call outside a backward pass, so the recompute
+        # of an activation-checkpointed forward that ran unfused runs unfused as well
+        self._pending: set[nn.Module] = set()
+        self.fused_calls = 0  # group computations (for tests and profiles)
+
+    # pickling / deepcopy: the runtime state (weak references, cached outputs) is not part of the model
+    def __getstate__(self) -> dict[str, Any]:
+        return {"enabled": self.enabled, "groups": self.groups, "member_of": self.member_of, "fused_calls": 0,
+                "_pending": set(self._pending)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._last, self._cache = None, None
+
+    def reset(self) -> None:
+        """Forget the learnt groups (they are learnt again on the next forward)."""
+        self.groups.clear()
+        self.member_of.clear()
+        self._pending.clear()
+        self._last, self._cache = None, None
+
+    def add_group(self, members: Sequence[nn.Module]) -> None:
+        """Make ``members`` (in call order) one group, taking them out of any group they were in."""
+        for m in members:
+            old = self.member_of.pop(m, None)
+            if old is not None and old in self.groups:
+                for other in self.groups.pop(old):
+                    self.member_of.pop(other, None)
+        self.groups[members[0]] = list(members)
+        self._pending.add(members[0])
+        for m in members:
+            self.member_of[m] = members[0]
+
+    def forward(self, layer: "LoRALinear", x: Tensor) -> Tensor | None:
+        """``layer``'s output for ``x`` through its group, or ``None`` when the layer runs on its own."""
+        if not self.enabled or torch.compiler.is_compiling():
+            return None
+        cache = self._cache
+        if cache is not None and layer in cache[1]:
+            if cache[0]() is x:
+                return cache[1].pop(layer)
+            cache[1].pop(layer)  # called with another tensor: the precomputed output is not its output
+        leader = self.member_of.get(layer)
+        if leader is None:
+            self._learn(layer, x)
+            return None
+        if leader is not layer:
+            return None
+        if layer in self._pending:
+            if _in_backward():  # an activation-checkpointing recompute must save what its forward saved
+                return None
+            self._pending.discard(layer)
+        members = self.groups[layer]
+        if not all(_ready(m, x) for m in members):
+            return None
+        outs = self._run(members, x)
+        self._cache = (weakref.ref(x), dict(zip(members[1:], outs[1:])))
+        self.fused_calls += 1
+        return outs[0]
+
+    def _learn(self, layer: nn.Module, x: Tensor) -> None:
+        last = self._last
+        if last is not None and last[0]() is x and layer not in last[1]:
+            last[1].append(layer)
+            self.add_group(last[1])
+            return
+        self._last = (weakref.ref(x), [layer])
+
+    @staticmethod
+    def _run(members: Sequence["LoRALinear"], x: Tensor) -> tuple[Tensor, ...]:
+        params: list[Tensor | None] = []
+        for m in members:
+            params += [m.weight, m.bias, m.lora_A, m.lora_B]
+        scalings = tuple(float(m.scaling) for m in members)
+        ranks = tuple(int(m.lora_A.shape[0]) for m in members)
+        return SharedInputLoRAFunction.apply(x, scalings, ranks, *params)
+
+
+def attach_tracker(layers: Sequence[nn.Module], enabled: bool = True) -> SharedInputTracker:
+    """A new tracker set on the plain LoRA Linear layers among ``layers`` (injection calls this)."""
+    tracker = SharedInputTracker(enabled)
+    for layer in layers:
+        if _plain_member(layer):
+            object.__setattr__(layer, TRACKER_ATTR, tracker)
+    return tracker
+
+
+def set_shared_input_fusion(model: nn.Module, enabled: bool) -> int:
+    """Turn shared-input fusion on or off for every adapted layer of ``model``; returns how many layers
+    can take part. Results are the same either way (up to float round-off: one GEMM instead of several)."""
+    trackers = {id(t): t for t in (getattr(m, TRACKER_ATTR, None) for m in model.modules()) if t is not None}
+    for tracker in trackers.values():
+        tracker.enabled = enabled
+        tracker.reset()
+    return sum(1 for m in model.modules() if getattr(m, TRACKER_ATTR, None) is not None)
+
+
+def shared_input_groups(model: nn.Module) -> list[list[str]]:
+    """The learnt groups as module names, e.g. ``[['...query', '...key', '...value'], ...]`` (empty before
+    the first forward)."""
+    names = {m: n for n, m in model.named_modules()}
+    trackers = {id(t): t for t in (getattr(m, TRACKER_ATTR, None) for m in model.modules()) if t is not None}
+    return [[names.get(m, "?") for m in members] for t in trackers.values() for members in t.groups.values()]
+
+
+def set_shared_input_groups(model: nn.Module, groups: Sequence[Sequence[str]]) -> int:
+    """Set the groups by module name (as :func:`shared_input_groups` returns them), so the next forward already
+    runs fused: checkpoints record the groups and resuming restores them, which keeps a resumed run
+    bit-identical to an uninterrupted one. Names that are not plain LoRA Linear layers of one tracker are
+    skipped (the groups are a speed hint, never needed for a right result). Returns the groups set."""
+    modules = dict(model.named_modules())
+    done = 0
+    for names in groups:
+        members = [modules.get(n) for n in names]
+        trackers = {id(getattr(m, TRACKER_ATTR, None)) for m in members}
+        if len(members) < 2 or None in members or len(trackers) != 1 or getattr(members[0], TRACKER_ATTR, None) is None:
+            continue
+        getattr(members[0], TRACKER_ATTR).add_group(members)
+        done += 1
+    return done
