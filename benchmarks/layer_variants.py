@@ -7,7 +7,10 @@ frozen-base limit:
 
 * ``composed``: ``F.linear(x, W0, b) + lora_forward(x)`` (five autograd nodes, a d_out-wide add);
 * ``inplace``: the low-rank path added into the base output with ``addmm_`` (the second version);
-* ``one_node``: the library's forward today, :class:`lora_lightning.layers.LoRALinearFunction`.
+* ``one_node``: one autograd node per layer, :class:`lora_lightning.layers.LoRALinearFunction`
+  (shared-input fusion off);
+* ``shared``: the library's default today: layers reading the same tensor (q, k, v) as one node,
+  :class:`lora_lightning.shared_input.SharedInputLoRAFunction`.
 
 The older two are installed per instance as patched methods (the library is not changed). All
 three must give the same loss and gradients; the script checks that too.
@@ -27,7 +30,7 @@ from torch import Tensor
 from benchmarks.common import interleaved, load_average, paired_ratio, setup_torch, summarize
 from benchmarks.models import bert_large_width_spec, build_model, make_batch, make_trainer, minilm_spec, prepare, tiny_bert_spec
 
-VARIANTS = ("composed", "inplace", "one_node")
+VARIANTS = ("composed", "inplace", "one_node", "shared")
 
 
 def composed_forward(self, x: Tensor) -> Tensor:
@@ -49,10 +52,11 @@ def inplace_forward(self, x: Tensor) -> Tensor:
 
 
 def patch(model: torch.nn.Module, variant: str) -> int:
-    from lora_lightning import lora_layers
+    from lora_lightning import lora_layers, set_shared_input_fusion
 
     layers = lora_layers(model)
-    fn = {"composed": composed_forward, "inplace": inplace_forward, "one_node": None}[variant]
+    set_shared_input_fusion(model, variant == "shared")
+    fn = {"composed": composed_forward, "inplace": inplace_forward, "one_node": None, "shared": None}[variant]
     if fn is not None:
         for layer in layers.values():
             layer.forward = types.MethodType(fn, layer)
@@ -70,6 +74,7 @@ def check_equal(spec, method: str) -> dict:
         randomize_lora_B(m)
         m.eval()  # no dropout: deterministic
         patch(m, variant)
+        m(**make_batch(spec, "cpu"))  # the shared-input groups are learnt on a first forward
         loss = m(**make_batch(spec, "cpu")).loss
         loss.backward()
         grads[variant] = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
@@ -107,6 +112,7 @@ def main(argv=None) -> int:
                 ratios[f"{method} {variant}/floor"] = paired_ratio(times[f"{method}:{variant}"], times["floor"])
             for variant in VARIANTS[1:]:
                 ratios[f"{method} {variant}/composed"] = paired_ratio(times[f"{method}:{variant}"], times[f"{method}:composed"])
+            ratios[f"{method} shared/one_node"] = paired_ratio(times[f"{method}:shared"], times[f"{method}:one_node"])
         out["models"][spec.key] = {
             "step_s": {k: summarize(v) for k, v in times.items()},
             "ratios": ratios,

@@ -38,7 +38,7 @@ def measure(job: dict) -> dict:
     rss_before_model = current_rss()
     model = prepare(build_model(spec, device, dtype), job["method"])
     batch = make_batch(spec, device)
-    step, _ = make_trainer(model, batch)
+    step, _ = make_trainer(model, batch, job["method"])
     trainable, total = trainable_params(model)
     gc.collect()
     out: dict = {

@@ -27,13 +27,20 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import contextlib
+
 import torch
 from torch import nn
 
 from lora_lightning import LoRAConfig, inject_lora
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-TRAIN_METHODS = ("full", "lora_qv", "peft_qv", "lora_all", "peft_all", "floor", "head_only")
+TRAIN_METHODS = (
+    "full", "lora_qv", "peft_qv", "lora_all", "peft_all", "floor", "head_only", "lora_qv+unfused", "lora_all+unfused",
+)
+# a method may carry modifiers after "+": unfused (shared-input fusion off), bf16mixed (torch.autocast to
+# bf16), bf16base (the model in bf16; LoRA adapters kept in fp32), compiled (torch.compile, inductor)
+MODIFIERS = ("unfused", "bf16mixed", "bf16base", "compiled")
 METHOD_LABELS = {
     "full": "full fine-tuning",
     "lora_qv": "LoRA r=8 q,v (ours)",
@@ -43,6 +50,26 @@ METHOD_LABELS = {
     "floor": "frozen base + input grads (limit)",
     "head_only": "frozen base, head only",
 }
+MODIFIER_LABELS = {
+    "unfused": "shared-input fusion off",
+    "bf16mixed": "bf16-mixed autocast",
+    "bf16base": "bf16 base, fp32 adapters",
+    "compiled": "torch.compile (inductor)",
+}
+
+
+def split_method(method: str) -> tuple[str, tuple[str, ...]]:
+    """``"lora_all+bf16mixed"`` -> ``("lora_all", ("bf16mixed",))``."""
+    base, *mods = method.split("+")
+    bad = [m for m in mods if m not in MODIFIERS]
+    if bad:
+        raise ValueError(f"unknown method modifier(s) {bad} in {method!r}; known: {MODIFIERS}")
+    return base, tuple(mods)
+
+
+def method_label(method: str) -> str:
+    base, mods = split_method(method)
+    return METHOD_LABELS[base] + "".join(f", {MODIFIER_LABELS[m]}" for m in mods)
 LORA_R, LORA_ALPHA = 8, 16
 
 
@@ -140,7 +167,10 @@ def lora_config(method: str, r: int = LORA_R, alpha: float = LORA_ALPHA, head: b
 
 
 def prepare(model: nn.Module, method: str) -> nn.Module:
-    """Apply a training method in place (PEFT wraps: use the returned module)."""
+    """Apply a training method in place (PEFT wraps: use the returned module); modifiers: see MODIFIERS."""
+    method, mods = split_method(method)
+    if "bf16base" in mods:
+        model.to(torch.bfloat16)
     if method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -151,7 +181,11 @@ def prepare(model: nn.Module, method: str) -> nn.Module:
             # every frozen layer down to the embeddings, but no weight gradient is computed
             model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
     elif method in ("lora_qv", "lora_all"):
-        inject_lora(model, lora_config(method))
+        config = lora_config(method)
+        config.fuse_shared_inputs = "unfused" not in mods
+        if "bf16base" in mods:
+            config.adapter_dtype = "float32"
+        inject_lora(model, config)
     elif method in ("peft_qv", "peft_all"):
         import peft
 
@@ -181,15 +215,22 @@ def trainable_params(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def make_trainer(model: nn.Module, batch: dict[str, torch.Tensor]):
-    """(step function, optimizer): zero_grad -> forward -> loss.backward -> AdamW.step."""
+def make_trainer(model: nn.Module, batch: dict[str, torch.Tensor], method: str = ""):
+    """(step function, optimizer): zero_grad -> forward -> loss.backward -> AdamW.step. The method's
+    modifiers ``bf16mixed`` (forward under ``torch.autocast(bfloat16)``, as Lightning's ``bf16-mixed``)
+    and ``compiled`` (``torch.compile`` of the model, inductor) apply here."""
+    _, mods = split_method(method) if method else ("", ())
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
+    forward = torch.compile(model) if "compiled" in mods else model
+    device = next(model.parameters()).device.type
+    autocast = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if "bf16mixed" in mods else contextlib.nullcontext
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        loss = model(**batch).loss
+        with autocast():
+            loss = forward(**batch).loss
         loss.backward()
         opt.step()
 

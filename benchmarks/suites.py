@@ -6,10 +6,13 @@
 3. ``inference``: base vs merged vs unmerged LoRA forward latency.
 4. ``sizes``: adapter / full checkpoint bytes, closed-form prediction, GPT-3 175B recomputed.
 5. ``inject_merge``: injection and merge/unmerge time on a ~1B-parameter Llama-shaped model.
+7. ``precision``: fp32 vs bf16-mixed vs a bf16 base with fp32 adapters (step time, memory).
+8. ``compile``: torch.compile (inductor) vs eager, compile time, recompilations, graph breaks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
@@ -56,19 +59,48 @@ TRAIN_RATIOS = [
     ("peft_qv", "floor"),
     ("head_only", "full"),
     ("floor", "full"),
+    ("lora_qv", "lora_qv+unfused"),
+    ("lora_all", "lora_all+unfused"),
+    ("lora_qv+unfused", "floor"),
+    ("lora_all+unfused", "floor"),
 ]
 
 
 # --------------------------------------------------------------------------- 1 + 2: training
+def saved_activation_bytes(model: nn.Module, batch: dict, method: str = "") -> int:
+    """Bytes autograd keeps for the backward of one training forward: the distinct storages packed by
+    ``saved_tensors_hooks`` (a tensor saved by several nodes counts once), parameters excluded. The
+    deterministic part of 'training MiB', per method."""
+    from benchmarks.models import split_method
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params and st.device.type != "meta":
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    mods = split_method(method)[1] if method else ()
+    ctx = torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16) if "bf16mixed" in mods else contextlib.nullcontext()
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), ctx:
+        loss = model(**batch).loss
+    del loss
+    return int(sum(seen.values()))
+
+
 def train_speed(spec: ModelSpec, methods: list[str], device: str, dtype: str, rounds: int, warmup: int) -> dict:
     """Every method's training step, timed round-robin (random order per round) on the same batch."""
     fns, info = {}, {}
     for m in methods:
         model = prepare(build_model(spec, device, dtype), m)
-        step, _ = make_trainer(model, make_batch(spec, device))
+        step, _ = make_trainer(model, make_batch(spec, device), m)
         trainable, total = trainable_params(model)
         fns[m] = step
-        info[m] = {"trainable_params": trainable, "total_params": total}
+        info[m] = {"trainable_params": trainable, "total_params": total,
+                   "saved_activation_bytes": saved_activation_bytes(model, make_batch(spec, device), m)}
     times = interleaved(fns, rounds=rounds, warmup=warmup, device=device, seed=1)
     out = {"methods": {}, "ratios": {}}
     for m in methods:
@@ -349,3 +381,72 @@ def inject_merge(llama_kwargs: dict, device: str, repeats: int) -> dict:
     del model
     gc.collect()
     return out
+
+
+# --------------------------------------------------------------------------- 7: bf16 on the CPU
+PRECISION_METHODS = ("lora_all", "lora_all+bf16mixed", "lora_all+bf16base", "floor", "floor+bf16mixed", "full", "full+bf16mixed")
+
+
+def precision(spec: ModelSpec, device: str, rounds: int, warmup: int, threads: int, memory: bool = True) -> dict:
+    """Training step time and peak memory in fp32, under ``bf16-mixed`` autocast, and with a bf16 base
+    holding fp32 adapters (the QLoRA-style layout), round-robin in one process; ratios against fp32."""
+    speed = train_speed(spec, list(PRECISION_METHODS), device, "fp32", rounds, warmup)
+    for m in PRECISION_METHODS:
+        base = m.split("+")[0]
+        if m != base:
+            speed["ratios"][f"{m}/{base}"] = paired_ratio(speed["methods"][m]["samples_s"], speed["methods"][base]["samples_s"])
+    mem = train_memory([spec], list(PRECISION_METHODS), device, "fp32", threads)[spec.key] if memory else {}
+    return {"label": spec.label, "batch": spec.batch, "seq": spec.seq, "rounds": rounds, "speed": speed, "memory": mem}
+
+
+# --------------------------------------------------------------------------- 8: torch.compile
+def compiled(spec: ModelSpec, device: str, rounds: int, warmup: int, seq_lengths: list[int]) -> dict:
+    """``torch.compile`` (inductor) of the LoRA all-linear model vs eager: step time round-robin, compile
+    time (first compiled step), recompilations over a run of batches whose length varies as with dynamic
+    padding, and dynamo's graph breaks for the adapted model's forward."""
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+
+    dynamo.reset()
+    model = prepare(build_model(spec, device, "fp32"), "lora_all")
+    batch = make_batch(spec, device)
+    model(**batch)  # learn the shared-input groups (not traced: the tracker is skipped while compiling)
+    explain = dynamo.explain(model)(**batch)
+    breaks = {"graph_break_count": int(explain.graph_break_count), "graph_count": int(explain.graph_count),
+              "reasons": [str(b.reason)[:200] for b in explain.break_reasons[:5]]}
+    dynamo.reset()
+    eager_step, _ = make_trainer(model, batch, "lora_all")
+    twin = prepare(build_model(spec, device, "fp32"), "lora_all")
+    twin.train()
+    forward = torch.compile(twin)
+    opt = torch.optim.AdamW([p for p in twin.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.01)
+
+    def run(b: dict) -> None:
+        opt.zero_grad(set_to_none=True)
+        forward(**b).loss.backward()
+        opt.step()
+
+    counters.clear()
+    t0 = time.perf_counter()
+    run(batch)
+    compile_s = time.perf_counter() - t0
+    first_graphs = int(counters["stats"].get("unique_graphs", 0))
+    times = interleaved({"eager": eager_step, "compiled": lambda: run(batch)}, rounds=rounds, warmup=warmup, device=device, seed=4)
+    recompile_s = []
+    for n in seq_lengths:  # a fit with dynamic padding: the length of each batch differs
+        b = {k: v[:, :n] if v.dim() == 2 else v for k, v in batch.items()}
+        t0 = time.perf_counter()
+        run(b)
+        recompile_s.append(time.perf_counter() - t0)
+    stats = dict(counters["stats"])
+    return {
+        "label": spec.label, "batch": spec.batch, "seq": spec.seq, "rounds": rounds,
+        "graph_breaks": breaks,
+        "compile_s": compile_s,
+        "step_s": {k: summarize(v) for k, v in times.items()},
+        "ratio_compiled_eager": paired_ratio(times["compiled"], times["eager"]),
+        "fit_seq_lengths": seq_lengths,
+        "fit_step_s": recompile_s,
+        "graphs_first_step": first_graphs,
+        "graphs_after_fit": int(stats.get("unique_graphs", 0)),  # > graphs_first_step: recompilations
+    }
