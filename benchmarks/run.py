@@ -262,11 +262,13 @@ def render_markdown(res: dict) -> str:
             f"batch {t['batch']} x seq {t['seq']}, {res['dtype']}, AdamW over the trainable parameters; "
             f"{t['rounds']} timed rounds after {t['warmup']} warm-up rounds. Memory: one fresh process per row, "
             f"{mem[next(iter(mem))].get('metric', '?') if mem else '?'}; 'training' = peak minus the process "
-            "with the model loaded (activations + gradients + optimizer state + allocator slack)."
+            "with the model loaded (activations + gradients + optimizer state + allocator slack). 'Saved activations': "
+            "the distinct tensors autograd keeps from one forward for the backward (parameters excluded; a tensor "
+            "several nodes save counts once), the deterministic part of training memory."
         )
         L.append("")
-        L.append("| method | trainable params | step ms median [p25-p75] | / full | / frozen-base limit | peak MiB | training MiB |")
-        L.append("|---|---|---|---|---|---|---|")
+        L.append("| method | trainable params | step ms median [p25-p75] | / full | / frozen-base limit | peak MiB | training MiB | saved activations MiB |")
+        L.append("|---|---|---|---|---|---|---|---|")
         full = sp["methods"].get("full")
         floor = sp["methods"].get("floor")
         for m, row in sp["methods"].items():
@@ -279,7 +281,7 @@ def render_markdown(res: dict) -> str:
             peak = _mb(mm.get("peak_bytes")) if "error" not in mm else "error"
             train_mb = _mb(mm.get("training_bytes")) if "error" not in mm else "error"
             L.append(
-                f"| {method_label(m)} | {row['trainable_params']:,} | {_ms(s['median'])} [{_ms(s['p25'])}-{_ms(s['p75'])}] | {rf_s} | {rl_s} | {peak} | {train_mb} |"
+                f"| {method_label(m)} | {row['trainable_params']:,} | {_ms(s['median'])} [{_ms(s['p25'])}-{_ms(s['p75'])}] | {rf_s} | {rl_s} | {peak} | {train_mb} | {_mb(row.get('saved_activation_bytes'))} |"
             )
         L.append("")
         for a, b in (("lora_qv", "peft_qv"), ("lora_all", "peft_all")):
