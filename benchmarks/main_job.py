@@ -1,5 +1,5 @@
 """Tokens per second of the main job (``lora-train`` with its defaults): LoRA vs full fine-tuning vs
-head only (and LoRA under bf16-mixed), on the job's own model, data and batches, in one run.
+head only (and LoRA under bf16-mixed, and with shared-input fusion off), on the job's own model, data and batches, in one run.
 
     python -m benchmarks.main_job [--batches 12] [--rounds 5] [--threads 2]
 
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from benchmarks.common import interleaved, load_average, paired_ratio, setup_torch, summarize
 
 HERE = Path(__file__).resolve().parent
-METHODS = ("lora", "full", "head_only", "lora+bf16mixed")
+METHODS = ("lora", "full", "head_only", "lora+bf16mixed", "lora+unfused")
 
 
 def _compose(overrides: list[str]):
@@ -46,7 +46,10 @@ def build(method: str):
     from lora_lightning.app.train import build_lora_config, freeze_all_but_head
 
     base = method.split("+")[0]
-    cfg = _compose([] if base == "lora" else [f"lora={base}"])
+    overrides = [] if base == "lora" else [f"lora={base}"]
+    if method.endswith("+unfused"):
+        overrides.append("lora.fuse_shared_inputs=false")
+    cfg = _compose(overrides)
     dm = instantiate(cfg.data, _convert_="all")
     dm.prepare_data()
     dm.setup("fit")
@@ -115,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
             "samples_per_s": samples / s["median"],
             "time_vs_full": paired_ratio(times[m], times["full"]) if m != "full" else None,
         }
+    out["paired"] = {
+        "lora / lora+unfused (time)": paired_ratio(times["lora"], times["lora+unfused"]),
+        "lora+bf16mixed / lora (time)": paired_ratio(times["lora+bf16mixed"], times["lora"]),
+    }
     args.out.write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps({m: {k: v for k, v in r.items() if k.endswith("_per_s")} for m, r in out["methods"].items()}, indent=1))
     return 0

@@ -524,13 +524,17 @@ def main_job_section(path: Path) -> list[str]:
         "| method | trainable params | real tokens/s | padded tokens/s | snippets/s | time / full fine-tuning |",
         "|---|---|---|---|---|---|",
     ]
-    labels = {"lora": "LoRA (the job's default)", "full": "full fine-tuning", "head_only": "head only", "lora+bf16mixed": "LoRA, bf16-mixed"}
+    labels = {"lora": "LoRA (the job's default)", "full": "full fine-tuning", "head_only": "head only", "lora+bf16mixed": "LoRA, bf16-mixed",
+              "lora+unfused": "LoRA, shared-input fusion off"}
     for m, r in d["methods"].items():
         ratio = _r(r["time_vs_full"]) if r["time_vs_full"] else "1"
         L.append(
             f"| {labels.get(m, m)} | {r['trainable_params']:,} | {r['real_tokens_per_s']:.0f} | {r['padded_tokens_per_s']:.0f} | "
             f"{r['samples_per_s']:.1f} | {ratio} |"
         )
+    L.append("")
+    for name, r in d.get("paired", {}).items():
+        L.append(f"- {name}, paired per round: {_r(r)}")
     L.append("")
     return L
 

@@ -23,9 +23,10 @@ on the first forward, which runs unfused); from the next forward on, the group's
 every member's output and the others take theirs from a cache keyed by the input tensor's identity. A
 member called with any other tensor computes its own output as usual, so a wrong grouping can cost time
 but never change a result. A group is used only when, at that call, every member is a plain LoRA layer
-(no variant, fused layout, quantized base, routing, merge or disable), its adapter dropout is inactive
-(``p = 0`` or eval mode: with dropout each member sees its own mask, so no single GEMM exists), and input,
-base and adapters share a dtype outside autocast. Under ``torch.compile`` tracing the layers keep their
+(no variant, fused layout, quantized base, routing, merge or disable) and input, base and adapters share a
+dtype outside autocast. With adapter dropout active, each member keeps its own mask, drawn as ``nn.Dropout``
+draws it (same random stream as the separate layers), stored as one byte per element instead of each
+layer's fp32 copy of its dropped input; the ``∂A_i`` are then one GEMM each. Under ``torch.compile`` tracing the layers keep their
 single-layer node (the tracker's Python bookkeeping would break the graph).
 
 Switch it with ``LoRAConfig(fuse_shared_inputs=False)`` at injection, or :func:`set_shared_input_fusion`.
@@ -48,12 +49,19 @@ TRACKER_ATTR = "lora_shared"  # the attribute of each LoRALinear holding its mod
 class SharedInputLoRAFunction(torch.autograd.Function):
     """``(y_1, ..., y_n)`` of ``n`` LoRA Linear layers that read the same ``x`` (module docstring).
 
-    ``apply(x, scalings, ranks, W_1, b_1, A_1, B_1, ..., W_n, b_n, A_n, B_n)``; ``b_i`` may be ``None``.
-    Saves ``x``, ``h (N x Σr)`` and the parameters only; outputs nobody uses get no gradient work.
+    ``apply(x, scalings, ranks, keeps, masks, W_1, b_1, A_1, B_1, ..., W_n, b_n, A_n, B_n)``; ``b_i`` may be
+    ``None``. With adapter dropout, ``masks[i]`` is member i's boolean keep-mask (shape of ``x``) and
+    ``keeps[i]`` its keep probability: the adapter reads ``x_d,i = x·mask_i / keep_i`` exactly as
+    ``nn.Dropout`` computes it; ``None`` = no dropout. Saves ``x``, ``h (N x Σr)``, the masks (one byte per
+    element, where the separate layers each keep their fp32 ``x_d,i``) and the parameters; outputs nobody
+    uses get no gradient work.
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, scalings: tuple[float, ...], ranks: tuple[int, ...], *params: Tensor | None) -> tuple[Tensor, ...]:
+    def forward(
+        ctx: Any, x: Tensor, scalings: tuple[float, ...], ranks: tuple[int, ...], keeps: tuple[float | None, ...],
+        masks: tuple[Tensor | None, ...], *params: Tensor | None,
+    ) -> tuple[Tensor, ...]:
         n = len(scalings)
         weights, biases, As, Bs = params[0::4], params[1::4], params[2::4], params[3::4]
         d_in, lead = x.shape[-1], x.shape[:-1]
@@ -64,29 +72,34 @@ class SharedInputLoRAFunction(torch.autograd.Function):
         for i in range(n):
             w, b = weights[i], biases[i]
             out = torch.addmm(b, x2, w.t()) if b is not None else torch.mm(x2, w.t())
-            h_i = torch.mm(x2, As[i].t())
+            h_i = torch.mm(_dropped(x2, masks[i], keeps[i]), As[i].t())
             out.addmm_(h_i, Bs[i].t(), alpha=scalings[i])
             hs.append(h_i)
             outs.append(out.view(*lead, out.shape[-1]))
         h = torch.cat(hs, 1)  # (N, Σr), saved for ∂B
-        ctx.scalings, ctx.ranks, ctx.has_bias = scalings, ranks, tuple(b is not None for b in biases)
+        ctx.scalings, ctx.ranks, ctx.keeps, ctx.has_bias = scalings, ranks, keeps, tuple(b is not None for b in biases)
+        ctx.mask_at = tuple(i for i in range(n) if masks[i] is not None)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, h, *weights, *As, *Bs)
+        ctx.save_for_backward(x, h, *weights, *As, *Bs, *(masks[i] for i in ctx.mask_at))
         return tuple(outs)
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
         x, h, *rest = ctx.saved_tensors
-        scalings, ranks = ctx.scalings, ctx.ranks
+        scalings, ranks, keeps = ctx.scalings, ctx.ranks, ctx.keeps
         n = len(ranks)
-        weights, As, Bs = rest[:n], rest[n : 2 * n], rest[2 * n :]
+        weights, As, Bs = rest[:n], rest[n : 2 * n], rest[2 * n : 3 * n]
+        masks: list[Tensor | None] = [None] * n
+        for i, m in zip(ctx.mask_at, rest[3 * n :]):
+            masks[i] = m
         d_in = x.shape[-1]
         x2 = x.reshape(-1, d_in)
         A_cat = torch.cat(As, 0)
         if torch.is_grad_enabled():  # double backward: h inside the graph being built
-            h = torch.mm(x2, A_cat.t())
+            h = torch.cat([torch.mm(_dropped(x2, masks[i], keeps[i]), As[i].t()) for i in range(n)], 1)
         need = ctx.needs_input_grad
-        out: list[Tensor | None] = [None, None, None] + [None] * (4 * n)
+        P = 5  # index of W_1 among apply's arguments
+        out: list[Tensor | None] = [None] * (P + 4 * n)
         ghs, grad_x, offset = [], None, 0
         for i, g in enumerate(grads):
             r, s = ranks[i], scalings[i]
@@ -97,7 +110,7 @@ class SharedInputLoRAFunction(torch.autograd.Function):
             g2 = g.reshape(-1, g.shape[-1])
             gh = torch.mm(g2, Bs[i].t().contiguous().t()) * s  # (N, r_i), B column-major: the fast layout
             ghs.append(gh)
-            base = 3 + 4 * i
+            base = P + 4 * i
             if need[base + 3]:
                 out[base + 3] = torch.mm(h[:, offset : offset + r].t(), g2).t() * s
             if need[base]:
@@ -107,18 +120,44 @@ class SharedInputLoRAFunction(torch.autograd.Function):
             if need[0]:
                 grad_x = torch.mm(g2, weights[i]) if grad_x is None else grad_x.addmm_(g2, weights[i])
             offset += r
-        gh_cat = torch.cat(ghs, 1)
-        if any(need[3 + 4 * i + 2] for i in range(n)):
-            grad_A = torch.mm(gh_cat.t(), x2)  # (Σr, d_in): the one thin backward GEMM
-            offset = 0
+        want_A = [need[P + 4 * i + 2] for i in range(n)]
+        if not ctx.mask_at:  # every member reads x itself: one GEMM for all the ∂A_i, one for their part of ∂x
+            gh_cat = torch.cat(ghs, 1)
+            if any(want_A):
+                grad_A = torch.mm(gh_cat.t(), x2)  # (Σr, d_in)
+                offset = 0
+                for i in range(n):
+                    if want_A[i]:
+                        out[P + 4 * i + 2] = grad_A[offset : offset + ranks[i]]
+                    offset += ranks[i]
+            if need[0]:
+                grad_x = torch.mm(gh_cat, A_cat) if grad_x is None else grad_x.addmm_(gh_cat, A_cat)
+        else:  # member i read its own x_d,i: ∂A_i = gh_iᵀ·x_d,i, and ∂x gets (gh_i·A_i)·mask_i/keep_i
             for i in range(n):
-                if need[3 + 4 * i + 2]:
-                    out[3 + 4 * i + 2] = grad_A[offset : offset + ranks[i]]
-                offset += ranks[i]
-        if need[0]:
-            grad_x = torch.mm(gh_cat, A_cat) if grad_x is None else grad_x.addmm_(gh_cat, A_cat)
+                if grads[i] is None:
+                    continue
+                mask, keep = masks[i], keeps[i]
+                if want_A[i]:  # the 1/keep scale applied to the small (r_i x d_in) product, not to an N x d_in one
+                    if mask is None:
+                        out[P + 4 * i + 2] = torch.mm(ghs[i].t(), x2)
+                    else:
+                        out[P + 4 * i + 2] = torch.mm(ghs[i].t(), x2.mul(mask.reshape(x2.shape))).mul_(1.0 / keep)
+                if need[0]:
+                    if mask is None:
+                        grad_x = torch.mm(ghs[i], As[i]) if grad_x is None else grad_x.addmm_(ghs[i], As[i])
+                    else:
+                        back = torch.mm(ghs[i] * (1.0 / keep), As[i]).mul_(mask.reshape(x2.shape))
+                        grad_x = back if grad_x is None else grad_x.add_(back)
+        if need[0] and grad_x is not None:
             out[0] = grad_x.view(x.shape)
         return tuple(out)
+
+
+def _dropped(x2: Tensor, mask: Tensor | None, keep: float | None) -> Tensor:
+    """``x2 · mask / keep`` as ``nn.Dropout`` computes it (``x.mul(mask).mul_(1/keep)``); ``x2`` without a mask."""
+    if mask is None:
+        return x2
+    return x2.mul(mask.reshape(x2.shape)).mul_(1.0 / keep)
 
 
 def _in_backward() -> bool:
@@ -143,7 +182,6 @@ def _ready(layer: "LoRALinear", x: Tensor) -> bool:
         and layer.quantize_base is None
         and not layer.lora_disabled
         and layer.lora_route is None
-        and (layer.dropout_p == 0 or not layer.lora_dropout.training)
         and _one_node_ok(x, layer.weight, layer.lora_A, layer.lora_B)
     )
 
@@ -232,11 +270,21 @@ class SharedInputTracker:
     @staticmethod
     def _run(members: Sequence["LoRALinear"], x: Tensor) -> tuple[Tensor, ...]:
         params: list[Tensor | None] = []
+        keeps: list[float | None] = []
+        masks: list[Tensor | None] = []
         for m in members:
             params += [m.weight, m.bias, m.lora_A, m.lora_B]
+            if m.dropout_p > 0 and m.lora_dropout.training:
+                # the draw nn.Dropout makes (same shape, same order of members): the same random stream as unfused
+                keep = 1.0 - m.dropout_p
+                keeps.append(keep)
+                masks.append(torch.empty_like(x, dtype=torch.bool, memory_format=torch.contiguous_format).bernoulli_(keep))
+            else:
+                keeps.append(None)
+                masks.append(None)
         scalings = tuple(float(m.scaling) for m in members)
         ranks = tuple(int(m.lora_A.shape[0]) for m in members)
-        return SharedInputLoRAFunction.apply(x, scalings, ranks, *params)
+        return SharedInputLoRAFunction.apply(x, scalings, ranks, tuple(keeps), tuple(masks), *params)
 
 
 def attach_tracker(layers: Sequence[nn.Module], enabled: bool = True) -> SharedInputTracker:
