@@ -598,7 +598,7 @@ class LoRALinear(LoRALayer, nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         shared = self.lora_shared
-        if shared is not None:  # siblings reading the same x: one node for the group (shared_input.py)
+        if shared is not None and not self.merged:  # siblings reading the same x: one node for the group (shared_input.py)
             out = shared.forward(self, x)
             if out is not None:
                 return out

@@ -24,7 +24,8 @@ every member's output and the others take theirs from a cache keyed by the input
 member called with any other tensor computes its own output as usual, so a wrong grouping can cost time
 but never change a result. A group is used only when, at that call, every member is a plain LoRA layer
 (no variant, fused layout, quantized base, routing, merge or disable) and input, base and adapters share a
-dtype outside autocast. With adapter dropout active, each member keeps its own mask, drawn as ``nn.Dropout``
+dtype outside autocast, and autograd is recording (inference runs the separate layers: only the backward
+gains). With adapter dropout active, each member keeps its own mask, drawn as ``nn.Dropout``
 draws it (same random stream as the separate layers), stored as one byte per element instead of each
 layer's fp32 copy of its dropped input; the ``∂A_i`` are then one GEMM each. Under ``torch.compile`` tracing the layers keep their
 single-layer node (the tracker's Python bookkeeping would break the graph).
@@ -245,8 +246,8 @@ class SharedInputTracker:
         if leader is None:
             self._learn(layer, x)
             return None
-        if leader is not layer:
-            return None
+        if leader is not layer or not torch.is_grad_enabled():
+            return None  # without autograd there is no backward to fuse: the separate layers cost less
         if layer in self._pending:
             if _in_backward():  # an activation-checkpointing recompute must save what its forward saved
                 return None

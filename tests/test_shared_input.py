@@ -207,6 +207,19 @@ def test_training_with_adapter_dropout_fused_equals_unfused_from_the_same_seed()
         torch.testing.assert_close(results[1][1][k], results[0][1][k], atol=1e-11, rtol=1e-11)
 
 
+def test_inference_without_autograd_runs_the_separate_layers():
+    """Under no_grad / inference_mode only the backward could gain: no fused call, same output bits."""
+    model = adapted(targets=["q", "k", "v"]).eval()
+    ids, _ = tiny_batch()
+    ref = model(ids)
+    with torch.no_grad():
+        got = model(ids)
+    with torch.inference_mode():
+        got2 = model(ids)
+    assert torch.equal(got, ref) and torch.equal(got2, ref)
+    assert model.layers[0].self_attn.q_proj.lora_shared.fused_calls == 0
+
+
 def test_dropout_in_eval_mode_fuses():
     model = adapted(targets=["q", "k", "v"], dropout=0.3).eval()
     ids, _ = tiny_batch()
