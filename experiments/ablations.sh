@@ -24,6 +24,16 @@ if [ "$stage" = search ]; then
   (
     $TRAIN experiment=ablation_search lora=full 'lora.lr=5e-5,1e-4,2e-4' hydra.sweep.dir="$OUT/search/full"
     $TRAIN experiment=ablation_search lora=head_only 'lora.lr=1e-3,3e-3,1e-2' hydra.sweep.dir="$OUT/search/head_only"
+    # the first grid's best lr sat at an edge for every family (2026-12-03: LoRA on one and two types at 1e-3,
+    # the lowest; full at 2e-4 and head only at 1e-2, the highest; LoRA on four types at r=2 did not train at
+    # 1e-3): one more step past each edge, in sweep dirs of their own (the finished runs above are kept)
+    $TRAIN experiment=ablation_search lora=full 'lora.lr=4e-4' hydra.sweep.dir="$OUT/search/full-ext"
+    $TRAIN experiment=ablation_search lora=head_only 'lora.lr=3e-2' hydra.sweep.dir="$OUT/search/head_only-ext"
+    for targets in '[q]' '[q,v]'; do
+      n=$(tr -cd ',' <<<"$targets" | wc -c); n=$((n + 1))
+      $TRAIN experiment=ablation_search "lora.targets=$targets" 'lora.lr=5e-4' hydra.sweep.dir="$OUT/search/lora-$n-ext"
+    done
+    $TRAIN experiment=ablation_search 'lora.targets=[q,k,v,o]' 'lora.lr=2.5e-4,5e-4' hydra.sweep.dir="$OUT/search/lora-4-ext"
   ) >experiments/logs/ablations_search_b.log 2>&1 &
   wait
   exit 0
