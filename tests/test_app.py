@@ -206,3 +206,23 @@ def test_slurm_launcher_and_multinode_trainer_configs_compose(tmp_path):
         cfg = compose("config", overrides=["trainer=multinode", "trainer.num_nodes=4", f"output_dir={tmp_path}"])
     assert (cfg.trainer.num_nodes, cfg.trainer.strategy, cfg.trainer.accelerator) == (4, "ddp", "gpu")
     assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
+
+
+def test_cpu_trainer_precision_follows_native_bf16(tmp_path, monkeypatch):
+    """trainer=cpu: bf16-mixed where the CPU has native bf16 (AVX512-BF16 or AMX), else 32-true; the
+    experiments keep the fp32 their results were measured in."""
+    import torch
+    from omegaconf import OmegaConf
+
+    import lora_lightning.app.train  # noqa: F401  (registers the resolver)
+
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    cfg = compose_cfg([], tmp_path)
+    assert OmegaConf.to_container(cfg.trainer, resolve=True)["precision"] == ("bf16-mixed" if native else "32-true")
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, name, lambda: False)
+    assert OmegaConf.to_container(compose_cfg([], tmp_path).trainer, resolve=True)["precision"] == "32-true"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert OmegaConf.to_container(compose_cfg([], tmp_path).trainer, resolve=True)["precision"] == "bf16-mixed"
+    for experiment in ("table6", "recipe", "variants"):
+        assert compose_cfg([f"experiment={experiment}"], tmp_path).trainer.precision == "32-true"

@@ -42,6 +42,18 @@ log = logging.getLogger("lora_lightning")
 ConfigStore.instance().store(group="lora", name="options", node=all_option_defaults())
 
 
+def cpu_precision() -> str:
+    """``${cpu_precision:}`` in conf/trainer/cpu.yaml: ``bf16-mixed`` where the CPU computes in bf16 natively
+    (AVX512-BF16 or AMX tiles: about 2x faster steps at equal accuracy, benchmarks/RESULTS.md §9, §11 and
+    experiments/results/precision.md), else ``32-true`` (emulated bf16 would be slower than fp32)."""
+    cpu = getattr(torch, "cpu", None)
+    native = any(bool(getattr(cpu, f, lambda: False)()) for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return "bf16-mixed" if native else "32-true"
+
+
+OmegaConf.register_new_resolver("cpu_precision", cpu_precision, replace=True)
+
+
 # --------------------------------------------------------------------------- building blocks
 def build_lora_config(cfg: DictConfig, model: pl.LightningModule) -> LoRAConfig:
     """``cfg.lora`` -> :class:`LoRAConfig`, resolving ``modules_to_save: auto`` and ``budget``."""
