@@ -95,7 +95,6 @@ class SharedInputLoRAFunction(torch.autograd.Function):
             masks[i] = m
         d_in = x.shape[-1]
         x2 = x.reshape(-1, d_in)
-        A_cat = torch.cat(As, 0)
         if torch.is_grad_enabled():  # double backward: h inside the graph being built
             h = torch.cat([torch.mm(_dropped(x2, masks[i], keeps[i]), As[i].t()) for i in range(n)], 1)
         need = ctx.needs_input_grad
@@ -132,6 +131,7 @@ class SharedInputLoRAFunction(torch.autograd.Function):
                         out[P + 4 * i + 2] = grad_A[offset : offset + ranks[i]]
                     offset += ranks[i]
             if need[0]:
+                A_cat = torch.cat(As, 0)
                 grad_x = torch.mm(gh_cat, A_cat) if grad_x is None else grad_x.addmm_(gh_cat, A_cat)
         else:  # member i read its own x_d,i: ∂A_i = gh_iᵀ·x_d,i, and ∂x gets (gh_i·A_i)·mask_i/keep_i
             for i in range(n):
@@ -167,6 +167,13 @@ def _in_backward() -> bool:
     return task is not None and task() != -1
 
 
+def _inputs_state(layer: "LoRALinear", x: Tensor) -> tuple[Any, ...]:
+    """What a precomputed output of ``layer`` for ``x`` depends on: the tensors it read (identity and in-place
+    version: an optimizer step or ``load_state_dict`` bumps it) and whether its dropout was active."""
+    tensors = (x, layer.weight, layer.bias, layer.lora_A, layer.lora_B)
+    return tuple((id(t), t._version) if t is not None else None for t in tensors) + (layer.lora_dropout.training,)
+
+
 def _plain_member(layer: nn.Module) -> bool:
     """A layer the fused node computes exactly: plain LoRA on a Linear, unfused layout, unquantized base."""
     from .layers import LoRALinear
@@ -175,7 +182,7 @@ def _plain_member(layer: nn.Module) -> bool:
 
 
 def _ready(layer: "LoRALinear", x: Tensor) -> bool:
-    """Whether ``layer`` would take its one-node path for ``x`` now, with no dropout mask to draw."""
+    """Whether ``layer`` would take its one-node path for ``x`` now (plain, unmerged, unrouted, one dtype)."""
     from .layers import _one_node_ok
 
     return (
@@ -199,7 +206,8 @@ class SharedInputTracker:
         self.groups: dict[nn.Module, list[nn.Module]] = {}
         self.member_of: dict[nn.Module, nn.Module] = {}  # layer -> its group's first member
         self._last: tuple[weakref.ref, list[nn.Module]] | None = None  # learning: the last input and its readers
-        self._cache: tuple[weakref.ref, dict[nn.Module, Tensor]] | None = None  # outputs waiting for their member
+        # outputs waiting for their member, with the state of what they were computed from
+        self._cache: tuple[weakref.ref, dict[nn.Module, tuple[Tensor, tuple[Any, ...]]]] | None = None
         # groups learnt but not run yet: they start at a leader call outside a backward pass, so the recompute
         # of an activation-checkpointed forward that ran unfused runs unfused as well
         self._pending: set[nn.Module] = set()
@@ -239,9 +247,11 @@ class SharedInputTracker:
             return None
         cache = self._cache
         if cache is not None and layer in cache[1]:
-            if cache[0]() is x:
-                return cache[1].pop(layer)
-            cache[1].pop(layer)  # called with another tensor: the precomputed output is not its output
+            out, state = cache[1].pop(layer)
+            # only the output computed for this very tensor, with the parameters as they are now (a member the
+            # forward skipped and that is called later, after an optimizer step, computes its own)
+            if cache[0]() is x and state == _inputs_state(layer, x) and _ready(layer, x):
+                return out
         leader = self.member_of.get(layer)
         if leader is None:
             self._learn(layer, x)
@@ -256,7 +266,7 @@ class SharedInputTracker:
         if not all(_ready(m, x) for m in members):
             return None
         outs = self._run(members, x)
-        self._cache = (weakref.ref(x), dict(zip(members[1:], outs[1:])))
+        self._cache = (weakref.ref(x), {m: (o, _inputs_state(m, x)) for m, o in zip(members[1:], outs[1:])})
         self.fused_calls += 1
         return outs[0]
 

@@ -154,6 +154,24 @@ def test_member_called_with_another_tensor_computes_its_own_output():
     torch.testing.assert_close(k2, model.k_proj(x), atol=1e-6, rtol=0)
 
 
+def test_member_skipped_by_a_forward_and_called_after_an_optimizer_step_is_not_stale():
+    """The leader precomputes k's output; the forward skips k; an optimizer step changes k's adapter in place;
+    then k(x) with the very same tensor must use the new adapter, not the precomputed output."""
+    torch.manual_seed(0)
+    model = _TwoInputs()
+    inject_lora(model, LoRAConfig(r=2, targets=["q", "k"]))
+    randomize_adapters(model)
+    x = torch.randn(3, 6)
+    model(x)  # learns {q, k}
+    model.q_proj(x)  # fused: k's output for x is computed and waits for k
+    assert model.q_proj.lora_shared.fused_calls == 1
+    with torch.no_grad():
+        model.k_proj.lora_B.add_(1.0)  # what optimizer.step() does: in place
+    k = model.k_proj
+    ref = F.linear(x, k.weight, k.bias) + k.scaling * F.linear(F.linear(x, k.lora_A), k.lora_B)
+    torch.testing.assert_close(k(x), ref, atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("case", ["merged", "disabled_flag", "variant"])
 def test_no_fused_call_where_it_cannot_be_exact(case):
     kw = dict(targets=["q", "k", "v"])
