@@ -190,6 +190,11 @@ def _mb(b: float | None) -> str:
     return "n/a" if b is None else f"{b / 2**20:.1f}"
 
 
+def _ms_iqr(s: dict) -> str:
+    """A timing summary (seconds) as ``median [p25-p75]`` in ms."""
+    return f"{_ms(s['median'])} [{_ms(s['p25'])}-{_ms(s['p75'])}]"
+
+
 def _bytes(b: float) -> str:
     for unit, div in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if b >= div:
@@ -281,7 +286,7 @@ def render_markdown(res: dict) -> str:
             peak = _mb(mm.get("peak_bytes")) if "error" not in mm else "error"
             train_mb = _mb(mm.get("training_bytes")) if "error" not in mm else "error"
             L.append(
-                f"| {method_label(m)} | {row['trainable_params']:,} | {_ms(s['median'])} [{_ms(s['p25'])}-{_ms(s['p75'])}] | {rf_s} | {rl_s} | {peak} | {train_mb} | {_mb(row.get('saved_activation_bytes'))} |"
+                f"| {method_label(m)} | {row['trainable_params']:,} | {_ms_iqr(s)} | {rf_s} | {rl_s} | {peak} | {train_mb} | {_mb(row.get('saved_activation_bytes'))} |"
             )
         L.append("")
         for a, b in (("lora_qv", "peft_qv"), ("lora_all", "peft_all")):
@@ -313,7 +318,7 @@ def render_markdown(res: dict) -> str:
         }
         for k, s in inf["latency_s"].items():
             r = inf["ratios"].get(f"{k}/base")
-            L.append(f"| {names.get(k, k)} | {_ms(s['median'])} [{_ms(s['p25'])}-{_ms(s['p75'])}] | {'1' if k == 'base' else _r(r)} |")
+            L.append(f"| {names.get(k, k)} | {_ms_iqr(s)} | {'1' if k == 'base' else _r(r)} |")
         c = inf["check"]
         L.append("")
         L.append(
@@ -474,7 +479,7 @@ def precision_section(pr: dict | None) -> list[str]:
         r = sp["ratios"].get(f"{m}/{base}")
         mm = mem.get(m, {})
         L.append(
-            f"| {method_label(m)} | {_ms(st['median'])} [{_ms(st['p25'])}-{_ms(st['p75'])}] | {_r(r) if r else '1'} | "
+            f"| {method_label(m)} | {_ms_iqr(st)} | {_r(r) if r else '1'} | "
             f"{_mb(mm.get('peak_bytes'))} | {_mb(mm.get('training_bytes'))} |"
         )
     L.append("")
@@ -491,8 +496,8 @@ def compile_section(c: dict | None) -> list[str]:
         "",
         "| | value |",
         "|---|---|",
-        f"| eager step ms | {_ms(c['step_s']['eager']['median'])} [{_ms(c['step_s']['eager']['p25'])}-{_ms(c['step_s']['eager']['p75'])}] |",
-        f"| compiled step ms | {_ms(c['step_s']['compiled']['median'])} [{_ms(c['step_s']['compiled']['p25'])}-{_ms(c['step_s']['compiled']['p75'])}] |",
+        f"| eager step ms | {_ms_iqr(c['step_s']['eager'])} |",
+        f"| compiled step ms | {_ms_iqr(c['step_s']['compiled'])} |",
         f"| compiled / eager (paired) | {_r(c['ratio_compiled_eager'])} |",
         f"| first compiled step (compile time included) | {c['compile_s']:.1f} s |",
         f"| graphs after the first step / after a fit of {len(c['fit_seq_lengths'])} batches of lengths {c['fit_seq_lengths']} | "
