@@ -226,3 +226,22 @@ def test_cpu_trainer_precision_follows_native_bf16(tmp_path, monkeypatch):
     assert OmegaConf.to_container(compose_cfg([], tmp_path).trainer, resolve=True)["precision"] == "bf16-mixed"
     for experiment in ("table6", "recipe", "variants"):
         assert compose_cfg([f"experiment={experiment}"], tmp_path).trainer.precision == "32-true"
+
+
+def test_skip_done_refuses_the_summary_of_another_experiment(tmp_path):
+    """experiment=... is kept out of run_name, so the same overrides under another experiment give the same
+    run_name: the summary's experiment must match too, or an old result would be reused silently."""
+    from omegaconf import OmegaConf
+
+    from lora_lightning.app.train import AppConfigError, finished_summary
+
+    cfg = compose_cfg(["skip_done=true", "seed=3"], tmp_path)
+    OmegaConf.update(cfg, "run_name", "lora.r=1")
+    held = {"experiment": cfg.experiment_name, "run_name": "lora.r=1", "seed": 3, "test_acc": 0.5}
+    (tmp_path / "summary.json").write_text(json.dumps(held))
+    assert finished_summary(cfg, tmp_path) == held
+    OmegaConf.update(cfg, "experiment_name", "table6")
+    with pytest.raises(AppConfigError, match="of experiment 'default'"):
+        finished_summary(cfg, tmp_path)
+    OmegaConf.update(cfg, "skip_done", False)
+    assert finished_summary(cfg, tmp_path) is None

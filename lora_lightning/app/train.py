@@ -153,16 +153,19 @@ def build_callbacks(cfg: DictConfig, out: Path, lora: LoRAConfig | None, monitor
 
 # --------------------------------------------------------------------------- the job
 def finished_summary(cfg: DictConfig, out: Path) -> dict[str, Any] | None:
-    """``skip_done=true``: the summary already in ``out`` when it belongs to this very run (same run_name and
-    seed), so an interrupted sweep re-launched into the same ``hydra.sweep.dir`` only runs what is missing."""
+    """``skip_done=true``: the summary already in ``out`` when it belongs to this very run (same experiment,
+    run_name and seed), so an interrupted sweep re-launched into the same ``hydra.sweep.dir`` only runs what is
+    missing. Settings kept out of run_name (trainer group, threads, logger) are not compared."""
     path = out / "summary.json"
     if not cfg.get("skip_done") or not path.exists():
         return None
     summary = json.loads(path.read_text())
-    if summary.get("run_name") != cfg.run_name or summary.get("seed") != int(cfg.seed):
+    held = (summary.get("experiment"), summary.get("run_name"), summary.get("seed"))
+    if held != (cfg.experiment_name, cfg.run_name, int(cfg.seed)):
         raise AppConfigError(
-            f"skip_done=true: {path} holds run {summary.get('run_name')!r} seed {summary.get('seed')}, not "
-            f"{cfg.run_name!r} seed {cfg.seed}; give the sweep its own hydra.sweep.dir or set skip_done=false"
+            f"skip_done=true: {path} holds run {held[1]!r} seed {held[2]} of experiment {held[0]!r}, not "
+            f"{cfg.run_name!r} seed {cfg.seed} of {cfg.experiment_name!r}; give the sweep its own hydra.sweep.dir "
+            "or set skip_done=false"
         )
     return summary
 
