@@ -15,25 +15,20 @@ OUT=multirun/ablations
 mkdir -p experiments/logs
 
 if [ "$stage" = search ]; then
-  (
-    for targets in '[q]' '[q,v]' '[q,k,v,o]'; do
-      n=$(tr -cd ',' <<<"$targets" | wc -c); n=$((n + 1))
-      $TRAIN experiment=ablation_search "lora.targets=$targets" 'lora.lr=1e-3,2e-3,4e-3' hydra.sweep.dir="$OUT/search/lora-$n"
-    done
-  ) >experiments/logs/ablations_search_a.log 2>&1 &
+  # Full fine-tuning and head only (2026-12-03, fp32): the first grid's best sat on an edge for both, so one
+  # more step past it, in sweep dirs of their own. LoRA: A ~ Gaussian at a rank-independent scale
+  # (conf/experiment/ablation_scale.yaml), one grid per family, split over the two streams.
   (
     $TRAIN experiment=ablation_search lora=full 'lora.lr=5e-5,1e-4,2e-4' hydra.sweep.dir="$OUT/search/full"
-    $TRAIN experiment=ablation_search lora=head_only 'lora.lr=1e-3,3e-3,1e-2' hydra.sweep.dir="$OUT/search/head_only"
-    # the first grid's best lr sat at an edge for every family (2026-12-03: LoRA on one and two types at 1e-3,
-    # the lowest; full at 2e-4 and head only at 1e-2, the highest; LoRA on four types at r=2 did not train at
-    # 1e-3): one more step past each edge, in sweep dirs of their own (the finished runs above are kept)
     $TRAIN experiment=ablation_search lora=full 'lora.lr=4e-4' hydra.sweep.dir="$OUT/search/full-ext"
+    $TRAIN experiment=ablation_search 'lora.targets=[q]' 'lora.lr=5e-4,1e-3,2e-3,4e-3' hydra.sweep.dir="$OUT/search/lora-1"
+    $TRAIN experiment=ablation_search 'lora.targets=[q,k,v,o]' 'lora.lr=5e-4,1e-3' hydra.sweep.dir="$OUT/search/lora-4"
+  ) >experiments/logs/ablations_search_a.log 2>&1 &
+  (
+    $TRAIN experiment=ablation_search lora=head_only 'lora.lr=1e-3,3e-3,1e-2' hydra.sweep.dir="$OUT/search/head_only"
     $TRAIN experiment=ablation_search lora=head_only 'lora.lr=3e-2' hydra.sweep.dir="$OUT/search/head_only-ext"
-    for targets in '[q]' '[q,v]'; do
-      n=$(tr -cd ',' <<<"$targets" | wc -c); n=$((n + 1))
-      $TRAIN experiment=ablation_search "lora.targets=$targets" 'lora.lr=5e-4' hydra.sweep.dir="$OUT/search/lora-$n-ext"
-    done
-    $TRAIN experiment=ablation_search 'lora.targets=[q,k,v,o]' 'lora.lr=2.5e-4,5e-4' hydra.sweep.dir="$OUT/search/lora-4-ext"
+    $TRAIN experiment=ablation_search 'lora.targets=[q,v]' 'lora.lr=5e-4,1e-3,2e-3,4e-3' hydra.sweep.dir="$OUT/search/lora-2"
+    $TRAIN experiment=ablation_search 'lora.targets=[q,k,v,o]' 'lora.lr=2e-3,4e-3' hydra.sweep.dir="$OUT/search/lora-4b"
   ) >experiments/logs/ablations_search_b.log 2>&1 &
   wait
   exit 0
@@ -45,8 +40,8 @@ L1=$(lr lora-1); L2=$(lr lora-2); L4=$(lr lora-4); LF=$(lr full); LH=$(lr head_o
 echo "learning rates: lora-1 $L1, lora-2 $L2, lora-4 $L4, full $LF, head_only $LH"
 for v in "$L1" "$L2" "$L4" "$LF" "$LH"; do [ -n "$v" ] || { echo "run the search first" >&2; exit 1; }; done
 (
-  taskset -c 0 $TRAIN experiment=table6 'lora.targets=[q]' lora.lr="$L1" hydra.sweep.dir="$OUT/table6/q"
   taskset -c 0 $TRAIN experiment=table6 'lora.targets=[q,v]' lora.lr="$L2" hydra.sweep.dir="$OUT/table6/qv"
+  taskset -c 0 $TRAIN experiment=table6 'lora.targets=[q]' lora.lr="$L1" hydra.sweep.dir="$OUT/table6/q"
   taskset -c 0 $TRAIN experiment=table6_reference lora=full lora.lr="$LF" hydra.sweep.dir="$OUT/table6_reference/full"
 ) >experiments/logs/ablations_tables_a.log 2>&1 &
 (

@@ -25,7 +25,7 @@ from .errors import LoRAConfigError
 from .quantization import QUANTIZERS
 
 BIAS_OPTIONS = ("none", "all", "lora_only")
-INIT_OPTIONS = ("kaiming", "gaussian")
+INIT_OPTIONS = ("kaiming", "gaussian", "gaussian_fan_in")
 DTYPE_OPTIONS = (None, "float32", "bfloat16", "float16", "float64")
 
 # variant name -> its config class; alias -> (variant, presets). Filled by variants.registry.
@@ -109,9 +109,12 @@ class LoRAConfig:
         rank_pattern / alpha_pattern: per-pattern overrides of ``r`` / ``alpha`` (layer-wise
             ranks), first matching pattern wins, e.g. ``{"v": 16, "*.layer.5.*": 2}``.
         use_rslora: scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA) instead of ``alpha / r``.
-        init: initialisation of ``A``: ``kaiming`` (uniform, as loralib/PEFT) or ``gaussian``
-            (``N(0, 1/r)``, the paper's "random Gaussian"). ``B`` is always zero, so the adapted
-            model starts exactly equal to the base.
+        init: initialisation of ``A``: ``kaiming`` (uniform, std ``1/sqrt(3·d_in)``, as loralib/PEFT),
+            ``gaussian`` (std ``1/r``, PEFT's ``init_lora_weights="gaussian"``) or ``gaussian_fan_in``
+            (the paper's "random Gaussian" at loralib's scale: std ``1/sqrt(3·d_in)``, independent of
+            ``r``, so that with ``alpha/r`` an Adam step changes ``ΔW·x`` by about the same at every
+            rank and one learning rate suits them all; with ``gaussian`` the change shrinks as ``1/r``). ``B`` is always zero, so the
+            adapted model starts exactly equal to the base.
         init_seed: draw each adapter's random initialisation from its own stream, seeded by
             ``(init_seed, module name, rank)``: runs with different seeds or ranks start from
             independent ``A`` matrices, and a run does not depend on what consumed the global RNG

@@ -192,7 +192,7 @@ class LoRALayer:
     ) -> None:
         """Validate ``r`` and create ``A (n·r x d_in)``/``B (rows x r)``, the options every layer takes:
         ``scaling`` (default ``alpha/r``), ``dropout`` on the adapter input, ``init`` of ``A``
-        (``kaiming`` | ``gaussian``), ``adapter_dtype`` (default: the base weight's; kept through later
+        (``kaiming`` | ``gaussian`` | ``gaussian_fan_in``), ``adapter_dtype`` (default: the base weight's; kept through later
         casts when ``pin_dtype``), ``name`` (for errors), ``fused`` row layout, ``generator`` (a CPU
         generator for the random initialisation; ``None``: the global RNG)."""
         if fused is not None and fused.d_out != d_out:
@@ -224,9 +224,13 @@ class LoRALayer:
         self.reset_lora_parameters(generator)
 
     def reset_lora_parameters(self, generator: torch.Generator | None = None) -> None:
-        """A random (Kaiming-uniform like nn.Linear, or N(0, 1/r)); B = 0 so ΔW = 0."""
+        """A random (Kaiming-uniform like nn.Linear: std 1/sqrt(3·d_in); Gaussian with std 1/r; or Gaussian
+        with std 1/sqrt(3·d_in)); B = 0 so ΔW = 0."""
         if self.init == "gaussian":
             init_random(self.lora_A, lambda t, g: nn.init.normal_(t, std=1.0 / self.r, generator=g), generator)
+        elif self.init == "gaussian_fan_in":
+            std = 1.0 / math.sqrt(3 * self.lora_A.shape[1])
+            init_random(self.lora_A, lambda t, g: nn.init.normal_(t, std=std, generator=g), generator)
         else:
             init_random(self.lora_A, lambda t, g: nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=g), generator)
         with torch.no_grad():

@@ -92,6 +92,16 @@ def test_gaussian_init_std():
     assert kaiming.lora_A.abs().max() <= bound and kaiming.lora_A.abs().max() > 0.9 * bound
 
 
+@pytest.mark.parametrize("r", [1, 8, 64])
+def test_gaussian_fan_in_init_has_kaimings_std_whatever_the_rank(r):
+    layer = LoRALinear(nn.Linear(1024, 64), r=r, alpha=16, init="gaussian_fan_in", generator=torch.Generator().manual_seed(r))
+    A = layer.lora_A.detach()
+    target = 1 / math.sqrt(3 * 1024)  # the std of U(-1/sqrt(d_in), 1/sqrt(d_in))
+    assert abs(A.std().item() - target) < 0.05 * target
+    assert A.abs().max() > 1 / math.sqrt(1024)  # a Gaussian's tails pass the uniform bound (1024·r draws)
+    assert torch.count_nonzero(layer.lora_B) == 0
+
+
 def test_rank_larger_than_matrix_raises():
     with pytest.raises(RankTooLargeError, match=r"r=11 .* min\(d_in, d_out\)=10"):
         make(r=11)

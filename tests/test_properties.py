@@ -80,7 +80,7 @@ def cases(draw):
         d_model=d_model, d_attn=d_attn, d_ff=d_ff, n_layers=draw(st.integers(1, 2)), targets=targets, r=r,
         alpha=draw(st.sampled_from([1.0, 2.0 * r, 16.0])),
         dtype=draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16])),
-        init=draw(st.sampled_from(["kaiming", "gaussian"])),
+        init=draw(st.sampled_from(["kaiming", "gaussian", "gaussian_fan_in"])),
         seed=draw(st.integers(0, 2**16)),
     )
 

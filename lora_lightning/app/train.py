@@ -239,6 +239,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "full_model_bytes": full_model_bytes,
         "fit_seconds": round(fit_seconds, 2),
         "threads": torch.get_num_threads(),
+        "precision": str(trainer.precision),
         "steps": trainer.global_step,
         "epochs": trainer.current_epoch,
         "train_size": len(datamodule.splits["train"]) if getattr(datamodule, "splits", None) else None,
