@@ -295,7 +295,8 @@ def method_section(rows: list[dict], report: AblationReport, margin: float, alph
         "so runs at different seeds or ranks share no random draw. The data split is fixed (`data.seed=0`) for every run. "
         "Table 5 uses seeds 11-13 and Table 6 seeds 1-3, so no run is shared between the two tables; the learning rates "
         "were chosen on seed 0, which no table run uses. Why not PEFT's `gaussian` (std 1/r): with the alpha/r "
-        "scaling an Adam step then moves ΔW·x in proportion to 1/r, so no one lr suits r=1 and r=64; in a first "
+        "scaling an Adam step then moves ΔW·x about as 1/r (with the rank-independent scale, about as 1/sqrt(r); "
+        "`tests/test_layers.py` measures both), so no one lr suits r=1 and r=64; in a first "
         "search with it, LoRA r=2 on four weight types stayed at the majority class (57.8%) at lr 1e-3, 2e-3 and 4e-3. "
         "What the resolved configs of the collected runs say:",
         "",

@@ -112,8 +112,9 @@ class LoRAConfig:
         init: initialisation of ``A``: ``kaiming`` (uniform, std ``1/sqrt(3·d_in)``, as loralib/PEFT),
             ``gaussian`` (std ``1/r``, PEFT's ``init_lora_weights="gaussian"``) or ``gaussian_fan_in``
             (the paper's "random Gaussian" at loralib's scale: std ``1/sqrt(3·d_in)``, independent of
-            ``r``, so that with ``alpha/r`` an Adam step changes ``ΔW·x`` by about the same at every
-            rank and one learning rate suits them all; with ``gaussian`` the change shrinks as ``1/r``). ``B`` is always zero, so the
+            ``r``: with ``alpha/r`` the change an Adam step makes to ``ΔW·x`` then falls about as
+            ``1/sqrt(r)``, as with ``kaiming`` and in the paper's code; with ``gaussian`` it falls about
+            as ``1/r``, so one learning rate cannot suit r=1 and r=64). ``B`` is always zero, so the
             adapted model starts exactly equal to the base.
         init_seed: draw each adapter's random initialisation from its own stream, seeded by
             ``(init_seed, module name, rank)``: runs with different seeds or ranks start from
