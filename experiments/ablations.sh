@@ -2,6 +2,7 @@
 # Issues 18 and 21: the ablations (paper Tables 5 and 6, §7.2, §7.3) at the scale of
 # conf/experiment/ablation_scale.yaml, with the learning rate chosen per family.
 #   bash experiments/ablations.sh search   # seed 0: lr per family (LoRA on 1/2/4 weight types, full FT, head only)
+#   bash experiments/ablations.sh extend   # one grid step past each family whose best lr is on an edge, until none is
 #   bash experiments/ablations.sh tables   # seeds 1-3 (Table 6, references) and 11-13 (Table 5) at the chosen lrs
 #   python -m experiments.summarize        # tables, verdicts, plots -> experiments/results, experiments/README.md
 # The chosen lrs are read from the search runs by `python -m experiments.summarize --ablation-lrs`
@@ -10,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 TRAIN="nice -n 19 .venv/bin/python -m lora_lightning.app.train -m skip_done=true"  # re-launching resumes: finished runs are skipped
 export HF_HUB_OFFLINE=1 WANDB_MODE=offline WANDB_SILENT=true PYTHONWARNINGS=ignore
-stage=${1:?search or tables}
+stage=${1:?search, extend or tables}
 OUT=multirun/ablations
 mkdir -p experiments/logs
 
@@ -31,6 +32,27 @@ if [ "$stage" = search ]; then
     $TRAIN experiment=ablation_search 'lora.targets=[q,k,v,o]' 'lora.lr=2e-3,4e-3' hydra.sweep.dir="$OUT/search/lora-4b"
   ) >experiments/logs/ablations_search_b.log 2>&1 &
   wait
+  exit 0
+fi
+
+if [ "$stage" = extend ]; then
+  for round in 1 2 3; do
+    ext=$(.venv/bin/python -m experiments.summarize --runs multirun --ablation-extensions)
+    [ -n "$ext" ] || { echo "every family's best lr is inside its grid"; exit 0; }
+    echo "round $round: $(tr '\n' ' ' <<<"$ext")"
+    core=0
+    while read -r family lr; do
+      case $family in
+        lora-1) o='lora.targets=[q]' ;; lora-2) o='lora.targets=[q,v]' ;; lora-4) o='lora.targets=[q,k,v,o]' ;; *) o="lora=$family" ;;
+      esac
+      taskset -c $core $TRAIN experiment=ablation_search "$o" lora.lr="$lr" hydra.sweep.dir="$OUT/search/$family-ext-$lr" \
+        >>experiments/logs/ablations_extend.log 2>&1 &
+      core=$((1 - core))
+      if [ $core = 0 ]; then wait; fi
+    done <<<"$ext"
+    wait
+  done
+  echo "still on an edge after 3 rounds: $(.venv/bin/python -m experiments.summarize --runs multirun --ablation-extensions | tr '\n' ' ')"
   exit 0
 fi
 

@@ -46,6 +46,27 @@ def ablation_lrs(rows: Iterable[dict]) -> dict[str, float]:
     return chosen
 
 
+def edge_extensions(rows: Iterable[dict]) -> dict[str, float]:
+    """Per family whose chosen lr is the largest (smallest) it was searched at, the next lr past that edge:
+    one more step of the grid's ratio at that end (``4e-3`` after ``2e-3, 4e-3`` -> ``8e-3``), rounded to 3
+    significant digits. Families with an interior choice, or searched at one lr only, are left out."""
+    searched: dict[str, set[float]] = {}
+    for row in rows:
+        if row.get("experiment") == SEARCH_EXPERIMENT and row.get("best_val_acc") is not None and row.get("lr") is not None:
+            searched.setdefault(family_of(row), set()).add(float(row["lr"]))
+    chosen = ablation_lrs(rows)
+    out = {}
+    for family, lrs in searched.items():
+        grid = sorted(lrs)
+        if len(grid) < 2:
+            continue
+        if chosen[family] == grid[-1]:
+            out[family] = float(f"{grid[-1] * grid[-1] / grid[-2]:.3g}")
+        elif chosen[family] == grid[0]:
+            out[family] = float(f"{grid[0] * grid[0] / grid[1]:.3g}")
+    return out
+
+
 def format_lrs(lrs: dict[str, float]) -> str:
     """One ``<family> <lr>`` line per family (``FAMILIES`` order first); ``repr`` of a float is exact and Hydra reads it."""
     order = [f for f in FAMILIES if f in lrs] + sorted(f for f in lrs if f not in FAMILIES)

@@ -819,6 +819,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--alpha", type=float, default=ALPHA, help="family-wise error rate of the claim checks (default %(default)s)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--ablation-lrs", action="store_true", help="print '<family> <lr>' per family, chosen on the search runs under --runs")
+    mode.add_argument("--ablation-extensions", action="store_true",
+                      help="print '<family> <lr>' for each family whose chosen lr sits on an edge of its search grid: the next lr past it")
     mode.add_argument("--collect", action="store_true", help="copy the finished runs under --source to --runs (summaries, configs, the §7.2/§7.3 adapters)")
     p.add_argument("--source", type=Path, default=Path("multirun"), help="with --collect: the Hydra output folder (default %(default)s)")
     args = p.parse_args(argv)
@@ -828,6 +830,9 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.ablation_lrs:
         print(collect.format_lrs(collect.ablation_lrs(load_runs(args.runs))), end="")
+        return
+    if args.ablation_extensions:
+        print(collect.format_lrs(collect.edge_extensions(load_runs(args.runs))), end="")
         return
     if args.collect:
         copied = collect.collect(args.source, args.runs)

@@ -18,6 +18,7 @@ import yaml
 
 from experiments import collect as collect_mod
 from experiments.report import Convergence, convergence_check, subspace_markdown, write_readme
+from experiments.summarize import load_runs
 from experiments.summarize import main as summarize_main
 
 stats = pytest.importorskip("scipy.stats")
@@ -90,6 +91,18 @@ def test_ablation_lrs_prints_the_best_val_lr_per_family(tmp_path, capsys):
         # what ablations.sh passes on: Hydra must read it back as exactly the chosen float
         value = parser.parse_override(f"lora.lr={text}").value()
         assert isinstance(value, float) and value == EXPECTED_LRS[family], line
+
+
+def test_ablation_extensions_step_past_the_edge_the_best_lr_sits_on(tmp_path, capsys):
+    write_search(tmp_path)
+    summarize_main(["--ablation-extensions", "--runs", str(tmp_path)])
+    got = {family: float(lr) for family, lr in (line.split() for line in capsys.readouterr().out.splitlines())}
+    # lora-1 chose 2e-3 inside its grid: no extension; the others sit on an edge: one grid ratio past it
+    assert got == {"lora-2": 5e-4, "lora-4": 8e-3, "full": 2.5e-5, "head_only": 0.0333}
+    # once the extension is run and is worse, the family's choice is interior and nothing more is asked
+    write_run(tmp_path, "ablations/search/lora-4-ext/0", config(0), experiment="ablation_search", seed=0, lr=8e-3,
+              best_val_acc=0.70, test_acc=0.69, **SEARCH["lora-4"][0])
+    assert "lora-4" not in collect_mod.edge_extensions(load_runs(tmp_path))
 
 
 def test_ablation_lrs_tie_goes_to_the_smaller_lr():
