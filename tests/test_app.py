@@ -224,8 +224,11 @@ def test_cpu_trainer_precision_follows_native_bf16(tmp_path, monkeypatch):
     assert OmegaConf.to_container(compose_cfg([], tmp_path).trainer, resolve=True)["precision"] == "32-true"
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
     assert OmegaConf.to_container(compose_cfg([], tmp_path).trainer, resolve=True)["precision"] == "bf16-mixed"
-    for experiment in ("table6", "recipe", "variants"):
+    for experiment in ("recipe", "variants", "decoder"):  # measured in fp32: pinned
         assert compose_cfg([f"experiment={experiment}"], tmp_path).trainer.precision == "32-true"
+    for experiment in ("ablation_search", "table5", "table6", "table6_reference"):  # the re-run: the trainer's default
+        cfg = compose_cfg([f"experiment={experiment}"], tmp_path)
+        assert OmegaConf.to_container(cfg.trainer, resolve=True)["precision"] == "bf16-mixed", experiment
 
 
 def test_skip_done_refuses_the_summary_of_another_experiment(tmp_path):
