@@ -181,6 +181,7 @@ def subspace_section(runs: Path, out: Path, small: int = 8, large: int = 64) -> 
         "|---|---|---|---|---|",
     ]
     moved = [f"| matrix, layer | r={small}, seed {s1} | r={large}, seed {s1} | r={large}, seed {s2} |", "|---|---|---|---|"]
+    top: dict[str, list[tuple[str, float, float | None]]] = {"rank": [], "seeds": []}  # (matrix, trained φ(1,1), at init)
     for kind in ("q", "v"):
         for layer in range(N_LAYERS):
             A8, A64, A64b = (lora_matrices(p, kind, layer)[0] for p in (a8, a64, a64b))
@@ -191,6 +192,8 @@ def subspace_section(runs: Path, out: Path, small: int = 8, large: int = 64) -> 
             ts = phi_stats(A64, A64b, large, large, small)
             is_ = phi_stats(I64, I64b, large, large, small) if I64 is not None and I64b is not None else (None, None, None)
             seed_rows.append(f"| W{kind}, {layer} | {cell(ts[0], is_[0])} | {cell(ts[1], is_[1])} |")
+            top["rank"].append((f"W{kind} {layer}", t[0], i[0]))
+            top["seeds"].append((f"W{kind} {layer}", ts[0], is_[0]))
             changes = [relative_change(p, kind, layer) for p in (a8, a64, a64b)]
             moved.append(f"| W{kind}, {layer} | " + " | ".join(NO_STREAM if c is None else f"{c:.3f}" for c in changes) + " |")
             if layer == mid:
@@ -206,7 +209,11 @@ def subspace_section(runs: Path, out: Path, small: int = 8, large: int = 64) -> 
     link = "results"
     lines += [
         "",
+        *shared_top_direction_lines(top["rank"], f"r={small} vs r={large} (seed {s1})", "the paper: φ > 0.5 between r=8 and r=64"),
+        "",
         *seed_rows,
+        "",
+        *shared_top_direction_lines(top["seeds"], f"seed {s1} vs seed {s2} at r={large}", "the paper reports the seed comparison as heatmaps only"),
         "",
         "How far training moved A from its initialisation, ‖A − A₀‖_F / ‖A₀‖_F (two independent draws would give about 1.41):",
         "",
@@ -218,6 +225,21 @@ def subspace_section(runs: Path, out: Path, small: int = 8, large: int = 64) -> 
         "",
     ]
     return lines, [a8, a64, a64b]
+
+
+PAPER_TABLE7 = {4: (0.32, 21.67, 0.02, 21.5), 64: (1.90, 37.71, 0.33, 2)}  # r -> ΔWq dirs, Wq top-r, random, amplification
+
+
+def shared_top_direction_lines(cells: list[tuple[str, float, float | None]], what: str, paper: str, threshold: float = 0.5) -> list[str]:
+    """The §7.2 verdict line: in how many matrices the top direction is shared (trained φ(1,1) > threshold),
+    and whether the initialisation already shared it."""
+    shared = [name for name, trained, _ in cells if trained > threshold]
+    inits = [init for _, _, init in cells if init is not None]
+    init_text = (f"at initialisation φ(1,1) is at most {max(inits):.3f}, so what is shared was made by training"
+                 if inits and max(inits) <= threshold else "the initialisation is not reproducible from these files" if not inits
+                 else f"at initialisation φ(1,1) already reaches {max(inits):.3f}")
+    return [f"- Top direction shared, {what}: φ(1,1) > {threshold:g} in {len(shared)} of {len(cells)} matrices "
+            f"({', '.join(shared) or 'none'}); median {statistics.median(t for _, t, _ in cells):.2f}; {init_text} ({paper})."]
 
 
 # --------------------------------------------------------------------------- §7.3
@@ -239,6 +261,8 @@ def amplification_section(runs: Path, ranks: tuple[int, ...] = (4, 64)) -> tuple
         "|---|---|---|---|---|---|---|---|---|",
     ]
     summary: dict[int, tuple[list[float], list[float]]] = {}
+    vs_random: dict[int, list[float]] = {}  # W onto ΔW's directions / onto random ones, per layer
+    vs_top: dict[int, list[float]] = {}     # W onto ΔW's directions / onto W's own top-r
     used: list[Path] = []
     for r in ranks:
         if not seeds[r]:
@@ -257,6 +281,8 @@ def amplification_section(runs: Path, ranks: tuple[int, ...] = (4, 64)) -> tuple
             per_seed, pooled = summary.setdefault(r, ([], []))
             per_seed.append(m["amplification_factor"])
             pooled.append(ratio_of_means)
+            vs_random.setdefault(r, []).append(m["proj_delta_w"] / m["proj_random"])
+            vs_top.setdefault(r, []).append(m["proj_delta_w"] / m["proj_w_top_r"])
             lines.append(
                 f"| {r} | {layer} | {m['w_norm']:.2f} | {m['delta_w_norm']:.3f} | {m['proj_delta_w']:.3f} | {m['proj_w_top_r']:.2f} "
                 f"| {m['proj_random']:.3f} | {m['amplification_factor']:.1f} | {ratio_of_means:.1f} |"
@@ -272,6 +298,14 @@ def amplification_section(runs: Path, ranks: tuple[int, ...] = (4, 64)) -> tuple
             f"- ours, r={r}, over the {N_LAYERS} layers: mean of per-seed ratios median {statistics.median(per_seed):.1f} "
             f"(min {min(per_seed):.1f}, max {max(per_seed):.1f}); ratio of means median {statistics.median(pooled):.1f} "
             f"(min {min(pooled):.1f}, max {max(pooled):.1f})"
+        )
+    for r in summary:
+        paper = PAPER_TABLE7.get(r)
+        lines.append(
+            f"- r={r}, W projected onto ΔWq's directions, median over layers: {statistics.median(vs_random[r]):.1f}x its "
+            f"projection onto random directions and {statistics.median(vs_top[r]):.3f}x that onto Wq's own top-{r} directions"
+            + (f" (paper: {paper[0] / paper[2]:.1f}x and {paper[0] / paper[1]:.3f}x; amplification {paper[3]:g}, ours "
+               f"{statistics.median(summary[r][1]):.1f})." if paper else ".")
         )
     lines.append("")
     return lines, used

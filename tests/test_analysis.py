@@ -316,3 +316,16 @@ def test_delta_weight_invalid_inputs():
         delta_weight(a, torch.randn(7, 4), 1.0, dtype=torch.float16)
     with pytest.raises(ValueError, match=r"scaling must be a finite number"):
         delta_weight(a, torch.randn(7, 4), float("nan"))
+
+
+def test_shared_top_direction_line_counts_matrices_above_the_threshold_and_reads_the_init():
+    from experiments.subspace import shared_top_direction_lines
+
+    cells = [("Wq 0", 0.7, 0.01), ("Wq 1", 0.5, 0.002), ("Wv 0", 0.9, 0.003), ("Wv 1", 0.1, 0.0)]
+    (line,) = shared_top_direction_lines(cells, "r=8 vs r=64", "paper")
+    assert "in 2 of 4 matrices (Wq 0, Wv 0)" in line  # 0.5 is not above 0.5
+    assert "median 0.60" in line and "at most 0.010, so what is shared was made by training" in line
+    (line,) = shared_top_direction_lines([("Wq 0", 0.7, 0.69)], "x", "paper")
+    assert "already reaches 0.690" in line
+    (line,) = shared_top_direction_lines([("Wq 0", 0.2, None)], "x", "paper")
+    assert "in 0 of 1 matrices (none)" in line and "not reproducible" in line
