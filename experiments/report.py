@@ -691,8 +691,17 @@ def why(check: ClaimCheck) -> str:
             f"is shown; the 95% CI {ci} pp is too wide for these seeds to tell")
 
 
-def not_reproduced_section(report: AblationReport, recipe: Sequence[RecipeCheck], recipe_margin: float) -> list[str]:
-    """Every claim whose verdict is not 'agrees' (both metrics), and every task where the recipe goal is not shown."""
+def subspace_verdicts(subspace: Sequence[str]) -> list[str]:
+    """The §7.2 / §7.3 lines of subspace.md that set ours against the paper (they carry no test: stated, not scored)."""
+    text = "\n".join(subspace)
+    return [f"- §7.2, {line[2:]}" for line in text.splitlines() if line.startswith("- Top direction shared")] + \
+           [f"- §7.3, {line[2:]}" for line in text.splitlines() if line.startswith("- r=") and "paper:" in line]
+
+
+def not_reproduced_section(report: AblationReport, recipe: Sequence[RecipeCheck], recipe_margin: float,
+                           subspace: Sequence[str] = ()) -> list[str]:
+    """Every claim whose verdict is not 'agrees' (both metrics), every task where the recipe goal is not shown,
+    and the §7.2 / §7.3 comparisons (measured beside the paper's figures, not tested)."""
     items = []
     for metric, pairs in report.checks.items():
         for table, c in pairs:
@@ -702,17 +711,21 @@ def not_reproduced_section(report: AblationReport, recipe: Sequence[RecipeCheck]
         if c.outcome != equivalent_label(recipe_margin):
             items.append(f"- default recipe, {c.task}, test accuracy: LoRA default within ±{recipe_margin:g} of full fine-tuning — "
                          f"**{c.outcome}**: difference {ci_text(c.welch)} pp (TOST p {_p(c.p_tost)}).")
+    side_by_side = subspace_verdicts(subspace)
+    if side_by_side:
+        side_by_side = ["", "§7.2 and §7.3 are measurements beside the paper's, not tests; read them against the paper's figures:", "", *side_by_side]
     if not report.checks and not recipe:
-        return []
+        return ["## What does not reproduce, and why", "", *side_by_side[2:], ""] if side_by_side else []
     lines = ["## What does not reproduce, and why", ""]
     if not items:
-        return lines + ["Every checked claim agrees with the paper on both metrics, and the recipe goal is shown on every task tested.", ""]
+        return lines + ["Every checked claim agrees with the paper on both metrics, and the recipe goal is shown on every task tested.", *side_by_side, ""]
     return lines + [
         "Generated from the verdicts above: every check whose verdict is not \"agrees\". \"Inconclusive\" means these "
         "seeds cannot tell, not that the paper is wrong; a disagreement is a statement about this model, task and "
         "training length, which differ from the paper's.",
         "",
         *items,
+        *side_by_side,
         "",
     ]
 
@@ -742,6 +755,7 @@ def write_readme(runs: Path, out: Path, readme: Path, margin: float = MARGIN, al
     if report.parts or report.variants:
         write_tables(report, out, margin, alpha)
     recipe, recipe_checks = recipe_section(rows, out, link, recipe_margin, alpha)
+    subspace = subspace_markdown(out, runs, rows)
     sections = [
         intro_section(rows, runs),
         howto_section(),
@@ -749,9 +763,9 @@ def write_readme(runs: Path, out: Path, readme: Path, margin: float = MARGIN, al
         convergence_section(rows, out, link),
         recipe,
         report.parts,
-        subspace_markdown(out, runs, rows),
+        subspace,
         report.variants,
-        not_reproduced_section(report, recipe_checks, recipe_margin),
+        not_reproduced_section(report, recipe_checks, recipe_margin, subspace),
         licences_section(),
     ]
     text = "\n".join(line for section in sections for line in section).rstrip() + "\n"

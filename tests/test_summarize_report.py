@@ -404,3 +404,12 @@ def test_subspace_rebuilds_the_initial_A_of_a_seeded_adapter(tmp_path):
     inject_lora(root, LoRAConfig(r=2, targets=["q", "v"], init_seed=None))
     save_adapter(root, tmp_path / "global.safetensors")
     assert subspace.initial_matrix(tmp_path / "global.safetensors", "q", 0) is None
+
+
+def test_subspace_comparisons_reach_the_what_does_not_reproduce_list():
+    from experiments.report import subspace_verdicts
+
+    sub = ["## §7.2", "- Top direction shared, r=8 vs r=64: φ(1,1) > 0.5 in 3 of 12 matrices (x).", "| table |",
+           "- ours, r=4, over the 6 layers: median 7.1", "- r=4, W projected onto ΔWq's directions: 1.3x (paper: 16.0x and 0.015x)."]
+    assert subspace_verdicts(sub) == ["- §7.2, Top direction shared, r=8 vs r=64: φ(1,1) > 0.5 in 3 of 12 matrices (x).",
+                                      "- §7.3, r=4, W projected onto ΔWq's directions: 1.3x (paper: 16.0x and 0.015x)."]
