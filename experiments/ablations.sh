@@ -4,6 +4,7 @@
 #   bash experiments/ablations.sh search   # seed 0: lr per family (LoRA on 1/2/4 weight types, full FT, head only)
 #   bash experiments/ablations.sh extend   # one grid step past each family whose best lr is on an edge, until none is
 #   bash experiments/ablations.sh tables   # seeds 1-3 (Table 6, references) and 11-13 (Table 5) at the chosen lrs
+#   bash experiments/ablations.sh more-seeds  # seeds 4, 5 for the Table 6 cells the paper's claims compare
 #   python -m experiments.summarize        # tables, verdicts, plots -> experiments/results, experiments/README.md
 # The chosen lrs are read from the search runs by `python -m experiments.summarize --ablation-lrs`
 # (best validation accuracy per family). Two streams of single-threaded runs (one per core).
@@ -11,9 +12,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 TRAIN="nice -n 19 .venv/bin/python -m lora_lightning.app.train -m skip_done=true"  # re-launching resumes: finished runs are skipped
 export HF_HUB_OFFLINE=1 WANDB_MODE=offline WANDB_SILENT=true PYTHONWARNINGS=ignore
-stage=${1:?search, extend or tables}
+stage=${1:?search, extend, tables or more-seeds}
 OUT=multirun/ablations
 mkdir -p experiments/logs
+# the lr chosen for a family by the search (and its extensions)
+lr() { .venv/bin/python -m experiments.summarize --runs multirun --ablation-lrs | awk -v f="$1" '$1 == f {print $2}'; }
 
 if [ "$stage" = search ]; then
   # Full fine-tuning and head only (2026-12-03, fp32): the first grid's best sat on an edge for both, so one
@@ -56,8 +59,23 @@ if [ "$stage" = extend ]; then
   exit 0
 fi
 
+if [ "$stage" = more-seeds ]; then
+  # Issue 21: at least 5 seeds where a verdict hinges on it. Chosen before the 3-seed results were read:
+  # the eight Table 6 cells the claims compare (r=1, 8, 64 for W{q} and W{q,v}; r=8, 64 for all four).
+  L1=$(lr lora-1); L2=$(lr lora-2); L4=$(lr lora-4)
+  (
+    taskset -c 0 $TRAIN experiment=table6 'lora.targets=[q,v]' lora.r=1,8,64 seed=4,5 lora.lr="$L2" hydra.sweep.dir="$OUT/table6/qv-seeds45"
+    taskset -c 0 $TRAIN experiment=table6 'lora.targets=[q,k,v,o]' lora.r=8 seed=4,5 lora.lr="$L4" hydra.sweep.dir="$OUT/table6/qkvo-seeds45-r8"
+  ) >experiments/logs/ablations_more_seeds_a.log 2>&1 &
+  (
+    taskset -c 1 $TRAIN experiment=table6 'lora.targets=[q]' lora.r=1,8,64 seed=4,5 lora.lr="$L1" hydra.sweep.dir="$OUT/table6/q-seeds45"
+    taskset -c 1 $TRAIN experiment=table6 'lora.targets=[q,k,v,o]' lora.r=64 seed=4,5 lora.lr="$L4" hydra.sweep.dir="$OUT/table6/qkvo-seeds45-r64"
+  ) >experiments/logs/ablations_more_seeds_b.log 2>&1 &
+  wait
+  exit 0
+fi
+
 # tables: one lr per family, chosen by the search
-lr() { .venv/bin/python -m experiments.summarize --runs multirun --ablation-lrs | awk -v f="$1" '$1 == f {print $2}'; }
 L1=$(lr lora-1); L2=$(lr lora-2); L4=$(lr lora-4); LF=$(lr full); LH=$(lr head_only)
 echo "learning rates: lora-1 $L1, lora-2 $L2, lora-4 $L4, full $LF, head_only $LH"
 for v in "$L1" "$L2" "$L4" "$LF" "$LH"; do [ -n "$v" ] || { echo "run the search first" >&2; exit 1; }; done
