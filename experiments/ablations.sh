@@ -4,7 +4,7 @@
 #   bash experiments/ablations.sh search   # seed 0: lr per family (LoRA on 1/2/4 weight types, full FT, head only)
 #   bash experiments/ablations.sh extend   # one grid step past each family whose best lr is on an edge, until none is
 #   bash experiments/ablations.sh tables   # seeds 1-3 (Table 6, references) and 11-13 (Table 5) at the chosen lrs
-#   bash experiments/ablations.sh more-seeds  # seeds 4, 5 for the Table 6 cells the paper's claims compare
+#   bash experiments/ablations.sh more-seeds  # seeds 4, 5 for the Table 6 cells the paper's claims compare, 14, 15 for Table 5
 #   python -m experiments.summarize        # tables, verdicts, plots -> experiments/results, experiments/README.md
 # The chosen lrs are read from the search runs by `python -m experiments.summarize --ablation-lrs`
 # (best validation accuracy per family). Two streams of single-threaded runs (one per core).
@@ -62,15 +62,21 @@ fi
 if [ "$stage" = more-seeds ]; then
   # Issue 21: at least 5 seeds where a verdict hinges on it. Chosen before the 3-seed results were read:
   # the eight Table 6 cells the claims compare (r=1, 8, 64 for W{q} and W{q,v}; r=8, 64 for all four).
+  # Table 5: seeds 14, 15 for all seven cells, added after its 3-seed results were read (every claim was
+  # inconclusive); every cell gets them, whatever its result.
   L1=$(lr lora-1); L2=$(lr lora-2); L4=$(lr lora-4)
   (
     taskset -c 0 $TRAIN experiment=table6 'lora.targets=[q,v]' lora.r=1,8,64 seed=4,5 lora.lr="$L2" hydra.sweep.dir="$OUT/table6/qv-seeds45"
     taskset -c 0 $TRAIN experiment=table6 'lora.targets=[q,k,v,o]' lora.r=8 seed=4,5 lora.lr="$L4" hydra.sweep.dir="$OUT/table6/qkvo-seeds45-r8"
-  ) >experiments/logs/ablations_more_seeds_a.log 2>&1 &
+    taskset -c 0 $TRAIN experiment=table5 'lora.targets=[q],[k],[v]' seed=14,15 lora.lr="$L1" hydra.sweep.dir="$OUT/table5/one-seeds1415"
+    taskset -c 0 $TRAIN experiment=table5 'lora.targets=[q,k,v,o]' seed=14,15 lora.lr="$L4" hydra.sweep.dir="$OUT/table5/four-seeds1415"
+  ) >>experiments/logs/ablations_more_seeds_a.log 2>&1 &
   (
     taskset -c 1 $TRAIN experiment=table6 'lora.targets=[q]' lora.r=1,8,64 seed=4,5 lora.lr="$L1" hydra.sweep.dir="$OUT/table6/q-seeds45"
     taskset -c 1 $TRAIN experiment=table6 'lora.targets=[q,k,v,o]' lora.r=64 seed=4,5 lora.lr="$L4" hydra.sweep.dir="$OUT/table6/qkvo-seeds45-r64"
-  ) >experiments/logs/ablations_more_seeds_b.log 2>&1 &
+    taskset -c 1 $TRAIN experiment=table5 'lora.targets=[o]' seed=14,15 lora.lr="$L1" hydra.sweep.dir="$OUT/table5/o-seeds1415"
+    taskset -c 1 $TRAIN experiment=table5 'lora.targets=[q,k],[q,v]' seed=14,15 lora.lr="$L2" hydra.sweep.dir="$OUT/table5/two-seeds1415"
+  ) >>experiments/logs/ablations_more_seeds_b.log 2>&1 &
   wait
   exit 0
 fi

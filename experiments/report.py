@@ -147,7 +147,7 @@ def howto_section() -> list[str]:
         "bash experiments/ablations.sh search      # seed 0: the lr of each family (LoRA on 1/2/4 weight types, full FT, head only)",
         "bash experiments/ablations.sh extend      # one grid step past each family whose best lr sits on an edge",
         "bash experiments/ablations.sh tables      # Table 6 + reference rows (seeds 1-3), Table 5 (seeds 11-13) at those lrs",
-        "bash experiments/ablations.sh more-seeds  # seeds 4, 5 for the eight Table 6 cells the claims compare",
+        "bash experiments/ablations.sh more-seeds  # seeds 4, 5 for the eight Table 6 cells the claims compare; 14, 15 for Table 5",
         "bash experiments/recipe.sh search         # seed 0: lr x targets for LoRA, lr for full FT, head only, on 4 tasks",
         "bash experiments/recipe.sh final LORA_LR LORA_TARGETS \"RT_LR TREC_LR SPEECHES_LR NEWSGROUPS_LR\"   # seeds 1-3",
         "python -m experiments.summarize --collect # multirun/{ablations,recipe} -> experiments/runs (summaries, configs, §7.2 adapters)",
@@ -296,7 +296,8 @@ def method_section(rows: list[dict], report: AblationReport, margin: float, alph
         "`lora.init_seed=${seed}` gives every adapted matrix its own random stream seeded by (seed, module name, rank), "
         "so runs at different seeds or ranks share no random draw. The data split is fixed (`data.seed=0`) for every run. "
         "Table 5 uses seeds 11-13 and Table 6 seeds 1-3 (1-5 for the eight cells its claims compare: r=1, 8, 64 for "
-        "W{q} and W{q,v}, r=8 and 64 for all four; chosen before the 3-seed results were read), so no run is shared "
+        "W{q} and W{q,v}, r=8 and 64 for all four; chosen before the 3-seed results were read) and Table 5 seeds 14-15 "
+        "in every cell (added after its 3-seed results, all inconclusive, were read), so no run is shared "
         "between the two tables; the learning rates "
         "were chosen on seed 0, which no table run uses. Why not PEFT's `gaussian` (std 1/r): with the alpha/r "
         "scaling an Adam step then moves ΔW·x about as 1/r (with the rank-independent scale, about as 1/sqrt(r); "
