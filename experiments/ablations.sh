@@ -16,7 +16,7 @@ stage=${1:?search, extend, tables or more-seeds}
 OUT=multirun/ablations
 mkdir -p experiments/logs
 # the lr chosen for a family by the search (and its extensions)
-lr() { .venv/bin/python -m experiments.summarize --runs multirun --ablation-lrs | awk -v f="$1" '$1 == f {print $2}'; }
+lr() { .venv/bin/python -m experiments.summarize --runs "${RUNS:-multirun}" --ablation-lrs | awk -v f="$1" '$1 == f {print $2}'; }
 
 if [ "$stage" = search ]; then
   # Full fine-tuning and head only (2026-12-03, fp32): the first grid's best sat on an edge for both, so one
@@ -56,6 +56,26 @@ if [ "$stage" = extend ]; then
     wait
   done
   echo "still on an edge after 3 rounds: $(.venv/bin/python -m experiments.summarize --runs multirun --ablation-extensions | tr '\n' ' ')"
+  exit 0
+fi
+
+if [ "$stage" = rerun ]; then
+  # The runs whose per-step validation curves (convergence plot) and adapters (§7.2, §7.3) the report reads,
+  # trained again into sweep dirs of their own: Table 6 {q,v} at r=4, 8, 64, Wq and all four at r=8, full
+  # fine-tuning and head only, seeds 1-3 (21 runs). Used when the first runs' folders are gone and their
+  # numbers come from the console logs (python -m experiments.summarize --recover-logs); the collector
+  # compares every re-run with its logged twin (same settings and seed) and keeps the re-run.
+  L1=$(lr lora-1); L2=$(lr lora-2); L4=$(lr lora-4); LF=$(lr full); LH=$(lr head_only)
+  (
+    taskset -c 0 $TRAIN experiment=table6 'lora.targets=[q,v]' lora.r=4,8,64 lora.lr="$L2" hydra.sweep.dir="$OUT/rerun/table6-qv"
+    taskset -c 0 $TRAIN experiment=table6_reference lora=head_only lora.lr="$LH" hydra.sweep.dir="$OUT/rerun/table6_reference-head_only"
+  ) >>experiments/logs/ablations_rerun_a.log 2>&1 &
+  (
+    taskset -c 1 $TRAIN experiment=table6_reference lora=full lora.lr="$LF" hydra.sweep.dir="$OUT/rerun/table6_reference-full"
+    taskset -c 1 $TRAIN experiment=table6 'lora.targets=[q]' lora.r=8 lora.lr="$L1" hydra.sweep.dir="$OUT/rerun/table6-q"
+    taskset -c 1 $TRAIN experiment=table6 'lora.targets=[q,k,v,o]' lora.r=8 lora.lr="$L4" hydra.sweep.dir="$OUT/rerun/table6-qkvo"
+  ) >>experiments/logs/ablations_rerun_b.log 2>&1 &
+  wait
   exit 0
 fi
 

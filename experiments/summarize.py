@@ -822,6 +822,8 @@ def main(argv: list[str] | None = None) -> None:
     mode.add_argument("--ablation-extensions", action="store_true",
                       help="print '<family> <lr>' for each family whose chosen lr sits on an edge of its search grid: the next lr past it")
     mode.add_argument("--collect", action="store_true", help="copy the finished runs under --source to --runs (summaries, configs, the §7.2/§7.3 adapters)")
+    mode.add_argument("--recover-logs", type=Path, nargs="+", metavar="LOG",
+                      help="rebuild the records of runs whose folders are gone from their console logs into --runs (experiments/recover.py)")
     p.add_argument("--source", type=Path, default=Path("multirun"), help="with --collect: the Hydra output folder (default %(default)s)")
     args = p.parse_args(argv)
     if not args.margin > 0 or not args.recipe_margin > 0 or not 0 < args.alpha < 1:
@@ -837,6 +839,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.collect:
         copied = collect.collect(args.source, args.runs)
         print(f"copied {len(copied)} files ({sum(p.stat().st_size for p in copied) / 1e6:.1f} MB) from {args.source} to {args.runs}")
+        return
+    if args.recover_logs:
+        from experiments import recover  # noqa: PLC0415
+
+        written, twins = recover.recover(args.recover_logs, args.runs, load_runs(args.runs))
+        record = recover.write_record(args.runs, args.recover_logs, written, twins)
+        print(f"recovered {len(written) // 2} runs from {len(args.recover_logs)} logs into {args.runs}; twin checks in {record}:")
+        print("\n".join(recover.twin_checks(twins)))
         return
     readme = args.readme or args.out.parent / "README.md"
     text = report.write_readme(args.runs, args.out, readme, args.margin, args.alpha, args.recipe_margin, args.variants_csv)

