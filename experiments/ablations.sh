@@ -27,13 +27,13 @@ if [ "$stage" = search ]; then
     $TRAIN experiment=ablation_search lora=full 'lora.lr=4e-4' hydra.sweep.dir="$OUT/search/full-ext"
     $TRAIN experiment=ablation_search 'lora.targets=[q]' 'lora.lr=5e-4,1e-3,2e-3,4e-3' hydra.sweep.dir="$OUT/search/lora-1"
     $TRAIN experiment=ablation_search 'lora.targets=[q,k,v,o]' 'lora.lr=5e-4,1e-3' hydra.sweep.dir="$OUT/search/lora-4"
-  ) >experiments/logs/ablations_search_a.log 2>&1 &
+  ) >>experiments/logs/ablations_search_a.log 2>&1 &
   (
     $TRAIN experiment=ablation_search lora=head_only 'lora.lr=1e-3,3e-3,1e-2' hydra.sweep.dir="$OUT/search/head_only"
     $TRAIN experiment=ablation_search lora=head_only 'lora.lr=3e-2' hydra.sweep.dir="$OUT/search/head_only-ext"
     $TRAIN experiment=ablation_search 'lora.targets=[q,v]' 'lora.lr=5e-4,1e-3,2e-3,4e-3' hydra.sweep.dir="$OUT/search/lora-2"
     $TRAIN experiment=ablation_search 'lora.targets=[q,k,v,o]' 'lora.lr=2e-3,4e-3' hydra.sweep.dir="$OUT/search/lora-4b"
-  ) >experiments/logs/ablations_search_b.log 2>&1 &
+  ) >>experiments/logs/ablations_search_b.log 2>&1 &
   wait
   exit 0
 fi
@@ -109,12 +109,12 @@ for v in "$L1" "$L2" "$L4" "$LF" "$LH"; do [ -n "$v" ] || { echo "run the search
   taskset -c 0 $TRAIN experiment=table6 'lora.targets=[q,v]' lora.lr="$L2" hydra.sweep.dir="$OUT/table6/qv"
   taskset -c 0 $TRAIN experiment=table6 'lora.targets=[q]' lora.lr="$L1" hydra.sweep.dir="$OUT/table6/q"
   taskset -c 0 $TRAIN experiment=table6_reference lora=full lora.lr="$LF" hydra.sweep.dir="$OUT/table6_reference/full"
-) >experiments/logs/ablations_tables_a.log 2>&1 &
+) >>experiments/logs/ablations_tables_a.log 2>&1 &
 (
   taskset -c 1 $TRAIN experiment=table6 'lora.targets=[q,k,v,o]' lora.lr="$L4" hydra.sweep.dir="$OUT/table6/qkvo"
   taskset -c 1 $TRAIN experiment=table5 'lora.targets=[q],[k],[v],[o]' lora.lr="$L1" hydra.sweep.dir="$OUT/table5/one"
   taskset -c 1 $TRAIN experiment=table5 'lora.targets=[q,k],[q,v]' lora.lr="$L2" hydra.sweep.dir="$OUT/table5/two"
   taskset -c 1 $TRAIN experiment=table5 'lora.targets=[q,k,v,o]' lora.lr="$L4" hydra.sweep.dir="$OUT/table5/four"
   taskset -c 1 $TRAIN experiment=table6_reference lora=head_only lora.lr="$LH" hydra.sweep.dir="$OUT/table6_reference/head_only"
-) >experiments/logs/ablations_tables_b.log 2>&1 &
+) >>experiments/logs/ablations_tables_b.log 2>&1 &
 wait

@@ -5,6 +5,7 @@
 #   bash experiments/recipe.sh final LORA_LR LORA_TARGETS DATA...
 #        # seeds 1,2,3: the chosen LoRA default, full FT at the lr with the best seed-0 validation accuracy
 #        # in multirun/recipe/search-DATA-full, head only
+# RUNS=experiments/runs: read the full FT search from the collected or recovered runs instead of multirun/.
 # Runs are single-threaded; data sets are split over two streams, one per core (taskset), at low priority.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +18,7 @@ DATASETS=("$@")
 mkdir -p experiments/logs
 
 best_full_lr() {  # the lr of the seed-0 full fine-tuning run with the best validation accuracy
-  $PY - "multirun/recipe/search-$1-full" <<'PYEOF'
+  $PY - "${RUNS:-multirun}/recipe/search-$1-full" <<'PYEOF'
 import json, pathlib, sys
 runs = [json.loads(p.read_text()) for p in pathlib.Path(sys.argv[1]).glob("*/summary.json")]
 if not runs:
@@ -52,6 +53,7 @@ for i in "${!DATASETS[@]}"; do
   if (( i % 2 == 0 )); then even+=("${DATASETS[$i]}"); else odd+=("${DATASETS[$i]}"); fi
 done
 C0=${FIRST_CORE:-0}; C1=$(( (C0 + 1) % 2 ))  # FIRST_CORE=1: start on the second core
-stream "$C0" "${even[@]}" >"experiments/logs/recipe_${stage}_$(IFS=-; echo "${even[*]}").log" 2>&1 &
-if (( ${#odd[@]} )); then stream "$C1" "${odd[@]}" >"experiments/logs/recipe_${stage}_$(IFS=-; echo "${odd[*]}").log" 2>&1 & fi
+# logs append: a re-launch (or a second invocation naming the same data set) must not erase the first one's records
+stream "$C0" "${even[@]}" >>"experiments/logs/recipe_${stage}_$(IFS=-; echo "${even[*]}").log" 2>&1 &
+if (( ${#odd[@]} )); then stream "$C1" "${odd[@]}" >>"experiments/logs/recipe_${stage}_$(IFS=-; echo "${odd[*]}").log" 2>&1 & fi
 wait

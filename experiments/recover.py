@@ -27,7 +27,8 @@ from typing import Iterable
 OVERRIDES = re.compile(r"\[HYDRA\] \t#(\d+) : (.*)$")
 ROW = re.compile(r"^│ (.+?) +│ +(.+?) │$")
 LORA_METHOD = re.compile(r"^LoRA r=(\d+) alpha=([0-9.]+) on \[(.*)\]$")
-TITLE = re.compile(r"^\s*lora-lightning: (\S+) / ")
+TITLE_START = "lora-lightning: "
+TITLE = re.compile(r"^lora-lightning:([^/]+)/(.*)$")  # matched with all whitespace removed (rich wraps long titles)
 RESTORED = re.compile(r"Restoring states from the checkpoint path at (\S+)/checkpoints/")
 SKIPPED = re.compile(r"skip_done: (\S+) already holds the summary of .*; not re-run")
 PERCENT = re.compile(r"^(-?[0-9.]+)%$")
@@ -47,7 +48,8 @@ class LoggedRun:
     trained: bool = True  # False: the block is a skip_done re-launch (the table repeats the stored summary)
     bf16: bool = False
     table: dict[str, str] = field(default_factory=dict)
-    experiment: str | None = None  # the summary table's title: the run's experiment_name
+    experiment: str | None = None  # the summary table's title: the run's experiment_name ...
+    title_run_name: str | None = None  # ... and its run_name, as rich prints it (``[...]`` taken as markup and dropped)
     path: str | None = None  # the output dir in full (the table cuts long ones with an ellipsis)
 
     @property
@@ -63,13 +65,21 @@ class LoggedRun:
 def parse_log(text: str, log: str) -> list[LoggedRun]:
     """The blocks of one log, in order; a block without a summary table (interrupted run) is dropped."""
     runs: list[LoggedRun] = []
+    title: list[str] | None = None  # the lines of a table title being read (until the table's top border)
     for line in text.splitlines():
+        if title is not None:
+            if not line.lstrip().startswith("┏"):
+                title.append(line)
+                continue
+            if m := TITLE.match(re.sub(r"\s", "", "".join(title))):
+                runs[-1].experiment, runs[-1].title_run_name = m.group(1), m.group(2)
+            title = None
         if m := OVERRIDES.search(line):
             runs.append(LoggedRun(log, int(m.group(1)), m.group(2).split()))
         elif not runs:
             continue
-        elif m := TITLE.match(line):
-            runs[-1].experiment = m.group(1)
+        elif line.lstrip().startswith(TITLE_START):
+            title = [line]
         elif m := SKIPPED.search(line):
             runs[-1].trained, runs[-1].path = False, m.group(1)
         elif m := RESTORED.search(line):
@@ -91,6 +101,12 @@ def _pct(value: str | None) -> float | None:
 def run_name(overrides: list[str]) -> str:
     """Hydra's ``override_dirname`` of the job (sorted ``key=value``, the app's excluded keys left out)."""
     return ",".join(sorted(o for o in overrides if o.partition("=")[0] not in EXCLUDED_FROM_RUN_NAME))
+
+
+def consistent(run: LoggedRun) -> bool:
+    """Whether the block's summary table belongs to its ``#N : overrides`` line: the table's title shows the
+    run_name the overrides give (two streams writing into one file can interleave a header with another's table)."""
+    return run.title_run_name == re.sub(r"\[[^\]]*\]", "", run_name(run.overrides))
 
 
 def summary_of(run: LoggedRun, cfg: dict) -> dict:
@@ -145,12 +161,18 @@ def identity(row: dict) -> tuple:
     return tuple(key.get(k) for k in IDENTITY)
 
 
-def recovered_runs(logs: Iterable[Path]) -> dict[Path, tuple[dict, dict]]:
+def recovered_runs(logs: Iterable[Path], rejected: list[str] | None = None) -> dict[Path, tuple[dict, dict]]:
     """Per run folder (relative to ``multirun/``): the summary and composed config of the block that trained
-    it (a skipped re-launch only when no log shows the training), in log order."""
+    it (a skipped re-launch only when no log shows the training), in log order. Blocks whose table does not
+    belong to their overrides (``consistent``) are left out and described in ``rejected``."""
     blocks: dict[Path, LoggedRun] = {}
     for path in logs:
         for run in parse_log(path.read_text(errors="replace"), str(path)):
+            if not consistent(run):
+                if rejected is not None:
+                    rejected.append(f"{run.log} job #{run.job}: overrides {' '.join(run.overrides)!r} but its table is of "
+                                    f"{run.title_run_name!r} ({run.output_dir}): interleaved output, not recovered")
+                continue
             rel = relative_dir(run.output_dir)
             if rel in blocks and blocks[rel].trained and not run.trained:
                 continue
@@ -171,15 +193,20 @@ def recovered_runs(logs: Iterable[Path]) -> dict[Path, tuple[dict, dict]]:
 
 def add_lora_params(summaries: list[dict]) -> None:
     """``params_lora`` (the table prints only trainable and total): a LoRA run's total minus the base model's,
-    read from the full fine-tuning runs of the same logs (whose total is the base model); 0 for full / head only."""
-    bases = {s["params_total"] for s in summaries if s["method"] == "full" and s.get("params_total")}
-    if len(bases) > 1:
-        raise ValueError(f"the logs hold full fine-tuning runs of {len(bases)} model sizes ({sorted(bases)}); recover them separately")
+    read from the full fine-tuning runs on the same data (whose total is the base model with that data's head);
+    0 for full / head only; absent when the logs hold no full run on that data."""
+    bases: dict[str | None, set[int]] = {}
+    for s in summaries:
+        if s["method"] == "full" and s.get("params_total"):
+            bases.setdefault(s.get("data"), set()).add(s["params_total"])
+    for data, sizes in bases.items():
+        if len(sizes) > 1:
+            raise ValueError(f"the logs hold full fine-tuning runs on {data} of {len(sizes)} model sizes ({sorted(sizes)}); recover them separately")
     for s in summaries:
         if s["method"] != "lora":
             s["params_lora"] = 0
-        elif bases and s.get("params_total"):
-            s["params_lora"] = s["params_total"] - next(iter(bases))
+        elif s.get("data") in bases and s.get("params_total"):
+            s["params_lora"] = s["params_total"] - next(iter(bases[s.get("data")]))
 
 
 def composed_config(run: LoggedRun) -> dict:
@@ -204,7 +231,7 @@ def composed_config(run: LoggedRun) -> dict:
     return out
 
 
-def recover(logs: Iterable[Path], dest: Path, existing: list[dict]) -> tuple[list[Path], list[tuple[dict, dict]]]:
+def recover(logs: Iterable[Path], dest: Path, existing: list[dict], rejected: list[str] | None = None) -> tuple[list[Path], list[tuple[dict, dict]]]:
     """Write ``summary.json`` + ``resolved_config.yaml`` below ``dest`` for every logged run that has no real
     run folder there and no real twin (``identity``) among ``existing``. Returns the files written and the
     (logged, real) pairs of runs that exist both ways."""
@@ -213,11 +240,15 @@ def recover(logs: Iterable[Path], dest: Path, existing: list[dict]) -> tuple[lis
     real = {identity(r): r for r in existing if not r.get("recovered_from")}
     written: list[Path] = []
     twins: list[tuple[dict, dict]] = []
-    for rel, (summary, cfg) in recovered_runs(logs).items():
+    for rel, (summary, cfg) in recovered_runs(logs, rejected).items():
+        target = dest / rel
         if identity(summary) in real:
             twins.append((summary, real[identity(summary)]))
+            held = target / "summary.json"
+            if held.is_file() and json.loads(held.read_text()).get("recovered_from"):  # recovered before its re-run came in
+                for name in ("summary.json", "resolved_config.yaml"):
+                    (target / name).unlink(missing_ok=True)
             continue
-        target = dest / rel
         if (target / "summary.json").is_file() and not json.loads((target / "summary.json").read_text()).get("recovered_from"):
             continue
         target.mkdir(parents=True, exist_ok=True)
@@ -228,7 +259,7 @@ def recover(logs: Iterable[Path], dest: Path, existing: list[dict]) -> tuple[lis
     return written, twins
 
 
-def write_record(dest: Path, logs: list[Path], written: list[Path], twins: list[tuple[dict, dict]]) -> Path:
+def write_record(dest: Path, logs: list[Path], twins: list[tuple[dict, dict]], rejected: list[str]) -> Path:
     """``dest/recovery.json``: which logs were read, how many runs were recovered, and the twin checks."""
     path = dest / "recovery.json"
     previous = json.loads(path.read_text()) if path.is_file() else {}
@@ -238,6 +269,7 @@ def write_record(dest: Path, logs: list[Path], written: list[Path], twins: list[
         "recovered_runs": sum(1 for p in dest.rglob("summary.json") if json.loads(p.read_text()).get("recovered_from")),
         "twin_checks": checks,
         "twins_same": sum(line.startswith("same") for line in checks),
+        "rejected_blocks": sorted(set(previous.get("rejected_blocks", [])) | set(rejected)),
     }
     dest.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")

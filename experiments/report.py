@@ -6,6 +6,7 @@ README is edited by hand.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -135,7 +136,9 @@ def run_inventory(rows: list[dict]) -> list[str]:
     lines = []
     for exp, label in labels.items():
         mine = of_experiment(rows, exp)
-        lines.append(f"- {label}: {len(mine)} runs" + (f", seeds {seeds_text(mine)}" if mine else " (not run yet, or not collected)"))
+        recovered = sum(1 for r in mine if r.get("recovered_from"))
+        lines.append(f"- {label}: {len(mine)} runs" + (f", seeds {seeds_text(mine)}" if mine else " (not run yet, or not collected)")
+                     + (f" ({recovered} of them recovered from console logs, see Method)" if recovered else ""))
     return lines
 
 
@@ -151,6 +154,8 @@ def howto_section() -> list[str]:
         "bash experiments/recipe.sh search         # seed 0: lr x targets for LoRA, lr for full FT, head only, on 4 tasks",
         "bash experiments/recipe.sh final LORA_LR LORA_TARGETS \"RT_LR TREC_LR SPEECHES_LR NEWSGROUPS_LR\"   # seeds 1-3",
         "python -m experiments.summarize --collect # multirun/{ablations,recipe} -> experiments/runs (summaries, configs, §7.2 adapters)",
+        "python -m experiments.summarize --recover-logs experiments/logs/*.log  # runs whose folders are gone: records from their console logs",
+        "RUNS=experiments/runs bash experiments/ablations.sh rerun  # the runs whose curves and adapters the report reads, trained again",
         "python -m experiments.subspace            # §7.2 / §7.3 from experiments/runs -> results/subspace.md and heatmaps",
         "python -m experiments.summarize           # this README, results/tables.md, *_runs.csv, *.png",
         "```",
@@ -284,7 +289,8 @@ def scale_table(rows: list[dict]) -> list[str]:
     return [head, "|---" * (len(SCALE_KEYS) + 1) + "|", *table]
 
 
-def method_section(rows: list[dict], report: AblationReport, margin: float, alpha: float, recipe_margin: float) -> list[str]:
+def method_section(rows: list[dict], report: AblationReport, margin: float, alpha: float, recipe_margin: float,
+                   runs: Path | None = None) -> list[str]:
     """Seeds, learning-rate choice, scale, metric, tests: how every number below was made."""
     lines = [
         "## Method",
@@ -308,6 +314,7 @@ def method_section(rows: list[dict], report: AblationReport, margin: float, alph
         *(seed_lines(rows) + seeding_check(rows) or ["- (no runs collected yet)"]),
         "",
     ]
+    lines += provenance_lines(rows, runs)
     search = search_table(rows)
     if search:
         lines += [
@@ -338,6 +345,36 @@ def method_section(rows: list[dict], report: AblationReport, margin: float, alph
         "",
     ]
     return lines
+
+
+def provenance_lines(rows: list[dict], runs: Path | None) -> list[str]:
+    """Which records come from a run's own summary.json and which were rebuilt from a console log
+    (experiments/recover.py), and how the rebuilt ones were checked against re-runs."""
+    recovered = [r for r in rows if r.get("recovered_from")]
+    if not recovered:
+        return []
+    record_path = runs / "recovery.json" if runs else None
+    record = json.loads(record_path.read_text()) if record_path and record_path.is_file() else {}
+    checks = record.get("twin_checks", [])
+    same = sum(c.startswith("same") for c in checks)
+    rejected = record.get("rejected_blocks", [])
+    logs = sorted({r["recovered_from"] for r in recovered})
+    return [
+        f"**Provenance.** {len(rows) - len(recovered)} of the {len(rows)} runs below are the runs' own `summary.json` "
+        f"and `resolved_config.yaml`; {len(recovered)} were rebuilt from the sweeps' console logs (their run folders, "
+        "under the git-ignored `multirun/`, were lost with the machine that ran them) by `python -m experiments.summarize "
+        "--recover-logs` (`experiments/recover.py`): test and best validation accuracy as the run printed them (to 0.01 "
+        "points), steps, fit time and parameter counts from the same table, the config composed from the logged "
+        "overrides. A rebuilt record has no validation curve and no adapter, so the convergence plot and §7.2/§7.3 use "
+        "only runs trained again with the same settings and seeds (`bash experiments/ablations.sh rerun` and the recipe "
+        f"runs re-launched in `experiments/logs/recipe_final_trec_rerun_*.log`). Runs are deterministic here: of "
+        f"{len(checks)} re-runs with a logged twin, {same} reproduced its logged test and validation accuracy exactly"
+        + (f" ({len(checks) - same} did not: {'; '.join(c for c in checks if not c.startswith('same'))})" if same < len(checks) else "")
+        + f". Logs read: {', '.join(f'`{Path(log).name}`' for log in logs)}."
+        + (f" Left out: {len(rejected)} logged block(s) whose summary table belongs to another run (two sweeps writing "
+           "into one log file): " + "; ".join(rejected) + "." if rejected else ""),
+        "",
+    ]
 
 
 # --------------------------------------------------------------------------- convergence
@@ -417,7 +454,8 @@ def ablation_curves(rows: list[dict]) -> dict[str, list[dict]]:
     }
     for key in ("q,v", "q", "q,k,v,o"):
         curves[f"LoRA {targets_text(key)}, r=8"] = [r for r in t6 if r["targets_key"] == key and r.get("r") == 8]
-    return {k: v for k, v in curves.items() if any(r.get("val_curve") for r in v)}
+    curves = {k: [r for r in v if r.get("val_curve")] for k, v in curves.items()}  # runs recovered from logs have none
+    return {k: v for k, v in curves.items() if v}
 
 
 def convergence_section(rows: list[dict], out: Path, link: str) -> list[str]:
@@ -760,7 +798,7 @@ def write_readme(runs: Path, out: Path, readme: Path, margin: float = MARGIN, al
     sections = [
         intro_section(rows, runs),
         howto_section(),
-        method_section(rows, report, margin, alpha, recipe_margin),
+        method_section(rows, report, margin, alpha, recipe_margin, runs),
         convergence_section(rows, out, link),
         recipe,
         report.parts,

@@ -843,10 +843,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.recover_logs:
         from experiments import recover  # noqa: PLC0415
 
-        written, twins = recover.recover(args.recover_logs, args.runs, load_runs(args.runs))
-        record = recover.write_record(args.runs, args.recover_logs, written, twins)
-        print(f"recovered {len(written) // 2} runs from {len(args.recover_logs)} logs into {args.runs}; twin checks in {record}:")
-        print("\n".join(recover.twin_checks(twins)))
+        rejected: list[str] = []
+        written, twins = recover.recover(args.recover_logs, args.runs, load_runs(args.runs), rejected)
+        record = recover.write_record(args.runs, args.recover_logs, twins, rejected)
+        print(f"recovered {len(written) // 2} runs from {len(args.recover_logs)} logs into {args.runs}; {record}:")
+        print("\n".join(recover.twin_checks(twins) + rejected))
         return
     readme = args.readme or args.out.parent / "README.md"
     text = report.write_readme(args.runs, args.out, readme, args.margin, args.alpha, args.recipe_margin, args.variants_csv)

@@ -68,23 +68,26 @@ def test_runs_recovered_from_the_console_log_match_what_the_runs_wrote(tmp_path)
 
     # the skipped re-launch did not replace the block that trained job 0 (it shows no precision line)
     assert got["0"]["precision"] == real["0"]["precision"]
-    # a real run of the same settings and seed is kept; the logged twin is compared, not recovered
-    shutil.rmtree(runs)
+    # a real run of the same settings and seed arriving later is kept: recovering again removes the logged copy
+    # of job 0 and compares the two instead
     twin_dir = runs / "rerun" / "0"
     twin_dir.mkdir(parents=True)
     (twin_dir / "summary.json").write_text(json.dumps(dict(real["0"], test_acc=real["0"]["test_acc"] + 0.01)))
     written, twins = recover.recover([log], runs, load_runs(runs))
-    assert len(written) == 2 and len(twins) == 1  # job 1 recovered, job 0 compared
+    assert len(written) == 2 and len(twins) == 1  # job 1 recovered (again), job 0 compared
     assert recover.twin_checks(twins)[0].startswith("DIFFERENT")
+    assert sorted(Path(r["dir"]).relative_to(runs).as_posix() for r in load_runs(runs)) == [
+        f"ablations/{sweep_dir.name}/1", "rerun/0"]
 
 
 def test_params_lora_is_the_total_minus_the_base_models_total():
-    rows = [{"method": "full", "params_total": 1000}, {"method": "lora", "params_total": 1096},
-            {"method": "head_only", "params_total": 1000}]
+    rows = [{"method": "full", "params_total": 1000, "data": "a"}, {"method": "lora", "params_total": 1096, "data": "a"},
+            {"method": "head_only", "params_total": 1000, "data": "a"}, {"method": "full", "params_total": 1010, "data": "b"},
+            {"method": "lora", "params_total": 1106, "data": "b"}, {"method": "lora", "params_total": 1106, "data": "c"}]
     recover.add_lora_params(rows)
-    assert [r["params_lora"] for r in rows] == [0, 96, 0]
+    assert [r.get("params_lora") for r in rows] == [0, 96, 0, 0, 96, None]  # data c: no full run, not guessed
     with pytest.raises(ValueError, match="2 model sizes"):
-        recover.add_lora_params([{"method": "full", "params_total": 1}, {"method": "full", "params_total": 2}])
+        recover.add_lora_params([{"method": "full", "params_total": 1, "data": "a"}, {"method": "full", "params_total": 2, "data": "a"}])
 
 
 def test_a_cut_output_dir_with_no_other_line_naming_it_is_refused():
@@ -102,3 +105,26 @@ def test_run_name_leaves_out_the_keys_the_app_leaves_out():
     cfg = yaml.safe_load(Path("lora_lightning/app/conf/config.yaml").read_text())
     assert tuple(cfg["hydra"]["job"]["config"]["override_dirname"]["exclude_keys"]) == recover.EXCLUDED_FROM_RUN_NAME
     assert recover.run_name(["seed=2", "experiment=table6", "lora.r=4", "skip_done=True"]) == "lora.r=4,seed=2"
+
+
+def test_a_wrapped_title_is_read_and_a_table_of_another_run_is_rejected():
+    def block(job: int, overrides: str, title_lines: list[str]) -> str:
+        return "\n".join([
+            f"[2026-12-03 19:39:44,722][HYDRA] \t#{job} : {overrides}",
+            *title_lines,
+            "┏━━━━━━━━━━━━━━━━━━━━━━┳━━━━━━━━━━━━━━━━━━━━━━━━┓",
+            "│ method               │ LoRA r=64 alpha=16 on ['q'] │",
+            "│ best val accuracy    │                 77.10% │",
+            f"│ output dir           │ /x/multirun/ablations/t/{job} │",
+            "└──────────────────────┴────────────────────────┘",
+        ])
+
+    text = "\n".join([
+        # rich centres a title longer than the table and wraps it
+        block(0, "lora.r=64 lora.targets=[q] seed=2 experiment=table6", ["      lora-lightning: table6 /      ", "  lora.r=64,lora.targets=,seed=2  "]),
+        # two streams in one file: this header's own table went elsewhere, the table below is another run's
+        block(1, "lora.r=64 lora.targets=[q] seed=3 experiment=table6", ["lora-lightning: table6 / lora.r=1,lora.targets=,seed=9"]),
+    ])
+    first, second = recover.parse_log(text, "x.log")
+    assert (first.experiment, first.title_run_name) == ("table6", "lora.r=64,lora.targets=,seed=2")
+    assert recover.consistent(first) and not recover.consistent(second)

@@ -413,3 +413,25 @@ def test_subspace_comparisons_reach_the_what_does_not_reproduce_list():
            "- ours, r=4, over the 6 layers: median 7.1", "- r=4, W projected onto ΔWq's directions: 1.3x (paper: 16.0x and 0.015x)."]
     assert subspace_verdicts(sub) == ["- §7.2, Top direction shared, r=8 vs r=64: φ(1,1) > 0.5 in 3 of 12 matrices (x).",
                                       "- §7.3, r=4, W projected onto ΔWq's directions: 1.3x (paper: 16.0x and 0.015x)."]
+
+
+def test_provenance_counts_recovered_runs_and_reports_the_twin_checks(tmp_path):
+    from experiments.report import ablation_curves, provenance_lines
+
+    (tmp_path / "recovery.json").write_text(json.dumps({
+        "twin_checks": ["same: table6 a seed 1: ...", "same: table6 b seed 2: ...", "DIFFERENT: table6 c seed 3: logged val 1 test 2"],
+        "rejected_blocks": ["x.log job #0: interleaved"],
+    }))
+    curve = [[10, 0.7], [20, 0.75]]
+    rows = [
+        {"experiment": "table6", "method": "lora", "targets_key": "q,v", "r": 8, "recovered_from": "experiments/logs/a.log", "val_curve": []},
+        {"experiment": "table6", "method": "lora", "targets_key": "q,v", "r": 8, "recovered_from": "experiments/logs/b.log", "val_curve": []},
+        {"experiment": "table6", "method": "lora", "targets_key": "q,v", "r": 8, "val_curve": curve},
+    ]
+    (text,) = [line for line in provenance_lines(rows, tmp_path) if line]
+    assert "1 of the 3 runs below are the runs' own" in text and "2 were rebuilt from" in text
+    assert "of 3 re-runs with a logged twin, 2 reproduced" in text and "DIFFERENT: table6 c seed 3" in text
+    assert "`a.log`, `b.log`" in text and "Left out: 1 logged block(s)" in text
+    assert provenance_lines(rows[2:], tmp_path) == []  # nothing recovered: no paragraph
+    # the convergence plot counts only runs that carry a curve
+    assert [len(v) for v in ablation_curves(rows).values()] == [1]
