@@ -242,14 +242,14 @@ def recover(logs: Iterable[Path], dest: Path, existing: list[dict], rejected: li
     twins: list[tuple[dict, dict]] = []
     for rel, (summary, cfg) in recovered_runs(logs, rejected).items():
         target = dest / rel
+        held = target / "summary.json"
+        if held.is_file() and not json.loads(held.read_text()).get("recovered_from"):
+            continue  # the run's own folder is there: this block is that very run, not a twin
         if identity(summary) in real:
             twins.append((summary, real[identity(summary)]))
-            held = target / "summary.json"
-            if held.is_file() and json.loads(held.read_text()).get("recovered_from"):  # recovered before its re-run came in
+            if held.is_file():  # recovered before its re-run came in
                 for name in ("summary.json", "resolved_config.yaml"):
                     (target / name).unlink(missing_ok=True)
-            continue
-        if (target / "summary.json").is_file() and not json.loads((target / "summary.json").read_text()).get("recovered_from"):
             continue
         target.mkdir(parents=True, exist_ok=True)
         summary = dict(summary, output_dir=str(Path("multirun") / rel))

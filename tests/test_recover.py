@@ -78,6 +78,12 @@ def test_runs_recovered_from_the_console_log_match_what_the_runs_wrote(tmp_path)
     assert recover.twin_checks(twins)[0].startswith("DIFFERENT")
     assert sorted(Path(r["dir"]).relative_to(runs).as_posix() for r in load_runs(runs)) == [
         f"ablations/{sweep_dir.name}/1", "rerun/0"]
+    # a run whose own folder was collected is that very run: neither recovered nor counted as a twin
+    own = tmp_path / "runs2" / "ablations" / sweep_dir.name / "0"
+    own.mkdir(parents=True)
+    (own / "summary.json").write_text(json.dumps(real["0"]))
+    written, twins = recover.recover([log], tmp_path / "runs2", load_runs(tmp_path / "runs2"))
+    assert twins == [] and [p.parent.name for p in written] == ["1", "1"]
 
 
 def test_params_lora_is_the_total_minus_the_base_models_total():
