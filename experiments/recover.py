@@ -3,7 +3,7 @@
     python -m experiments.summarize --recover-logs experiments/logs/ablations_*.log
 
 Every ``lora-train`` run prints its overrides (Hydra's ``#N : ...`` line) and a summary table (test and best
-validation accuracy to 0.01 points, trainable parameters, fit time and steps, output dir). When a run's folder
+validation accuracy to 0.01 points — made exact again from the sizes of the splits, k/n —, trainable parameters, fit time and steps, output dir). When a run's folder
 is lost (the sweeps of 2026-12-03 were: ``multirun/`` is not in git), this module turns each logged run into
 a ``summary.json`` under ``experiments/runs/<the run's path below multirun/>`` holding what the log shows, and
 a ``resolved_config.yaml`` composed from the same overrides with this checkout's configs (Hydra's job number
@@ -98,6 +98,34 @@ def _pct(value: str | None) -> float | None:
     return None if m is None else float(m.group(1)) / 100
 
 
+def exact_accuracy(printed: float | None, n: int | None) -> float | None:
+    """The accuracy a run computed, from the value it printed (rounded to 0.01 points) and the size ``n`` of the
+    split it was measured on: the one k/n (float32, as torchmetrics computes it) that rounds to the printed
+    value; the printed value when n is unknown or several k fit (n > 10,000)."""
+    if printed is None or not n:
+        return printed
+    import numpy as np  # noqa: PLC0415
+
+    fits = [k for k in range(max(0, round(printed * n) - 2), round(printed * n) + 3) if abs(100 * k / n - 100 * printed) <= 0.005 + 1e-9]
+    return float(np.float32(fits[0]) / np.float32(n)) if len(fits) == 1 else printed
+
+
+_SIZES: dict[str, dict[str, int]] = {}
+
+
+def split_sizes(data_cfg: dict) -> dict[str, int]:
+    """Sizes of the val and test splits a data config gives (the datamodule built and split, no training)."""
+    key = json.dumps(data_cfg, sort_keys=True, default=str)
+    if key not in _SIZES:
+        from hydra.utils import instantiate  # noqa: PLC0415
+
+        dm = instantiate(data_cfg, _convert_="all")
+        dm.prepare_data()
+        dm.setup("fit")
+        _SIZES[key] = {split: len(dm.splits[split]) for split in ("val", "test") if split in dm.splits}
+    return _SIZES[key]
+
+
 def run_name(overrides: list[str]) -> str:
     """Hydra's ``override_dirname`` of the job (sorted ``key=value``, the app's excluded keys left out)."""
     return ",".join(sorted(o for o in overrides if o.partition("=")[0] not in EXCLUDED_FROM_RUN_NAME))
@@ -109,9 +137,11 @@ def consistent(run: LoggedRun) -> bool:
     return run.title_run_name == re.sub(r"\[[^\]]*\]", "", run_name(run.overrides))
 
 
-def summary_of(run: LoggedRun, cfg: dict) -> dict:
-    """The summary fields the log holds (seed, lr and data from the run's composed config ``cfg``); the rest
-    of a live run's summary is absent, not guessed."""
+def summary_of(run: LoggedRun, cfg: dict, sizes: dict[str, int] | None = None) -> dict:
+    """The summary fields the log holds (seed, lr and data from the run's composed config ``cfg``; accuracies
+    made exact with the split ``sizes``, see ``exact_accuracy``); the rest of a live run's summary is absent,
+    not guessed."""
+    sizes = sizes or {}
     t = run.table
     what = t.get("method", "")
     if m := LORA_METHOD.match(what):
@@ -132,8 +162,8 @@ def summary_of(run: LoggedRun, cfg: dict) -> dict:
         "variant": "lora" if method == "lora" else None,
         "lr": None if cfg["model"].get("lr") is None else float(cfg["model"]["lr"]),
         "data": str(cfg["data"].get("source")),
-        "best_val_acc": _pct(t.get("best val accuracy")),
-        "test_acc": _pct(t.get("test accuracy")),
+        "best_val_acc": exact_accuracy(_pct(t.get("best val accuracy")), sizes.get("val")),
+        "test_acc": exact_accuracy(_pct(t.get("test accuracy")), sizes.get("test")),
         "test_f1": _pct(t.get("test macro-F1")),
         "val_curve": [],
         "params_trainable": None if params is None else int(params.group(1).replace(",", "")),
@@ -144,6 +174,7 @@ def summary_of(run: LoggedRun, cfg: dict) -> dict:
         "adapter_path": None,
         "output_dir": run.output_dir,
         "recovered_from": run.log,
+        "split_sizes": sizes,
     }
 
 
@@ -180,7 +211,7 @@ def recovered_runs(logs: Iterable[Path], rejected: list[str] | None = None) -> d
     out = {}
     for rel, run in blocks.items():
         cfg = composed_config(run)
-        summary = summary_of(run, cfg)
+        summary = summary_of(run, cfg, split_sizes(cfg["data"]))
         if summary["experiment"] != cfg.get("experiment_name"):
             raise ValueError(f"{run.log} job #{run.job}: the table says experiment {summary['experiment']!r}, its overrides "
                              f"compose {cfg.get('experiment_name')!r} with this checkout's configs; recover it at the commit that ran it")
@@ -277,11 +308,12 @@ def write_record(dest: Path, logs: list[Path], twins: list[tuple[dict, dict]], r
 
 
 def twin_checks(twins: list[tuple[dict, dict]]) -> list[str]:
-    """One line per logged/real pair: do test and best validation accuracy agree to the log's 0.01 points?"""
+    """One line per logged/real pair: are test and best validation accuracy the same (the logged ones made
+    exact with the split sizes, so 'same' means equal to float32 precision)?"""
     lines = []
     for logged, real in sorted(twins, key=lambda p: identity(p[0])):
         same = all(
-            logged.get(k) is not None and real.get(k) is not None and abs(100 * logged[k] - 100 * real[k]) < 0.006
+            logged.get(k) is not None and real.get(k) is not None and abs(logged[k] - real[k]) < 1e-7
             for k in ("best_val_acc", "test_acc")
         )
         lines.append(

@@ -55,8 +55,10 @@ def test_runs_recovered_from_the_console_log_match_what_the_runs_wrote(tmp_path)
                     "params_total", "precision"):
             assert mine[key] == theirs[key], (job, key, mine[key], theirs[key])
         assert mine["alpha"] == pytest.approx(theirs["alpha"])
-        for key in ("best_val_acc", "test_acc", "test_f1"):  # the table prints percentages to 0.01
-            assert mine[key] == pytest.approx(theirs[key], abs=5.01e-5), key
+        assert mine["split_sizes"] == {"val": 32, "test": 32}
+        for key in ("best_val_acc", "test_acc"):  # printed to 0.01 points, made exact again from the split sizes
+            assert mine[key] == theirs[key], key
+        assert mine["test_f1"] == pytest.approx(theirs["test_f1"], abs=5.01e-5)  # macro-F1 is not k/n: as printed
         assert mine["fit_seconds"] == pytest.approx(theirs["fit_seconds"], abs=0.051)
         # no head-only or full run in this log: params_lora stays unknown rather than guessed
         assert "params_lora" not in mine or mine["params_lora"] is None
@@ -105,6 +107,15 @@ def test_a_cut_output_dir_with_no_other_line_naming_it_is_refused():
     (run,) = recover.parse_log(text, "x.log")
     with pytest.raises(ValueError, match="output dir is cut"):
         _ = run.output_dir
+
+
+def test_exact_accuracy_is_the_one_k_over_n_that_rounds_to_the_printed_value():
+    import numpy as np
+
+    assert recover.exact_accuracy(0.7567, 1270) == float(np.float32(961) / np.float32(1270))  # 75.67% of 1,270
+    assert recover.exact_accuracy(0.784, 1000) == float(np.float32(0.784))
+    assert recover.exact_accuracy(0.7567, None) == 0.7567  # split size unknown: as printed
+    assert recover.exact_accuracy(0.50005, 100_000) == 0.50005  # several k fit: as printed
 
 
 def test_run_name_leaves_out_the_keys_the_app_leaves_out():
