@@ -540,6 +540,34 @@ def table6_claims(stats: dict[tuple[str, int], Stat]) -> list[Claim]:
     return claims
 
 
+def rank_profile_markdown(rows: list[dict]) -> str:
+    """Every Table 6 row's r=1 and r=8 against its r=64, ours (val and test, Welch 95% CI, raw p) beside the
+    paper's difference: a description of each row's shape, deliberately outside the claim checks' Holm family."""
+    by_metric = {m: table6_stats(rows, m) for m in _metrics_present(rows)}
+    lines = ["| weights | comparison | paper (WikiSQL / MultiNLI) | "
+             + " | ".join(f"ours, {METRIC_NAMES[m]}: diff [95% CI], raw p" for m in by_metric) + " |",
+             "|---|---|---|" + "---|" * len(by_metric)]
+    for key in TABLE6_TARGETS:
+        for small in (1, 8):
+            paper = TABLE6_PAPER[key]
+            cells = []
+            for stats in by_metric.values():
+                a, b = stats.get((key, small)), stats.get((key, 64))
+                if a is None or b is None or a.n < 2 or b.n < 2:
+                    cells.append("-")
+                    continue
+                w = welch(a, b)
+                cells.append(f"{w.diff:+.2f} [{w.ci[0]:+.2f}, {w.ci[1]:+.2f}], p {_p(w.p)} (n {a.n} / {b.n})")
+            lines.append(f"| W{{{key}}} | r={small} − r=64 | {paper[small][0] - paper[64][0]:+.1f} / {paper[small][1] - paper[64][1]:+.1f} | "
+                         + " | ".join(cells) + " |")
+    return "\n".join([
+        "Rank profile of every row: r=1 and r=8 against r=64, ours beside the paper's difference (a description, not "
+        "a claim check: raw p-values, outside the Holm family of the checks above):",
+        "",
+        *lines,
+    ])
+
+
 def table6_findings(stats: dict[tuple[str, int], Stat], margin: float = MARGIN, alpha: float = ALPHA) -> str:
     """Table 6's claim checks alone (Holm family = these checks); ``summarize`` corrects over the whole report."""
     return claims_markdown(check_claims(table6_claims(stats), margin, alpha))
@@ -743,7 +771,8 @@ def ablation_report(rows: list[dict], out: Path, link: str = "results", margin: 
         claims[METRIC]["table6"] = table6_claims(stats6)
         claims[TEST_METRIC]["table6"] = table6_claims(table6_stats(t6, TEST_METRIC))
         noise = [noise_line(t6, "targets_key", "r", metric=m) for m in _metrics_present(t6)] if t6 else []
-        parts += ["## Table 6 (ours)", "", md, "", *noise, "", "{table6}", "", f"![table 6]({link}/table6.png)", ""]
+        profile = [rank_profile_markdown(t6), ""] if t6 else []
+        parts += ["## Table 6 (ours)", "", md, "", *noise, "", "{table6}", "", *profile, f"![table 6]({link}/table6.png)", ""]
     variants = variants_section(of_experiment(rows, "variants", ["lora"]), out, link, variants_csv)
     checks: dict[str, list[tuple[str, ClaimCheck]]] = {}
     for metric, by_table in claims.items():

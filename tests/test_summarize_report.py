@@ -466,3 +466,21 @@ def test_recipe_probe_rows_compare_each_variation_with_full_ft_and_the_default(t
     # the probes' curves are read: last two points of the mean curve (80.0 -> 81.2) against the seed std (0.10)
     assert ("- LoRA W{q,k,v,o}, r=8, lr 0.002, 6 epochs: step 76 → 114: 80.0 → 81.2 % (Δ +1.20 pp); seed noise "
             "(std over 3 seeds at step 114) 0.10 pp: still rising") in text
+
+
+def test_rank_profile_gives_each_rows_r1_and_r8_against_r64_beside_the_papers_difference():
+    from experiments.summarize import rank_profile_markdown
+
+    acc = {1: [0.760, 0.770, 0.765], 8: [0.780, 0.775, 0.785], 64: [0.780, 0.790, 0.785]}
+    rows = [dict(lora(["q", "v"], r), experiment="table6", targets_key="q,v", seed=s, best_val_acc=a, test_acc=a - 0.01)
+            for r, accs in acc.items() for s, a in enumerate(accs, start=1)]
+    text = rank_profile_markdown(rows)
+    row = next(line for line in text.splitlines() if line.startswith("| W{q,v} | r=1 − r=64 |"))
+    a, b = 100 * np.array(acc[1]), 100 * np.array(acc[64])
+    t = stats.ttest_ind(a, b, equal_var=False)
+    se = math.sqrt(a.var(ddof=1) / 3 + b.var(ddof=1) / 3)
+    h = stats.t.ppf(0.975, t.df) * se
+    d = a.mean() - b.mean()
+    assert f"{d:+.2f} [{d - h:+.2f}, {d + h:+.2f}], p {t.pvalue:.3f} (n 3 / 3)" in row
+    assert "| -0.1 / -0.1 |" in row  # the paper: 73.4 - 73.5 on WikiSQL, 91.3 - 91.4 on MultiNLI
+    assert "| W{q} | r=1 − r=64 | -1.2 / +0.0 | - | - |" in text  # no W{q} runs: no numbers made up
