@@ -35,7 +35,7 @@ PERCENT = re.compile(r"^(-?[0-9.]+)%$")
 FIT = re.compile(r"^([0-9.]+) s \((\d+) steps\)$")
 PARAMS = re.compile(r"^([0-9,]+) of ([0-9,]+) ")
 EXCLUDED_FROM_RUN_NAME = ("experiment", "scale", "logger", "trainer", "progress", "test", "threads", "hydra/launcher", "hparams_search", "skip_done")  # conf/config.yaml override_dirname.exclude_keys (a test checks)
-IDENTITY = ("experiment", "method", "targets_key", "r", "lr", "seed")
+IDENTITY = ("experiment", "data", "method", "targets_key", "r", "lr", "seed")
 
 
 @dataclass

@@ -145,3 +145,9 @@ def test_a_wrapped_title_is_read_and_a_table_of_another_run_is_rejected():
     first, second = recover.parse_log(text, "x.log")
     assert (first.experiment, first.title_run_name) == ("table6", "lora.r=64,lora.targets=,seed=2")
     assert recover.consistent(first) and not recover.consistent(second)
+
+
+def test_runs_on_different_data_are_not_twins():
+    a = {"experiment": "recipe", "data": "trec", "method": "lora", "targets": ["q"], "r": 8, "lr": 2e-3, "seed": 3}
+    assert recover.identity(a) == recover.identity(dict(a))
+    assert recover.identity(a) != recover.identity(dict(a, data="rotten_tomatoes"))
