@@ -153,7 +153,8 @@ def howto_section() -> list[str]:
         "bash experiments/ablations.sh tables      # Table 6 + reference rows (seeds 1-3), Table 5 (seeds 11-13) at those lrs",
         "bash experiments/ablations.sh more-seeds  # seeds 4, 5 for the eight Table 6 cells the claims compare; 14, 15 for Table 5",
         "bash experiments/recipe.sh search         # seed 0: lr x targets for LoRA, lr for full FT, head only, on 4 tasks",
-        "bash experiments/recipe.sh final LORA_LR LORA_TARGETS \"RT_LR TREC_LR SPEECHES_LR NEWSGROUPS_LR\"   # seeds 1-3",
+        "RUNS=experiments/runs bash experiments/recipe.sh final LORA_LR LORA_TARGETS DATA...  # seeds 1-3; full FT at the task's best search lr",
+        "bash experiments/recipe_probe.sh DATA     # seeds 1-3: the LoRA default at 6 epochs, and on all-linear targets",
         "python -m experiments.summarize --collect # multirun/{ablations,recipe} -> experiments/runs (summaries, configs, §7.2 adapters)",
         "python -m experiments.summarize --recover-logs experiments/logs/*.log  # runs whose folders are gone: records from their console logs",
         "RUNS=experiments/runs bash experiments/ablations.sh rerun  # the runs whose curves and adapters the report reads, trained again",
@@ -599,7 +600,8 @@ def lora_configs_table(search: list[dict], tasks: list[str]) -> list[str]:
 
 def final_command(search: list[dict], tasks_needed: Sequence[str] = RECIPE_ORDER) -> str | None:
     """The `recipe.sh final` call the search suggests: the LoRA config with the best mean val acc over tasks
-    (searched on all of them) and each task's best full-FT lr; ``None`` while a task's search is missing."""
+    (searched on all of them); the script picks each task's best full-FT lr itself (shown in a comment);
+    ``None`` while a task's search is missing."""
     lora = [r for r in search if r.get("method") == "lora" and has_metric(r, METRIC)]
     full_lr = {}
     for t in tasks_needed:
@@ -615,7 +617,9 @@ def final_command(search: list[dict], tasks_needed: Sequence[str] = RECIPE_ORDER
     if not means:
         return None
     targets, lr = min(means, key=lambda k: (-means[k], k[1]))
-    return f"bash experiments/recipe.sh final {lr!r} '[{targets}]' \"{' '.join(repr(full_lr[t]) for t in tasks_needed)}\""
+    full_text = ", ".join(f"{t} {full_lr[t]!r}" for t in tasks_needed)
+    return (f"RUNS=experiments/runs bash experiments/recipe.sh final {lr!r} '[{targets}]' {' '.join(tasks_needed)}"
+            f"   # full FT at each task's best search lr: {full_text}")
 
 
 def recipe_section(rows: list[dict], out: Path, link: str, margin: float, alpha: float) -> tuple[list[str], list[RecipeCheck]]:

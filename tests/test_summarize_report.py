@@ -291,7 +291,9 @@ def test_recipe_verdicts_per_task(readme):
     assert "No final runs (seeds 1-3) for this task yet" in recipe.split("### newsgroups")[1].split("###")[0]
     assert "equivalence shown on 1 of 4 tasks; not yet testable on newsgroups" in recipe
     # the search's suggestion: best mean val acc over tasks for LoRA ([q,k,v,o]), best val lr per task for full FT
-    assert "bash experiments/recipe.sh final 0.002 '[q,k,v,o]' \"0.0002 0.0002 0.0002 0.0002\"" in recipe
+    # (the call recipe.sh takes: `final LORA_LR LORA_TARGETS DATA...`; it reads each task's full-FT lr itself)
+    assert ("RUNS=experiments/runs bash experiments/recipe.sh final 0.002 '[q,k,v,o]' rotten_tomatoes trec convention_speeches "
+            "newsgroups   # full FT at each task's best search lr: rotten_tomatoes 0.0002, trec 0.0002") in recipe
 
 
 def test_convergence_flags_a_curve_still_rising(readme):
