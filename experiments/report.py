@@ -31,6 +31,7 @@ from experiments.summarize import (
     _p,
     _save,
     ablation_report,
+    ci_text,
     equivalent_label,
     has_metric,
     load_runs,
@@ -92,10 +93,6 @@ def config_value(cfg: dict, dotted: str) -> Any:
             return None
         node = node[part]
     return node
-
-
-def ci_text(w: Welch) -> str:
-    return f"{w.diff:+.2f}" + ("" if math.isnan(w.ci[0]) else f" [{w.ci[0]:+.2f}, {w.ci[1]:+.2f}]")
 
 
 # --------------------------------------------------------------------------- intro, how to
@@ -446,6 +443,13 @@ def plot_curves(panels: dict[str, dict[str, list[dict]]], path: Path) -> Path:
     return _save(fig, path)
 
 
+def with_curves(groups: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """Each group's runs that recorded a validation curve (runs recovered from logs have none), so a plot's n
+    counts the runs it draws; groups left empty are dropped."""
+    kept = {k: [r for r in v if r.get("val_curve")] for k, v in groups.items()}
+    return {k: v for k, v in kept.items() if v}
+
+
 def ablation_curves(rows: list[dict]) -> dict[str, list[dict]]:
     """The curves of the convergence plot: full FT, head only, LoRA at r=8 on each Table 6 set ({q,v} first)."""
     ref = of_experiment(rows, "table6_reference")
@@ -456,8 +460,7 @@ def ablation_curves(rows: list[dict]) -> dict[str, list[dict]]:
     }
     for key in ("q,v", "q", "q,k,v,o"):
         curves[f"LoRA {targets_text(key)}, r=8"] = [r for r in t6 if r["targets_key"] == key and r.get("r") == 8]
-    curves = {k: [r for r in v if r.get("val_curve")] for k, v in curves.items()}  # runs recovered from logs have none
-    return {k: v for k, v in curves.items() if v}
+    return with_curves(curves)
 
 
 def convergence_section(rows: list[dict], out: Path, link: str) -> list[str]:
@@ -666,8 +669,7 @@ def recipe_section(rows: list[dict], out: Path, link: str, margin: float, alpha:
         elif t_final:
             lines += ["LoRA − full fine-tuning cannot be tested yet: one of the two has no final runs.", ""]
         task_curves = {METHOD_LABELS.get(m, m) if m != "lora" else "LoRA default": [r for r in t_final if r.get("method") == m] for m in ("full", "lora", "head_only")}
-        task_curves = {k: [r for r in v if r.get("val_curve")] for k, v in task_curves.items()}  # recovered runs have none
-        task_curves = {k: v for k, v in task_curves.items() if v}
+        task_curves = with_curves(task_curves)
         if task_curves:
             curves[task] = task_curves
             lines += [c.line() for label, runs in task_curves.items() if (c := convergence_check(label, runs))] + [""]
@@ -731,7 +733,7 @@ def recipe_probe_section(rows: list[dict], margin: float, alpha: float) -> list[
                 f"| {label} | {seeds_text(mine)} | {stat_of(mine, METRIC)} | {stat_of(mine, TEST_METRIC)} "
                 f"| {ci_text(vs_full.welch) if vs_full else ''} | {vs_full.outcome if vs_full else ''} | {ci_text(vs_default) if vs_default else ''} |")
         lines += ["", f"Mean ± std over seeds; {STD_NOTE}.", ""]
-        checks = [c for label, runs in sorted(groups.items()) if (c := convergence_check(label, [r for r in runs if r.get("val_curve")]))]
+        checks = [c for label, runs in sorted(with_curves(groups).items()) if (c := convergence_check(label, runs))]
         if checks:
             lines += ["Validation curves of the probes (last two points of the mean curve against the seed noise):", "",
                       *(c.line() for c in checks), ""]

@@ -347,6 +347,11 @@ def _p(p: float) -> str:
     return "-" if math.isnan(p) else "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
+def ci_text(w: Welch) -> str:
+    """'+0.91 [+0.37, +1.46]': the difference and its confidence interval (the interval left out when undefined)."""
+    return f"{w.diff:+.2f}" + ("" if math.isnan(w.ci[0]) else f" [{w.ci[0]:+.2f}, {w.ci[1]:+.2f}]")
+
+
 def claims_markdown(checks: Sequence[ClaimCheck]) -> str:
     """One row per claim: the difference with its 95% CI (no ± in this table), Welch t and df, raw and
     Holm-corrected p, Holm-corrected TOST p, outcome and verdict."""
@@ -363,10 +368,9 @@ def claims_markdown(checks: Sequence[ClaimCheck]) -> str:
     for c in checks:
         w = c.welch
         test = "difference" if c.claim.kind == GREATER else f"equivalence ±{c.margin:g}"
-        ci = "" if math.isnan(w.ci[0]) else f" [{w.ci[0]:+.2f}, {w.ci[1]:+.2f}]"
         tdf = "-" if math.isnan(w.t) else f"{w.t:+.2f} ({w.df:.1f})"
         lines.append(
-            f"| {c.claim.text} | {test} | {c.claim.a_label} − {c.claim.b_label}: {w.diff:+.2f}{ci} | {tdf} "
+            f"| {c.claim.text} | {test} | {c.claim.a_label} − {c.claim.b_label}: {ci_text(w)} | {tdf} "
             f"| {_p(w.p)} | {_p(c.p_holm)} | {_p(c.p_tost_holm)} | {c.outcome} | **{c.verdict}** |"
         )
     return "\n".join(lines)
@@ -557,7 +561,7 @@ def rank_profile_markdown(rows: list[dict]) -> str:
                     cells.append("-")
                     continue
                 w = welch(a, b)
-                cells.append(f"{w.diff:+.2f} [{w.ci[0]:+.2f}, {w.ci[1]:+.2f}], p {_p(w.p)} (n {a.n} / {b.n})")
+                cells.append(f"{ci_text(w)}, p {_p(w.p)} (n {a.n} / {b.n})")
             lines.append(f"| W{{{key}}} | r={small} − r=64 | {paper[small][0] - paper[64][0]:+.1f} / {paper[small][1] - paper[64][1]:+.1f} | "
                          + " | ".join(cells) + " |")
     return "\n".join([
