@@ -43,7 +43,7 @@ from experiments.summarize import (
     write_tables,
 )
 
-ABLATION_EXPERIMENTS = (SEARCH_EXPERIMENT, "table5", "table6", "table6_reference")
+ABLATION_EXPERIMENTS = (SEARCH_EXPERIMENT, "table5", "table6", "table6_reference", "convergence")
 RECIPE = "recipe"
 TASKS = ("rotten_tomatoes", "trec", "newsgroups", "convention_speeches")
 RECIPE_ORDER = ("rotten_tomatoes", "trec", "convention_speeches", "newsgroups")  # recipe.sh's order of full-FT lrs
@@ -127,6 +127,7 @@ def run_inventory(rows: list[dict]) -> list[str]:
         "table5": "Table 5",
         "table6": "Table 6",
         "table6_reference": "Table 6 reference rows (full fine-tuning, head only)",
+        "convergence": "ablation cells at a twice longer schedule (300 steps)",
         RECIPE: "default recipe (search: seed 0; final: seeds ≥ 1)",
         "recipe_probe": "recipe probes (variations of the LoRA default)",
         "variants": "variants",
@@ -152,6 +153,8 @@ def howto_section() -> list[str]:
         "bash experiments/recipe.sh search         # seed 0: lr x targets for LoRA, lr for full FT, head only, on 4 tasks",
         "RUNS=experiments/runs bash experiments/recipe.sh final LORA_LR LORA_TARGETS DATA...  # seeds 1-3; full FT at the task's best search lr",
         "bash experiments/recipe_probe.sh DATA     # seeds 1-3: the LoRA default at 6 epochs, and on all-linear targets",
+        "SEEDS='4 5 6' RUNS=experiments/runs bash experiments/recipe_probe.sh 6epochs,full-6epochs DATA  # more seeds; full FT at 6 epochs",
+        "bash experiments/convergence.sh           # the cells the ablation verdicts compare, at 300 steps instead of 150",
         "python -m experiments.summarize --collect # multirun/{ablations,recipe} -> experiments/runs (summaries, configs, §7.2 adapters)",
         "python -m experiments.summarize --recover-logs experiments/logs/*.log  # runs whose folders are gone: records from their console logs",
         "RUNS=experiments/runs bash experiments/ablations.sh rerun  # the runs whose curves and adapters the report reads, trained again",
@@ -256,7 +259,7 @@ SCALE_KEYS = [
     ("lora.dropout", "LoRA dropout"), ("lora.init", "LoRA init"), ("trainer.precision", "precision"),
 ]
 ABLATION_SCALE_LABELS = {SEARCH_EXPERIMENT: "ablations: lr search", "table5": "ablations: Table 5", "table6": "ablations: Table 6",
-                         "table6_reference": "ablations: Table 6 reference rows"}
+                         "table6_reference": "ablations: Table 6 reference rows", "convergence": "ablations: the longer schedule"}
 
 
 def scale_table(rows: list[dict]) -> list[str]:
@@ -722,22 +725,51 @@ def recipe_probe_section(rows: list[dict], margin: float, alpha: float) -> list[
         for r in (r for r in probes if r.get("data") == task):
             groups.setdefault(probe_label(r), []).append(r)
         lines += [f"### {task}", "",
-                  "| runs | seeds | val acc | test acc | − full FT, test (pp) [95% CI] | outcome (±" + f"{margin:g}) | − LoRA default, test (pp) [95% CI] |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| runs | seeds | val acc | test acc | test acc, last checkpoint | − full FT, test (pp) [95% CI] | outcome (±"
+                  + f"{margin:g}) | − LoRA default, test (pp) [95% CI] |",
+                  "|---|---|---|---|---|---|---|---|"]
         for label, mine in [("full fine-tuning (final runs)", full), ("LoRA default (final runs)", default)] + sorted(groups.items()):
             if not mine:
                 continue
             vs_full = recipe_check(task, TEST_METRIC, mine, full, margin, alpha) if full and mine is not full else None
             vs_default = welch(stat_of(mine, TEST_METRIC), stat_of(default, TEST_METRIC)) if default and mine is not default and mine is not full else None
             lines.append(
-                f"| {label} | {seeds_text(mine)} | {stat_of(mine, METRIC)} | {stat_of(mine, TEST_METRIC)} "
+                f"| {label} | {seeds_text(mine)} | {stat_of(mine, METRIC)} | {stat_of(mine, TEST_METRIC)} | {stat_of(mine, LAST_TEST_METRIC)} "
                 f"| {ci_text(vs_full.welch) if vs_full else ''} | {vs_full.outcome if vs_full else ''} | {ci_text(vs_default) if vs_default else ''} |")
-        lines += ["", f"Mean ± std over seeds; {STD_NOTE}.", ""]
+        lines += ["", f"Mean ± std over seeds; {STD_NOTE}. Test acc: the checkpoint with the best validation accuracy; last "
+                  "checkpoint: the weights after the final step (runs since 2026-12-06, `test_last=true`).", ""]
+        lines += same_schedule_lines(groups, margin, alpha, task)
         checks = [c for label, runs in sorted(with_curves(groups).items()) if (c := convergence_check(label, runs))]
         if checks:
             lines += ["Validation curves of the probes (last two points of the mean curve against the seed noise):", "",
                       *(c.line() for c in checks), ""]
     return lines
+
+
+LAST_TEST_METRIC = "last_test_acc"  # the test accuracy of the last checkpoint (test_last=true)
+
+
+def probe_epochs(row: dict) -> Any:
+    cfg = read_config(row) or {}
+    return config_value(cfg, "trainer.max_epochs") if cfg else None
+
+
+def same_schedule_lines(groups: dict[str, list[dict]], margin: float, alpha: float, task: str) -> list[str]:
+    """LoRA probes against full fine-tuning probes trained for the same number of epochs: test accuracy of the
+    best-validation checkpoint (Welch, TOST at ±margin), and of the last checkpoint where both recorded it."""
+    lines = []
+    for l_label, l_runs in sorted(groups.items()):
+        for f_label, f_runs in sorted(groups.items()):
+            if l_runs[0].get("method") != "lora" or f_runs[0].get("method") != "full" or probe_epochs(l_runs[0]) != probe_epochs(f_runs[0]):
+                continue
+            best = recipe_check(task, TEST_METRIC, l_runs, f_runs, margin, alpha)
+            val = welch(stat_of(l_runs, METRIC), stat_of(f_runs, METRIC))
+            last = ""
+            if stat_of(l_runs, LAST_TEST_METRIC).n > 1 and stat_of(f_runs, LAST_TEST_METRIC).n > 1:
+                last = f"; last checkpoints on test {ci_text(welch(stat_of(l_runs, LAST_TEST_METRIC), stat_of(f_runs, LAST_TEST_METRIC)))}"
+            lines.append(f"- Same schedule: {l_label} − {f_label}: test {ci_text(best.welch)} (**{best.outcome}**, TOST p "
+                         f"{_p(best.p_tost)}); validation {ci_text(val)}{last}.")
+    return lines + [""] if lines else []
 
 
 def recipe_overview(tasks: list[str], summary_rows: list[tuple[str, RecipeCheck | None]], margin: float) -> list[str]:
@@ -847,6 +879,8 @@ def licences_section() -> list[str]:
 def write_readme(runs: Path, out: Path, readme: Path, margin: float = MARGIN, alpha: float = ALPHA, recipe_margin: float = 1.0,
                  variants_csv: Path | None = None) -> str:
     """Regenerate ``readme`` (and ``out/tables.md``, CSVs, PNGs) from the runs under ``runs``; return the README text."""
+    from experiments.schedule import longer_schedule_section  # noqa: PLC0415 (it builds on this module's helpers)
+
     rows = load_runs(runs)
     out.mkdir(parents=True, exist_ok=True)
     link = Path(os.path.relpath(out.resolve(), readme.parent.resolve())).as_posix()
@@ -860,6 +894,7 @@ def write_readme(runs: Path, out: Path, readme: Path, margin: float = MARGIN, al
         howto_section(),
         method_section(rows, report, margin, alpha, recipe_margin, runs),
         convergence_section(rows, out, link),
+        longer_schedule_section(rows, out, link, margin, alpha),
         recipe,
         recipe_probe_section(rows, recipe_margin, alpha),
         report.parts,

@@ -248,3 +248,28 @@ def test_skip_done_refuses_the_summary_of_another_experiment(tmp_path):
         finished_summary(cfg, tmp_path)
     OmegaConf.update(cfg, "skip_done", False)
     assert finished_summary(cfg, tmp_path) is None
+
+
+def test_test_last_scores_the_last_checkpoint_beside_the_best(tmp_path, monkeypatch):
+    import lightning.pytorch as pl
+
+    from lora_lightning.app.train import run
+
+    calls = []
+    real_test = pl.Trainer.test
+
+    def recording_test(self, *args, **kwargs):
+        out = real_test(self, *args, **kwargs)
+        calls.append((kwargs.get("ckpt_path"), out[0]["test_acc"]))
+        return out
+
+    monkeypatch.setattr(pl.Trainer, "test", recording_test)
+    cfg = compose_cfg([*TINY, "logger=none", "test_last=true", "trainer.max_epochs=2", "trainer.val_check_interval=0.5",
+                       "run_name=t"], tmp_path)
+    summary = run(cfg)
+    (last_path, last_acc), (best_path, best_acc) = calls
+    assert Path(last_path).name == "last.ckpt" and Path(best_path).name.startswith("best-")
+    assert best_path == summary["best_checkpoint"]
+    assert summary["last_test_acc"] == pytest.approx(last_acc) and summary["test_acc"] == pytest.approx(best_acc)
+    # the last checkpoint holds the weights after the final step: the last validation point is theirs
+    assert len(summary["val_curve"]) == 4 and summary["val_curve"][-1][0] == summary["steps"]

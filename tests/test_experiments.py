@@ -129,3 +129,14 @@ def test_two_task_adapters_in_one_fit_smoke(tmp_path):
         row = next(line for line in text.splitlines() if line.startswith(f"| {task} |"))
         assert f"{100 * a['test_acc'][task]:.2f} ± nan (n=1)" in row
         assert f"{100 * both['test_acc'][task]:.2f} ± nan (n=1)" in row
+
+
+def test_convergence_experiment_is_the_ablation_scale_at_twice_the_epochs(tmp_path):
+    from test_app import compose_cfg
+
+    long, short = compose_cfg(["experiment=convergence"], tmp_path), compose_cfg(["experiment=table6"], tmp_path)
+    assert long.experiment_name == "convergence" and long.trainer.max_epochs == 2 * short.trainer.max_epochs == 4
+    for key in ("data", "lora"):  # same data, split, sequence length, init and alpha as the Table 6 runs
+        assert long[key] == short[key], key
+    assert long.trainer.val_check_interval == short.trainer.val_check_interval and long.test and not long.test_last
+    assert compose_cfg(["experiment=recipe"], tmp_path).test_last  # the recipe runs test their last checkpoint too

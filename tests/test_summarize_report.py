@@ -486,3 +486,75 @@ def test_rank_profile_gives_each_rows_r1_and_r8_against_r64_beside_the_papers_di
     assert f"{d:+.2f} [{d - h:+.2f}, {d + h:+.2f}], p {t.pvalue:.3f} (n 3 / 3)" in row
     assert "| -0.1 / -0.1 |" in row  # the paper: 73.4 - 73.5 on WikiSQL, 91.3 - 91.4 on MultiNLI
     assert "| W{q} | r=1 − r=64 | -1.2 / +0.0 | - | - |" in text  # no W{q} runs: no numbers made up
+
+
+def test_longer_schedule_sets_each_cell_and_claim_beside_its_150_step_twin(tmp_path):
+    from experiments.schedule import longer_schedule_section
+
+    def welch_ci(a, b):
+        a, b = 100 * np.array(a), 100 * np.array(b)
+        va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+        se = math.sqrt(va + vb)
+        df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+        h = stats.t.ppf(0.975, df) * se
+        d = a.mean() - b.mean()
+        return f"{d:+.2f} [{d - h:+.2f}, {d + h:+.2f}]"
+
+    short = {("q,v", 1): [0.760, 0.765, 0.770], ("q,v", 64): [0.780, 0.784, 0.781], ("q,v", 8): [0.775, 0.779, 0.772]}
+    long = {("q,v", 1): [0.790, 0.794, 0.791], ("q,v", 64): [0.791, 0.792, 0.793], ("q,v", 8): [0.790, 0.792, 0.791]}
+    full_short, full_long = [0.800, 0.801, 0.799], [0.810, 0.805, 0.808]
+    for seed in (1, 2, 3, 4):  # seed 4 exists at 150 steps only: left out of the like-for-like columns
+        for (key, r), accs in short.items():
+            acc = accs[seed - 1] if seed <= 3 else 0.5
+            write_run(tmp_path, f"t6/{r}/{seed}", config(seed), experiment="table6", seed=seed, lr=2e-3, steps=150,
+                      best_val_acc=acc, test_acc=acc - 0.01, **lora(key.split(","), r))
+        write_run(tmp_path, f"ref/{seed}", config(seed, method="full"), experiment="table6_reference", method="full", seed=seed,
+                  lr=2e-4, steps=150, best_val_acc=full_short[seed - 1] if seed <= 3 else 0.5, test_acc=0.79)
+    for seed in (1, 2, 3):
+        for (key, r), accs in long.items():
+            write_run(tmp_path, f"conv/{r}/{seed}", config(seed, epochs=4), experiment="convergence", seed=seed, lr=2e-3, steps=300,
+                      best_val_acc=accs[seed - 1], test_acc=accs[seed - 1] - 0.02,
+                      val_curve=curve([0.70, accs[seed - 1] - 0.001, accs[seed - 1]], every=100), **lora(key.split(","), r))
+        write_run(tmp_path, f"conv/full/{seed}", config(seed, method="full", epochs=4), experiment="convergence", method="full",
+                  seed=seed, lr=2e-4, steps=300, best_val_acc=full_long[seed - 1], test_acc=0.80)
+    text = "\n".join(longer_schedule_section(load_runs(tmp_path), tmp_path / "out", "results"))
+    row = table_row(text, "LoRA W{q,v}, r=1")
+    assert row[1:5] == ["0.002", "1, 2, 3", "76.5 ± 0.5", "79.2 ± 0.2"]
+    assert row[5] == welch_ci(long[("q,v", 1)], short[("q,v", 1)])  # Δ val = 300 steps − 150 steps, seed 4 excluded
+    assert table_row(text, "full fine-tuning")[5] == welch_ci(full_long, full_short)
+    # the r=1 − r=64 comparison at both schedules, on validation
+    comp = next(line for line in text.splitlines() if line.startswith("| r=1 is already competitive") and "r=1 − r=64" in line)
+    assert welch_ci(short[("q,v", 1)], short[("q,v", 64)]) in comp and welch_ci(long[("q,v", 1)], long[("q,v", 64)]) in comp
+    # LoRA vs full fine-tuning is among the re-checked claims, with its difference at 300 steps
+    lvf = next(line for line in text.splitlines() if line.startswith("| LoRA matches full fine-tuning") and "LoRA − full FT:" in line)
+    assert welch_ci(long[("q,v", 8)], full_long) in lvf
+    assert (tmp_path / "out" / "convergence_300steps.png").read_bytes()[:4] == b"\x89PNG"
+    assert "step 200 → 300" in text
+
+
+def test_recipe_probes_compare_lora_and_full_ft_at_the_same_schedule_and_their_last_checkpoints(tmp_path):
+    from experiments.report import recipe_probe_section
+
+    qkvo = {"method": "lora", "targets": ["q", "k", "v", "o"], "r": 8}
+    lora6, full6 = [0.800, 0.805, 0.802], [0.806, 0.809, 0.811]
+    lora6_last, full6_last = [0.795, 0.799, 0.801], [0.807, 0.804, 0.810]
+    for seed in (1, 2, 3):
+        i = seed - 1
+        write_run(tmp_path, f"recipe/final-full/{seed}", config(seed, method="full", epochs=3), experiment="recipe", data="trec",
+                  seed=seed, method="full", targets=None, r=None, lr=5e-5, best_val_acc=0.80, test_acc=0.80)
+        write_run(tmp_path, f"probe/lora6/{seed}", config(seed, epochs=6), experiment="recipe_probe", data="trec", seed=seed,
+                  lr=2e-3, best_val_acc=0.81, test_acc=lora6[i], last_test_acc=lora6_last[i], **qkvo)
+        write_run(tmp_path, f"probe/full6/{seed}", config(seed, method="full", epochs=6), experiment="recipe_probe", data="trec",
+                  seed=seed, method="full", targets=None, r=None, lr=5e-5, best_val_acc=0.81, test_acc=full6[i], last_test_acc=full6_last[i])
+        write_run(tmp_path, f"probe/all3/{seed}", config(seed, epochs=3), experiment="recipe_probe", data="trec", seed=seed,
+                  lr=2e-3, best_val_acc=0.81, test_acc=0.79, **{**qkvo, "targets": ["all-linear"]})
+    text = "\n".join(recipe_probe_section(load_runs(tmp_path), margin=1.0, alpha=0.05))
+    same = [line for line in text.splitlines() if line.startswith("- Same schedule:")]
+    assert len(same) == 1, same  # the 3-epoch all-linear probe has no 3-epoch full FT probe to pair with
+    d, lo, hi, _ = independent_welch(lora6, full6, 1.0)
+    dl, lol, hil, _ = independent_welch(lora6_last, full6_last, 1.0)
+    assert same[0].startswith("- Same schedule: LoRA W{q,k,v,o}, r=8, lr 0.002, 6 epochs − full fine-tuning, lr 5e-05, 6 epochs: "
+                              f"test {d:+.2f} [{lo:+.2f}, {hi:+.2f}]")
+    assert f"last checkpoints on test {dl:+.2f} [{lol:+.2f}, {hil:+.2f}]" in same[0]
+    row = table_row(text, "full fine-tuning, lr 5e-05, 6 epochs")
+    assert row[4] == f"{100 * statistics.fmean(full6_last):.1f} ± {100 * statistics.stdev(full6_last):.1f}"

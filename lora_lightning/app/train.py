@@ -211,8 +211,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     best_path = ckpt_cb.best_model_path if ckpt_cb else ""
     results: dict[str, float] = {}
     if cfg.test:
+        last_path = ckpt_cb.last_model_path if ckpt_cb else ""
+        if cfg.get("test_last") and last_path:  # the final weights too: selection on validation vs the schedule's end
+            tested = trainer.test(model, datamodule=datamodule, ckpt_path=last_path, verbose=False)
+            results = {f"last_{k}": float(v) for k, v in (tested[0] if tested else {}).items()}
         tested = trainer.test(model, datamodule=datamodule, ckpt_path=best_path or None, verbose=False)
-        results = {k: float(v) for k, v in (tested[0] if tested else {}).items()}
+        results.update({k: float(v) for k, v in (tested[0] if tested else {}).items()})
 
     counts = count_parameters(model)
     summary: dict[str, Any] = {
@@ -361,7 +365,8 @@ def print_summary(summary: dict[str, Any]) -> None:
           if summary.get("task") == "causal_lm" else
           (("test accuracy", pct(summary.get("test_acc"))),
            ("test macro-F1", pct(summary.get("test_f1"))),
-           ("best val accuracy", pct(summary.get("best_val_acc"))))),
+           ("best val accuracy", pct(summary.get("best_val_acc"))),
+           *((("test accuracy (last checkpoint)", pct(summary["last_test_acc"])),) if "last_test_acc" in summary else ()))),
         ("trainable params", f"{summary['params_trainable']:,} of {summary['params_total']:,} ({100 * summary['params_trainable'] / summary['params_total']:.3f}%)"),
         ("adapter file", mb(summary.get("adapter_bytes"))),
         ("full model (fp32)", mb(summary["full_model_bytes"])),

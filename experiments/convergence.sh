@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Issue 18: the ablation cells the verdicts compare, at twice the steps (conf/experiment/convergence.yaml),
+# each family at the lr its 150-step search chose (read from the committed records), seeds 1-3.
+# Two streams of single-threaded runs, one per core; re-launching skips finished runs.
+#   bash experiments/convergence.sh && python -m experiments.summarize --collect
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TRAIN="nice -n 19 .venv/bin/python -m lora_lightning.app.train -m skip_done=true"
+export HF_HUB_OFFLINE=1 WANDB_MODE=offline WANDB_SILENT=true PYTHONWARNINGS=ignore
+OUT=multirun/ablations/convergence
+mkdir -p experiments/logs
+lr() { .venv/bin/python -m experiments.summarize --runs "${RUNS:-experiments/runs}" --ablation-lrs | awk -v f="$1" '$1 == f {print $2}'; }
+L1=$(lr lora-1); L2=$(lr lora-2); L4=$(lr lora-4); LF=$(lr full); LH=$(lr head_only)
+echo "learning rates: lora-1 $L1, lora-2 $L2, lora-4 $L4, full $LF, head_only $LH"
+for v in "$L1" "$L2" "$L4" "$LF" "$LH"; do [ -n "$v" ] || { echo "no search records: run experiments/ablations.sh search first" >&2; exit 1; }; done
+(
+  taskset -c 0 $TRAIN experiment=convergence lora=full lora.lr="$LF" seed=1,2,3 hydra.sweep.dir="$OUT/full"
+  taskset -c 0 $TRAIN experiment=convergence 'lora.targets=[q,v]' lora.r=1,64 seed=1,2,3 lora.lr="$L2" hydra.sweep.dir="$OUT/qv-1-64"
+  taskset -c 0 $TRAIN experiment=convergence lora=head_only lora.lr="$LH" seed=1,2,3 hydra.sweep.dir="$OUT/head_only"
+) >>experiments/logs/convergence_a.log 2>&1 &
+(
+  taskset -c 1 $TRAIN experiment=convergence 'lora.targets=[q,v]' lora.r=4,8 seed=1,2,3 lora.lr="$L2" hydra.sweep.dir="$OUT/qv-4-8"
+  taskset -c 1 $TRAIN experiment=convergence 'lora.targets=[q,k,v,o]' lora.r=8 seed=1,2,3 lora.lr="$L4" hydra.sweep.dir="$OUT/qkvo-8"
+  taskset -c 1 $TRAIN experiment=convergence 'lora.targets=[q]' lora.r=8 seed=1,2,3 lora.lr="$L1" hydra.sweep.dir="$OUT/q-8"
+) >>experiments/logs/convergence_b.log 2>&1 &
+wait

@@ -1,0 +1,136 @@
+"""Issue 18: do the ablations' differences and verdicts hold when the schedule is twice as long?
+
+The ``convergence`` experiment (``conf/experiment/convergence.yaml``, ``experiments/convergence.sh``) trains the
+cells the verdicts compare for 300 steps instead of 150, each at the lr its family's 150-step search chose. This
+module sets those runs beside the 150-step runs of the same cells and seeds (``table6``, ``table6_reference``):
+per cell the change in accuracy; per comparison the difference at both schedules; the Table 6 claims (and
+"LoRA matches full fine-tuning") checked on the 300-step runs, Holm-corrected within this section.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from experiments.report import STD_NOTE, convergence_check, describe, lr_text, plot_curves, seeds_text, stat_of, with_curves
+from experiments.summarize import (
+    ALPHA,
+    EQUIVALENT,
+    MARGIN,
+    METRIC,
+    METRIC_NAMES,
+    TEST_METRIC,
+    Claim,
+    check_claims,
+    ci_text,
+    claims_markdown,
+    of_experiment,
+    table6_claims,
+    welch,
+)
+
+LONG = "convergence"
+SHORT = ("table6", "table6_reference")
+CELL_ORDER = {"full": 0, "head_only": 1, "lora": 2}
+TARGET_ORDER = {"q,v": 0, "q": 1, "q,k,v,o": 2}
+
+
+def cell(row: dict) -> tuple[str, str, int | None]:
+    """(method, targets, r): what a run trained, whatever its schedule."""
+    if row.get("method") == "lora":
+        return ("lora", row["targets_key"], row.get("r"))
+    return (row.get("method", ""), "", None)
+
+
+def cell_sort(key: tuple[str, str, int | None]) -> tuple:
+    return (CELL_ORDER.get(key[0], 9), TARGET_ORDER.get(key[1], 9), key[2] or 0)
+
+
+def steps_text(rows: Sequence[dict]) -> str:
+    return "/".join(str(s) for s in sorted({r.get("steps") for r in rows if r.get("steps")})) or "?"
+
+
+def by_cell(rows: list[dict]) -> dict[tuple, list[dict]]:
+    out: dict[tuple, list[dict]] = {}
+    for r in rows:
+        out.setdefault(cell(r), []).append(r)
+    return out
+
+
+def schedule_claims(cells: dict[tuple, list[dict]], metric: str) -> list[Claim]:
+    """Table 6's claims on these cells (those whose groups exist), then LoRA W{q,v} r=8 vs full fine-tuning."""
+    lora = {(k[1], k[2]): stat_of(v, metric) for k, v in cells.items() if k[0] == "lora"}
+    claims = table6_claims(lora)
+    full = cells.get(("full", "", None))
+    if full and ("q,v", 8) in lora:
+        claims.append(Claim("LoRA matches full fine-tuning (W{q,v}, r=8; paper Table 2: within ±1 of full FT on GLUE)",
+                            EQUIVALENT, "LoRA", lora[("q,v", 8)], "full FT", stat_of(full, metric)))
+    return claims
+
+
+def comparison_rows(short: dict[tuple, list[dict]], long: dict[tuple, list[dict]], metric: str) -> list[str]:
+    """Each claim's difference at 150 and at 300 steps (same seeds), side by side."""
+    a, b = schedule_claims(short, metric), schedule_claims(long, metric)
+    s_by_text = {c.text: c for c in a}
+    lines = [f"| comparison ({METRIC_NAMES[metric]}) | 150 steps: a − b (pp) [95% CI] | 300 steps: a − b (pp) [95% CI] |",
+             "|---|---|---|"]
+    for c in b:
+        s = s_by_text.get(c.text)
+        w_long = welch(c.a, c.b)
+        w_short = welch(s.a, s.b) if s else None
+        lines.append(f"| {c.text}: {c.a_label} − {c.b_label} | {ci_text(w_short) if w_short else '-'} | {ci_text(w_long)} |")
+    return lines
+
+
+def longer_schedule_section(rows: list[dict], out: Path, link: str, margin: float = MARGIN, alpha: float = ALPHA) -> list[str]:
+    """The section of experiments/README.md; empty when no ``convergence`` run exists."""
+    long_rows = of_experiment(rows, LONG)
+    if not long_rows:
+        return []
+    long = by_cell(long_rows)
+    seeds = {r.get("seed") for r in long_rows}
+    short_all = by_cell([r for e in SHORT for r in of_experiment(rows, e)])
+    # like for like: the 150-step runs of the same cells and seeds
+    short = {k: [r for r in short_all.get(k, []) if r.get("seed") in seeds] for k in long}
+    short = {k: v for k, v in short.items() if v}
+    lines = [
+        "## A longer schedule (issue 18)",
+        "",
+        f"The cells the verdicts compare, trained for {steps_text(long_rows)} AdamW steps (4 epochs; linear warmup and decay "
+        f"over the whole schedule) instead of {steps_text([r for v in short.values() for r in v])}, each at the lr its "
+        "family's 150-step search chose (`conf/experiment/convergence.yaml`, `bash experiments/convergence.sh`). "
+        f"Seeds {seeds_text(long_rows)}; the 150-step columns use the same cells and seeds from the Table 6 runs, "
+        "so each row compares the two schedules like for like (the Table 6 section above has 5 seeds in its claim cells).",
+        "",
+        "| cell | lr | seeds | val acc, 150 steps | val acc, 300 steps | Δ val (pp) [95% CI] | test acc, 150 steps | test acc, 300 steps | Δ test (pp) [95% CI] |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key in sorted(long, key=cell_sort):
+        lr, sr = long[key], short.get(key, [])
+        cells = []
+        for metric in (METRIC, TEST_METRIC):
+            a, b = stat_of(lr, metric), stat_of(sr, metric)
+            cells += [str(b), str(a), ci_text(welch(a, b)) if a.n > 1 and b.n > 1 else "-"]
+        lines.append(f"| {describe(lr[0])} | {lr_text(r.get('lr') for r in lr)} | {seeds_text(lr)} | "
+                     f"{cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} | {cells[4]} | {cells[5]} |")
+    lines += ["", f"Mean ± std over seeds; {STD_NOTE}. Δ = 300 steps − 150 steps (Welch 95% CI).", ""]
+
+    curves = with_curves({describe(v[0]): v for k, v in sorted(long.items(), key=lambda kv: cell_sort(kv[0]))})
+    if curves:
+        plot_curves({f"{steps_text(long_rows)} steps: validation accuracy, mean over seeds (band: seed range)": curves},
+                    out / "convergence_300steps.png")
+        checks = [c for label, runs in curves.items() if (c := convergence_check(label, runs))]
+        lines += [f"![300-step curves]({link}/convergence_300steps.png)", "",
+                  "Last two points of each mean validation curve against the seed noise at the last point:", "",
+                  *(c.line() for c in checks), ""]
+
+    lines += ["What each comparison the verdicts read looks like at both schedules:", ""]
+    for metric in (METRIC, TEST_METRIC):
+        lines += comparison_rows(short, long, metric) + [""]
+    for metric in (METRIC, TEST_METRIC):
+        checks = check_claims(schedule_claims(long, metric), margin, alpha)
+        if checks:
+            lines += [f"The claims re-checked on the {steps_text(long_rows)}-step runs, {METRIC_NAMES[metric]} "
+                      "(a family of its own, apart from the Table 5 / Table 6 checks above):",
+                      "", claims_markdown(checks), ""]
+    return lines
