@@ -3,6 +3,7 @@
 # each family at the lr its 150-step search chose (read from the committed records), seeds 1-3.
 # Two streams of single-threaded runs, one per core; re-launching skips finished runs.
 #   bash experiments/convergence.sh && python -m experiments.summarize --collect
+#   bash experiments/convergence.sh rest   # the other Table 6 cells its claims read: W{q} at r=1 and 64, all four at r=64
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TRAIN="nice -n 19 .venv/bin/python -m lora_lightning.app.train -m skip_done=true"
@@ -13,6 +14,14 @@ lr() { .venv/bin/python -m experiments.summarize --runs "${RUNS:-experiments/run
 L1=$(lr lora-1); L2=$(lr lora-2); L4=$(lr lora-4); LF=$(lr full); LH=$(lr head_only)
 echo "learning rates: lora-1 $L1, lora-2 $L2, lora-4 $L4, full $LF, head_only $LH"
 for v in "$L1" "$L2" "$L4" "$LF" "$LH"; do [ -n "$v" ] || { echo "no search records: run experiments/ablations.sh search first" >&2; exit 1; }; done
+if [ "${1:-}" = rest ]; then
+  taskset -c 0 $TRAIN experiment=convergence 'lora.targets=[q]' lora.r=1,64 seed=1,2,3 lora.lr="$L1" hydra.sweep.dir="$OUT/q-1-64" \
+    >>experiments/logs/convergence_rest_a.log 2>&1 &
+  taskset -c 1 $TRAIN experiment=convergence 'lora.targets=[q,k,v,o]' lora.r=64 seed=1,2,3 lora.lr="$L4" hydra.sweep.dir="$OUT/qkvo-64" \
+    >>experiments/logs/convergence_rest_b.log 2>&1 &
+  wait
+  exit 0
+fi
 (
   taskset -c 0 $TRAIN experiment=convergence lora=full lora.lr="$LF" seed=1,2,3 hydra.sweep.dir="$OUT/full"
   taskset -c 0 $TRAIN experiment=convergence 'lora.targets=[q,v]' lora.r=1,64 seed=1,2,3 lora.lr="$L2" hydra.sweep.dir="$OUT/qv-1-64"

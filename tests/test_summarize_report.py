@@ -275,6 +275,12 @@ def independent_welch(a: list[float], b: list[float], margin: float) -> tuple[fl
     return d, d - half, d + half, p_tost
 
 
+def welch_ci(a: list[float], b: list[float]) -> str:
+    """'+0.91 [+0.37, +1.46]' for mean(a) − mean(b) in points, computed by ``independent_welch``."""
+    d, lo, hi, _ = independent_welch(a, b, 1.0)
+    return f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+
+
 def test_recipe_verdicts_per_task(readme):
     _, text = readme
     recipe = section(text, "The default recipe")
@@ -453,16 +459,7 @@ def test_recipe_probe_rows_compare_each_variation_with_full_ft_and_the_default(t
                   seed=seed, lr=2e-3, best_val_acc=0.81, test_acc=l, val_curve=curve([0.78, 0.80, 0.81 + 0.001 * seed]), **qkvo)
     text = "\n".join(recipe_probe_section(load_runs(tmp_path), margin=1.0, alpha=0.05))
     row = next(line for line in text.splitlines() if line.startswith("| LoRA W{q,k,v,o}, r=8, lr 0.002, 6 epochs |"))
-    # independent Welch: difference of means and its 95% CI from scipy's t distribution
-    def ci(a, b):
-        a, b = 100 * np.array(a), 100 * np.array(b)
-        va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
-        se = math.sqrt(va + vb)
-        df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
-        h = stats.t.ppf(0.975, df) * se
-        d = a.mean() - b.mean()
-        return f"{d:+.2f} [{d - h:+.2f}, {d + h:+.2f}]"
-    assert ci(long_test, full_test) in row and ci(long_test, default_test) in row
+    assert welch_ci(long_test, full_test) in row and welch_ci(long_test, default_test) in row
     assert "| 1, 2, 3 |" in row and "80.2 ± 0.3" in row  # the probe's test mean ± std
     assert "LoRA default (final runs)" in text and "full fine-tuning (final runs)" in text
     # the probes' curves are read: last two points of the mean curve (80.0 -> 81.2) against the seed std (0.10)
@@ -490,15 +487,6 @@ def test_rank_profile_gives_each_rows_r1_and_r8_against_r64_beside_the_papers_di
 
 def test_longer_schedule_sets_each_cell_and_claim_beside_its_150_step_twin(tmp_path):
     from experiments.schedule import longer_schedule_section
-
-    def welch_ci(a, b):
-        a, b = 100 * np.array(a), 100 * np.array(b)
-        va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
-        se = math.sqrt(va + vb)
-        df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
-        h = stats.t.ppf(0.975, df) * se
-        d = a.mean() - b.mean()
-        return f"{d:+.2f} [{d - h:+.2f}, {d + h:+.2f}]"
 
     short = {("q,v", 1): [0.760, 0.765, 0.770], ("q,v", 64): [0.780, 0.784, 0.781], ("q,v", 8): [0.775, 0.779, 0.772]}
     long = {("q,v", 1): [0.790, 0.794, 0.791], ("q,v", 64): [0.791, 0.792, 0.793], ("q,v", 8): [0.790, 0.792, 0.791]}
@@ -551,10 +539,8 @@ def test_recipe_probes_compare_lora_and_full_ft_at_the_same_schedule_and_their_l
     text = "\n".join(recipe_probe_section(load_runs(tmp_path), margin=1.0, alpha=0.05))
     same = [line for line in text.splitlines() if line.startswith("- Same schedule:")]
     assert len(same) == 1, same  # the 3-epoch all-linear probe has no 3-epoch full FT probe to pair with
-    d, lo, hi, _ = independent_welch(lora6, full6, 1.0)
-    dl, lol, hil, _ = independent_welch(lora6_last, full6_last, 1.0)
     assert same[0].startswith("- Same schedule: LoRA W{q,k,v,o}, r=8, lr 0.002, 6 epochs − full fine-tuning, lr 5e-05, 6 epochs: "
-                              f"test {d:+.2f} [{lo:+.2f}, {hi:+.2f}]")
-    assert f"last checkpoints on test {dl:+.2f} [{lol:+.2f}, {hil:+.2f}]" in same[0]
+                              f"test {welch_ci(lora6, full6)}")
+    assert f"last checkpoints on test {welch_ci(lora6_last, full6_last)}" in same[0]
     row = table_row(text, "full fine-tuning, lr 5e-05, 6 epochs")
     assert row[4] == f"{100 * statistics.fmean(full6_last):.1f} ± {100 * statistics.stdev(full6_last):.1f}"
