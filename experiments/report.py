@@ -33,6 +33,7 @@ from experiments.summarize import (
     ablation_report,
     ci_text,
     equivalent_label,
+    example_bootstrap,
     has_metric,
     load_runs,
     method_markdown,
@@ -754,6 +755,19 @@ def probe_epochs(row: dict) -> Any:
     return config_value(cfg, "trainer.max_epochs") if cfg else None
 
 
+def bootstrap_text(a: list[dict], b: list[dict]) -> str:
+    """'; bootstrap over seeds and the n test examples: d [lo, hi]' for the best-validation checkpoints (and the last
+    ones) when every run of both groups recorded which test examples it got right; '' otherwise."""
+    out = []
+    for key, what in (("test_correct", "best-validation checkpoints"), ("last_test_correct", "last checkpoints")):
+        if a and b and all(r.get(key) for r in a + b) and len({len(r[key]) for r in a + b}) == 1:
+            d, lo, hi = example_bootstrap([r[key] for r in a], [r[key] for r in b])
+            out.append(f"{what} {d:+.2f} [{lo:+.2f}, {hi:+.2f}]")
+    if not out:
+        return ""
+    return f"; bootstrap over seeds and the {len(a[0]['test_correct'])} test examples (95% percentile CI): " + ", ".join(out)
+
+
 def same_schedule_lines(groups: dict[str, list[dict]], margin: float, alpha: float, task: str) -> list[str]:
     """LoRA probes against full fine-tuning probes trained for the same number of epochs: test accuracy of the
     best-validation checkpoint (Welch, TOST at ±margin), and of the last checkpoint where both recorded it."""
@@ -768,7 +782,7 @@ def same_schedule_lines(groups: dict[str, list[dict]], margin: float, alpha: flo
             if stat_of(l_runs, LAST_TEST_METRIC).n > 1 and stat_of(f_runs, LAST_TEST_METRIC).n > 1:
                 last = f"; last checkpoints on test {ci_text(welch(stat_of(l_runs, LAST_TEST_METRIC), stat_of(f_runs, LAST_TEST_METRIC)))}"
             lines.append(f"- Same schedule: {l_label} − {f_label}: test {ci_text(best.welch)} (**{best.outcome}**, TOST p "
-                         f"{_p(best.p_tost)}); validation {ci_text(val)}{last}.")
+                         f"{_p(best.p_tost)}); validation {ci_text(val)}{last}{bootstrap_text(l_runs, f_runs)}.")
     return lines + [""] if lines else []
 
 

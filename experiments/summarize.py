@@ -225,6 +225,31 @@ def welch(a: Stat, b: Stat, level: float = 0.95) -> Welch:
     return Welch(d, se, df, t, min(1.0, 2.0 * t_sf(abs(t), df)), (d - half, d + half), level)
 
 
+def example_bootstrap(a: Sequence[str], b: Sequence[str], draws: int = 4000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """Difference of mean accuracy (pp) of two groups of runs scored on one test split, and a percentile
+    bootstrap CI that resamples both sources of noise: the test examples (one multinomial draw of the n
+    examples per replicate, shared by both groups: the comparison is paired on examples) and the seeds
+    (each group's runs drawn with replacement). ``a``/``b``: per run, its ``test_correct`` string ("1" =
+    right, "0" = wrong, one character per example in data-loader order). Welch over seeds alone treats
+    the test split as fixed; this interval also covers which n examples the split happened to hold."""
+    import numpy as np  # noqa: PLC0415 (only this function needs it)
+
+    ma = np.array([[c == "1" for c in run] for run in a], dtype=float)
+    mb = np.array([[c == "1" for c in run] for run in b], dtype=float)
+    if ma.ndim != 2 or mb.ndim != 2 or ma.shape[1] != mb.shape[1] or ma.shape[1] == 0:
+        raise ValueError("example_bootstrap: every run needs a test_correct string of one length (one test split)")
+    n = ma.shape[1]
+    rng = np.random.default_rng(seed)
+    weights = rng.multinomial(n, np.full(n, 1.0 / n), size=draws).T  # n x draws: how often each example is drawn
+    acc_a, acc_b = ma @ weights / n, mb @ weights / n  # runs x draws
+    cols = np.arange(draws)
+    ia = rng.integers(0, len(ma), size=(len(ma), draws))
+    ib = rng.integers(0, len(mb), size=(len(mb), draws))
+    diffs = 100.0 * (acc_a[ia, cols].mean(axis=0) - acc_b[ib, cols].mean(axis=0))
+    lo, hi = np.quantile(diffs, [(1 - level) / 2, (1 + level) / 2])
+    return 100.0 * float(ma.mean() - mb.mean()), float(lo), float(hi)
+
+
 def tost(w: Welch, margin: float) -> float:
     """p-value of TOST (two one-sided Welch t-tests) for equivalence within ±margin:
     H0: |d| >= margin vs H1: |d| < margin, p = max(P(T > (d + margin)/se), P(T < (d - margin)/se)),

@@ -271,5 +271,10 @@ def test_test_last_scores_the_last_checkpoint_beside_the_best(tmp_path, monkeypa
     assert Path(last_path).name == "last.ckpt" and Path(best_path).name.startswith("best-")
     assert best_path == summary["best_checkpoint"]
     assert summary["last_test_acc"] == pytest.approx(last_acc) and summary["test_acc"] == pytest.approx(best_acc)
+    # example by example (for the report's bootstrap over test examples): torchmetrics' accuracy is their mean
+    for prefix in ("", "last_"):
+        bits = summary[f"{prefix}test_correct"]
+        assert len(bits) == 32 and set(bits) <= {"0", "1"}
+        assert bits.count("1") / 32 == pytest.approx(summary[f"{prefix}test_acc"])
     # the last checkpoint holds the weights after the final step: the last validation point is theirs
     assert len(summary["val_curve"]) == 4 and summary["val_curve"][-1][0] == summary["steps"]

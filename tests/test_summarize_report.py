@@ -520,6 +520,9 @@ def test_longer_schedule_sets_each_cell_and_claim_beside_its_150_step_twin(tmp_p
     assert "step 200 → 300" in text
 
 
+BITS = ["".join("1" if (i * 7 + k * 3) % 10 < 8 - (k > 2) else "0" for i in range(40)) for k in range(6)]
+
+
 def test_recipe_probes_compare_lora_and_full_ft_at_the_same_schedule_and_their_last_checkpoints(tmp_path):
     from experiments.report import recipe_probe_section
 
@@ -531,9 +534,10 @@ def test_recipe_probes_compare_lora_and_full_ft_at_the_same_schedule_and_their_l
         write_run(tmp_path, f"recipe/final-full/{seed}", config(seed, method="full", epochs=3), experiment="recipe", data="trec",
                   seed=seed, method="full", targets=None, r=None, lr=5e-5, best_val_acc=0.80, test_acc=0.80)
         write_run(tmp_path, f"probe/lora6/{seed}", config(seed, epochs=6), experiment="recipe_probe", data="trec", seed=seed,
-                  lr=2e-3, best_val_acc=0.81, test_acc=lora6[i], last_test_acc=lora6_last[i], **qkvo)
+                  lr=2e-3, best_val_acc=0.81, test_acc=lora6[i], last_test_acc=lora6_last[i], test_correct=BITS[i], **qkvo)
         write_run(tmp_path, f"probe/full6/{seed}", config(seed, method="full", epochs=6), experiment="recipe_probe", data="trec",
-                  seed=seed, method="full", targets=None, r=None, lr=5e-5, best_val_acc=0.81, test_acc=full6[i], last_test_acc=full6_last[i])
+                  seed=seed, method="full", targets=None, r=None, lr=5e-5, best_val_acc=0.81, test_acc=full6[i], last_test_acc=full6_last[i],
+                  test_correct=BITS[3 + i])
         write_run(tmp_path, f"probe/all3/{seed}", config(seed, epochs=3), experiment="recipe_probe", data="trec", seed=seed,
                   lr=2e-3, best_val_acc=0.81, test_acc=0.79, **{**qkvo, "targets": ["all-linear"]})
     text = "\n".join(recipe_probe_section(load_runs(tmp_path), margin=1.0, alpha=0.05))
@@ -542,5 +546,10 @@ def test_recipe_probes_compare_lora_and_full_ft_at_the_same_schedule_and_their_l
     assert same[0].startswith("- Same schedule: LoRA W{q,k,v,o}, r=8, lr 0.002, 6 epochs − full fine-tuning, lr 5e-05, 6 epochs: "
                               f"test {welch_ci(lora6, full6)}")
     assert f"last checkpoints on test {welch_ci(lora6_last, full6_last)}" in same[0]
+    from experiments.summarize import example_bootstrap
+
+    d, lo, hi = example_bootstrap(BITS[:3], BITS[3:])
+    assert f"bootstrap over seeds and the 40 test examples (95% percentile CI): best-validation checkpoints {d:+.2f} [{lo:+.2f}, {hi:+.2f}]" in same[0]
+    assert "last checkpoints" not in same[0].split("bootstrap")[1]  # no last_test_correct recorded: no interval made up
     row = table_row(text, "full fine-tuning, lr 5e-05, 6 epochs")
     assert row[4] == f"{100 * statistics.fmean(full6_last):.1f} ± {100 * statistics.stdev(full6_last):.1f}"

@@ -313,3 +313,38 @@ def test_method_paragraph_states_family_margin_and_outcomes():
     text = method_markdown(12, margin=0.75, alpha=0.01)
     assert "all 12 checks" in text and "alpha = 0.01" in text and "±0.75" in text
     assert "mean ± std over n seeds" in text and "not the standard error" in text
+
+
+def test_example_bootstrap_one_run_each_matches_the_paired_normal_interval():
+    from experiments.summarize import example_bootstrap
+
+    rng = np.random.default_rng(7)
+    n = 2000
+    a = rng.random(n) < 0.80
+    b = np.where(rng.random(n) < 0.15, ~a, a)  # disagrees with a on about 15% of the examples
+    bits = lambda x: "".join("1" if v else "0" for v in x)  # noqa: E731
+    d, lo, hi = example_bootstrap([bits(a)], [bits(b)], draws=4000)
+    diff = a.astype(float) - b.astype(float)
+    se = 100 * diff.std(ddof=1) / math.sqrt(n)  # paired: the discordant examples carry the whole difference
+    assert d == pytest.approx(100 * diff.mean())
+    assert (hi - lo) / 2 == pytest.approx(1.96 * se, rel=0.08)
+    assert lo < d < hi
+
+
+def test_example_bootstrap_resamples_seeds_and_refuses_mixed_splits():
+    from experiments.summarize import example_bootstrap
+
+    n = 50
+    ones, zeros = "1" * n, "0" * n
+    # runs right or wrong on every example: drawing examples changes nothing, only the seed draws count.
+    # Group a's mean over 4 resampled runs is Binomial(4, 1/2) / 4, so P(mean = 0) = P(mean = 1) = 1/16 > 2.5%:
+    # the 95% interval of a - b (b always 1) runs exactly from -100 to 0 points.
+    d, lo, hi = example_bootstrap([ones, ones, zeros, zeros], [ones, ones])
+    assert (d, lo, hi) == (-50.0, -100.0, 0.0)
+    # identical runs: the seed draws add nothing, the interval is the examples' alone
+    rng = np.random.default_rng(5)
+    a = "".join("1" if v else "0" for v in rng.random(400) < 0.8)
+    b = "".join("1" if v else "0" for v in rng.random(400) < 0.7)
+    assert example_bootstrap([a] * 3, [b] * 2) == example_bootstrap([a], [b])
+    with pytest.raises(ValueError, match="one length"):
+        example_bootstrap([a], [b[:-1]])

@@ -194,6 +194,7 @@ class SequenceClassifier(StagedSteps):
         self.train_metrics = metrics.clone(prefix="train_")
         self.val_metrics = metrics.clone(prefix="val_")
         self.test_metrics = metrics.clone(prefix="test_")
+        self.test_correct: list[torch.Tensor] = []  # per test batch: prediction == label
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
@@ -207,11 +208,21 @@ class SequenceClassifier(StagedSteps):
         self.log(f"{stage}_loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(labels))
         metrics = getattr(self, f"{stage}_metrics")
         metrics.update(logits.detach(), labels)
+        if stage == "test":
+            self.test_correct.append((logits.detach().argmax(-1) == labels).cpu())
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train", batch_size=len(labels))
         return loss
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self(**{k: v for k, v in batch.items() if k != "labels"}).argmax(-1)
+
+    def on_test_epoch_start(self) -> None:
+        self.test_correct = []
+
+    def test_correctness(self) -> str:
+        """The last test pass, example by example in data-loader order: ``"1"`` where the prediction was right,
+        ``"0"`` where it was wrong (one process; the report's paired bootstrap over test examples reads it)."""
+        return "".join("1" if c else "0" for c in torch.cat(self.test_correct).tolist()) if self.test_correct else ""
 
     def _total_steps(self) -> int | None:
         trainer = self._trainer

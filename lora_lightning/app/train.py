@@ -214,9 +214,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         last_path = ckpt_cb.last_model_path if ckpt_cb else ""
         if cfg.get("test_last") and last_path:  # the final weights too: selection on validation vs the schedule's end
             tested = trainer.test(model, datamodule=datamodule, ckpt_path=last_path, verbose=False)
-            results = {f"last_{k}": float(v) for k, v in (tested[0] if tested else {}).items()}
+            results = {f"last_{k}": float(v) for k, v in (tested[0] if tested else {}).items()} | correctness(model, "last_")
         tested = trainer.test(model, datamodule=datamodule, ckpt_path=best_path or None, verbose=False)
-        results.update({k: float(v) for k, v in (tested[0] if tested else {}).items()})
+        results.update({k: float(v) for k, v in (tested[0] if tested else {}).items()} | correctness(model))
 
     counts = count_parameters(model)
     summary: dict[str, Any] = {
@@ -262,6 +262,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if logger:
         _log_summary(logger, summary)
     return summary
+
+
+def correctness(model: pl.LightningModule, prefix: str = "") -> dict[str, Any]:
+    """``{prefix}test_correct``: which test examples the last test pass got right ("0"/"1" per example, data-loader
+    order, the same on every run of one split), for a bootstrap over test examples; empty for other models."""
+    get = getattr(model, "test_correctness", None)
+    return {f"{prefix}test_correct": get()} if callable(get) and get() else {}
 
 
 def _is_causal_lm(cfg: DictConfig) -> bool:
