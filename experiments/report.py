@@ -757,15 +757,18 @@ def probe_epochs(row: dict) -> Any:
 
 def bootstrap_text(a: list[dict], b: list[dict]) -> str:
     """'; bootstrap over seeds and the n test examples: d [lo, hi]' for the best-validation checkpoints (and the last
-    ones) when every run of both groups recorded which test examples it got right; '' otherwise."""
-    out = []
+    ones), on the runs of each group that recorded which test examples they got right (runs since 2026-12-06);
+    '' when a group has none."""
+    out, n = [], 0
     for key, what in (("test_correct", "best-validation checkpoints"), ("last_test_correct", "last checkpoints")):
-        if a and b and all(r.get(key) for r in a + b) and len({len(r[key]) for r in a + b}) == 1:
-            d, lo, hi = example_bootstrap([r[key] for r in a], [r[key] for r in b])
-            out.append(f"{what} {d:+.2f} [{lo:+.2f}, {hi:+.2f}]")
+        ra, rb = [r for r in a if r.get(key)], [r for r in b if r.get(key)]
+        if ra and rb and len({len(r[key]) for r in ra + rb}) == 1:
+            n = len(ra[0][key])
+            d, lo, hi = example_bootstrap([r[key] for r in ra], [r[key] for r in rb])
+            out.append(f"{what} {d:+.2f} [{lo:+.2f}, {hi:+.2f}] (seeds {seeds_text(ra)} − {seeds_text(rb)})")
     if not out:
         return ""
-    return f"; bootstrap over seeds and the {len(a[0]['test_correct'])} test examples (95% percentile CI): " + ", ".join(out)
+    return f"; bootstrap over seeds and the {n} test examples (95% percentile CI): " + ", ".join(out)
 
 
 def same_schedule_lines(groups: dict[str, list[dict]], margin: float, alpha: float, task: str) -> list[str]:

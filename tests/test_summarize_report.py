@@ -549,7 +549,8 @@ def test_recipe_probes_compare_lora_and_full_ft_at_the_same_schedule_and_their_l
     from experiments.summarize import example_bootstrap
 
     d, lo, hi = example_bootstrap(BITS[:3], BITS[3:])
-    assert f"bootstrap over seeds and the 40 test examples (95% percentile CI): best-validation checkpoints {d:+.2f} [{lo:+.2f}, {hi:+.2f}]" in same[0]
+    assert (f"bootstrap over seeds and the 40 test examples (95% percentile CI): best-validation checkpoints {d:+.2f} [{lo:+.2f}, {hi:+.2f}] "
+            "(seeds 1, 2, 3 − 1, 2, 3)") in same[0]
     assert "last checkpoints" not in same[0].split("bootstrap")[1]  # no last_test_correct recorded: no interval made up
     row = table_row(text, "full fine-tuning, lr 5e-05, 6 epochs")
     assert row[4] == f"{100 * statistics.fmean(full6_last):.1f} ± {100 * statistics.stdev(full6_last):.1f}"
