@@ -63,7 +63,7 @@ def schedule_claims(cells: dict[tuple, list[dict]], metric: str) -> list[Claim]:
     claims = table6_claims(lora)
     full = cells.get(("full", "", None))
     if full and ("q,v", 8) in lora:
-        claims.append(Claim("LoRA matches full fine-tuning (W{q,v}, r=8; paper Table 2: within ±1 of full FT on GLUE)",
+        claims.append(Claim("LoRA matches full fine-tuning (W{q,v}, r=8; paper, RoBERTa-base GLUE: LoRA 87.2 vs full FT 86.4 on average)",
                             EQUIVALENT, "LoRA", lora[("q,v", 8)], "full FT", stat_of(full, metric)))
     return claims
 
