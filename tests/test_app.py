@@ -278,3 +278,24 @@ def test_test_last_scores_the_last_checkpoint_beside_the_best(tmp_path, monkeypa
         assert bits.count("1") / 32 == pytest.approx(summary[f"{prefix}test_acc"])
     # the last checkpoint holds the weights after the final step: the last validation point is theirs
     assert len(summary["val_curve"]) == 4 and summary["val_curve"][-1][0] == summary["steps"]
+    import torch
+
+    assert torch.load(last_path, weights_only=False, map_location="cpu")["global_step"] == summary["steps"]
+
+
+def test_last_checkpoint_is_the_final_step_even_when_the_best_is_earlier(tmp_path):
+    """lr 0: every validation scores the same, so the best checkpoint stays at the first one (step 1 of 4);
+    last.ckpt must still be written at every validation (Lightning >= 2.6's save_last=True would keep it at the
+    best's step, and test_last would silently test the best weights twice)."""
+    import torch
+
+    from lora_lightning.app.train import run
+
+    cfg = compose_cfg([*TINY, "logger=none", "test_last=true", "trainer.max_epochs=2", "trainer.val_check_interval=0.5",
+                       "lora.lr=0.0", "run_name=t0"], tmp_path)
+    summary = run(cfg)
+    best = torch.load(summary["best_checkpoint"], weights_only=False, map_location="cpu")
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    assert [s for s, _ in summary["val_curve"]] == [1, 2, 3, 4] and len({a for _, a in summary["val_curve"]}) == 1
+    assert (best["global_step"], last["global_step"]) == (1, 4)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [Path(summary["best_checkpoint"]).name, "last.ckpt"]

@@ -36,6 +36,7 @@ CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")  # also shipped in th
 LORA_APP_KEYS = ("method", "budget", "merge_on_fit_end", "lr")
 METHODS = ("lora", "full", "head_only")
 USER_ERRORS = (LoRAError, FileNotFoundError)  # printed as one line, exit code 2
+LAST_CHECKPOINT = "last"  # checkpoints/last.ckpt: the weights after the latest validation
 log = logging.getLogger("lora_lightning")
 
 # the `lora` group's schema: every LoRA option (shared and every registered variant's) with its default
@@ -138,8 +139,11 @@ class ValidationCurve(pl.Callback):
 def build_callbacks(cfg: DictConfig, out: Path, lora: LoRAConfig | None, monitor: str = "val_acc") -> list[pl.Callback]:
     mode = "min" if monitor.endswith("loss") else "max"
     callbacks: list[pl.Callback] = [
-        ModelCheckpoint(dirpath=out / "checkpoints", monitor=monitor, mode=mode, save_top_k=1, save_last=True,
+        ModelCheckpoint(dirpath=out / "checkpoints", monitor=monitor, mode=mode, save_top_k=1,
                         filename=f"best-{{epoch}}-{{step}}-{{{monitor}:.4f}}"),
+        # the weights after the latest validation, whatever their score: Lightning >= 2.6 writes save_last=True's
+        # last.ckpt only when a top-k checkpoint is saved at the same step, which makes it a copy of the best
+        ModelCheckpoint(dirpath=out / "checkpoints", filename=LAST_CHECKPOINT, monitor=None, save_top_k=1, enable_version_counter=False),
         ValidationCurve(monitor),
     ]
     if cfg.progress == "rich":
@@ -211,7 +215,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     best_path = ckpt_cb.best_model_path if ckpt_cb else ""
     results: dict[str, float] = {}
     if cfg.test:
-        last_path = ckpt_cb.last_model_path if ckpt_cb else ""
+        last = out / "checkpoints" / f"{LAST_CHECKPOINT}.ckpt"
+        last_path = str(last) if last.is_file() else ""
         if cfg.get("test_last") and last_path:  # the final weights too: selection on validation vs the schedule's end
             tested = trainer.test(model, datamodule=datamodule, ckpt_path=last_path, verbose=False)
             results = {f"last_{k}": float(v) for k, v in (tested[0] if tested else {}).items()} | correctness(model, "last_")
