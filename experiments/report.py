@@ -712,8 +712,9 @@ def recipe_probe_section(rows: list[dict], margin: float, alpha: float) -> list[
     lines = [
         "## Recipe probes (issue 18)",
         "",
-        "Why the LoRA default falls short of full fine-tuning where it does: variations of the default, each run at "
-        "seeds 1-3 on the task's split like the final runs, compared with that task's full fine-tuning (its own lr) "
+        "Why the LoRA default falls short of full fine-tuning where it does: variations of the default (and full "
+        "fine-tuning at the longer schedule), run on the task's split like the final runs (seeds in the table), "
+        "compared with that task's full fine-tuning final runs (its own lr) "
         f"and with the default itself. Test accuracy decides (Welch 95% CI; TOST at ±{margin:g} against full "
         "fine-tuning, uncorrected like the recipe's per-task checks); validation accuracy beside it. Runs: "
         "`bash experiments/recipe_probe.sh`.",
