@@ -21,6 +21,7 @@ COLLECTED = ("ablations", "recipe")  # the sweep folders below multirun/ that --
 SMALL_FILES = ("summary.json", "resolved_config.yaml")
 ADAPTER = "adapter.safetensors"
 SUBSPACE_RANKS = (4, 8, 64)  # the ranks experiments/subspace.py reads (§7.2: 8 vs 64; §7.3: 4 and 64)
+SUBSPACE_EXPERIMENTS = ("table6", "convergence")  # §7.2 / §7.3 at 150 and at 300 steps
 SUBSPACE_SEEDS = (1, 2, 3)   # the seeds of every Table 6 cell (seeds 4, 5 of some cells are not kept: 3 MB each at r=64)
 
 
@@ -76,9 +77,10 @@ def format_lrs(lrs: dict[str, float]) -> str:
 
 # --------------------------------------------------------------------------- collect
 def keeps_adapter(summary: dict) -> bool:
-    """Whether a run's adapter is kept for experiments/subspace.py: Table 6, {Wq, Wv}, r in 4, 8, 64, seeds 1-3."""
+    """Whether a run's adapter is kept for experiments/subspace.py: Table 6 and its 300-step twins (experiment
+    convergence), {Wq, Wv}, r in 4, 8, 64, seeds 1-3."""
     return (
-        summary.get("experiment") == "table6"
+        summary.get("experiment") in SUBSPACE_EXPERIMENTS
         and summary.get("method") == "lora"
         and summary.get("targets") == ["q", "v"]
         and summary.get("r") in SUBSPACE_RANKS

@@ -122,6 +122,8 @@ def test_collect_copies_exactly_the_expected_files(tmp_path, capsys):
         "ablations/table6/qv/2": dict(experiment="table6", seed=2, **lora(["q", "v"], 64)),
         "ablations/table6/qv-seeds45/0": dict(experiment="table6", seed=4, **lora(["q", "v"], 64)),  # seed 4: no adapter
         "ablations/table6/q/0": dict(experiment="table6", seed=1, **lora(["q"], 8)),
+        "ablations/convergence/qv/0": dict(experiment="convergence", seed=2, **lora(["q", "v"], 4)),
+        "ablations/convergence/qv/1": dict(experiment="convergence", seed=2, **lora(["q", "v"], 1)),
         "ablations/table5/two/0": dict(experiment="table5", seed=11, **lora(["q", "v"], 4)),
         "recipe/search-trec-lora/0": dict(experiment="recipe", seed=0, data="trec", **lora(["q", "v"], 8)),
     }
@@ -141,10 +143,11 @@ def test_collect_copies_exactly_the_expected_files(tmp_path, capsys):
     write_run(src, "table5/old/0", experiment="table5", seed=1, best_val_acc=0.7, **lora(["q"], 8))
 
     summarize_main(["--collect", "--source", str(src), "--runs", str(dest)])
-    assert capsys.readouterr().out.startswith("copied 18 files")
+    assert capsys.readouterr().out.startswith("copied 23 files")
     got = {p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()}
     expected = {f"{rel}/{name}" for rel in runs for name in ("summary.json", "resolved_config.yaml")}
-    expected |= {"ablations/table6/qv/0/adapter.safetensors", "ablations/table6/qv/2/adapter.safetensors"}  # q,v at r=8 and 64
+    expected |= {"ablations/table6/qv/0/adapter.safetensors", "ablations/table6/qv/2/adapter.safetensors",  # q,v at r=8 and 64
+                 "ablations/convergence/qv/0/adapter.safetensors"}  # and their 300-step twins (r=4 here; not r=1)
     assert got == expected
     for rel in runs:
         copied = json.loads((dest / rel / "summary.json").read_text())
