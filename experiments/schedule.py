@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from experiments.report import STD_NOTE, convergence_check, describe, lr_text, plot_curves, seeds_text, stat_of, with_curves
+from experiments.report import STD_NOTE, SUBSPACE_MARKER, convergence_check, describe, lr_text, plot_curves, seeds_text, stat_of, with_curves
 from experiments.summarize import (
     ALPHA,
     EQUIVALENT,
@@ -82,7 +82,22 @@ def comparison_rows(short: dict[tuple, list[dict]], long: dict[tuple, list[dict]
     return lines
 
 
-def longer_schedule_section(rows: list[dict], out: Path, link: str, margin: float = MARGIN, alpha: float = ALPHA) -> list[str]:
+def subspace_lines(out: Path, runs: Path | None) -> list[str]:
+    """``out/subspace_convergence.md`` (``python -m experiments.subspace --experiment convergence``) when it was
+    computed from ``runs`` and its adapters still exist; nothing otherwise."""
+    path = out / f"subspace_{LONG}.md"
+    text = path.read_text() if path.is_file() else ""
+    m = SUBSPACE_MARKER.search(text)
+    if runs is None or not m or Path(m["runs"]).resolve() != runs.resolve():
+        return []
+    if not all((runs / a).is_file() for a in m["adapters"].split(";") if a):
+        return []
+    return ["§7.2 and §7.3 recomputed on the 300-step adapters (same seeds; compare with the 150-step sections below):", "",
+            text.strip(), ""]
+
+
+def longer_schedule_section(rows: list[dict], out: Path, link: str, margin: float = MARGIN, alpha: float = ALPHA,
+                            runs: Path | None = None) -> list[str]:
     """The section of experiments/README.md; empty when no ``convergence`` run exists."""
     long_rows = of_experiment(rows, LONG)
     if not long_rows:
@@ -133,4 +148,4 @@ def longer_schedule_section(rows: list[dict], out: Path, link: str, margin: floa
             lines += [f"The claims re-checked on the {steps_text(long_rows)}-step runs, {METRIC_NAMES[metric]} "
                       "(a family of its own, apart from the Table 5 / Table 6 checks above):",
                       "", claims_markdown(checks), ""]
-    return lines
+    return lines + subspace_lines(out, runs)

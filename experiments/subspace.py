@@ -62,17 +62,17 @@ def adapter_of(summary: dict, run_dir: Path) -> Path:
     return run_dir / "adapter.safetensors"
 
 
-def seeds_at(runs: Path, r: int) -> list[int]:
+def seeds_at(runs: Path, r: int, experiment: str = "table6") -> list[int]:
     """The seeds with a {Wq, Wv} adapter at rank ``r``."""
-    return sorted({s["seed"] for s, d in table6_runs(runs) if s.get("r") == r and adapter_of(s, d).is_file()})
+    return sorted({s["seed"] for s, d in table6_runs(runs, experiment) if s.get("r") == r and adapter_of(s, d).is_file()})
 
 
-def find_adapter(runs: Path, targets: list[str], r: int, seed: int) -> Path:
-    """The adapter of the table6 run with these targets, rank and seed."""
-    for s, d in table6_runs(runs):
+def find_adapter(runs: Path, targets: list[str], r: int, seed: int, experiment: str = "table6") -> Path:
+    """The adapter of the ``experiment`` run with these targets, rank and seed."""
+    for s, d in table6_runs(runs, experiment):
         if s.get("targets") == targets and s.get("r") == r and s.get("seed") == seed and adapter_of(s, d).is_file():
             return adapter_of(s, d)
-    raise SystemExit(f"no table6 adapter with targets={targets} r={r} seed={seed} under {runs}; run the Table 6 sweep "
+    raise SystemExit(f"no {experiment} adapter with targets={targets} r={r} seed={seed} under {runs}; run the Table 6 sweep "
                      "(bash experiments/ablations.sh tables) and python -m experiments.summarize --collect first")
 
 
@@ -155,19 +155,28 @@ def cell(trained: float, init: float | None) -> str:
     return f"{trained:.3f} | " + (NO_STREAM if init is None else f"{init:.3f}")
 
 
-def subspace_section(runs: Path, out: Path, small: int = 8, large: int = 64) -> tuple[list[str], list[Path]]:
+def runs_label(experiment: str) -> tuple[str, str, str, str]:
+    """(heading level and suffix, words for the runs, file-name prefix) of the runs read: Table 6 or its 300-step twins."""
+    if experiment == "table6":
+        return "## ", "", "Table 6", ""
+    return "### ", f", {experiment} runs", f"experiment={experiment}", f"{experiment}_"
+
+
+def subspace_section(runs: Path, out: Path, small: int = 8, large: int = 64, experiment: str = "table6") -> tuple[list[str], list[Path]]:
     """§7.2: φ between A(r=small) and A(r=large) (same seed) and between two seeds at r=large, after training
     and at initialisation, with random matrices as the baseline. Returns the markdown and the adapters read."""
-    seeds = seeds_at(runs, large)
-    if len(seeds) < 2 or seeds[0] not in seeds_at(runs, small):
+    level, suffix, label, tag = runs_label(experiment)
+    seeds = seeds_at(runs, large, experiment)
+    if len(seeds) < 2 or seeds[0] not in seeds_at(runs, small, experiment):
         raise SystemExit(f"§7.2 needs {{Wq,Wv}} adapters at r={small} and r={large} for one seed and a second seed at r={large} under {runs}")
     s1, s2 = seeds[0], seeds[1]
-    a8, a64, a64b = (find_adapter(runs, TARGETS, small, s1), find_adapter(runs, TARGETS, large, s1), find_adapter(runs, TARGETS, large, s2))
+    a8, a64, a64b = (find_adapter(runs, TARGETS, small, s1, experiment), find_adapter(runs, TARGETS, large, s1, experiment),
+                     find_adapter(runs, TARGETS, large, s2, experiment))
     mid = N_LAYERS // 2
     lines = [
-        "## §7.2 Subspace similarity (ours)",
+        f"{level}§7.2 Subspace similarity (ours{suffix})",
         "",
-        f"φ(A_r={small}, A_r={large}, i, j) on the {{Wq,Wv}} runs of Table 6, seed {s1}; i indexes the r={small} directions, "
+        f"φ(A_r={small}, A_r={large}, i, j) on the {{Wq,Wv}} runs of {label}, seed {s1}; i indexes the r={small} directions, "
         f"j the r={large} ones; then two seeds ({s1}, {s2}) at r={large}. Every value is given after training and at "
         "initialisation (the A each run started from, rebuilt from its init_seed): the paper's reading — a shared top "
         "direction — is about what training adds above the initial overlap. The last rows are two random Gaussian matrices. "
@@ -199,8 +208,8 @@ def subspace_section(runs: Path, out: Path, small: int = 8, large: int = 64) -> 
             if layer == mid:
                 g = subspace_similarity_grid(A8, A64, small, large)
                 gs = subspace_similarity_grid(A64, A64b, large, large)
-                plot_subspace_similarity(g, out / f"subspace_r{small}_r{large}_W{kind}.png", f"W{kind}, layer {layer}: phi(A r={small}, A r={large}, i, j)", xlabel=f"j (r={large})", ylabel=f"i (r={small})")
-                plot_subspace_similarity(gs[:16, :16], out / f"subspace_seeds_r{large}_W{kind}.png", f"W{kind}, layer {layer}: r={large}, seed {s1} vs {s2}", xlabel=f"j (seed {s2})", ylabel=f"i (seed {s1})")
+                plot_subspace_similarity(g, out / f"{tag}subspace_r{small}_r{large}_W{kind}.png", f"W{kind}, layer {layer}: phi(A r={small}, A r={large}, i, j)", xlabel=f"j (r={large})", ylabel=f"i (r={small})")
+                plot_subspace_similarity(gs[:16, :16], out / f"{tag}subspace_seeds_r{large}_W{kind}.png", f"W{kind}, layer {layer}: r={large}, seed {s1} vs {s2}", xlabel=f"j (seed {s2})", ylabel=f"i (seed {s1})")
     gen = torch.Generator().manual_seed(0)
     R8, R64 = torch.randn(A8.shape, generator=gen), torch.randn(A64.shape, generator=gen)
     gr = phi_stats(R8, R64, small, large, small)
@@ -219,9 +228,9 @@ def subspace_section(runs: Path, out: Path, small: int = 8, large: int = 64) -> 
         "",
         *moved,
         "",
-        f"![Wq r={small} vs r={large}]({link}/subspace_r{small}_r{large}_Wq.png) ![Wv r={small} vs r={large}]({link}/subspace_r{small}_r{large}_Wv.png)",
+        f"![Wq r={small} vs r={large}]({link}/{tag}subspace_r{small}_r{large}_Wq.png) ![Wv r={small} vs r={large}]({link}/{tag}subspace_r{small}_r{large}_Wv.png)",
         "",
-        f"![Wq seeds]({link}/subspace_seeds_r{large}_Wq.png) ![Wv seeds]({link}/subspace_seeds_r{large}_Wv.png)",
+        f"![Wq seeds]({link}/{tag}subspace_seeds_r{large}_Wq.png) ![Wv seeds]({link}/{tag}subspace_seeds_r{large}_Wv.png)",
         "",
     ]
     return lines, [a8, a64, a64b]
@@ -243,13 +252,15 @@ def shared_top_direction_lines(cells: list[tuple[str, float, float | None]], wha
 
 
 # --------------------------------------------------------------------------- §7.3
-def amplification_section(runs: Path, ranks: tuple[int, ...] = (4, 64)) -> tuple[list[str], list[Path]]:
+def amplification_section(runs: Path, ranks: tuple[int, ...] = (4, 64), experiment: str = "table6") -> tuple[list[str], list[Path]]:
     """§7.3 / Table 7: ||Uᵀ W Vᵀ||_F onto ΔW's, W's top-r and random directions, and the amplification factor
     ‖ΔW‖_F / ‖U_ΔWᵀ W V_ΔW‖_F both as the mean of per-seed ratios and as the ratio of the seed means."""
-    lines = ["## §7.3 ΔW vs W (ours, Table 7 layout)", ""]
-    seeds = {r: seeds_at(runs, r) for r in ranks}
+    level, suffix, label, _ = runs_label(experiment)
+    lines = [f"{level}§7.3 ΔW vs W (ours, Table 7 layout{suffix})", ""]
+    seeds = {r: seeds_at(runs, r, experiment) for r in ranks}
     lines += [
-        "Wq of every layer, ΔW = (alpha/r)·B·A from the {Wq,Wv} runs of Table 6; U, V from ΔW's SVD truncated to r. "
+        f"Wq of every layer, ΔW = (alpha/r)·B·A from the {{Wq,Wv}} runs of {label}; "
+        "U, V from ΔW's SVD truncated to r. "
         "Columns as in the paper: ||Uᵀ Wq Vᵀ||_F for U,V from ΔWq, from Wq's own top-r singular vectors, and from "
         "random orthonormal directions (mean of 10 draws); each is the mean over the seeds ("
         + "; ".join(f"r={r}: {', '.join(map(str, s))}" for r, s in seeds.items())
@@ -267,7 +278,7 @@ def amplification_section(runs: Path, ranks: tuple[int, ...] = (4, 64)) -> tuple
     for r in ranks:
         if not seeds[r]:
             raise SystemExit(f"§7.3 needs {{Wq,Wv}} adapters at r={r} under {runs}")
-        paths = [find_adapter(runs, TARGETS, r, seed) for seed in seeds[r]]
+        paths = [find_adapter(runs, TARGETS, r, seed, experiment) for seed in seeds[r]]
         used += paths
         for layer in range(N_LAYERS):
             w = base_weight("q", layer)
@@ -323,12 +334,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path("experiments/results"))
     p.add_argument("--pair", type=int, nargs=2, default=(8, 64), metavar=("SMALL_R", "LARGE_R"), help="§7.2 ranks compared")
     p.add_argument("--amp-ranks", type=int, nargs="+", default=(4, 64), help="§7.3 ranks")
+    p.add_argument("--experiment", default="table6", help="whose adapters: table6 (-> subspace.md) or convergence, the "
+                   "300-step runs (-> subspace_convergence.md)")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    sub, used = subspace_section(args.runs, args.out, *args.pair)
-    amp, used_amp = amplification_section(args.runs, tuple(args.amp_ranks))
+    sub, used = subspace_section(args.runs, args.out, *args.pair, experiment=args.experiment)
+    amp, used_amp = amplification_section(args.runs, tuple(args.amp_ranks), experiment=args.experiment)
     text = "\n".join([marker(args.runs, used + used_amp), *sub, *amp])
-    (args.out / "subspace.md").write_text(text)
+    (args.out / ("subspace.md" if args.experiment == "table6" else f"subspace_{args.experiment}.md")).write_text(text)
     print(text)
 
 

@@ -557,3 +557,17 @@ def test_recipe_probes_compare_lora_and_full_ft_at_the_same_schedule_and_their_l
     assert "last checkpoints" not in same[0].split("bootstrap")[1]  # no last_test_correct recorded: no interval made up
     row = table_row(text, "full fine-tuning, lr 5e-05, 6 epochs")
     assert row[4] == f"{100 * statistics.fmean(full6_last):.1f} ± {100 * statistics.stdev(full6_last):.1f}"
+
+
+def test_longer_schedule_includes_the_300_step_subspace_report_only_when_it_is_from_these_runs(tmp_path):
+    from experiments.schedule import subspace_lines
+
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    (runs / "a").mkdir(parents=True)
+    out.mkdir()
+    (runs / "a" / "adapter.safetensors").write_bytes(b"x")
+    (out / "subspace_convergence.md").write_text(f"<!-- subspace.py runs={runs.as_posix()} adapters=a/adapter.safetensors -->\n### §7.2 body\n")
+    assert "### §7.2 body" in "\n".join(subspace_lines(out, runs))
+    assert subspace_lines(out, tmp_path / "other") == []  # computed from another runs folder
+    (runs / "a" / "adapter.safetensors").unlink()
+    assert subspace_lines(out, runs) == []  # its adapters are gone: stale
