@@ -34,7 +34,7 @@ SKIPPED = re.compile(r"skip_done: (\S+) already holds the summary of .*; not re-
 PERCENT = re.compile(r"^(-?[0-9.]+)%$")
 FIT = re.compile(r"^([0-9.]+) s \((\d+) steps\)$")
 PARAMS = re.compile(r"^([0-9,]+) of ([0-9,]+) ")
-EXCLUDED_FROM_RUN_NAME = ("experiment", "scale", "logger", "trainer", "progress", "test", "threads", "hydra/launcher", "hparams_search", "skip_done")  # conf/config.yaml override_dirname.exclude_keys (a test checks)
+EXCLUDED_FROM_RUN_NAME = ("experiment", "scale", "logger", "trainer", "progress", "test", "test_last", "threads", "hydra/launcher", "hparams_search", "skip_done")  # conf/config.yaml override_dirname.exclude_keys (a test checks)
 IDENTITY = ("experiment", "data", "method", "targets_key", "r", "lr", "seed")
 
 
