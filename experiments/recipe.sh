@@ -17,15 +17,7 @@ if [ "$stage" = final ]; then LORA_LR=${1:?lora lr}; LORA_TARGETS=${2:?lora targ
 DATASETS=("$@")
 mkdir -p experiments/logs
 
-best_full_lr() {  # the lr of the seed-0 full fine-tuning run with the best validation accuracy
-  $PY - "${RUNS:-multirun}/recipe/search-$1-full" <<'PYEOF'
-import json, pathlib, sys
-runs = [json.loads(p.read_text()) for p in pathlib.Path(sys.argv[1]).glob("*/summary.json")]
-if not runs:
-    sys.exit(f"no finished runs in {sys.argv[1]}: run `experiments/recipe.sh search-full` for this data set first")
-print(max(runs, key=lambda s: s["best_val_acc"])["lr"])
-PYEOF
-}
+source experiments/best_full_lr.sh  # best_full_lr DATA
 
 run_data() {  # core data
   local core=$1 data=$2 T="taskset -c $1 $TRAIN -m experiment=recipe data=$2"

@@ -22,15 +22,7 @@ ALL=(lora.lr=0.002 "lora.targets=[all-linear]")
 SEEDS=(${SEEDS:-1 2 3})
 export HF_HUB_OFFLINE=1 WANDB_MODE=offline WANDB_SILENT=true PYTHONWARNINGS=ignore
 mkdir -p experiments/logs
-best_full_lr() {  # the lr of the task's seed-0 full fine-tuning search run with the best validation accuracy
-  .venv/bin/python - "${RUNS:-multirun}/recipe/search-$1-full" <<'PYEOF'
-import json, pathlib, sys
-runs = [json.loads(p.read_text()) for p in pathlib.Path(sys.argv[1]).glob("*/summary.json")]
-if not runs:
-    sys.exit(f"no finished runs in {sys.argv[1]}: run `experiments/recipe.sh search-full` for this data set first")
-print(max(runs, key=lambda s: s["best_val_acc"])["lr"])
-PYEOF
-}
+source experiments/best_full_lr.sh  # best_full_lr DATA
 
 if [ "$probe" = both ] && [ ${#DATA[@]} = 1 ]; then
   D=${DATA[0]}

@@ -810,14 +810,20 @@ def recipe_overview(tasks: list[str], summary_rows: list[tuple[str, RecipeCheck 
 
 
 # --------------------------------------------------------------------------- §7.2 / §7.3
-def subspace_markdown(out: Path, runs: Path, rows: list[dict]) -> list[str]:
-    """``out/subspace.md`` when it was computed from these runs (its marker names ``runs`` and adapters that exist)."""
-    path = out / "subspace.md"
+def fresh_subspace_text(path: Path, runs: Path) -> str | None:
+    """The text of a ``subspace.py`` output when it was computed from ``runs`` (its marker names ``runs`` and
+    adapters that still exist); ``None`` when it is missing or stale."""
     text = path.read_text() if path.is_file() else ""
     m = SUBSPACE_MARKER.search(text)
     fresh = bool(m) and Path(m["runs"]).resolve() == runs.resolve() and all((runs / a).is_file() for a in m["adapters"].split(";") if a)
-    if fresh:
-        return [text.strip(), ""]
+    return text.strip() if fresh else None
+
+
+def subspace_markdown(out: Path, runs: Path, rows: list[dict]) -> list[str]:
+    """``out/subspace.md`` when it was computed from these runs (its marker names ``runs`` and adapters that exist)."""
+    text = fresh_subspace_text(out / "subspace.md", runs)
+    if text is not None:
+        return [text, ""]
     have = any(r.get("targets_key") == "q,v" and (Path(r["dir"]) / "adapter.safetensors").is_file() for r in of_experiment(rows, "table6"))
     if not have:
         return []

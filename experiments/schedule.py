@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from experiments.report import STD_NOTE, SUBSPACE_MARKER, convergence_check, describe, lr_text, plot_curves, seeds_text, stat_of, with_curves
+from experiments.report import STD_NOTE, convergence_check, fresh_subspace_text, describe, lr_text, plot_curves, seeds_text, stat_of, with_curves
 from experiments.summarize import (
     ALPHA,
     EQUIVALENT,
@@ -85,15 +85,11 @@ def comparison_rows(short: dict[tuple, list[dict]], long: dict[tuple, list[dict]
 def subspace_lines(out: Path, runs: Path | None) -> list[str]:
     """``out/subspace_convergence.md`` (``python -m experiments.subspace --experiment convergence``) when it was
     computed from ``runs`` and its adapters still exist; nothing otherwise."""
-    path = out / f"subspace_{LONG}.md"
-    text = path.read_text() if path.is_file() else ""
-    m = SUBSPACE_MARKER.search(text)
-    if runs is None or not m or Path(m["runs"]).resolve() != runs.resolve():
-        return []
-    if not all((runs / a).is_file() for a in m["adapters"].split(";") if a):
+    text = fresh_subspace_text(out / f"subspace_{LONG}.md", runs) if runs is not None else None
+    if text is None:
         return []
     return ["§7.2 and §7.3 recomputed on the 300-step adapters (same seeds; compare with the 150-step sections below):", "",
-            text.strip(), ""]
+            text, ""]
 
 
 def longer_schedule_section(rows: list[dict], out: Path, link: str, margin: float = MARGIN, alpha: float = ALPHA,

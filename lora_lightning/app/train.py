@@ -273,7 +273,8 @@ def correctness(model: pl.LightningModule, prefix: str = "") -> dict[str, Any]:
     """``{prefix}test_correct``: which test examples the last test pass got right ("0"/"1" per example, data-loader
     order, the same on every run of one split), for a bootstrap over test examples; empty for other models."""
     get = getattr(model, "test_correctness", None)
-    return {f"{prefix}test_correct": get()} if callable(get) and get() else {}
+    bits = get() if callable(get) else ""
+    return {f"{prefix}test_correct": bits} if bits else {}
 
 
 def _is_causal_lm(cfg: DictConfig) -> bool:
