@@ -3,7 +3,7 @@
 # each family at the lr its 150-step search chose (read from the committed records), seeds 1-3.
 # Two streams of single-threaded runs, one per core; re-launching skips finished runs.
 #   bash experiments/convergence.sh && python -m experiments.summarize --collect
-#   bash experiments/convergence.sh rest   # the other Table 6 cells its claims read: W{q} at r=1 and 64, all four at r=64
+#   bash experiments/convergence.sh rest table5   # further stages, listed below
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TRAIN="nice -n 19 .venv/bin/python -m lora_lightning.app.train -m skip_done=true"
@@ -14,11 +14,31 @@ lr() { .venv/bin/python -m experiments.summarize --runs "${RUNS:-experiments/run
 L1=$(lr lora-1); L2=$(lr lora-2); L4=$(lr lora-4); LF=$(lr full); LH=$(lr head_only)
 echo "learning rates: lora-1 $L1, lora-2 $L2, lora-4 $L4, full $LF, head_only $LH"
 for v in "$L1" "$L2" "$L4" "$LF" "$LH"; do [ -n "$v" ] || { echo "no search records: run experiments/ablations.sh search first" >&2; exit 1; }; done
-if [ "${1:-}" = rest ]; then
-  taskset -c 0 $TRAIN experiment=convergence 'lora.targets=[q]' lora.r=1,64 seed=1,2,3 lora.lr="$L1" hydra.sweep.dir="$OUT/q-1-64" \
-    >>experiments/logs/convergence_rest_a.log 2>&1 &
-  taskset -c 1 $TRAIN experiment=convergence 'lora.targets=[q,k,v,o]' lora.r=64 seed=1,2,3 lora.lr="$L4" hydra.sweep.dir="$OUT/qkvo-64" \
-    >>experiments/logs/convergence_rest_b.log 2>&1 &
+# Further stages, each split over the two cores; several may be named at once (`rest table5`), and each core then
+# runs its share of every stage in turn:
+#   rest    the other Table 6 cells its claims read: W{q} at r=1 and 64, all four at r=64 (9 runs)
+#   table5  Table 5 at 300 steps (conf/experiment/convergence_table5.yaml), seeds 11-13 (21 runs)
+stage_a() {
+  case "$1" in
+    rest) taskset -c 0 $TRAIN experiment=convergence 'lora.targets=[q]' lora.r=1,64 seed=1,2,3 lora.lr="$L1" hydra.sweep.dir="$OUT/q-1-64" ;;
+    table5) taskset -c 0 $TRAIN experiment=convergence_table5 'lora.targets=[q],[k],[v]' seed=11,12,13 lora.lr="$L1" hydra.sweep.dir="$OUT/table5-one" ;;
+    *) echo "unknown stage $1 (rest, table5)" >&2; return 1 ;;
+  esac
+}
+stage_b() {
+  case "$1" in
+    rest) taskset -c 1 $TRAIN experiment=convergence 'lora.targets=[q,k,v,o]' lora.r=64 seed=1,2,3 lora.lr="$L4" hydra.sweep.dir="$OUT/qkvo-64" ;;
+    table5)
+      taskset -c 1 $TRAIN experiment=convergence_table5 'lora.targets=[o]' seed=11,12,13 lora.lr="$L1" hydra.sweep.dir="$OUT/table5-o"
+      taskset -c 1 $TRAIN experiment=convergence_table5 'lora.targets=[q,k],[q,v]' seed=11,12,13 lora.lr="$L2" hydra.sweep.dir="$OUT/table5-two"
+      taskset -c 1 $TRAIN experiment=convergence_table5 'lora.targets=[q,k,v,o]' seed=11,12,13 lora.lr="$L4" hydra.sweep.dir="$OUT/table5-four" ;;
+    *) echo "unknown stage $1 (rest, table5)" >&2; return 1 ;;
+  esac
+}
+if [ $# -gt 0 ]; then
+  for s in "$@"; do case "$s" in rest|table5) ;; *) echo "unknown stage $s (rest, table5)" >&2; exit 1 ;; esac; done
+  ( for s in "$@"; do stage_a "$s"; done ) >>experiments/logs/convergence_more_a.log 2>&1 &
+  ( for s in "$@"; do stage_b "$s"; done ) >>experiments/logs/convergence_more_b.log 2>&1 &
   wait
   exit 0
 fi

@@ -44,7 +44,7 @@ from experiments.summarize import (
     write_tables,
 )
 
-ABLATION_EXPERIMENTS = (SEARCH_EXPERIMENT, "table5", "table6", "table6_reference", "convergence")
+ABLATION_EXPERIMENTS = (SEARCH_EXPERIMENT, "table5", "table6", "table6_reference", "convergence", "convergence_table5")
 RECIPE = "recipe"
 TASKS = ("rotten_tomatoes", "trec", "newsgroups", "convention_speeches")
 RECIPE_ORDER = ("rotten_tomatoes", "trec", "convention_speeches", "newsgroups")  # recipe.sh's order of full-FT lrs
@@ -129,6 +129,7 @@ def run_inventory(rows: list[dict]) -> list[str]:
         "table6": "Table 6",
         "table6_reference": "Table 6 reference rows (full fine-tuning, head only)",
         "convergence": "ablation cells at a twice longer schedule (300 steps)",
+        "convergence_table5": "Table 5 at the twice longer schedule (300 steps)",
         RECIPE: "default recipe (search: seed 0; final: seeds ≥ 1)",
         "recipe_probe": "recipe probes (variations of the LoRA default)",
         "variants": "variants",
@@ -156,6 +157,7 @@ def howto_section() -> list[str]:
         "bash experiments/recipe_probe.sh DATA     # seeds 1-3: the LoRA default at 6 epochs, and on all-linear targets",
         "SEEDS='4 5 6' RUNS=experiments/runs bash experiments/recipe_probe.sh 6epochs,full-6epochs DATA  # more seeds; full FT at 6 epochs",
         "bash experiments/convergence.sh           # the cells the ablation verdicts compare, at 300 steps instead of 150",
+        "bash experiments/convergence.sh rest table5  # the other Table 6 cells the claims read, and Table 5, at 300 steps",
         "python -m experiments.summarize --collect # multirun/{ablations,recipe} -> experiments/runs (summaries, configs, §7.2 adapters)",
         "python -m experiments.summarize --recover-logs experiments/logs/*.log  # runs whose folders are gone: records from their console logs",
         "RUNS=experiments/runs bash experiments/ablations.sh rerun  # the runs whose curves and adapters the report reads, trained again",
@@ -261,7 +263,8 @@ SCALE_KEYS = [
     ("lora.dropout", "LoRA dropout"), ("lora.init", "LoRA init"), ("trainer.precision", "precision"),
 ]
 ABLATION_SCALE_LABELS = {SEARCH_EXPERIMENT: "ablations: lr search", "table5": "ablations: Table 5", "table6": "ablations: Table 6",
-                         "table6_reference": "ablations: Table 6 reference rows", "convergence": "ablations: the longer schedule"}
+                         "table6_reference": "ablations: Table 6 reference rows", "convergence": "ablations: the longer schedule",
+                         "convergence_table5": "ablations: Table 5, the longer schedule"}
 
 
 def scale_table(rows: list[dict]) -> list[str]:

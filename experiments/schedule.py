@@ -4,7 +4,9 @@ The ``convergence`` experiment (``conf/experiment/convergence.yaml``, ``experime
 cells the verdicts compare for 300 steps instead of 150, each at the lr its family's 150-step search chose. This
 module sets those runs beside the 150-step runs of the same cells and seeds (``table6``, ``table6_reference``):
 per cell the change in accuracy; per comparison the difference at both schedules; the Table 6 claims (and
-"LoRA matches full fine-tuning") checked on the 300-step runs, Holm-corrected within this section.
+"LoRA matches full fine-tuning") checked on the 300-step runs, Holm-corrected within this section. Table 5 at
+300 steps (``convergence_table5``) is set beside the 150-step ``table5`` runs the same way, its claims a family
+of their own.
 """
 
 from __future__ import annotations
@@ -12,7 +14,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from experiments.report import STD_NOTE, convergence_check, fresh_subspace_text, describe, lr_text, plot_curves, seeds_text, stat_of, with_curves
+from experiments.report import (
+    STD_NOTE,
+    convergence_check,
+    describe,
+    fresh_subspace_text,
+    lr_text,
+    plot_curves,
+    seeds_text,
+    stat_of,
+    targets_text,
+    with_curves,
+)
 from experiments.summarize import (
     ALPHA,
     EQUIVALENT,
@@ -25,11 +38,15 @@ from experiments.summarize import (
     ci_text,
     claims_markdown,
     of_experiment,
+    TABLE5_ORDER,
+    table5_claims,
+    table5_stats,
     table6_claims,
     welch,
 )
 
 LONG = "convergence"
+LONG_TABLE5 = "convergence_table5"
 SHORT = ("table6", "table6_reference")
 CELL_ORDER = {"full": 0, "head_only": 1, "lora": 2}
 TARGET_ORDER = {"q,v": 0, "q": 1, "q,k,v,o": 2}
@@ -82,6 +99,66 @@ def comparison_rows(short: dict[tuple, list[dict]], long: dict[tuple, list[dict]
     return lines
 
 
+def cell_rows(cells: Sequence[tuple[str, list[dict], list[dict]]]) -> list[str]:
+    """One table row per (label, 300-step runs, 150-step runs): lr, seeds, val and test accuracy at both schedules
+    and the change (Welch 95% CI; '-' below two runs a side)."""
+    lines = []
+    for label, long_runs, short_runs in cells:
+        values = []
+        for metric in (METRIC, TEST_METRIC):
+            a, b = stat_of(long_runs, metric), stat_of(short_runs, metric)
+            values += [str(b), str(a), ci_text(welch(a, b)) if a.n > 1 and b.n > 1 else "-"]
+        lines.append(f"| {label} | {lr_text(r.get('lr') for r in long_runs)} | {seeds_text(long_runs)} | " + " | ".join(values) + " |")
+    return lines
+
+
+def weights_key(label: str) -> str:
+    """'W{q,v}' -> 'q,v': the Table 5 cell a claim's group label names."""
+    return label[2:-1]
+
+
+def table5_lines(rows: list[dict], margin: float = MARGIN, alpha: float = ALPHA) -> list[str]:
+    """Table 5 at 300 steps (experiment ``convergence_table5``) beside the 150-step Table 5 runs of the same seeds:
+    each weight-type set, each Table 5 claim's difference at both schedules, and the claims re-checked at 300 steps
+    (a Holm family of their own). Empty when no such run exists."""
+    long_rows = of_experiment(rows, LONG_TABLE5, ["lora"])
+    if not long_rows:
+        return []
+    seeds = {r.get("seed") for r in long_rows}
+    short_rows = [r for r in of_experiment(rows, "table5", ["lora"]) if r.get("seed") in seeds]
+    long = {k: [r for r in long_rows if r["targets_key"] == k] for k in TABLE5_ORDER}
+    short = {k: [r for r in short_rows if r["targets_key"] == k] for k in TABLE5_ORDER}
+    lines = [
+        f"### Table 5 at {steps_text(long_rows)} steps",
+        "",
+        f"The same trainable-parameter budget spent on different weight types, trained for {steps_text(long_rows)} steps "
+        f"instead of {steps_text(short_rows) if short_rows else '150'} (`conf/experiment/convergence_table5.yaml`, "
+        f"`bash experiments/convergence.sh table5`), each family at its 150-step lr; seeds {seeds_text(long_rows)}, "
+        "and the 150-step columns use the Table 5 runs of the same seeds.",
+        "",
+        "| weights | lr | seeds | val acc, 150 steps | val acc, 300 steps | Δ val (pp) [95% CI] | test acc, 150 steps | test acc, 300 steps | Δ test (pp) [95% CI] |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *cell_rows([(f"{targets_text(k)}, r={v[0].get('r')}", v, short[k]) for k, v in long.items() if v]),
+        "",
+        f"Mean ± std over seeds; {STD_NOTE}. Δ = 300 steps − 150 steps (Welch 95% CI).",
+        "",
+    ]
+    for metric in (METRIC, TEST_METRIC):
+        s_short, s_long = table5_stats(short_rows, metric), table5_stats(long_rows, metric)
+        claims = table5_claims(s_long)
+        if not claims:
+            continue
+        lines += [f"| Table 5 claim ({METRIC_NAMES[metric]}, groups as chosen at 300 steps) | 150 steps: a − b (pp) [95% CI] | 300 steps: a − b (pp) [95% CI] |",
+                  "|---|---|---|"]
+        for c in claims:
+            a, b = s_short.get(weights_key(c.a_label)), s_short.get(weights_key(c.b_label))
+            before = ci_text(welch(a, b)) if a is not None and b is not None and a.n > 1 and b.n > 1 else "-"
+            lines.append(f"| {c.text}: {c.a_label} − {c.b_label} | {before} | {ci_text(welch(c.a, c.b))} |")
+        lines += ["", f"Table 5's claims re-checked on the {steps_text(long_rows)}-step runs, {METRIC_NAMES[metric]} "
+                  "(a family of its own):", "", claims_markdown(check_claims(claims, margin, alpha)), ""]
+    return lines
+
+
 def subspace_lines(out: Path, runs: Path | None) -> list[str]:
     """``out/subspace_convergence.md`` (``python -m experiments.subspace --experiment convergence``) when it was
     computed from ``runs`` and its adapters still exist; nothing otherwise."""
@@ -116,14 +193,7 @@ def longer_schedule_section(rows: list[dict], out: Path, link: str, margin: floa
         "| cell | lr | seeds | val acc, 150 steps | val acc, 300 steps | Δ val (pp) [95% CI] | test acc, 150 steps | test acc, 300 steps | Δ test (pp) [95% CI] |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for key in sorted(long, key=cell_sort):
-        lr, sr = long[key], short.get(key, [])
-        cells = []
-        for metric in (METRIC, TEST_METRIC):
-            a, b = stat_of(lr, metric), stat_of(sr, metric)
-            cells += [str(b), str(a), ci_text(welch(a, b)) if a.n > 1 and b.n > 1 else "-"]
-        lines.append(f"| {describe(lr[0])} | {lr_text(r.get('lr') for r in lr)} | {seeds_text(lr)} | "
-                     f"{cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} | {cells[4]} | {cells[5]} |")
+    lines += cell_rows([(describe(v[0]), v, short.get(k, [])) for k, v in sorted(long.items(), key=lambda kv: cell_sort(kv[0]))])
     lines += ["", f"Mean ± std over seeds; {STD_NOTE}. Δ = 300 steps − 150 steps (Welch 95% CI).", ""]
 
     curves = with_curves({describe(v[0]): v for k, v in sorted(long.items(), key=lambda kv: cell_sort(kv[0]))})
@@ -144,4 +214,4 @@ def longer_schedule_section(rows: list[dict], out: Path, link: str, margin: floa
             lines += [f"The claims re-checked on the {steps_text(long_rows)}-step runs, {METRIC_NAMES[metric]} "
                       "(a family of its own, apart from the Table 5 / Table 6 checks above):",
                       "", claims_markdown(checks), ""]
-    return lines + subspace_lines(out, runs)
+    return lines + subspace_lines(out, runs) + table5_lines(rows, margin, alpha)

@@ -140,3 +140,13 @@ def test_convergence_experiment_is_the_ablation_scale_at_twice_the_epochs(tmp_pa
         assert long[key] == short[key], key
     assert long.trainer.val_check_interval == short.trainer.val_check_interval and long.test and not long.test_last
     assert compose_cfg(["experiment=recipe"], tmp_path).test_last  # the recipe runs test their last checkpoint too
+
+
+def test_convergence_table5_is_table5_at_twice_the_epochs(tmp_path):
+    from test_app import compose_cfg
+
+    long, short = compose_cfg(["experiment=convergence_table5"], tmp_path), compose_cfg(["experiment=table5"], tmp_path)
+    assert long.experiment_name == "convergence_table5" and long.trainer.max_epochs == 2 * short.trainer.max_epochs == 4
+    for key in ("data", "lora"):  # same budget (36,864), data, split and init as the 150-step Table 5 runs
+        assert long[key] == short[key], key
+    assert long.lora.budget == 36864 and long.test

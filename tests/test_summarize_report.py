@@ -523,6 +523,39 @@ def test_longer_schedule_sets_each_cell_and_claim_beside_its_150_step_twin(tmp_p
     assert "step 200 → 300" in text
 
 
+def test_table5_at_300_steps_sets_each_weight_type_and_claim_beside_the_150_step_runs_of_the_same_seeds(tmp_path):
+    from experiments.schedule import longer_schedule_section
+
+    # 150 steps: W{q} is the best single type; 300 steps: W{v} is. The 150-step column of a claim must compare the
+    # groups the 300-step claim names (W{v}), not its own best single type.
+    short = {"q": [0.760, 0.764, 0.762], "k": [0.740, 0.745, 0.742], "v": [0.750, 0.752, 0.751], "o": [0.748, 0.750, 0.749],
+             "q,v": [0.770, 0.772, 0.771], "q,k,v,o": [0.775, 0.777, 0.776]}
+    long = {"q": [0.770, 0.773, 0.771], "k": [0.760, 0.762, 0.761], "v": [0.780, 0.784, 0.782], "o": [0.777, 0.776, 0.778],
+            "q,v": [0.790, 0.791, 0.795], "q,k,v,o": [0.792, 0.790, 0.796]}
+    ranks = {"q": 8, "k": 8, "v": 8, "o": 8, "q,v": 4, "q,k,v,o": 2}
+    for seed in (11, 12, 13, 14):  # seed 14 exists at 150 steps only: left out
+        for key, accs in short.items():
+            acc = accs[seed - 11] if seed <= 13 else 0.5
+            write_run(tmp_path, f"t5/{key}/{seed}", config(seed), experiment="table5", seed=seed, lr=4e-3, steps=150,
+                      best_val_acc=acc, test_acc=acc - 0.01, **lora(key.split(","), ranks[key]))
+    for seed in (11, 12, 13):
+        for key, accs in long.items():
+            write_run(tmp_path, f"ct5/{key}/{seed}", config(seed, epochs=4), experiment="convergence_table5", seed=seed,
+                      lr=4e-3, steps=300, best_val_acc=accs[seed - 11], test_acc=accs[seed - 11] - 0.02, **lora(key.split(","), ranks[key]))
+    # one convergence run, so the section exists
+    write_run(tmp_path, "conv/full/1", config(1, method="full", epochs=4), experiment="convergence", method="full", seed=1,
+              lr=2e-4, steps=300, best_val_acc=0.81, test_acc=0.80)
+    text = "\n".join(longer_schedule_section(load_runs(tmp_path), tmp_path / "out", "results"))
+    t5 = text[text.index("### Table 5 at 300 steps"):]
+    row = table_row(t5, "W{v}, r=8")
+    assert row[1:5] == ["0.004", "11, 12, 13", "75.1 ± 0.1", "78.2 ± 0.2"]
+    assert row[5] == welch_ci(long["v"], short["v"]) and row[8] == welch_ci([a - 0.02 for a in long["v"]], [a - 0.01 for a in short["v"]])
+    assert "| W{k}, r=8 |" in t5 and "W{q,k}" not in t5  # no W{q,k} runs: no row made up
+    claim = next(line for line in t5.splitlines() if line.startswith("| W{q,v} beats the best single type (W{v}): W{q,v} − W{v} |"))
+    assert welch_ci(short["q,v"], short["v"]) in claim and welch_ci(long["q,v"], long["v"]) in claim
+    assert "Table 5's claims re-checked on the 300-step runs" in t5
+
+
 BITS = ["".join("1" if (i * 7 + k * 3) % 10 < 8 - (k > 2) else "0" for i in range(40)) for k in range(6)]
 
 
