@@ -27,9 +27,11 @@ from lora_lightning import (
 )
 
 TARGETS = ("q", "k", "v", "o", "mlp")
-# (atol, rtol) of output comparisons; atol is scaled by the outputs' largest magnitude. bfloat16 keeps
-# 8 significant bits: x·W0 + s·(x·Aᵀ)·Bᵀ and x·(W0 + s·B·A) round differently, and attention amplifies it
-TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-5), torch.bfloat16: (5e-2, 5e-2)}
+# (atol, rtol) of whole-network output comparisons in fp32/fp64; atol is scaled by the outputs' largest magnitude.
+# bfloat16 keeps 8 significant bits: x·W0 + s·(x·Aᵀ)·Bᵀ and x·(W0 + s·B·A) round differently, by an amount set by
+# the terms' magnitudes (not their sum's), and a network can amplify it without bound (a 1-wide attention turns
+# it into a different softmax). So bf16 is checked layer by layer, against a bound built from those magnitudes.
+TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-5)}
 
 
 class Block(nn.Module):
@@ -86,12 +88,35 @@ def cases(draw):
 
 
 def close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    """Whole-network outputs agree within TOL (fp32/fp64; bf16 has ``layers_close`` instead)."""
+    if dtype not in TOL:
+        return
     atol, rtol = TOL[dtype]
     atol *= max(1.0, expected.double().abs().max().item())
     torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)  # the same cases on every run: CI must not fail on a new random bf16 draw
+def layers_close(layers: dict, pristine: nn.Module, scale: float, r: int, dtype: torch.dtype, what: str) -> None:
+    """Each adapted layer, on its own random input x (n, d_in), against x·(W0 + s·B·A)ᵀ + b computed in fp64, within
+    the rounding its terms allow: 4·eps·(|x|·(|W0| + |ΔW| + r·|s|·|B|·|A|)ᵀ + |b| + |s|·(|x|·|A|ᵀ)·|B|ᵀ) -- every
+    rounding of the unmerged sum, of a merged weight, or of an unmerge is at most eps times one of these terms."""
+    eps = torch.finfo(dtype).eps
+    gen = torch.Generator().manual_seed(0)
+    for name, layer in layers.items():
+        base = pristine.get_submodule(name)
+        w0, b = base.weight.double(), base.bias.double()
+        a, bb = layer.lora_A.double(), layer.lora_B.double()
+        delta = scale * (bb @ a)
+        x = torch.randn(5, w0.shape[1], generator=gen).to(dtype)
+        xd = x.double()
+        exact = xd @ (w0 + delta).T + b
+        terms = w0.abs() + delta.abs() + r * abs(scale) * (bb.abs() @ a.abs())
+        bound = 4 * eps * (xd.abs() @ terms.T + b.abs() + abs(scale) * (xd.abs() @ a.abs().T) @ bb.abs().T) + 1e-30
+        err = (layer(x).double() - exact).abs()
+        assert (err <= bound).all(), f"{what}, {name}: error {err.max().item():.3g} above the rounding bound"
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)  # the same cases on every run
 @given(cases())
 def test_inject_step_merge_unmerge_save_load(case):
     dtype = case["dtype"]
@@ -135,18 +160,21 @@ def test_inject_step_merge_unmerge_save_load(case):
             w = manual.get_submodule(name).weight
             w.copy_((w.double() + delta).to(dtype))
         close(y_adapted, manual(x), dtype, "adapted vs hand-merged")
+        scale = case["alpha"] / case["r"]
+        layers_close(layers, pristine, scale, case["r"], dtype, "adapted")
         assert not torch.equal(y_adapted, y_base)  # the step changed the function
 
         assert merge_lora(model) == len(layers)
         close(model(x), y_adapted, dtype, "merged vs unmerged")
+        layers_close(layers, pristine, scale, case["r"], dtype, "merged")
         assert unmerge_lora(model) == len(layers)
         close(model(x), y_adapted, dtype, "unmerged again vs before merge")
+        layers_close(layers, pristine, scale, case["r"], dtype, "unmerged again")
         # merge rounds W0 + ΔW once, unmerge rounds (W0 + ΔW) - ΔW once; the in-place GEMM (addmm_)
         # also rounds the r-term product s·B@A while accumulating (at most r·eps·|s|·|B|@|A| each way)
         eps = torch.finfo(dtype).eps
         for name, layer in layers.items():
             w0 = pristine.get_submodule(name).weight.double()
-            scale = case["alpha"] / case["r"]
             delta = scale * (layer.lora_B.double() @ layer.lora_A.double())
             product_bound = case["r"] * abs(scale) * (layer.lora_B.double().abs() @ layer.lora_A.double().abs())
             err = (layer.weight.double() - w0).abs()
