@@ -858,14 +858,17 @@ def subspace_verdicts(subspace: Sequence[str]) -> list[str]:
 
 
 def not_reproduced_section(report: AblationReport, recipe: Sequence[RecipeCheck], recipe_margin: float,
-                           subspace: Sequence[str] = ()) -> list[str]:
-    """Every claim whose verdict is not 'agrees' (both metrics), every task where the recipe goal is not shown,
-    and the §7.2 / §7.3 comparisons (measured beside the paper's figures, not tested)."""
+                           subspace: Sequence[str] = (), longer: Sequence[tuple[str, str, ClaimCheck]] = ()) -> list[str]:
+    """Every claim whose verdict is not 'agrees' (both metrics; at the ablation schedule, then ``longer``: the
+    claims re-checked at the longer one), every task where the recipe goal is not shown, and the §7.2 / §7.3
+    comparisons (measured beside the paper's figures, not tested)."""
     items = []
     for metric, pairs in report.checks.items():
         for table, c in pairs:
             if c.verdict != "agrees":
                 items.append(f"- {table.replace('table', 'Table ')}, {METRIC_NAMES[metric]}: \"{c.claim.text}\" — **{c.verdict}**: {why(c)}.")
+    items += [f"- {label}, {METRIC_NAMES[metric]}: \"{c.claim.text}\" — **{c.verdict}**: {why(c)}."
+              for label, metric, c in longer if c.verdict != "agrees"]
     for c in recipe:
         if c.outcome != equivalent_label(recipe_margin):
             items.append(f"- default recipe, {c.task}, test accuracy: LoRA default within ±{recipe_margin:g} of full fine-tuning — "
@@ -873,7 +876,7 @@ def not_reproduced_section(report: AblationReport, recipe: Sequence[RecipeCheck]
     side_by_side = subspace_verdicts(subspace)
     if side_by_side:
         side_by_side = ["", "§7.2 and §7.3 are measurements beside the paper's, not tests; read them against the paper's figures:", "", *side_by_side]
-    if not report.checks and not recipe:
+    if not report.checks and not recipe and not longer:
         return ["## What does not reproduce, and why", "", *side_by_side[2:], ""] if side_by_side else []
     lines = ["## What does not reproduce, and why", ""]
     if not items:
@@ -907,7 +910,7 @@ def licences_section() -> list[str]:
 def write_readme(runs: Path, out: Path, readme: Path, margin: float = MARGIN, alpha: float = ALPHA, recipe_margin: float = 1.0,
                  variants_csv: Path | None = None) -> str:
     """Regenerate ``readme`` (and ``out/tables.md``, CSVs, PNGs) from the runs under ``runs``; return the README text."""
-    from experiments.schedule import longer_schedule_section  # noqa: PLC0415 (it builds on this module's helpers)
+    from experiments.schedule import longer_schedule_section, schedule_checks  # noqa: PLC0415 (it builds on this module's helpers)
 
     rows = load_runs(runs)
     out.mkdir(parents=True, exist_ok=True)
@@ -928,7 +931,7 @@ def write_readme(runs: Path, out: Path, readme: Path, margin: float = MARGIN, al
         report.parts,
         subspace,
         report.variants,
-        not_reproduced_section(report, recipe_checks, recipe_margin, subspace),
+        not_reproduced_section(report, recipe_checks, recipe_margin, subspace, schedule_checks(rows, margin, alpha)),
         licences_section(),
     ]
     text = "\n".join(line for section in sections for line in section).rstrip() + "\n"

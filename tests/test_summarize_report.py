@@ -531,7 +531,7 @@ def test_table5_at_300_steps_sets_each_weight_type_and_claim_beside_the_150_step
     short = {"q": [0.760, 0.764, 0.762], "k": [0.740, 0.745, 0.742], "v": [0.750, 0.752, 0.751], "o": [0.748, 0.750, 0.749],
              "q,v": [0.770, 0.772, 0.771], "q,k,v,o": [0.775, 0.777, 0.776]}
     long = {"q": [0.770, 0.773, 0.771], "k": [0.760, 0.762, 0.761], "v": [0.780, 0.784, 0.782], "o": [0.777, 0.776, 0.778],
-            "q,v": [0.790, 0.791, 0.795], "q,k,v,o": [0.792, 0.790, 0.796]}
+            "q,v": [0.781, 0.786, 0.779], "q,k,v,o": [0.792, 0.790, 0.796]}
     ranks = {"q": 8, "k": 8, "v": 8, "o": 8, "q,v": 4, "q,k,v,o": 2}
     for seed in (11, 12, 13, 14):  # seed 14 exists at 150 steps only: left out
         for key, accs in short.items():
@@ -554,6 +554,11 @@ def test_table5_at_300_steps_sets_each_weight_type_and_claim_beside_the_150_step
     claim = next(line for line in t5.splitlines() if line.startswith("| W{q,v} beats the best single type (W{v}): W{q,v} − W{v} |"))
     assert welch_ci(short["q,v"], short["v"]) in claim and welch_ci(long["q,v"], long["v"]) in claim
     assert "Table 5's claims re-checked on the 300-step runs" in t5
+    # the 300-step verdicts that are not "agrees" are listed among what does not reproduce: W{q,v} ties W{v} at 300
+    # steps (a claim the paper makes), the other three claims hold by margins far beyond these tiny seed spreads
+    readme = section(write_readme(tmp_path, tmp_path / "out", tmp_path / "README.md"), "What does not reproduce")
+    listed = [line for line in readme.splitlines() if line.startswith("- Table 5 at 300 steps, validation accuracy:")]
+    assert len(listed) == 1 and listed[0].startswith('- Table 5 at 300 steps, validation accuracy: "W{q,v} beats the best single type (W{v})" — **')
 
 
 BITS = ["".join("1" if (i * 7 + k * 3) % 10 < 8 - (k > 2) else "0" for i in range(40)) for k in range(6)]
