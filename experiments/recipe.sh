@@ -5,6 +5,9 @@
 #   bash experiments/recipe.sh final LORA_LR LORA_TARGETS DATA...
 #        # seeds 1,2,3: the chosen LoRA default, full FT at the lr with the best seed-0 validation accuracy
 #        # in multirun/recipe/search-DATA-full, head only
+#   SEEDS=4,5,6 bash experiments/recipe.sh more-seeds LORA_LR LORA_TARGETS DATA...
+#        # further seeds of the two groups the goal compares: the LoRA default on one core, full FT (same lr as
+#        # its final runs) on the other, one data set after the other; sweep folders end in -seeds4-5-6
 # RUNS=experiments/runs: read the full FT search from the collected or recovered runs instead of multirun/.
 # Runs are single-threaded; data sets are split over two streams, one per core (taskset), at low priority.
 set -euo pipefail
@@ -12,12 +15,26 @@ cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 TRAIN="nice -n 10 $PY -m lora_lightning.app.train"
 export HF_HUB_OFFLINE=1 WANDB_MODE=offline WANDB_SILENT=true PYTHONWARNINGS=ignore
-stage=${1:?search, search-full or final}; shift
-if [ "$stage" = final ]; then LORA_LR=${1:?lora lr}; LORA_TARGETS=${2:?lora targets, e.g. [q,k,v,o]}; shift 2; fi
+stage=${1:?search, search-full, final or more-seeds}; shift
+if [ "$stage" = final ] || [ "$stage" = more-seeds ]; then LORA_LR=${1:?lora lr}; LORA_TARGETS=${2:?lora targets, e.g. [q,k,v,o]}; shift 2; fi
 DATASETS=("$@")
 mkdir -p experiments/logs
 
 source experiments/best_full_lr.sh  # best_full_lr DATA
+
+if [ "$stage" = more-seeds ]; then
+  S=${SEEDS:?SEEDS=4,5,6: the seeds to add}
+  for data in "${DATASETS[@]}"; do
+    T="$TRAIN -m experiment=recipe data=$data seed=$S"
+    full_lr=$(best_full_lr "$data")
+    taskset -c 0 $T lora.lr="$LORA_LR" "lora.targets=$LORA_TARGETS" hydra.sweep.dir="multirun/recipe/final-$data-lora-seeds${S//,/-}" \
+      >>"experiments/logs/recipe_more_seeds_${data}_lora.log" 2>&1 &
+    taskset -c 1 $T lora=full lora.lr="$full_lr" hydra.sweep.dir="multirun/recipe/final-$data-full-seeds${S//,/-}" \
+      >>"experiments/logs/recipe_more_seeds_${data}_full.log" 2>&1 &
+    wait
+  done
+  exit 0
+fi
 
 run_data() {  # core data
   local core=$1 data=$2 T="taskset -c $1 $TRAIN -m experiment=recipe data=$2"
