@@ -156,6 +156,8 @@ def howto_section() -> list[str]:
         "RUNS=experiments/runs bash experiments/recipe.sh final LORA_LR LORA_TARGETS DATA...  # seeds 1-3; full FT at the task's best search lr",
         "bash experiments/recipe_probe.sh DATA     # seeds 1-3: the LoRA default at 6 epochs, and on all-linear targets",
         "SEEDS='4 5 6' RUNS=experiments/runs bash experiments/recipe_probe.sh 6epochs,full-6epochs DATA  # more seeds; full FT at 6 epochs",
+        "SEEDS='1 2 3 4' bash experiments/recipe_probe.sh r64 DATA  # the LoRA default at r=64",
+        "SEEDS=4,5,6 RUNS=experiments/runs bash experiments/recipe.sh more-seeds LORA_LR LORA_TARGETS DATA...  # more seeds of the LoRA default and full FT",
         "bash experiments/convergence.sh           # the cells the ablation verdicts compare, at 300 steps instead of 150",
         "bash experiments/convergence.sh rest table5  # the other Table 6 cells the claims read, and Table 5, at 300 steps",
         "python -m experiments.summarize --collect # multirun/{ablations,recipe} -> experiments/runs (summaries, configs, §7.2 adapters)",
