@@ -208,7 +208,7 @@ def longer_schedule_section(rows: list[dict], out: Path, link: str, margin: floa
         "",
         f"The cells the verdicts compare, trained for {steps_text(long_rows)} AdamW steps (4 epochs; linear warmup and decay "
         f"over the whole schedule) instead of {steps_text([r for v in short.values() for r in v])}, each at the lr its "
-        "family's 150-step search chose (`conf/experiment/convergence.yaml`, `bash experiments/convergence.sh`). "
+        "family's 150-step search chose (`conf/experiment/convergence.yaml`; `bash experiments/convergence.sh`, and `... rest` for W{q} at r=1 and 64 and all four at r=64). "
         f"Seeds {seeds_text(long_rows)}; the 150-step columns use the same cells and seeds from the Table 6 runs, "
         "so each row compares the two schedules like for like (the Table 6 section above has 5 seeds in its claim cells).",
         "",
