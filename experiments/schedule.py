@@ -118,10 +118,11 @@ def weights_key(label: str) -> str:
     return label[2:-1]
 
 
-def table5_lines(rows: list[dict], checks: Sequence[tuple[str, str, ClaimCheck]]) -> list[str]:
+def table5_lines(rows: list[dict], checks: Sequence[tuple[str, str, ClaimCheck]], out: Path | None = None, link: str = "") -> list[str]:
     """Table 5 at 300 steps (experiment ``convergence_table5``) beside the 150-step Table 5 runs of the same seeds:
     each weight-type set, each Table 5 claim's difference at both schedules, and the claims re-checked at 300 steps
-    (``checks``, from ``schedule_checks``). Empty when no such run exists."""
+    (``checks``, from ``schedule_checks``), with the validation curves (plotted into ``out`` when given). Empty when
+    no such run exists."""
     long_rows = of_experiment(rows, LONG_TABLE5, ["lora"])
     if not long_rows:
         return []
@@ -144,6 +145,13 @@ def table5_lines(rows: list[dict], checks: Sequence[tuple[str, str, ClaimCheck]]
         f"Mean ± std over seeds; {STD_NOTE}. Δ = 300 steps − 150 steps (Welch 95% CI).",
         "",
     ]
+    curves = with_curves({f"{targets_text(k)}, r={v[0].get('r')}": v for k, v in long.items() if v})
+    if curves and out is not None:
+        plot_curves({f"Table 5, {steps_text(long_rows)} steps: validation accuracy, mean over seeds (band: seed range)": curves},
+                    out / "convergence_table5_300steps.png")
+        lines += [f"![Table 5 at 300 steps]({link}/convergence_table5_300steps.png)", "",
+                  "Last two points of each mean validation curve against the seed noise at the last point:", "",
+                  *(c.line() for label, runs in curves.items() if (c := convergence_check(label, runs))), ""]
     for metric in (METRIC, TEST_METRIC):
         s_short = table5_stats(short_rows, metric)
         mine = of_label(checks, TABLE5_LABEL, metric)
@@ -236,4 +244,4 @@ def longer_schedule_section(rows: list[dict], out: Path, link: str, margin: floa
             lines += [f"The claims re-checked on the {steps_text(long_rows)}-step runs, {METRIC_NAMES[metric]} "
                       "(a family of its own, apart from the Table 5 / Table 6 checks above):",
                       "", claims_markdown(mine), ""]
-    return lines + subspace_lines(out, runs) + table5_lines(rows, checks)
+    return lines + subspace_lines(out, runs) + table5_lines(rows, checks, out, link)
