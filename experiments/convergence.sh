@@ -22,7 +22,6 @@ stage_a() {
   case "$1" in
     rest) taskset -c 0 $TRAIN experiment=convergence 'lora.targets=[q]' lora.r=1,64 seed=1,2,3 lora.lr="$L1" hydra.sweep.dir="$OUT/q-1-64" ;;
     table5) taskset -c 0 $TRAIN experiment=convergence_table5 'lora.targets=[q],[k],[v]' seed=11,12,13 lora.lr="$L1" hydra.sweep.dir="$OUT/table5-one" ;;
-    *) echo "unknown stage $1 (rest, table5)" >&2; return 1 ;;
   esac
 }
 stage_b() {
@@ -32,10 +31,10 @@ stage_b() {
       taskset -c 1 $TRAIN experiment=convergence_table5 'lora.targets=[o]' seed=11,12,13 lora.lr="$L1" hydra.sweep.dir="$OUT/table5-o"
       taskset -c 1 $TRAIN experiment=convergence_table5 'lora.targets=[q,k],[q,v]' seed=11,12,13 lora.lr="$L2" hydra.sweep.dir="$OUT/table5-two"
       taskset -c 1 $TRAIN experiment=convergence_table5 'lora.targets=[q,k,v,o]' seed=11,12,13 lora.lr="$L4" hydra.sweep.dir="$OUT/table5-four" ;;
-    *) echo "unknown stage $1 (rest, table5)" >&2; return 1 ;;
   esac
 }
 if [ $# -gt 0 ]; then
+  # every name checked before anything starts (stage_a / stage_b know only these two)
   for s in "$@"; do case "$s" in rest|table5) ;; *) echo "unknown stage $s (rest, table5)" >&2; exit 1 ;; esac; done
   ( for s in "$@"; do stage_a "$s"; done ) >>experiments/logs/convergence_more_a.log 2>&1 &
   ( for s in "$@"; do stage_b "$s"; done ) >>experiments/logs/convergence_more_b.log 2>&1 &

@@ -864,13 +864,9 @@ def not_reproduced_section(report: AblationReport, recipe: Sequence[RecipeCheck]
     """Every claim whose verdict is not 'agrees' (both metrics; at the ablation schedule, then ``longer``: the
     claims re-checked at the longer one), every task where the recipe goal is not shown, and the §7.2 / §7.3
     comparisons (measured beside the paper's figures, not tested)."""
-    items = []
-    for metric, pairs in report.checks.items():
-        for table, c in pairs:
-            if c.verdict != "agrees":
-                items.append(f"- {table.replace('table', 'Table ')}, {METRIC_NAMES[metric]}: \"{c.claim.text}\" — **{c.verdict}**: {why(c)}.")
-    items += [f"- {label}, {METRIC_NAMES[metric]}: \"{c.claim.text}\" — **{c.verdict}**: {why(c)}."
-              for label, metric, c in longer if c.verdict != "agrees"]
+    checked = [(table.replace("table", "Table "), metric, c) for metric, pairs in report.checks.items() for table, c in pairs]
+    items = [f"- {label}, {METRIC_NAMES[metric]}: \"{c.claim.text}\" — **{c.verdict}**: {why(c)}."
+             for label, metric, c in [*checked, *longer] if c.verdict != "agrees"]
     for c in recipe:
         if c.outcome != equivalent_label(recipe_margin):
             items.append(f"- default recipe, {c.task}, test accuracy: LoRA default within ±{recipe_margin:g} of full fine-tuning — "
@@ -922,18 +918,19 @@ def write_readme(runs: Path, out: Path, readme: Path, margin: float = MARGIN, al
         write_tables(report, out, margin, alpha)
     recipe, recipe_checks = recipe_section(rows, out, link, recipe_margin, alpha)
     subspace = subspace_markdown(out, runs, rows)
+    longer = schedule_checks(rows, margin, alpha)
     sections = [
         intro_section(rows, runs),
         howto_section(),
         method_section(rows, report, margin, alpha, recipe_margin, runs),
         convergence_section(rows, out, link),
-        longer_schedule_section(rows, out, link, margin, alpha, runs),
+        longer_schedule_section(rows, out, link, margin, alpha, runs, longer),
         recipe,
         recipe_probe_section(rows, recipe_margin, alpha),
         report.parts,
         subspace,
         report.variants,
-        not_reproduced_section(report, recipe_checks, recipe_margin, subspace, schedule_checks(rows, margin, alpha)),
+        not_reproduced_section(report, recipe_checks, recipe_margin, subspace, longer),
         licences_section(),
     ]
     text = "\n".join(line for section in sections for line in section).rstrip() + "\n"

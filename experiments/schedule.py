@@ -100,17 +100,30 @@ def comparison_rows(short: dict[tuple, list[dict]], long: dict[tuple, list[dict]
     return lines
 
 
-def cell_rows(cells: Sequence[tuple[str, list[dict], list[dict]]]) -> list[str]:
-    """One table row per (label, 300-step runs, 150-step runs): lr, seeds, val and test accuracy at both schedules
-    and the change (Welch 95% CI; '-' below two runs a side)."""
-    lines = []
+def cell_table(first: str, cells: Sequence[tuple[str, list[dict], list[dict]]]) -> list[str]:
+    """The table of both schedules, one row per (label, 300-step runs, 150-step runs): lr, seeds, val and test
+    accuracy at both schedules and the change (Welch 95% CI; '-' below two runs a side); then its caption."""
+    lines = [f"| {first} | lr | seeds | val acc, 150 steps | val acc, 300 steps | Δ val (pp) [95% CI] | test acc, 150 steps | "
+             "test acc, 300 steps | Δ test (pp) [95% CI] |", "|---|---|---|---|---|---|---|---|---|"]
     for label, long_runs, short_runs in cells:
         values = []
         for metric in (METRIC, TEST_METRIC):
             a, b = stat_of(long_runs, metric), stat_of(short_runs, metric)
             values += [str(b), str(a), ci_text(welch(a, b)) if a.n > 1 and b.n > 1 else "-"]
         lines.append(f"| {label} | {lr_text(r.get('lr') for r in long_runs)} | {seeds_text(long_runs)} | " + " | ".join(values) + " |")
-    return lines
+    return lines + ["", f"Mean ± std over seeds; {STD_NOTE}. Δ = 300 steps − 150 steps (Welch 95% CI).", ""]
+
+
+def curve_lines(groups: dict[str, list[dict]], title: str, path: Path, link: str, alt: str) -> list[str]:
+    """The mean validation curves of ``groups`` (label -> runs) plotted to ``path``, its image link, and each curve's
+    last step against the seed noise; nothing when no run has a curve."""
+    curves = with_curves(groups)
+    if not curves:
+        return []
+    plot_curves({f"{title}: validation accuracy, mean over seeds (band: seed range)": curves}, path)
+    return [f"![{alt}]({link}/{path.name})", "",
+            "Last two points of each mean validation curve against the seed noise at the last point:", "",
+            *(c.line() for label, runs in curves.items() if (c := convergence_check(label, runs))), ""]
 
 
 def weights_key(label: str) -> str:
@@ -118,18 +131,20 @@ def weights_key(label: str) -> str:
     return label[2:-1]
 
 
-def table5_lines(rows: list[dict], checks: Sequence[tuple[str, str, ClaimCheck]], out: Path | None = None, link: str = "") -> list[str]:
+def table5_lines(rows: list[dict], checks: Sequence[tuple[str, str, ClaimCheck]], out: Path, link: str) -> list[str]:
     """Table 5 at 300 steps (experiment ``convergence_table5``) beside the 150-step Table 5 runs of the same seeds:
-    each weight-type set, each Table 5 claim's difference at both schedules, and the claims re-checked at 300 steps
-    (``checks``, from ``schedule_checks``), with the validation curves (plotted into ``out`` when given). Empty when
-    no such run exists."""
+    each weight-type set, its validation curves (plotted into ``out``), each Table 5 claim's difference at both
+    schedules, and the claims re-checked at 300 steps (``checks``, from ``schedule_checks``). Empty when no such run
+    exists."""
     long_rows = of_experiment(rows, LONG_TABLE5, ["lora"])
     if not long_rows:
         return []
     seeds = {r.get("seed") for r in long_rows}
     short_rows = [r for r in of_experiment(rows, "table5", ["lora"]) if r.get("seed") in seeds]
-    long = {k: [r for r in long_rows if r["targets_key"] == k] for k in TABLE5_ORDER}
-    short = {k: [r for r in short_rows if r["targets_key"] == k] for k in TABLE5_ORDER}
+    sets = []  # (label, 300-step runs, 150-step runs) per weight-type set, in Table 5's order
+    for k in TABLE5_ORDER:
+        if mine := [r for r in long_rows if r["targets_key"] == k]:
+            sets.append((f"{targets_text(k)}, r={mine[0].get('r')}", mine, [r for r in short_rows if r["targets_key"] == k]))
     lines = [
         f"### Table 5 at {steps_text(long_rows)} steps",
         "",
@@ -138,20 +153,10 @@ def table5_lines(rows: list[dict], checks: Sequence[tuple[str, str, ClaimCheck]]
         f"`bash experiments/convergence.sh table5`), each family at its 150-step lr; seeds {seeds_text(long_rows)}, "
         "and the 150-step columns use the Table 5 runs of the same seeds.",
         "",
-        "| weights | lr | seeds | val acc, 150 steps | val acc, 300 steps | Δ val (pp) [95% CI] | test acc, 150 steps | test acc, 300 steps | Δ test (pp) [95% CI] |",
-        "|---|---|---|---|---|---|---|---|---|",
-        *cell_rows([(f"{targets_text(k)}, r={v[0].get('r')}", v, short[k]) for k, v in long.items() if v]),
-        "",
-        f"Mean ± std over seeds; {STD_NOTE}. Δ = 300 steps − 150 steps (Welch 95% CI).",
-        "",
+        *cell_table("weights", sets),
+        *curve_lines({label: mine for label, mine, _ in sets}, f"Table 5, {steps_text(long_rows)} steps",
+                     out / "convergence_table5_300steps.png", link, "Table 5 at 300 steps"),
     ]
-    curves = with_curves({f"{targets_text(k)}, r={v[0].get('r')}": v for k, v in long.items() if v})
-    if curves and out is not None:
-        plot_curves({f"Table 5, {steps_text(long_rows)} steps: validation accuracy, mean over seeds (band: seed range)": curves},
-                    out / "convergence_table5_300steps.png")
-        lines += [f"![Table 5 at 300 steps]({link}/convergence_table5_300steps.png)", "",
-                  "Last two points of each mean validation curve against the seed noise at the last point:", "",
-                  *(c.line() for label, runs in curves.items() if (c := convergence_check(label, runs))), ""]
     for metric in (METRIC, TEST_METRIC):
         s_short = table5_stats(short_rows, metric)
         mine = of_label(checks, TABLE5_LABEL, metric)
@@ -200,12 +205,15 @@ def subspace_lines(out: Path, runs: Path | None) -> list[str]:
 
 
 def longer_schedule_section(rows: list[dict], out: Path, link: str, margin: float = MARGIN, alpha: float = ALPHA,
-                            runs: Path | None = None) -> list[str]:
-    """The section of experiments/README.md; empty when no ``convergence`` run exists."""
+                            runs: Path | None = None, checks: Sequence[tuple[str, str, ClaimCheck]] | None = None) -> list[str]:
+    """The section of experiments/README.md; empty when no ``convergence`` run exists. ``checks``: the
+    ``schedule_checks`` of these rows when the caller has them already."""
     long_rows = of_experiment(rows, LONG)
     if not long_rows:
         return []
-    long = by_cell(long_rows)
+    if checks is None:
+        checks = schedule_checks(rows, margin, alpha)
+    long = dict(sorted(by_cell(long_rows).items(), key=lambda kv: cell_sort(kv[0])))
     seeds = {r.get("seed") for r in long_rows}
     short_all = by_cell([r for e in SHORT for r in of_experiment(rows, e)])
     # like for like: the 150-step runs of the same cells and seeds
@@ -220,25 +228,14 @@ def longer_schedule_section(rows: list[dict], out: Path, link: str, margin: floa
         f"Seeds {seeds_text(long_rows)}; the 150-step columns use the same cells and seeds from the Table 6 runs, "
         "so each row compares the two schedules like for like (the Table 6 section above has 5 seeds in its claim cells).",
         "",
-        "| cell | lr | seeds | val acc, 150 steps | val acc, 300 steps | Δ val (pp) [95% CI] | test acc, 150 steps | test acc, 300 steps | Δ test (pp) [95% CI] |",
-        "|---|---|---|---|---|---|---|---|---|",
+        *cell_table("cell", [(describe(v[0]), v, short.get(k, [])) for k, v in long.items()]),
+        *curve_lines({describe(v[0]): v for v in long.values()}, f"{steps_text(long_rows)} steps",
+                     out / "convergence_300steps.png", link, "300-step curves"),
+        "What each comparison the verdicts read looks like at both schedules:",
+        "",
     ]
-    lines += cell_rows([(describe(v[0]), v, short.get(k, [])) for k, v in sorted(long.items(), key=lambda kv: cell_sort(kv[0]))])
-    lines += ["", f"Mean ± std over seeds; {STD_NOTE}. Δ = 300 steps − 150 steps (Welch 95% CI).", ""]
-
-    curves = with_curves({describe(v[0]): v for k, v in sorted(long.items(), key=lambda kv: cell_sort(kv[0]))})
-    if curves:
-        plot_curves({f"{steps_text(long_rows)} steps: validation accuracy, mean over seeds (band: seed range)": curves},
-                    out / "convergence_300steps.png")
-        checks = [c for label, runs in curves.items() if (c := convergence_check(label, runs))]
-        lines += [f"![300-step curves]({link}/convergence_300steps.png)", "",
-                  "Last two points of each mean validation curve against the seed noise at the last point:", "",
-                  *(c.line() for c in checks), ""]
-
-    lines += ["What each comparison the verdicts read looks like at both schedules:", ""]
     for metric in (METRIC, TEST_METRIC):
         lines += comparison_rows(short, long, metric) + [""]
-    checks = schedule_checks(rows, margin, alpha)
     for metric in (METRIC, TEST_METRIC):
         if mine := of_label(checks, TABLE6_LABEL, metric):
             lines += [f"The claims re-checked on the {steps_text(long_rows)}-step runs, {METRIC_NAMES[metric]} "

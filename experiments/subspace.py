@@ -156,7 +156,8 @@ def cell(trained: float, init: float | None) -> str:
 
 
 def runs_label(experiment: str) -> tuple[str, str, str, str]:
-    """(heading level and suffix, words for the runs, file-name prefix) of the runs read: Table 6 or its 300-step twins."""
+    """(heading prefix, heading suffix, the runs in words, file-name prefix) for the runs read: Table 6 or its
+    300-step twins (``convergence``)."""
     if experiment == "table6":
         return "## ", "", "Table 6", ""
     return "### ", f", {experiment} runs", f"experiment={experiment}", f"{experiment}_"
