@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Issues 18 and 21: the ablations (paper Tables 5 and 6, §7.2, §7.3) at the scale of
+# The ablations (paper Tables 5 and 6, §7.2, §7.3) at the scale of
 # conf/experiment/ablation_scale.yaml, with the learning rate chosen per family.
 #   bash experiments/ablations.sh search   # seed 0: lr per family (LoRA on 1/2/4 weight types, full FT, head only)
 #   bash experiments/ablations.sh extend   # one grid step past each family whose best lr is on an edge, until none is
 #   bash experiments/ablations.sh tables   # seeds 1-3 (Table 6, references) and 11-13 (Table 5) at the chosen lrs
 #   bash experiments/ablations.sh more-seeds  # seeds 4, 5 for the Table 6 cells the paper's claims compare, 14, 15 for Table 5
-#   python -m experiments.summarize        # tables, verdicts, plots -> experiments/results, experiments/README.md
-# The chosen lrs are read from the search runs by `python -m experiments.summarize --ablation-lrs`
+#   python -m experiments collect && python -m experiments report  # tables, verdicts, plots -> experiments/results, experiments/README.md
+# The chosen lrs are read from the search runs by `python -m experiments ablation-lrs`
 # (best validation accuracy per family). Two streams of single-threaded runs (one per core).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +16,7 @@ stage=${1:?search, extend, tables or more-seeds}
 OUT=multirun/ablations
 mkdir -p experiments/logs
 # the lr chosen for a family by the search (and its extensions)
-lr() { .venv/bin/python -m experiments.summarize --runs "${RUNS:-multirun}" --ablation-lrs | awk -v f="$1" '$1 == f {print $2}'; }
+lr() { .venv/bin/python -m experiments ablation-lrs --runs "${RUNS:-multirun}" | awk -v f="$1" '$1 == f {print $2}'; }
 
 if [ "$stage" = search ]; then
   # Full fine-tuning and head only (2026-12-03, fp32): the first grid's best sat on an edge for both, so one
@@ -40,7 +40,7 @@ fi
 
 if [ "$stage" = extend ]; then
   for round in 1 2 3; do
-    ext=$(.venv/bin/python -m experiments.summarize --runs multirun --ablation-extensions)
+    ext=$(.venv/bin/python -m experiments ablation-extensions --runs multirun)
     [ -n "$ext" ] || { echo "every family's best lr is inside its grid"; exit 0; }
     echo "round $round: $(tr '\n' ' ' <<<"$ext")"
     core=0
@@ -55,7 +55,7 @@ if [ "$stage" = extend ]; then
     done <<<"$ext"
     wait
   done
-  echo "still on an edge after 3 rounds: $(.venv/bin/python -m experiments.summarize --runs multirun --ablation-extensions | tr '\n' ' ')"
+  echo "still on an edge after 3 rounds: $(.venv/bin/python -m experiments ablation-extensions --runs multirun | tr '\n' ' ')"
   exit 0
 fi
 
@@ -63,7 +63,7 @@ if [ "$stage" = rerun ]; then
   # The runs whose per-step validation curves (convergence plot) and adapters (§7.2, §7.3) the report reads,
   # trained again into sweep dirs of their own: Table 6 {q,v} at r=4, 8, 64, Wq and all four at r=8, full
   # fine-tuning and head only, seeds 1-3 (21 runs). Used when the first runs' folders are gone and their
-  # numbers come from the console logs (python -m experiments.summarize --recover-logs); the collector
+  # numbers come from the console logs (python -m experiments recover-logs); the collector
   # compares every re-run with its logged twin (same settings and seed) and keeps the re-run.
   L1=$(lr lora-1); L2=$(lr lora-2); L4=$(lr lora-4); LF=$(lr full); LH=$(lr head_only)
   (
@@ -80,7 +80,7 @@ if [ "$stage" = rerun ]; then
 fi
 
 if [ "$stage" = more-seeds ]; then
-  # Issue 21: at least 5 seeds where a verdict hinges on it. Chosen before the 3-seed results were read:
+  # At least 5 seeds where a verdict hinges on it. Chosen before the 3-seed results were read:
   # the eight Table 6 cells the claims compare (r=1, 8, 64 for W{q} and W{q,v}; r=8, 64 for all four).
   # Table 5: seeds 14, 15 for all seven cells, added after its 3-seed results were read (every claim was
   # inconclusive); every cell gets them, whatever its result.

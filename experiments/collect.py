@@ -1,9 +1,9 @@
 """The learning rate chosen per ablation family, and the copy of finished runs into the repository.
 
-    python -m experiments.summarize --ablation-lrs --runs multirun   # '<family> <lr>' lines, for ablations.sh
-    python -m experiments.summarize --collect                        # multirun/{ablations,recipe} -> experiments/runs
+    python -m experiments ablation-lrs --runs multirun   # '<family> <lr>' lines, for ablations.sh
+    python -m experiments collect                        # multirun/{ablations,recipe} -> experiments/runs
 
-``--collect`` keeps, per finished run (one with a ``summary.json``), the two small files every table
+``collect`` keeps, per finished run (one with a ``summary.json``), the two small files every table
 is built from (``summary.json``, ``resolved_config.yaml``) and, for the Table 6 runs on {Wq, Wv} at the
 ranks §7.2 / §7.3 read, the ``adapter.safetensors``; the layout below ``multirun/`` is kept.
 """
@@ -15,7 +15,8 @@ import shutil
 from pathlib import Path
 from typing import Iterable
 
-SEARCH_EXPERIMENT = "ablation_search"
+from experiments.records import SEARCH_EXPERIMENT
+
 FAMILIES = ("lora-1", "lora-2", "lora-4", "full", "head_only")
 COLLECTED = ("ablations", "recipe")  # the sweep folders below multirun/ that --collect copies
 SMALL_FILES = ("summary.json", "resolved_config.yaml")

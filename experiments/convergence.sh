@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Issue 18: the ablation cells the verdicts compare, at twice the steps (conf/experiment/convergence.yaml),
+# The ablation cells the verdicts compare, at twice the steps (conf/experiment/convergence.yaml),
 # each family at the lr its 150-step search chose (read from the committed records), seeds 1-3.
 # Two streams of single-threaded runs, one per core; re-launching skips finished runs.
-#   bash experiments/convergence.sh && python -m experiments.summarize --collect
+#   bash experiments/convergence.sh && python -m experiments collect
 #   bash experiments/convergence.sh rest table5   # further stages, listed below
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,7 +10,7 @@ TRAIN="nice -n 19 .venv/bin/python -m lora_lightning.app.train -m skip_done=true
 export HF_HUB_OFFLINE=1 WANDB_MODE=offline WANDB_SILENT=true PYTHONWARNINGS=ignore
 OUT=multirun/ablations/convergence
 mkdir -p experiments/logs
-lr() { .venv/bin/python -m experiments.summarize --runs "${RUNS:-experiments/runs}" --ablation-lrs | awk -v f="$1" '$1 == f {print $2}'; }
+lr() { .venv/bin/python -m experiments ablation-lrs --runs "${RUNS:-experiments/runs}" | awk -v f="$1" '$1 == f {print $2}'; }
 L1=$(lr lora-1); L2=$(lr lora-2); L4=$(lr lora-4); LF=$(lr full); LH=$(lr head_only)
 echo "learning rates: lora-1 $L1, lora-2 $L2, lora-4 $L4, full $LF, head_only $LH"
 for v in "$L1" "$L2" "$L4" "$LF" "$LH"; do [ -n "$v" ] || { echo "no search records: run experiments/ablations.sh search first" >&2; exit 1; }; done

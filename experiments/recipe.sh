@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 18: the sweeps behind the default recipe (experiments/README.md, "The default recipe").
+# The sweeps behind the default recipe (experiments/README.md, "The default recipe").
 #   bash experiments/recipe.sh search DATA...        # seed 0: LoRA lr x targets, full FT lr, head only
 #   bash experiments/recipe.sh search-full DATA...   # seed 0: full FT lr only (a task held out of the LoRA search)
 #   bash experiments/recipe.sh final LORA_LR LORA_TARGETS DATA...

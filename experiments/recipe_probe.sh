@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 18: why is the LoRA default about 2 points below full fine-tuning on Rotten Tomatoes (test accuracy)?
+# Why is the LoRA default about 2 points below full fine-tuning on Rotten Tomatoes (test accuracy)?
 # Levers, each on the task's own split, seeds 1-3 (SEEDS="4 5 6" for more), fp32 like the recipe's final runs:
 #   - more steps: the default (lr 2e-3, q,k,v,o, r=8) trained 6 epochs instead of 3
 #   - more matrices: the default's lr and r on every linear layer of the encoder (targets all-linear), 3 epochs

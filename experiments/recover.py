@@ -1,6 +1,6 @@
 """Run records rebuilt from the console logs in ``experiments/logs``, for runs whose folders are gone.
 
-    python -m experiments.summarize --recover-logs experiments/logs/ablations_*.log
+    python -m experiments recover-logs experiments/logs/ablations_*.log
 
 Every ``lora-train`` run prints its overrides (Hydra's ``#N : ...`` line) and a summary table (test and best
 validation accuracy to 0.01 points — made exact again from the sizes of the splits, k/n —, trainable parameters, fit time and steps, output dir). When a run's folder
@@ -23,6 +23,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
+
+from experiments.records import repo_relative
 
 OVERRIDES = re.compile(r"\[HYDRA\] \t#(\d+) : (.*)$")
 ROW = re.compile(r"^│ (.+?) +│ +(.+?) │$")
@@ -201,8 +203,8 @@ def recovered_runs(logs: Iterable[Path], rejected: list[str] | None = None) -> d
         for run in parse_log(path.read_text(errors="replace"), str(path)):
             if not consistent(run):
                 if rejected is not None:
-                    rejected.append(f"{run.log} job #{run.job}: overrides {' '.join(run.overrides)!r} but its table is of "
-                                    f"{run.title_run_name!r} ({run.output_dir}): interleaved output, not recovered")
+                    rejected.append(repo_relative(f"{run.log} job #{run.job}: overrides {' '.join(run.overrides)!r} but its table "
+                                                  f"is of {run.title_run_name!r} ({run.output_dir}): interleaved output, not recovered"))
                 continue
             rel = relative_dir(run.output_dir)
             if rel in blocks and blocks[rel].trained and not run.trained:
@@ -291,16 +293,17 @@ def recover(logs: Iterable[Path], dest: Path, existing: list[dict], rejected: li
 
 
 def write_record(dest: Path, logs: list[Path], twins: list[tuple[dict, dict]], rejected: list[str]) -> Path:
-    """``dest/recovery.json``: which logs were read, how many runs were recovered, and the twin checks."""
+    """``dest/recovery.json``: which logs were read, how many runs were recovered, and the twin checks (paths
+    relative to the repository: ``records.repo_relative``)."""
     path = dest / "recovery.json"
     previous = json.loads(path.read_text()) if path.is_file() else {}
     checks = twin_checks(twins)
     record = {
-        "logs": sorted(set(previous.get("logs", [])) | {str(p) for p in logs}),
+        "logs": sorted({repo_relative(p) for p in previous.get("logs", [])} | {repo_relative(str(p)) for p in logs}),
         "recovered_runs": sum(1 for p in dest.rglob("summary.json") if json.loads(p.read_text()).get("recovered_from")),
         "twin_checks": checks,
         "twins_same": sum(line.startswith("same") for line in checks),
-        "rejected_blocks": sorted(set(previous.get("rejected_blocks", [])) | set(rejected)),
+        "rejected_blocks": sorted({repo_relative(b) for b in previous.get("rejected_blocks", [])} | set(rejected)),
     }
     dest.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")

@@ -1,12 +1,13 @@
-"""Issue 18: do the ablations' differences and verdicts hold when the schedule is twice as long?
+"""The README's section on a longer schedule: do the ablations' differences and verdicts hold when the schedule is
+twice as long?
 
 The ``convergence`` experiment (``conf/experiment/convergence.yaml``, ``experiments/convergence.sh``) trains the
 cells the verdicts compare for 300 steps instead of 150, each at the lr its family's 150-step search chose. This
 module sets those runs beside the 150-step runs of the same cells and seeds (``table6``, ``table6_reference``):
 per cell the change in accuracy; per comparison the difference at both schedules; the Table 6 claims (and
-"LoRA matches full fine-tuning") checked on the 300-step runs, Holm-corrected within this section. Table 5 at
-300 steps (``convergence_table5``) is set beside the 150-step ``table5`` runs the same way, its claims a family
-of their own.
+"LoRA matches full fine-tuning") checked on the 300-step runs, Holm-corrected within this section
+(``claims.schedule_checks``). Table 5 at 300 steps (``convergence_table5``) is set beside the 150-step ``table5``
+runs the same way, its claims a family of their own.
 """
 
 from __future__ import annotations
@@ -14,50 +15,34 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from experiments.report import (
-    STD_NOTE,
-    convergence_check,
-    describe,
-    fresh_subspace_text,
-    lr_text,
-    plot_curves,
-    seeds_text,
-    stat_of,
-    targets_text,
-    with_curves,
+from experiments.claims import (
+    TABLE5_LABEL,
+    TABLE5_ORDER,
+    TABLE6_LABEL,
+    ClaimCheck,
+    of_label,
+    schedule_checks,
+    schedule_claims,
+    table5_stats,
 )
-from experiments.summarize import (
-    ALPHA,
-    EQUIVALENT,
-    MARGIN,
+from experiments.plots import plot_curves
+from experiments.records import (
+    LONG,
+    LONG_TABLE5,
     METRIC,
     METRIC_NAMES,
     TEST_METRIC,
-    Claim,
-    ClaimCheck,
-    check_claims,
-    ci_text,
-    claims_markdown,
+    by_cell,
+    fresh_subspace_text,
     of_experiment,
-    TABLE5_ORDER,
-    table5_claims,
-    table5_stats,
-    table6_claims,
-    welch,
+    with_curves,
 )
+from experiments.stats import ALPHA, MARGIN, convergence_check, stat_of, welch
+from experiments.tables import STD_NOTE, ci_text, claims_markdown, describe, lr_text, seeds_text, targets_text
 
-LONG = "convergence"
-LONG_TABLE5 = "convergence_table5"
 SHORT = ("table6", "table6_reference")
 CELL_ORDER = {"full": 0, "head_only": 1, "lora": 2}
 TARGET_ORDER = {"q,v": 0, "q": 1, "q,k,v,o": 2}
-
-
-def cell(row: dict) -> tuple[str, str, int | None]:
-    """(method, targets, r): what a run trained, whatever its schedule."""
-    if row.get("method") == "lora":
-        return ("lora", row["targets_key"], row.get("r"))
-    return (row.get("method", ""), "", None)
 
 
 def cell_sort(key: tuple[str, str, int | None]) -> tuple:
@@ -66,24 +51,6 @@ def cell_sort(key: tuple[str, str, int | None]) -> tuple:
 
 def steps_text(rows: Sequence[dict]) -> str:
     return "/".join(str(s) for s in sorted({r.get("steps") for r in rows if r.get("steps")})) or "?"
-
-
-def by_cell(rows: list[dict]) -> dict[tuple, list[dict]]:
-    out: dict[tuple, list[dict]] = {}
-    for r in rows:
-        out.setdefault(cell(r), []).append(r)
-    return out
-
-
-def schedule_claims(cells: dict[tuple, list[dict]], metric: str) -> list[Claim]:
-    """Table 6's claims on these cells (those whose groups exist), then LoRA W{q,v} r=8 vs full fine-tuning."""
-    lora = {(k[1], k[2]): stat_of(v, metric) for k, v in cells.items() if k[0] == "lora"}
-    claims = table6_claims(lora)
-    full = cells.get(("full", "", None))
-    if full and ("q,v", 8) in lora:
-        claims.append(Claim("LoRA matches full fine-tuning (W{q,v}, r=8; paper, RoBERTa-base GLUE: LoRA 87.2 vs full FT 86.4 on average)",
-                            EQUIVALENT, "LoRA", lora[("q,v", 8)], "full FT", stat_of(full, metric)))
-    return claims
 
 
 def comparison_rows(short: dict[tuple, list[dict]], long: dict[tuple, list[dict]], metric: str) -> list[str]:
@@ -173,29 +140,8 @@ def table5_lines(rows: list[dict], checks: Sequence[tuple[str, str, ClaimCheck]]
     return lines
 
 
-TABLE6_LABEL, TABLE5_LABEL = "Table 6 cells at 300 steps", "Table 5 at 300 steps"
-
-
-def schedule_checks(rows: list[dict], margin: float = MARGIN, alpha: float = ALPHA) -> list[tuple[str, str, ClaimCheck]]:
-    """(label, metric, check) of every claim re-checked on the longer runs: the Table 6 cells' claims with "LoRA
-    matches full fine-tuning" (one Holm family per metric), then Table 5's (another family per metric)."""
-    out: list[tuple[str, str, ClaimCheck]] = []
-    long = by_cell(of_experiment(rows, LONG))
-    t5 = of_experiment(rows, LONG_TABLE5, ["lora"])
-    for metric in (METRIC, TEST_METRIC):
-        if long:
-            out += [(TABLE6_LABEL, metric, c) for c in check_claims(schedule_claims(long, metric), margin, alpha)]
-        if t5:
-            out += [(TABLE5_LABEL, metric, c) for c in check_claims(table5_claims(table5_stats(t5, metric)), margin, alpha)]
-    return out
-
-
-def of_label(checks: Sequence[tuple[str, str, ClaimCheck]], label: str, metric: str) -> list[ClaimCheck]:
-    return [c for lab, m, c in checks if lab == label and m == metric]
-
-
 def subspace_lines(out: Path, runs: Path | None) -> list[str]:
-    """``out/subspace_convergence.md`` (``python -m experiments.subspace --experiment convergence``) when it was
+    """``out/subspace_convergence.md`` (``python -m experiments subspace --experiment convergence``) when it was
     computed from ``runs`` and its adapters still exist; nothing otherwise."""
     text = fresh_subspace_text(out / f"subspace_{LONG}.md", runs) if runs is not None else None
     if text is None:
@@ -220,7 +166,7 @@ def longer_schedule_section(rows: list[dict], out: Path, link: str, margin: floa
     short = {k: [r for r in short_all.get(k, []) if r.get("seed") in seeds] for k in long}
     short = {k: v for k, v in short.items() if v}
     lines = [
-        "## A longer schedule (issue 18)",
+        "## A longer schedule",
         "",
         f"The cells the verdicts compare, trained for {steps_text(long_rows)} AdamW steps (4 epochs; linear warmup and decay "
         f"over the whole schedule) instead of {steps_text([r for v in short.values() for r in v])}, each at the lr its "

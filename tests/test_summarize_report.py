@@ -1,6 +1,7 @@
 """The generated experiments report: the lr chosen per ablation family, the copy of finished runs into
-the repository, the README (sections, recipe verdicts, convergence checks, what does not reproduce)
-and the §7.2 initialisation that experiments/subspace.py rebuilds.
+the repository, the README (sections, index, recipe verdicts, convergence checks, what does not reproduce)
+and the §7.2 initialisation that experiments/subspace.py rebuilds. Commands go through the lab's command
+line, ``python -m experiments`` (``experiments/__main__.py``).
 
 Everything runs on synthetic run folders written here (no training); every asserted number is
 recomputed independently (numpy, scipy's t distribution, Hydra's own override parser)."""
@@ -17,9 +18,10 @@ import pytest
 import yaml
 
 from experiments import collect as collect_mod
-from experiments.report import Convergence, convergence_check, subspace_markdown, write_readme
-from experiments.summarize import load_runs
-from experiments.summarize import main as summarize_main
+from experiments.__main__ import main as cli_main
+from experiments.records import load_runs
+from experiments.report import subspace_markdown, write_readme
+from experiments.stats import Convergence, convergence_check
 
 stats = pytest.importorskip("scipy.stats")
 
@@ -55,7 +57,7 @@ def curve(points: list[float], every: int = 38) -> list[list[float]]:
     return [[every * (i + 1), p] for i, p in enumerate(points)]
 
 
-# --------------------------------------------------------------------------- --ablation-lrs
+# --------------------------------------------------------------------------- ablation-lrs
 SEARCH = {  # family -> (run spec, {lr: best_val_acc})
     "lora-1": (lora(["q"], 8), {1e-3: 0.70, 2e-3: 0.72, 4e-3: 0.71}),
     "lora-2": (lora(["q", "v"], 4), {4e-3: 0.74, 2e-3: 0.75, 1e-3: 0.75}),  # tie: the smaller lr wins
@@ -79,7 +81,7 @@ def test_ablation_lrs_prints_the_best_val_lr_per_family(tmp_path, capsys):
     # runs of other experiments at other lrs, with higher accuracy: never chosen
     write_run(tmp_path, "ablations/table6/q/0", experiment="table6", seed=1, lr=8e-3, best_val_acc=0.99, **lora(["q"], 8))
     write_run(tmp_path, "recipe/search-trec-full/0", experiment="recipe", seed=0, lr=3e-4, best_val_acc=0.99, method="full")
-    summarize_main(["--ablation-lrs", "--runs", str(tmp_path)])
+    cli_main(["ablation-lrs", "--runs", str(tmp_path)])
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert [line.split()[0] for line in lines] == list(EXPECTED_LRS)  # one line per family, nothing else
@@ -95,7 +97,7 @@ def test_ablation_lrs_prints_the_best_val_lr_per_family(tmp_path, capsys):
 
 def test_ablation_extensions_step_past_the_edge_the_best_lr_sits_on(tmp_path, capsys):
     write_search(tmp_path)
-    summarize_main(["--ablation-extensions", "--runs", str(tmp_path)])
+    cli_main(["ablation-extensions", "--runs", str(tmp_path)])
     got = {family: float(lr) for family, lr in (line.split() for line in capsys.readouterr().out.splitlines())}
     # lora-1 chose 2e-3 inside its grid: no extension; the others sit on an edge: one grid ratio past it
     assert got == {"lora-2": 5e-4, "lora-4": 8e-3, "full": 2.5e-5, "head_only": 0.0333}
@@ -112,7 +114,7 @@ def test_ablation_lrs_tie_goes_to_the_smaller_lr():
     assert collect_mod.ablation_lrs(rows) == {"lora-2": 4e-3}
 
 
-# --------------------------------------------------------------------------- --collect
+# --------------------------------------------------------------------------- collect
 def test_collect_copies_exactly_the_expected_files(tmp_path, capsys):
     src, dest = tmp_path / "multirun", tmp_path / "experiments" / "runs"
     runs = {
@@ -142,7 +144,7 @@ def test_collect_copies_exactly_the_expected_files(tmp_path, capsys):
     (src / "ablations/table6/qv/3/adapter.safetensors").write_bytes(b"partial")
     write_run(src, "table5/old/0", experiment="table5", seed=1, best_val_acc=0.7, **lora(["q"], 8))
 
-    summarize_main(["--collect", "--source", str(src), "--runs", str(dest)])
+    cli_main(["collect", "--source", str(src), "--runs", str(dest)])
     assert capsys.readouterr().out.startswith("copied 23 files")
     got = {p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()}
     expected = {f"{rel}/{name}" for rel in runs for name in ("summary.json", "resolved_config.yaml")}
@@ -240,7 +242,7 @@ def test_readme_has_the_sections_in_order(readme):
     root, text = readme
     headings = [line for line in text.splitlines() if line.startswith("## ")]
     assert headings == [
-        "## How to regenerate", "## Method", "## Convergence", "## The default recipe (issue 18)", "## Table 5 (ours)",
+        "## Index", "## How to regenerate", "## Method", "## Convergence", "## The default recipe", "## Table 5 (ours)",
         "## Table 6 (ours)", "## What does not reproduce, and why", "## Data and model licences",
     ]
     assert (root / "experiments" / "README.md").read_text() == text
@@ -427,7 +429,8 @@ def test_subspace_comparisons_reach_the_what_does_not_reproduce_list():
 
 
 def test_provenance_counts_recovered_runs_and_reports_the_twin_checks(tmp_path):
-    from experiments.report import ablation_curves, provenance_lines
+    from experiments.ablations import ablation_curves
+    from experiments.report import provenance_lines
 
     (tmp_path / "recovery.json").write_text(json.dumps({
         "twin_checks": ["same: table6 a seed 1: ...", "same: table6 b seed 2: ...", "DIFFERENT: table6 c seed 3: logged val 1 test 2"],
@@ -449,7 +452,7 @@ def test_provenance_counts_recovered_runs_and_reports_the_twin_checks(tmp_path):
 
 
 def test_recipe_probe_rows_compare_each_variation_with_full_ft_and_the_default(tmp_path):
-    from experiments.report import recipe_probe_section
+    from experiments.recipe import recipe_probe_section
 
     qkvo = {"method": "lora", "targets": ["q", "k", "v", "o"], "r": 8}
     full_test, default_test, long_test = [0.805, 0.800, 0.810], [0.785, 0.780, 0.790], [0.800, 0.805, 0.802]
@@ -471,7 +474,7 @@ def test_recipe_probe_rows_compare_each_variation_with_full_ft_and_the_default(t
 
 
 def test_rank_profile_gives_each_rows_r1_and_r8_against_r64_beside_the_papers_difference():
-    from experiments.summarize import rank_profile_markdown
+    from experiments.tables import rank_profile_markdown
 
     acc = {1: [0.760, 0.770, 0.765], 8: [0.780, 0.775, 0.785], 64: [0.780, 0.790, 0.785]}
     rows = [dict(lora(["q", "v"], r), experiment="table6", targets_key="q,v", seed=s, best_val_acc=a, test_acc=a - 0.01)
@@ -569,7 +572,7 @@ BITS = ["".join("1" if (i * 7 + k * 3) % 10 < 8 - (k > 2) else "0" for i in rang
 
 
 def test_recipe_probes_compare_lora_and_full_ft_at_the_same_schedule_and_their_last_checkpoints(tmp_path):
-    from experiments.report import recipe_probe_section
+    from experiments.recipe import recipe_probe_section
 
     qkvo = {"method": "lora", "targets": ["q", "k", "v", "o"], "r": 8}
     lora6, full6 = [0.800, 0.805, 0.802], [0.806, 0.809, 0.811]
@@ -591,7 +594,7 @@ def test_recipe_probes_compare_lora_and_full_ft_at_the_same_schedule_and_their_l
     assert same[0].startswith("- Same schedule: LoRA W{q,k,v,o}, r=8, lr 0.002, 6 epochs − full fine-tuning, lr 5e-05, 6 epochs: "
                               f"test {welch_ci(lora6, full6)}")
     assert f"last checkpoints on test {welch_ci(lora6_last, full6_last)}" in same[0]
-    from experiments.summarize import example_bootstrap
+    from experiments.stats import example_bootstrap
 
     d, lo, hi = example_bootstrap(BITS[:3], BITS[3:])
     assert (f"bootstrap over seeds and the 40 test examples (95% percentile CI): best-validation checkpoints {d:+.2f} [{lo:+.2f}, {hi:+.2f}] "
@@ -613,3 +616,98 @@ def test_longer_schedule_includes_the_300_step_subspace_report_only_when_it_is_f
     assert subspace_lines(out, tmp_path / "other") == []  # computed from another runs folder
     (runs / "a" / "adapter.safetensors").unlink()
     assert subspace_lines(out, runs) == []  # its adapters are gone: stale
+
+
+# --------------------------------------------------------------------------- index, paths, command line
+def test_index_gives_each_study_its_commands_and_only_result_files_that_exist(readme):
+    root, text = readme
+    index = section(text, "Index")
+    rows = {table_row(index, name)[0]: table_row(index, name) for name in
+            ("Ablations: learning-rate search, Table 5, Table 6 and its reference rows", "The default recipe: one LoRA setting against full fine-tuning on four tasks",
+             "A longer schedule: the ablation cells and Table 5 at 300 steps", "Two task adapters in one fit vs each alone")}
+    ablations = rows["Ablations: learning-rate search, Table 5, Table 6 and its reference rows"]
+    assert "`bash experiments/ablations.sh search`" in ablations[1] and ablations[2] == "`python -m experiments report`"
+    assert "this README: “Method”, “Convergence”, “Table 5 (ours)”, “Table 6 (ours)”" in ablations[3]
+    links = [part.split("](")[1].rstrip(")") for part in ablations[3].split("; ")[1:]]
+    assert links[:3] == ["results/tables.md", "results/table5_runs.csv", "results/table5.png"]
+    readme_dir = root / "experiments"
+    assert all((readme_dir / link).is_file() for link in links)  # linked relative to the README, and there
+    # no 300-step runs here: the row keeps its commands but names no section and no file
+    assert rows["A longer schedule: the ablation cells and Table 5 at 300 steps"][2:] == [
+        "`python -m experiments subspace --experiment convergence && python -m experiments report`", "-"]
+    assert rows["The default recipe: one LoRA setting against full fine-tuning on four tasks"][3] == \
+        "this README: “The default recipe”; [`results/recipe_convergence.png`](results/recipe_convergence.png)"
+    assert rows["Two task adapters in one fit vs each alone"][1:] == [
+        "`python -m experiments two-tasks run --seeds 0 1 2 --jobs 2`", "`python -m experiments two-tasks report`", "-"]
+
+
+def test_no_issue_numbers_and_no_machine_paths_in_the_readme(readme):
+    root, text = readme
+    assert "issue" not in text.lower()
+    # the runs folder is named as the caller gave it (here an absolute one); nothing else names the machine
+    text = text.replace(f"`{(root / 'runs').as_posix()}`", "`RUNS`")
+    assert str(root) not in text and str(root.resolve()) not in text
+
+
+def test_provenance_writes_a_recorded_absolute_path_from_multirun_on(tmp_path):
+    from experiments.report import provenance_lines
+
+    (tmp_path / "recovery.json").write_text(json.dumps({"twin_checks": [], "rejected_blocks": [
+        "experiments/logs/x.log job #0: overrides 'a' but its table is of 'b' (/home/someone/lora/multirun/recipe/final-x/0): interleaved"]}))
+    rows = [{"experiment": "table6", "recovered_from": "experiments/logs/x.log"}, {"experiment": "table6"}]
+    (text,) = [line for line in provenance_lines(rows, tmp_path) if line]
+    assert "its table is of 'b' (multirun/recipe/final-x/0): interleaved" in text and "/home/someone" not in text
+
+
+def test_command_line_defaults_are_the_statistics_defaults():
+    import inspect
+
+    from experiments import stats
+    from experiments.__main__ import parser
+
+    recipe_margin = inspect.signature(write_readme).parameters["recipe_margin"].default
+    args = parser().parse_args(["report"])
+    assert (args.margin, args.alpha, args.recipe_margin) == (stats.MARGIN, stats.ALPHA, recipe_margin)
+
+
+def commands_in(name: str, text: str) -> list[str]:
+    """The ``python -m experiments ...`` commands a lab file names: in a script every one (up to a shell operator or a
+    comment), in markdown those in code (spans and the code block), in Python the usage lines of docstrings."""
+    import re
+
+    stop = r"[^`\n#|&;)]*"
+    if name.endswith(".sh"):
+        found = re.findall(rf"python -m experiments ({stop})", text)
+    elif name.endswith(".md"):
+        found = re.findall(r"`python -m experiments ([^`]*)`", text) + re.findall(rf"^python -m experiments ({stop})", text, re.M)
+    else:
+        found = re.findall(r"^\s+python -m experiments (.+?)(?:\s{2,}#.*)?$", text, re.M)
+    return [part.split("python -m experiments ")[-1] for cmd in found for part in cmd.split(" && ")]
+
+
+def test_every_experiments_command_in_the_scripts_and_the_readme_parses():
+    """The lab's scripts, module docstrings and generated reports name only commands of ``python -m experiments`` that
+    exist, with arguments it accepts (and no module entry points, ``python -m experiments.<module>``, any more)."""
+    import re
+    import shlex
+
+    from experiments.__main__ import parser
+
+    commands = parser()._subparsers._group_actions[0].choices  # noqa: SLF001 (argparse has no public accessor)
+    lab = Path(__file__).resolve().parent.parent / "experiments"
+    files = [*lab.glob("*.sh"), *lab.glob("*.py"), lab / "README.md", *lab.glob("results/*.md")]
+    checked = set()
+    for path in files:
+        text = path.read_text()
+        assert not re.search(r"-m experiments\.\w", text.replace("python -m experiments.summarize is gone", "")), path.name
+        for cmd in commands_in(path.name, text):
+            cmd = re.sub(r"\$\{[^}]*\}|\$\w+", "X", re.sub(r"\[[^]]*\]", "", cmd)).replace("...", "")
+            words = [w.split("|")[0] for w in shlex.split(cmd)]
+            if words == ["--help"]:
+                continue
+            if len(words) == 1:  # the command named in prose: it exists
+                assert words[0] in commands, (path.name, cmd)
+            else:
+                parser().parse_args(words)  # exits (SystemExit) on an unknown command or argument
+            checked.add(words[0])
+    assert checked == set(commands)  # and every command is documented somewhere

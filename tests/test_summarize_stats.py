@@ -1,9 +1,11 @@
-"""The statistics behind experiments/summarize.py's claim checks: Student t distribution (no scipy),
-Welch's t-test, Holm–Bonferroni, TOST equivalence, the three outcomes and the verdicts vs the paper.
+"""The statistics behind the experiments' claim checks (experiments/stats.py, experiments/claims.py): the Student t
+distribution (wired to ``scipy.stats``), Welch's and the paired t-test, Holm–Bonferroni, TOST equivalence, the three
+outcomes and the verdicts vs the paper.
 
-Every number is checked against an independent computation: closed forms of the t distribution
-(df = 1, 2), printed t-table quantiles, R's ``t.test`` on the ``sleep`` data, numerical integration
-of the t density, a hand-worked Holm example, and synthetic groups whose right answer is known."""
+Every number is checked against an independent computation, never against scipy itself: closed forms of the t
+distribution (df = 1, 2), printed t-table quantiles, R's ``t.test`` on the ``sleep`` data (Welch and paired),
+numerical integration of the t density, a hand-worked Holm example, and synthetic groups whose right answer is
+known. So a wrong wiring (sf for cdf, a quantile at the wrong level, a one-sided p) fails here."""
 
 from __future__ import annotations
 
@@ -15,28 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experiments.summarize import (
-    AGREES,
-    DIFFERENT,
-    DISAGREES,
-    EQUIVALENT,
-    GREATER,
-    INCONCLUSIVE,
-    Claim,
-    Stat,
-    betainc,
-    check_claims,
-    claims_markdown,
-    holm,
-    method_markdown,
-    summarize,
-    t_cdf,
-    t_ppf,
-    t_sf,
-    tost,
-    verdict_of,
-    welch,
-)
+from experiments.ablations import summarize
+from experiments.claims import AGREES, DIFFERENT, DISAGREES, EQUIVALENT, GREATER, INCONCLUSIVE, Claim, check_claims, verdict_of
+from experiments.stats import Stat, example_bootstrap, holm, paired_t, t_cdf, t_ppf, t_sf, tost, welch
+from experiments.tables import claims_markdown, method_markdown
 
 
 def stat(values: list[float]) -> Stat:
@@ -50,7 +34,7 @@ def t_pdf(x: np.ndarray, df: float) -> np.ndarray:
 
 
 def sf_by_integration(t: float, df: float, points: int = 200_001) -> float:
-    """P(T > t) = 1/2 - ∫_0^t pdf (Simpson's rule): independent of the incomplete beta."""
+    """P(T > t) = 1/2 - ∫_0^t pdf (Simpson's rule): independent of scipy's incomplete beta."""
     x = np.linspace(0.0, abs(t), points)
     y = t_pdf(x, df)
     h = x[1] - x[0]
@@ -59,19 +43,6 @@ def sf_by_integration(t: float, df: float, points: int = 200_001) -> float:
 
 
 # --------------------------------------------------------------------------- t distribution
-@pytest.mark.parametrize("a, b, x", [(2.5, 1.0, 0.3), (0.7, 1.0, 0.9), (1.0, 3.2, 0.4), (1.0, 0.5, 0.99)])
-def test_betainc_matches_closed_forms(a, b, x):
-    # I_x(a, 1) = x^a, I_x(1, b) = 1 - (1 - x)^b
-    expected = x**a if b == 1.0 else 1 - (1 - x) ** b
-    assert betainc(a, b, x) == pytest.approx(expected, rel=1e-12, abs=1e-14)
-
-
-@pytest.mark.parametrize("a", [0.5, 3.0, 17.5, 400.0])
-def test_betainc_symmetric_at_one_half(a):
-    assert betainc(a, a, 0.5) == pytest.approx(0.5, abs=1e-12)
-    assert betainc(a, 2.0, 0.3) + betainc(2.0, a, 0.7) == pytest.approx(1.0, abs=1e-12)
-
-
 @pytest.mark.parametrize("t", [-30.0, -2.0, -0.3, 0.0, 0.7, 4.3, 100.0])
 def test_t_cdf_closed_forms_df1_df2(t):
     assert t_cdf(t, 1.0) == pytest.approx(0.5 + math.atan(t) / math.pi, abs=1e-13)  # Cauchy
@@ -97,10 +68,28 @@ def test_t_ppf_closed_forms(q):
     assert t_ppf(q, 2.0) == pytest.approx((2 * q - 1) / math.sqrt(2 * q * (1 - q)), rel=1e-10)
 
 
-@pytest.mark.parametrize("q, df, table", [(0.975, 10, 2.228), (0.975, 30, 2.042), (0.95, 5, 2.015), (0.995, 3, 5.841), (0.975, 2, 4.303)])
+# a printed table of Student's t (upper-tail quantiles, three decimals), as in any statistics textbook
+T_TABLE = {
+    0.975: {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+            12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042, 60: 2.000, 120: 1.980, math.inf: 1.960},
+    0.95: {1: 6.314, 2: 2.920, 5: 2.015, 10: 1.812, 30: 1.697, math.inf: 1.645},
+    0.995: {3: 5.841, 10: 3.169, 30: 2.750},
+    0.9: {4: 1.533, 20: 1.325},
+}
+
+
+@pytest.mark.parametrize("q, df, table", [(q, df, v) for q, row in T_TABLE.items() for df, v in row.items()])
 def test_t_ppf_matches_printed_t_table(q, df, table):
     assert t_ppf(q, df) == pytest.approx(table, abs=5e-4)
+    assert t_ppf(1 - q, df) == pytest.approx(-table, abs=5e-4)  # the lower tail, by symmetry
     assert t_cdf(t_ppf(q, df), df) == pytest.approx(q, abs=1e-12)
+    assert t_sf(table, df) == pytest.approx(1 - q, rel=2e-3)  # the table's t leaves 1 - q above it
+
+
+def test_t_functions_are_undefined_outside_their_domain():
+    for value in (t_sf(1.0, 0.0), t_cdf(1.0, -1.0), t_sf(math.nan, 3.0), t_ppf(0.0, 5.0), t_ppf(1.0, 5.0), t_ppf(0.5, math.nan)):
+        assert math.isnan(value)
+    assert t_ppf(0.5, 7.3) == 0.0 and t_sf(math.inf, 4.0) == 0.0 and t_sf(-math.inf, 4.0) == 1.0
 
 
 # --------------------------------------------------------------------------- Welch
@@ -135,6 +124,22 @@ def test_welch_matches_independent_numpy_computation(seed):
     half = (w.ci[1] - w.ci[0]) / 2
     assert (w.ci[0] + w.ci[1]) / 2 == pytest.approx(x.mean() - y.mean(), abs=1e-12)
     assert 2 * sf_by_integration(half / math.sqrt(vx + vy), df) == pytest.approx(0.05, abs=1e-9)
+
+
+def test_paired_t_matches_r_paired_t_test_on_sleep_data():
+    # R: t.test(extra ~ group, data = sleep, paired = TRUE)  (group 1 minus group 2)
+    # t = -4.0621, df = 9, p-value = 0.002833, 95 percent CI: -2.4598858 -0.7001142, mean difference -1.58
+    d = paired_t([a - b for a, b in zip(SLEEP_1, SLEEP_2)], margin=0.5)
+    assert d.n == 10 and d.mean == pytest.approx(-1.58, abs=1e-12)
+    assert d.t == pytest.approx(-4.0621, abs=5e-5) and d.p == pytest.approx(0.002833, abs=5e-7)
+    assert d.ci == pytest.approx((-2.4598858, -0.7001142), abs=5e-7)
+    # TOST at ±0.5: the upper one-sided test, P(T_9 > (d + 0.5)/se) with d + 0.5 = -1.08 < 0, is far from significant
+    se = d.sd / math.sqrt(10)
+    assert d.p_tost == pytest.approx(sf_by_integration((d.mean + 0.5) / se, 9), abs=1e-9) and d.p_tost > 0.95
+    # differences tightly around 0.1: equivalent within ±0.5, not different from 0
+    tight = paired_t([0.1, 0.12, 0.08, 0.11, 0.09, 0.1], margin=0.5)
+    assert tight.p_tost < 1e-6 and tight.p < 0.001  # a real difference of 0.1 inside the margin
+    assert math.isnan(paired_t([0.3]).p)
 
 
 def test_welch_is_undefined_for_a_single_seed():
@@ -316,8 +321,6 @@ def test_method_paragraph_states_family_margin_and_outcomes():
 
 
 def test_example_bootstrap_one_run_each_matches_the_paired_normal_interval():
-    from experiments.summarize import example_bootstrap
-
     rng = np.random.default_rng(7)
     n = 2000
     a = rng.random(n) < 0.80
@@ -332,8 +335,6 @@ def test_example_bootstrap_one_run_each_matches_the_paired_normal_interval():
 
 
 def test_example_bootstrap_resamples_seeds_and_refuses_mixed_splits():
-    from experiments.summarize import example_bootstrap
-
     n = 50
     ones, zeros = "1" * n, "0" * n
     # runs right or wrong on every example: drawing examples changes nothing, only the seed draws count.
