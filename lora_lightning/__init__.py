@@ -1,13 +1,15 @@
 """lora-lightning: LoRA (Hu et al. 2021, arXiv 2106.09685) for any PyTorch Lightning module.
 
-A plain-PyTorch core (config, targets, layers, variants, injection, merging, adapter files) with a
-thin Lightning layer on top. ``h = W0·x + (alpha/r)·B·A·x`` with ``W0`` frozen, ``A: r x d_in``,
-``B: d_out x r = 0``.
+A plain-PyTorch core with a thin Lightning layer on top. ``h = W0·x + (alpha/r)·B·A·x`` with ``W0``
+frozen, ``A: r x d_in``, ``B: d_out x r = 0``. Data flows one way through the core's modules:
+config -> plan -> layers (one module per layer kind) -> variants -> state (record, handle) -> injection,
+merging, named adapters -> adapter I/O and PEFT format; then the Lightning layer; the Hydra app beside it.
 
 ``import lora_lightning`` loads only the core (torch and safetensors); ``LoRACallback``,
-``AtomicCheckpointIO`` and ``load_lora_checkpoint`` import Lightning when first used. Once Lightning
-is imported (before or after this package), the Lightning layer is installed so that
-``MyModule.load_from_checkpoint(...)`` and ``trainer.test(ckpt_path=...)`` restore LoRA checkpoints.
+``AtomicCheckpointIO`` and ``load_lora_checkpoint`` import Lightning when first used. Once a Lightning
+package is imported (``lightning.pytorch`` or ``pytorch_lightning``, before or after this package), its
+Lightning layer is installed so that ``MyModule.load_from_checkpoint(...)`` and
+``trainer.test(ckpt_path=...)`` restore LoRA checkpoints.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import importlib.util
 import sys
 from typing import Any
 
-from .config import LoRAConfig
 from .errors import (
     AdapterFileError,
     AdapterMismatchError,
@@ -33,6 +34,10 @@ from .errors import (
     RankTooLargeError,
     TargetNotFoundError,
 )
+from .quantization import Quantizer, register_quantizer
+from .config import LoRAConfig
+from .plan import ALIASES, AdapterSpec, FusedSlices, Plan, lora_parameter_count, plan_injection, register_fused_layout
+from .layers import LayerKind, LoRAConv1D, LoRALayer, LoRALinear, LoRAMultiheadAttention, register_layer_kind
 from .variants import (
     AdaLoRAController,
     AdaLoRALinear,
@@ -46,16 +51,14 @@ from .variants import (
     register_variant,
     register_variant_alias,
 )
-from .layers import FusedSlices, LoRAConv1D, LoRALayer, LoRALinear, LoRAMultiheadAttention
-from .targets import ALIASES, AdapterSpec, lora_parameter_count, plan_injection, register_fused_layout
 from .record import LoRAState
+from .state import LoRAHandle, get_lora_state, lora_handle
 from .injection import (
     ParameterCount,
     adapter_param_names,
     base_memory,
     count_parameters,
     describe,
-    get_lora_state,
     has_lora,
     inject_lora,
     lora_layers,
@@ -63,6 +66,18 @@ from .injection import (
 )
 from .merging import is_merged, merge_and_unload, merge_lora, merged_state_dict, unmerge_lora
 from .shared_input import set_shared_input_fusion, set_shared_input_groups, shared_input_groups
+from .named import (
+    active_adapter,
+    add_adapter,
+    add_weighted_adapter,
+    delete_adapter,
+    disable_adapter,
+    list_adapters,
+    mixed_batch,
+    set_adapter,
+    set_trainable_adapters,
+    use_adapter,
+)
 from .adapter_io import (
     adapter_state_dict,
     load_adapter,
@@ -76,52 +91,58 @@ from .peft_format import export_peft_adapter, export_peft_adapters, import_peft_
 from .gradients import make_inputs_require_grad
 from .budget import allocate_ranks, rank_for_budget
 from .sharding import gathered, is_sharded
-from .named import (
-    active_adapter,
-    add_adapter,
-    add_weighted_adapter,
-    delete_adapter,
-    disable_adapter,
-    list_adapters,
-    mixed_batch,
-    set_adapter,
-    set_trainable_adapters,
-    use_adapter,
-)
 
 __version__ = "0.2.0"
 
 _LIGHTNING_EXPORTS = ("LoRACallback", "AtomicCheckpointIO", "load_lora_checkpoint", "inject_before_sharding")
+_LAYERS = ("lightning.pytorch", "pytorch_lightning")  # the Lightning packages a layer is made for
+
+
+def _install_layer(package: str) -> None:
+    importlib.import_module(".lightning.package", __name__).layer(package)
 
 
 def __getattr__(name: str) -> Any:
+    """``LoRACallback`` & co. for ``lightning.pytorch`` (or, when only ``pytorch_lightning`` is installed, for it)."""
     if name in _LIGHTNING_EXPORTS:
-        return getattr(importlib.import_module(".lightning", __name__), name)
+        layer = ".lightning" if importlib.util.find_spec("lightning") is not None else ".pytorch_lightning"
+        return getattr(importlib.import_module(layer, __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class _InstallWithLightning(importlib.abc.MetaPathFinder):
-    """Imports the Lightning layer right after ``lightning.pytorch`` is first imported."""
+    """Imports the Lightning layer of a Lightning package (``lightning.pytorch`` or ``pytorch_lightning``) right
+    after the package is first imported, so ``load_from_checkpoint`` of a LoRA checkpoint gives the trained model
+    with a bare ``import lora_lightning``, in whichever order the two are imported."""
+
+    def __init__(self) -> None:
+        self.pending = {name for name in _LAYERS if name not in sys.modules}
 
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
-        if fullname != "lightning.pytorch":
+        if fullname not in self.pending:
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)
+        self.pending.discard(fullname)
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)  # find the package itself without this finder
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            if self.pending:  # the other package may still come
+                sys.meta_path.insert(0, self)
         if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
             exec_module = spec.loader.exec_module
 
             def exec_then_install(module: Any) -> None:
                 exec_module(module)
-                importlib.import_module(".lightning", __name__)
+                _install_layer(fullname)
 
             spec.loader.exec_module = exec_then_install  # type: ignore[method-assign]
         return spec
 
 
-if "lightning.pytorch" in sys.modules:
-    importlib.import_module(".lightning", __name__)
-elif not any(isinstance(f, _InstallWithLightning) for f in sys.meta_path):
+for _package in [name for name in _LAYERS if name in sys.modules]:
+    _install_layer(_package)
+if any(name not in sys.modules for name in _LAYERS) and not any(isinstance(f, _InstallWithLightning) for f in sys.meta_path):
     sys.meta_path.insert(0, _InstallWithLightning())
 
 __all__ = [
@@ -136,11 +157,13 @@ __all__ = [
     "BaseModelMismatchError",
     "DoRALinear",
     "FusedSlices",
+    "LayerKind",
     "LoRACallback",
     "LoRAConfig",
     "LoRAConfigError",
     "LoRAConv1D",
     "LoRAError",
+    "LoRAHandle",
     "LoRALayer",
     "LoRALinear",
     "LoRAMultiheadAttention",
@@ -151,6 +174,8 @@ __all__ = [
     "NotInjectedError",
     "ParameterCount",
     "PiSSALinear",
+    "Plan",
+    "Quantizer",
     "RankTooLargeError",
     "TargetNotFoundError",
     "Variant",
@@ -180,6 +205,7 @@ __all__ = [
     "list_adapters",
     "load_adapter",
     "load_lora_checkpoint",
+    "lora_handle",
     "lora_layers",
     "lora_parameter_count",
     "make_inputs_require_grad",
@@ -197,6 +223,8 @@ __all__ = [
     "read_adapter",
     "read_adapter_config",
     "register_fused_layout",
+    "register_layer_kind",
+    "register_quantizer",
     "register_variant",
     "register_variant_alias",
     "remove_lora",

@@ -21,26 +21,25 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_dumps
 from torch import Tensor, nn
 
+from . import registry
 from .config import LoRAConfig
 from .errors import AdapterFileError, AdapterMismatchError, LoRAConfigError, MergeStateError
 from .injection import (
-    STATE_ATTR,
     adapter_param_names,
-    describe,
     get_lora_state,
     has_lora,
     inject_lora,
     lora_layers,
-    mark_trainable,
+    BANK,
+    planned_state,
     remove_lora,
     set_submodule,
-    _guard_transformer_encoders,
 )
-from .layers import is_lora_module
 from .merging import is_merged, merge_lora, merged_state_dict, unmerge_lora
-from .record import FORMAT, FORMAT_VERSION, LoRAState, align_names, base_fingerprint, check_compatible, check_fingerprint
+from .named import active_adapter, add_adapter, delete_adapter, list_adapters, use_adapter
+from .record import FORMAT, FORMAT_VERSION, LoRAState, align_names, check_compatible, check_fingerprint
 from .sharding import check_not_sharded
-from .targets import plan_injection, resolve_modules_to_save
+from .state import NamedAdapters, lora_handle
 
 LOAD_HINT = "pass on_base_mismatch='warn' (or 'ignore') to load_adapter/switch_adapter"
 
@@ -130,8 +129,6 @@ def save_adapter(
     """Write the adapter of ``model`` (the active one, or the named ``adapter_name``) to a
     ``.safetensors`` file (atomically); its name is in the metadata. Returns the path.
     A sharded (FSDP2) model: call it inside :func:`~lora_lightning.gathered`."""
-    from .named import active_adapter, use_adapter
-
     if adapter_name is not None and adapter_name != active_adapter(model):
         with use_adapter(model, adapter_name, trainable=True):
             return save_adapter(model, path, extra_metadata, adapter_name)
@@ -243,31 +240,6 @@ def load_adapter_state(model: nn.Module, tensors: Mapping[str, Tensor], source: 
             params[k].copy_(v.to(device=params[k].device, dtype=params[k].dtype))
 
 
-def planned_state(model: nn.Module, config: LoRAConfig) -> LoRAState:
-    """The record injecting ``config`` into ``model`` would leave, without changing the model. Works on
-    an injected model too: planning sees through adapters, and the fingerprint samples of matrices
-    adapted now come from the model's record (taken before any merge)."""
-    specs = plan_injection(model, config)
-    names = sorted(s.name for s in specs)
-    current = getattr(model, STATE_ATTR, None)
-    recorded: dict[str, tuple] = {}
-    if current is not None:
-        fp = current.fingerprint
-        samples = fp.get("samples") or [None] * len(fp.get("names", []))
-        recorded = {n: (shape, smp) for n, shape, smp in zip(fp.get("names", []), fp.get("shapes", []), samples)}
-    fresh = base_fingerprint(model, [n for n in names if n not in recorded])
-    entries = dict(zip(fresh["names"], zip(fresh["shapes"], fresh["samples"] or [None] * len(fresh["names"]))))
-    entries.update({n: recorded[n] for n in names if n in recorded})
-    samples = [entries[n][1] for n in names]
-    fingerprint = {
-        "names": names,
-        "shapes": [list(entries[n][0]) for n in names],
-        "samples": None if any(smp is None for smp in samples) else samples,
-    }
-    saved = resolve_modules_to_save(model, config.modules_to_save) if config.modules_to_save else []
-    return LoRAState(config, {s.name: s.structure() for s in specs}, saved, fingerprint)
-
-
 def load_adapter(
     model: nn.Module,
     path: str | os.PathLike,
@@ -288,8 +260,6 @@ def load_adapter(
     saved = record_from_metadata(metadata, path)
     name = f"adapter {Path(path).name}"
     if adapter_name is not None and has_lora(model):
-        from .named import active_adapter, add_adapter, delete_adapter, list_adapters, use_adapter
-
         if adapter_name != active_adapter(model):
             added = adapter_name not in list_adapters(model)
             if added:
@@ -322,9 +292,14 @@ def load_adapter(
 @contextmanager
 def unchanged_on_error(model: nn.Module) -> Iterator[None]:
     """Undo every adapter change made inside the block if it raises: the LoRA modules, their tensors,
-    merged state and merged base weights, the record and ``requires_grad`` flags come back exactly."""
-    state = getattr(model, STATE_ATTR, None)
+    merged state and merged base weights, the model's handle and ``requires_grad`` flags come back exactly."""
+    handle = lora_handle(model)
+    kept = None
+    if handle is not None and handle.record is not None:
+        named = handle.adapters
+        kept = (handle.record, None if named is None else NamedAdapters(named.active, dict(named.configs)), handle.originals, handle.tracker)
     modules = dict(model.named_modules(remove_duplicate=False))  # every module object and every name it has
+    banks = [(m, m._modules[BANK]) for m in modules.values() if BANK in m._modules]  # remove_lora drops them
     layers = lora_layers(model)
     merged = {n: layer.merged for n, layer in layers.items()}
     # adapter tensors always; a base weight only if merged (unmerge + merge is exact only to round-off)
@@ -334,24 +309,28 @@ def unchanged_on_error(model: nn.Module) -> Iterator[None]:
         for leaf in layer.state_names + ((layer.base_weight_name,) if layer.merged else ())
         if isinstance(getattr(layer, leaf, None), Tensor)
     ]
-    specs = describe(model)
+    grads = {p: p.requires_grad for p in model.parameters()}
     try:
         yield
     except BaseException:
-        if getattr(model, STATE_ATTR, None) is not None:
+        if has_lora(model):
             remove_lora(model)
         for name, module in sorted(modules.items(), key=lambda nm: nm[0].count(".")):  # parents first
             if name and model.get_submodule(name) is not module:
                 set_submodule(model, name, module)
-        if state is not None:
-            object.__setattr__(model, STATE_ATTR, state)
-            _guard_transformer_encoders(model, specs)
+        for module, bank in banks:
+            module._modules[BANK] = bank
+        if kept is not None and handle is not None:
+            handle.record, handle.adapters, handle.originals, handle.tracker = kept
+            adapted = list(handle.record.modules)
+            handle.guards = [g for kind in registry.LAYER_KINDS.values() for g in kind.guards(model, adapted)]
             with torch.no_grad():
                 for tensor, value in snapshot:
                     tensor.copy_(value)
             for n, layer in lora_layers(model).items():
                 layer.merged = merged[n]
-            mark_trainable(model, state)
+            for p, g in grads.items():
+                p.requires_grad_(g)
         raise
 
 

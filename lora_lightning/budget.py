@@ -17,8 +17,8 @@ from torch import nn
 
 from .config import LoRAConfig
 from .errors import LoRAConfigError
-from .targets import AdapterSpec, Target, first_match, resolve_targets
-from .variants.registry import get_variant
+from .plan import AdapterSpec, Target, first_match, resolve_targets
+from .registry import variant as get_variant
 
 
 def _check_budget(budget: object) -> None:

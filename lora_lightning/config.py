@@ -21,16 +21,15 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
+from . import registry
 from .errors import LoRAConfigError
-from .quantization import QUANTIZERS
 
 BIAS_OPTIONS = ("none", "all", "lora_only")
 INIT_OPTIONS = ("kaiming", "gaussian", "gaussian_fan_in")
 DTYPE_OPTIONS = (None, "float32", "bfloat16", "float16", "float64")
 
-# variant name -> its config class; alias -> (variant, presets). Filled by variants.registry.
-_VARIANT_CONFIGS: dict[str, type["LoRAConfig"]] = {}
-_VARIANT_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {}
+# variant name -> its config class; alias -> (variant, presets): the registry's, filled by register_variant
+_VARIANT_CONFIGS: dict[str, type["LoRAConfig"]] = registry.VARIANT_CONFIGS
 # PEFT's LoraConfig names, a common first guess
 _PEFT_NAMES = {"rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "targets",
                "layers_to_transform": "layers", "use_dora": "variant='dora'"}
@@ -46,17 +45,8 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def variant_names() -> list[str]:
-    """Registered variants and their aliases, e.g. ``['adalora', 'dora', 'lora', 'qlora', ...]``."""
-    return sorted(set(_VARIANT_CONFIGS) | set(_VARIANT_ALIASES))
-
-
-def _resolve_variant(name: Any) -> tuple[str, dict[str, Any]]:
-    if name in _VARIANT_ALIASES:
-        return _VARIANT_ALIASES[name]
-    if name in _VARIANT_CONFIGS:
-        return name, {}
-    raise LoRAConfigError(f"variant={name!r} is not one of {variant_names()}: set lora.variant to one of them")
+variant_names = registry.variant_names
+_resolve_variant = registry.resolve_variant
 
 
 def _option_owner(name: str) -> str | None:
@@ -199,6 +189,9 @@ class LoRAConfig:
             raise LoRAConfigError(
                 f"dropout={self.dropout!r} is outside [0, 1): set lora.dropout to a probability such as 0.05"
             )
+        for flag in ("use_rslora", "fuse_shared_inputs"):
+            if not isinstance(getattr(self, flag), bool):
+                raise LoRAConfigError(f"{flag}={getattr(self, flag)!r} must be true or false (a bool, not a string)")
         if self.bias not in BIAS_OPTIONS:
             raise LoRAConfigError(f"bias={self.bias!r} is not one of {BIAS_OPTIONS}: set lora.bias to one of them")
         if self.init not in INIT_OPTIONS:
@@ -230,9 +223,9 @@ class LoRAConfig:
             check_rank(r, f"rank_pattern[{pattern!r}]")
         for pattern, a in self.alpha_pattern.items():
             check_alpha(a, f"alpha_pattern[{pattern!r}]")
-        if self.quantize_base is not None and self.quantize_base not in QUANTIZERS:
+        if self.quantize_base is not None and self.quantize_base not in registry.QUANTIZERS:
             raise LoRAConfigError(
-                f"quantize_base={self.quantize_base!r} is not one of {[None, *QUANTIZERS]}: use 'nf4' (torchao), "
+                f"quantize_base={self.quantize_base!r} is not one of {[None, *registry.QUANTIZERS]}: use 'nf4' (torchao), "
                 "'bnb-nf4' (bitsandbytes), 'int8' (pure PyTorch) or null"
             )
 

@@ -1,67 +1,54 @@
 """Putting adapters into a model and taking them out: injection, freezing, parameter counts.
 
-:func:`inject_lora` plans the config against the model (:func:`~lora_lightning.targets.plan_injection`),
-builds every adapter layer through the config's variant, and only then swaps them in, so a bad
-target, rank or variant option leaves the model untouched. It records a
-:class:`~lora_lightning.record.LoRAState` on the model and freezes everything but the adapters,
-their biases (``bias``) and ``modules_to_save``.
+:func:`inject_lora` plans the config against the model once (:func:`~lora_lightning.plan.plan_injection`),
+builds every adapter layer through the config's variant and the layer kinds, and only then swaps
+them in, so a bad target, rank or variant option leaves the model untouched. It records the model's
+:class:`~lora_lightning.state.LoRAHandle` and freezes everything but the adapters, their biases
+(``bias``) and ``modules_to_save``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Any, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from . import registry
 from .config import LoRAConfig
-from .errors import AlreadyInjectedError, LoRAConfigError, NotInjectedError
-from .layers import LoRALayer, LoRALinear, LoRAMultiheadAttention, is_lora_layer, is_lora_module, primary_weight
-from .record import LoRAState, base_fingerprint
+from .errors import AlreadyInjectedError, LoRAConfigError
+from .layers import LoRALayer, LoRALinear, is_lora_layer, is_lora_module
+from .plan import AdapterSpec, Plan, module_weight, plan_injection, resolve_modules_to_save, summarize_names
+from .record import LoRAState, base_fingerprint, identity_exclusions
 from .sharding import _is_dtensor
 from .shared_input import attach_tracker
-from .targets import AdapterSpec, plan_injection, resolve_modules_to_save, summarize_names
-from .variants.registry import get_variant
+from .state import attach, get_lora_state, injected_handle, lora_handle
 
-STATE_ATTR = "_lora_state"
-ORIGINALS_ATTR = "_lora_originals"  # modules_to_save values at injection (lora_lightning.named)
-NAMED_ATTR = "_lora_named"
 BANK = "lora_bank"  # <module>.lora_bank[name]: an inactive named adapter's tensors
 
 
 # --------------------------------------------------------------------------- queries
-def get_lora_state(model: nn.Module) -> LoRAState:
-    """The record :func:`inject_lora` left on ``model``; :class:`NotInjectedError` if there is none."""
-    state = getattr(model, STATE_ATTR, None)
-    if state is None:
-        inner = [n for n, m in model.named_modules() if n and getattr(m, STATE_ATTR, None) is not None]
-        where = f" (adapters were injected into submodule {inner[0]!r}: pass that module)" if inner else ""
-        raise NotInjectedError(
-            f"{type(model).__name__} has no LoRA adapters{where}; call inject_lora(model, LoRAConfig(...)) "
-            "or attach LoRACallback to the Trainer first"
-        )
-    return state
-
-
 def has_lora(model: nn.Module) -> bool:
+    """Whether ``model`` holds LoRA adapters (anywhere inside it)."""
     return any(is_lora_layer(m) for m in model.modules())
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
+    """``{name: layer}`` of the layers holding adapter tensors of their own."""
     return {n: m for n, m in model.named_modules() if is_lora_layer(m)}  # type: ignore[misc]
 
 
 def describe(model: nn.Module) -> list[AdapterSpec]:
     """The adapted matrices of an injected model as they are now (name, kind, shape, r, alpha, scaling)."""
-    state = getattr(model, STATE_ATTR, None)
+    handle = lora_handle(model)
+    config = handle.record.config if handle is not None and handle.record is not None else None
     out = []
     for name, layer in lora_layers(model).items():
         s = layer.structure()
         out.append(
             AdapterSpec(name, s["d_out"], s["d_in"], s["r"], s["alpha"], tuple(s["parts"]), layer.fused, s["kind"],
-                        s["scaling"], layer.variant_name, state.config if state is not None else None)
+                        s["scaling"], layer.variant_name, config)
         )
     return out
 
@@ -72,9 +59,21 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def replace_modules(model: nn.Module, replacements: dict[int, nn.Module]) -> None:
+    """Put ``replacements[id(old)]`` wherever ``old`` sits in ``model``, under every name it has (a module
+    registered twice is replaced twice), parents before children."""
+    places = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if n and id(m) in replacements]
+    for name, old in sorted(places, key=lambda nm: nm[0].count(".")):
+        parent_name = name.rpartition(".")[0]
+        parent = model.get_submodule(parent_name) if parent_name else model
+        child = name.rpartition(".")[2]
+        if parent._modules.get(child) is old:
+            parent._modules[child] = replacements[id(old)]
+
+
 # --------------------------------------------------------------------------- freezing and counting
 def mark_trainable(model: nn.Module, state: LoRAState | None = None) -> None:
-    """Freeze everything except the adapters, biases per ``config.bias`` and ``modules_to_save``."""
+    """Freeze everything except the active adapter, biases per ``config.bias`` and ``modules_to_save``."""
     state = state or get_lora_state(model)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -157,13 +156,49 @@ def adapter_param_names(model: nn.Module, all_adapters: bool = False) -> list[st
     return keys
 
 
+# --------------------------------------------------------------------------- planning a record
+def fingerprint_for(model: nn.Module, plan: Plan) -> dict:
+    """The base fingerprint ``plan`` records: adapted modules' shapes and the identity of every base tensor
+    (not the ``modules_to_save`` or the biases the config trains)."""
+    names = plan.names
+    tied = [f for s in plan for f in s.tied]
+    exclude = identity_exclusions(model, plan.config, names + tied, plan.modules_to_save)
+    return base_fingerprint(model, names, exclude)
+
+
+def planned_state(model: nn.Module, config: LoRAConfig) -> LoRAState:
+    """The record injecting ``config`` into ``model`` would leave, without changing the model. Works on an
+    injected model too: planning sees through adapters, and the base identity comes from the model's
+    record (taken before any merge or training)."""
+    plan = plan_injection(model, config)
+    handle = lora_handle(model)
+    if handle is not None and handle.record is not None:
+        recorded = handle.record.fingerprint
+        index = {n: i for i, n in enumerate(recorded.get("names", []))}
+        names = sorted(plan.names)
+        if all(n in index for n in names):
+            samples = recorded.get("samples")
+            fingerprint = {
+                "names": names,
+                "shapes": [recorded["shapes"][index[n]] for n in names],
+                "samples": None if not samples else [samples[index[n]] for n in names],
+                "tensors": recorded.get("tensors"),
+            }
+        else:  # other matrices than the record's: their shapes and samples from the model as it is now
+            fingerprint = base_fingerprint(model, names, ()) | {"tensors": recorded.get("tensors")}
+    else:
+        fingerprint = fingerprint_for(model, plan)
+    return LoRAState(config, {s.name: s.structure() for s in plan}, list(plan.modules_to_save), fingerprint)
+
+
 # --------------------------------------------------------------------------- injection
-def inject_lora(model: nn.Module, config: LoRAConfig) -> list[AdapterSpec]:
+def inject_lora(model: nn.Module, config: LoRAConfig, plan: Plan | None = None) -> list[AdapterSpec]:
     """Replace every targeted layer by its LoRA layer and freeze the rest; returns the adapted matrices.
 
-    Raises :class:`AlreadyInjectedError` if the model already has adapters, and
-    :class:`~lora_lightning.TargetNotFoundError` / :class:`~lora_lightning.LoRAConfigError` on a bad
-    config, before anything is modified.
+    ``plan``: a :func:`~lora_lightning.plan.plan_injection` of this model and ``config`` already made (it is
+    not made again). Raises :class:`AlreadyInjectedError` if the model already has adapters, and
+    :class:`~lora_lightning.TargetNotFoundError` / :class:`~lora_lightning.LoRAConfigError` on a bad config,
+    before anything is modified. Outputs are bit-equal to the base's right after injection.
     """
     if has_lora(model):
         existing = list(lora_layers(model))
@@ -172,190 +207,87 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> list[AdapterSpec]:
             f"({summarize_names(existing, 5)}); injecting again would stack adapters. Use load_adapter() to "
             "swap adapter weights, or remove_lora()/merge_and_unload() first"
         )
-    specs = plan_injection(model, config)
-    sharded = [s.name for s in specs if _is_dtensor(primary_weight(model.get_submodule(s.name)))]
+    if plan is None or plan.config is not config:
+        plan = plan_injection(model, config)
+    sharded = [s.name for s in plan if _is_dtensor(module_weight(model.get_submodule(s.name)))]
     if sharded:
         raise LoRAConfigError(
             f"the weights of {summarize_names(sharded, 3)} are already sharded (DTensor from fully_shard); an adapter added now "
             "would not be sharded with them. Inject before fully_shard: with LoRACallback, call "
             "lora_lightning.inject_before_sharding(self) in configure_model before sharding"
         )
-    fingerprint = base_fingerprint(model, [s.name for s in specs])
-    variant = get_variant(config.variant)(model, config, specs)  # shared state; raises before any change
+    fingerprint = fingerprint_for(model, plan)
+    variant = registry.variant(config.variant)(model, config, plan)  # shared state; raises before any change
     # build everything first, swap in after: a failure while building leaves the model untouched
-    built: dict[str, nn.Module] = {}
-    hosts: dict[str, AdapterSpec | None] = {}  # nn.MultiheadAttention -> its q/k/v spec (None: hosts out_proj only)
-    for s in specs:
-        if s.kind == "mha":
-            hosts[s.name] = s
-    for s in specs:
-        parent = s.name.rpartition(".")[0]
-        if isinstance(model.get_submodule(parent) if parent else model, nn.MultiheadAttention):
-            hosts.setdefault(parent, None)
-    for enc_layer_name in _encoder_layers_with(model, specs):  # their fast path reads the base weights
-        hosts.setdefault(f"{enc_layer_name}.self_attn", None)
-    for s in specs:
-        if s.kind != "mha":
-            base = model.get_submodule(s.name)
-            built[s.name] = variant.build(base, s)
-            built[s.name].train(base.training)
-    for name, s in hosts.items():
-        base = model.get_submodule(name)
-        kw = dict(parts=s.parts, **variant.layer_kwargs(_WeightView(base.in_proj_weight), s)) if s is not None else {}
-        host = LoRAMultiheadAttention(base, **({"name": name} | kw))
-        host.train(base.training)
-        if f"{name}.out_proj" in built:
-            host.out_proj = built.pop(f"{name}.out_proj")
-        built[name] = host
-    for s in specs:  # modules sharing the adapted weight share the adapter layer too
-        for other in s.tied:
-            built[other] = built[s.name]
-    for name in sorted(built, key=lambda n: n.count(".")):  # parents before children
-        set_submodule(model, name, built[name])
-    _guard_transformer_encoders(model, specs)
-    saved = resolve_modules_to_save(model, config.modules_to_save) if config.modules_to_save else []
+    built: dict[int, nn.Module] = {}
+    for s in plan:
+        base = model.get_submodule(s.name)
+        layer = variant.build(base, s)
+        layer.train(base.training)
+        built[id(base)] = layer
+        for follower in s.tied:  # same weight: the follower reads this layer's adapter
+            f_base = model.get_submodule(follower)
+            f_kind = registry.kind_of(f_base)
+            d_out, d_in = f_kind.dims(f_base)
+            f_spec = dataclasses.replace(s, name=follower, kind=f_kind.name, d_out=d_out, d_in=d_in, tied=(), fused=None, parts=())
+            kw = variant.layer_kwargs(f_kind.weight(f_base), f_spec) | {"generator": torch.Generator().manual_seed(0)}
+            f_layer = f_kind.build(f_base, f_spec, **kw)  # (its own A/B are dropped: no draw from the global RNG)
+            f_layer.tie_to(layer)
+            f_layer.train(f_base.training)
+            built[id(f_base)] = f_layer
+    adapted = plan.names + [f for s in plan for f in s.tied]
+    for kind in registry.LAYER_KINDS.values():
+        for host_name in kind.hosts(model, adapted):
+            base = model.get_submodule(host_name)
+            if id(base) not in built:
+                host = variant.build_host(base, None)
+                host.train(base.training)
+                built[id(base)] = host
+    replace_modules(model, built)
+    handle = attach(model)
+    for kind in registry.LAYER_KINDS.values():
+        handle.guards += kind.guards(model, adapted)
     layers = lora_layers(model)
-    state = LoRAState(config, {s.name: layers[s.name].structure() for s in specs}, saved, fingerprint)
-    object.__setattr__(model, STATE_ATTR, state)
-    keep_originals(model, saved)
-    mark_trainable(model, state)
-    attach_tracker(list(dict.fromkeys(layers.values())), enabled=config.fuse_shared_inputs)
-    return specs
+    handle.record = LoRAState(config, {s.name: layers[s.name].structure() for s in plan}, list(plan.modules_to_save), fingerprint)
+    handle.adapters = None
+    handle.originals = originals_of(model, plan.modules_to_save)
+    handle.tracker = attach_tracker(list(dict.fromkeys(layers.values())), enabled=config.fuse_shared_inputs)
+    mark_trainable(model, handle.record)
+    return list(plan)
 
 
-class _WeightView:
-    """Stands in for a module whose ``weight`` is ``weight`` (the MHA in-projection) in ``layer_kwargs``."""
-
-    def __init__(self, weight: torch.Tensor) -> None:
-        self.weight = weight
-
-
-def keep_originals(model: nn.Module, modules_to_save: list[str]) -> None:
-    """Remember the ``modules_to_save`` parameters at injection: ``disable_adapter`` computes with them and a
-    new named adapter's copies start from them (PEFT keeps the original module likewise)."""
+def originals_of(model: nn.Module, modules_to_save: list[str]) -> dict[str, torch.Tensor]:
+    """The ``modules_to_save`` parameters at injection: ``disable_adapter`` computes with them and a new
+    named adapter's copies start from them (PEFT keeps the original module likewise)."""
     originals = {}
     for root in modules_to_save:
         for key, value in model.get_submodule(root).named_parameters():
             originals[f"{root}.{key}"] = value.detach().clone()
-    object.__setattr__(model, ORIGINALS_ATTR, originals)
+    return originals
 
 
 def remove_lora(model: nn.Module) -> nn.Module:
     """Replace every LoRA layer by its plain base layer (merged weights stay merged), in place; the
     inactive named adapters are dropped."""
-    get_lora_state(model)
+    handle = injected_handle(model)
     for module in model.modules():
         if BANK in module._modules:
             del module._modules[BANK]
-    wrapped = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if is_lora_module(m)]
+    places = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if is_lora_module(m)]
     bases: dict[int, nn.Module] = {}  # one base module per LoRA layer, shared again where the layer was
-    for name, layer in reversed(wrapped):  # children (an attention host's out_proj) before parents
-        set_submodule(model, name, bases.setdefault(id(layer), layer.to_base()))  # type: ignore[attr-defined]
-    for enc in model.modules():
-        for handle in getattr(enc, _HOOKS_ATTR, ()):
-            handle.remove()
-        if getattr(enc, _NESTED_ATTR, False):
-            enc.use_nested_tensor = True
-            delattr(enc, _NESTED_ATTR)
-        for attr in (_HOOKS_ATTR, _MASK_ATTR):
-            enc.__dict__.pop(attr, None)
-    object.__delattr__(model, STATE_ATTR)
-    for attr in (ORIGINALS_ATTR, NAMED_ATTR):
-        model.__dict__.pop(attr, None)
+    for name, layer in reversed(places):  # children (an attention host's out_proj) before parents
+        if id(layer) not in bases:
+            bases[id(layer)] = layer.to_base()  # type: ignore[attr-defined]
+        set_submodule(model, name, bases[id(layer)])
+    handle.clear()
     return model
 
 
-# --------------------------------------------------------------------------- nn.TransformerEncoder
-_NESTED_ATTR = "_lora_paused_use_nested_tensor"
-_HOOKS_ATTR = "_lora_hooks"
-_MASK_ATTR = "_lora_nested_padding"
-
-
-def _inside(name: str, prefix: str) -> bool:
-    return name.startswith(prefix + ".") if prefix else True
-
-
-def _encoder_layers_with(model: nn.Module, specs: Iterable[AdapterSpec]) -> list[str]:
-    names = [s.name for s in specs]
-    return [
-        n for n, m in model.named_modules() if isinstance(m, nn.TransformerEncoderLayer) and any(_inside(s, n) for s in names)
-    ]
-
-
-def _guard_transformer_encoders(model: nn.Module, specs: list[AdapterSpec]) -> None:
-    """``nn.TransformerEncoderLayer``'s fast path reads the base weights directly: its attention host
-    reports it unusable while any adapter in the layer is unmerged. ``nn.TransformerEncoder`` may turn
-    padded input into nested tensors (whose padded positions come out as zeros): that conversion is
-    paused, and the zeros are reproduced, so the adapted model computes what the base computes."""
-    for name in _encoder_layers_with(model, specs):
-        layer = model.get_submodule(name)
-        layer.self_attn.guard_fast_path([m for m in layer.modules() if is_lora_layer(m)])
-    names = [s.name for s in specs]
-    for enc_name, enc in model.named_modules():
-        if not isinstance(enc, nn.TransformerEncoder) or not any(_inside(s, enc_name) for s in names):
-            continue
-        if getattr(enc, "use_nested_tensor", False):
-            enc.use_nested_tensor = False
-            setattr(enc, _NESTED_ATTR, True)
-            handles = [
-                enc.register_forward_pre_hook(_note_nested_padding, with_kwargs=True),
-                enc.layers[-1].register_forward_hook(_zero_nested_padding),
-                enc.register_forward_hook(_forget_nested_padding),
-            ]
-            setattr(enc, _HOOKS_ATTR, handles)
-
-
-def _would_use_nested_tensor(enc: nn.TransformerEncoder, src: torch.Tensor, mask: Any, padding: Any) -> bool:
-    """The conditions under which ``nn.TransformerEncoder.forward`` (torch 2.x) converts to nested tensors."""
-    first = enc.layers[0]
-    if (
-        not torch.backends.mha.get_fastpath_enabled()
-        or first.training
-        or not isinstance(src, torch.Tensor)
-        or src.dim() != 3
-        or padding is None
-        or src.is_nested
-        or mask is not None
-        or torch.is_autocast_enabled()
-    ):
-        return False
-    if getattr(enc, "mask_check", True) and (
-        torch.compiler.is_compiling() or not torch._nested_tensor_from_mask_left_aligned(src, padding.logical_not())
-    ):
-        return False
-    attn = first.self_attn
-    tensor_args = (src, attn.in_proj_weight, attn.in_proj_bias, attn.out_proj.weight, attn.out_proj.bias,
-                   first.norm1.weight, first.norm1.bias, first.norm2.weight, first.norm2.bias,
-                   first.linear1.weight, first.linear1.bias, first.linear2.weight, first.linear2.bias)
-    if torch.overrides.has_torch_function(tensor_args) or src.device.type not in ("cpu", "cuda", "xpu"):
-        return False
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensor_args if t is not None))
-
-
-def _note_nested_padding(enc: nn.Module, args: tuple, kwargs: dict) -> None:
-    src = args[0] if args else kwargs.get("src")
-    mask = args[1] if len(args) > 1 else kwargs.get("mask")
-    padding = args[2] if len(args) > 2 else kwargs.get("src_key_padding_mask")
-    if padding is not None and isinstance(src, torch.Tensor):
-        padding = F._canonical_mask(mask=padding, mask_name="src_key_padding_mask", other_type=F._none_or_dtype(mask),
-                                    other_name="mask", target_type=src.dtype)
-    pad = padding.logical_not().logical_not() if _would_use_nested_tensor(enc, src, mask, padding) else None
-    object.__setattr__(enc.layers[-1], _MASK_ATTR, pad)  # read by the last layer's hook below
-
-
-def _zero_nested_padding(layer: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-    pad = getattr(layer, _MASK_ATTR, None)
-    return None if pad is None else output.masked_fill(pad[..., None], 0.0)
-
-
-def _forget_nested_padding(enc: nn.Module, args: tuple, output: Any) -> None:
-    object.__setattr__(enc.layers[-1], _MASK_ATTR, None)
-
-
 __all__ = [
+    "BANK",
     "ParameterCount",
-    "base_memory",
     "adapter_param_names",
+    "base_memory",
     "count_parameters",
     "describe",
     "get_lora_state",
@@ -363,5 +295,6 @@ __all__ = [
     "inject_lora",
     "lora_layers",
     "mark_trainable",
+    "planned_state",
     "remove_lora",
 ]

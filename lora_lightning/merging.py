@@ -9,11 +9,15 @@ I/O, :func:`lora_lightning.switch_adapter`.)
 
 from __future__ import annotations
 
+import warnings
+
 from torch import Tensor, nn
 
 from .errors import MergeStateError
 from .injection import get_lora_state, lora_layers, remove_lora
+from .layers import LoRALayer, is_lora_layer, is_lora_module
 from .sharding import check_not_sharded
+from .state import lora_handle
 
 
 def is_merged(model: nn.Module) -> bool:
@@ -24,22 +28,35 @@ def is_merged(model: nn.Module) -> bool:
 
 def check_mergeable(model: nn.Module) -> None:
     """Raise :class:`MergeStateError` if an adapted weight is also used by a module the adapter does not
-    wrap (tied weights, e.g. GPT-2's ``wte`` and ``lm_head``): merging would change that module too."""
-    layers = {id(layer): name for name, layer in lora_layers(model).items()}
-    users: dict[int, list[tuple[str, nn.Module]]] = {}
+    wrap (tied weights, e.g. GPT-2's ``wte`` and ``lm_head`` with only one targeted): merging would change
+    that module too."""
+    wrappers = {id(m) for m in model.modules() if is_lora_module(m)}
+    users: dict[int, list[str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
+        if id(module) in wrappers:
+            continue
         for param in module._parameters.values():
             if param is not None:
-                users.setdefault(id(param), []).append((name, module))
+                users.setdefault(id(param), []).append(name)
     for name, layer in lora_layers(model).items():
         weight = getattr(layer, layer.base_weight_name)
-        others = sorted({n for n, m in users.get(id(weight), []) if id(m) not in layers and not n.startswith(name + ".")})
+        others = sorted(set(users.get(id(weight), [])))
         if others:
             raise MergeStateError(
                 f"the weight of {name} is tied to {others[:3]}, which the adapter does not wrap: merging would change "
                 f"{others[0]} as well. Keep the adapters unmerged (they compute the right thing), untie the weights, or "
-                "target the tied module(s) too"
+                f"target {others[0]} too (plain LoRA then gives both modules one shared adapter)"
             )
+
+
+def adapted_modules(model: nn.Module) -> dict[str, LoRALayer]:
+    """``{name: layer}`` of every layer applying an adapter, under every name it has: the layers holding one
+    and those reading a tied layer's (their merged weight is the same tensor, seen in their own layout)."""
+    return {
+        n: m  # type: ignore[misc]
+        for n, m in model.named_modules(remove_duplicate=False)
+        if is_lora_layer(m) or (isinstance(m, LoRALayer) and m.lora_tie is not None)
+    }
 
 
 def _fold_all(model: nn.Module, merge: bool) -> int:
@@ -76,10 +93,20 @@ def unmerge_lora(model: nn.Module) -> int:
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge (if not merged yet) and replace LoRA layers by plain base layers, in place.
 
-    The result has exactly the base model's modules and state-dict keys, with ``W0 + ΔW``.
+    The result has exactly the base model's modules and state-dict keys, with ``W0 + ΔW`` of the active
+    adapter; other named adapters are dropped, with a warning naming them.
     """
     if not is_merged(model):
         merge_lora(model)
+    handle = lora_handle(model)
+    named = handle.adapters if handle is not None else None
+    if named is not None and len(named.configs) > 1:
+        others = [n for n in named.configs if n != named.active]
+        warnings.warn(
+            f"merge_and_unload merged adapter {named.active!r} and dropped {others}: save them first with "
+            "save_adapter(model, path, adapter_name=...) to keep them",
+            stacklevel=2,
+        )
     return remove_lora(model)
 
 
@@ -91,7 +118,7 @@ def merged_state_dict(model: nn.Module, submodule: str = "") -> dict[str, Tensor
     module's tensors are kept, keyed relative to it, ready for the bare network's ``load_state_dict``.
     """
     check_mergeable(model)
-    layers = lora_layers(model)
+    layers = adapted_modules(model)
     out: dict[str, Tensor] = {}
     for key, value in model.state_dict().items():
         if ".lora_bank." in f".{key}":  # inactive named adapters

@@ -7,7 +7,8 @@ the ``modules_to_save``. The *active* adapter sits in the layers' usual slots (`
 checkpoints act on it exactly as with one adapter; the others wait in ``<module>.lora_bank[name]``
 (their keys in a checkpoint: ``...query.lora_bank.<name>.lora_A``). :func:`set_adapter` swaps
 tensor *objects* between the slots and the bank — no copy, nothing re-created — and only the
-active adapter requires grad.
+active adapter requires grad. Which adapters exist and which is active is kept in the model's
+:class:`~lora_lightning.state.LoRAHandle`.
 
 * :func:`add_adapter`, :func:`set_adapter`, :func:`delete_adapter`, :func:`list_adapters`,
   :func:`active_adapter`, :func:`disable_adapter` (a context manager: exactly the base outputs).
@@ -15,6 +16,7 @@ active adapter requires grad.
 * :func:`mixed_batch`: one forward where each sample names its adapter (or ``None``: the base).
 * :func:`use_adapter`: a context manager that activates an adapter for a block of code.
 
+Every operation is transactional: if it raises, the model is exactly as before (:func:`unchanged`).
 Named adapters share the adapted modules (their ranks may differ), the ``modules_to_save`` and the
 base; they are plain LoRA (``variant="lora"``, rsLoRA scaling and quantized bases included).
 """
@@ -23,48 +25,27 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Iterator, Literal, Sequence
+from typing import Any, Iterator, Literal, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .config import LoRAConfig
 from .errors import AdapterMismatchError, LoRAConfigError, MergeStateError, NotInjectedError
-from .injection import BANK, ORIGINALS_ATTR, STATE_ATTR, get_lora_state, has_lora, inject_lora, lora_layers, mark_trainable
+from .injection import BANK, has_lora, inject_lora, lora_layers, mark_trainable, planned_state
 from .layers import AdapterSlots, LoRALayer, stream_generator
 from .record import LoRAState
+from .state import DEFAULT, LoRAHandle, NamedAdapters, get_lora_state, injected_handle, lora_handle
 
-DEFAULT = "default"
-NAMED_ATTR = "_lora_named"
 COMBINATIONS = ("linear", "cat", "svd")
-
-
-@dataclass
-class NamedAdapters:
-    """Which adapters a model holds (in the order they were added) and which one is active."""
-
-    active: str = DEFAULT
-    configs: dict[str, LoRAConfig] = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return {"active": self.active, "configs": {n: c.to_dict() for n, c in self.configs.items()}}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "NamedAdapters":
-        return cls(data["active"], {n: LoRAConfig.from_dict(c) for n, c in data["configs"].items()})
 
 
 # --------------------------------------------------------------------------- queries
 def named_adapters(model: nn.Module) -> NamedAdapters:
     """The model's adapters; a model injected once holds one, ``"default"``."""
-    state = get_lora_state(model)
-    named = getattr(model, NAMED_ATTR, None)
-    if named is None:
-        named = NamedAdapters(DEFAULT, {DEFAULT: state.config})
-        object.__setattr__(model, NAMED_ATTR, named)
-    return named
+    return injected_handle(model).named()
 
 
 def list_adapters(model: nn.Module) -> list[str]:
@@ -78,8 +59,8 @@ def active_adapter(model: nn.Module) -> str:
 
 def has_named_adapters(model: nn.Module) -> bool:
     """Whether ``model`` holds more than one adapter (checkpoints then carry all of them)."""
-    named = getattr(model, NAMED_ATTR, None)
-    return named is not None and len(named.configs) > 1
+    handle = lora_handle(model)
+    return handle is not None and handle.adapters is not None and len(handle.adapters.configs) > 1
 
 
 # --------------------------------------------------------------------------- carriers
@@ -121,12 +102,18 @@ def _swap(model: nn.Module, incoming: str, outgoing: str) -> None:
         bank[outgoing] = out
 
 
-def _refresh_state(model: nn.Module, name: str) -> None:
+def _refresh_record(model: nn.Module, handle: LoRAHandle, name: str) -> None:
     """The model's record describes the active adapter."""
-    old = get_lora_state(model)
+    old = handle.record
+    assert old is not None
     structures = {n: layer.structure() for n, layer in lora_layers(model).items()}
-    state = LoRAState(named_adapters(model).configs[name], structures, list(old.modules_to_save), old.fingerprint)
-    object.__setattr__(model, STATE_ATTR, state)
+    handle.record = LoRAState(handle.named().configs[name], structures, list(old.modules_to_save), old.fingerprint)
+
+
+def check_adapter_name(name: Any) -> str:
+    if not isinstance(name, str) or not name or "." in name or "/" in name or name.startswith("_"):
+        raise LoRAConfigError(f"adapter name {name!r} is not valid: use a non-empty string without '.' or '/' that does not start with '_'")
+    return name
 
 
 def _check_name(model: nn.Module, name: str, *, exists: bool) -> None:
@@ -134,8 +121,7 @@ def _check_name(model: nn.Module, name: str, *, exists: bool) -> None:
     if exists and name not in names:
         raise AdapterMismatchError(f"adapter {name!r} does not exist; the model holds {names}")
     if not exists:
-        if not isinstance(name, str) or not name or "." in name or name.startswith("_"):
-            raise LoRAConfigError(f"adapter name {name!r} is not valid: use a non-empty string without '.' that does not start with '_'")
+        check_adapter_name(name)
         if name in names:
             raise AdapterMismatchError(f"an adapter named {name!r} already exists ({names}); pick another name or delete_adapter it first")
 
@@ -145,10 +131,62 @@ def _check_unmerged(model: nn.Module, what: str) -> None:
         raise MergeStateError(f"{what}: the active adapter is merged into the base weights; call unmerge_lora(model) first")
 
 
-# --------------------------------------------------------------------------- adding and switching
-def _check_same_structure(model: nn.Module, name: str, config: LoRAConfig) -> LoRAState:
-    from .adapter_io import planned_state  # adapter_io imports this module
+# --------------------------------------------------------------------------- transactions
+@contextmanager
+def unchanged(model: nn.Module) -> Iterator[None]:
+    """If the block raises, put back exactly what named-adapter operations change: which adapters exist and
+    which is active, each layer's slots, banks, rank/alpha/scaling, the record and ``requires_grad`` flags."""
+    handle = lora_handle(model)
+    if handle is None or handle.record is None:
+        yield
+        return
+    named = handle.named()
+    saved_named = NamedAdapters(named.active, dict(named.configs))
+    saved_record = handle.record
+    carriers = list(_carriers(model).values())
+    slots = [(m, leaf, m._parameters.get(leaf)) for m, leaves in carriers for leaf in leaves]
+    banks = [(m, m._modules.get(BANK), dict(m._modules[BANK].items()) if BANK in m._modules else None) for m, _ in carriers]
+    meta = [(m, m.r, m.alpha, m.scaling, m.lora_active) for m, _ in carriers if isinstance(m, LoRALayer)]
+    grads = {p: p.requires_grad for p in model.parameters()}
+    try:
+        yield
+    except BaseException:
+        for m, leaf, p in slots:
+            m._parameters[leaf] = p
+        for m, bank, entries in banks:
+            if bank is None:
+                m._modules.pop(BANK, None)
+            else:
+                m._modules[BANK] = bank
+                for key in list(bank.keys()):
+                    if key not in entries:  # type: ignore[operator]
+                        del bank[key]
+                for key, value in entries.items():  # type: ignore[union-attr]
+                    bank[key] = value
+        for m, r, alpha, scaling, active in meta:
+            m.r, m.alpha, m.scaling, m.lora_active = r, alpha, scaling, active
+        handle.adapters, handle.record = saved_named, saved_record
+        for p, g in grads.items():
+            p.requires_grad_(g)
+        raise
 
+
+# --------------------------------------------------------------------------- adding and switching
+def _config_for(model: nn.Module, name: str, config: Any) -> LoRAConfig:
+    base = get_lora_state(model).config
+    if config is None:
+        return base
+    if isinstance(config, LoRAConfig):
+        return config
+    if isinstance(config, Mapping):  # options overriding the model's config, e.g. {"r": 4}
+        return LoRAConfig.from_dict(base.to_dict() | dict(config))
+    raise LoRAConfigError(
+        f"add_adapter({name!r}, config={config!r}): give a LoRAConfig, a dict of options overriding the model's "
+        "(e.g. {'r': 4}), or None (the active adapter's config)"
+    )
+
+
+def _check_same_structure(model: nn.Module, name: str, config: LoRAConfig) -> LoRAState:
     if config.variant != "lora":
         raise LoRAConfigError(
             f"add_adapter({name!r}): variant={config.variant!r}; named adapters are plain LoRA (variant='lora', "
@@ -181,28 +219,29 @@ def _check_same_structure(model: nn.Module, name: str, config: LoRAConfig) -> Lo
     return planned
 
 
-def add_adapter(model: nn.Module, name: str, config: LoRAConfig | None = None) -> None:
+def add_adapter(model: nn.Module, name: str, config: LoRAConfig | Mapping[str, Any] | None = None) -> None:
     """Add a new, freshly initialised adapter ``name`` (inactive; ``set_adapter`` activates it).
 
     A model without adapters is injected with ``config`` and its adapter is named ``name``. Otherwise
-    ``config`` (default: the active adapter's) must adapt the same modules and keep the same
-    ``modules_to_save``; ``r``/``alpha`` (and their patterns) may differ. Each ``modules_to_save`` copy
-    starts from the module's values at injection, as in PEFT.
+    ``config`` (default: the active adapter's; a dict: options overriding it) must adapt the same modules
+    and keep the same ``modules_to_save``; ``r``/``alpha`` (and their patterns) may differ. Each
+    ``modules_to_save`` copy starts from the module's values at injection, as in PEFT.
     """
     if not has_lora(model):
+        check_adapter_name(name)
         if config is None:
             raise NotInjectedError(f"add_adapter({name!r}): the model has no adapters yet; pass a LoRAConfig")
-        if not isinstance(name, str) or not name or "." in name or name.startswith("_"):
-            raise LoRAConfigError(f"adapter name {name!r} is not valid: use a non-empty string without '.' that does not start with '_'")
+        if isinstance(config, Mapping):
+            config = LoRAConfig.from_dict(config)
         inject_lora(model, config)
-        object.__setattr__(model, NAMED_ATTR, NamedAdapters(name, {name: config}))
+        injected_handle(model).adapters = NamedAdapters(name, {name: config})
         for layer in lora_layers(model).values():
             layer.lora_active = name
         return
     _check_name(model, name, exists=False)
-    config = config or get_lora_state(model).config
+    config = _config_for(model, name, config)
     planned = _check_same_structure(model, name, config)
-    originals = getattr(model, ORIGINALS_ATTR, {})
+    handle = injected_handle(model)
     built: list[tuple[nn.Module, AdapterSlots]] = []
     for module_name, (module, leaves) in _carriers(model).items():
         if isinstance(module, LoRALayer):
@@ -213,28 +252,31 @@ def add_adapter(model: nn.Module, name: str, config: LoRAConfig | None = None) -
             tensors = {}
             for leaf in leaves:
                 current = getattr(module, leaf)
-                start = originals.get(f"{module_name}.{leaf}", current).detach()
+                start = handle.originals.get(f"{module_name}.{leaf}", current).detach()
                 tensors[leaf] = nn.Parameter(start.to(device=current.device, dtype=current.dtype).clone(), requires_grad=False)
             built.append((module, AdapterSlots(tensors)))
-    for module, slots in built:  # nothing changes until every adapter tensor exists
-        for p in slots.parameters():
-            p.requires_grad_(False)
-        _bank(module)[name] = slots
-    named_adapters(model).configs[name] = config
+    with unchanged(model):  # nothing changes until every adapter tensor exists, and then all at once
+        for module, slots in built:
+            for p in slots.parameters():
+                p.requires_grad_(False)
+            _bank(module)[name] = slots
+        handle.named().configs[name] = config
 
 
 def set_adapter(model: nn.Module, name: str) -> None:
     """Make ``name`` the active adapter (the one forward uses, training updates and files hold).
     Tensor objects move between slots and bank: no copy, modules unchanged. Only it requires grad."""
     _check_name(model, name, exists=True)
-    named = named_adapters(model)
+    handle = injected_handle(model)
+    named = handle.named()
     if name == named.active:
         return
     _check_unmerged(model, f"set_adapter({name!r})")
-    _swap(model, name, named.active)
-    named.active = name
-    _refresh_state(model, name)
-    mark_trainable(model)
+    with unchanged(model):
+        _swap(model, name, named.active)
+        named.active = name
+        _refresh_record(model, handle, name)
+        mark_trainable(model)
 
 
 @contextmanager
@@ -256,27 +298,34 @@ def use_adapter(model: nn.Module, name: str, *, trainable: bool = False) -> Iter
                 p.requires_grad_(g)
 
 
+def adapter_tensors(model: nn.Module, name: str) -> list[Tensor]:
+    """The tensor objects of adapter ``name`` (in the slots if active, else in the banks), in carrier order."""
+    _check_name(model, name, exists=True)
+    active = named_adapters(model).active
+    out = []
+    for module, leaves in _carriers(model).values():
+        source = module if name == active else module._modules[BANK][name]
+        out += [getattr(source, leaf) for leaf in leaves]
+    return out
+
+
 def set_trainable_adapters(model: nn.Module, names: Sequence[str]) -> None:
     """Make the adapters ``names`` (the active one among them or not) require grad and freeze everything
     else: several adapters trained in one run (each step routes its batches through ``use_adapter(...,
     trainable=True)``; an optimizer built afterwards holds all of them)."""
+    if isinstance(names, str):
+        raise LoRAConfigError(f"set_trainable_adapters(model, {names!r}): give a list of adapter names, e.g. [{names!r}]")
     for name in names:
         _check_name(model, name, exists=True)
     mark_trainable(model)
     named = named_adapters(model)
     if named.active not in names:
-        for p in _active_tensors(model):
+        for p in adapter_tensors(model, named.active):
             p.requires_grad_(False)
-    for module, _ in _carriers(model).values():
-        bank = module._modules.get(BANK)
-        for name in names:
-            if bank is not None and name in bank:
-                for p in bank[name].parameters():
-                    p.requires_grad_(True)
-
-
-def _active_tensors(model: nn.Module) -> list[Tensor]:
-    return [getattr(module, leaf) for module, leaves in _carriers(model).values() for leaf in leaves]
+    for name in names:
+        for p in adapter_tensors(model, name):
+            if p.is_floating_point():
+                p.requires_grad_(True)
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
@@ -287,13 +336,16 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     if len(named.configs) == 1:
         raise AdapterMismatchError(f"delete_adapter({name!r}): it is the model's only adapter; call remove_lora(model) to remove LoRA")
     if name == named.active:
-        set_adapter(model, next(n for n in named.configs if n != name))
-    for module, _ in _carriers(model).values():
-        bank = _bank(module)
-        del bank[name]
-        if not len(bank):
-            del module._modules[BANK]
-    del named.configs[name]
+        _check_unmerged(model, f"delete_adapter({name!r}) (the active adapter)")
+    with unchanged(model):
+        if name == named.active:
+            set_adapter(model, next(n for n in named.configs if n != name))
+        for module, _ in _carriers(model).values():
+            bank = _bank(module)
+            del bank[name]
+            if not len(bank):
+                del module._modules[BANK]
+        del named.configs[name]
 
 
 @contextmanager
@@ -302,7 +354,7 @@ def disable_adapter(model: nn.Module) -> Iterator[None]:
     ``modules_to_save`` at their values from before injection."""
     _check_unmerged(model, "disable_adapter")
     layers = list(lora_layers(model).values())
-    originals = getattr(model, ORIGINALS_ATTR, {})
+    originals = injected_handle(model).originals
     swapped: list[tuple[nn.Module, str, Tensor]] = []
     for module_name, (module, leaves) in _carriers(model).items():
         if isinstance(module, LoRALayer):
@@ -311,9 +363,14 @@ def disable_adapter(model: nn.Module) -> Iterator[None]:
             key = f"{module_name}.{leaf}"
             if key not in originals:
                 raise AdapterMismatchError(f"disable_adapter: no value from before injection is kept for {key}")
+    for module_name, (module, leaves) in _carriers(model).items():
+        if isinstance(module, LoRALayer):
+            continue
+        for leaf in leaves:
             current = getattr(module, leaf)
             swapped.append((module, leaf, current))
-            setattr(module, leaf, nn.Parameter(originals[key].to(device=current.device, dtype=current.dtype), requires_grad=False))
+            original = originals[f"{module_name}.{leaf}"]
+            setattr(module, leaf, nn.Parameter(original.to(device=current.device, dtype=current.dtype), requires_grad=False))
     for layer in layers:
         layer.lora_disabled = True
     try:
@@ -327,11 +384,14 @@ def disable_adapter(model: nn.Module) -> Iterator[None]:
 
 def restore_named_adapters(model: nn.Module, record: dict | None) -> None:
     """Give ``model`` (whose active adapter matches the record's) the named adapters a checkpoint or file
-    recorded (``NamedAdapters.to_dict()``), so their tensors can be loaded; ``None``: only one adapter."""
+    recorded (``NamedAdapters.to_dict()``), so their tensors can be loaded; ``None``: only one adapter.
+    ``requires_grad`` flags are left as they were (loading weights does not change what trains)."""
     if not record:
         return
     saved = NamedAdapters.from_dict(record)
-    named = named_adapters(model)
+    handle = injected_handle(model)
+    named = handle.named()
+    grads = {p: p.requires_grad for p in model.parameters()}
     if named.active != saved.active:
         if saved.active in named.configs:
             set_adapter(model, saved.active)
@@ -348,16 +408,57 @@ def restore_named_adapters(model: nn.Module, record: dict | None) -> None:
         if name not in named.configs:
             add_adapter(model, name, config)
     named.configs = {n: named.configs[n] for n in saved.configs} | {n: c for n, c in named.configs.items() if n not in saved.configs}
+    for p in model.parameters():
+        p.requires_grad_(grads.get(p, False))
 
 
 # --------------------------------------------------------------------------- mixed batches
+def _route_dim(x: Tensor, rows: int, batch_dim: int | None) -> int:
+    """The dimension of ``x`` holding the samples: ``batch_dim`` if given, else 0 — refused when another
+    leading dimension has the same size (``(T, B, D)`` with ``T == B``: time or batch?)."""
+    lead = x.dim() - 1 if x.dim() > 1 else x.dim()
+    if batch_dim is not None:
+        dim = batch_dim if batch_dim >= 0 else x.dim() + batch_dim
+        if not 0 <= dim < max(1, lead):
+            raise LoRAConfigError(f"mixed_batch(batch_dim={batch_dim}) does not name a leading dimension of an input of shape {tuple(x.shape)}")
+        return dim
+    if any(x.shape[d] == rows for d in range(1, lead)) and x.shape[0] == rows:
+        raise LoRAConfigError(
+            f"mixed_batch: an adapted layer got an input of shape {tuple(x.shape)} with {rows} rows along more than one "
+            "leading dimension, so which one holds the samples is ambiguous (e.g. (T, B, D) with T == B): pass "
+            "mixed_batch(model, names, batch_dim=0) for batch-first inputs, or the dimension that holds the samples"
+        )
+    return 0
+
+
+class _Route(list):
+    """``[(name, indices)]`` of a mixed batch, plus the dimension that holds the samples (``None``: 0, refused
+    when ambiguous)."""
+
+    def __init__(self, entries: list[tuple[str | None, Tensor]], batch_dim: int | None) -> None:
+        super().__init__(entries)
+        self.batch_dim = batch_dim
+
+    @property
+    def rows(self) -> int:
+        return sum(int(idx.numel()) for _, idx in self)
+
+    def dim_of(self, x: Tensor) -> int:
+        return _route_dim(x, self.rows, self.batch_dim)
+
+
 @contextmanager
-def mixed_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iterator[None]:
-    """Forwards inside the block route sample ``i`` (dim 0 of every adapted layer's input) through
-    adapter ``adapter_names[i]``, or the base for ``None``; every output row equals running that sample
-    through its own merged model. For Linear and GPT-2 Conv1D layers (fused q/k/v included); each
-    ``modules_to_save`` module runs its rows through the matching adapter's copy (its first input and
-    its output batch-first)."""
+def mixed_batch(model: nn.Module, adapter_names: Sequence[str | None], *, batch_dim: int | None = None) -> Iterator[None]:
+    """Forwards inside the block route sample ``i`` through adapter ``adapter_names[i]``, or the base for
+    ``None``; every output row equals running that sample through its own merged model. The samples lie
+    along ``batch_dim`` of every adapted layer's input (default 0; an input with as many rows along another
+    leading dimension is refused until ``batch_dim`` is given). For Linear and GPT-2 Conv1D layers (fused
+    q/k/v included); each ``modules_to_save`` module runs its rows through the matching adapter's copy (its
+    first input and its output batch-first)."""
+    if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
+        raise LoRAConfigError(
+            f"mixed_batch(model, {adapter_names!r}): give one adapter name (or None) per sample, e.g. ['a', 'b', None]"
+        )
     names = list(adapter_names)
     known = list_adapters(model)
     unknown = sorted({n for n in names if n is not None and n not in known})
@@ -372,32 +473,32 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iterat
             f"{type(layers[unsupported[0]]).__name__}: run those samples in separate batches with set_adapter"
         )
     device = next(iter(layers.values())).lora_A.device
-    route = []
-    for name in dict.fromkeys(names):
-        idx = torch.tensor([i for i, n in enumerate(names) if n == name], dtype=torch.long, device=device)
-        route.append((name, idx))
-    routed = [_RoutedModule(model, root, route) for root in get_lora_state(model).modules_to_save]
+    route = _Route(
+        [(name, torch.tensor([i for i, n in enumerate(names) if n == name], dtype=torch.long, device=device))
+         for name in dict.fromkeys(names)],
+        batch_dim,
+    )
+    hooks = [_RoutedModule(model, root, route) for root in get_lora_state(model).modules_to_save]
+    handles = [model.get_submodule(h.root).register_forward_hook(h, with_kwargs=True) for h in hooks]
     for layer in layers.values():
         layer.lora_route = route
-    for r in routed:
-        object.__setattr__(r.module, "forward", r)  # an instance attribute: nn.Module.__call__ calls it
     try:
         yield
     finally:
         for layer in layers.values():
             layer.lora_route = None
-        for r in routed:
-            r.module.__dict__.pop("forward", None)
+        for handle in handles:
+            handle.remove()
 
 
 class _RoutedModule:
-    """A ``modules_to_save`` module's forward under :func:`mixed_batch`: the rows of its first input
-    (dim 0) routed to each adapter go through that adapter's copy of the module (``None``: its values
-    from before injection), and the outputs are put back in row order."""
+    """A forward hook on a ``modules_to_save`` module under :func:`mixed_batch`: its output is recomputed with
+    the rows of its first input (dim 0) routed to each adapter going through that adapter's copy of the
+    module (``None``: its values from before injection), and put back in row order."""
 
     def __init__(self, model: nn.Module, root: str, route: list[tuple[str | None, Tensor]]) -> None:
-        self.module, self.route = model.get_submodule(root), route
-        originals = getattr(model, ORIGINALS_ATTR, {})
+        self.root, self.module, self.route = root, model.get_submodule(root), route
+        originals = injected_handle(model).originals
         self.carriers: list[tuple[nn.Module, str, dict[str | None, Tensor]]] = []
         active = active_adapter(model)
         for name, (module, leaves) in _carriers(model).items():
@@ -409,28 +510,33 @@ class _RoutedModule:
                     values[adapter] = getattr(slots, leaf)
                 self.carriers.append((module, leaf, values))
 
-    def __call__(self, x: Tensor, *args, **kwargs) -> Tensor:
-        if not isinstance(x, Tensor) or x.shape[0] != sum(int(i.numel()) for _, i in self.route):
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        x = args[0] if args else None
+        rows = sum(int(i.numel()) for _, i in self.route)
+        if not isinstance(x, Tensor) or x.shape[0] != rows:
             raise LoRAConfigError(
                 f"mixed_batch: {type(self.module).__name__} (modules_to_save) must take the batch first in its first input"
             )
+        if rows == 0:
+            return output
         out: Tensor | None = None
         current = [(m, leaf, getattr(m, leaf)) for m, leaf, _ in self.carriers]
         try:
             for name, idx in self.route:
-                for module, leaf, values in self.carriers:
+                if idx.numel() == 0:
+                    continue
+                for carrier, leaf, values in self.carriers:
                     v = values[name]
-                    setattr(module, leaf, v if isinstance(v, nn.Parameter) else nn.Parameter(v.to(getattr(module, leaf)), requires_grad=False))
-                part = type(self.module).forward(self.module, x.index_select(0, idx), *args, **kwargs)
+                    setattr(carrier, leaf, v if isinstance(v, nn.Parameter) else nn.Parameter(v.to(getattr(carrier, leaf)), requires_grad=False))
+                part = type(self.module).forward(self.module, x.index_select(0, idx), *args[1:], **kwargs)
                 if not isinstance(part, Tensor):
                     raise LoRAConfigError(f"mixed_batch: {type(self.module).__name__} (modules_to_save) must return one tensor")
                 if out is None:
                     out = part.new_zeros((x.shape[0], *part.shape[1:]))
                 out = out.index_copy(0, idx, part)
         finally:
-            for module, leaf, value in current:
-                setattr(module, leaf, value)
-        assert out is not None
+            for carrier, leaf, value in current:
+                setattr(carrier, leaf, value)
         return out
 
 
@@ -448,9 +554,8 @@ def _part_blocks(layer: LoRALayer, A: Tensor, B: Tensor, r: int) -> list[tuple[T
     A, B = A.reshape(A.shape[0], -1), B.reshape(B.shape[0], -1)  # a convolution's A/B as matrices
     if layer.fused is None:
         return [(A, B)]
-    sizes = [size for part, size in zip(layer.fused.parts, layer.fused.sizes) if part in layer.fused.adapted]
-    rows = torch.split(B, sizes, dim=0)
-    return [(A[i * r : (i + 1) * r], rows[i]) for i in range(len(sizes))]
+    rows = torch.split(B, layer.fused.adapted_sizes(), dim=0)
+    return [(A[i * r : (i + 1) * r], rows[i]) for i in range(len(rows))]
 
 
 def _combine_layer(
@@ -482,6 +587,11 @@ def _combine_layer(
     return torch.cat(new_A, dim=0), torch.cat(new_B, dim=0)
 
 
+def _exact(name: str) -> str:
+    """A rank/alpha pattern matching the module ``name`` only (a plain name would also match ``x.<name>``)."""
+    return "re:" + re.escape(name)
+
+
 def add_weighted_adapter(
     model: nn.Module,
     adapters: Sequence[str],
@@ -502,10 +612,19 @@ def add_weighted_adapter(
     * ``svd``: the best rank-``svd_rank`` (default ``max r_i``) approximation of ``Σ w_i·ΔW_i``.
 
     The new adapter has ``alpha = r`` (scaling 1), as in PEFT; its ``modules_to_save`` start from their
-    values at injection. Inactive until ``set_adapter``."""
+    values at injection. Inactive until ``set_adapter``. Weights must be finite numbers."""
     if combination_type not in COMBINATIONS:
         raise LoRAConfigError(f"combination_type={combination_type!r} is not one of {COMBINATIONS}")
-    adapters, weights = list(adapters), [float(w) for w in weights]
+    if isinstance(adapters, str):
+        raise LoRAConfigError(f"add_weighted_adapter(adapters={adapters!r}): give a list of adapter names, e.g. [{adapters!r}]")
+    adapters = list(adapters)
+    try:
+        weights = [float(w) for w in weights]
+    except (TypeError, ValueError):
+        raise LoRAConfigError(f"add_weighted_adapter: weights={weights!r} must be numbers, one per adapter") from None
+    bad = [w for w in weights if not math.isfinite(w)]
+    if bad:
+        raise LoRAConfigError(f"add_weighted_adapter: weights {weights} include {bad[0]}, not a finite number; give finite weights")
     if not adapters or len(adapters) != len(weights):
         raise LoRAConfigError(f"add_weighted_adapter: {len(adapters)} adapters and {len(weights)} weights; give one weight per adapter")
     for a in adapters:
@@ -518,12 +637,19 @@ def add_weighted_adapter(
     ranks = {a: {n: _factors(layer, a)[3] for n, layer in layers.items()} for a in adapters}
     if combination_type == "linear" and len({tuple(r.values()) for r in ranks.values()}) > 1:
         raise AdapterMismatchError(f"combination_type='linear' needs adapters of the same ranks; {adapters} differ: use 'cat' or 'svd'")
+    limit = {n: min(layer.in_features, layer.fused.smallest_adapted if layer.fused else layer.out_features) for n, layer in layers.items()}
     if combination_type == "cat":
         new_ranks = {n: sum(ranks[a][n] for a in adapters) for n in layers}
+        too_big = [n for n in layers if new_ranks[n] > limit[n]]
+        if too_big:
+            n = too_big[0]
+            raise LoRAConfigError(
+                f"combination_type='cat' stacks the adapters to rank {new_ranks[n]} on {n}, more than min(d_in, d_out)="
+                f"{limit[n]}: use combination_type='svd' with svd_rank <= {limit[n]}, or combine fewer adapters"
+            )
     elif combination_type == "linear":
         new_ranks = dict(ranks[adapters[0]])
     else:
-        limit = {n: min(layer.in_features, layer.fused.smallest_adapted if layer.fused else layer.out_features) for n, layer in layers.items()}
         new_ranks = {n: svd_rank if svd_rank is not None else max(ranks[a][n] for a in adapters) for n in layers}
         too_big = [n for n in layers if new_ranks[n] > limit[n] or new_ranks[n] < 1]
         if too_big:
@@ -539,16 +665,22 @@ def add_weighted_adapter(
     r0 = next(iter(new_ranks.values()))
     config = dataclasses.replace(
         configs[0], r=r0, alpha=float(r0), use_rslora=False, init_seed=None,
-        rank_pattern={} if uniform else {n: r for n, r in new_ranks.items()},
-        alpha_pattern={} if uniform else {n: float(r) for n, r in new_ranks.items()},
+        rank_pattern={} if uniform else {_exact(n): r for n, r in new_ranks.items()},
+        alpha_pattern={} if uniform else {_exact(n): float(r) for n, r in new_ranks.items()},
     )
-    add_adapter(model, adapter_name, config)
-    with torch.no_grad():
-        for n, layer in layers.items():
-            slots = layer.lora_bank[adapter_name]  # type: ignore[attr-defined]
-            A, B = tensors[n]
-            slots.lora_A.copy_(A.reshape(slots.lora_A.shape))
-            slots.lora_B.copy_(B.reshape(slots.lora_B.shape))
+    with unchanged(model):
+        add_adapter(model, adapter_name, config)
+        with torch.no_grad():
+            for n, layer in layers.items():
+                slots = layer.lora_bank[adapter_name]  # type: ignore[attr-defined]
+                A, B = tensors[n]
+                if A.numel() != slots.lora_A.numel() or B.numel() != slots.lora_B.numel():
+                    raise AdapterMismatchError(
+                        f"add_weighted_adapter: the combined adapter of {n} has A {tuple(A.shape)}, B {tuple(B.shape)} but its "
+                        f"slots are {tuple(slots.lora_A.shape)}, {tuple(slots.lora_B.shape)}"
+                    )
+                slots.lora_A.copy_(A.reshape(slots.lora_A.shape))
+                slots.lora_B.copy_(B.reshape(slots.lora_B.shape))
 
 
 __all__ = [
@@ -557,6 +689,7 @@ __all__ = [
     "active_adapter",
     "add_adapter",
     "add_weighted_adapter",
+    "adapter_tensors",
     "delete_adapter",
     "disable_adapter",
     "has_named_adapters",
@@ -565,5 +698,7 @@ __all__ = [
     "named_adapters",
     "restore_named_adapters",
     "set_adapter",
+    "set_trainable_adapters",
+    "unchanged",
     "use_adapter",
 ]

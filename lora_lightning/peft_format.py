@@ -11,7 +11,9 @@ Fused-block adapters (``targets=["q", "v"]`` on GPT-2's ``c_attn``) export exact
 whole-``c_attn`` PEFT adapter of rank ``n·r``: ``A' = [A_q; A_v]`` and ``B'`` block-structured,
 ``[[B_q, 0], [0, 0], [0, B_v]]`` (zero rows for k), so ``B'A' = [B_q A_q; 0; B_v A_v]``; the
 module gets ``rank_pattern = n·r`` and ``alpha_pattern`` chosen so PEFT's scaling equals ours.
-Adapters inside ``nn.MultiheadAttention`` cannot be exported (PEFT lays those out differently).
+Each layer kind says how its adapter looks in PEFT's layout, or refuses in one line where PEFT would
+compute something else (``nn.MultiheadAttention``; convolutions with dilation or non-zero padding modes,
+which PEFT's ``lora_A`` convolution ignores). Tied weights sharing one adapter have no PEFT layout either.
 """
 
 from __future__ import annotations
@@ -27,11 +29,13 @@ import torch
 from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
+from . import registry
 from .adapter_io import atomic_write_bytes
 from .config import LoRAConfig
-from .errors import AdapterFileError, AdapterMismatchError, AlreadyInjectedError, LoRAConfigError
+from .errors import AdapterFileError, AdapterMismatchError, AlreadyInjectedError, LoRAConfigError, TargetNotFoundError
 from .injection import BANK, get_lora_state, has_lora, inject_lora, lora_layers
-from .layers import LoRAMultiheadAttention
+from .layers import LoRALayer, is_lora_layer
+from .named import active_adapter, add_adapter, check_adapter_name, delete_adapter, list_adapters, use_adapter
 
 PEFT_PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -73,8 +77,6 @@ def export_peft_adapter(
     ``submodule``: attribute path of the Hugging Face model inside ``model`` (e.g. ``"model"``
     in a LightningModule); PEFT names are relative to it. Returns the directory.
     """
-    from .named import active_adapter, use_adapter
-
     if adapter_name is not None and adapter_name != active_adapter(model):
         with use_adapter(model, adapter_name, trainable=True):
             return export_peft_adapter(model, directory, base_model_name_or_path, submodule)
@@ -90,12 +92,14 @@ def export_peft_adapter(
             "PEFT LoRA equivalent here; save with save_adapter(), or merge_and_unload() for a plain model"
         )
     layers = lora_layers(model)
-    mha = [n for n, m in model.named_modules() if isinstance(m, LoRAMultiheadAttention)]
-    if mha:
-        raise LoRAConfigError(
-            f"adapters inside nn.MultiheadAttention ({mha[0]}) have no PEFT equivalent layout; merge them "
-            "(merge_and_unload) or save with save_adapter() instead"
-        )
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALayer) and module.lora_tie is not None:
+            raise LoRAConfigError(
+                f"{name} shares the adapter of its tied weight with another module; PEFT has no layout for one adapter "
+                "on two modules: save with save_adapter(), or merge_and_unload() for a plain model"
+            )
+        if isinstance(module, LoRALayer) and not is_lora_layer(module):  # a host: its kind decides
+            registry.layer_kind(module.lora_kind).peft_tensors(module)
     if any(layer.merged for layer in layers.values()):
         raise LoRAConfigError("the adapters are merged into the base weights; call unmerge_lora(model) before exporting")
     tensors: dict[str, Tensor] = {}
@@ -105,23 +109,18 @@ def export_peft_adapter(
     fan_in_fan_out = []
     for name, layer in layers.items():
         rel = _relative(name, submodule)
-        if layer.kind in ("embedding", "conv"):  # PEFT keeps these in the layer's own shapes
-            A, B = layer.lora_A.detach(), layer.lora_B.detach()
-        else:
-            A, B, _ = (t.detach() if isinstance(t, Tensor) else t for t in layer.factors())  # fused: block-structured B'
-        r_eff = A.shape[0]
+        kind = registry.layer_kind(layer.lora_kind)
+        for leaf, value in kind.peft_tensors(layer).items():  # fused: block-structured B'; embedding/conv: own shapes
+            tensors[f"{PEFT_PREFIX}{rel}.{leaf}"] = value
+        r_eff = kind.peft_rank(layer)
         alpha_eff = layer.scaling * (math.sqrt(r_eff) if config.use_rslora else r_eff)
-        if layer.kind == "embedding":
-            tensors[f"{PEFT_PREFIX}{rel}.lora_embedding_A"], tensors[f"{PEFT_PREFIX}{rel}.lora_embedding_B"] = A, B
-        else:
-            tensors[f"{PEFT_PREFIX}{rel}.lora_A.weight"], tensors[f"{PEFT_PREFIX}{rel}.lora_B.weight"] = A, B
         targets.append(rel)
         pattern = "^" + re.escape(rel)  # PEFT matches patterns with re.match(r"(.*\.)?(pattern)$", name)
         if r_eff != config.r:
             rank_pattern[pattern] = r_eff
         if not math.isclose(alpha_eff, config.alpha, rel_tol=1e-12):
             alpha_pattern[pattern] = alpha_eff
-        if layer.kind in ("linear", "conv1d"):  # PEFT's fan_in_fan_out describes Linear-like weights only
+        if kind.linear:  # PEFT's fan_in_fan_out describes Linear-like weights only
             fan_in_fan_out.append(layer.fan_in_fan_out)
     for saved in state.modules_to_save:
         rel = _relative(saved, submodule)
@@ -159,8 +158,6 @@ def export_peft_adapters(
     """Every named adapter in PEFT's multi-adapter layout: ``"default"`` (or the first) in ``directory``,
     each other one in ``directory/<name>`` (``PeftModel.from_pretrained(base, directory)`` then
     ``model.load_adapter(directory/<name>, adapter_name=<name>)``). Returns the directory."""
-    from .named import list_adapters
-
     names = list_adapters(model)
     first = "default" if "default" in names else names[0]
     directory = Path(directory)
@@ -224,6 +221,8 @@ def import_peft_adapter(
     ``submodule``: where the Hugging Face model sits inside ``model`` (e.g. ``"model"``).
     Returns the equivalent :class:`LoRAConfig` (exact module names as targets).
     """
+    if adapter_name is not None:
+        check_adapter_name(adapter_name)
     if has_lora(model) and adapter_name is None:
         raise AlreadyInjectedError(
             f"{type(model).__name__} already has LoRA adapters; import a PEFT adapter into a model without "
@@ -271,8 +270,15 @@ def import_peft_adapter(
         alpha_pattern=alpha_pattern,
         use_rslora=bool(cfg.get("use_rslora", False)),
     )
-    from .named import add_adapter, delete_adapter, use_adapter
-
+    for module in lora:
+        try:
+            target = model.get_submodule(prefix + module)
+        except AttributeError:
+            raise AdapterMismatchError(f"the PEFT adapter adapts {module!r}, which {type(model).__name__} does not have") from None
+        kind = registry.kind_of(target)
+        if kind is None:
+            raise TargetNotFoundError(f"the PEFT adapter adapts {module!r}, a {type(target).__name__}, which lora_lightning does not adapt")
+        kind.check_peft_import(target, prefix + module)
     if has_lora(model):
         add_adapter(model, adapter_name, config)  # type: ignore[arg-type]
         try:

@@ -1,5 +1,9 @@
-"""Which weight matrices a :class:`~lora_lightning.LoRAConfig` adapts: target patterns, fused
-projections and the injection plan.
+"""The injection plan: which weight matrices a :class:`~lora_lightning.LoRAConfig` adapts, at which
+rank, and how (target patterns, fused projections, tied weights).
+
+The plan is computed once per injection, without changing the model, and everything after it
+(building layers, the record, loading checks, budgets) reads the plan. It knows layer kinds and
+variants only through :mod:`lora_lightning.registry`, so it sits below the modules that implement them.
 
 Targets are resolved against module names from ``model.named_modules()``:
 
@@ -32,12 +36,12 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
+from . import registry
 from .config import LoRAConfig
 from .errors import LoRAConfigError, RankTooLargeError, TargetNotFoundError
-from .layers import MHA_PARTS, FusedSlices, LoRALayer, base_kind
-from .variants.registry import get_variant
 
 # alias -> name suffixes (regex fragments anchored at a dot boundary and at the end of the name)
 ALIASES: dict[str, tuple[str, ...]] = {
@@ -84,15 +88,14 @@ ALIASES: dict[str, tuple[str, ...]] = {
 }
 HEAD_NAMES = ("classifier", "lm_head", "score", "qa_outputs", "head", "pooler", "cls")
 ALL_LINEAR = "all-linear"
-ADAPTABLE_KINDS = ("linear", "conv1d", "embedding", "conv")  # what a target may name as a whole module
-LINEAR_KINDS = ("linear", "conv1d")  # what all-linear adapts
 
 
 # --------------------------------------------------------------------------- patterns
 def compile_pattern(spec: str) -> Callable[[str], bool]:
-    """A predicate on full module names for a target spec (alias, suffix, glob or ``re:``)."""
+    """A predicate on full module names for a target spec (alias, suffix, glob or ``re:``). An alias
+    also matches a module literally called by it (a module named ``embed`` is matched by ``embed``)."""
     if spec in ALIASES:
-        regex = re.compile(r"(?:^|\.)(?:" + "|".join(ALIASES[spec]) + r")$")
+        regex = re.compile(r"(?:^|\.)(?:" + "|".join((*ALIASES[spec], re.escape(spec))) + r")$")
         return lambda name: regex.search(name) is not None
     if spec == ALL_LINEAR:
         return lambda name: not any(part in HEAD_NAMES for part in name.split("."))
@@ -133,7 +136,79 @@ def first_match(patterns: dict[str, Any], name: str) -> Any | None:
     return None
 
 
+def kind_name(module: nn.Module) -> str | None:
+    """The registered layer kind of ``module`` (``linear``, ``conv1d``, ``mha``, ...), or ``None``."""
+    kind = registry.kind_of(module)
+    return None if kind is None else kind.name
+
+
+def adaptable_description() -> str:
+    """``'nn.Linear, GPT-2 Conv1D, ...'``: what the registered layer kinds adapt, for error messages."""
+    return ", ".join(k.description for k in registry.LAYER_KINDS.values())
+
+
 # --------------------------------------------------------------------------- fused layouts
+@dataclass(frozen=True)
+class FusedSlices:
+    """Row layout of a fused projection, e.g. GPT-2 ``c_attn``: ``W = [Wq; Wk; Wv]`` (``parts``
+    ``("q", "k", "v")`` with ``sizes`` rows each). Only the ``adapted`` parts get an adapter
+    ``B_i·A_i`` (loralib's ``MergedLinear``); the other rows' outputs stay exactly the base's."""
+
+    parts: tuple[str, ...]
+    sizes: tuple[int, ...]
+    adapted: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.parts) != len(self.sizes) or not self.adapted or set(self.adapted) - set(self.parts):
+            raise LoRAConfigError(
+                f"fused layout parts={self.parts} sizes={self.sizes} adapted={self.adapted} is inconsistent: "
+                "give one size per part and adapt a non-empty subset of the parts"
+            )
+
+    @property
+    def d_out(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def adapted_rows(self) -> int:
+        """Rows of the stacked ``lora_B``: the summed sizes of the adapted parts."""
+        return sum(n for p, n in zip(self.parts, self.sizes) if p in self.adapted)
+
+    @property
+    def smallest_adapted(self) -> int:
+        return min(n for p, n in zip(self.parts, self.sizes) if p in self.adapted)
+
+    def segments(self) -> list[tuple[str, int, int, int | None, int]]:
+        """``(part, row_start, size, adapter_index or None, b_row_start)`` in layout order."""
+        out, start, i, b = [], 0, 0, 0
+        for part, size in zip(self.parts, self.sizes):
+            if part in self.adapted:
+                out.append((part, start, size, i, b))
+                i, b = i + 1, b + size
+            else:
+                out.append((part, start, size, None, b))
+            start += size
+        return out
+
+    def adapted_sizes(self) -> list[int]:
+        return [size for part, size in zip(self.parts, self.sizes) if part in self.adapted]
+
+    def expand_B(self, B: Tensor, r: int) -> Tensor:
+        """The stacked ``B (Σ adapted sizes x r)`` as the whole matrix's ``B' (d_out x n·r)``:
+        block ``i`` of ``B`` in its rows and columns ``i·r..(i+1)·r``, zeros elsewhere, so that
+        ``B'·A' = [B_q A_q; 0; B_v A_v]`` for ``A' = [A_q; A_v]`` (differentiable)."""
+        n = len(self.adapted)
+        rows = []
+        for _, _, size, i, b in self.segments():
+            if i is None:
+                rows.append(B.new_zeros(size, n * r))
+            else:
+                blocks = [B.new_zeros(size, r)] * n
+                blocks[i] = B[b : b + size]
+                rows.append(torch.cat(blocks, 1))
+        return torch.cat(rows, 0)
+
+
 @dataclass(frozen=True)
 class FusedLayout:
     """Modules whose name matches ``pattern`` (target syntax: suffix, glob or ``re:``) stack
@@ -184,11 +259,14 @@ def register_fused_layout(pattern: str, parts: Sequence[str], sizes: Sequence[in
 
 
 def fused_layout(name: str, module: nn.Module) -> FusedLayout | None:
-    """The layout of ``module`` (named ``name``) if it is a known fused projection."""
-    kind = base_kind(module)
-    if kind == "mha":
-        return FusedLayout("nn.MultiheadAttention", MHA_PARTS)
-    if kind not in ("linear", "conv1d"):
+    """The layout of ``module`` (named ``name``) if it is a fused projection: a kind with fixed parts
+    (``nn.MultiheadAttention``'s q/k/v), or a fusable kind (Linear, GPT-2 Conv1D) matching a registered layout."""
+    kind = registry.kind_of(module)
+    if kind is None:
+        return None
+    if kind.fused_parts:
+        return FusedLayout(kind.description, tuple(kind.fused_parts))
+    if not kind.fusable:
         return None
     for layout in FUSED_LAYOUTS:
         if compile_pattern(layout.pattern)(name):
@@ -197,19 +275,20 @@ def fused_layout(name: str, module: nn.Module) -> FusedLayout | None:
 
 
 def module_dims(module: nn.Module) -> tuple[int, int]:
-    """``(d_out, d_in)`` of an adaptable module's whole weight (an MHA: its ``3E x E`` in-projection)."""
-    kind = base_kind(module)
-    if kind == "mha":
-        return 3 * module.embed_dim, module.embed_dim
-    if isinstance(module, LoRALayer):
-        return module.out_features, module.in_features
-    if kind == "conv1d":
-        return module.weight.shape[1], module.weight.shape[0]
-    if kind == "embedding":  # a lookup is a product with a one-hot input: d_in = vocabulary, d_out = width
-        return module.embedding_dim, module.num_embeddings
-    if kind == "conv":  # the kernel flattened: d_in = in_channels · ∏ kernel
-        return module.out_channels, module.in_channels * math.prod(module.kernel_size)
-    return module.out_features, module.in_features
+    """``(d_out, d_in)`` of an adaptable module's whole weight as a ``d_out x d_in`` matrix (an MHA: its
+    ``3E x E`` in-projection; an embedding: ``dim x vocabulary``; a convolution: ``out x in·∏kernel``)."""
+    kind = registry.kind_of(module)
+    if kind is None:
+        raise TargetNotFoundError(f"{type(module).__name__} is not a layer LoRA adapts ({adaptable_description()})")
+    return kind.dims(module)
+
+
+def module_weight(module: nn.Module) -> Tensor:
+    """The stored weight an adapter of ``module`` changes (``weight``; ``in_proj_weight`` of an MHA)."""
+    kind = registry.kind_of(module)
+    if kind is None:
+        raise TargetNotFoundError(f"{type(module).__name__} is not a layer LoRA adapts ({adaptable_description()})")
+    return kind.weight(module)
 
 
 # --------------------------------------------------------------------------- the plan
@@ -220,6 +299,8 @@ class AdapterSpec:
     For a fused projection ``parts`` names the adapted row blocks (e.g. ``("q", "v")`` of GPT-2's
     ``c_attn``) and ``d_out`` is the sum of their sizes; each block gets its own ``A_i``, ``B_i``.
     ``variant`` names the registered variant whose layer adapts it (it decides :attr:`num_params`).
+    ``tied``: other modules holding the same weight; they read this module's adapter (one ``ΔW`` for the
+    one weight, so merging stays exact). ``aliases``: other names of this very module object.
     """
 
     name: str
@@ -233,19 +314,34 @@ class AdapterSpec:
     scaling: float | None = None
     variant: str = "lora"
     config: LoRAConfig | None = field(default=None, repr=False, compare=False)  # the variant's options
-    tied: tuple[str, ...] = ()  # modules sharing this one's weight: they get the same adapter layer
+    tied: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()
 
     @property
     def num_params(self) -> int:
         """Trainable adapter parameters of this matrix, exactly (the variant's count; plain LoRA:
         ``r·(d_in + d_out)``, per adapted block of a fused matrix ``Σ r·(d_in + size_i)``)."""
-        variant = get_variant(self.variant)
+        variant = registry.variant(self.variant)
         return variant.num_params(self, self.config or variant.config_class())
 
     def structure(self) -> dict[str, Any]:
         """What an adapter must match to load here: ``{kind, d_out, d_in, r, alpha, scaling, parts}``."""
         out = {k: v for k, v in asdict(self).items() if k in ("kind", "d_out", "d_in", "r", "alpha", "scaling")}
         return out | {"parts": list(self.parts)}
+
+
+class Plan(list):  # list[AdapterSpec]
+    """The result of :func:`plan_injection`: one :class:`AdapterSpec` per adapted matrix (a list), plus the
+    ``config`` it was planned from and the resolved ``modules_to_save``."""
+
+    def __init__(self, specs: Iterable[AdapterSpec], config: LoRAConfig, modules_to_save: list[str]) -> None:
+        super().__init__(specs)
+        self.config = config
+        self.modules_to_save = modules_to_save
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self]
 
 
 @dataclass
@@ -259,7 +355,8 @@ class Target:
     d_in: int
     parts: tuple[str, ...] = ()
     fused: FusedSlices | None = None
-    tied: tuple[str, ...] = ()  # other modules holding the same weight (T5's encoder/decoder embed_tokens)
+    tied: tuple[str, ...] = ()  # other modules holding the same weight (they read this one's adapter)
+    aliases: tuple[str, ...] = ()  # other names of the same module object
 
     @property
     def max_rank(self) -> int:
@@ -268,7 +365,7 @@ class Target:
     def spec(self, r: int, alpha: float, scaling: float | None, config: LoRAConfig) -> AdapterSpec:
         """This target adapted at rank ``r`` by ``config``'s variant."""
         return AdapterSpec(self.name, self.d_out, self.d_in, r, alpha, self.parts, self.fused, self.kind, scaling, config.variant,
-                           config, self.tied)
+                           config, self.tied, self.aliases)
 
 
 def resolve_modules_to_save(model: nn.Module, patterns: list[str]) -> list[str]:
@@ -288,6 +385,21 @@ def resolve_modules_to_save(model: nn.Module, patterns: list[str]) -> list[str]:
     return [n for n in chosen if not any(n.startswith(o + ".") for o in chosen if o != n)]
 
 
+def _no_match_error(model: nn.Module, spec: str, match: Callable[[str], bool], whole: dict[str, nn.Module]) -> TargetNotFoundError:
+    others = [f"{n} ({type(m).__name__})" for n, m in model.named_modules() if n and match(n)][:5]
+    hint = (
+        f" It matches {others}, which are not layers LoRA adapts ({adaptable_description()}): target the adaptable "
+        "layers inside them."
+        if others
+        else ""
+    )
+    return TargetNotFoundError(
+        f"target {spec!r} matched no Linear module (nor any other layer LoRA adapts) in {type(model).__name__}.{hint} "
+        f"Adaptable modules: {summarize_names(whole)}. Use an alias (q, k, v, o, mlp, embed, all-linear), "
+        "a name suffix such as 'attention.self.query', a glob such as '*.query', or 're:<regex>'."
+    )
+
+
 def resolve_targets(model: nn.Module, config: LoRAConfig) -> list[Target]:
     """The matrices ``config`` targets in ``model`` (ranks aside), without changing it. Raises on any
     mismatch: a target matching nothing lists the candidate names."""
@@ -298,35 +410,26 @@ def resolve_targets(model: nn.Module, config: LoRAConfig) -> list[Target]:
     for name, module in model.named_modules():
         if not name or not kept(name):
             continue
-        kind = base_kind(module)
+        kind = registry.kind_of(module)
+        if kind is None:
+            continue
         layout = fused_layout(name, module)
         if layout is not None:
             fused[name] = (module, layout)
-        if kind in ADAPTABLE_KINDS:
+        if kind.whole_module:
             whole[name] = module
     if not whole and not fused:
         raise TargetNotFoundError(
-            f"{type(model).__name__} has no nn.Linear module to adapt "
+            f"{type(model).__name__} has no layer LoRA adapts ({adaptable_description()}) "
             "(if the model is built in configure_model(), inject after it has run)"
         )
     chosen: dict[str, set[str] | None] = {}  # name -> adapted fused parts, None = whole matrix
-    all_names = [n for n, _ in model.named_modules() if n]
     for spec in config.targets:
         match = compile_pattern(spec)
-        hits = [n for n in whole if match(n) and (spec != ALL_LINEAR or base_kind(whole[n]) in LINEAR_KINDS)]
+        hits = [n for n in whole if match(n) and (spec != ALL_LINEAR or registry.kind_of(whole[n]).linear)]
         part_hits = [n for n, (_, layout) in fused.items() if spec in layout.parts]
         if not hits and not part_hits:
-            others = [f"{n} ({type(model.get_submodule(n)).__name__})" for n in all_names if match(n)][:5]
-            hint = (
-                f" It matches non-Linear module(s) {others}: LoRA adapts Linear layers, target their Linear children."
-                if others
-                else ""
-            )
-            raise TargetNotFoundError(
-                f"target {spec!r} matched no Linear module (nor Embedding or Conv) in {type(model).__name__}.{hint} "
-                f"Adaptable modules: {summarize_names(whole)}. Use an alias (q, k, v, o, mlp, embed, all-linear), "
-                "a name suffix such as 'attention.self.query', a glob such as '*.query', or 're:<regex>'."
-            )
+            raise _no_match_error(model, spec, match, whole)
         for n in hits:
             chosen[n] = None  # the whole matrix (wins over adapting some of its blocks)
         for n in part_hits:
@@ -352,57 +455,106 @@ def resolve_targets(model: nn.Module, config: LoRAConfig) -> list[Target]:
                 f"available blocks: {present} (negative indices count from the end)"
             )
         names = [n for n in names if indexed[n] in wanted]
+    aliases = _aliases(model)
+    followers = _tie_followers(whole, [n for n in names if chosen[n] is None])
+    _refuse_double_updates(model, names, chosen, followers)
+    leader_of = {f: leader for leader, fs in followers.items() for f in fs}
     targets = []
-    ties = _weight_ties(whole)  # modules sharing one weight are adapted once, under the first one's name
-    primary_of = {other: first for first, others in ties.items() for other in others}
-    for n in names:
-        if n in primary_of and chosen[n] is None:
-            chosen[primary_of[n]] = None
-    names = list(dict.fromkeys(primary_of.get(n, n) if chosen[n] is None else n for n in names))
-    for n in names:
-        if chosen[n]:
+    for n in dict.fromkeys(leader_of.get(n, n) if chosen.get(n) is None else n for n in names):
+        if chosen.get(n):
             module, layout = fused[n]
-            if base_kind(module) == "mha" and not getattr(module, "_same_dim", module._qkv_same_embed_dim):
-                raise LoRAConfigError(
-                    f"{n} is an nn.MultiheadAttention with kdim/vdim != embed_dim (separate q/k/v_proj_weight); LoRA on "
-                    f"its {sorted(chosen[n])} is not supported: target only 'o' (its out_proj) there"
-                )
-            d_out, d_in = module_dims(module)
+            kind = registry.kind_of(module)
+            kind.check_parts(module, n, sorted(chosen[n]))  # type: ignore[arg-type]
+            d_out, d_in = kind.dims(module)
             slices = layout.slices(d_out, n, sorted(chosen[n]))  # type: ignore[arg-type]
-            targets.append(Target(n, base_kind(module) or "linear", slices.adapted_rows, d_in, slices.adapted, slices))
+            targets.append(Target(n, kind.name, slices.adapted_rows, d_in, slices.adapted, slices, aliases=aliases.get(n, ())))
         else:
-            d_out, d_in = module_dims(whole[n])
-            targets.append(Target(n, base_kind(whole[n]) or "linear", d_out, d_in, tied=ties.get(n, ())))
+            kind = registry.kind_of(whole[n])
+            d_out, d_in = kind.dims(whole[n])
+            targets.append(Target(n, kind.name, d_out, d_in, tied=followers.get(n, ()), aliases=aliases.get(n, ())))
     return targets
 
 
-def _weight_ties(modules: dict[str, nn.Module]) -> dict[str, tuple[str, ...]]:
-    """``{first name: other names}`` for modules of one kind holding the same weight Parameter (one
-    adapter must serve all of them, or merging would fold several updates into one tensor)."""
-    groups: dict[tuple[int, str | None], list[str]] = {}
-    for name, module in modules.items():
-        weight = getattr(module, "weight", None)
-        if isinstance(weight, nn.Parameter) and not isinstance(module, LoRALayer):
-            groups.setdefault((id(weight), base_kind(module)), []).append(name)
-    return {names[0]: tuple(names[1:]) for names in groups.values() if len(names) > 1}
+def _aliases(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """``{first name: other names}`` of module objects registered under several names (``model.a`` and
+    ``model.b`` being one module): every name must reach the adapted layer."""
+    names: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if name:
+            names.setdefault(id(module), []).append(name)
+    return {ns[0]: tuple(ns[1:]) for ns in names.values() if len(ns) > 1}
 
 
-def plan_injection(model: nn.Module, config: LoRAConfig) -> list[AdapterSpec]:
+def _refuse_double_updates(
+    model: nn.Module, names: list[str], chosen: dict[str, set[str] | None], followers: dict[str, tuple[str, ...]]
+) -> None:
+    """Two targets holding one weight whose adapters could not be one (a fused projection's blocks): merging
+    would add both updates to the one weight. Refused, naming both."""
+    shared = {f for fs in followers.values() for f in fs}
+    owner: dict[int, str] = {}
+    for n in names:
+        if n in shared:
+            continue
+        module = model.get_submodule(n)
+        weight = registry.kind_of(module).weight(module)
+        if id(weight) in owner and (chosen.get(n) is not None or chosen.get(owner[id(weight)]) is not None):
+            raise LoRAConfigError(
+                f"{owner[id(weight)]} and {n} hold one weight and are fused projections, so their adapters would add two "
+                "updates to it (merging could not be exact): target the blocks of only one of them, or untie the weights"
+            )
+        owner.setdefault(id(weight), n)
+
+
+def _tie_followers(whole: dict[str, nn.Module], chosen: list[str]) -> dict[str, tuple[str, ...]]:
+    """``{leader: followers}`` for weights held by several modules (tied weights) of which one is targeted:
+    the targeted modules and every module *of the same kind* holding that weight (T5's ``shared`` and
+    ``encoder/decoder.embed_tokens``: one weight, one embedding table) share one adapter, owned by the first in
+    module order, so ``ΔW`` of the one weight is one tensor and merging stays exact. A module of another kind
+    holding it (GPT-2's ``lm_head`` under ``wte``) shares it only when targeted too; otherwise merging is
+    refused while it reads the weight."""
+    groups: dict[int, list[str]] = {}
+    for n, module in whole.items():
+        weight = registry.kind_of(module).weight(module)
+        if isinstance(weight, nn.Parameter):
+            groups.setdefault(id(weight), []).append(n)
+    wanted = set(chosen)
+    out = {}
+    for members in groups.values():
+        picked = [m for m in members if m in wanted]
+        if len(members) < 2 or not picked:
+            continue
+        kinds = {registry.kind_of(whole[m]).name for m in picked}
+        included = [m for m in members if m in wanted or registry.kind_of(whole[m]).name in kinds]
+        if len(included) > 1:
+            out[included[0]] = tuple(included[1:])
+    return out
+
+
+def plan_injection(model: nn.Module, config: LoRAConfig) -> Plan:
     """Resolve ``config`` against ``model`` without changing it: one :class:`AdapterSpec` per adapted
     matrix, with its rank, alpha and scaling. Raises on any mismatch (a rank larger than a matrix, a
     rank/alpha pattern matching nothing, a variant that cannot adapt a target)."""
     targets = resolve_targets(model, config)
-    names = [t.name for t in targets]
+    names = [t.name for t in targets] + [f for t in targets for f in t.tied]
     for pattern in list(config.rank_pattern) + list(config.alpha_pattern):
         if not any(compile_pattern(pattern)(n) for n in names):
             raise TargetNotFoundError(
                 f"rank/alpha pattern {pattern!r} matches none of the adapted modules: {summarize_names(names)}"
             )
-    variant = get_variant(config.variant)
+    variant = registry.variant(config.variant)
     specs = []
     for t in targets:
         r = int(first_match(config.rank_pattern, t.name) or config.r)
-        alpha, scaling = variant.alpha_and_scaling(config, r, float(first_match(config.alpha_pattern, t.name) or config.alpha))
+        raw_alpha = float(first_match(config.alpha_pattern, t.name) or config.alpha)
+        for follower in t.tied:
+            r_f = int(first_match(config.rank_pattern, follower) or config.r)
+            a_f = float(first_match(config.alpha_pattern, follower) or config.alpha)
+            if (r_f, a_f) != (r, raw_alpha):
+                raise LoRAConfigError(
+                    f"{t.name} and {follower} hold one tied weight and so share one adapter, but rank_pattern/alpha_pattern "
+                    f"give them r={r}/{r_f}, alpha={raw_alpha:g}/{a_f:g}: give both the same rank and alpha"
+                )
+        alpha, scaling = variant.alpha_and_scaling(config, r, raw_alpha)
         if r > t.max_rank:
             shape = f"{t.fused.smallest_adapted if t.fused else t.d_out}x{t.d_in}"
             raise RankTooLargeError(
@@ -412,7 +564,8 @@ def plan_injection(model: nn.Module, config: LoRAConfig) -> list[AdapterSpec]:
             )
         specs.append(t.spec(r, alpha, scaling, config))
     variant.check_targets(model, config, specs)
-    return specs
+    saved = resolve_modules_to_save(model, config.modules_to_save) if config.modules_to_save else []
+    return Plan(specs, config, saved)
 
 
 def lora_parameter_count(specs: Iterable[AdapterSpec]) -> int:

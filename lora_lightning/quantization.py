@@ -10,7 +10,9 @@ stay in full precision and are the only trainable tensors); ``LoRAConfig(quantiz
   double-quantized absmax), the storage PEFT and LitGPT use for QLoRA; run on the CPU too.
 * ``bnb-int8`` — bitsandbytes' row-wise int8 (``int8_vectorwise_quant``, LLM.int8's weight format).
 
-Each format registers a :class:`Quantizer` in :data:`QUANTIZERS`.
+Each format is a :class:`Quantizer` registered with :func:`register_quantizer` (in
+:mod:`lora_lightning.registry`); a new format is one subclass and one call, and is then accepted by
+``LoRAConfig(quantize_base=...)``, listed by the Hydra app and checked by the conformance battery.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from . import registry
 from .errors import LoRAConfigError
 
 NF4_BLOCK = 64
@@ -31,7 +34,8 @@ BNB_BLOCK = 64
 
 class Quantizer:
     """A storage format: ``quantize(W) -> (stored, state)``, ``dequantize(stored, state) -> W'``; ``state``
-    is a per-row scale tensor, a bitsandbytes ``QuantState`` or ``None``."""
+    is a per-row scale tensor, a dict of tensors (kept as buffers beside the weight), a bitsandbytes
+    ``QuantState`` or ``None``."""
 
     name = ""
     requires = ""  # the package it needs, for error messages
@@ -81,20 +85,36 @@ def _nf4_bound(w: Tensor, block: int) -> Tensor:
 
 
 class TorchaoNF4(Quantizer):
+    """torchao's NF4 (``to_nf4``), stored as plain tensors — the packed 4-bit codes (``uint8``, two per byte) and,
+    as ``state``, the double-quantized block scalers, their factors and mean, the 16-level code and the shape —
+    not as torchao's ``NF4Tensor`` subclass, so ``copy.deepcopy``, ``state_dict()`` clones, ``.to()`` and pickling
+    work on every weight shape (``NF4Tensor.clone`` re-quantizes with its default scaler block of 256 and fails
+    on weights with fewer blocks). :meth:`dequantize` is ``NF4Tensor.get_original_weight`` written out."""
+
     name, requires, block = "nf4", "torchao", NF4_BLOCK
 
     def load(self) -> None:
         torchao_nf4()
 
     def quantize(self, w: Tensor) -> tuple[Tensor, Any]:
-        return torchao_nf4()(w, NF4_BLOCK, _scaler_block(w.numel() // NF4_BLOCK)), None
+        t = torchao_nf4()(w, NF4_BLOCK, _scaler_block(w.numel() // NF4_BLOCK))
+        state = {"scalers": t.quantized_scalers, "factor": t.quantization_factor, "mean": t.scaler_mean.reshape(1),
+                 "code": t.nf4, "shape": torch.tensor(list(w.shape), dtype=torch.long)}
+        return t.quantized_data, state
 
     def dequantize(self, stored: Tensor, state: Any, dtype: torch.dtype) -> Tensor:
-        return stored.get_original_weight().to(dtype)
+        scalers_q, factor = state["scalers"], state["factor"]
+        per_block = scalers_q.numel() // factor.numel()
+        scalers = (scalers_q.view(-1, per_block) / factor.unsqueeze(-1)).flatten().to(state["mean"].dtype) + state["mean"]
+        repeated = scalers.unsqueeze(-1).expand(scalers.numel(), NF4_BLOCK // 2).flatten()
+        code = state["code"]
+        first, second = code[(stored >> 4).long()] * repeated, code[(stored & 0b1111).long()] * repeated
+        shape = tuple(int(n) for n in state["shape"].tolist())
+        return torch.stack([first, second], dim=-1).reshape(shape).to(dtype)
 
-    def nbytes(self, stored: Tensor, state: Any) -> int:  # 4-bit codes + int8 scalers + fp32 factors
-        parts = ("quantized_data", "quantized_scalers", "quantization_factor", "scaler_mean")
-        return sum(getattr(stored, p).numel() * getattr(stored, p).element_size() for p in parts)
+    def nbytes(self, stored: Tensor, state: Any) -> int:  # 4-bit codes + int8 scalers + fp32 factors and mean
+        parts = [stored, state["scalers"], state["factor"], state["mean"]]
+        return sum(t.numel() * t.element_size() for t in parts)
 
     def error_bound(self, w: Tensor) -> Tensor:
         return _nf4_bound(w, NF4_BLOCK)
@@ -156,7 +176,20 @@ class BnbInt8(Quantizer):
         return (w.abs().amax(dim=1, keepdim=True) / 127.0 / 2.0 + 1e-6).expand_as(w)
 
 
-QUANTIZERS: dict[str, Quantizer] = {q.name: q for q in (TorchaoNF4(), RowInt8(), Bnb4bit("nf4"), Bnb4bit("fp4"), BnbInt8())}
+def register_quantizer(fmt: Quantizer) -> Quantizer:
+    """Register a storage format under ``fmt.name`` (``LoRAConfig(quantize_base=fmt.name)``)."""
+    if not isinstance(fmt, Quantizer) or not fmt.name:
+        raise TypeError(f"register_quantizer takes a Quantizer instance with a name, got {fmt!r}")
+    if fmt.name in registry.QUANTIZERS and type(registry.QUANTIZERS[fmt.name]) is not type(fmt):
+        raise LoRAConfigError(f"quantize_base name {fmt.name!r} is already registered; choose another name")
+    registry.QUANTIZERS[fmt.name] = fmt
+    registry.notify()
+    return fmt
+
+
+for _fmt in (TorchaoNF4(), RowInt8(), Bnb4bit("nf4"), Bnb4bit("fp4"), BnbInt8()):
+    register_quantizer(_fmt)
+QUANTIZERS = registry.QUANTIZERS  # name -> format (the registry's own dict)
 
 
 def _optional(import_fn: Callable[[], Any], method: str, package: str) -> Any:
@@ -213,9 +246,8 @@ def _scaler_block(n_blocks: int) -> int:
 
 
 def quantizer(method: str) -> Quantizer:
-    if method not in QUANTIZERS:
-        raise LoRAConfigError(f"quantize_base={method!r} is not one of {[None, *QUANTIZERS]}")
-    return QUANTIZERS[method]
+    """The registered format ``method``."""
+    return registry.quantizer(method)
 
 
 def quantize(weight: Tensor, method: str) -> tuple[Tensor, Any]:

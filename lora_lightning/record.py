@@ -1,48 +1,97 @@
 """What an adapter records about the model it was made for, and the one check that it fits a model.
 
 An injected model carries a :class:`LoRAState`: the config, the structure of every adapted matrix
-(kind, shape, rank, alpha, scaling, fused blocks), the fully trained ``modules_to_save`` and a
-fingerprint of the base weights. Adapter files and Lightning checkpoints store the same record, and
-everything that loads an adapter calls :func:`check_compatible`: it compares what the adapter *is*
-(the resolved set of adapted modules and their structure), not how its config spelled the targets,
-so ``['v', 'q']``, ``['q', 'v']`` and ``['q_proj', 'v_proj']`` are the same adapter on a Llama block.
+(kind, shape, rank, alpha, scaling, fused blocks), the fully trained ``modules_to_save`` and the
+identity of the base. Adapter files and Lightning checkpoints store the same record, and everything
+that loads an adapter calls :func:`check_compatible`: it compares what the adapter *is* (the resolved
+set of adapted modules and their structure), not how its config spelled the targets, so
+``['v', 'q']``, ``['q', 'v']`` and ``['q_proj', 'v_proj']`` are the same adapter on a Llama block.
 
-The fingerprint samples 16 evenly spaced values of every adapted base matrix. They are compared
-with a tolerance of one bfloat16 step (relative 2^-7, absolute 1e-7), so the same base stored in
-fp32, bf16 or fp16 matches, and a different base of the same architecture does not.
+**Base identity** (:func:`base_fingerprint`): a SHA-256 of the bytes of *every* base tensor (each
+parameter and buffer of the state dict that the adapter does not hold: adapted or not), so a base
+that differs in a single element, adapted layer or not, is told apart. A float32 (float64) tensor
+also records the hashes of its bfloat16 and float16 casts (and float32), so the same base cast to a
+lower precision matches exactly; a float16 base against a bfloat16 one (neither is the other's cast)
+falls back to 16 sampled values per adapted matrix compared within one bfloat16 step. Hashing runs on
+every core; benchmarks/RESULTS.md gives its cost on a 1.1B-parameter model.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .config import LoRAConfig
 from .errors import AdapterMismatchError, BaseModelMismatchError, LoRAConfigError
-from .layers import primary_weight
+from .plan import first_match, module_weight, summarize_names
 
 FORMAT = "lora_lightning"
-FORMAT_VERSION = "2"
+FORMAT_VERSION = "3"
 SAMPLES_PER_MATRIX = 16
 SAMPLE_RTOL = 2.0**-7
 SAMPLE_ATOL = 1e-7
 ON_MISMATCH = ("raise", "warn", "ignore")
 STRUCTURE_KEYS = ("kind", "d_out", "d_in", "r", "alpha", "scaling", "parts")
+# the casts whose hashes a tensor records, by its own dtype (a lower precision is a cast of a higher one)
+_CASTS: dict[torch.dtype, tuple[torch.dtype, ...]] = {
+    torch.float64: (torch.float32, torch.bfloat16, torch.float16),
+    torch.float32: (torch.bfloat16, torch.float16),
+}
+_DTYPE_NAMES = {torch.float64: "float64", torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-# --------------------------------------------------------------------------- fingerprint
-def base_fingerprint(model: nn.Module, names: list[str]) -> dict[str, Any]:
-    """``{"names", "shapes", "samples"}`` of the named modules' base weights (names sorted; samples
-    ``None`` for weights on the meta device). Compute it before merging (the record keeps it)."""
+# --------------------------------------------------------------------------- base identity
+def _sha256(t: Tensor) -> str:
+    """SHA-256 of the tensor's bytes, its first 128 bits in hex (collisions are as unlikely as ever needed here)."""
+    data = t.detach().to("cpu").contiguous().reshape(-1)
+    return hashlib.sha256(memoryview(data.view(torch.uint8).numpy())).hexdigest()[:32]
+
+
+def tensor_identity(t: Tensor) -> dict[str, Any]:
+    """``{"dtype", "shape", "sha256": {dtype: hex}}``: the hash of ``t``'s bytes in its own dtype and in each
+    lower-precision cast (:data:`_CASTS`)."""
+    full = getattr(t, "full_tensor", None)  # a sharded DTensor: the whole tensor
+    t = (full() if callable(full) else t).detach()
+    hashes = {_DTYPE_NAMES.get(t.dtype, str(t.dtype).replace("torch.", "")): _sha256(t)}
+    for cast in _CASTS.get(t.dtype, ()):
+        hashes[_DTYPE_NAMES[cast]] = _sha256(t.to(cast))
+    return {"dtype": _DTYPE_NAMES.get(t.dtype, str(t.dtype).replace("torch.", "")), "shape": list(t.shape), "sha256": hashes}
+
+
+def base_identity(model: nn.Module, exclude: Iterable[str] = ()) -> dict[str, dict[str, Any]] | None:
+    """:func:`tensor_identity` of every state-dict tensor of ``model`` not in ``exclude`` (the adapter's own:
+    ``modules_to_save``, trained biases); ``None`` if a tensor is on the meta device. Hashes run in threads."""
+    skip = set(exclude)
+    tensors: dict[str, Tensor] = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        if key in skip or not isinstance(value, Tensor):
+            continue
+        if value.is_meta:
+            return None
+        tensors[key] = value
+    if not tensors:
+        return {}
+    with ThreadPoolExecutor(max_workers=max(1, min(len(tensors), os.cpu_count() or 1))) as pool:
+        return dict(zip(tensors, pool.map(tensor_identity, tensors.values())))
+
+
+def base_fingerprint(model: nn.Module, names: list[str], exclude: Iterable[str] = ()) -> dict[str, Any]:
+    """``{"names", "shapes", "samples", "tensors"}``: the adapted modules (names sorted) and their weights'
+    shapes, 16 sampled values of each (the cross-precision fallback; ``None`` on the meta device) and the
+    :func:`base_identity` of every base tensor but ``exclude``. Compute it before merging or quantizing
+    (the record keeps it)."""
     ordered = sorted(names)
     shapes, samples = [], []
     for name in ordered:
-        weight = primary_weight(model.get_submodule(name))  # .weight, or an nn.MultiheadAttention's in_proj_weight
+        weight = module_weight(model.get_submodule(name))  # .weight, or an nn.MultiheadAttention's in_proj_weight
         shapes.append(list(weight.shape))
         if weight.is_meta:
             samples = None
@@ -52,7 +101,22 @@ def base_fingerprint(model: nn.Module, names: list[str]) -> dict[str, Any]:
         idx = torch.linspace(0, flat.numel() - 1, SAMPLES_PER_MATRIX, device=flat.device).long()
         if samples is not None:
             samples.append([float(v) for v in flat[idx].float().cpu()])
-    return {"names": ordered, "shapes": shapes, "samples": samples}
+    return {"names": ordered, "shapes": shapes, "samples": samples, "tensors": base_identity(model, exclude)}
+
+
+def identity_exclusions(model: nn.Module, config: LoRAConfig, adapted: Iterable[str], modules_to_save: Iterable[str]) -> list[str]:
+    """State-dict keys of ``model`` that are the adapter's, not the base's: the ``modules_to_save`` tensors
+    and the biases ``config.bias`` trains."""
+    roots = tuple(f"{m}." for m in modules_to_save)
+    adapted_set = set(adapted)
+    out = []
+    for key in model.state_dict(keep_vars=True):
+        owner, _, leaf = key.rpartition(".")
+        if key.startswith(roots):
+            out.append(key)
+        elif leaf == "bias" and (config.bias == "all" or (config.bias == "lora_only" and owner in adapted_set)):
+            out.append(key)
+    return out
 
 
 def align_names(saved: list[str], wanted: list[str]) -> dict[str, str] | None:
@@ -83,6 +147,49 @@ def _samples_differ(a: list[float], b: list[float]) -> bool:
     return any(abs(x - y) > SAMPLE_RTOL * max(abs(x), abs(y)) + SAMPLE_ATOL for x, y in zip(a, b))
 
 
+def _key_map(saved_names: list[str], mapping: Mapping[str, str]) -> tuple[str, str]:
+    """``(saved prefix, model prefix)`` relating the saved state-dict keys to the model's (``model.`` inside a
+    LightningModule vs the bare network), from one adapted module's two names."""
+    for s_name in saved_names[:1]:
+        c_name = mapping[s_name]
+        n = 0
+        while n < min(len(s_name), len(c_name)) and s_name[len(s_name) - 1 - n] == c_name[len(c_name) - 1 - n]:
+            n += 1
+        return s_name[: len(s_name) - n], c_name[: len(c_name) - n]
+    return "", ""
+
+
+def identity_differences(
+    saved: Mapping[str, Any], current: Mapping[str, Any], prefixes: tuple[str, str] = ("", "")
+) -> tuple[list[str], list[str], int]:
+    """``(differing keys, keys compared only by samples, keys compared)`` between two :func:`base_identity`
+    records (saved keys, mapped with ``prefixes``). Tensors present on one side only are not compared (the
+    structure checks see architecture differences)."""
+    s_prefix, c_prefix = prefixes
+    differ, unverifiable, compared = [], [], 0
+    for key, s in saved.items():
+        if not key.startswith(s_prefix):
+            continue
+        c = current.get(c_prefix + key[len(s_prefix) :])
+        if c is None:
+            continue
+        compared += 1
+        if list(s["shape"]) != list(c["shape"]):
+            differ.append(key)
+        elif s["dtype"] == c["dtype"]:
+            if s["sha256"][s["dtype"]] != c["sha256"][c["dtype"]]:
+                differ.append(key)
+        elif c["dtype"] in s["sha256"]:  # the model holds a lower-precision cast of the saved base
+            if s["sha256"][c["dtype"]] != c["sha256"][c["dtype"]]:
+                differ.append(key)
+        elif s["dtype"] in c["sha256"]:  # the adapter was trained on a cast of this base
+            if c["sha256"][s["dtype"]] != s["sha256"][s["dtype"]]:
+                differ.append(key)
+        else:
+            unverifiable.append(key)  # float16 vs bfloat16: neither is the other's cast
+    return differ, unverifiable, compared
+
+
 def check_fingerprint(
     saved: Mapping[str, Any] | None,
     current: Mapping[str, Any] | None,
@@ -91,7 +198,7 @@ def check_fingerprint(
     override_hint: str = "pass on_base_mismatch='warn' or 'ignore'",
 ) -> None:
     """Compare a saved fingerprint with the model's. Other module names or shapes always raise
-    :class:`AdapterMismatchError`; other values raise :class:`BaseModelMismatchError`, warn or pass
+    :class:`AdapterMismatchError`; other base values raise :class:`BaseModelMismatchError`, warn or pass
     according to ``on_mismatch``; ``override_hint`` says how the caller's user sets it."""
     if on_mismatch not in ON_MISMATCH:
         raise LoRAConfigError(f"on_base_mismatch={on_mismatch!r} must be one of {ON_MISMATCH}")
@@ -120,16 +227,22 @@ def check_fingerprint(
             + (f" (+{len(diffs) - 4} more)" if len(diffs) > 4 else "")
             + ". It belongs to another architecture or model size: load it onto the model it was trained on"
         )
+    differ: list[str] = []
+    s_tensors, c_tensors = saved.get("tensors"), current.get("tensors")
+    check_samples, compared = True, 0
+    if s_tensors is not None and c_tensors is not None:
+        differ, unverifiable, compared = identity_differences(s_tensors, c_tensors, _key_map(s_names, mapping))
+        check_samples = bool(unverifiable)
     s_samples, c_samples = saved.get("samples"), current.get("samples")
-    if not s_samples or not c_samples:
-        return  # meta-device weights, or a version-1 record: names and shapes are all we can check
-    differ = [n for i, n in enumerate(s_names) if _samples_differ(s_samples[i], c_samples[c_index[mapping[n]]])]
+    if check_samples and s_samples and c_samples:  # a version-2 record, or float16 vs bfloat16
+        differ += [n for i, n in enumerate(s_names) if _samples_differ(s_samples[i], c_samples[c_index[mapping[n]]])]
+        compared = compared or len(s_names)
     if not differ:
         return
     msg = (
-        f"the {source} was trained on different base weights: {len(differ)} of {len(s_names)} adapted matrices hold "
-        f"other values (e.g. {differ[0]}), with the same names and shapes. Load it onto the base model it was "
-        f"trained on, or {override_hint} if this is intended"
+        f"the {source} was trained on different base weights: {len(differ)} of {compared} base tensor(s) hold other "
+        f"values (e.g. {differ[0]}), with the same names and shapes. Load it onto the base model it was trained on, "
+        f"or {override_hint} if this is intended"
     )
     if on_mismatch == "raise":
         raise BaseModelMismatchError(msg)
@@ -168,8 +281,6 @@ class LoRAState:
         config = LoRAConfig.from_dict(data["config"], drop_other_variant_defaults=True)
         modules = data.get("modules")
         if modules is None:  # version 1 stored only the names
-            from .targets import first_match
-
             modules = {}
             for name in data.get("adapted_modules", []):
                 r = int(first_match(config.rank_pattern, name) or config.r)
@@ -181,8 +292,6 @@ class LoRAState:
     def describe(self) -> str:
         """``'12 matrices (r=8 on q,v: ...)'``: what the adapters are, for log lines and errors."""
         ranks = sorted({s.get("r") for s in self.modules.values()})
-        from .targets import summarize_names
-
         r_text = f"r={ranks[0]}" if len(ranks) == 1 else f"r in {ranks}"
         return f"{len(self.modules)} matrices, {r_text}, variant={self.config.variant!r} ({summarize_names(self.modules, 6)})"
 

@@ -36,13 +36,12 @@ Switch it with ``LoRAConfig(fuse_shared_inputs=False)`` at injection, or :func:`
 from __future__ import annotations
 
 import weakref
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .layers import LoRALinear
+from .layers import LoRALinear, one_node_ok
 
 TRACKER_ATTR = "lora_shared"  # the attribute of each LoRALinear holding its model's tracker
 
@@ -72,11 +71,18 @@ class SharedInputLoRAFunction(torch.autograd.Function):
         hs, outs = [], []
         for i in range(n):
             w, b = weights[i], biases[i]
-            out = torch.addmm(b, x2, w.t()) if b is not None else torch.mm(x2, w.t())
+            # allocated in the final shape, written through a 2-D view: each output is a tensor of its own (not a
+            # view), so in-place ops on it are allowed, as on the separate layer's output
+            result = x2.new_empty((*lead, w.shape[0]))
+            out = result.view(-1, w.shape[0])
+            if b is not None:
+                torch.addmm(b, x2, w.t(), out=out)
+            else:
+                torch.mm(x2, w.t(), out=out)
             h_i = torch.mm(_dropped(x2, masks[i], keeps[i]), As[i].t())
             out.addmm_(h_i, Bs[i].t(), alpha=scalings[i])
             hs.append(h_i)
-            outs.append(out.view(*lead, out.shape[-1]))
+            outs.append(result)
         h = torch.cat(hs, 1)  # (N, Σr), saved for ∂B
         ctx.scalings, ctx.ranks, ctx.keeps, ctx.has_bias = scalings, ranks, keeps, tuple(b is not None for b in biases)
         ctx.mask_at = tuple(i for i in range(n) if masks[i] is not None)
@@ -127,7 +133,7 @@ class SharedInputLoRAFunction(torch.autograd.Function):
                 grad_A = torch.mm(gh_cat.t(), x2)  # (Σr, d_in)
                 offset = 0
                 for i in range(n):
-                    if want_A[i]:
+                    if want_A[i] and grads[i] is not None:  # an unused output gives None, as the separate layer's would
                         out[P + 4 * i + 2] = grad_A[offset : offset + ranks[i]]
                     offset += ranks[i]
             if need[0]:
@@ -175,22 +181,24 @@ def _inputs_state(layer: "LoRALinear", x: Tensor) -> tuple[Any, ...]:
 
 
 def _plain_member(layer: nn.Module) -> bool:
-    """A layer the fused node computes exactly: plain LoRA on a Linear, unfused layout, unquantized base."""
-    from .layers import LoRALinear
-
-    return type(layer) is LoRALinear and layer.fused is None and getattr(layer, "quantize_base", None) is None
+    """A layer the fused node computes exactly: plain LoRA on a Linear with an adapter of its own, unfused
+    layout, unquantized base."""
+    return (
+        type(layer) is LoRALinear
+        and layer.fused is None
+        and getattr(layer, "quantize_base", None) is None
+        and layer.lora_tie is None
+    )
 
 
 def _ready(layer: "LoRALinear", x: Tensor) -> bool:
     """Whether ``layer`` would take its one-node path for ``x`` now (plain, unmerged, unrouted, one dtype)."""
-    from .layers import _one_node_ok
-
     return (
         not layer.merged
         and layer.quantize_base is None
         and not layer.lora_disabled
         and layer.lora_route is None
-        and _one_node_ok(x, layer.weight, layer.lora_A, layer.lora_B)
+        and one_node_ok(x, layer.weight, layer.lora_A, layer.lora_B)
     )
 
 
@@ -303,7 +311,7 @@ def attach_tracker(layers: Sequence[nn.Module], enabled: bool = True) -> SharedI
     tracker = SharedInputTracker(enabled)
     for layer in layers:
         if _plain_member(layer):
-            object.__setattr__(layer, TRACKER_ATTR, tracker)
+            layer.lora_shared = tracker
     return tracker
 
 

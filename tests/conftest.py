@@ -1,16 +1,30 @@
 """Shared test helpers (no downloads): a tiny plain-PyTorch transformer with separate q/k/v/o
 projections and a LightningModule around it, tiny random Hugging Face models, and the helpers
-tests use to adapt, snapshot and compare models. Test files import them with ``from conftest import``."""
+tests use to adapt, snapshot and compare models. Test files import them with ``from conftest import``.
+
+The Lightning package the Lightning tests run on is ``lightning.pytorch``, or ``pytorch_lightning`` with
+``LORA_LIGHTNING_TEST_PACKAGE=pytorch_lightning`` (.ci/run runs the lifecycle tests with both): tests take
+``pl``, ``LoRACallback``, ``ModelCheckpoint``, ``CSVLogger`` and ``AtomicCheckpointIO`` from here."""
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
+import importlib
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lora_lightning import LoRAConfig, inject_lora, lora_layers
+
+PACKAGE = os.environ.get("LORA_LIGHTNING_TEST_PACKAGE", "lightning.pytorch")
+pl = importlib.import_module(PACKAGE)
+_LAYER = importlib.import_module("lora_lightning.lightning" if PACKAGE == "lightning.pytorch" else "lora_lightning.pytorch_lightning")
+LoRACallback = _LAYER.LoRACallback
+AtomicCheckpointIO = _LAYER.AtomicCheckpointIO
+ModelCheckpoint = importlib.import_module(f"{PACKAGE}.callbacks").ModelCheckpoint
+CSVLogger = importlib.import_module(f"{PACKAGE}.loggers").CSVLogger
 
 D_MODEL, N_HEADS, N_LAYERS, VOCAB, N_CLASSES, SEQ = 16, 2, 3, 50, 3, 6
 

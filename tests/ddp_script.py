@@ -38,12 +38,10 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)  # 2 ranks on 2 cores: no oversubscription
 
-from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
-
 import lora_lightning.adapter_io as ll_checkpoint  # noqa: E402
 import lora_lightning.lightning.checkpoints as ll_io  # noqa: E402
-from lora_lightning import LoRACallback, gathered, is_sharded  # noqa: E402
-from conftest import LitSharded, LitTiny, tiny_loader, trainer  # noqa: E402
+from lora_lightning import gathered, is_sharded  # noqa: E402
+from conftest import PACKAGE, LitSharded, LitTiny, LoRACallback, ModelCheckpoint, tiny_loader, trainer  # noqa: E402
 
 LORA = dict(r=2, targets=["q", "v", "mlp"])
 
@@ -64,7 +62,9 @@ def _log_writes(out: Path) -> None:
 
 def _strategy(name: str, devices: int, fmt: str):
     if name == "fsdp2":
-        from lightning.pytorch.strategies import ModelParallelStrategy
+        import importlib
+
+        ModelParallelStrategy = importlib.import_module(f"{PACKAGE}.strategies").ModelParallelStrategy
 
         return ModelParallelStrategy(
             data_parallel_size=devices, tensor_parallel_size=1, save_distributed_checkpoint=(fmt == "sharded")

@@ -24,10 +24,8 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)  # 2 ranks on 2 cores: no oversubscription
 
-from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
-
-from conftest import LitTiny, tiny_batch, tiny_loader, trainer  # noqa: E402
-from lora_lightning import LoRACallback, has_lora, is_merged  # noqa: E402
+from conftest import LitTiny, LoRACallback, ModelCheckpoint, tiny_batch, tiny_loader, trainer  # noqa: E402
+from lora_lightning import has_lora, is_merged  # noqa: E402
 
 LORA = dict(r=2, targets=["q", "v"])
 

@@ -188,7 +188,7 @@ def test_joblib_launcher_runs_jobs_in_parallel_with_their_share_of_the_cores(tmp
     assert len(runs) == 2 and {r["threads"] for r in runs} == {max(1, cores // 2)}
     assert sorted(tuple(r["targets"]) for r in runs) == [("q",), ("q", "v")]
     # the summariser reads the launcher's runs like any others
-    from experiments.summarize import load_runs
+    from experiments.records import load_runs
 
     assert len(load_runs(sweep)) == 2
 

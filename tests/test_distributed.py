@@ -27,11 +27,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, Sampler
 
-from lora_lightning import LoRACallback, LoRAConfig, inject_lora, save_adapter
-from conftest import N_LAYERS, LitTiny, randomize_adapters, tiny_loader, trainer
+from lora_lightning import LoRAConfig, inject_lora, save_adapter
+from conftest import N_LAYERS, LitTiny, LoRACallback, ModelCheckpoint, randomize_adapters, tiny_loader, trainer
 
 SCRIPT = Path(__file__).with_name("ddp_script.py")
 REPO = SCRIPT.parent.parent

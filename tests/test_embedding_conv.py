@@ -22,7 +22,7 @@ from lora_lightning import (
     save_adapter,
     unmerge_lora,
 )
-from lora_lightning.layers import LoRAConv1d, LoRAConv2d, LoRAConv3d, LoRAEmbedding
+from lora_lightning.layers import LoRAConv1d, LoRAConv2d, LoRAConv3d, LoRAEmbedding, is_lora_layer
 
 
 class Net(nn.Module):
@@ -218,7 +218,7 @@ def test_embed_alias_on_hugging_face_families(family, name):
 
 def test_modules_sharing_one_weight_share_one_adapter_and_merge_once(tmp_path):
     """T5's shared, encoder.embed_tokens and decoder.embed_tokens are three modules holding one weight: they
-    get one adapter (the same layer object), so merging folds its update into the weight once."""
+    get one adapter (owned by the first, read by the others), so merging folds its update into the weight once."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     cfg = transformers.T5Config(vocab_size=50, d_model=16, d_ff=32, d_kv=8, num_layers=1, num_heads=2)
@@ -232,7 +232,10 @@ def test_modules_sharing_one_weight_share_one_adapter_and_merge_once(tmp_path):
     assert model.encoder.embed_tokens.weight is model.shared.weight and model.encoder.embed_tokens is not model.shared
     ids = torch.randint(1, 50, (2, 5))
     inject_lora(model, LoRAConfig(r=2, targets=["encoder.embed_tokens"]))  # one of the three names
-    assert model.shared is model.encoder.embed_tokens is model.decoder.embed_tokens
+    assert is_lora_layer(model.shared) and list(lora_layers(model)) == ["shared"]
+    for follower in (model.encoder.embed_tokens, model.decoder.embed_tokens):
+        assert follower is not model.shared and follower.lora_tie == (model.shared, False)
+        assert follower.weight is model.shared.weight
     randomize(model)
     with torch.no_grad():
         adapted = model(input_ids=ids, decoder_input_ids=ids).logits
@@ -240,7 +243,8 @@ def test_modules_sharing_one_weight_share_one_adapter_and_merge_once(tmp_path):
         merge_lora(model)
         torch.testing.assert_close(model(input_ids=ids, decoder_input_ids=ids).logits, adapted, atol=1e-5, rtol=0)
     plain = merge_and_unload(model)
-    assert type(plain.shared) is nn.Embedding and plain.shared is plain.encoder.embed_tokens is plain.decoder.embed_tokens
+    assert all(type(m) is nn.Embedding for m in (plain.shared, plain.encoder.embed_tokens, plain.decoder.embed_tokens))
+    assert plain.shared.weight is plain.encoder.embed_tokens.weight is plain.decoder.embed_tokens.weight  # still tied
     torch.manual_seed(0)
     fresh = t5()
     load_adapter(fresh, path)

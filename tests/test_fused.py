@@ -23,7 +23,7 @@ from lora_lightning import (
     save_adapter,
     unmerge_lora,
 )
-from lora_lightning.targets import FUSED_LAYOUTS
+from lora_lightning.plan import FUSED_LAYOUTS
 from lora_lightning.layers import LoRAConv1D, LoRAMultiheadAttention
 from conftest import randomize_adapters
 

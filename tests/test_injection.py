@@ -17,7 +17,7 @@ from lora_lightning import (
     lora_parameter_count,
     plan_injection,
 )
-from lora_lightning.targets import block_index, compile_pattern, summarize_names
+from lora_lightning.plan import block_index, compile_pattern, summarize_names
 from conftest import N_LAYERS, tiny_batch, tiny_model
 
 
@@ -117,7 +117,7 @@ def test_unmatched_target_lists_candidates():
     msg = str(err.value)
     assert "'query' matched no Linear module" in msg
     assert "layers.{i}.self_attn.q_proj" in msg and "classifier" in msg
-    with pytest.raises(TargetNotFoundError, match="matches non-Linear module.*Attention"):
+    with pytest.raises(TargetNotFoundError, match="which are not layers LoRA adapts.*target the adaptable layers inside them"):
         inject_lora(tiny_model(), LoRAConfig(targets=["self_attn"]))
 
 

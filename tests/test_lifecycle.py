@@ -17,11 +17,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint as activation_checkpoint
-from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from conftest import (
     N_LAYERS,
+    PACKAGE,
+    LoRACallback,
+    ModelCheckpoint,
     LitTiny,
     LitTinyLate,
     TinyTransformer,
@@ -40,7 +42,6 @@ from lora_lightning import (
     AdapterFileError,
     AdapterMismatchError,
     BaseModelMismatchError,
-    LoRACallback,
     LoRAConfig,
     NoAdapterGradientError,
     get_lora_state,
@@ -152,7 +153,7 @@ def test_load_from_checkpoint_in_a_fresh_process(tmp_path, order):
     """The inference script imports lora_lightning (in either order with Lightning) and nothing else of ours."""
     trained, ckpt = fitted(tmp_path)
     torch.save(outputs(trained), tmp_path / "expected.pt")
-    imports = ["import lora_lightning", "import lightning.pytorch"]
+    imports = ["import lora_lightning", f"import {PACKAGE}"]
     if order == "lightning first":
         imports.reverse()
     script = "\n".join([

@@ -145,7 +145,7 @@ def test_named_adapter_files_and_lightning_checkpoints_keep_every_adapter(tmp_pa
 def test_mixed_batch_equals_each_sample_through_its_own_merged_model():
     model, ids, base = two_adapters()
     names = ["other", None, "default", "other", "default", None]
-    with torch.no_grad(), mixed_batch(model, names):
+    with torch.no_grad(), mixed_batch(model, names, batch_dim=0):  # 6 samples of 6 tokens: dim 0 named explicitly
         mixed = model(ids)
     for name in ("default", "other"):
         merged = copy.deepcopy(model)

@@ -19,6 +19,7 @@ from lora_lightning import (
     LoRAConfig,
     LoRAConfigError,
     count_parameters,
+    get_lora_state,
     inject_lora,
     load_adapter,
     lora_layers,
@@ -266,7 +267,7 @@ def test_adalora_orthogonality_gradient_matches_independent_autograd():
 
     model = tiny_model()
     inject_lora(model, LoRAConfig(variant="adalora", r=4, adalora_target_r=2, targets=Q_V, adalora_orth_reg=0.3))
-    ctl = AdaLoRAController(model, model._lora_state.config, total_steps=10)
+    ctl = AdaLoRAController(model, get_lora_state(model).config, total_steps=10)
     layers = list(lora_layers(model).values())
     ctl.before_optimizer_step()  # grads start at None: only the penalty's gradient
     for layer in layers:

@@ -143,7 +143,9 @@ class GenerationDataModule(LightningDataModule):
 
     ``source``: ``"e2e_nlg"`` or a JSONL path. ``tokenizer``: ``"smollm2"`` or a local folder. Sizes cap
     the number of *inputs* per split (``None``: all); ``seed`` fixes the split, ``shuffle_seed`` the batch
-    order. ``max_target_tokens`` truncates long answers (the end-of-turn token is kept).
+    order. ``max_target_tokens`` truncates long answers (the end-of-turn token is kept). ``max_length``
+    (what ``scale=smoke`` sets for every job): a cap on the same answers' length for short smoke runs; the
+    prompt is never cut (the model must see the whole input).
     """
 
     def __init__(
@@ -162,9 +164,14 @@ class GenerationDataModule(LightningDataModule):
         val_size: int | None = None,
         test_size: int | None = None,
         bucket: int = 50,
+        max_length: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if max_length is not None:
+            if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+                raise DataError(f"max_length={max_length!r} must be an integer >= 2 (room for a token and the end of turn)")
+            max_target_tokens = min(max_target_tokens, max_length)
         self.source, self.tokenizer_name, self.instruction = source, tokenizer, instruction
         self.batch_size, self.eval_batch_size, self.max_target_tokens = batch_size, eval_batch_size, max_target_tokens
         self.seed = seed

@@ -1,10 +1,21 @@
-"""The Lightning layer: :class:`LoRACallback`, adapter-only checkpoints and :class:`AtomicCheckpointIO`.
-The only part of lora_lightning that imports Lightning (``import lora_lightning`` alone does not)."""
+"""The Lightning layer for ``lightning.pytorch``: :class:`LoRACallback`, adapter-only checkpoints and
+:class:`AtomicCheckpointIO` (``pytorch_lightning`` users: :mod:`lora_lightning.pytorch_lightning`, the same
+classes made on that package). The only part of lora_lightning that imports Lightning; its use of
+Lightning's private API is in :mod:`.compat`. The classes are made, and the package's wrappers installed,
+on first use (``import lora_lightning`` does it as soon as ``lightning.pytorch`` is imported)."""
 
-from .callback import LoRACallback, inject_before_sharding
-from .checkpoints import AtomicCheckpointIO
-from .patches import install, load_lora_checkpoint
+from typing import Any
 
-install()
+from .callback import inject_before_sharding
+from .checkpoints import load_lora_checkpoint
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("LoRACallback", "AtomicCheckpointIO"):
+        from .package import layer
+
+        return layer("lightning.pytorch")[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["AtomicCheckpointIO", "LoRACallback", "inject_before_sharding", "load_lora_checkpoint"]

@@ -1,10 +1,14 @@
-"""``LoRACallback``: LoRA for any LightningModule, as a Trainer callback.
+"""``LoRACallback``: LoRA for any LightningModule, as a Trainer callback — written once, for both Lightning
+packages (``lightning.pytorch`` and ``pytorch_lightning``: :mod:`lora_lightning.lightning` and
+:mod:`lora_lightning.pytorch_lightning` each make the class from :class:`CallbackImpl` and their
+package's ``Callback``).
 
 Timing (``Trainer._run``): ``setup`` hooks -> ``configure_model`` -> checkpoint restore ->
-``strategy.setup`` (precision cast, optimizers built, DDP wrap) -> ``on_fit_start``. The callback
-injects in ``setup`` — or right after ``configure_model`` when the module builds its layers there —
-so a restored checkpoint finds the adapters, the optimizer only ever sees the adapter parameters
-and DDP wraps the adapted model. Injecting in ``on_fit_start`` would be too late.
+``strategy.setup`` (precision cast, optimizers built, DDP wrap) -> ``on_fit_start`` -> restore of the
+optimizer states. The callback injects in ``setup`` — or right after ``configure_model`` when the module
+builds its layers there — so a restored checkpoint finds the adapters, the optimizer only ever sees the
+adapter parameters and DDP wraps the adapted model. LoRA+ splits the optimizer's groups in
+``on_fit_start``, before a resumed run restores the optimizer states into them.
 
 A module may meet several fits, callbacks and checkpoints (fit then test, a second fit, a new
 callback on the same module). The callback looks at what the module holds: adapters of the same
@@ -21,120 +25,44 @@ import typing
 import weakref
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
-import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from ..adapter_io import check_output_path, load_adapter, planned_state, read_adapter, save_adapter, save_merged_model
-from ..config import _VARIANT_CONFIGS, LoRAConfig, all_option_defaults
+from .. import registry
+from ..adapter_io import check_output_path, load_adapter, read_adapter, save_adapter, save_merged_model
+from ..config import LoRAConfig, all_option_defaults
 from ..errors import AdapterMismatchError, LoRAConfigError, NoAdapterGradientError, NonFiniteError, TargetNotFoundError
 from ..gradients import adapters_without_grad, make_inputs_require_grad, uses_activation_checkpointing
-from ..loraplus import apply_loraplus, check_ratio, optimizers_and_schedulers
-from ..injection import adapter_param_names, count_parameters, get_lora_state, has_lora, inject_lora, lora_layers, mark_trainable, remove_lora
+from ..injection import adapter_param_names, count_parameters, get_lora_state, has_lora, inject_lora, lora_layers, mark_trainable, planned_state, remove_lora
+from ..loraplus import apply_loraplus, check_ratio
 from ..merging import merge_lora, unmerge_lora
-from ..named import add_adapter, named_adapters, set_adapter, set_trainable_adapters, use_adapter
+from ..named import add_adapter, adapter_tensors, named_adapters, set_adapter, set_trainable_adapters, use_adapter
+from ..plan import Plan, plan_injection
 from ..record import ON_MISMATCH, differences
 from ..sharding import gathered, is_sharded
-from ..targets import resolve_targets
-from ..variants.registry import ON_REGISTER, get_variant
-from .routing import MetricOwners, check_adapter_names, route_steps
-from .checkpoints import (
-    AtomicCheckpointIO,
-    CheckpointOptions,
-    _RunAfter,
-    ensure_checkpoint_hooks,
-    set_checkpoint_options,
-)
+from ..state import CheckpointOptions, attach
+from .checkpoints import set_checkpoint_options
+from .compat import Namespace, lora_callback
+from .routing import check_adapter_names, clip_per_adapter, route_steps
 
-_CALLBACK = "_lora_lightning_callback"
-_CONFIGURE_HOOKED = "_lora_lightning_configure_hooked"
-_LORAPLUS_HOOKED = "_lora_lightning_loraplus_hooked"
 _HALF_PRECISIONS = ("16-true", "bf16-true", "transformer-engine")
+_BNB_FORMATS = {"_NF4Linear": "bnb-nf4", "_NF4DQLinear": "bnb-nf4", "_FP4Linear": "bnb-fp4", "_FP4DQLinear": "bnb-fp4",
+                "_Linear8bitLt": "bnb-int8", "_Int8LinearInference": "bnb-int8"}
 
 
-class _CallbackRef:
-    """A weak reference to the module's current ``LoRACallback`` that survives pickling as an empty
-    one (``ddp_spawn`` pickles the module; the worker's ``setup`` points it at the worker's callback)."""
-
-    def __init__(self, callback: "LoRACallback") -> None:
-        self._ref: weakref.ReferenceType | None = weakref.ref(callback)
-
-    def __call__(self) -> "LoRACallback | None":
-        return self._ref() if self._ref is not None else None
-
-    def __getstate__(self) -> dict:
-        return {}
-
-    def __setstate__(self, state: dict) -> None:
-        self._ref = None
-
-
-def _current_callback(pl_module: pl.LightningModule) -> "LoRACallback | None":
-    """The ``LoRACallback`` currently attached to ``pl_module`` (``None``: none, or a pickled copy's)."""
-    ref = getattr(pl_module, _CALLBACK, None)
-    return ref() if ref is not None else None
-
-
-def inject_before_sharding(pl_module: pl.LightningModule) -> None:
+def inject_before_sharding(pl_module: Any) -> None:
     """Call in ``configure_model`` between building the layers and sharding them (FSDP2's ``fully_shard``)
     when the model is built there: the attached ``LoRACallback`` injects its adapters now, so they are
     sharded with the layers they adapt. (Layers built in ``__init__`` need nothing: the callback injects
     before ``configure_model`` runs.)"""
-    callback = _current_callback(pl_module)
+    callback = lora_callback(getattr(pl_module, "_trainer", None))
     if callback is None:
         raise LoRAConfigError(
             f"inject_before_sharding: no LoRACallback is attached to {type(pl_module).__name__}'s Trainer; add "
             "LoRACallback(...) to Trainer(callbacks=[...])"
         )
     callback._prepare(pl_module, callback._stage)
-
-
-class _PrepareAfterConfigure:
-    """Runs after the module's ``configure_model``: the current ``LoRACallback`` prepares the module."""
-
-    def __init__(self, module: pl.LightningModule) -> None:
-        self.module = module
-
-    def __call__(self, *args: Any, **kwargs: Any) -> None:
-        callback = _current_callback(self.module)
-        if callback is not None:
-            callback._prepare(self.module, callback._stage)
-
-
-class _LoRAPlusOptimizers:
-    """Wraps the module's ``configure_optimizers``: with ``adapters=[...]`` every named adapter is made
-    trainable first (so the optimizer holds them all), and the current ``LoRACallback``'s LoRA+ ratio is
-    applied to the optimizers it returns (see :func:`lora_lightning.loraplus.apply_loraplus`)."""
-
-    def __init__(self, module: pl.LightningModule) -> None:
-        self.__wrapped__ = module.configure_optimizers
-        self.module = module
-
-    def __call__(self) -> Any:
-        callback = _current_callback(self.module)
-        if callback is not None and callback.adapters and has_lora(self.module):
-            set_trainable_adapters(self.module, callback.adapters)  # (a restored checkpoint re-froze the bank)
-        configured = self.__wrapped__()
-        ratio = callback.loraplus_lr_ratio if callback is not None else None
-        if ratio is not None and ratio != 1:
-            optimizers, schedulers = optimizers_and_schedulers(configured)
-            moved = sum(apply_loraplus(opt, self.module, ratio, schedulers) for opt in optimizers)
-            if not moved:
-                raise LoRAConfigError(
-                    f"loraplus_lr_ratio={ratio} but the optimizers from configure_optimizers hold no trainable lora_B "
-                    f"(variant={get_lora_state(self.module).config.variant!r} or a custom parameter list): drop "
-                    "loraplus_lr_ratio or pass the adapters to the optimizer"
-                )
-        return configured
-
-
-_BNB_FORMATS = {"_NF4Linear": "bnb-nf4", "_NF4DQLinear": "bnb-nf4", "_FP4Linear": "bnb-fp4", "_FP4DQLinear": "bnb-fp4",
-                "_Linear8bitLt": "bnb-int8", "_Int8LinearInference": "bnb-int8"}
 
 
 def bitsandbytes_format(plugin: Any) -> str | None:
@@ -144,14 +72,31 @@ def bitsandbytes_format(plugin: Any) -> str | None:
     return _BNB_FORMATS.get(getattr(getattr(plugin, "_linear_cls", None), "__name__", ""), "bnb-nf4")
 
 
-def shield_from_bitsandbytes(plugin: Any, module: pl.LightningModule) -> None:
+def shield_from_bitsandbytes(plugin: Any, module: Any) -> None:
     """``BitsandbytesPrecision.convert_module`` swaps every ``nn.Linear`` for a bitsandbytes layer, which would
     replace the LoRA layers (``nn.Linear`` subclasses) and drop their adapters: list them in its
     ``ignore_modules``. Their frozen bases are quantized by ``quantize_base`` instead."""
     plugin.ignore_modules = set(plugin.ignore_modules) | set(lora_layers(module))
 
 
-class LoRACallback(Callback):
+class _ClipPerAdapter:
+    """The module's ``configure_gradient_clipping`` under ``LoRACallback(adapters=...)``: clipping by norm is done
+    per adapter (each adapter clipped as when trained alone); clipping by value, and other modules, as before."""
+
+    def __init__(self, module: Any, original: Any) -> None:
+        self.__wrapped__ = original
+        self.module = module
+
+    def __call__(self, optimizer: Any, gradient_clip_val: Any = None, gradient_clip_algorithm: Any = None) -> None:
+        callback = lora_callback(getattr(self.module, "_trainer", None))
+        names = getattr(callback, "adapters", None)
+        if not names or gradient_clip_val is None or str(gradient_clip_algorithm or "norm") != "norm":
+            return self.__wrapped__(optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
+        clip_per_adapter(self.module, names, float(gradient_clip_val))
+        return None
+
+
+class CallbackImpl:
     """Inject rank-r adapters ``W0 + (alpha/r)·B·A`` when fitting is set up, train only them, and keep
     Lightning checkpoints adapter-only (with the LoRA record, so every load gives the trained model).
 
@@ -180,20 +125,27 @@ class LoRACallback(Callback):
             reentrant activation checkpointing needs for the adapters to get any gradient. ``"auto"``
             does it when a Hugging Face submodule has gradient checkpointing on, and otherwise stops
             the first step that leaves every adapter without a gradient with an error naming this.
-        loraplus_lr_ratio: LoRA+ (Hayou et al. 2024): ``B`` trains with this many times the learning rate
-            of the parameter group it is in (16 in the paper), in the optimizer and LR schedulers your
-            ``configure_optimizers`` returns — same class, same other hyperparameters, one schedule.
+        loraplus_lr_ratio: LoRA+ (Hayou et al. 2024): ``B`` (of every adapter) trains with this many times the
+            learning rate of the parameter group it is in (16 in the paper), in the optimizer and LR schedulers
+            your ``configure_optimizers`` returns — same class, same other hyperparameters, one schedule; the
+            ratio holds at every step under every scheduler of ``torch.optim.lr_scheduler``.
         adapters: train several named adapters in this one fit (two or more names, or a dict name ->
             option overrides such as ``{"a": {}, "b": {"r": 4}}``; same targets for all). Give the
             dataloaders as dicts keyed by these names: each training batch runs through its adapter and the
             losses add up; validation/test/predict loaders run through theirs; ``self.log("x")`` inside a
             step logs ``"<name>/x"`` and ``active_adapter(self)`` names the adapter. Every adapter has its
-            own checkpoint entries; ``export_adapter`` / ``export_merged`` must contain ``{name}``.
+            own checkpoint entries; ``export_adapter`` / ``export_merged`` must contain ``{name}``. Gradient
+            clipping by norm (``Trainer(gradient_clip_val=...)``) applies to each adapter on its own, so each
+            trains exactly as alone; a train loader is needed for every adapter.
         check_finite: raise :class:`~lora_lightning.NonFiniteError` naming the step as soon as the
             training loss (before ``backward``, so the adapters stay finite) or a trainable parameter
             (after the optimizer step, before any checkpoint callback runs) is NaN/inf. Costs one
             scalar device sync per step (plus one all-reduce under DDP/FSDP so every rank stops together).
     """
+
+    is_lora_callback: ClassVar[bool] = True  # how the Lightning layer finds it among a trainer's callbacks
+    _ns: ClassVar[Namespace]  # the Lightning package this class was made for
+    _atomic_io: ClassVar[type]  # that package's AtomicCheckpointIO
 
     def __init__(
         self,
@@ -234,51 +186,66 @@ class LoRACallback(Callback):
             for name in self.adapters:
                 self.adapter_configs[name] = LoRAConfig.from_dict(self.config.to_dict() | dict(overrides.get(name) or {}))
             self._check_multi_options()
-        self._metric_owners = MetricOwners()
         self.variant_hooks: Any = None  # a variant's training hooks (AdaLoRA's rank schedule), else None
         self._trainable: list[tuple[str, torch.Tensor]] = []
         self._batch_idx = 0
         self._last_step = -1
         self._grad_checked = False
+        self._optimized: tuple[str, set[int]] | None = None  # (active adapter, ids of the optimizers' parameters)
         self._input_hooks: list[Any] = []
         self._stage = "fit"
         self._bnb_plugin: Any = None
         self._init_applied: weakref.WeakSet = weakref.WeakSet()
 
     # ------------------------------------------------------------------ hooks
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.atomic_checkpoints and type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
-            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if self.atomic_checkpoints and type(trainer.strategy.checkpoint_io) is self._ns.TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = self._atomic_io()
         if stage == "fit":  # fail now, not after training
             for what in ("export_adapter", "export_merged"):
                 if getattr(self, what):
                     check_output_path(getattr(self, what), what)
         if self.init_adapter:
             read_adapter(self.init_adapter)  # a missing or foreign file fails before the model changes
-        self._bnb_plugin = trainer.precision_plugin if bitsandbytes_format(trainer.precision_plugin) else None
         fmt = bitsandbytes_format(trainer.precision_plugin)
+        self._bnb_plugin = trainer.precision_plugin if fmt is not None else None
         if fmt is not None and self.config.quantize_base is None:
             self.config = dataclasses.replace(self.config, quantize_base=fmt)  # the adapted bases, quantized alike
-            rank_zero_info(f"LoRA: BitsandbytesPrecision: the adapted base weights are stored as quantize_base={fmt!r}")
+            self._ns.rank_zero_info(f"LoRA: BitsandbytesPrecision: the adapted base weights are stored as quantize_base={fmt!r}")
         self._attach(pl_module)
         self._stage = stage
         if self.adapters:
-            route_steps(pl_module, _current_callback)
-        if not getattr(pl_module, _LORAPLUS_HOOKED, False):
-            object.__setattr__(pl_module, _LORAPLUS_HOOKED, True)
-            object.__setattr__(pl_module, "configure_optimizers", _LoRAPlusOptimizers(pl_module))
-        if is_overridden("configure_model", pl_module):
-            # inject now if the layers exist (so a configure_model that shards them with FSDP2's fully_shard
-            # shards the adapters too); if configure_model builds them, right after it (before the optimizer)
-            if not getattr(pl_module, _CONFIGURE_HOOKED, False):
-                object.__setattr__(pl_module, _CONFIGURE_HOOKED, True)
-                object.__setattr__(pl_module, "configure_model", _RunAfter(pl_module.configure_model, _PrepareAfterConfigure(pl_module)))
-            if has_lora(pl_module) or self._targets_exist(pl_module):
-                self._prepare(pl_module, stage)
-        else:
+            route_steps(pl_module, force=True)
+            if not self._ns.is_overridden("configure_gradient_clipping", pl_module):
+                attach(pl_module).wrap_method(pl_module, "configure_gradient_clipping", lambda original: _ClipPerAdapter(pl_module, original))
+        if has_lora(pl_module):
             self._prepare(pl_module, stage)
+            return
+        plan = self._plan(pl_module)
+        if plan is not None:
+            self._prepare(pl_module, stage, plan)
+        elif not self._ns.is_overridden("configure_model", pl_module):
+            plan_injection(pl_module, self.config)  # raises: the targets match nothing, and nothing will build them
+        # else: configure_model builds the layers; the Lightning layer prepares the module right after it
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if not self.adapters:
+            return
+        loaders = getattr(trainer.fit_loop, "_combined_loader", None)
+        keys = list(getattr(loaders, "iterables", {}) or {}) if loaders is not None else []
+        if keys and isinstance(getattr(loaders, "iterables", None), Mapping):
+            missing = [n for n in self.adapters if n not in keys]
+            unknown = [k for k in keys if k not in self.adapters]
+            if missing or unknown:
+                what = [f"{missing} would get no batch and stay untrained"] if missing else []
+                what += [f"{unknown} are not adapters of this callback"] if unknown else []
+                raise LoRAConfigError(
+                    f"LoRACallback(adapters={self.adapters}) but train_dataloaders has loaders for {keys} only: "
+                    f"{' and '.join(what)}. Give one loader per adapter, keyed by its name "
+                    f"(train_dataloaders={{{', '.join(repr(n) + ': loader' for n in self.adapters)}}})"
+                )
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         state = get_lora_state(pl_module)
         if self.adapters and is_sharded(pl_module):
             raise LoRAConfigError(
@@ -290,11 +257,12 @@ class LoRACallback(Callback):
                 "LoRACallback(merge_on_fit_end=True) cannot merge into sharded (FSDP2) weights in place; set "
                 "merge_on_fit_end=False and export_merged='merged.safetensors' (gathered and written by rank 0)"
             )
+        if self.loraplus_lr_ratio is not None and self.loraplus_lr_ratio != 1:
+            self._apply_loraplus(trainer, pl_module)
         self._trainable = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
-        self._last_step, self._grad_checked = trainer.global_step, False
-        self._metric_owners = MetricOwners()
+        self._last_step, self._grad_checked, self._optimized = trainer.global_step, False, None
         total = trainer.estimated_stepping_batches
-        self.variant_hooks = get_variant(state.config.variant).training_hooks(
+        self.variant_hooks = registry.variant(state.config.variant).training_hooks(
             pl_module, state.config, int(total) if total not in (None, float("inf")) else None
         )
         self._remove_input_hooks()
@@ -302,7 +270,7 @@ class LoRACallback(Callback):
             self._input_hooks = make_inputs_require_grad(pl_module)
         precision = str(trainer.precision)
         if precision in _HALF_PRECISIONS and state.config.adapter_dtype is None:
-            rank_zero_warn(
+            self._ns.rank_zero_warn(
                 f"precision={precision!r} casts the adapters to the half-precision dtype; set "
                 "LoRACallback(adapter_dtype='float32') to keep fp32 adapters on the half-precision base (the QLoRA recipe)"
             )
@@ -310,12 +278,12 @@ class LoRACallback(Callback):
         for logger in trainer.loggers:
             logger.log_hyperparams({"lora": state.config.to_dict(), **counts.as_dict()})
         if self.verbose:
-            rank_zero_info(
+            self._ns.rank_zero_info(
                 f"LoRA: {state.describe()}; trainable {counts.trainable:,} of {counts.total:,} parameters "
                 f"({100 * counts.trainable_fraction:.3f}%)"
             )
 
-    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
         if self._grad_checked:
             return
         self._grad_checked = True
@@ -326,16 +294,17 @@ class LoRACallback(Callback):
                 self._no_gradient_message(f"no adapter received a gradient ({len(missing)} tensors, e.g. {missing[0]})")
             )
         if missing:
-            rank_zero_warn(f"{len(missing)} adapter tensor(s) got no gradient in the first step (unused in forward?), e.g. {missing[:3]}")
+            self._ns.rank_zero_warn(f"{len(missing)} adapter tensor(s) got no gradient in the first step (unused in forward?), e.g. {missing[:3]}")
 
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        self._check_optimizer_holds_the_adapters(trainer, pl_module)
         if self.variant_hooks is not None:
             self._log(trainer, self.variant_hooks.before_optimizer_step())
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         self._batch_idx = batch_idx
 
-    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+    def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
         if not loss.requires_grad:
             raise NoAdapterGradientError(self._no_gradient_message("the training loss does not require grad"))
         if not self.check_finite:
@@ -350,9 +319,7 @@ class LoRACallback(Callback):
                 "data/loss for inf and NaN; LoRACallback(check_finite=False) turns this check off"
             )
 
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         # runs before ModelCheckpoint's hook (Lightning moves checkpoint callbacks last)
         if self.variant_hooks is not None and trainer.global_step != self._last_step:  # an optimizer step happened
             self._log(trainer, self.variant_hooks.after_optimizer_step(trainer.global_step))
@@ -373,7 +340,7 @@ class LoRACallback(Callback):
                 "LoRACallback(check_finite=False) turns this check off"
             )
 
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         if self.variant_hooks is not None:
             self._log(trainer, self.variant_hooks.at_end())
         sharded = is_sharded(pl_module)  # FSDP2: every rank gathers the full tensors, rank 0 writes them
@@ -398,13 +365,13 @@ class LoRACallback(Callback):
                     save_merged_model(pl_module, Path(self.export_merged), submodule=self.export_module)
         trainer.strategy.barrier("lora_fit_end")
 
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._remove_input_hooks()
 
     def __getstate__(self) -> dict[str, Any]:
         """Picklable (``ddp_spawn`` sends the Trainer to its workers): run-time handles are dropped."""
         state = self.__dict__.copy()
-        state.update(_init_applied=None, _input_hooks=[], variant_hooks=None, _trainable=[], _metric_owners=MetricOwners())
+        state.update(_init_applied=None, _input_hooks=[], variant_hooks=None, _trainable=[], _optimized=None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -418,9 +385,8 @@ class LoRACallback(Callback):
             state["adapters"] = {n: c.to_dict() for n, c in self.adapter_configs.items()}
         return state
 
-    def check_metric_owner(self, value: Any, adapter: str, key: str) -> None:
-        """Raise when one torchmetrics object is logged for two adapters (see ``routing``)."""
-        self._metric_owners.check(value, adapter, key)
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Nothing to restore: the module's checkpoint record (checked before this runs) is authoritative."""
 
     def _check_multi_options(self) -> None:
         names = self.adapters or []
@@ -435,20 +401,23 @@ class LoRACallback(Callback):
         if self.config.variant != "lora":
             raise LoRAConfigError(f"adapters={names} with variant={self.config.variant!r}: several adapters in one fit are plain LoRA (variant='lora')")
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Nothing to restore: the module's checkpoint record (checked before this runs) is authoritative."""
-
     # ---------------------------------------------------------------- helpers
-    def _attach(self, pl_module: pl.LightningModule) -> None:
-        """Make this callback the one that decides how ``pl_module``'s checkpoints are written and read."""
+    def _attach(self, pl_module: Any) -> None:
+        """Make this callback decide how ``pl_module``'s checkpoints are written and read."""
         set_checkpoint_options(
             pl_module,
             CheckpointOptions(self.adapter_only_checkpoints, self.on_base_mismatch, "pass LoRACallback(on_base_mismatch='warn')"),
         )
-        ensure_checkpoint_hooks(pl_module)
-        object.__setattr__(pl_module, _CALLBACK, _CallbackRef(self))
 
-    def _prepare(self, pl_module: pl.LightningModule, stage: str = "fit") -> None:
+    def _plan(self, pl_module: Any) -> Plan | None:
+        """The injection plan of this callback's config on ``pl_module``, or ``None`` if its targets match nothing
+        (yet: a module building its layers in ``configure_model``)."""
+        try:
+            return plan_injection(pl_module, self.adapter_configs[self.adapters[0]] if self.adapters else self.config)
+        except TargetNotFoundError:
+            return None
+
+    def _prepare(self, pl_module: Any, stage: str = "fit", plan: Plan | None = None) -> None:
         """Give ``pl_module`` this callback's adapters: reuse the ones it holds if they have the same
         structure (unmerged for training), else inject (replacing others only when asked); apply
         ``init_adapter`` once."""
@@ -476,11 +445,11 @@ class LoRACallback(Callback):
                 self._apply_init_adapter(pl_module)
                 mark_trainable(pl_module, state)
         else:
-            self._inject(pl_module)
+            self._inject(pl_module, plan)
         if getattr(self, "_bnb_plugin", None) is not None:
             shield_from_bitsandbytes(self._bnb_plugin, pl_module)
 
-    def _prepare_named(self, pl_module: pl.LightningModule) -> None:
+    def _prepare_named(self, pl_module: Any) -> None:
         """``adapters=[...]``: the module holds exactly these named adapters, all trainable."""
         names = self.adapters or []
         if has_lora(pl_module):
@@ -505,28 +474,54 @@ class LoRACallback(Callback):
             set_adapter(pl_module, names[0])
         set_trainable_adapters(pl_module, names)
 
-    def _targets_exist(self, pl_module: pl.LightningModule) -> bool:
-        try:
-            resolve_targets(pl_module, self.config)
-        except TargetNotFoundError:
-            return False
-        return True
-
-    def _inject(self, pl_module: pl.LightningModule) -> None:
-        inject_lora(pl_module, self.config)
+    def _inject(self, pl_module: Any, plan: Plan | None = None) -> None:
+        inject_lora(pl_module, self.config, plan)
         try:
             self._apply_init_adapter(pl_module)
         except BaseException:
             remove_lora(pl_module)  # a bad init_adapter leaves the module as it was
             raise
 
-    def _needs_init(self, pl_module: pl.LightningModule) -> bool:
+    def _needs_init(self, pl_module: Any) -> bool:
         return bool(self.init_adapter) and pl_module not in self._init_applied
 
-    def _apply_init_adapter(self, pl_module: pl.LightningModule) -> None:
+    def _apply_init_adapter(self, pl_module: Any) -> None:
         if self._needs_init(pl_module):
             load_adapter(pl_module, self.init_adapter, on_base_mismatch=self.on_base_mismatch)
             self._init_applied.add(pl_module)
+
+    def _apply_loraplus(self, trainer: Any, pl_module: Any) -> None:
+        """Split every optimizer's groups: ``B`` tensors (of every adapter) at ``ratio`` times their group's
+        learning rate, at every step of every scheduler (:func:`lora_lightning.loraplus.apply_loraplus`). Runs
+        before a resumed fit restores the optimizer states, so those load into the same groups they were saved from."""
+        ratio = self.loraplus_lr_ratio
+        schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
+        moved = sum(apply_loraplus(opt, pl_module, ratio, schedulers) for opt in trainer.optimizers)
+        if not moved:
+            raise LoRAConfigError(
+                f"loraplus_lr_ratio={ratio} but the optimizers from configure_optimizers hold no trainable lora_B "
+                f"(variant={get_lora_state(pl_module).config.variant!r} or a custom parameter list): drop "
+                "loraplus_lr_ratio or pass the adapters to the optimizer"
+            )
+
+    def _check_optimizer_holds_the_adapters(self, trainer: Any, pl_module: Any) -> None:
+        """Raise when the adapter(s) meant to train are not in the optimizer (``set_adapter`` after it was built):
+        checked whenever the active adapter changes."""
+        if not trainer.optimizers or not has_lora(pl_module):
+            return
+        active = named_adapters(pl_module).active
+        if self._optimized is not None and self._optimized[0] == active:
+            return
+        held = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
+        self._optimized = (active, held)
+        for name in self.adapters or [active]:
+            missing = [p for p in adapter_tensors(pl_module, name) if p.requires_grad and id(p) not in held]
+            if missing:
+                raise LoRAConfigError(
+                    f"adapter {name!r} is active but the optimizer holds none of its {len(missing)} trainable tensor(s) "
+                    "(set_adapter after configure_optimizers built the optimizer?), so nothing of it would train. "
+                    "Activate the adapter before trainer.fit, or train several adapters with LoRACallback(adapters=[...])"
+                )
 
     @staticmethod
     def _no_gradient_message(what: str) -> str:
@@ -542,7 +537,7 @@ class LoRACallback(Callback):
         self._input_hooks = []
 
     @staticmethod
-    def _log(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+    def _log(trainer: Any, metrics: dict[str, float]) -> None:
         if metrics:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
@@ -551,7 +546,7 @@ class LoRACallback(Callback):
 def _lora_option_parameters() -> list[inspect.Parameter]:
     """One keyword per LoRA option (shared and every registered variant's), typed ``T | None``."""
     hints: dict[str, Any] = {}
-    for cls in [LoRAConfig, *_VARIANT_CONFIGS.values()]:
+    for cls in [LoRAConfig, *registry.VARIANT_CONFIGS.values()]:
         for name, hint in typing.get_type_hints(cls).items():
             hints.setdefault(name, hint)
     return [
@@ -560,16 +555,31 @@ def _lora_option_parameters() -> list[inspect.Parameter]:
     ]
 
 
-def _with_lora_keywords(init: Any) -> None:
+def with_lora_keywords(init: Any) -> None:
     """``LoRACallback.__init__``'s visible signature lists every LoRA option (LightningCLI / jsonargparse
     read it), derived from the config and the variant registry so the two cannot drift."""
-    sig = inspect.signature(init)
+    sig = inspect.signature(CallbackImpl.__init__)
     params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
     taken = {p.name for p in params}
     params += [p for p in _lora_option_parameters() if p.name not in taken]
     init.__signature__ = sig.replace(parameters=params)
 
 
-_with_lora_keywords(LoRACallback.__init__)
-ON_REGISTER.append(lambda: _with_lora_keywords(LoRACallback.__init__))  # a variant registered later adds its options
-__all__ = ["LoRACallback", "inject_before_sharding"]
+def make_callback_class(ns: Namespace, atomic_io: type, module: str) -> type:
+    """``LoRACallback`` for one Lightning package: :class:`CallbackImpl` on that package's ``Callback``,
+    importable as ``<module>.LoRACallback`` (so ``ddp_spawn`` can pickle it)."""
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        CallbackImpl.__init__(self, *args, **kwargs)
+
+    __init__.__doc__ = CallbackImpl.__init__.__doc__
+    cls = type("LoRACallback", (CallbackImpl, ns.Callback), {
+        "__init__": __init__, "__module__": module, "__qualname__": "LoRACallback", "__doc__": CallbackImpl.__doc__,
+        "_ns": ns, "_atomic_io": atomic_io,
+    })
+    with_lora_keywords(cls.__init__)
+    registry.ON_REGISTER.append(lambda: with_lora_keywords(cls.__init__))  # a variant registered later adds its options
+    return cls
+
+
+__all__ = ["CallbackImpl", "bitsandbytes_format", "inject_before_sharding", "make_callback_class"]

@@ -1,101 +1,51 @@
-"""Lightning checkpoints with LoRA: adapter-only ``state_dict`` plus the LoRA record on save, the
-right model on every load, and a crash-safe ``CheckpointIO``.
+"""Lightning checkpoints with LoRA: adapter-only ``state_dict`` plus the LoRA record on save, the right
+model on every load, and a crash-safe ``CheckpointIO``.
 
-Saving (the module's ``on_save_checkpoint``, so ``weights_only`` saves too): the checkpoint gets
-``checkpoint["lora_lightning"]`` — the :class:`~lora_lightning.record.LoRAState` (config, adapted
-modules and their structure, base fingerprint) and whether the adapters were merged — and, with
-adapter-only checkpoints (the default), ``state_dict`` keeps only the adapter tensors.
+Saving (:func:`record_in_checkpoint`, called for every checkpoint of a module with adapters, weights-only
+saves too): the checkpoint gets ``checkpoint["lora_lightning"]`` — the
+:class:`~lora_lightning.record.LoRAState` (config, adapted modules and their structure, base identity),
+whether the adapters were merged, the learnt fusion groups and the named adapters — and, with adapter-only
+checkpoints (the default), ``state_dict`` keeps only the adapter tensors.
 
-Loading (:func:`prepare_for_checkpoint`, run after the module's own ``on_load_checkpoint`` and
-before Lightning's ``load_state_dict``): a module without adapters gets them injected from the
-record; a module with adapters must hold the same adapter structure; the fingerprint is checked;
-merged adapters are unmerged; and the module's own base tensors fill what an adapter-only
-checkpoint leaves out, so a strict load succeeds and yields the trained model. A checkpoint
-without a record loaded into a model with adapters (a full, non-LoRA checkpoint) is refused with
-the way to start LoRA from it.
+Loading (:func:`prepare_for_checkpoint`, run after the module's own ``on_load_checkpoint`` and before
+Lightning's ``load_state_dict``): a module without adapters gets them injected from the record; a module
+with adapters must hold the same adapter structure; the base identity is checked; merged adapters are
+unmerged; and the module's own base tensors fill what an adapter-only checkpoint leaves out, so a strict
+load succeeds and yields the trained model. A checkpoint without a record loaded into a model with
+adapters (a full, non-LoRA checkpoint) is refused with the way to start LoRA from it. Neither function
+changes which parameters train.
 """
 
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
-from lightning.fabric.utilities.types import _PATH
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
-from ..adapter_io import adapter_param_names, atomic_write_bytes, planned_state
-from ..errors import AdapterFileError
-from ..injection import get_lora_state, has_lora, inject_lora, lora_layers
+from ..adapter_io import atomic_write_bytes
+from ..errors import AdapterFileError, LoRAConfigError
+from ..injection import adapter_param_names, get_lora_state, has_lora, inject_lora, lora_layers, planned_state
 from ..merging import is_merged, unmerge_lora
 from ..named import has_named_adapters, named_adapters, restore_named_adapters
-from ..record import LoRAState, check_compatible, check_fingerprint
+from ..record import ON_MISMATCH, LoRAState, check_compatible, check_fingerprint
 from ..shared_input import set_shared_input_groups, shared_input_groups
+from ..state import CheckpointOptions, attach, lora_handle
+from .compat import FROM_CHECKPOINT_HINT, LOAD_OPTIONS
 
 CHECKPOINT_KEY = "lora_lightning"
-_OPTIONS = "_lora_lightning_options"
-_HOOKED = "_lora_lightning_hooks"
-
-
-@dataclass
-class CheckpointOptions:
-    """How a module's checkpoints are written and read; set on the module by ``LoRACallback``."""
-
-    adapter_only: bool = True
-    on_base_mismatch: str = "raise"
-    # what the user sets to load a checkpoint trained on other base weights, in the words of the path in use
-    override_hint: str = "attach LoRACallback(on_base_mismatch='warn') to the Trainer"
 
 
 def checkpoint_options(module: nn.Module) -> CheckpointOptions:
-    return getattr(module, _OPTIONS, None) or CheckpointOptions()
+    """How ``module``'s checkpoints are written and read: what its ``LoRACallback`` set, else the defaults
+    (adapter-only; another base raises)."""
+    handle = lora_handle(module)
+    return handle.checkpoint if handle is not None and handle.checkpoint is not None else CheckpointOptions()
 
 
 def set_checkpoint_options(module: nn.Module, options: CheckpointOptions) -> None:
-    object.__setattr__(module, _OPTIONS, options)
-
-
-class _RunAfter:
-    """Instance-level hook wrapper: runs the module's original hook, then ``after``.
-
-    A class rather than a closure so the patched module stays picklable; ``__wrapped__`` keeps
-    Lightning's ``is_overridden`` answering as for the original hook.
-    """
-
-    def __init__(self, original: Callable[..., Any], after: Callable[..., None]) -> None:
-        self.__wrapped__ = original
-        self.after = after
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        result = self.__wrapped__(*args, **kwargs)
-        self.after(*args, **kwargs)
-        return result
-
-
-class _ModuleHook:
-    """``after`` for one module (picklable: a module reference and a module-level function)."""
-
-    def __init__(self, module: nn.Module, fn: Callable[[nn.Module, dict], None]) -> None:
-        self.module, self.fn = module, fn
-
-    def __call__(self, checkpoint: dict[str, Any], *args: Any, **kwargs: Any) -> None:
-        self.fn(self.module, checkpoint)
-
-
-def wrap_after(module: nn.Module, hook: str, after: Callable[..., None]) -> None:
-    object.__setattr__(module, hook, _RunAfter(getattr(module, hook), after))
-
-
-def ensure_checkpoint_hooks(module: nn.Module) -> None:
-    """Make ``module``'s checkpoints carry the LoRA record (adapter-only by default) and make loading
-    any checkpoint into it go through :func:`prepare_for_checkpoint`. Idempotent."""
-    if getattr(module, _HOOKED, False):
-        return
-    object.__setattr__(module, _HOOKED, True)
-    wrap_after(module, "on_save_checkpoint", _ModuleHook(module, record_in_checkpoint))
-    wrap_after(module, "on_load_checkpoint", _ModuleHook(module, prepare_for_checkpoint))
+    attach(module).checkpoint = options
 
 
 # --------------------------------------------------------------------------- saving
@@ -123,9 +73,15 @@ def no_record_error(n_tensors: int) -> AdapterFileError:
     )
 
 
-def prepare_for_checkpoint(module: nn.Module, checkpoint: dict[str, Any]) -> None:
-    """Ready ``module`` for Lightning's ``load_state_dict(checkpoint["state_dict"])`` (see module doc)."""
-    options = checkpoint_options(module)
+def prepare_for_checkpoint(module: nn.Module, checkpoint: dict[str, Any], options: CheckpointOptions | None = None) -> None:
+    """Ready ``module`` for Lightning's ``load_state_dict(checkpoint["state_dict"])`` (see module doc).
+    ``options``: how a base mismatch is treated when the module has no options of its own (a fresh module
+    of ``load_from_checkpoint``)."""
+    handle = lora_handle(module)
+    if handle is None or handle.checkpoint is None:
+        options = options or LOAD_OPTIONS.get()
+    else:
+        options = handle.checkpoint
     record = checkpoint.get(CHECKPOINT_KEY)
     state_dict = checkpoint.setdefault("state_dict", {})
     if record is None:
@@ -136,13 +92,13 @@ def prepare_for_checkpoint(module: nn.Module, checkpoint: dict[str, Any]) -> Non
     saved = LoRAState.from_dict(record)
     base_keys = [k for k in module.state_dict() if k not in set(adapter_param_names(module, all_adapters=True) if has_lora(module) else [])]
     full = bool(base_keys) and all(k in state_dict for k in base_keys)  # the checkpoint brings its own base
+    grads = {p: p.requires_grad for p in module.parameters()}
     if not has_lora(module):
         planned = planned_state(module, saved.config)
         check_compatible(saved, planned, source="checkpoint")
         if not full:
             check_fingerprint(saved.fingerprint, planned.fingerprint, options.on_base_mismatch, "checkpoint", options.override_hint)
         inject_lora(module, saved.config)
-        ensure_checkpoint_hooks(module)  # its later checkpoints stay adapter-only, with the record
         restore_named_adapters(module, record.get("adapters"))
     else:
         if record.get("adapters") and any(layer.merged for layer in lora_layers(module).values()):
@@ -154,6 +110,9 @@ def prepare_for_checkpoint(module: nn.Module, checkpoint: dict[str, Any]) -> Non
             check_fingerprint(saved.fingerprint, state.fingerprint, options.on_base_mismatch, "checkpoint", options.override_hint)
         if any(layer.merged for layer in lora_layers(module).values()):
             unmerge_lora(module)  # the checkpoint's adapters replace these; the base must be W0 again
+        for p in module.parameters():  # loading weights does not change what trains
+            if p in grads:
+                p.requires_grad_(grads[p])
     if record.get("shared_input_groups"):
         set_shared_input_groups(module, record["shared_input_groups"])
     if full:  # its base tensors are loaded as saved: merged if they were merged when saved
@@ -165,13 +124,38 @@ def prepare_for_checkpoint(module: nn.Module, checkpoint: dict[str, Any]) -> Non
 
 
 # --------------------------------------------------------------------------- writing
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """``TorchCheckpointIO`` whose local writes are atomic: serialise to memory, write a temp file
-    in the target folder, fsync, rename. A crash mid-save leaves the previous file intact."""
+class AtomicSave:
+    """``save_checkpoint`` whose local writes are atomic: serialise to memory, write a temp file in the target
+    folder, fsync, rename. A crash mid-save leaves the previous file intact. Mixed into each Lightning
+    package's ``TorchCheckpointIO`` (:class:`lora_lightning.AtomicCheckpointIO`)."""
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None or "://" in str(path):
-            return super().save_checkpoint(checkpoint, path, storage_options)
+            return super().save_checkpoint(checkpoint, path, storage_options)  # type: ignore[misc]
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
         atomic_write_bytes(path, buffer.getbuffer())
+
+
+__all__ = [
+    "AtomicSave",
+    "CHECKPOINT_KEY",
+    "checkpoint_options",
+    "load_lora_checkpoint",
+    "no_record_error",
+    "prepare_for_checkpoint",
+    "record_in_checkpoint",
+    "set_checkpoint_options",
+]
+
+
+def load_lora_checkpoint(cls: type, checkpoint_path: Any, *, on_base_mismatch: str = "raise", **kwargs: Any) -> Any:
+    """``cls.load_from_checkpoint(checkpoint_path, **kwargs)`` with a chosen ``on_base_mismatch``
+    (``raise`` | ``warn`` | ``ignore``) for a LoRA checkpoint trained on other base weights."""
+    if on_base_mismatch not in ON_MISMATCH:
+        raise LoRAConfigError(f"on_base_mismatch={on_base_mismatch!r} must be one of {ON_MISMATCH}")
+    token = LOAD_OPTIONS.set(CheckpointOptions(on_base_mismatch=on_base_mismatch, override_hint=FROM_CHECKPOINT_HINT))
+    try:
+        return cls.load_from_checkpoint(checkpoint_path, **kwargs)  # type: ignore[attr-defined]
+    finally:
+        LOAD_OPTIONS.reset(token)

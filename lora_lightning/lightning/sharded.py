@@ -17,13 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.strategies.model_parallel import _is_full_checkpoint, _is_sharded_checkpoint, _load_checkpoint
-from lightning.fabric.utilities.load import _METADATA_FILENAME
 
 from ..errors import AdapterFileError
 from ..injection import adapter_param_names, get_lora_state
 from ..record import LoRAState, check_compatible
 from .checkpoints import CHECKPOINT_KEY, no_record_error
+from .compat import FabricHelpers
 
 _STATE = "state_dict"
 
@@ -41,9 +40,10 @@ def check_sharded_checkpoint(module: torch.nn.Module, record: dict[str, Any] | N
         )
 
 
-def load_model_parallel_checkpoint(strategy: Any, path: Path, weights_only: bool | None = None) -> dict[str, Any]:
+def load_model_parallel_checkpoint(strategy: Any, path: Path, weights_only: bool | None, fabric: FabricHelpers) -> dict[str, Any]:
     """``ModelParallelStrategy.load_checkpoint`` for a module with adapters; returns the remaining
-    checkpoint entries (epoch, loops, callbacks, the LoRA record) like the original."""
+    checkpoint entries (epoch, loops, callbacks, the LoRA record) like the original. ``fabric``: Lightning
+    Fabric's checkpoint helpers (:mod:`.compat` resolves them)."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint import load as dcp_load
     from torch.distributed.checkpoint.state_dict import (
@@ -55,8 +55,8 @@ def load_model_parallel_checkpoint(strategy: Any, path: Path, weights_only: bool
     )
 
     model, module = strategy.model, strategy.lightning_module
-    if _is_sharded_checkpoint(path):
-        metadata = torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
+    if fabric.is_sharded_checkpoint(path):
+        metadata = torch.load(path / fabric.metadata_filename, weights_only=weights_only)
         stored = FileSystemReader(path).read_metadata().state_dict_metadata
         saved_keys = {k[len(_STATE) + 1 :] for k in stored if k.startswith(_STATE + ".")}
         check_sharded_checkpoint(module, metadata.get(CHECKPOINT_KEY), saved_keys)
@@ -69,11 +69,11 @@ def load_model_parallel_checkpoint(strategy: Any, path: Path, weights_only: bool
             dcp_load(optimizer_state, checkpoint_id=path)
             set_optimizer_state_dict(model, optimizer, optim_state_dict=optimizer_state[key], options=StateDictOptions(cpu_offload=True))
         return metadata
-    if _is_full_checkpoint(path):
+    if fabric.is_full_checkpoint(path):
         checkpoint = torch.load(path, mmap=True, map_location="cpu", weights_only=weights_only)
         check_sharded_checkpoint(module, checkpoint.get(CHECKPOINT_KEY), set(checkpoint.get(_STATE, {})))
         del checkpoint
         # the adapter tensors are all there (checked): let Lightning load what the file holds
         state = {_STATE: model, **{f"optimizer_{i}": opt for i, opt in enumerate(strategy.optimizers)}}
-        return _load_checkpoint(path, state, strict=False, optimizer_states_from_list=True, weights_only=weights_only)
+        return fabric.load_checkpoint(path, state, strict=False, optimizer_states_from_list=True, weights_only=weights_only)
     raise AdapterFileError(f"{str(path)!r} is neither a sharded checkpoint folder nor a checkpoint file; check ckpt_path")

@@ -5,7 +5,7 @@ docs/variants.md gives the formulas and citations. A new variant is one file wit
 ``@register_variant("name")`` class (see :mod:`.registry`) plus its test file.
 """
 
-from .registry import TrainingHooks, Variant, get_variant, register_variant, register_variant_alias, registered_variants
+from .base import TrainingHooks, Variant, get_variant, register_variant, register_variant_alias, registered_variants
 from .lora import LoRA  # noqa: E402  (registration order: plain LoRA first)
 from .adalora import AdaLoRAConfig, AdaLoRAController, AdaLoRALinear, orthogonality_penalty
 from .dora import DoRALinear

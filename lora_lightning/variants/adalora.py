@@ -19,7 +19,7 @@ call :meth:`AdaLoRAController.before_optimizer_step` and :meth:`AdaLoRAControlle
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -27,10 +27,9 @@ from torch import Tensor, nn
 from ..config import LoRAConfig, check_fraction, check_rank
 from ..errors import LoRAConfigError
 from ..layers import LoRALinear, init_random
-from .registry import Variant, register_variant
+from .base import Variant, register_variant
 
-if TYPE_CHECKING:
-    from ..targets import AdapterSpec
+from ..plan import AdapterSpec
 
 
 @dataclass
@@ -285,7 +284,7 @@ class AdaLoRA(Variant):
     layer_class = AdaLoRALinear
 
     @classmethod
-    def num_params(cls, spec: "AdapterSpec", config: LoRAConfig) -> int:
+    def num_params(cls, spec: AdapterSpec, config: LoRAConfig) -> int:
         return super().num_params(spec, config) + spec.r
 
     @classmethod

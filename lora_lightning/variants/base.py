@@ -1,4 +1,5 @@
-"""The variant registry: one :class:`Variant` subclass per LoRA variant, registered by name.
+"""The :class:`Variant` protocol and :func:`register_variant`: one subclass per LoRA variant, registered by
+name in :mod:`lora_lightning.registry`.
 
 A variant is one file holding its options (a :class:`~lora_lightning.LoRAConfig` subclass whose
 extra fields carry the variant's name as prefix, with ``structural_options`` naming those that
@@ -21,22 +22,19 @@ Hydra app's ``lora`` group lists them.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol, Sequence
+import dataclasses
+from typing import Any, ClassVar, Protocol, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from ..config import _VARIANT_ALIASES, _VARIANT_CONFIGS, LoRAConfig, _resolve_variant
+from .. import registry
+from ..config import LoRAConfig
 from ..errors import LoRAConfigError
-from ..quantization import quantizer
-from ..layers import CONV_LAYERS, LoRAConv1D, LoRAEmbedding, LoRALayer, LoRALinear, resolve_dtype, stream_generator
+from ..layers import LoRALayer, LoRALinear, resolve_dtype, stream_generator
+from ..plan import AdapterSpec
 
-if TYPE_CHECKING:  # the plan's types; targets imports this module
-    from ..targets import AdapterSpec
-
-_VARIANTS: dict[str, type["Variant"]] = {}
-# called after each registration (the Lightning layer refreshes LoRACallback's keyword list)
-ON_REGISTER: list[Callable[[], None]] = []
+ON_REGISTER = registry.ON_REGISTER  # called after each registration (the Lightning layer refreshes its keywords)
 
 
 class TrainingHooks(Protocol):
@@ -62,14 +60,16 @@ class Variant:
     layer_class: ClassVar[type[LoRALinear]] = LoRALinear
     # False: also GPT-2 Conv1D, fused q/k/v blocks, nn.MultiheadAttention, nn.Embedding and nn.Conv1d/2d/3d
     linear_only: ClassVar[bool] = True
+    # whether modules holding one tied weight can share one adapter of this variant
+    supports_ties: ClassVar[bool] = False
 
-    def __init__(self, model: nn.Module, config: LoRAConfig, specs: Sequence["AdapterSpec"]) -> None:
+    def __init__(self, model: nn.Module, config: LoRAConfig, specs: Sequence[AdapterSpec]) -> None:
         self.config = config
         self.check_targets(model, config, specs)
 
     @classmethod
-    def check_targets(cls, model: nn.Module, config: LoRAConfig, specs: Sequence["AdapterSpec"]) -> None:
-        """Raise :class:`LoRAConfigError` for a planned matrix this variant cannot adapt."""
+    def check_targets(cls, model: nn.Module, config: LoRAConfig, specs: Sequence[AdapterSpec]) -> None:
+        """Raise :class:`LoRAConfigError` for a planned matrix this variant cannot adapt (before any change)."""
         if cls.linear_only:
             bad = [s.name for s in specs if s.kind != "linear" or s.fused is not None]
             if bad:
@@ -79,21 +79,33 @@ class Variant:
                     "variant='lora' there"
                 )
         if config.quantize_base is not None:
-            bad = [s.name for s in specs if s.kind != "linear"]
+            bad = [s.name for s in specs if not registry.layer_kind(s.kind).quantizable]
             if bad:
                 raise LoRAConfigError(
                     f"quantize_base={config.quantize_base!r} stores nn.Linear weights only; {bad[:3]} are not nn.Linear "
                     "(GPT-2 Conv1D, nn.MultiheadAttention, an embedding or a convolution): target nn.Linear layers or "
                     "drop quantize_base"
                 )
-            fmt = quantizer(config.quantize_base)
+            fmt = registry.quantizer(config.quantize_base)
             for s in specs:  # a missing package or an odd-sized weight fails now, before any change
                 fmt.check(s.d_in * s.d_out, s.name)
+        tied = [s for s in specs if s.tied]
+        if tied:
+            kinds = {s.kind for s in tied} | {kind_of_name(model, f) for s in tied for f in s.tied}
+            untieable = sorted(k for k in kinds if not registry.layer_kind(k).tieable)
+            if not cls.supports_ties or config.quantize_base is not None or untieable:
+                why = (f"variant={config.variant!r}" if not cls.supports_ties else
+                       f"quantize_base={config.quantize_base!r}" if config.quantize_base is not None else f"kind {untieable}")
+                raise LoRAConfigError(
+                    f"{tied[0].name} and {tied[0].tied[0]} hold one tied weight and would share one adapter, which {why} "
+                    "cannot do: target only one of them (merging is then refused while the other reads the weight), "
+                    "untie the weights, or use variant='lora' without quantize_base"
+                )
 
-    def layer_kwargs(self, base: nn.Module, spec: "AdapterSpec") -> dict[str, Any]:
-        """The arguments every layer class takes, for one planned matrix."""
+    def layer_kwargs(self, base: nn.Module | Tensor, spec: AdapterSpec) -> dict[str, Any]:
+        """The arguments every layer class takes, for one planned matrix (``base``: its module, or its weight)."""
         c = self.config
-        weight = getattr(base, "weight")
+        weight = base if isinstance(base, Tensor) else registry.kind_of(base).weight(base)
         return dict(
             r=spec.r,
             alpha=spec.alpha,
@@ -106,21 +118,26 @@ class Variant:
             generator=self.generator(spec),
         )
 
-    def generator(self, spec: "AdapterSpec") -> torch.Generator | None:
+    def generator(self, spec: AdapterSpec) -> torch.Generator | None:
         """The random stream of one adapter: seeded by ``(init_seed, name, rank)``, or ``None`` (global RNG)."""
         c = self.config
         return None if c.init_seed is None else stream_generator(c.init_seed, spec.name, spec.r)
 
-    def build(self, base: nn.Module, spec: "AdapterSpec") -> LoRALayer:
-        """The adapter layer replacing ``base`` (a Linear or GPT-2 Conv1D) for one planned matrix."""
-        kw = self.layer_kwargs(base, spec)
-        if spec.kind == "conv1d":
-            return LoRAConv1D(base, fused=spec.fused, **kw)
-        if spec.kind == "embedding":
-            return LoRAEmbedding(base, **kw)
-        if spec.kind == "conv":
-            return CONV_LAYERS[type(base)](base, **kw)
-        return self.layer_class(base, fused=spec.fused, quantize=self.config.quantize_base, **kw)
+    def build(self, base: nn.Module, spec: AdapterSpec) -> LoRALayer:
+        """The adapter layer replacing ``base`` for one planned matrix: the kind builds it, with this variant's
+        layer class on ``nn.Linear`` (and ``quantize`` where the kind stores quantized weights)."""
+        kind = registry.layer_kind(spec.kind)
+        kw = self.layer_kwargs(kind.weight(base), spec)
+        if kind.quantizable:
+            kw["quantize"] = self.config.quantize_base
+        return kind.build(base, spec, layer_class=self.layer_class if spec.kind == "linear" else None, **kw)
+
+    def build_host(self, base: nn.Module, spec: AdapterSpec | None) -> LoRALayer:
+        """A host replacing ``base`` (see :meth:`~lora_lightning.layers.LayerKind.hosts`), with adapters of its
+        own when ``spec`` plans them."""
+        kind = registry.kind_of(base)
+        kw = self.layer_kwargs(kind.weight(base), spec) if spec is not None else {}
+        return kind.build(base, spec, **kw)
 
     @classmethod
     def alpha_and_scaling(cls, config: LoRAConfig, r: int, alpha: float) -> tuple[float, float]:
@@ -128,7 +145,7 @@ class Variant:
         return alpha, config.scaling_for(r, alpha)
 
     @classmethod
-    def num_params(cls, spec: "AdapterSpec", config: LoRAConfig) -> int:
+    def num_params(cls, spec: AdapterSpec, config: LoRAConfig) -> int:
         """Trainable parameters of one adapted matrix under ``config`` (the variant's options): plain LoRA
         ``r·(n·d_in + d_out)`` for ``n`` adapted blocks."""
         return spec.r * (max(1, len(spec.parts)) * spec.d_in + spec.d_out)
@@ -139,29 +156,33 @@ class Variant:
         return None
 
 
+def kind_of_name(model: nn.Module, name: str) -> str:
+    kind = registry.kind_of(model.get_submodule(name))
+    return kind.name if kind is not None else "?"
+
+
 def register_variant(name: str) -> Any:
     """Class decorator registering a :class:`Variant` subclass (and its config class) under ``name``."""
 
     def decorate(cls: type[Variant]) -> type[Variant]:
         if not (isinstance(cls, type) and issubclass(cls, Variant)):
             raise TypeError(f"@register_variant({name!r}) decorates a Variant subclass, got {cls!r}")
-        if name in _VARIANT_ALIASES or (name in _VARIANTS and _VARIANTS[name].__qualname__ != cls.__qualname__):
+        if name in registry.VARIANT_ALIASES or (name in registry.VARIANTS and registry.VARIANTS[name].__qualname__ != cls.__qualname__):
             raise LoRAConfigError(f"variant name {name!r} is already registered; choose another name")
         config_class = cls.config_class
         if config_class is not LoRAConfig:
             if not issubclass(config_class, LoRAConfig):
                 raise TypeError(f"{cls.__name__}.config_class must subclass LoRAConfig")
-            fields = {f.name: f for f in __import__("dataclasses").fields(config_class)}
+            fields = {f.name: f for f in dataclasses.fields(config_class)}
             if fields["variant"].default != name:
                 raise LoRAConfigError(
                     f"{config_class.__name__} must declare `variant: str = {name!r}` so it can be built on its own"
                 )
             config_class.variant_name = name
         cls.name = name
-        _VARIANTS[name] = cls
-        _VARIANT_CONFIGS[name] = config_class
-        for listener in ON_REGISTER:
-            listener()
+        registry.VARIANTS[name] = cls
+        registry.VARIANT_CONFIGS[name] = config_class
+        registry.notify()
         return cls
 
     return decorate
@@ -169,15 +190,15 @@ def register_variant(name: str) -> Any:
 
 def register_variant_alias(alias: str, variant: str, **presets: Any) -> None:
     """``variant=alias`` means ``variant=variant`` with ``presets`` for options left at their default."""
-    if variant not in _VARIANTS:
+    if variant not in registry.VARIANTS:
         raise LoRAConfigError(f"cannot alias {alias!r} to unregistered variant {variant!r}")
-    _VARIANT_ALIASES[alias] = (variant, dict(presets))
+    registry.VARIANT_ALIASES[alias] = (variant, dict(presets))
 
 
 def get_variant(name: str) -> type[Variant]:
     """The registered variant class for ``name`` (aliases resolved); unknown names list the choices."""
-    return _VARIANTS[_resolve_variant(name)[0]]
+    return registry.variant(name)  # type: ignore[no-any-return]
 
 
 def registered_variants() -> dict[str, type[Variant]]:
-    return dict(_VARIANTS)
+    return dict(registry.VARIANTS)

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import LoRAConfig
 from ..layers import LoRALinear
-from .registry import Variant, register_variant
+from .base import Variant, register_variant
 
-if TYPE_CHECKING:
-    from ..targets import AdapterSpec
+from ..plan import AdapterSpec
 
 
 class DoRALinear(LoRALinear):
@@ -45,15 +42,18 @@ class DoRALinear(LoRALinear):
             return self.dora_weight().to(dtype) - self.base_weight().to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
+        """``y = base + (m/||V|| - 1) ⊙ (x W0ᵀ) + (m/||V||) ⊙ s·dropout(x) Aᵀ Bᵀ`` with ``base = x W0ᵀ + b`` computed as the
+        base layer computes it: the same function as ``(m/||V||) ⊙ (x W0ᵀ + s·x Aᵀ Bᵀ) + b``, written (as in PEFT) so
+        that at initialisation (``m = ||W0||``, ``B = 0``) the output is bit-equal to the base layer's."""
         w = self.base_weight()
-        if self.merged or self.lora_disabled:
-            return F.linear(x, w, self.bias)
+        base = F.linear(x, w, self.bias)
+        if self.adapter_off():
+            return base
         dt = self.lora_A.dtype
         v = w.to(dt) + self.live_delta_weight(dt)
         mag_scale = self.lora_magnitude / v.norm(dim=1)
-        out = mag_scale * (F.linear(x, w).to(dt) + self.lora_forward(x))
-        if self.bias is not None:
-            out = out + self.bias.to(dt)
+        plain = (base - self.bias if self.bias is not None else base).to(dt)
+        out = base.to(dt) + (mag_scale - 1) * plain + mag_scale * self.lora_forward(x)
         return out.to(x.dtype)
 
     def _add_delta(self, sign: float) -> None:
@@ -79,5 +79,5 @@ class DoRA(Variant):
     layer_class = DoRALinear
 
     @classmethod
-    def num_params(cls, spec: "AdapterSpec", config: LoRAConfig) -> int:
+    def num_params(cls, spec: AdapterSpec, config: LoRAConfig) -> int:
         return super().num_params(spec, config) + spec.d_out

@@ -8,7 +8,7 @@ stored in 4-bit NormalFloat, i.e. ``quantize_base='nf4'``).
 
 from __future__ import annotations
 
-from .registry import Variant, register_variant, register_variant_alias
+from .base import Variant, register_variant, register_variant_alias
 
 
 @register_variant("lora")
@@ -16,6 +16,7 @@ class LoRA(Variant):
     """``h = W0·x + (alpha/r)·B·A·dropout(x)``; trainable ``r·(d_in + d_out)`` per matrix."""
 
     linear_only = False
+    supports_ties = True
 
 
 register_variant_alias("rslora", "lora", use_rslora=True)

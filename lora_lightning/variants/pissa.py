@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from ..errors import LoRAConfigError
 from ..layers import LoRALinear
-from .registry import Variant, register_variant
+from .base import Variant, register_variant
 
 
 class PiSSALinear(LoRALinear):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -13,10 +13,9 @@ from torch import Tensor, nn
 from ..config import LoRAConfig, check_alpha
 from ..errors import LoRAConfigError
 from ..layers import LoRALinear, resolve_dtype
-from .registry import Variant, register_variant
+from .base import Variant, register_variant
 
-if TYPE_CHECKING:
-    from ..targets import AdapterSpec
+from ..plan import AdapterSpec
 
 
 @dataclass
@@ -89,7 +88,7 @@ class VeRA(Variant):
     config_class = VeRAConfig
     layer_class = VeRALinear
 
-    def __init__(self, model: nn.Module, config: VeRAConfig, specs: Sequence["AdapterSpec"]) -> None:
+    def __init__(self, model: nn.Module, config: VeRAConfig, specs: Sequence[AdapterSpec]) -> None:
         super().__init__(model, config, specs)
         first = model.get_submodule(specs[0].name)
         dtype = resolve_dtype(config.adapter_dtype, first.weight.dtype)
@@ -98,7 +97,7 @@ class VeRA(Variant):
         )
         self.shared = (nn.Parameter(A, requires_grad=False), nn.Parameter(B, requires_grad=False))
 
-    def build(self, base: nn.Module, spec: "AdapterSpec") -> VeRALinear:
+    def build(self, base: nn.Module, spec: AdapterSpec) -> VeRALinear:
         c = self.config
         return VeRALinear(base, *self.shared, c.vera_d_init, dropout=c.dropout, name=spec.name,
                           quantize=c.quantize_base, pin_dtype=c.adapter_dtype is not None)
@@ -108,5 +107,5 @@ class VeRA(Variant):
         return 1.0, 1.0  # no alpha/r: the trained d and b carry the scale
 
     @classmethod
-    def num_params(cls, spec: "AdapterSpec", config: LoRAConfig) -> int:
+    def num_params(cls, spec: AdapterSpec, config: LoRAConfig) -> int:
         return spec.r + spec.d_out
