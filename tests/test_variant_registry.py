@@ -32,7 +32,7 @@ from lora_lightning import (
     save_adapter,
 )
 from lora_lightning.budget import adapter_cost, allocate_ranks, cost_per_rank
-from lora_lightning.variants.registry import registered_variants
+from lora_lightning.variants.base import registered_variants
 
 
 # ----------------------------------------------------------------------------- a toy variant, here only
@@ -67,8 +67,7 @@ class GainLinear(LoRALinear):
         return self.lora_A, self.lora_B * self.lora_gain[:, None], self.scaling
 
 
-@register_variant("gain")
-class Gain(Variant):
+class Gain(Variant):  # registered for this module's tests only (the fixture below), and added to the battery
     config_class = GainConfig
     layer_class = GainLinear
 
@@ -85,6 +84,51 @@ class Gain(Variant):
 def gain_delta(layer: GainLinear) -> Tensor:
     """ΔW written out independently of the library: s · diag(g) · B · A."""
     return layer.scaling * (layer.lora_gain[:, None] * layer.lora_B) @ layer.lora_A
+
+
+def _battery_formula(case, layer, W0):
+    """The conformance battery's hand formula for the toy variant (float64): s · diag(g) · B · A."""
+    s = float(layer.alpha) / int(layer.r)
+    d = torch.float64
+    return s * (layer.lora_gain.detach().to(d)[:, None] * layer.lora_B.detach().to(d)) @ layer.lora_A.detach().to(d)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def gain_variant():
+    """The toy variant exists while this module's tests run, and is one entry more in the conformance battery."""
+    from conformance import cases as battery
+    from conformance.references import FORMULAS
+
+    from lora_lightning import registry
+
+    register_variant("gain")(Gain)
+    battery.VARIANTS["gain"], FORMULAS["gain"] = {"variant": "gain", "gain_init": 0.7}, _battery_formula
+    try:
+        yield
+    finally:
+        del registry.VARIANTS["gain"], registry.VARIANT_CONFIGS["gain"], battery.VARIANTS["gain"], FORMULAS["gain"]
+        registry.notify()
+
+
+def test_toy_variant_runs_through_the_whole_battery():
+    """Registered in this file, the variant is checked in every combination of the conformance battery."""
+    from conformance import cases as battery
+    from conformance.matrix import CHECKED, REFUSED, run_cell
+    from conformance.operations import OPERATIONS
+
+    assert battery.check_registries_covered() == []
+    seen = {CHECKED: 0, REFUSED: 0}
+    failures = []
+    for case in battery.all_cases():
+        if case.variant != "gain" or case.quantizer not in (None, "int8"):
+            continue
+        for op in OPERATIONS:
+            try:
+                seen[run_cell(case, op.name).status] += 1
+            except AssertionError as exc:
+                failures.append(f"{case.id} {op.name}: {exc}")
+    assert not failures, "\n".join(failures)
+    assert seen[CHECKED] > 0 and seen[REFUSED] > 0, seen
 
 
 def test_toy_variant_config_and_callback_keywords():
@@ -153,7 +197,7 @@ def test_toy_variant_through_the_callback_budget_and_resume(tmp_path):
 # ----------------------------------------------------------------------------- exact counts, every variant
 def _configs() -> list[tuple[str, dict]]:
     extra = {"adalora": {"adalora_target_r": 2}, "gain": {"gain_per_row": True}}
-    return [(name, extra.get(name, {})) for name in sorted(registered_variants())]
+    return [(name, extra.get(name, {})) for name in sorted(set(registered_variants()) | {"gain"})]
 
 
 @pytest.mark.parametrize("name,extra", _configs(), ids=[n for n, _ in _configs()])
