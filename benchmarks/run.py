@@ -397,8 +397,10 @@ def render_markdown(res: dict) -> str:
 
     L.extend(mixed_batch_section(HERE / "mixed_batch.json"))
     from benchmarks.generation_speed import render as generation_speed_section
+    from benchmarks.base_identity import render as base_identity_section
 
     L.extend(generation_speed_section(HERE / "generation_speed.json"))
+    L.extend(base_identity_section(HERE / "base_identity.json"))
 
     prof = res.get("profile")
     if prof:
