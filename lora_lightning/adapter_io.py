@@ -31,6 +31,7 @@ from .injection import (
     inject_lora,
     lora_layers,
     BANK,
+    planned_record,
     planned_state,
     remove_lora,
     set_submodule,
@@ -277,10 +278,10 @@ def load_adapter(
         check_fingerprint(saved.fingerprint, state.fingerprint, on_base_mismatch, name, LOAD_HINT)
         load_adapter_state(model, tensors, source=name)
         return saved.config
-    planned = planned_state(model, saved.config)
+    plan, planned = planned_record(model, saved.config)
     check_compatible(saved, planned, source=name)
     check_fingerprint(saved.fingerprint, planned.fingerprint, on_base_mismatch, name, LOAD_HINT)
-    inject_lora(model, saved.config)
+    inject_lora(model, saved.config, plan)
     try:
         load_adapter_state(model, tensors, source=name)
     except BaseException:

@@ -159,17 +159,22 @@ def adapter_param_names(model: nn.Module, all_adapters: bool = False) -> list[st
 # --------------------------------------------------------------------------- planning a record
 def fingerprint_for(model: nn.Module, plan: Plan) -> dict:
     """The base fingerprint ``plan`` records: adapted modules' shapes and the identity of every base tensor
-    (not the ``modules_to_save`` or the biases the config trains)."""
+    (not the ``modules_to_save`` or the biases the config trains). Computed once per plan (kept on it)."""
+    cached = getattr(plan, "fingerprint", None)
+    if cached is not None:
+        return cached
     names = plan.names
     tied = [f for s in plan for f in s.tied]
     exclude = identity_exclusions(model, plan.config, names + tied, plan.modules_to_save)
-    return base_fingerprint(model, names, exclude)
+    plan.fingerprint = base_fingerprint(model, names, exclude)
+    return plan.fingerprint
 
 
-def planned_state(model: nn.Module, config: LoRAConfig) -> LoRAState:
-    """The record injecting ``config`` into ``model`` would leave, without changing the model. Works on an
-    injected model too: planning sees through adapters, and the base identity comes from the model's
-    record (taken before any merge or training)."""
+def planned_record(model: nn.Module, config: LoRAConfig) -> tuple[Plan, LoRAState]:
+    """``(plan, record)``: what injecting ``config`` into ``model`` would do and the record it would leave,
+    without changing the model. Works on an injected model too: planning sees through adapters, and the base
+    identity comes from the model's record (taken before any merge or training). Pass the plan on to
+    :func:`inject_lora` so nothing is planned or hashed twice."""
     plan = plan_injection(model, config)
     handle = lora_handle(model)
     if handle is not None and handle.record is not None:
@@ -188,7 +193,12 @@ def planned_state(model: nn.Module, config: LoRAConfig) -> LoRAState:
             fingerprint = base_fingerprint(model, names, ()) | {"tensors": recorded.get("tensors")}
     else:
         fingerprint = fingerprint_for(model, plan)
-    return LoRAState(config, {s.name: s.structure() for s in plan}, list(plan.modules_to_save), fingerprint)
+    return plan, LoRAState(config, {s.name: s.structure() for s in plan}, list(plan.modules_to_save), fingerprint)
+
+
+def planned_state(model: nn.Module, config: LoRAConfig) -> LoRAState:
+    """The record injecting ``config`` into ``model`` would leave (see :func:`planned_record`)."""
+    return planned_record(model, config)[1]
 
 
 # --------------------------------------------------------------------------- injection
@@ -295,6 +305,7 @@ __all__ = [
     "inject_lora",
     "lora_layers",
     "mark_trainable",
+    "planned_record",
     "planned_state",
     "remove_lora",
 ]

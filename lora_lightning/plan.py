@@ -338,6 +338,7 @@ class Plan(list):  # list[AdapterSpec]
         super().__init__(specs)
         self.config = config
         self.modules_to_save = modules_to_save
+        self.fingerprint: dict[str, Any] | None = None  # the base identity, once computed (injection.fingerprint_for)
 
     @property
     def names(self) -> list[str]:

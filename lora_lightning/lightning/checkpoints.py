@@ -26,7 +26,7 @@ from torch import nn
 
 from ..adapter_io import atomic_write_bytes
 from ..errors import AdapterFileError, LoRAConfigError
-from ..injection import adapter_param_names, get_lora_state, has_lora, inject_lora, lora_layers, planned_state
+from ..injection import adapter_param_names, get_lora_state, has_lora, inject_lora, lora_layers, planned_record
 from ..merging import is_merged, unmerge_lora
 from ..named import has_named_adapters, named_adapters, restore_named_adapters
 from ..record import ON_MISMATCH, LoRAState, check_compatible, check_fingerprint
@@ -94,11 +94,11 @@ def prepare_for_checkpoint(module: nn.Module, checkpoint: dict[str, Any], option
     full = bool(base_keys) and all(k in state_dict for k in base_keys)  # the checkpoint brings its own base
     grads = {p: p.requires_grad for p in module.parameters()}
     if not has_lora(module):
-        planned = planned_state(module, saved.config)
+        plan, planned = planned_record(module, saved.config)
         check_compatible(saved, planned, source="checkpoint")
         if not full:
             check_fingerprint(saved.fingerprint, planned.fingerprint, options.on_base_mismatch, "checkpoint", options.override_hint)
-        inject_lora(module, saved.config)
+        inject_lora(module, saved.config, plan)
         restore_named_adapters(module, record.get("adapters"))
     else:
         if record.get("adapters") and any(layer.merged for layer in lora_layers(module).values()):
