@@ -85,10 +85,11 @@ EXAMPLES: dict[str, list[Example]] = {
 
 EXAMPLE_BY_NAME = {ex.name: ex for examples in EXAMPLES.values() for ex in examples}
 
-# topologies: "plain" (the layer alone), "shared" (a second module of the same kind holding the same weight,
-# with its own bias), "alias" (the same module under two names), "tied-head" (an embedding whose weight is
-# also an output Linear's, both targeted: GPT-2's wte/lm_head)
-TOPOLOGIES = ("plain", "shared", "alias", "tied-head")
+# topologies: "plain" (the layer alone), "siblings" (a second module of the same kind with its own weight reading
+# the same input, as q/k/v do: shared-input fusion groups them), "shared" (a second module of the same kind holding
+# the same weight, with its own bias), "alias" (the same module under two names), "tied-head" (an embedding whose
+# weight is also an output Linear's, both targeted: GPT-2's wte/lm_head)
+TOPOLOGIES = ("plain", "siblings", "shared", "alias", "tied-head")
 
 # variant name -> options its config needs here (r=2, alpha=4 for all). A registered variant without an entry fails.
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -161,7 +162,9 @@ class Net(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.first = Holder(ex.attr, ex.build())
-            if case.topology == "shared":
+            if case.topology == "siblings":
+                self.second = Holder(ex.attr, ex.build())
+            elif case.topology == "shared":
                 twin = ex.build()
                 weight_name = "in_proj_weight" if isinstance(twin, nn.MultiheadAttention) else "weight"
                 setattr(twin, weight_name, getattr(self.first.get_submodule(ex.attr), weight_name))
@@ -178,7 +181,7 @@ class Net(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.run(self.first.get_submodule(self.attr), x)
-        if self.topology in ("shared", "alias"):
+        if self.topology in ("siblings", "shared", "alias"):
             y = y + 0.5 * self.run(self.second.get_submodule(self.attr), x)
         if self.topology == "tied-head":
             y = self.head(y)

@@ -59,9 +59,10 @@ def render(outcomes: dict[tuple[str, str], Outcome], cases: Iterable[Case]) -> s
     ]
     lines += [f"| `{o.name}` | {o.checks} |" for o in OPERATIONS]
     lines += ["", "## Cells where injection works", "",
-              "`✓` checked; `R<n>` refused with message n (below). Topology: `plain` the layer alone, `shared` a second "
-              "module holding the same weight, `alias` one module under two names, `tied-head` an embedding whose weight "
-              "is also the output head's.", ""]
+              "`✓` checked; `R<n>` refused with message n (below). Topology: `plain` the layer alone, `siblings` a second "
+              "module of the same kind with its own weight reading the same input (q/k/v-like: fused by shared-input "
+              "fusion), `shared` a second module holding the same weight, `alias` one module under two names, `tied-head` "
+              "an embedding whose weight is also the output head's.", ""]
     inject_refused: dict[tuple[str, str], list[Case]] = defaultdict(list)
     for example in examples:
         rows = []

@@ -44,6 +44,7 @@ from lora_lightning import (
     use_adapter,
 )
 from lora_lightning.layers import is_lora_module
+from lora_lightning.state import lora_handle
 from lora_lightning.loraplus import SOURCE_KEY, apply_loraplus
 
 from .cases import Case, Net, inputs, randomize
@@ -339,8 +340,8 @@ def op_mixed_batch(case: Case) -> None:
     close(mixed[1], y_base[1], "row routed to the base")
 
 
-@operation("fusion", "shared-input fusion on vs off: outputs bit-equal, gradients equal (None where unfused gives None), "
-           "one AdamW step with weight decay equal")
+@operation("fusion", "shared-input fusion on vs off: outputs bit-equal, gradients equal (None where unfused gives None, "
+           "also for a member whose output is unused), one AdamW step with weight decay equal")
 def op_fusion(case: Case) -> None:
     model, x = adapted(case)
     model.train()
@@ -356,9 +357,25 @@ def op_fusion(case: Case) -> None:
             y.float().pow(2).sum().backward()
             outs.append(y.detach())
         grads = {n: None if p.grad is None else p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+        groupable = (case.topology == "siblings" and case.example.kind == "linear" and not case.example.fused
+                     and _plain_lora(case) and case.quantizer is None)
+        if fuse and groupable:  # q/k/v-like siblings of plain LoRA Linear layers: the fused node really ran
+            assert lora_handle(m).tracker.fused_calls > 0, "the siblings were not fused"
         opt.step()
         runs.append((outs, grads, {n: p.detach().clone() for n, p in m.named_parameters()}))
-    (o1, g1, p1), (o2, g2, p2) = runs
+    if case.topology in ("siblings", "shared"):  # both read x, only the first output is used: no gradient for the second
+        for fuse in (True, False):
+            m = copy.deepcopy(model)
+            set_shared_input_fusion(m, fuse)
+            grads = []
+            for _ in range(2):
+                m.zero_grad(set_to_none=True)
+                y1 = m.run(m.first.get_submodule(m.attr), x)
+                m.run(m.second.get_submodule(m.attr), x)  # called, unused
+                y1.float().pow(2).sum().backward()
+                grads.append({n: p.grad is None for n, p in m.named_parameters() if p.requires_grad})
+            runs.append((None, grads[-1], None))
+    (o1, g1, p1), (o2, g2, p2) = runs[:2]
     for a, b in zip(o1, o2):
         assert torch.equal(a, b), "fused outputs differ from unfused ones"
     for n in g1:
@@ -367,6 +384,8 @@ def op_fusion(case: Case) -> None:
             close(g1[n], g2[n], f"gradient of {n}", rtol=1e-5, atol=1e-6)
     for n in p1:
         close(p1[n], p2[n], f"{n} after a step", rtol=1e-5, atol=1e-6)
+    if len(runs) == 4:
+        assert runs[2][1] == runs[3][1], f"an unused member's gradients differ with fusion on/off: {runs[2][1]} vs {runs[3][1]}"
 
 
 def _schedulers(opt: torch.optim.Optimizer) -> dict[str, Any]:
@@ -496,8 +515,8 @@ def op_lightning(case: Case) -> None:
     assert torch.equal(out(loaded, x), y), "load_from_checkpoint gave other outputs"
 
 
-@operation("multi_fit", "LoRACallback(adapters=['a', 'b']) with gradient accumulation (2) and clipping by norm: each adapter "
-           "equals the same adapter trained alone on its own batches", multi_fit_refusal)
+@operation("multi_fit", "LoRACallback(adapters=['a', 'b']) with gradient accumulation (2), clipping by norm and LoRA+ (16): "
+           "each adapter equals the same adapter trained alone on its own batches", multi_fit_refusal)
 def op_multi_fit(case: Case) -> None:
     from lora_lightning import LoRACallback
 
@@ -511,13 +530,13 @@ def op_multi_fit(case: Case) -> None:
         warnings.simplefilter("ignore")
         both = LitNet()
         cfg = case.config(init_seed=5)
-        t = _trainer(tmp, [LoRACallback(cfg, adapters=["a", "b"], verbose=False)], **settings)
+        t = _trainer(tmp, [LoRACallback(cfg, adapters=["a", "b"], loraplus_lr_ratio=16, verbose=False)], **settings)
         t.fit(both, {"a": _loader(case, 3), "b": _loader(case, 30)})
         trained = {}
         for name, seed in (("a", 3), ("b", 30)):
             alone = LitNet()
             add_adapter(alone, name, cfg)  # the same initial adapter (init_seed, name-independent streams)
-            t = _trainer(tmp, [LoRACallback(cfg, verbose=False)], **settings)
+            t = _trainer(tmp, [LoRACallback(cfg, loraplus_lr_ratio=16, verbose=False)], **settings)
             t.fit(alone, _loader(case, seed))
             trained[name] = {k: v for k, v in alone.state_dict().items() if ".lora_" in k}
         for name in ("a", "b"):
