@@ -14,7 +14,7 @@ $PIP "torch==2.13.0"
 $PIP "lightning==$VERSION" "pytorch-lightning==$VERSION" "torchmetrics>=1.4" "safetensors>=0.4" "pytest>=8" "numpy" "packaging" "transformers>=4.44"
 $PIP --no-deps -e .
 $ENV/bin/python -c "import lightning, pytorch_lightning; print('lightning', lightning.__version__, '/ pytorch_lightning', pytorch_lightning.__version__)"
-TESTS=(tests/test_lifecycle.py tests/test_callback.py tests/test_checkpoint.py tests/test_multi_adapter_fit.py tests/test_distributed.py)
+TESTS=(tests/test_lifecycle.py tests/test_callback.py tests/test_checkpoint.py tests/test_multi_adapter_fit.py tests/test_distributed.py tests/test_legacy_files.py)
 for PACKAGE in lightning.pytorch pytorch_lightning; do
   echo "== $PACKAGE $VERSION"
   LORA_LIGHTNING_TEST_PACKAGE=$PACKAGE $ENV/bin/python -m pytest -q -p no:cacheprovider -m "not slow" "${TESTS[@]}"

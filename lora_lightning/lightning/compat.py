@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextvars
 import importlib
+import inspect
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
@@ -155,6 +156,19 @@ def _wrap(owner: Any, name: str, make: Callable[[Callable[..., Any]], Callable[.
     setattr(owner, name, wrapper)
 
 
+def _fabric_load_checkpoint(raw: Callable[..., Any]) -> Callable[..., Any]:
+    """Fabric's ``_load_checkpoint`` with one signature: ``weights_only`` exists from Lightning 2.5 on (2.4 loads
+    with torch's default)."""
+    takes_weights_only = "weights_only" in inspect.signature(raw).parameters
+
+    def load(path: Path, state: dict[str, Any], strict: bool = True, optimizer_states_from_list: bool = False,
+             weights_only: bool | None = None) -> Any:
+        extra = {"weights_only": weights_only} if takes_weights_only else {}
+        return raw(path, state, strict=strict, optimizer_states_from_list=optimizer_states_from_list, **extra)
+
+    return load
+
+
 def install(ns: Namespace, hooks: Hooks) -> None:
     """Install the seven wrappers of the module docstring into ``ns``'s package (idempotent)."""
     saving = ns.module("core.saving")
@@ -245,7 +259,7 @@ def install(ns: Namespace, hooks: Hooks) -> None:
             if module is None or not has_lora(module):
                 return original(self, checkpoint_path, weights_only)
             helpers = FabricHelpers(fabric_mp._is_sharded_checkpoint, fabric_mp._is_full_checkpoint,
-                                    fabric_mp._load_checkpoint, fabric_load._METADATA_FILENAME)
+                                    _fabric_load_checkpoint(fabric_mp._load_checkpoint), fabric_load._METADATA_FILENAME)
             return hooks.load_model_parallel_checkpoint(self, Path(self.broadcast(checkpoint_path)), weights_only, helpers)
 
         return _load_checkpoint
