@@ -1,23 +1,37 @@
-"""The README's Python examples run as written (with a tiny LightningModule and data module standing
-in for the user's ``MyLightningModule``, ``MyNetwork`` and ``dm``), and do what the text says: each
-result is checked against an independent computation."""
+"""The README is the landing page: its Python example runs as written (with a tiny LightningModule and data
+module standing in for the user's ``MyLightningModule`` and ``dm``) and does what its comments say, checked
+against an independent computation; its set-up commands are the ones CI runs; its links lead somewhere.
+The guides' examples, cut from the README, run in tests/test_docs.py."""
 
 import re
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 
-from conftest import LitTiny, tiny_batch, tiny_loader, tiny_model
-from lora_lightning import LoRALinear, lora_layers, read_adapter
+from conftest import LitTiny, tiny_batch, tiny_loader
+from lora_lightning import LoRALinear, lora_layers
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+
+SETUP = """\
+# 1. install (CPU torch 2.13.0, lightning, hydra, wandb, the embedded model and data) and run the main job
+bash scripts/install.sh && .venv/bin/lora-train
+
+# 2. run the tests
+bash scripts/install.sh && .venv/bin/python -m pytest -m "not slow"
+"""
+
+
+def fenced_blocks(text: str, language: str) -> list[str]:
+    """The bodies of the blocks fenced exactly as ```<language> (a block fenced otherwise is not run)."""
+    return re.findall(rf"^```{language}\n(.*?)^```", text, re.S | re.M)
 
 
 def python_blocks() -> list[str]:
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
-    assert len(blocks) >= 3, "README lost its Python examples"
+    blocks = fenced_blocks(README.read_text(encoding="utf-8"), "python")
+    assert len(blocks) == 1, "the README has one example (the ten lines); the others live in docs/ (test_docs.py)"
     return blocks
 
 
@@ -38,123 +52,78 @@ def outputs(module, ids):
         return module(ids)
 
 
-def test_callback_and_load_for_inference_examples(tmp_path, monkeypatch):
+def test_ten_line_example_trains_exports_and_serves_the_trained_model(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    ns = {"MyLightningModule": LitTiny, "MyNetwork": tiny_model, "dm": TinyData()}
-    exec(python_blocks()[0], ns)  # noqa: S102 - the README's own example: attach the callback, fit
-    trained, trainer = ns["model"], ns["trainer"]
-    assert trainer.current_epoch == 3
+    ns = {"MyLightningModule": LitTiny, "dm": TinyData()}
+    block = python_blocks()[0]
+    assert len(block.splitlines()) <= 10, "the README promises ten lines"
+    exec(block, ns)  # noqa: S102 - the README's own example
+    trained, served = ns["model"], ns["served"]
+    assert ns["lora"].config.r == 8 and trained.trainer.current_epoch == 3
     layers = lora_layers(trained)
     assert layers and all(isinstance(m, LoRALinear) for m in layers.values())
     assert {n.rsplit(".", 1)[-1] for n in layers} == {"q_proj", "v_proj"}
+    # "only A and B train; checkpoints hold them alone"
+    assert {n.rsplit(".", 1)[-1] for n, p in trained.named_parameters() if p.requires_grad} == {"lora_A", "lora_B"}
     ckpts = list(tmp_path.rglob("*.ckpt"))
+    assert ckpts
     state = torch.load(ckpts[0], map_location="cpu", weights_only=True)["state_dict"]
-    assert state and all("lora_" in k or ".classifier." in k for k in state), sorted(state)[:5]
+    assert state and all(k.rsplit(".", 1)[-1] in ("lora_A", "lora_B") for k in state), sorted(state)[:5]
     ids = tiny_batch()[0]
     expected = outputs(trained, ids)
     assert not torch.allclose(expected, outputs(LitTiny(), ids), atol=1e-3)  # training changed the model
+    # the served model: the base architecture (no LoRA module, no lora_* key) computing the trained function
+    assert not lora_layers(served) and not any("lora_" in k for k in served.state_dict())
+    assert set(served.state_dict()) == set(LitTiny().state_dict())
+    torch.testing.assert_close(outputs(served, ids), expected, atol=1e-5, rtol=0)
+    # independent check of the merge: base weight + (alpha/r)·B·A from the exported file
+    from lora_lightning import read_adapter
 
-    exec(python_blocks()[1], ns)  # noqa: S102 - load for inference, three ways
-    ckpt_model = LitTiny.load_from_checkpoint(ns["ckpt_path"])  # what the first line of the block does
-    torch.testing.assert_close(outputs(ckpt_model, ids), expected, atol=0, rtol=0)
-    merged = ns["model"]  # load_adapter + merge_and_unload: the plain base architecture
-    assert not lora_layers(merged) and not any(".lora_" in k for k in merged.state_dict())
-    torch.testing.assert_close(outputs(merged, ids), expected, atol=1e-5, rtol=0)
-    torch.testing.assert_close(outputs(ns["net"], ids), expected, atol=1e-5, rtol=0)  # the merged export
-
-
-def adamw_steps(m, ids, y, steps: int = 5) -> None:
-    """A user's training loop: a few AdamW steps on whatever requires grad."""
-    params = [p for p in m.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=0.05)
-    for _ in range(steps):
-        opt.zero_grad()
-        F.cross_entropy(m(ids), y).backward()
-        opt.step()
-
-
-def test_plain_pytorch_example_trains_saves_and_merges_exactly(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    model = tiny_model()
-    ids, y = tiny_batch()
-
-    def train(m):  # the user's loop
-        adamw_steps(m, ids, y)
-
-    exec(python_blocks()[2], {"model": model, "train": train})  # noqa: S102
-    tensors, _ = read_adapter(tmp_path / "task_a.safetensors")
-    layers = lora_layers(model)
-    assert len(layers) == 2 * len(model.layers) and all(m.merged for m in layers.values())
-    # independent check of the merge: the base weights plus (alpha/r)·B·A from the saved file
-    reference = tiny_model()
+    tensors, _ = read_adapter(tmp_path / "adapter.safetensors")
+    base = LitTiny()
     with torch.no_grad():
         for name in layers:
-            B, A = tensors[f"{name}.lora_B"], tensors[f"{name}.lora_A"]
-            assert B.abs().sum() > 0  # trained
-            reference.get_submodule(name).weight.add_((16 / 4) * B @ A)  # LoRAConfig's default alpha=16, r=4
-    torch.testing.assert_close(outputs(model, ids), outputs(reference, ids), atol=1e-5, rtol=0)
+            delta = (16 / 8) * tensors[f"{name}.lora_B"] @ tensors[f"{name}.lora_A"]  # alpha=16, r=8
+            torch.testing.assert_close(
+                served.get_submodule(name).weight, base.get_submodule(name).weight + delta, atol=1e-6, rtol=0
+            )
 
 
-def test_many_adapters_example(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    model = tiny_model()
-    ids, y = tiny_batch()
-    steps = {}
-
-    def train(m):  # a few AdamW steps on what requires grad; records which tensors moved
-        before = {k: v.detach().clone() for k, v in m.state_dict().items()}
-        adamw_steps(m, ids, y)
-        steps[len(steps)] = {k for k, v in m.state_dict().items() if not torch.equal(v, before[k])}
-
-    x = ids[:4]  # a batch of four, one adapter name per sample
-    ns = {"model": model, "train": train, "x": x}
-    exec(python_blocks()[3], ns)  # noqa: S102 - the "Many adapters" example
-    # the second fit moved task_b's tensors only: never the frozen base, never default's (in the bank)
-    assert steps[1] and not any(".lora_bank.default." in k for k in steps[1])
-    assert all("lora_" in k or "classifier" in k for k in steps[1]), sorted(steps[1])[:5]
-    import copy
-
-    from lora_lightning import list_adapters, merge_lora, set_adapter
-
-    assert list_adapters(model) == ["default", "task_b"]
-    base = tiny_model()  # the untouched base: same seed, no adapters
-    torch.testing.assert_close(ns["y_base"], outputs(base, x), atol=1e-6, rtol=0)
-    per_adapter = {}
-    for name in ("default", "task_b"):
-        m = copy.deepcopy(model)
-        set_adapter(m, name)
-        merge_lora(m)
-        per_adapter[name] = outputs(m, x)
-    torch.testing.assert_close(ns["y_default"], per_adapter["default"], atol=1e-5, rtol=0)
-    assert not torch.allclose(per_adapter["default"], per_adapter["task_b"], atol=1e-3)
-    for i, name in enumerate(["default", "task_b", None, "task_b"]):
-        ref = outputs(base, x)[i] if name is None else per_adapter[name][i]
-        torch.testing.assert_close(ns["y_mixed"][i], ref, atol=1e-5, rtol=0)
+def test_setup_commands_are_the_ones_ci_runs():
+    text = README.read_text(encoding="utf-8")
+    assert SETUP in fenced_blocks(text, "bash"), "the two set-up commands changed: keep them exactly as CI runs them"
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    assert SETUP.splitlines()[-1] in ci, ".ci/run must run exactly the README's test command"
+    # the guide shows the same block, included from the README between these markers (one copy of the text)
+    assert re.search(
+        r"<!-- --8<-- \[start:setup\] -->\n```bash\n" + re.escape(SETUP) + r"```\n<!-- --8<-- \[end:setup\] -->", text
+    )
+    assert '--8<-- "README.md:setup"' in (ROOT / "docs" / "getting-started.md").read_text(encoding="utf-8")
 
 
-def test_several_adapters_in_one_fit_example(tmp_path, monkeypatch):
-    """The README's one-fit example: both adapters train (each on its own loader), logs are per adapter,
-    one exported file per adapter."""
-    monkeypatch.chdir(tmp_path)
-    from conftest import LitTiny
-
-    from lora_lightning import read_adapter, use_adapter
-
-    class Module(LitTiny):
-        def validation_step(self, batch, batch_idx, dataloader_idx=0):
-            ids, y = batch
-            self.log("val_loss", torch.nn.functional.cross_entropy(self(ids), y))
-
-    module = Module()
-    ns = {"module": module, "sentiment_train": tiny_loader(seed=1), "topic_train": tiny_loader(seed=3),
-          "sentiment_val": tiny_loader(seed=2), "topic_val": tiny_loader(seed=4)}
-    exec(python_blocks()[4], ns)  # noqa: S102
-    assert {"sentiment/val_loss", "topic/val_loss", "sentiment/train_loss", "topic/train_loss"} <= set(ns["metrics"])
-    heads = {}
-    for name in ("sentiment", "topic"):
-        assert read_adapter(tmp_path / "adapters" / f"{name}.safetensors")[1]["adapter_name"] == name
-        with use_adapter(module, name):
-            heads[name] = module.net.classifier.weight.detach().clone()
-    start = LitTiny().net.classifier.weight
-    assert not torch.allclose(heads["sentiment"], start) and not torch.allclose(heads["topic"], start)
-    assert not torch.allclose(heads["sentiment"], heads["topic"])
+def test_readme_is_a_landing_page_whose_links_resolve():
+    text = README.read_text(encoding="utf-8")
+    assert len(text.splitlines()) < 200
+    links = re.findall(r"\]\(([^)\s]+)\)", text)
+    local = [u.split("#", 1)[0] for u in links if not re.match(r"[a-z]+://", u)]
+    assert local and all((ROOT / u).exists() for u in local), [u for u in local if not (ROOT / u).exists()]
+    for page in (
+        "docs/getting-started.md",
+        "docs/callback.md",
+        "docs/lifecycle.md",
+        "docs/many-adapters.md",
+        "docs/variants.md",
+        "docs/layer-kinds.md",
+        "docs/distributed.md",
+        "docs/lightning-compat.md",
+        "docs/main-job.md",
+        "docs/causal-lm.md",
+        "docs/laboratory.md",
+        "docs/benchmarks.md",
+        "docs/licences.md",
+        "experiments/README.md",
+        "benchmarks/RESULTS.md",
+    ):
+        assert page in local, f"the README does not link {page}"
+    assert "mkdocs build --strict" in text and "mkdocs serve" in text
+    assert re.search(r"^## Data and model licences\n", text, re.M)
