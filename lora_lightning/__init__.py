@@ -91,10 +91,11 @@ from .peft_format import export_peft_adapter, export_peft_adapters, import_peft_
 from .gradients import make_inputs_require_grad
 from .budget import allocate_ranks, rank_for_budget
 from .sharding import gathered, is_sharded
+from . import telemetry
 
 __version__ = "0.2.0"
 
-_LIGHTNING_EXPORTS = ("LoRACallback", "AtomicCheckpointIO", "load_lora_checkpoint", "inject_before_sharding")
+_LIGHTNING_EXPORTS = ("LoRACallback", "LoRAMonitor", "AtomicCheckpointIO", "load_lora_checkpoint", "inject_before_sharding")
 _LAYERS = ("lightning.pytorch", "pytorch_lightning")  # the Lightning packages a layer is made for
 
 
@@ -166,6 +167,7 @@ __all__ = [
     "LoRAHandle",
     "LoRALayer",
     "LoRALinear",
+    "LoRAMonitor",
     "LoRAMultiheadAttention",
     "LoRAState",
     "MergeStateError",

@@ -15,11 +15,11 @@ from .lightning.checkpoints import load_lora_checkpoint
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("LoRACallback", "AtomicCheckpointIO"):
+    if name in ("LoRACallback", "AtomicCheckpointIO", "LoRAMonitor"):
         from .lightning.package import layer
 
         return layer("pytorch_lightning")[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["AtomicCheckpointIO", "LoRACallback", "inject_before_sharding", "load_lora_checkpoint"]
+__all__ = ["AtomicCheckpointIO", "LoRACallback", "LoRAMonitor", "inject_before_sharding", "load_lora_checkpoint"]

@@ -241,3 +241,41 @@ def trainer(tmp_path, callbacks, **kw) -> pl.Trainer:
     )
     defaults.update(kw)
     return pl.Trainer(callbacks=callbacks, **defaults)
+
+
+def read_wandb_history(run_dir) -> list[dict]:
+    """The ``history`` rows of an offline W&B run, read from the ``.wandb`` file it writes (a LevelDB-style log
+    of wandb's own protobuf ``Record`` messages: 32 KiB blocks, 7-byte chunk headers, after a 7-byte file header)."""
+    import json
+    import struct
+    from pathlib import Path
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = next(Path(run_dir).glob("*.wandb")).read_bytes()
+    assert data[:4] == b":W&B", "not a W&B run file"
+    pos, block, chunks, partial = 7, 32768, [], b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if length == 0 and kind == 0:  # block padding
+            pos += left
+            continue
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind == 1:
+            chunks.append(chunk)
+        elif kind == 2:
+            partial = chunk
+        elif kind == 3:
+            partial += chunk
+        elif kind == 4:
+            chunks.append(partial + chunk)
+    rows = []
+    for chunk in chunks:
+        record = pb.Record.FromString(chunk)
+        if record.WhichOneof("record_type") == "history":
+            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
+    return rows

@@ -25,13 +25,13 @@ STAGES: list[tuple[str, ...]] = [
     ("record",),  # what an adapter records about its base
     ("state",),  # the one handle per adapted model
     ("injection",),  # putting adapters in and out
-    ("merging", "named", "gradients", "loraplus"),  # operations on an injected model
+    ("merging", "named", "gradients", "loraplus", "telemetry"),  # operations on an injected model
     ("adapter_io",),  # files
     ("peft_format",),  # PEFT's files
     ("lightning.compat",),  # the one seam to Lightning's private API
     ("lightning.checkpoints", "lightning.sharded"),
     ("lightning.routing",),
-    ("lightning.callback",),
+    ("lightning.callback", "lightning.monitor"),
     ("lightning.package",),
     ("lightning", "pytorch_lightning"),
     ("__init__",),

@@ -11,11 +11,11 @@ from .checkpoints import load_lora_checkpoint
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("LoRACallback", "AtomicCheckpointIO"):
+    if name in ("LoRACallback", "AtomicCheckpointIO", "LoRAMonitor"):
         from .package import layer
 
         return layer("lightning.pytorch")[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["AtomicCheckpointIO", "LoRACallback", "inject_before_sharding", "load_lora_checkpoint"]
+__all__ = ["AtomicCheckpointIO", "LoRACallback", "LoRAMonitor", "inject_before_sharding", "load_lora_checkpoint"]

@@ -10,6 +10,7 @@ from functools import lru_cache
 from .callback import make_callback_class
 from .checkpoints import CHECKPOINT_KEY, AtomicSave, prepare_for_checkpoint, record_in_checkpoint
 from .compat import Hooks, install, namespace
+from .monitor import make_monitor_class
 from .routing import route_steps
 from .sharded import load_model_parallel_checkpoint
 
@@ -19,7 +20,7 @@ MODULES = {"lightning.pytorch": "lora_lightning.lightning", "pytorch_lightning":
 
 @lru_cache(maxsize=None)
 def layer(package: str) -> dict[str, type]:
-    """``{"LoRACallback": ..., "AtomicCheckpointIO": ...}`` for ``package`` (``"lightning.pytorch"`` or
+    """``{"LoRACallback": ..., "AtomicCheckpointIO": ..., "LoRAMonitor": ...}`` for ``package`` (``"lightning.pytorch"`` or
     ``"pytorch_lightning"``), importable from its lora_lightning module; installs the package's wrappers."""
     ns = namespace(package)
     module = MODULES[package]
@@ -29,7 +30,7 @@ def layer(package: str) -> dict[str, type]:
     })
     callback = make_callback_class(ns, atomic_io, module)
     install(ns, HOOKS)
-    return {"LoRACallback": callback, "AtomicCheckpointIO": atomic_io}
+    return {"LoRACallback": callback, "AtomicCheckpointIO": atomic_io, "LoRAMonitor": make_monitor_class(ns, module)}
 
 
 __all__ = ["HOOKS", "MODULES", "layer"]
