@@ -19,6 +19,7 @@ from experiments.records import (
     metrics_present,
     of_experiment,
     read_variants_csv,
+    relink,
     with_curves,
 )
 from experiments.stats import ALPHA, MARGIN, convergence_check
@@ -44,6 +45,7 @@ class AblationReport:
     parts: list[str]
     checks: dict[str, list[tuple[str, ClaimCheck]]]
     variants: list[str]
+    link: str = "results"
 
     def family(self, metric: str) -> int:
         checks = self.checks.get(metric, [])
@@ -84,7 +86,7 @@ def ablation_report(rows: list[dict], out: Path, link: str = "results", margin: 
         profile = [rank_profile_markdown(t6), ""] if t6 else []
         parts += ["## Table 6 (ours)", "", md, "", *noise, "", _claims_block(checks, "table6"), "", *profile, f"![table 6]({link}/table6.png)", ""]
     variants = variants_section(of_experiment(rows, "variants", ["lora"]), out, link, variants_csv)
-    return AblationReport(parts, checks, variants)
+    return AblationReport(parts, checks, variants, link)
 
 
 def variants_section(var: list[dict], out: Path, link: str, variants_csv: Path | None) -> list[str]:
@@ -134,7 +136,7 @@ def summarize(runs: Path, out: Path, margin: float = MARGIN, alpha: float = ALPH
 def write_tables(report: AblationReport, out: Path, margin: float = MARGIN, alpha: float = ALPHA) -> str:
     """``out/tables.md``: the Method paragraph, then the ablation tables and the variants; returns its text."""
     method = method_markdown(report.family(METRIC), margin, alpha, test_family=report.family(TEST_METRIC))
-    text = "\n".join([method, "", *report.parts, *report.variants])
+    text = relink("\n".join([method, "", *report.parts, *report.variants]), report.link)
     out.mkdir(parents=True, exist_ok=True)
     (out / "tables.md").write_text(text)
     return text

@@ -133,10 +133,27 @@ def repo_relative(text: str) -> str:
 SUBSPACE_MARKER = re.compile(r"<!-- subspace\.py runs=(?P<runs>\S+) adapters=(?P<adapters>\S*) -->")
 
 
-def fresh_subspace_text(path: Path, runs: Path) -> str | None:
+def relink(text: str, link: str) -> str:
+    """``text`` (markdown whose images and links point at ``link/<file>``) for a file inside ``link`` itself:
+    ``](link/x.png)`` becomes ``](x.png)``."""
+    return text.replace(f"]({link.rstrip('/')}/", "](")
+
+
+_BARE_LINK = re.compile(r"\]\((?![a-z]+:|/|\.|#)([^)/\s]+)\)")
+
+
+def prefix_links(text: str, link: str) -> str:
+    """The inverse of :func:`relink`: bare ``](x.png)`` links of a file inside ``link`` become ``](link/x.png)``,
+    for embedding its text in a file one level up."""
+    return _BARE_LINK.sub(lambda m: f"]({link.rstrip('/')}/{m[1]})", text)
+
+
+def fresh_subspace_text(path: Path, runs: Path, link: str | None = None) -> str | None:
     """The text of a ``subspace.py`` output when it was computed from ``runs`` (its marker names ``runs`` and
-    adapters that still exist); ``None`` when it is missing or stale."""
+    adapters that still exist), its links prefixed with ``link`` when given; ``None`` when it is missing or stale."""
     text = path.read_text() if path.is_file() else ""
     m = SUBSPACE_MARKER.search(text)
     fresh = bool(m) and Path(m["runs"]).resolve() == runs.resolve() and all((runs / a).is_file() for a in m["adapters"].split(";") if a)
-    return text.strip() if fresh else None
+    if not fresh:
+        return None
+    return prefix_links(text.strip(), link) if link else text.strip()

@@ -387,9 +387,9 @@ def provenance_lines(rows: list[dict], runs: Path | None) -> list[str]:
 
 
 # --------------------------------------------------------------------------- §7.2 / §7.3
-def subspace_markdown(out: Path, runs: Path, rows: list[dict]) -> list[str]:
+def subspace_markdown(out: Path, runs: Path, rows: list[dict], link: str = "results") -> list[str]:
     """``out/subspace.md`` when it was computed from these runs (its marker names ``runs`` and adapters that exist)."""
-    text = fresh_subspace_text(out / "subspace.md", runs)
+    text = fresh_subspace_text(out / "subspace.md", runs, link)
     if text is not None:
         return [text, ""]
     have = any(r.get("targets_key") == "q,v" and (Path(r["dir"]) / "adapter.safetensors").is_file() for r in of_experiment(rows, "table6"))
@@ -478,7 +478,7 @@ def write_readme(runs: Path, out: Path, readme: Path, margin: float = MARGIN, al
     if report.parts or report.variants:
         write_tables(report, out, margin, alpha)
     recipe, recipe_checks = recipe_section(rows, out, link, recipe_margin, alpha)
-    subspace = subspace_markdown(out, runs, rows)
+    subspace = subspace_markdown(out, runs, rows, link)
     longer = schedule_checks(rows, margin, alpha)
     body = [
         howto_section(),

@@ -140,10 +140,10 @@ def table5_lines(rows: list[dict], checks: Sequence[tuple[str, str, ClaimCheck]]
     return lines
 
 
-def subspace_lines(out: Path, runs: Path | None) -> list[str]:
+def subspace_lines(out: Path, runs: Path | None, link: str = "results") -> list[str]:
     """``out/subspace_convergence.md`` (``python -m experiments subspace --experiment convergence``) when it was
     computed from ``runs`` and its adapters still exist; nothing otherwise."""
-    text = fresh_subspace_text(out / f"subspace_{LONG}.md", runs) if runs is not None else None
+    text = fresh_subspace_text(out / f"subspace_{LONG}.md", runs, link) if runs is not None else None
     if text is None:
         return []
     return ["§7.2 and §7.3 recomputed on the 300-step adapters (same seeds; compare with the 150-step sections below):", "",
@@ -187,4 +187,4 @@ def longer_schedule_section(rows: list[dict], out: Path, link: str, margin: floa
             lines += [f"The claims re-checked on the {steps_text(long_rows)}-step runs, {METRIC_NAMES[metric]} "
                       "(a family of its own, apart from the Table 5 / Table 6 checks above):",
                       "", claims_markdown(mine), ""]
-    return lines + subspace_lines(out, runs) + table5_lines(rows, checks, out, link)
+    return lines + subspace_lines(out, runs, link) + table5_lines(rows, checks, out, link)

@@ -29,6 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from experiments.records import relink
 from lora_lightning import inject_lora, read_adapter_config
 from lora_lightning.analysis import amplification_report, delta_weight, plot_subspace_similarity, subspace_similarity_grid
 from lora_lightning.app.models import default_model_path
@@ -337,5 +338,5 @@ def write_report(runs: Path, out: Path, pair: tuple[int, int] = (8, 64), amp_ran
     sub, used = subspace_section(runs, out, *pair, experiment=experiment)
     amp, used_amp = amplification_section(runs, tuple(amp_ranks), experiment=experiment)
     text = "\n".join([marker(runs, used + used_amp), *sub, *amp])
-    (out / ("subspace.md" if experiment == "table6" else f"subspace_{experiment}.md")).write_text(text)
+    (out / ("subspace.md" if experiment == "table6" else f"subspace_{experiment}.md")).write_text(relink(text, "results"))
     return text

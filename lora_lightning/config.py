@@ -96,8 +96,9 @@ class LoRAConfig:
             adapted layers trainable) — loralib semantics. Trainable biases are saved with the adapter.
         modules_to_save: modules (same pattern syntax, any type) trained in full and saved with
             the adapter, e.g. a new classification head ``["classifier"]``.
-        rank_pattern / alpha_pattern: per-pattern overrides of ``r`` / ``alpha`` (layer-wise
-            ranks), first matching pattern wins, e.g. ``{"v": 16, "*.layer.5.*": 2}``.
+        rank_pattern: per-pattern overrides of ``r`` (layer-wise ranks), first matching pattern wins, e.g.
+            ``{"v": 16, "*.layer.5.*": 2}``.
+        alpha_pattern: per-pattern overrides of ``alpha``, the same way.
         use_rslora: scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA) instead of ``alpha / r``.
         init: initialisation of ``A``: ``kaiming`` (uniform, std ``1/sqrt(3·d_in)``, as loralib/PEFT),
             ``gaussian`` (std ``1/r``, PEFT's ``init_lora_weights="gaussian"``) or ``gaussian_fan_in``

@@ -151,3 +151,20 @@ def test_convergence_table5_is_table5_at_twice_the_epochs(tmp_path):
     for key in ("data", "lora"):  # same budget (36,864), data, split and init as the 150-step Table 5 runs
         assert long[key] == short[key], key
     assert long.lora.budget == 36864 and long.test
+
+
+def test_committed_reports_link_files_that_exist():
+    """Every relative link and image of the committed reports under experiments/ resolves from the file's own
+    folder (results/*.md are written inside results/, the README one level up)."""
+    import re
+
+    broken = []
+    for md in sorted((ROOT / "experiments").rglob("*.md")):
+        if "runs" in md.relative_to(ROOT / "experiments").parts:
+            continue
+        for target in re.findall(r"\]\(([^)\s#]+)\)", md.read_text()):
+            if re.match(r"[a-z]+:", target):
+                continue
+            if not (md.parent / target).exists():
+                broken.append(f"{md.relative_to(ROOT)} -> {target}")
+    assert not broken, broken

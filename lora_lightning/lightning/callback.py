@@ -113,8 +113,10 @@ class CallbackImpl:
             and checked at setup, applied once per module.
         merge_on_fit_end: fold the adapters into the base weights when ``fit`` ends (a later fit
             unmerges them again; a later test/validate with ``ckpt_path`` loads into the unmerged model).
-        export_adapter / export_merged: write the adapter / the merged full model to this
-            ``.safetensors`` path when ``fit`` ends (checked to be writable at setup).
+        export_adapter: write the adapter to this ``.safetensors`` path when ``fit`` ends (checked to be
+            writable at setup).
+        export_merged: write the merged full model to this ``.safetensors`` path when ``fit`` ends (checked to
+            be writable at setup).
         export_module: attribute path of the network inside the LightningModule (e.g. ``"model"``):
             the merged export is keyed relative to it, loadable by the bare network.
         on_base_mismatch: ``raise`` | ``warn`` | ``ignore`` when a loaded adapter/checkpoint was
@@ -137,6 +139,7 @@ class CallbackImpl:
             own checkpoint entries; ``export_adapter`` / ``export_merged`` must contain ``{name}``. Gradient
             clipping by norm (``Trainer(gradient_clip_val=...)``) applies to each adapter on its own, so each
             trains exactly as alone; a train loader is needed for every adapter.
+        verbose: log one line describing the adapters and the trainable parameters when fitting starts.
         check_finite: raise :class:`~lora_lightning.NonFiniteError` naming the step as soon as the
             training loss (before ``backward``, so the adapters stay finite) or a trainable parameter
             (after the optimizer step, before any checkpoint callback runs) is NaN/inf. Costs one

@@ -12,7 +12,7 @@ silently lost:
 
 1. ``core.saving._load_state`` — ``MyModule.load_from_checkpoint(path)`` builds a fresh module and loads
    ``state_dict`` into it. For a checkpoint with a LoRA record the module's ``on_load_checkpoint`` is
-   followed, for that call only, by :func:`~lora_lightning.lightning.hooks.prepare_for_checkpoint`
+   followed, for that call only, by :func:`~lora_lightning.lightning.checkpoints.prepare_for_checkpoint`
    (adapters injected from the record, base identity checked, base tensors taken from the module itself).
 2. ``_CheckpointConnector.restore_model`` — ``trainer.fit/validate/test/predict(..., ckpt_path=...)``, with or
    without a ``LoRACallback``: the same preparation, right before the strategy loads the state dict.
