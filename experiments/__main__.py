@@ -6,6 +6,7 @@
     python -m experiments ablation-extensions --runs multirun   # the next lr past each family's edge (ablations.sh)
     python -m experiments subspace [--experiment convergence]   # §7.2 / §7.3 -> results/subspace*.md, heatmaps
     python -m experiments report                    # experiments/README.md, results/tables.md, CSVs, plots
+    python -m experiments power                     # seeds per arm of the pre-registered study (PREREGISTRATION.md)
     python -m experiments precision                 # results/precision.md (fp32 vs bf16-mixed)
     python -m experiments decoder                   # results/decoder.md (SmolLM2 on E2E NLG)
     python -m experiments two-tasks run|one|report  # two task adapters in one fit vs each alone
@@ -64,6 +65,13 @@ def _report(args: argparse.Namespace) -> None:
 
     readme = args.readme or args.out.parent / "README.md"
     print(write_readme(args.runs, args.out, readme, args.margin, args.alpha, args.recipe_margin, args.variants_csv))
+
+
+def _power(args: argparse.Namespace) -> None:
+    from experiments.power import planning_report
+    from experiments.records import METRIC, TEST_METRIC, load_runs
+
+    print(planning_report(load_runs(args.runs), [TEST_METRIC, METRIC]))
 
 
 def _precision(args: argparse.Namespace) -> None:
@@ -130,6 +138,10 @@ def parser() -> argparse.ArgumentParser:
                    help="equivalence margin of LoRA vs full fine-tuning in the recipe (default %(default)s)")
     m.add_argument("--alpha", type=float, default=ALPHA, help="family-wise error rate of the claim checks (default %(default)s)")
     m.set_defaults(func=_report)
+
+    pw = sub.add_parser("power", help="the seeds the pre-registered comparison needs, from the pilot runs (experiments/PREREGISTRATION.md)")
+    pw.add_argument("--runs", type=Path, default=RUNS, help="the pilot runs (default %(default)s)")
+    pw.set_defaults(func=_power)
 
     pr = sub.add_parser("precision", help="results/precision.md: the main job in fp32 vs bf16-mixed (runs: see experiments/precision.py)")
     pr.add_argument("--runs", type=Path, default=ROOT / "multirun" / "precision")

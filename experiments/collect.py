@@ -18,7 +18,7 @@ from typing import Iterable
 from experiments.records import SEARCH_EXPERIMENT
 
 FAMILIES = ("lora-1", "lora-2", "lora-4", "full", "head_only")
-COLLECTED = ("ablations", "recipe")  # the sweep folders below multirun/ that --collect copies
+COLLECTED = ("ablations", "recipe", "lora_vs_full")  # the sweep folders below multirun/ that --collect copies
 SMALL_FILES = ("summary.json", "resolved_config.yaml")
 ADAPTER = "adapter.safetensors"
 SUBSPACE_RANKS = (4, 8, 64)  # the ranks experiments/subspace.py reads (§7.2: 8 vs 64; §7.3: 4 and 64)

@@ -168,3 +168,39 @@ def test_committed_reports_link_files_that_exist():
             if not (md.parent / target).exists():
                 broken.append(f"{md.relative_to(ROOT)} -> {target}")
     assert not broken, broken
+
+
+def test_preregistration_power_section_is_what_the_pilot_gives():
+    """The power analysis of experiments/PREREGISTRATION.md is the output of `python -m experiments power` on the
+    committed pilot records (no hand-copied figure can drift)."""
+    from experiments.power import planning_report
+    from experiments.records import METRIC, TEST_METRIC, load_runs
+
+    text = (ROOT / "experiments" / "PREREGISTRATION.md").read_text()
+    section = text.split("checks it matches -->\n", 1)[1].split("\n<!-- /power -->", 1)[0]
+    assert section == planning_report(load_runs(ROOT / "experiments" / "runs"), [TEST_METRIC, METRIC])
+
+
+def test_power_functions_against_simulation():
+    """power_difference and power_equivalence agree with a direct simulation of the tests they describe."""
+    import numpy as np
+    from scipy import stats as st
+
+    from experiments.power import mde, power_difference, power_equivalence, seeds_for_difference
+
+    rng = np.random.default_rng(0)
+    n, sd, alpha, draws = 6, 0.9, 0.025, 40000
+    a = rng.normal(0.0, sd, (draws, n))
+    b = rng.normal(-0.8, sd, (draws, n))
+    p = st.ttest_ind(a, b, axis=1).pvalue
+    assert abs((p < alpha).mean() - power_difference(n, 0.8, sd, alpha)) < 0.01
+    b0 = rng.normal(0.0, sd, (draws, n))
+    d = a.mean(1) - b0.mean(1)
+    se = np.sqrt((a.var(1, ddof=1) + b0.var(1, ddof=1)) / n)
+    tc = st.t.ppf(1 - alpha, 2 * n - 2)
+    shown = ((d + 1.5) / se > tc) & ((1.5 - d) / se > tc)
+    assert abs(shown.mean() - power_equivalence(n, 1.5, sd, alpha)) < 0.01
+    # the MDE is the difference with exactly the target power; one more seed than needed has it
+    assert abs(power_difference(n, mde(n, sd, alpha), sd, alpha) - 0.8) < 1e-6
+    k = seeds_for_difference(1.0, sd, alpha)
+    assert power_difference(k, 1.0, sd, alpha) >= 0.8 > power_difference(k - 1, 1.0, sd, alpha)

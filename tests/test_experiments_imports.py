@@ -16,7 +16,7 @@ STAGES: list[set[str]] = [
     {"__init__"},  # the package: imports nothing
     {"records"},  # reading the run records
     {"collect", "recover"},  # runs: multirun/ -> experiments/runs, records from logs
-    {"stats"},  # statistics
+    {"stats", "power"},  # statistics; power and the seeds a check needs
     {"claims"},  # the paper's claims and their verdicts
     {"tables", "plots"},  # markdown and PNGs
     {"ablations", "schedule", "recipe"},  # the README's sections
