@@ -30,6 +30,7 @@ STAGES: list[tuple[str, ...]] = [
     ("peft_format",),  # PEFT's files
     ("lightning.compat",),  # the one seam to Lightning's private API
     ("lightning.checkpoints", "lightning.sharded"),
+    ("fabric",),  # LoRA in a Lightning Fabric loop: setup, adapter-only checkpoints, exports
     ("lightning.routing",),
     ("lightning.callback", "lightning.monitor"),
     ("lightning.package",),

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextvars
 import importlib
 import inspect
+import sys
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
@@ -292,7 +293,62 @@ def install(ns: Namespace, hooks: Hooks) -> None:
     _wrap(call, "_call_setup_hook", setup_hook)
 
 
+# --------------------------------------------------------------------------- Lightning Fabric (lora_lightning.fabric)
+FABRIC_PACKAGES = ("lightning.fabric", "lightning_fabric")
+
+
+def fabric_package(obj: Any) -> str:
+    """``"lightning.fabric"`` or ``"lightning_fabric"``: the Fabric package ``obj`` (a ``Fabric``, a strategy, a
+    wrapper) comes from."""
+    return "lightning_fabric" if type(obj).__module__.split(".")[0] == "lightning_fabric" else "lightning.fabric"
+
+
+def _fabric_wrappers() -> tuple[type, ...]:
+    """``_FabricModule`` and ``_FabricOptimizer`` of every Fabric package that is already imported (an object
+    cannot come from a package that was never imported)."""
+    found: list[type] = []
+    for package in FABRIC_PACKAGES:
+        wrappers = sys.modules.get(f"{package}.wrappers")
+        if wrappers is not None:
+            found += [wrappers._FabricModule, wrappers._FabricOptimizer]
+    return tuple(found)
+
+
+def is_fabric_wrapper(obj: Any) -> bool:
+    """Whether ``obj`` is what ``fabric.setup`` returns: a ``_FabricModule`` or a ``_FabricOptimizer``."""
+    wrappers = _fabric_wrappers()
+    return bool(wrappers) and isinstance(obj, wrappers)
+
+
+def unwrap_fabric(obj: Any) -> Any:
+    """The object ``fabric.setup`` was given (``_FabricModule.module``, ``_FabricOptimizer.optimizer``); ``obj``
+    itself when it is no Fabric wrapper."""
+    from torch import nn
+
+    if not is_fabric_wrapper(obj):
+        return obj
+    return obj.module if isinstance(obj, nn.Module) else obj.optimizer
+
+
+def saves_distributed_checkpoint(strategy: Any) -> bool:
+    """Whether a Fabric ``ModelParallelStrategy`` writes sharded checkpoint folders (its
+    ``save_distributed_checkpoint``, the default) rather than one file."""
+    return bool(getattr(strategy, "_save_distributed_checkpoint", True))
+
+
+def fabric_helpers(package: str = "lightning.fabric") -> FabricHelpers:
+    """Fabric's FSDP2 checkpoint helpers (:class:`FabricHelpers`) from ``package`` (``lightning.fabric`` or
+    ``lightning_fabric``)."""
+    if package not in FABRIC_PACKAGES:
+        raise ValueError(f"unknown Fabric package {package!r}; one of {FABRIC_PACKAGES}")
+    fabric_mp = importlib.import_module(f"{package}.strategies.model_parallel")
+    fabric_load = importlib.import_module(f"{package}.utilities.load")
+    return FabricHelpers(fabric_mp._is_sharded_checkpoint, fabric_mp._is_full_checkpoint,
+                         _fabric_load_checkpoint(fabric_mp._load_checkpoint), fabric_load._METADATA_FILENAME)
+
+
 __all__ = [
+    "FABRIC_PACKAGES",
     "FROM_CHECKPOINT_HINT",
     "FabricHelpers",
     "Hooks",
@@ -300,8 +356,13 @@ __all__ = [
     "Namespace",
     "PACKAGES",
     "SUPPORTED",
+    "fabric_helpers",
+    "fabric_package",
     "install",
+    "is_fabric_wrapper",
     "lora_callback",
     "namespace",
+    "saves_distributed_checkpoint",
     "trainer_of",
+    "unwrap_fabric",
 ]
