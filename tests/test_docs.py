@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 
 # the pages with examples that run, and how many each has (in order of appearance)
-RUN = {"getting-started.md": 1, "callback.md": 1, "lifecycle.md": 1, "many-adapters.md": 2}
+RUN = {"getting-started.md": 1, "callback.md": 1, "lifecycle.md": 1, "many-adapters.md": 2, "fabric.md": 1}
 
 
 def python_blocks(page: str) -> list[str]:
@@ -174,6 +174,41 @@ def test_several_adapters_in_one_fit_example(tmp_path, monkeypatch):
     start = LitTiny().net.classifier.weight
     assert not torch.allclose(heads["sentiment"], start) and not torch.allclose(heads["topic"], start)
     assert not torch.allclose(heads["sentiment"], heads["topic"])
+
+
+def test_fabric_example_resumes_exactly_and_exports(tmp_path, monkeypatch):
+    """docs/fabric.md: inject, set up, train 2 steps, save, resume in a fresh setup, 2 more steps, export, merge;
+    checked against 4 uninterrupted AdamW steps in plain PyTorch."""
+    monkeypatch.chdir(tmp_path)
+    from safetensors.torch import load_file
+
+    from lora_lightning import inject_lora
+
+    ids, y = tiny_batch(n=32, seed=1)
+    batches = [(ids[8 * i : 8 * i + 8], y[8 * i : 8 * i + 8]) for i in range(4)]
+    ns = {"MyNetwork": tiny_model, "batches": batches}
+    exec(python_blocks("fabric.md")[0], ns)  # noqa: S102 - the guide's own example
+    reference = tiny_model()  # seeds itself: the example's first MyNetwork() and its injected A, drawn alike
+    inject_lora(reference, ns["config"])
+    optimizer = torch.optim.AdamW([p for p in reference.parameters() if p.requires_grad], lr=1e-3)
+    for batch_ids, labels in batches:
+        optimizer.zero_grad()
+        F.cross_entropy(reference(batch_ids), labels).backward()
+        optimizer.step()
+    exported, _ = read_adapter(tmp_path / "adapter.safetensors")
+    expected = reference.state_dict()
+    assert exported and all(torch.equal(v, expected[k]) for k, v in exported.items())  # resumed == uninterrupted
+    assert all(v.abs().sum() > 0 for k, v in exported.items() if k.endswith("lora_B"))  # trained
+    ckpt = torch.load(tmp_path / "lora.ckpt", weights_only=True)
+    assert set(ckpt) == {"state_dict", "lora_lightning", "optimizer_states", "step"} and ckpt["step"] == 2
+    assert set(ckpt["state_dict"]) == set(exported)  # adapter tensors only, no base tensor
+    net, test_ids = ns["net"], batches[0][0]
+    assert not lora_layers(net) and not any(".lora_" in k for k in net.state_dict())  # merged and unloaded
+    merged = tiny_model()
+    merged.load_state_dict(load_file(tmp_path / "merged.safetensors"))
+    with torch.no_grad():
+        torch.testing.assert_close(net(test_ids), reference(test_ids), atol=1e-5, rtol=0)
+        torch.testing.assert_close(merged(test_ids), reference(test_ids), atol=1e-5, rtol=0)
 
 
 def test_api_reference_covers_the_public_api():

@@ -27,6 +27,11 @@ silently lost:
    adapters right after it (before the optimizer and before sharding).
 7. ``trainer.call._call_setup_hook`` — a module holding several named adapters runs dict-keyed
    dataloaders through their adapters (:mod:`~lora_lightning.lightning.routing`), with or without a callback.
+
+For Lightning Fabric (:mod:`lora_lightning.fabric`) nothing is wrapped; this module only names Fabric's
+``_FabricModule`` / ``_FabricOptimizer`` (to refuse injecting after ``fabric.setup`` and to unwrap),
+``ModelParallelStrategy._save_distributed_checkpoint`` (which checkpoint format FSDP2 writes) and the FSDP2
+checkpoint helpers (:func:`fabric_helpers`).
 """
 
 from __future__ import annotations
