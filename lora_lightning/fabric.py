@@ -25,7 +25,8 @@ structure of every adapted matrix, base identity), "optimizer_states": [state ke
 written through ``fabric.save`` (single device, DDP). Under FSDP2 (``ModelParallelStrategy``) it is written
 like Fabric writes that strategy's checkpoints: a folder (``torch.distributed.checkpoint`` shards of the
 same entries + ``meta.pt`` with the record and ``extra``; ``save_distributed_checkpoint=True``, the default)
-or one file as above. Every format loads under every supported strategy (re-sharded to the loading run).
+or one file as above. Checkpoints move between process counts, re-sharded to the loading run (tested: DDP's
+file and both FSDP2 formats resume on one process, a 1-process file resumes under DDP and under FSDP2).
 :func:`load` checks the record before any tensor moves: same adapter structure
 (:class:`~lora_lightning.AdapterMismatchError`), same base weights
 (:class:`~lora_lightning.BaseModelMismatchError`, or a warning / nothing with ``on_base_mismatch``).

@@ -6,8 +6,9 @@ processes), each checked against the one-process run.
 The 2-process runs: this file is also the script Fabric launches (``python tests/test_fabric.py OUT --strategy
 ddp|fsdp2``; Fabric re-runs it for rank 1). In one launch every rank trains ``N`` steps from the same start
 (the uninterrupted run), exports the adapter and the merged model, then for each checkpoint format trains ``K``
-steps, saves, builds a fresh model with fresh adapters, loads, trains ``N - K`` steps (the resumed run), and
-writes what it holds to ``OUT/{tag}-rank{R}.pt``. Step ``i`` of a 2-process run gives rank ``r`` samples
+steps, saves, builds a fresh model with fresh adapters, loads, trains ``N - K`` steps (the resumed run), resumes
+a checkpoint one process wrote after ``K`` steps the same way, and writes what it holds to ``OUT/{tag}-rank{R}.pt``.
+The tests also resume the 2-process checkpoints on one process. Step ``i`` of a 2-process run gives rank ``r`` samples
 ``8i + 4r ... 8i + 4r + 3``; the one-process run takes samples ``8i ... 8i + 7`` in one batch, so averaged
 gradients agree up to float round-off (the tolerance ``ATOL`` below).
 """
@@ -125,8 +126,9 @@ def assert_close(a: dict, b: dict, atol: float) -> float:
 
 
 # --------------------------------------------------------------------------- the 2-process launch (script mode)
-def worker(out: Path, strategy: str) -> None:
-    """One launch (see the module docstring); every rank writes ``OUT/{tag}-rank{R}.pt``."""
+def worker(out: Path, strategy: str, from_one: Path) -> None:
+    """One launch (see the module docstring); every rank writes ``OUT/{tag}-rank{R}.pt``. ``from_one``: a
+    checkpoint one process wrote after ``K`` steps, resumed here on 2 processes."""
     from torch.distributed.tensor import DTensor
 
     torch.set_num_threads(1)  # 2 ranks on 2 cores
@@ -154,14 +156,22 @@ def worker(out: Path, strategy: str) -> None:
         train(run, model, optimizer, extra["step"], N)
         record[f"resumed-{fmt}"] = adapters(model)
         record[f"extra-{fmt}"] = extra
+    model, optimizer = fresh(fabric)
+    train(fabric, model, optimizer, lf.load(fabric, from_one, model, optimizer)["step"], N)
+    record["from-one"] = adapters(model)
     torch.save(record, out / f"{strategy}-rank{rank}.pt")
 
 
 def launch(out: Path, strategy: str) -> dict:
-    """Run :func:`worker` on 2 processes in a clean environment; returns both ranks' records."""
+    """Run :func:`worker` on 2 processes in a clean environment; returns both ranks' records. Writes the
+    1-process checkpoint it resumes first."""
+    fabric = make_fabric()
+    model, optimizer = start(fabric)
+    train(fabric, model, optimizer, 0, K)
+    lf.save(fabric, out / "one-process.ckpt", model, optimizer, step=K)
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT", "PL_GLOBAL_SEED")}
     env["PYTHONWARNINGS"] = "ignore"
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(out), "--strategy", strategy], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(out), "--strategy", strategy, "--from-one", str(out / "one-process.ckpt")], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{strategy} launch failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return {rank: torch.load(out / f"{strategy}-rank{rank}.pt", weights_only=False) for rank in (0, 1)}
@@ -413,6 +423,13 @@ def test_other_bad_inputs_fail_in_one_line(one_process, tmp_path):
     with pytest.raises(AdapterMismatchError) as e:
         lf.setup(fabric, injected, LoRAConfig(**LORA), optimizer_factory)
     one_line(e, "already holds other LoRA adapters", "config=None")
+    # a checkpoint cut short: an adapter tensor missing (loading the rest would leave that one at its fresh init)
+    cut = torch.load(path, weights_only=True)
+    del cut["state_dict"]["layers.1.mlp.up_proj.lora_B"]
+    torch.save(cut, tmp_path / "cut.ckpt")
+    with pytest.raises(AdapterFileError) as e:
+        lf.load(fabric, tmp_path / "cut.ckpt", other)
+    one_line(e, "lacks 1 adapter tensor(s)", "layers.1.mlp.up_proj.lora_B")
     # an optimizer built otherwise than the saving run's (other parameter groups)
     path = lf.save(fabric, tmp_path / "b.ckpt", *start(fabric))
     other, _ = fresh(fabric)
@@ -444,6 +461,7 @@ def test_ddp_equals_one_process_and_resumes_exactly(ddp_run, one_process):
     for r in (r0, r1):
         assert_close(r["resumed-file"], r0["full"], atol=0)  # save + fresh setup + load + N - K steps: bit-equal
         assert r["extra-file"] == {"step": K}
+        print(f"1-process checkpoint resumed on DDP vs 1 process: max |diff| {assert_close(r['from-one'], one_process['full'], ATOL):.3g}")
     ckpt = torch.load(ddp_run["out"] / "ddp-file.ckpt", weights_only=True)
     assert set(ckpt["state_dict"]) == set(r0["full"]) and "lora_lightning" in ckpt
 
@@ -475,6 +493,8 @@ def test_fsdp2_shards_the_adapters_equals_one_process_and_resumes_exactly(fsdp2_
         for r in (r0, r1):
             assert_close(r[f"resumed-{fmt}"], r0["full"], atol=0)
             assert r[f"extra-{fmt}"] == {"step": K}
+    for r in (r0, r1):  # a 1-process checkpoint resumed on 2 FSDP2 processes
+        print(f"1-process checkpoint resumed on FSDP2 vs 1 process: max |diff| {assert_close(r['from-one'], one_process['full'], ATOL):.3g}")
 
 
 def test_fsdp2_checkpoints_are_adapter_only_in_both_formats(fsdp2_run):
@@ -523,6 +543,7 @@ if __name__ == "__main__":  # the launch of the 2-process tests (Fabric runs thi
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
     parser.add_argument("--strategy", choices=["ddp", "fsdp2"], required=True)
+    parser.add_argument("--from-one", type=Path, required=True, help="a 1-process checkpoint after K steps, to resume")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    worker(args.out, args.strategy)
+    worker(args.out, args.strategy, args.from_one)
