@@ -40,13 +40,15 @@ identity check needs the base weights at injection: a model initialised on the m
 from __future__ import annotations
 
 import importlib
+import inspect
 import io
 import os
 import shutil
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, Union
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -56,10 +58,6 @@ from .adapter_io import atomic_write_bytes, save_adapter, save_merged_model
 from .config import LoRAConfig
 from .errors import AdapterFileError, AdapterMismatchError, LoRAConfigError, NotInjectedError
 from .injection import adapter_param_names, get_lora_state, has_lora, inject_lora, planned_state
-from .plan import AdapterSpec
-from .record import ON_MISMATCH, differences
-from .sharding import gathered, is_sharded
-from .state import CheckpointOptions, attach, lora_handle
 from .lightning.checkpoints import CHECKPOINT_KEY, prepare_for_checkpoint, record_in_checkpoint
 from .lightning.compat import (
     fabric_helpers,
@@ -69,6 +67,10 @@ from .lightning.compat import (
     unwrap_fabric,
 )
 from .lightning.sharded import load_model_parallel_checkpoint
+from .plan import AdapterSpec
+from .record import ON_MISMATCH, differences
+from .sharding import gathered, is_sharded
+from .state import CheckpointOptions, attach, lora_handle
 
 if TYPE_CHECKING:
     from lightning.fabric import Fabric
@@ -81,7 +83,7 @@ BASE_MISMATCH_HINT = "pass lora_lightning.fabric.load(..., on_base_mismatch='war
 _SUPPORTED = ("SingleDeviceStrategy", "DataParallelStrategy", "DDPStrategy", "ModelParallelStrategy")
 
 OptimizerFactory = Callable[[list[nn.Parameter]], Optimizer]
-Optimizers = Union[Optimizer, Sequence[Optimizer], None]
+Optimizers = Optimizer | Sequence[Optimizer] | None
 
 
 # --------------------------------------------------------------------------- setting up
@@ -139,7 +141,9 @@ def setup(
                     "config=None to train the ones it holds, or lora_lightning.remove_lora(model) first"
                 )
     elif not has_lora(model):
-        raise NotInjectedError(f"setup: {type(model).__name__} holds no LoRA adapters and config=None; pass the LoRAConfig to inject")
+        raise NotInjectedError(
+            f"setup: {type(model).__name__} holds no LoRA adapters and config=None; pass the LoRAConfig to inject"
+        )
     fabric_model = fabric.setup_module(model)  # DDP wraps / FSDP2 shards the adapted model
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = fabric.setup_optimizers(optimizer_factory(params))
@@ -274,7 +278,9 @@ def load(
     helpers = fabric_helpers(fabric_package(fabric))
     options = CheckpointOptions(True, on_base_mismatch, BASE_MISMATCH_HINT)
     if not path.exists():
-        raise AdapterFileError(f"load: the checkpoint {str(path)!r} does not exist; pass the path lora_lightning.fabric.save wrote")
+        raise AdapterFileError(
+            f"load: the checkpoint {str(path)!r} does not exist; pass the path lora_lightning.fabric.save wrote"
+        )
     if helpers.is_sharded_checkpoint(path):
         from torch.distributed.checkpoint import FileSystemReader
 
@@ -282,14 +288,20 @@ def load(
         stored = FileSystemReader(str(path)).read_metadata().state_dict_metadata
         saved = {k[len(MODEL_KEY) + 1 :] for k in stored if k.startswith(MODEL_KEY + ".")}
         _check_record(module, metadata.get(CHECKPOINT_KEY), saved, sorted(metadata), path, options)
-        _check_optimizer_count(optimizers, len({k.split(".", 1)[0] for k in stored if k.startswith("optimizer_")}), path)
+        saved_optimizers = {k.split(".", 1)[0] for k in stored if k.startswith("optimizer_")}
+        _check_optimizer_count(optimizers, len(saved_optimizers), path)
         remaining = load_model_parallel_checkpoint(_Target(module, module, optimizers), path, weights_only, helpers)
         return {k: v for k, v in remaining.items() if k not in RESERVED}
     if not path.is_file():
-        raise AdapterFileError(f"load: {str(path)!r} is a folder but no sharded checkpoint (no {helpers.metadata_filename}); pass the path lora_lightning.fabric.save wrote")
-    checkpoint = fabric.load(path, weights_only=weights_only) if not is_sharded(module) else torch.load(
-        path, mmap=True, map_location="cpu", weights_only=weights_only
-    )
+        raise AdapterFileError(
+            f"load: {str(path)!r} is a folder but no sharded checkpoint (no {helpers.metadata_filename}); pass the "
+            "path lora_lightning.fabric.save wrote"
+        )
+    if is_sharded(module):
+        checkpoint = torch.load(path, mmap=True, map_location="cpu", weights_only=weights_only)
+    else:  # Lightning < 2.5's fabric.load has no weights_only: torch.load's default there
+        takes = "weights_only" in inspect.signature(fabric.load).parameters
+        checkpoint = fabric.load(path, **({"weights_only": weights_only} if takes else {}))
     tensors = checkpoint.get(MODEL_KEY)
     saved = set(tensors) if isinstance(tensors, Mapping) else set()
     _check_record(module, checkpoint.get(CHECKPOINT_KEY), saved, sorted(checkpoint), path, options)
@@ -299,10 +311,11 @@ def load(
         del checkpoint
         remaining = load_model_parallel_checkpoint(_Target(module, module, optimizers), path, weights_only, helpers)
         return {k: v for k, v in remaining.items() if k not in RESERVED}
-    for opt, state in zip(optimizers, states):
+    states = states[: len(optimizers)]  # none given: the adapters only
+    for opt, state in zip(optimizers, states, strict=True):
         _check_groups(module, opt, state, path)
     _load_tensors(module, tensors, path)
-    for opt, state in zip(optimizers, states):
+    for opt, state in zip(optimizers, states, strict=True):
         _load_named_optimizer_state(module, opt, state)
     return {k: v for k, v in checkpoint.items() if k not in RESERVED}
 
@@ -353,7 +366,8 @@ def _load_tensors(module: nn.Module, tensors: Mapping[str, torch.Tensor], path: 
     """Copy the checkpoint's tensors into ``module`` (no other tensor is touched)."""
     own = module.state_dict()
     unexpected = sorted(k for k in tensors if k not in own)
-    wrong = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in tensors.items() if k in own and v.shape != own[k].shape]
+    wrong = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in tensors.items()
+             if k in own and v.shape != own[k].shape]
     if unexpected or wrong:
         raise AdapterMismatchError(
             f"load: {str(path)!r} does not fit this model (unexpected keys {unexpected[:3]}; shapes {wrong[:3]}): "
@@ -387,8 +401,9 @@ def _check_groups(module: nn.Module, optimizer: Optimizer, state: Mapping[str, A
     saved = [list(g["params"]) for g in state["param_groups"]]
     if ours != saved:
         raise AdapterFileError(
-            f"load: the optimizer's parameter groups ({[len(g) for g in ours]} tensors) differ from those {str(path)!r} "
-            f"was saved with ({[len(g) for g in saved]}): build the optimizer as the saving run did (same optimizer_factory)"
+            f"load: the optimizer's parameter groups ({[len(g) for g in ours]} tensors) differ from those "
+            f"{str(path)!r} was saved with ({[len(g) for g in saved]}): build the optimizer as the saving run did "
+            "(same optimizer_factory)"
         )
 
 
@@ -464,7 +479,8 @@ def _set_up_message(what: str) -> str:
 def _refuse_set_up(model: nn.Module) -> None:
     """Refuse a model that ``fabric.setup`` (or DDP / FSDP) already wrapped or sharded."""
     if is_fabric_wrapper(model):
-        raise LoRAConfigError(_set_up_message(f"the model is already set up by fabric.setup (a {type(model).__name__})"))
+        what = f"the model is already set up by fabric.setup (a {type(model).__name__})"
+        raise LoRAConfigError(_set_up_message(what))
     from torch.nn.parallel import DataParallel, DistributedDataParallel
 
     wrapped = next((n or "the model" for n, m in model.named_modules()
@@ -489,7 +505,10 @@ def _check_strategy(strategy: Any, what: str) -> None:
 def _check_extra(extra: Mapping[str, Any]) -> None:
     taken = sorted(set(extra) & set(RESERVED))
     if taken:
-        raise LoRAConfigError(f"save: extra entries {taken} would overwrite the checkpoint's own; name them otherwise (reserved: {list(RESERVED)})")
+        raise LoRAConfigError(
+            f"save: extra entries {taken} would overwrite the checkpoint's own; name them otherwise "
+            f"(reserved: {list(RESERVED)})"
+        )
 
 
 __all__ = [

@@ -27,6 +27,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import lora_lightning.fabric as lf  # noqa: E402
 from conftest import N_LAYERS, randomize_adapters, tiny_batch, tiny_model  # noqa: E402
 from lora_lightning import (  # noqa: E402
     AdapterFileError,
@@ -44,7 +45,6 @@ from lora_lightning import (  # noqa: E402
     save_adapter,
     save_merged_model,
 )
-import lora_lightning.fabric as lf  # noqa: E402
 
 LORA = dict(r=2, targets=["q", "v", "mlp"], modules_to_save=["classifier"])
 N, K = 4, 2  # the uninterrupted run's steps; the step the resumed run saves at
@@ -146,7 +146,8 @@ def worker(out: Path, strategy: str, from_one: Path) -> None:
     lf.export_adapter(fabric, model, out / f"{strategy}-adapter.safetensors")
     lf.export_merged(fabric, model, out / f"{strategy}-merged.safetensors")
     for fmt in ("file",) if strategy == "ddp" else ("sharded", "file"):
-        run = fabric if fmt == "sharded" or strategy == "ddp" else make_fabric(2, strategy, distributed_checkpoint=False)
+        one_file = fmt == "file" and strategy == "fsdp2"
+        run = make_fabric(2, strategy, distributed_checkpoint=False) if one_file else fabric
         run.launch()  # the processes exist already: nothing is started again
         model, optimizer = start(run)
         train(run, model, optimizer, 0, K)
@@ -169,10 +170,12 @@ def launch(out: Path, strategy: str) -> dict:
     model, optimizer = start(fabric)
     train(fabric, model, optimizer, 0, K)
     lf.save(fabric, out / "one-process.ckpt", model, optimizer, step=K)
-    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT", "PL_GLOBAL_SEED")}
+    launcher_vars = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT", "PL_GLOBAL_SEED")
+    env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
     env["PYTHONWARNINGS"] = "ignore"
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(out), "--strategy", strategy, "--from-one", str(out / "one-process.ckpt")], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    one = out / "one-process.ckpt"
+    command = [sys.executable, str(SCRIPT), str(out), "--strategy", strategy, "--from-one", str(one)]
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{strategy} launch failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return {rank: torch.load(out / f"{strategy}-rank{rank}.pt", weights_only=False) for rank in (0, 1)}
 
@@ -225,7 +228,8 @@ def test_resume_in_a_fresh_setup_is_bit_equal_to_the_uninterrupted_run(one_proce
     train(fabric, model, optimizer, 0, K)
     path = lf.save(fabric, tmp_path / "k.ckpt", model, optimizer, step=K, note="any")
     model, optimizer = fresh(fabric)  # new base object, new adapters (other random A), new optimizer
-    assert not torch.equal(adapters(model)["layers.0.self_attn.q_proj.lora_A"], one_process["at_k"]["layers.0.self_attn.q_proj.lora_A"])
+    a = "layers.0.self_attn.q_proj.lora_A"
+    assert not torch.equal(adapters(model)[a], one_process["at_k"][a])
     extra = lf.load(fabric, path, model, optimizer)
     assert extra == {"step": K, "note": "any"}
     assert_close(adapters(model), one_process["at_k"], atol=0)
@@ -236,7 +240,7 @@ def test_resume_in_a_fresh_setup_is_bit_equal_to_the_uninterrupted_run(one_proce
 
 
 def test_the_lightning_fabric_package_works_alike(one_process, tmp_path):
-    """``pip install lightning-fabric`` users: the same setup, save, load and resume with ``lightning_fabric.Fabric``."""
+    """``pip install lightning-fabric`` users: setup, save, load and resume with ``lightning_fabric.Fabric``."""
     from lightning_fabric import Fabric
 
     fabric = Fabric(accelerator="cpu", devices=1)
@@ -332,7 +336,8 @@ def test_injecting_after_fabric_setup_is_refused_naming_the_fix(tmp_path, monkey
     set_up = fabric.setup(tiny_model(seed=0))
     with pytest.raises(LoRAConfigError) as e:
         lf.inject(set_up, cfg)
-    one_line(e, "fabric.setup", "inject before fabric.setup", "lora_lightning.fabric.setup(fabric, model, config, optimizer_factory)")
+    one_line(e, "fabric.setup", "inject before fabric.setup",
+             "lora_lightning.fabric.setup(fabric, model, config, optimizer_factory)")
     assert not lora_layers(set_up)  # nothing changed
     with pytest.raises(LoRAConfigError) as e:
         lf.setup(fabric, set_up, cfg, optimizer_factory)
@@ -350,8 +355,8 @@ def test_injecting_after_fabric_setup_is_refused_naming_the_fix(tmp_path, monkey
     inject_lora(raw, cfg)
     with pytest.raises(LoRAConfigError) as e:
         lf.save(fabric, "never-written.ckpt", model, optimizer)
-    one_line(e, "save: the optimizer holds 2 of the model's 26 trainable adapter tensors", "built before the adapters were injected",
-             "lora_lightning.fabric.setup")
+    one_line(e, "save: the optimizer holds 2 of the model's 26 trainable adapter tensors",
+             "built before the adapters were injected", "lora_lightning.fabric.setup")
 
 
 def test_loading_onto_another_base_raises_or_warns_as_asked(one_process, tmp_path):
@@ -461,7 +466,8 @@ def test_ddp_equals_one_process_and_resumes_exactly(ddp_run, one_process):
     for r in (r0, r1):
         assert_close(r["resumed-file"], r0["full"], atol=0)  # save + fresh setup + load + N - K steps: bit-equal
         assert r["extra-file"] == {"step": K}
-        print(f"1-process checkpoint resumed on DDP vs 1 process: max |diff| {assert_close(r['from-one'], one_process['full'], ATOL):.3g}")
+        worst = assert_close(r["from-one"], one_process["full"], ATOL)
+        print(f"1-process checkpoint resumed on DDP vs 1 process: max |diff| {worst:.3g}")
     ckpt = torch.load(ddp_run["out"] / "ddp-file.ckpt", weights_only=True)
     assert set(ckpt["state_dict"]) == set(r0["full"]) and "lora_lightning" in ckpt
 
@@ -494,7 +500,8 @@ def test_fsdp2_shards_the_adapters_equals_one_process_and_resumes_exactly(fsdp2_
             assert_close(r[f"resumed-{fmt}"], r0["full"], atol=0)
             assert r[f"extra-{fmt}"] == {"step": K}
     for r in (r0, r1):  # a 1-process checkpoint resumed on 2 FSDP2 processes
-        print(f"1-process checkpoint resumed on FSDP2 vs 1 process: max |diff| {assert_close(r['from-one'], one_process['full'], ATOL):.3g}")
+        worst = assert_close(r["from-one"], one_process["full"], ATOL)
+        print(f"1-process checkpoint resumed on FSDP2 vs 1 process: max |diff| {worst:.3g}")
 
 
 def test_fsdp2_checkpoints_are_adapter_only_in_both_formats(fsdp2_run):
@@ -504,11 +511,13 @@ def test_fsdp2_checkpoints_are_adapter_only_in_both_formats(fsdp2_run):
     folder = fsdp2_run["out"] / "fsdp2-sharded.ckpt"
     stored = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
     assert {k.removeprefix("state_dict.") for k in stored if k.startswith("state_dict.")} == keys
-    assert {k.removeprefix("optimizer_0.state.").rsplit(".", 1)[0] for k in stored if k.startswith("optimizer_0.state.")} == keys
+    optimizer_keys = {k.removeprefix("optimizer_0.state.") for k in stored if k.startswith("optimizer_0.state.")}
+    assert {k.rsplit(".", 1)[0] for k in optimizer_keys} == keys  # exp_avg, exp_avg_sq, step of the adapters only
     meta = torch.load(folder / "meta.pt", weights_only=True)
     assert set(meta) == {"lora_lightning", "step"} and meta["lora_lightning"]["fingerprint"]["tensors"]
     single = torch.load(fsdp2_run["out"] / "fsdp2-file.ckpt", weights_only=True)
-    assert set(single["state_dict"]) == keys and set(single) == {"state_dict", "optimizer_states", "lora_lightning", "step"}
+    assert set(single["state_dict"]) == keys
+    assert set(single) == {"state_dict", "optimizer_states", "lora_lightning", "step"}
 
 
 def test_fsdp2_exports_gather_the_full_tensors(fsdp2_run):
@@ -534,7 +543,8 @@ def test_two_process_checkpoints_resume_on_one_process(request, source, one_proc
     assert extra == {"step": K}
     assert_close(adapters(model), one_process["at_k"], ATOL)
     train(fabric, model, optimizer, K, N)
-    print(f"{source} resumed on 1 process vs 1 process: max |diff| {assert_close(adapters(model), one_process['full'], ATOL):.3g}")
+    worst = assert_close(adapters(model), one_process["full"], ATOL)
+    print(f"{source} resumed on 1 process vs 1 process: max |diff| {worst:.3g}")
 
 
 if __name__ == "__main__":  # the launch of the 2-process tests (Fabric runs this file again for rank 1)
