@@ -217,6 +217,15 @@ def inject_lora(model: nn.Module, config: LoRAConfig, plan: Plan | None = None) 
             f"({summarize_names(existing, 5)}); injecting again would stack adapters. Use load_adapter() to "
             "swap adapter weights, or remove_lora()/merge_and_unload() first"
         )
+    for guard in registry.INJECTION_GUARDS:
+        guard(model)
+    wrapper = next(((n, m) for n, m in model.named_modules() if isinstance(m, (nn.DataParallel, nn.parallel.DistributedDataParallel))), None)
+    if wrapper is not None:
+        raise LoRAConfigError(
+            f"{wrapper[0] or 'the model'} is already wrapped in {type(wrapper[1]).__name__}, which has registered its "
+            "parameters; adapters added now would not be synchronised. Inject before wrapping (LoRACallback does it in "
+            "setup; with Lightning Fabric use lora_lightning.fabric.setup)"
+        )
     if plan is None or plan.config is not config:
         plan = plan_injection(model, config)
     sharded = [s.name for s in plan if _is_dtensor(module_weight(model.get_submodule(s.name)))]

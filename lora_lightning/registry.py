@@ -35,6 +35,16 @@ VARIANT_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {}
 QUANTIZERS: dict[str, Any] = {}
 # called after each registration (the Lightning layer refreshes LoRACallback's keyword list)
 ON_REGISTER: list[Callable[[], None]] = []
+# called with the model before inject_lora changes anything; each raises to refuse a model it cannot adapt
+# (the Lightning layer adds one for models Lightning Fabric has already set up)
+INJECTION_GUARDS: list[Callable[[Any], None]] = []
+
+
+def register_injection_guard(guard: Callable[[Any], None]) -> Callable[[Any], None]:
+    """Add ``guard(model)`` to the checks :func:`~lora_lightning.inject_lora` runs first (once per function)."""
+    if guard not in INJECTION_GUARDS:
+        INJECTION_GUARDS.append(guard)
+    return guard
 
 
 def notify() -> None:
@@ -92,12 +102,14 @@ def quantizer(name: str) -> Any:
 
 
 __all__ = [
+    "INJECTION_GUARDS",
     "LAYER_KINDS",
     "ON_REGISTER",
     "QUANTIZERS",
     "VARIANTS",
     "VARIANT_ALIASES",
     "VARIANT_CONFIGS",
+    "register_injection_guard",
     "kind_of",
     "layer_kind",
     "notify",

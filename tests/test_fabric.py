@@ -342,13 +342,19 @@ def test_injecting_after_fabric_setup_is_refused_naming_the_fix(tmp_path, monkey
     with pytest.raises(LoRAConfigError) as e:
         lf.setup(fabric, set_up, cfg, optimizer_factory)
     one_line(e, "already set up by fabric.setup", "lora_lightning.fabric.setup")
-    # the core inject_lora on the set-up model: the adapters are not in the optimizer; saving/loading refuses
+    # the core inject_lora on the set-up model is refused at injection (the Lightning layer's injection guard)
     model, optimizer = fabric.setup(tiny_model(seed=0), torch.optim.AdamW(tiny_model(seed=0).parameters()))
-    inject_lora(model, cfg)
     with pytest.raises(LoRAConfigError) as e:
-        lf.save(fabric, "never-written.ckpt", model, optimizer)
-    one_line(e, "injected into a model after fabric.setup", "lora_lightning.fabric.setup")
-    assert not Path("never-written.ckpt").exists()
+        inject_lora(model, cfg)
+    one_line(e, "already set up by fabric.setup", "inject before fabric.setup", "lora_lightning.fabric.setup")
+    assert not lora_layers(model)
+    # ... and on a module inside torch's DataParallel / DistributedDataParallel (the core refuses those itself)
+    holder = torch.nn.Module()
+    holder.net = torch.nn.DataParallel(tiny_model(seed=0))
+    with pytest.raises(LoRAConfigError) as e:
+        inject_lora(holder, cfg)
+    one_line(e, "net is already wrapped in DataParallel", "Inject before wrapping")
+    assert not lora_layers(holder)
     # the module set up with an optimizer over its base, then injected: the optimizer lacks the adapters
     raw = tiny_model(seed=0)
     model, optimizer = fabric.setup(raw, torch.optim.AdamW(raw.parameters()))

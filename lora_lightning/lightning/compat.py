@@ -48,7 +48,8 @@ from typing import Any, Callable
 
 from packaging.version import Version
 
-from ..errors import TargetNotFoundError
+from ..errors import LoRAConfigError, TargetNotFoundError
+from ..registry import register_injection_guard
 from ..injection import has_lora, lora_layers
 from ..state import CheckpointOptions
 
@@ -323,6 +324,20 @@ def is_fabric_wrapper(obj: Any) -> bool:
     """Whether ``obj`` is what ``fabric.setup`` returns: a ``_FabricModule`` or a ``_FabricOptimizer``."""
     wrappers = _fabric_wrappers()
     return bool(wrappers) and isinstance(obj, wrappers)
+
+
+def refuse_fabric_wrapper(model: Any) -> None:
+    """Injection guard (``registry.INJECTION_GUARDS``): ``inject_lora`` on what ``fabric.setup`` returned would add
+    adapters that the optimizer Fabric set up does not hold."""
+    if is_fabric_wrapper(model):
+        raise LoRAConfigError(
+            f"the model is already set up by fabric.setup (a {type(model).__name__}): adapters injected now would not be "
+            "in its optimizer and would never train; inject before fabric.setup, e.g. "
+            "lora_lightning.fabric.setup(fabric, model, config, optimizer_factory)"
+        )
+
+
+register_injection_guard(refuse_fabric_wrapper)
 
 
 def unwrap_fabric(obj: Any) -> Any:
