@@ -4,8 +4,18 @@
     python -m experiments collect                        # multirun/{ablations,recipe} -> experiments/runs
 
 ``collect`` keeps, per finished run (one with a ``summary.json``), the two small files every table
-is built from (``summary.json``, ``resolved_config.yaml``) and, for the Table 6 runs on {Wq, Wv} at the
-ranks §7.2 / §7.3 read, the ``adapter.safetensors``; the layout below ``multirun/`` is kept.
+is built from (``summary.json``, ``resolved_config.yaml``), the decoder's predictions (``test_predictions.json``,
+``zero_shot_predictions.json``: the decoder report rescores them) and, for the Table 6 runs on {Wq, Wv} at the
+ranks §7.2 / §7.3 read, the ``adapter.safetensors``; the layout below ``multirun/`` is kept, except that the decoder
+sweep ``multirun/smollm2`` lands in ``experiments/runs/decoder`` (``DEST``). A sweep folder's ``COMMIT`` file (the
+code its runs trained with, written by ``lora_vs_full.sh``) is copied too.
+
+The committed layout the reports read:
+
+- ``experiments/runs/{ablations,recipe,lora_vs_full}/<job path>/{summary.json,resolved_config.yaml}``;
+- ``experiments/runs/decoder/<job path>/{summary.json,resolved_config.yaml,test_predictions.json,zero_shot_predictions.json}``
+  (``experiments/decoder.py``);
+- ``experiments/runs/precision/<job path>/{summary.json,resolved_config.yaml}`` (``experiments/precision.py``).
 """
 
 from __future__ import annotations
@@ -18,8 +28,10 @@ from typing import Iterable
 from experiments.records import SEARCH_EXPERIMENT
 
 FAMILIES = ("lora-1", "lora-2", "lora-4", "full", "head_only")
-COLLECTED = ("ablations", "recipe", "lora_vs_full")  # the sweep folders below multirun/ that --collect copies
-SMALL_FILES = ("summary.json", "resolved_config.yaml")
+COLLECTED = ("ablations", "recipe", "lora_vs_full", "smollm2", "decoder", "precision")  # the sweep folders below multirun/ that collect copies
+DEST = {"smollm2": "decoder"}  # a sweep folder copied under another name (experiments/runs/decoder)
+SMALL_FILES = ("summary.json", "resolved_config.yaml", "test_predictions.json", "zero_shot_predictions.json")
+SWEEP_FILES = ("COMMIT",)  # files of a sweep folder itself
 ADAPTER = "adapter.safetensors"
 SUBSPACE_RANKS = (4, 8, 64)  # the ranks experiments/subspace.py reads (§7.2: 8 vs 64; §7.3: 4 and 64)
 SUBSPACE_EXPERIMENTS = ("table6", "convergence")  # §7.2 / §7.3 at 150 and at 300 steps
@@ -103,18 +115,32 @@ def relocated(summary: dict, source_dir: Path, rel: Path, with_adapter: bool) ->
 
 
 def finished_runs(source: Path) -> list[Path]:
-    """The run folders (holding a ``summary.json``) below ``source/ablations`` and ``source/recipe``."""
+    """The run folders (holding a ``summary.json``) below the sweep folders ``COLLECTED`` of ``source``."""
     return sorted(p.parent for sweep in COLLECTED for p in (source / sweep).rglob("summary.json"))
 
 
+def destination(rel: Path) -> Path:
+    """Where a path below ``multirun/`` goes below the runs folder: the same path, its sweep folder renamed by ``DEST``."""
+    parts = rel.parts
+    return Path(DEST.get(parts[0], parts[0]), *parts[1:]) if parts else rel
+
+
 def collect(source: Path, dest: Path) -> list[Path]:
-    """Copy every finished run under ``source/{ablations,recipe}`` to ``dest/<same relative path>``:
-    ``summary.json`` (paths rewritten, see ``relocated``), ``resolved_config.yaml`` and, where
-    ``keeps_adapter``, ``adapter.safetensors``. Returns the files written."""
+    """Copy every finished run under the sweep folders ``COLLECTED`` of ``source`` to ``dest/<same relative path>``
+    (``destination``): ``summary.json`` (paths rewritten, see ``relocated``), ``resolved_config.yaml``, the decoder's
+    prediction files where present and, where ``keeps_adapter``, ``adapter.safetensors``; and each sweep folder's
+    ``COMMIT``. Returns the files written."""
     written: list[Path] = []
+    for sweep in COLLECTED:
+        for name in SWEEP_FILES:
+            if (source / sweep / name).is_file():
+                target = dest / destination(Path(sweep)) / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source / sweep / name, target)
+                written.append(target)
     for run in finished_runs(source):
         rel = run.relative_to(source)
-        target = dest / rel
+        target = dest / destination(rel)
         target.mkdir(parents=True, exist_ok=True)
         summary = json.loads((run / "summary.json").read_text())
         adapter = run / ADAPTER

@@ -31,6 +31,20 @@ RECIPE_PROBE = "recipe_probe"  # variations of the LoRA default
 TASKS = ("rotten_tomatoes", "trec", "newsgroups", "convention_speeches")
 REPO = Path(__file__).resolve().parent.parent
 
+# The pre-registered third round (experiments/PREREGISTRATION.md)
+PRIMARY = {150: "lora_vs_full", 300: "lora_vs_full_300"}  # schedule (optimizer steps) -> experiment name
+PRIMARY_SEEDS = tuple(range(101, 118))  # seeds 101-117, both arms, both schedules
+PRIMARY_COMPLETE = "lora_vs_full/DECLARED_COMPLETE"  # below the runs folder: its text is the reason the study stopped
+PILOT_SCHEDULES = {  # schedule -> (Table 5 experiment, Table 6 experiment, experiment of the reference rows)
+    150: ("table5", "table6", "table6_reference"),
+    300: (LONG_TABLE5, LONG, LONG),
+}
+ROTATION = "recipe_rotation"  # the split rotation of the recipe's Rotten Tomatoes comparison (data.seed 1-5)
+ROTATION_SPLITS = (1, 2, 3, 4, 5)
+ROTATION_SEEDS = (1, 2)
+DECODER_RUNS = "decoder"  # experiments/runs/decoder: the decoder study's records (collect copies multirun/smollm2 there)
+PRECISION_RUNS = "precision"  # experiments/runs/precision
+
 
 # --------------------------------------------------------------------------- loading
 def load_runs(root: Path) -> list[dict]:
@@ -76,6 +90,28 @@ def config_value(cfg: dict, dotted: str) -> Any:
             return None
         node = node[part]
     return node
+
+
+def own_config(row: dict) -> bool:
+    """Whether the run's ``resolved_config.yaml`` is its own: False for records rebuilt from a console log, whose
+    config was composed afterwards from the logged overrides with the configs of the day (``recover.py``), so it
+    says what those configs give, not how the run was configured."""
+    return not row.get("recovered_from")
+
+
+def relaunched_without_log(row: dict) -> bool:
+    """A record rebuilt from a ``skip_done`` re-launch: the log repeats a stored summary without the training output,
+    so nothing in it says how the run trained (its precision among others)."""
+    return bool(row.get("recovered_from")) and row.get("precision") is None
+
+
+def data_seed(row: dict) -> int | None:
+    """The run's split (``data.seed``): the summary's ``data_seed`` if it has one, else its resolved config's."""
+    if isinstance(row.get("data_seed"), int):
+        return row["data_seed"]
+    cfg = read_config(row)
+    value = config_value(cfg, "data.seed") if cfg else None
+    return value if isinstance(value, int) else None
 
 
 def is_search(row: dict) -> bool:

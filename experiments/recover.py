@@ -64,8 +64,23 @@ class LoggedRun:
         return shown
 
 
-def parse_log(text: str, log: str) -> list[LoggedRun]:
-    """The blocks of one log, in order; a block without a summary table (interrupted run) is dropped."""
+def unfinished_blocks(logs: Iterable[Path]) -> list[LoggedRun]:
+    """The blocks of the ``logs`` that trained and printed no summary table: runs that were cut off (or failed)
+    before they finished, in log order (``log`` is the log's path as given)."""
+    out = []
+    for log in logs:
+        out += [r for r in parse_log(Path(log).read_text(), str(log), keep_unfinished=True) if "output dir" not in r.table and r.trained]
+    return out
+
+
+def overrides_dict(overrides: list[str]) -> dict[str, str]:
+    """``['lora=full', 'lora.lr=2e-4']`` -> ``{'lora': 'full', 'lora.lr': '2e-4'}``."""
+    return dict(o.partition("=")[::2] for o in overrides)
+
+
+def parse_log(text: str, log: str, keep_unfinished: bool = False) -> list[LoggedRun]:
+    """The blocks of one log, in order; a block without a summary table (interrupted run) is dropped unless
+    ``keep_unfinished``."""
     runs: list[LoggedRun] = []
     title: list[str] | None = None  # the lines of a table title being read (until the table's top border)
     for line in text.splitlines():
@@ -92,7 +107,7 @@ def parse_log(text: str, log: str) -> list[LoggedRun]:
             key, value = m.group(1).strip(), m.group(2).strip()
             if key != "what":
                 runs[-1].table[key] = value
-    return [r for r in runs if "output dir" in r.table]
+    return runs if keep_unfinished else [r for r in runs if "output dir" in r.table]
 
 
 def _pct(value: str | None) -> float | None:

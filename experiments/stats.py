@@ -1,5 +1,6 @@
 """Statistics of the run records: group means, Welch's t-test, TOST equivalence, Holm–Bonferroni, a paired
-t-test, an example-level bootstrap and the convergence of validation curves.
+t-test, an example-level bootstrap (one split, and hierarchical over splits), variance components over splits and
+seeds, and the convergence of validation curves.
 
 The Student t distribution, Welch's and the paired t-test come from ``scipy.stats`` (``t.sf``, ``t.cdf``,
 ``t.ppf``, ``ttest_ind_from_stats``, ``ttest_1samp``); this module only states which quantities the reports use:
@@ -20,7 +21,7 @@ from scipy import stats as scipy_stats
 from experiments.records import METRIC, has_metric
 
 ALPHA = 0.05  # family-wise error rate of the claim checks
-MARGIN = 0.5  # equivalence margin, accuracy points (pp)
+MARGIN = 1.0  # equivalence margin, accuracy points (pp): the pre-registered ±1 point (experiments/PREREGISTRATION.md)
 
 
 # --------------------------------------------------------------------------- groups of runs
@@ -63,6 +64,14 @@ def group(rows: list[dict], *keys: str, metric: str = METRIC) -> dict[tuple, Sta
         if has_metric(row, metric):
             out.setdefault(tuple(row[k] for k in keys), []).append(row[metric])
     return {k: Stat.of(v) for k, v in out.items()}
+
+
+def pooled_sd_of(stats: Iterable[Stat]) -> tuple[float, int]:
+    """The pooled standard deviation (points) of groups given as ``Stat`` (each counted once: equal ones are the same
+    group) and its degrees of freedom, sum(n−1); NaN when no group has two values."""
+    groups = {s for s in stats if s.n > 1 and not math.isnan(s.std)}
+    dof = sum(s.n - 1 for s in groups)
+    return (math.sqrt(sum((s.n - 1) * s.std**2 for s in groups) / dof) if dof else math.nan), dof
 
 
 def pooled_std(rows: list[dict], *keys: str, metric: str = METRIC) -> tuple[float, int]:
@@ -176,6 +185,28 @@ def paired_t(diffs: Sequence[float], margin: float = MARGIN, level: float = 0.95
     return Paired(n, mean, sd, float(test.statistic), float(test.pvalue), (mean - half, mean + half), p_tost, level)
 
 
+def paired_mde(n: int, sd: float, alpha: float = ALPHA, power: float = 0.8) -> float:
+    """Minimum detectable effect of the two-sided paired t-test (one-sample t on ``n`` differences of standard
+    deviation ``sd``) at level ``alpha`` with ``power``: noncentral t with n−1 degrees of freedom, bisection; inf
+    below two differences or without a finite sd."""
+    if n < 2 or math.isnan(sd) or sd <= 0:
+        return math.inf if n < 2 else math.nan
+    df, se = n - 1, sd / math.sqrt(n)
+    tc = float(scipy_stats.t.ppf(1.0 - alpha / 2.0, df))
+
+    def pw(delta: float) -> float:
+        nc = delta / se
+        return float(scipy_stats.nct.sf(tc, df, nc) + scipy_stats.nct.cdf(-tc, df, nc))
+
+    lo, hi = 0.0, sd
+    while pw(hi) < power:
+        hi *= 2.0
+    for _ in range(60):
+        mid = (lo + hi) / 2.0
+        lo, hi = (mid, hi) if pw(mid) < power else (lo, mid)
+    return hi
+
+
 def holm(pvalues: Sequence[float]) -> list[float]:
     """Holm–Bonferroni adjusted p-values, in the input order: with the m non-NaN p-values sorted
     p_(1) <= ... <= p_(m), p~_(i) = min(1, max_{j<=i} (m - j + 1) p_(j)). Rejecting where
@@ -213,6 +244,79 @@ def example_bootstrap(a: Sequence[str], b: Sequence[str], draws: int = 4000, lev
     diffs = 100.0 * (acc_a[ia, cols].mean(axis=0) - acc_b[ib, cols].mean(axis=0))
     lo, hi = np.quantile(diffs, [(1 - level) / 2, (1 + level) / 2])
     return 100.0 * float(ma.mean() - mb.mean()), float(lo), float(hi)
+
+
+def hierarchical_bootstrap(splits: Sequence[tuple[Sequence[str], Sequence[str]]], draws: int = 4000, level: float = 0.95,
+                           seed: int = 0) -> tuple[float, float, float]:
+    """Mean over splits of the per-split difference of mean accuracy (pp) of two groups of runs, and a percentile
+    bootstrap CI over the three levels of noise: the splits (drawn with replacement), then within each drawn split
+    the test examples (one multinomial draw shared by both groups, as in :func:`example_bootstrap`) and each group's
+    runs (seeds, with replacement). ``splits``: per split, the ``test_correct`` strings of group a and of group b
+    (one length within a split; splits may differ)."""
+    import numpy as np  # noqa: PLC0415
+
+    mats = []
+    for a, b in splits:
+        ma = np.array([[c == "1" for c in run] for run in a], dtype=float)
+        mb = np.array([[c == "1" for c in run] for run in b], dtype=float)
+        if ma.ndim != 2 or mb.ndim != 2 or ma.shape[1] != mb.shape[1] or ma.shape[1] == 0:
+            raise ValueError("hierarchical_bootstrap: within a split every run needs a test_correct string of one length")
+        mats.append((ma, mb))
+    k = len(mats)
+    if k == 0:
+        raise ValueError("hierarchical_bootstrap: no split")
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, k, size=(k, draws))  # the splits of each replicate, one per position
+    total = np.zeros(draws)
+    cols = np.arange(draws)
+    for pos in range(k):  # each position of a replicate draws its examples and runs afresh
+        per_split = np.zeros((k, draws))
+        for s, (ma, mb) in enumerate(mats):
+            n = ma.shape[1]
+            weights = rng.multinomial(n, np.full(n, 1.0 / n), size=draws).T
+            acc_a, acc_b = ma @ weights / n, mb @ weights / n
+            ia = rng.integers(0, len(ma), size=(len(ma), draws))
+            ib = rng.integers(0, len(mb), size=(len(mb), draws))
+            per_split[s] = acc_a[ia, cols].mean(axis=0) - acc_b[ib, cols].mean(axis=0)
+        total += per_split[picks[pos], cols]
+    diffs = 100.0 * total / k
+    lo, hi = np.quantile(diffs, [(1 - level) / 2, (1 + level) / 2])
+    point = statistics.fmean(100.0 * (ma.mean() - mb.mean()) for ma, mb in mats)
+    return point, float(lo), float(hi)
+
+
+@dataclass(frozen=True)
+class Components:
+    """Variance components (points²) of a balanced-ish one-way layout: groups (splits) of replicates (seeds)."""
+
+    groups: int
+    per_group: float  # mean number of replicates per group
+    within: float  # pooled variance of the replicates within a group (seed to seed)
+    within_df: int
+    between: float  # variance of the true group means (split to split), method of moments, clamped at 0
+    group_means_var: float  # the raw variance of the group means
+
+    @property
+    def between_sd(self) -> float:
+        return math.sqrt(self.between)
+
+    @property
+    def within_sd(self) -> float:
+        return math.sqrt(self.within)
+
+
+def variance_components(groups: Sequence[Sequence[float]]) -> Components:
+    """Between-group and within-group variance of values grouped by split (``groups``: per split, its seeds'
+    values in points): within = pooled sample variance; between = var(group means) − within / (mean group size),
+    clamped at 0 (the ANOVA method of moments)."""
+    full = [list(g) for g in groups if g]
+    means = [statistics.fmean(g) for g in full]
+    dof = sum(len(g) - 1 for g in full)
+    within = sum(sum((x - statistics.fmean(g)) ** 2 for x in g) for g in full) / dof if dof else math.nan
+    size = statistics.fmean(len(g) for g in full) if full else math.nan
+    raw = statistics.variance(means) if len(means) > 1 else math.nan
+    between = max(0.0, raw - within / size) if not (math.isnan(raw) or math.isnan(within)) else math.nan
+    return Components(len(full), size, within, dof, between, raw)
 
 
 # --------------------------------------------------------------------------- validation curves
