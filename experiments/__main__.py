@@ -1,14 +1,15 @@
 """The lab's command line: every study of experiments/ is run, collected and reported through it.
 
-    python -m experiments collect                   # multirun/{ablations,recipe} -> experiments/runs
+    python -m experiments collect                   # multirun/{ablations,recipe,lora_vs_full,smollm2,precision} -> experiments/runs
     python -m experiments recover-logs experiments/logs/*.log   # records of runs whose folders are gone
     python -m experiments ablation-lrs --runs multirun          # '<family> <lr>' per ablation family (ablations.sh)
     python -m experiments ablation-extensions --runs multirun   # the next lr past each family's edge (ablations.sh)
     python -m experiments subspace [--experiment convergence]   # §7.2 / §7.3 -> results/subspace*.md, heatmaps
     python -m experiments report                    # experiments/README.md, results/tables.md, CSVs, plots
     python -m experiments power                     # seeds per arm of the pre-registered study (PREREGISTRATION.md)
-    python -m experiments precision                 # results/precision.md (fp32 vs bf16-mixed)
-    python -m experiments decoder                   # results/decoder.md (SmolLM2 on E2E NLG)
+    python -m experiments precision                 # results/precision.md (fp32 vs bf16-mixed) from experiments/runs/precision
+    python -m experiments decoder                   # results/decoder.md (SmolLM2 on E2E NLG) from experiments/runs/decoder
+    python -m experiments.summarize                 # every report: subspace (both), report, decoder, precision
     python -m experiments two-tasks run|one|report  # two task adapters in one fit vs each alone
 
 The generated experiments/README.md has an index: per study, the command that runs it, the command that rebuilds
@@ -25,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent  # the repository
 RUNS = Path("experiments/runs")
 RESULTS = Path("experiments/results")
-MARGIN, RECIPE_MARGIN, ALPHA = 0.5, 1.0, 0.05  # those of stats and report.write_readme (a test checks they agree)
+MARGIN, RECIPE_MARGIN, ALPHA = 1.0, 1.0, 0.05  # those of stats and report.write_readme: the pre-registered ±1 point (a test checks they agree)
 
 
 def _collect(args: argparse.Namespace) -> None:
@@ -143,14 +144,15 @@ def parser() -> argparse.ArgumentParser:
     pw.add_argument("--runs", type=Path, default=RUNS, help="the pilot runs (default %(default)s)")
     pw.set_defaults(func=_power)
 
-    pr = sub.add_parser("precision", help="results/precision.md: the main job in fp32 vs bf16-mixed (runs: see experiments/precision.py)")
-    pr.add_argument("--runs", type=Path, default=ROOT / "multirun" / "precision")
-    pr.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "precision.md")
+    pr = sub.add_parser("precision", help="results/precision.md: the main job in fp32 vs bf16-mixed, from experiments/runs/precision")
+    pr.add_argument("--runs", type=Path, default=ROOT / RUNS / "precision", help="the collected precision records")
+    pr.add_argument("--out", type=Path, default=ROOT / RESULTS / "precision.md")
     pr.set_defaults(func=_precision)
 
-    d = sub.add_parser("decoder", help="results/decoder.md: SmolLM2-135M-Instruct on E2E NLG (runs: bash experiments/decoder.sh)")
-    d.add_argument("--runs", type=Path, default=ROOT / "multirun" / "smollm2")
-    d.add_argument("--out", type=Path, default=ROOT / "experiments" / "results")
+    d = sub.add_parser("decoder", help="results/decoder.md: SmolLM2-135M-Instruct on E2E NLG, from experiments/runs/decoder "
+                       "(runs: bash experiments/decoder.sh, then collect)")
+    d.add_argument("--runs", type=Path, default=ROOT / RUNS / "decoder", help="the collected decoder records")
+    d.add_argument("--out", type=Path, default=ROOT / RESULTS)
     d.set_defaults(func=_decoder)
 
     t = sub.add_parser("two-tasks", help="two task adapters trained in one fit vs each alone (experiments/two_tasks.py)")

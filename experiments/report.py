@@ -17,14 +17,28 @@ from pathlib import Path
 from typing import Sequence
 
 from experiments.ablations import AblationReport, ablation_report, convergence_section, write_tables
-from experiments.claims import EQUIVALENT, ClaimCheck, RecipeCheck, equivalent_label, schedule_checks
+from experiments.claims import (
+    EQUIVALENT,
+    TABLE_LABELS,
+    ClaimCheck,
+    PrimaryCheck,
+    RecipeCheck,
+    ablation_checks,
+    equivalent_label,
+)
 from experiments.collect import FAMILIES, ablation_lrs, family_of
-from experiments.recipe import recipe_probe_section, recipe_section
+from experiments.primary import deviations as primary_deviations
+from experiments.primary import interval_text, is_provisional, primary_section, reading
+from experiments.recipe import recipe_default, recipe_probe_section, recipe_section, rotation_section, task_alpha
 from experiments.records import (
     ABLATION_EXPERIMENTS,
+    DECODER_RUNS,
     METRIC,
     METRIC_NAMES,
+    PRECISION_RUNS,
+    PRIMARY,
     RECIPE,
+    ROTATION,
     SEARCH_EXPERIMENT,
     TASKS,
     TEST_METRIC,
@@ -32,12 +46,24 @@ from experiments.records import (
     fresh_subspace_text,
     load_runs,
     of_experiment,
+    own_config,
     read_config,
+    relaunched_without_log,
     repo_relative,
 )
 from experiments.schedule import longer_schedule_section
 from experiments.stats import ALPHA, MARGIN
-from experiments.tables import STD_NOTE, ci_text, describe, lr_text, method_markdown, p_text, seeds_text, stat_cell
+from experiments.tables import (
+    STD_NOTE,
+    ci_text,
+    describe,
+    lr_text,
+    mde_text,
+    method_markdown,
+    p_text,
+    seeds_text,
+    stat_cell,
+)
 
 
 # --------------------------------------------------------------------------- intro, how to
@@ -74,8 +100,11 @@ def run_inventory(rows: list[dict]) -> list[str]:
         "table6_reference": "Table 6 reference rows (full fine-tuning, head only)",
         "convergence": "ablation cells at a twice longer schedule (300 steps)",
         "convergence_table5": "Table 5 at the twice longer schedule (300 steps)",
+        PRIMARY[150]: "pre-registered primary study, LoRA vs full fine-tuning at 150 steps",
+        PRIMARY[300]: "pre-registered primary study, LoRA vs full fine-tuning at 300 steps",
         RECIPE: "default recipe (search: seed 0; final: seeds ≥ 1)",
         "recipe_probe": "recipe probes (variations of the LoRA default)",
+        ROTATION: "pre-registered split rotation of the recipe on Rotten Tomatoes",
         "variants": "variants",
     }
     lines = []
@@ -104,12 +133,14 @@ def howto_section() -> list[str]:
         "SEEDS=4,5,6 RUNS=experiments/runs bash experiments/recipe.sh more-seeds LORA_LR LORA_TARGETS DATA...  # more seeds of the LoRA default and full FT",
         "bash experiments/convergence.sh           # the cells the ablation verdicts compare, at 300 steps instead of 150",
         "bash experiments/convergence.sh rest table5  # the other Table 6 cells the claims read, and Table 5, at 300 steps",
+        "bash experiments/lora_vs_full.sh          # the pre-registered primary study: LoRA vs full FT, 150 and 300 steps, seeds 101-117",
         "python -m experiments collect             # multirun/{ablations,recipe} -> experiments/runs (summaries, configs, §7.2 adapters)",
         "python -m experiments recover-logs experiments/logs/*.log  # runs whose folders are gone: records from their console logs",
         "RUNS=experiments/runs bash experiments/ablations.sh rerun  # the runs whose curves and adapters the report reads, trained again",
         "python -m experiments subspace            # §7.2 / §7.3 from experiments/runs -> results/subspace.md and heatmaps",
         "python -m experiments subspace --experiment convergence  # the same on the 300-step runs -> results/subspace_convergence.md",
         "python -m experiments report              # this README, results/tables.md, *_runs.csv, *.png",
+        "python -m experiments.summarize           # all of the above reports at once: subspace (both), report, decoder, precision",
         "```",
         "",
         "The last two commands read only the committed files under `experiments/runs` (and `results/variants_runs.csv`), "
@@ -149,6 +180,9 @@ STUDIES = (
           f"`bash experiments/convergence.sh`, `bash experiments/convergence.sh rest table5`; {COLLECT}",
           "`python -m experiments subspace --experiment convergence && python -m experiments report`", ("A longer schedule",),
           ("convergence_300steps.png", "convergence_table5_300steps.png", "subspace_convergence.md", "convergence_subspace_*.png")),
+    Study("The pre-registered primary study: LoRA vs full fine-tuning at 150 and 300 steps",
+          f"`bash experiments/lora_vs_full.sh`; {COLLECT}",
+          "`python -m experiments report`", ("LoRA vs full fine-tuning",)),
     Study("The default recipe: one LoRA setting against full fine-tuning on four tasks",
           f"`bash experiments/recipe.sh search`, `... final`, `... more-seeds` (arguments under How to regenerate); {COLLECT}",
           "`python -m experiments report`", ("The default recipe",), ("recipe_convergence.png",)),
@@ -160,10 +194,10 @@ STUDIES = (
           "`python -m experiments report`", ("Variants",), ("variants_runs.csv", "adalora_ranks.png")),
     Study("The main job in fp32 vs bf16-mixed",
           "`lora-train -m skip_done=true 'trainer.precision=32-true,bf16-mixed' seed=42 threads=1 logger=csv "
-          "experiment_name=precision hydra.sweep.dir=multirun/precision/seed42`, and `seed=0,1` into `multirun/precision/seed0-1`",
+          f"experiment_name=precision hydra.sweep.dir=multirun/precision/seed42`, and `seed=0,1` into `multirun/precision/seed0-1`; {COLLECT}",
           "`python -m experiments precision`", (), ("precision.md",)),
     Study("SmolLM2-135M-Instruct on E2E NLG: zero-shot vs LoRA vs full fine-tuning",
-          "`bash experiments/decoder.sh`", "`python -m experiments decoder`", (), ("decoder.md", "decoder_runs.csv")),
+          f"`bash experiments/decoder.sh`; {COLLECT}", "`python -m experiments decoder`", (), ("decoder.md", "decoder_runs.csv")),
     Study("Two task adapters in one fit vs each alone",
           "`python -m experiments two-tasks run --seeds 0 1 2 --jobs 2`", "`python -m experiments two-tasks report`", (),
           ("two_tasks.md", "two_tasks")),
@@ -210,18 +244,28 @@ def seed_lines(rows: list[dict]) -> list[str]:
 
 
 def seeding_check(rows: list[dict]) -> list[str]:
-    """What the resolved configs say about the seed's reach: shuffle_seed and init_seed equal to the seed?"""
+    """What the resolved configs say about the seed's reach: shuffle_seed and init_seed equal to the seed? Only the
+    runs' own configs count: a config composed during log recovery (``recover.py``) holds today's configs, so it
+    cannot show how a run was configured."""
     lines = []
-    for label, mine in (("ablation runs", [r for r in rows if r.get("experiment") in ABLATION_EXPERIMENTS]), ("recipe runs", of_experiment(rows, RECIPE))):
-        cfgs = [(r, c) for r in mine if (c := read_config(r)) is not None]
+    for label, mine in (("ablation runs", [r for r in rows if r.get("experiment") in ABLATION_EXPERIMENTS]),
+                        ("primary-study runs", [r for r in rows if r.get("experiment") in PRIMARY.values()]),
+                        ("recipe runs", of_experiment(rows, RECIPE))):
+        composed = sum(1 for r in mine if not own_config(r))
+        cfgs = [(r, c) for r in mine if own_config(r) and (c := read_config(r)) is not None]
         if not cfgs:
+            if composed:
+                lines.append(f"- {label}: none of the {len(mine)} records has its own resolved config ({composed} were composed "
+                             "during log recovery and are not counted).")
             continue
         shuffle = sum(config_value(c, "data.shuffle_seed") == r.get("seed") for r, c in cfgs)
         lora = [(r, c) for r, c in cfgs if r.get("method") == "lora"]
         inits = sorted({str(config_value(c, "lora.init")) for _, c in lora})
         own = sum(config_value(c, "lora.init_seed") == r.get("seed") for r, c in lora)
         lines.append(
-            f"- {label} ({len(cfgs)} resolved configs): data.shuffle_seed = seed in {shuffle}; "
+            f"- {label} ({len(cfgs)} runs with their own resolved config"
+            + (f"; the {composed} whose config was composed during log recovery are not counted" if composed else "")
+            + f"): data.shuffle_seed = seed in {shuffle} of {len(cfgs)}; "
             + (f"LoRA runs: lora.init = {', '.join(inits)}, lora.init_seed = seed in {own} of {len(lora)}"
                + ("" if own == len(lora) else " (the others draw A from the global torch stream seeded by the run's seed)")
                if lora else "no LoRA runs")
@@ -287,9 +331,14 @@ def scale_table(rows: list[dict]) -> list[str]:
         for key, _ in SCALE_KEYS:
             if key == "steps":
                 values = {r.get("steps") for r, _ in cfgs}
+            elif key == "trainer.precision":  # from what the run (or its log) recorded, never from a composed config
+                values = {r.get("precision") for r, _ in cfgs if not relaunched_without_log(r)}
             else:
                 values = {config_value(c, key) for r, c in cfgs if not (key.startswith("lora.") and r.get("method") != "lora")}
-            cells.append(", ".join(sorted(str(v) for v in values if v is not None)) or "-")
+            cell = ", ".join(sorted(str(v) for v in values if v is not None)) or "-"
+            if key == "trainer.precision" and (blind := [r for r, _ in cfgs if relaunched_without_log(r)]):
+                cell += f" ({len(blind)} runs: unknown, relaunched without a training log)"
+            cells.append(cell)
         table.append(f"| {label} | " + " | ".join(cells) + " |")
     if not table:
         return []
@@ -308,7 +357,8 @@ def method_section(rows: list[dict], report: AblationReport, margin: float, alph
         "initialisation: `lora.init=gaussian_fan_in` draws A from a Gaussian with std 1/sqrt(3·d_in) at every rank "
         "(the scale of loralib's Kaiming-uniform A; B = 0), and "
         "`lora.init_seed=${seed}` gives every adapted matrix its own random stream seeded by (seed, module name, rank), "
-        "so runs at different seeds or ranks share no random draw. The data split is fixed (`data.seed=0`) for every run. "
+        "so runs at different seeds or ranks share no random draw. The data split is fixed (`data.seed=0`) for every run"
+        + (" except the split rotation's (`data.seed` 1-5). " if of_experiment(rows, ROTATION) else ". ") +
         "Table 5 uses seeds 11-13 and Table 6 seeds 1-3 (1-5 for the eight cells its claims compare: r=1, 8, 64 for "
         "W{q} and W{q,v}, r=8 and 64 for all four; chosen before the 3-seed results were read) and Table 5 seeds 14-15 "
         "in every cell (added after its 3-seed results, all inconclusive, were read), so no run is shared "
@@ -341,12 +391,21 @@ def method_section(rows: list[dict], report: AblationReport, margin: float, alph
         "test accuracy of the checkpoint with the best validation accuracy (evaluated once, so it is not selected on "
         "the data it is measured on). Both are shown; the verdicts against the paper are given for both.",
         "",
-        *(["**Statistical tests (ablations).** " + method_markdown(report.family(METRIC), margin, alpha, test_family=report.family(TEST_METRIC), heading=False)]
+        *(["**Statistical tests (ablations).** " + method_markdown(margin, alpha, heading=False)]
           if report.checks else [f"**Tables.** Every accuracy cell is mean ± std over seeds; {STD_NOTE}. Each table's caption repeats it with n."]),
         "",
+        "**Statistical tests (LoRA vs full fine-tuning).** The primary family of the pre-registration: one check per "
+        f"schedule (k = 2), Welch and TOST at ±{margin:g} point, each Holm-corrected within the family, on test accuracy "
+        "(primary) and on validation accuracy (a secondary family of its own); beside each, the bootstrap over seeds and "
+        "test examples. See its section.",
+        "",
         f"**Statistical tests (default recipe).** Per task, LoRA minus full fine-tuning with Welch's t-test (95% CI) and "
-        f"TOST equivalence at ±{recipe_margin:g} accuracy points, alpha {alpha:g}; the goal holds only if equivalence is "
-        "shown on every task (an intersection–union test), so the per-task tests need no multiplicity correction.",
+        f"TOST equivalence at ±{recipe_margin:g} accuracy points, alpha {alpha:g}, split over the looks a task had "
+        f"(TREC and the convention speeches were extended after an inconclusive first look: each is tested at "
+        f"{task_alpha('trec', alpha):g}, Bonferroni over its two looks); the goal holds only if equivalence is shown on "
+        "every task (an intersection–union test), so the per-task tests need no correction across tasks. Each check "
+        "prints n per arm and its MDE at its level (the two arms' pooled seed sd), and beside it the bootstrap over seeds "
+        "and test examples where the runs recorded their per-example results.",
         "",
         "**Rebuilding.** `python -m experiments subspace && python -m experiments subspace --experiment convergence && "
         "python -m experiments report` regenerate every table, "
@@ -362,6 +421,7 @@ def provenance_lines(rows: list[dict], runs: Path | None) -> list[str]:
     recovered = [r for r in rows if r.get("recovered_from")]
     if not recovered:
         return []
+    blind = [r for r in recovered if relaunched_without_log(r)]
     record_path = runs / "recovery.json" if runs else None
     record = json.loads(record_path.read_text()) if record_path and record_path.is_file() else {}
     checks = record.get("twin_checks", [])
@@ -376,7 +436,14 @@ def provenance_lines(rows: list[dict], runs: Path | None) -> list[str]:
         "printed (to 0.01 points), made exact again as the one k/n that rounds to it (n: the size of the split), steps, "
         "fit time and parameter counts from the same table, the config composed from the logged overrides. A rebuilt record has no validation curve and no adapter, so the convergence plot and §7.2/§7.3 use "
         "only runs trained again with the same settings and seeds (`bash experiments/ablations.sh rerun` and the recipe "
-        f"runs re-launched in `experiments/logs/recipe_final_trec_rerun_*.log`). Runs are deterministic here: of "
+        f"runs re-launched in `experiments/logs/recipe_final_trec_rerun_*.log`). A composed config says what today's "
+        "configs give for the logged overrides, not how the run was configured, so the counts of seeds and init streams "
+        "above read only the runs' own configs. "
+        + (f"{len(blind)} of the rebuilt records ({', '.join(sorted({repo_relative(str(Path(r['dir']).relative_to(runs) if runs and Path(r['dir']).is_relative_to(runs) else r['dir'])) for r in blind}))}) "
+           "come from `skip_done` re-launches whose log repeats a stored summary without the training output: nothing "
+           "in them records how those runs trained, so they carry no precision (the Scale table says unknown). "
+           if blind else "")
+        + f"Runs are deterministic here: of "
         f"{len(checks)} re-runs with a logged twin, {same} reproduced its logged test and validation accuracy to float precision"
         + (f" ({len(checks) - same} did not: {'; '.join(c for c in checks if not c.startswith('same'))})" if same < len(checks) else "")
         + f". Logs read: {', '.join(f'`{Path(log).name}`' for log in logs)}."
@@ -400,55 +467,123 @@ def subspace_markdown(out: Path, runs: Path, rows: list[dict], link: str = "resu
 
 # --------------------------------------------------------------------------- what does not reproduce
 def why(check: ClaimCheck) -> str:
-    """A neutral reason for a verdict other than 'agrees', from the test's numbers."""
+    """A neutral reason for a verdict other than 'agrees', from the test's numbers, with its power (n and MDE); an
+    interval that excludes 0 is never called too wide to tell."""
     w, m = check.welch, check.margin
     ci = ci_text(w)
+    power = f"n {check.n_text}, MDE {mde_text(check.mde)} pp"
     if check.outcome.startswith("n/a"):
         return "fewer than two seeds in a group, so nothing can be tested"
     if check.verdict == "disagrees":
         if check.claim.kind == EQUIVALENT:
-            return f"a difference of {ci} pp is significant (Holm p {p_text(check.p_holm)}) where the paper reports none"
-        return f"the difference {ci} pp is significant in the direction opposite to the paper's (Holm p {p_text(check.p_holm)})"
+            return f"a difference of {ci} pp is significant (Holm p {p_text(check.p_holm, check.alpha)}; {power}) where the paper reports none"
+        return f"the difference {ci} pp is significant in the direction opposite to the paper's (Holm p {p_text(check.p_holm, check.alpha)}; {power})"
     if check.outcome.startswith("equivalent"):
-        return f"the difference {ci} pp is within ±{m:g} (equivalent), where the paper reports a gain: an effect, if any, smaller than the margin"
-    return (f"neither a difference (Holm p {p_text(check.p_holm)}) nor equivalence within ±{m:g} (TOST Holm p {p_text(check.p_tost_holm)}) "
-            f"is shown; the 95% CI {ci} pp is too wide for these seeds to tell")
+        return (f"the difference {ci} pp is within ±{m:g} (equivalent; {power}), where the paper reports a gain: an effect, if any, "
+                "smaller than the margin")
+    neither = (f"neither a difference nor equivalence within ±{m:g} is shown" if check.claim.kind == EQUIVALENT
+               else "no difference is shown")
+    return f"{neither}: {interval_text(check)}; {power}"
 
 
-def subspace_verdicts(subspace: Sequence[str]) -> list[str]:
-    """The §7.2 / §7.3 lines of subspace.md that set ours against the paper (they carry no test: stated, not scored)."""
-    text = "\n".join(subspace)
-    return [f"- §7.2, {line[2:]}" for line in text.splitlines() if line.startswith("- Top direction shared")] + \
-           [f"- §7.3, {line[2:]}" for line in text.splitlines() if line.startswith("- r=") and "paper:" in line]
+def subspace_verdicts(subspace: Sequence[str], longer: Sequence[str] = ()) -> tuple[list[str], list[str]]:
+    """The §7.2 / §7.3 lines of subspace.md (and of subspace_convergence.md, ``longer``) that set ours against the
+    paper (measurements, not tests): those stated beside the paper's figures, and those marked as not reproducing it."""
+    stated, failed = [], []
+    for text, where in ((subspace, ""), (longer, " (300 steps)")):
+        lines = "\n".join(text).splitlines()
+        stated += [f"- §7.2{where}, {line[2:]}" for line in lines if line.startswith("- Top direction shared")]
+        stated += [f"- §7.3{where}, {line[2:]}" for line in lines if line.startswith("- r=") and "paper:" in line and "does not reproduce" not in line]
+        failed += [f"- §7.3{where}, {line[2:]}" for line in lines if line.startswith("- r=") and "does not reproduce" in line]
+    return stated, failed
 
 
 def not_reproduced_section(report: AblationReport, recipe: Sequence[RecipeCheck], recipe_margin: float,
-                           subspace: Sequence[str] = (), longer: Sequence[tuple[str, str, ClaimCheck]] = ()) -> list[str]:
-    """Every claim whose verdict is not 'agrees' (both metrics; at the ablation schedule, then ``longer``: the
-    claims re-checked at the longer one), every task where the recipe goal is not shown, and the §7.2 / §7.3
-    comparisons (measured beside the paper's figures, not tested)."""
-    checked = [(table.replace("table", "Table "), metric, c) for metric, pairs in report.checks.items() for table, c in pairs]
-    items = [f"- {label}, {METRIC_NAMES[metric]}: \"{c.claim.text}\" — **{c.verdict}**: {why(c)}."
-             for label, metric, c in [*checked, *longer] if c.verdict != "agrees"]
+                           subspace: Sequence[str] = (), longer: dict[str, list[tuple[str, ClaimCheck]]] | None = None,
+                           primary: dict[str, list[PrimaryCheck]] | None = None, pilot: dict[str, list[PrimaryCheck]] | None = None,
+                           provisional: bool = True, rotation: str | None = None, subspace_longer: Sequence[str] = ()) -> list[str]:
+    """Every claim whose verdict is not 'agrees' (the primary family, marked provisional while it is; the ablation
+    families at 150 and 300 steps and the pilot's LoRA-vs-full checks, exploratory), every task where the recipe
+    goal is not shown, the §7.3 readings that do not reproduce, and the §7.2 / §7.3 comparisons (measured beside
+    the paper's figures, not tested)."""
+    items = []
+    for metric, checks in (primary or {}).items():
+        for pc in checks:
+            if pc.check.verdict != "agrees" and not pc.check.outcome.startswith("n/a"):
+                items.append(f"- LoRA vs full fine-tuning (primary family{', provisional' if provisional else ''}), {pc.schedule} steps, "
+                             f"{METRIC_NAMES[metric]}: \"LoRA matches full fine-tuning\" — **{pc.check.verdict}**: {reading(pc.check, pc.bootstrap)}.")
+    checked = [(f"{TABLE_LABELS[table]}, 150 steps", metric, c) for metric, pairs in report.checks.items() for table, c in pairs]
+    checked += [(f"{TABLE_LABELS[table]}, 300 steps", metric, c) for metric, pairs in (longer or {}).items() for table, c in pairs]
+    items += [f"- {label}, {METRIC_NAMES[metric]} (exploratory): \"{c.claim.text}\" — **{c.verdict}**: {why(c)}."
+              for label, metric, c in checked if c.verdict != "agrees"]
+    for metric, checks in (pilot or {}).items():
+        for pc in checks:
+            if pc.check.verdict != "agrees":
+                items.append(f"- LoRA vs full fine-tuning, pilot runs, {pc.schedule} steps, {METRIC_NAMES[metric]} (exploratory): "
+                             f"**{pc.check.verdict}**: {reading(pc.check, pc.bootstrap)}.")
     for c in recipe:
         if c.outcome != equivalent_label(recipe_margin):
             items.append(f"- default recipe, {c.task}, test accuracy: LoRA default within ±{recipe_margin:g} of full fine-tuning — "
-                         f"**{c.outcome}**: difference {ci_text(c.welch)} pp (TOST p {p_text(c.p_tost)}).")
-    side_by_side = subspace_verdicts(subspace)
-    if side_by_side:
-        side_by_side = ["", "§7.2 and §7.3 are measurements beside the paper's, not tests; read them against the paper's figures:", "", *side_by_side]
-    if not report.checks and not recipe and not longer:
-        return ["## What does not reproduce, and why", "", *side_by_side[2:], ""] if side_by_side else []
+                         f"**{c.outcome}** at level {c.alpha:g}: difference {ci_text(c.welch)} pp (TOST p {p_text(c.p_tost, c.alpha)}; "
+                         f"n {c.n[0]} / {c.n[1]}, MDE {mde_text(c.mde)} pp)"
+                         + (f"; across splits (the pre-registered rotation): {rotation}" if c.task == "rotten_tomatoes" and rotation else "")
+                         + ".")
+    stated, failed = subspace_verdicts(subspace, subspace_longer)
+    items += failed
+    side_by_side = ["", "§7.2 and §7.3 are measurements beside the paper's, not tests; read them against the paper's figures:", "", *stated] if stated else []
+    if not report.checks and not recipe and not longer and not primary and not pilot:
+        return ["## What does not reproduce, and why", "", *items, *side_by_side[2:], ""] if side_by_side or items else []
     lines = ["## What does not reproduce, and why", ""]
     if not items:
         return lines + ["Every checked claim agrees with the paper on both metrics, and the recipe goal is shown on every task tested.", *side_by_side, ""]
     return lines + [
-        "Generated from the verdicts above: every check whose verdict is not \"agrees\". \"Inconclusive\" means these "
-        "seeds cannot tell, not that the paper is wrong; a disagreement is a statement about this model, task and "
-        "training length, which differ from the paper's.",
+        "Generated from the verdicts above: every check whose verdict is not \"agrees\", each with its interval and its power "
+        "(n per arm, MDE). \"Inconclusive\" means these seeds cannot tell, not that the paper is wrong; a disagreement is a "
+        "statement about this model, task and training length, which differ from the paper's. Everything but the primary "
+        "family is exploratory (pilot data, seen before the analysis was fixed).",
         "",
         *items,
         *side_by_side,
+        "",
+    ]
+
+
+# --------------------------------------------------------------------------- deviations from the pre-registration
+def deviations_section(rows: list[dict], runs: Path | None, recipe_checks: Sequence[RecipeCheck], logs: Path | None = None) -> list[str]:
+    """The departures from experiments/PREREGISTRATION.md (generated: 'none so far' when there are none), and the
+    state of each pre-registered set of runs (in progress, or not run yet: not deviations while they can still run)."""
+    items = primary_deviations(rows, runs)
+    status = []
+    primary_runs = [r for r in rows if r.get("experiment") in PRIMARY.values()]
+    if primary_runs:
+        from experiments.primary import status_line  # noqa: PLC0415
+
+        status.append(f"- Primary study (Runs §1): {status_line(rows, runs)}")
+    else:
+        status.append("- Primary study (Runs §1): not run yet (no record collected).")
+    rot = of_experiment(rows, ROTATION)
+    status.append(f"- Split rotation (Runs §2): {len(rot)} of 20 runs collected." if rot else "- Split rotation (Runs §2): not run yet.")
+    searches = [r for r in of_experiment(rows, RECIPE) if r.get("data") == "rotten_tomatoes" and r.get("seed") == 0
+                and ((r.get("method") == "full" and r.get("lr") in (2.5e-5, 2e-4)) or (r.get("method") == "lora" and (r.get("alpha") not in (16, None))))]
+    status.append(f"- Rotten Tomatoes searches (Runs §2): {len(searches)} of the new search runs collected." if searches
+                  else "- Rotten Tomatoes searches (Runs §2): not run yet.")
+    speeches = {r.get("seed") for r in of_experiment(rows, RECIPE) if r.get("data") == "convention_speeches" and r.get("seed") in (4, 5, 6)}
+    status.append(f"- Convention speeches, seeds 4-6 (Runs §3): {'seeds ' + ', '.join(map(str, sorted(speeches))) + ' collected' if speeches else 'not run yet'}.")
+    for label, folder in (("Decoder (Runs §4)", DECODER_RUNS), ("Precision (Runs §5)", PRECISION_RUNS)):
+        n = len(load_runs(runs / folder)) if runs is not None else 0
+        status.append(f"- {label}: {f'{n} runs collected under `experiments/runs/{folder}`' if n else 'not run yet'}.")
+    return [
+        "## Deviations from the pre-registration",
+        "",
+        "Generated: every departure from `experiments/PREREGISTRATION.md` the committed records show, then the state of "
+        "each pre-registered set of runs (a run count below the plan is a deviation only once a study is declared "
+        "complete; until then it is in progress).",
+        "",
+        *(items and [f"- {i}" for i in items] or ["None so far."]),
+        "",
+        "State of the pre-registered runs:",
+        "",
+        *status,
         "",
     ]
 
@@ -470,27 +605,37 @@ def licences_section() -> list[str]:
 # --------------------------------------------------------------------------- the README
 def write_readme(runs: Path, out: Path, readme: Path, margin: float = MARGIN, alpha: float = ALPHA, recipe_margin: float = 1.0,
                  variants_csv: Path | None = None) -> str:
-    """Regenerate ``readme`` (and ``out/tables.md``, CSVs, PNGs) from the runs under ``runs``; return the README text."""
-    rows = load_runs(runs)
+    """Regenerate ``readme`` (and ``out/tables.md``, CSVs, PNGs) from the runs under ``runs``; return the README text.
+    The decoder's and the precision study's records (``runs/decoder``, ``runs/precision``) have reports of their own."""
+    rows = [r for r in load_runs(runs) if Path(r["dir"]).relative_to(runs).parts[0] not in (DECODER_RUNS, PRECISION_RUNS)]
+    logs = runs.parent / "logs"
+    logs = logs if logs.is_dir() else None
     out.mkdir(parents=True, exist_ok=True)
     link = Path(os.path.relpath(out.resolve(), readme.parent.resolve())).as_posix()
     report = ablation_report(rows, out, link, margin, alpha, variants_csv)
     if report.parts or report.variants:
         write_tables(report, out, margin, alpha)
-    recipe, recipe_checks = recipe_section(rows, out, link, recipe_margin, alpha)
+    recipe, recipe_checks = recipe_section(rows, out, link, recipe_margin, alpha, logs)
+    rt = next((c for c in recipe_checks if c.task == "rotten_tomatoes"), None)
+    default = recipe_default([r for r in of_experiment(rows, RECIPE) if r.get("seed") != 0])
+    rotation = rotation_section(rows, recipe_margin, alpha, default, rt)[1]
     subspace = subspace_markdown(out, runs, rows, link)
-    longer = schedule_checks(rows, margin, alpha)
+    longer = ablation_checks(rows, margin, alpha, 300)
+    primary_lines, primary, pilot = primary_section(rows, runs, margin, alpha)
     body = [
         howto_section(),
         method_section(rows, report, margin, alpha, recipe_margin, runs),
+        primary_lines,
+        deviations_section(rows, runs, recipe_checks, logs),
         convergence_section(rows, out, link),
         longer_schedule_section(rows, out, link, margin, alpha, runs, longer),
         recipe,
-        recipe_probe_section(rows, recipe_margin, alpha),
+        recipe_probe_section(rows, recipe_margin, alpha, logs),
         report.parts,
         subspace,
         report.variants,
-        not_reproduced_section(report, recipe_checks, recipe_margin, subspace, longer),
+        not_reproduced_section(report, recipe_checks, recipe_margin, subspace, longer, primary, pilot,
+                               is_provisional(rows, runs), rotation, [fresh_subspace_text(out / "subspace_convergence.md", runs) or ""]),
         licences_section(),
     ]
     headings = [line[3:] for section in body for block in section for line in block.splitlines() if line.startswith("## ")]

@@ -4,10 +4,10 @@ twice as long?
 The ``convergence`` experiment (``conf/experiment/convergence.yaml``, ``experiments/convergence.sh``) trains the
 cells the verdicts compare for 300 steps instead of 150, each at the lr its family's 150-step search chose. This
 module sets those runs beside the 150-step runs of the same cells and seeds (``table6``, ``table6_reference``):
-per cell the change in accuracy; per comparison the difference at both schedules; the Table 6 claims (and
-"LoRA matches full fine-tuning") checked on the 300-step runs, Holm-corrected within this section
-(``claims.schedule_checks``). Table 5 at 300 steps (``convergence_table5``) is set beside the 150-step ``table5``
-runs the same way, its claims a family of their own.
+per cell the change in accuracy; per comparison the difference at both schedules; and the 300-step ablation family
+(``claims.ablation_checks(..., schedule=300)``): the same 10 Table 5 / Table 6 claims as at 150 steps, one Holm family
+per metric, Table 5's claims read on ``convergence_table5`` and Table 6's on ``convergence``. LoRA vs full
+fine-tuning is not in it (the primary family, ``primary.py``).
 """
 
 from __future__ import annotations
@@ -15,16 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from experiments.claims import (
-    TABLE5_LABEL,
-    TABLE5_ORDER,
-    TABLE6_LABEL,
-    ClaimCheck,
-    of_label,
-    schedule_checks,
-    schedule_claims,
-    table5_stats,
-)
+from experiments.claims import TABLE5_ORDER, ClaimCheck, ablation_checks, table5_stats, table6_claims
 from experiments.plots import plot_curves
 from experiments.records import (
     LONG,
@@ -53,11 +44,17 @@ def steps_text(rows: Sequence[dict]) -> str:
     return "/".join(str(s) for s in sorted({r.get("steps") for r in rows if r.get("steps")})) or "?"
 
 
+def cell_claims(cells: dict[tuple, list[dict]], metric: str) -> list:
+    """Table 6's claims on these cells (those whose groups exist)."""
+    return table6_claims({(k[1], k[2]): stat_of(v, metric) for k, v in cells.items() if k[0] == "lora"})
+
+
 def comparison_rows(short: dict[tuple, list[dict]], long: dict[tuple, list[dict]], metric: str) -> list[str]:
-    """Each claim's difference at 150 and at 300 steps (same seeds), side by side."""
-    a, b = schedule_claims(short, metric), schedule_claims(long, metric)
+    """Each Table 6 claim's difference at 150 and at 300 steps (same seeds), side by side."""
+    a, b = cell_claims(short, metric), cell_claims(long, metric)
     s_by_text = {c.text: c for c in a}
-    lines = [f"| comparison ({METRIC_NAMES[metric]}) | 150 steps: a − b (pp) [95% CI] | 300 steps: a − b (pp) [95% CI] |",
+    seeds = seeds_text([r for v in long.values() for r in v])
+    lines = [f"| comparison ({METRIC_NAMES[metric]}) | 150 steps, seeds {seeds}: a − b (pp) [95% CI] | 300 steps, seeds {seeds}: a − b (pp) [95% CI] |",
              "|---|---|---|"]
     for c in b:
         s = s_by_text.get(c.text)
@@ -98,11 +95,11 @@ def weights_key(label: str) -> str:
     return label[2:-1]
 
 
-def table5_lines(rows: list[dict], checks: Sequence[tuple[str, str, ClaimCheck]], out: Path, link: str) -> list[str]:
+def table5_lines(rows: list[dict], checks: dict[str, list[tuple[str, ClaimCheck]]], out: Path, link: str) -> list[str]:
     """Table 5 at 300 steps (experiment ``convergence_table5``) beside the 150-step Table 5 runs of the same seeds:
     each weight-type set, its validation curves (plotted into ``out``), each Table 5 claim's difference at both
-    schedules, and the claims re-checked at 300 steps (``checks``, from ``schedule_checks``). Empty when no such run
-    exists."""
+    schedules, and the Table 5 claims of the 300-step family (``checks``, from ``ablation_checks(..., 300)``). Empty
+    when no such run exists."""
     long_rows = of_experiment(rows, LONG_TABLE5, ["lora"])
     if not long_rows:
         return []
@@ -126,17 +123,17 @@ def table5_lines(rows: list[dict], checks: Sequence[tuple[str, str, ClaimCheck]]
     ]
     for metric in (METRIC, TEST_METRIC):
         s_short = table5_stats(short_rows, metric)
-        mine = of_label(checks, TABLE5_LABEL, metric)
+        mine = [c for t, c in checks.get(metric, []) if t == "table5"]
         if not mine:
             continue
-        lines += [f"| Table 5 claim ({METRIC_NAMES[metric]}, groups as chosen at 300 steps) | 150 steps: a − b (pp) [95% CI] | 300 steps: a − b (pp) [95% CI] |",
-                  "|---|---|---|"]
+        lines += [f"| Table 5 claim ({METRIC_NAMES[metric]}, groups as chosen at 300 steps) | 150 steps, seeds {seeds_text(long_rows)}: "
+                  f"a − b (pp) [95% CI] | 300 steps: a − b (pp) [95% CI] |", "|---|---|---|"]
         for c in (check.claim for check in mine):
             a, b = s_short.get(weights_key(c.a_label)), s_short.get(weights_key(c.b_label))
             before = ci_text(welch(a, b)) if a is not None and b is not None and a.n > 1 and b.n > 1 else "-"
             lines.append(f"| {c.text}: {c.a_label} − {c.b_label} | {before} | {ci_text(welch(c.a, c.b))} |")
-        lines += ["", f"Table 5's claims re-checked on the {steps_text(long_rows)}-step runs, {METRIC_NAMES[metric]} "
-                  "(a family of its own):", "", claims_markdown(mine), ""]
+        lines += ["", f"Table 5's claims in the {steps_text(long_rows)}-step ablation family, {METRIC_NAMES[metric]} "
+                  "(exploratory; Holm over the family's 10 claims, the Table 6 claims above included):", "", claims_markdown(mine), ""]
     return lines
 
 
@@ -151,14 +148,14 @@ def subspace_lines(out: Path, runs: Path | None, link: str = "results") -> list[
 
 
 def longer_schedule_section(rows: list[dict], out: Path, link: str, margin: float = MARGIN, alpha: float = ALPHA,
-                            runs: Path | None = None, checks: Sequence[tuple[str, str, ClaimCheck]] | None = None) -> list[str]:
-    """The section of experiments/README.md; empty when no ``convergence`` run exists. ``checks``: the
-    ``schedule_checks`` of these rows when the caller has them already."""
+                            runs: Path | None = None, checks: dict[str, list[tuple[str, ClaimCheck]]] | None = None) -> list[str]:
+    """The section of experiments/README.md; empty when no ``convergence`` run exists. ``checks``: the 300-step
+    ablation family (``ablation_checks(rows, margin, alpha, 300)``) when the caller has it already."""
     long_rows = of_experiment(rows, LONG)
     if not long_rows:
         return []
     if checks is None:
-        checks = schedule_checks(rows, margin, alpha)
+        checks = ablation_checks(rows, margin, alpha, 300)
     long = dict(sorted(by_cell(long_rows).items(), key=lambda kv: cell_sort(kv[0])))
     seeds = {r.get("seed") for r in long_rows}
     short_all = by_cell([r for e in SHORT for r in of_experiment(rows, e)])
@@ -171,20 +168,22 @@ def longer_schedule_section(rows: list[dict], out: Path, link: str, margin: floa
         f"The cells the verdicts compare, trained for {steps_text(long_rows)} AdamW steps (4 epochs; linear warmup and decay "
         f"over the whole schedule) instead of {steps_text([r for v in short.values() for r in v])}, each at the lr its "
         "family's 150-step search chose (`conf/experiment/convergence.yaml`; `bash experiments/convergence.sh`, and `... rest` for W{q} at r=1 and 64 and all four at r=64). "
-        f"Seeds {seeds_text(long_rows)}; the 150-step columns use the same cells and seeds from the Table 6 runs, "
-        "so each row compares the two schedules like for like (the Table 6 section above has 5 seeds in its claim cells).",
+        f"Seeds {seeds_text(long_rows)}; the 150-step columns of the tables below use the same cells and seeds from the Table 6 "
+        "runs, so each row compares the two schedules like for like (the 150-step claim checks use every seed: 5 in the "
+        "eight Table 6 cells its claims compare).",
         "",
         *cell_table("cell", [(describe(v[0]), v, short.get(k, [])) for k, v in long.items()]),
         *curve_lines({describe(v[0]): v for v in long.values()}, f"{steps_text(long_rows)} steps",
                      out / "convergence_300steps.png", link, "300-step curves"),
-        "What each comparison the verdicts read looks like at both schedules:",
+        "What each Table 6 comparison the verdicts read looks like at both schedules (LoRA vs full fine-tuning: see "
+        "\"LoRA vs full fine-tuning\"):",
         "",
     ]
     for metric in (METRIC, TEST_METRIC):
         lines += comparison_rows(short, long, metric) + [""]
     for metric in (METRIC, TEST_METRIC):
-        if mine := of_label(checks, TABLE6_LABEL, metric):
-            lines += [f"The claims re-checked on the {steps_text(long_rows)}-step runs, {METRIC_NAMES[metric]} "
-                      "(a family of its own, apart from the Table 5 / Table 6 checks above):",
+        if mine := [c for t, c in checks.get(metric, []) if t == "table6"]:
+            lines += [f"Table 6's claims in the {steps_text(long_rows)}-step ablation family, {METRIC_NAMES[metric]} "
+                      "(exploratory; the same 10 claims as at 150 steps, Holm over all 10, Table 5's below included):",
                       "", claims_markdown(mine), ""]
     return lines + subspace_lines(out, runs, link) + table5_lines(rows, checks, out, link)

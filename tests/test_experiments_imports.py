@@ -19,9 +19,10 @@ STAGES: list[set[str]] = [
     {"stats", "power"},  # statistics; power and the seeds a check needs
     {"claims"},  # the paper's claims and their verdicts
     {"tables", "plots"},  # markdown and PNGs
-    {"ablations", "schedule", "recipe"},  # the README's sections
+    {"ablations", "schedule", "recipe", "primary"},  # the README's sections
     {"report", "subspace", "precision", "decoder", "two_tasks"},  # the reports
     {"__main__"},  # the command line
+    {"summarize"},  # the alias running every report through the command line
 ]
 
 
