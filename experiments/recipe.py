@@ -83,9 +83,11 @@ def search_grid_notes(search: list[dict]) -> dict[int, list[str]]:
     whether it sits on an edge of the searched grid or was the only lr tried."""
     notes: dict[int, list[str]] = {}
     groups: dict[tuple, list[dict]] = {}
+    varied = lora_settings_vary(search)
     for r in search:
-        groups.setdefault((r.get("method"), r["targets_key"] if r.get("method") == "lora" else ""), []).append(r)
-    for (method, _), runs in groups.items():
+        groups.setdefault((r.get("method"), r["targets_key"] if r.get("method") == "lora" else "",
+                           lora_key(r)[2:] if varied and r.get("method") == "lora" else ()), []).append(r)
+    for (method, _, setting), runs in groups.items():
         best = best_by_val(runs)
         if best is None:
             continue
@@ -98,9 +100,19 @@ def search_grid_notes(search: list[dict]) -> dict[int, list[str]]:
         elif float(best["lr"]) == lrs[-1]:
             where.append(f"on the upper edge of the {len(lrs)} lrs searched")
         if method == "lora":
-            where.insert(0, f"best of LoRA W{{{best['targets_key']}}}")
+            where.insert(0, f"best of LoRA W{{{best['targets_key']}}}" + (f", {setting_text(setting)}" if setting else ""))
         notes.setdefault(id(best), []).extend(where)
     return notes
+
+
+def lora_settings_vary(search: list[dict]) -> bool:
+    """Whether the LoRA search runs differ in alpha or dropout (the pre-registered Rotten Tomatoes search does)."""
+    return len({lora_key(r)[2:] for r in search if r.get("method") == "lora"}) > 1
+
+
+def setting_text(setting: tuple) -> str:
+    alpha, dropout = setting
+    return f"alpha {'?' if alpha is None else f'{alpha:g}'}, dropout {'?' if dropout is None else f'{dropout:g}'}"
 
 
 def recipe_search_table(search: list[dict], default: tuple[str, float] | None, cut_off: Sequence[str] = ()) -> list[str]:
@@ -111,6 +123,7 @@ def recipe_search_table(search: list[dict], default: tuple[str, float] | None, c
     best_full = best_by_val([r for r in search if r.get("method") == "full"])
     best_lora = best_by_val([r for r in search if r.get("method") == "lora"])
     grid = search_grid_notes(search)
+    varied = lora_settings_vary(search)
     lines = ["| method | targets | lr | val acc | test acc | note |", "|---|---|---|---|---|---|"]
     order = {"lora": 0, "full": 1, "head_only": 2}
     for r in sorted(search, key=lambda r: (order.get(r.get("method"), 9), r["targets_key"], r.get("lr") or 0)):
@@ -119,10 +132,11 @@ def recipe_search_table(search: list[dict], default: tuple[str, float] | None, c
             notes.append("best val of full FT")
         if r is best_lora:
             notes.append("best val of LoRA")
-        if default and r.get("method") == "lora" and (r["targets_key"], float(r["lr"])) == default:
+        if is_default(r, default):
             notes.append("the LoRA default")
         notes += grid.get(id(r), [])
-        lines.append(f"| {METHOD_LABELS.get(r.get('method'), r.get('method'))} | {targets_text(r['targets_key'])} | {r.get('lr', 0):g} "
+        targets = targets_text(r["targets_key"]) + (f" ({setting_text(lora_key(r)[2:])})" if varied and r.get("method") == "lora" else "")
+        lines.append(f"| {METHOD_LABELS.get(r.get('method'), r.get('method'))} | {targets} | {r.get('lr', 0):g} "
                      f"| {pct(r.get(METRIC))} | {pct(r.get(TEST_METRIC))} | {', '.join(notes)} |")
     return lines + list(cut_off)
 

@@ -572,3 +572,18 @@ def test_subspace_reports_every_seed_and_the_random_baseline(sweeps):
     assert "x its projection onto random directions of the same dimensions" in line and "(paper: 16.0x" in line
     assert line.rstrip(".").endswith(("reproduces", "16.0x")) and ("does not reproduce" in line) != line.endswith(": reproduces.")
     assert "amplification 21.5, ours" not in text
+
+
+def test_recipe_search_tells_lora_settings_apart(tmp_path):
+    """The pre-registered Rotten Tomatoes LoRA search varies alpha and dropout: the search table names each run's
+    setting, finds the best lr of each setting, and marks as the default only the default's alpha 16 / dropout 0.1."""
+    from experiments.recipe import recipe_search_table
+    from experiments.records import load_runs
+
+    for i, (lr, alpha, dropout, val) in enumerate([(0.002, 16, 0.1, 0.79), (0.002, 32, 0.0, 0.80), (0.004, 32, 0.0, 0.795), (0.001, 16, 0.1, 0.78)]):
+        _record(tmp_path, f"recipe/s/{i}", config={"lora": {"dropout": dropout}}, experiment="recipe", method="lora", seed=0, lr=lr,
+                alpha=alpha, targets=["q", "k", "v", "o"], data="rotten_tomatoes", best_val_acc=val, test_acc=val)
+    text = "\n".join(recipe_search_table(load_runs(tmp_path), ("q,k,v,o", 0.002)))
+    assert text.count("the LoRA default") == 1
+    assert "| W{q,k,v,o} (alpha 16, dropout 0.1) | 0.002 | 79.0 | 79.0 | the LoRA default, best of LoRA W{q,k,v,o}, alpha 16, dropout 0.1, on the upper edge" in text
+    assert "| W{q,k,v,o} (alpha 32, dropout 0) | 0.002 | 80.0 | 80.0 | best val of LoRA, best of LoRA W{q,k,v,o}, alpha 32, dropout 0, on the lower edge" in text
