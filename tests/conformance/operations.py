@@ -9,6 +9,7 @@ makes where it should not, or a silent result where it should refuse, fails the 
 from __future__ import annotations
 
 import copy
+import importlib
 import pickle
 import re
 import tempfile
@@ -546,4 +547,10 @@ def op_multi_fit(case: Case) -> None:
                 close(mine[k], v, f"adapter {name} {k} vs trained alone", rtol=1e-5, atol=1e-6)
 
 
-__all__ = ["OPERATIONS", "Operation", "Refused", "inject_refusal"]
+# The operations of later features live one module each beside this one (``ops_<feature>.py``): each registers its
+# operations with ``@operation`` when imported here, after the operations above, in file-name order.
+for _path in sorted(Path(__file__).parent.glob("ops_*.py")):
+    importlib.import_module(f"{__package__}.{_path.stem}")
+
+
+__all__ = ["OPERATIONS", "Operation", "Refused", "adapted", "inject_refusal", "operation", "out", "close"]
