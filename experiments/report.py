@@ -549,6 +549,9 @@ def not_reproduced_section(report: AblationReport, recipe: Sequence[RecipeCheck]
 
 
 # --------------------------------------------------------------------------- deviations from the pre-registration
+NOT_RUN = "NOT_RUN"  # in a pre-registered study's runs folder: the committed reason its runs cannot be done
+
+
 def deviations_section(rows: list[dict], runs: Path | None, recipe_checks: Sequence[RecipeCheck], logs: Path | None = None) -> list[str]:
     """The departures from experiments/PREREGISTRATION.md (generated: 'none so far' when there are none), and the
     state of each pre-registered set of runs (in progress, or not run yet: not deviations while they can still run)."""
@@ -571,6 +574,12 @@ def deviations_section(rows: list[dict], runs: Path | None, recipe_checks: Seque
     status.append(f"- Convention speeches, seeds 4-6 (Runs §3): {'seeds ' + ', '.join(map(str, sorted(speeches))) + ' collected' if speeches else 'not run yet'}.")
     for label, folder in (("Decoder (Runs §4)", DECODER_RUNS), ("Precision (Runs §5)", PRECISION_RUNS)):
         n = len(load_runs(runs / folder)) if runs is not None else 0
+        declared = runs / folder / NOT_RUN if runs is not None else None
+        if declared is not None and declared.is_file():  # a committed NOT_RUN file: its text is why the runs cannot be done
+            reason = " ".join(declared.read_text().split())
+            items.append(f"{label} not run: {reason}")
+            status.append(f"- {label}: not run (declared in `experiments/runs/{folder}/{NOT_RUN}`).")
+            continue
         status.append(f"- {label}: {f'{n} runs collected under `experiments/runs/{folder}`' if n else 'not run yet'}.")
     return [
         "## Deviations from the pre-registration",

@@ -587,3 +587,19 @@ def test_recipe_search_tells_lora_settings_apart(tmp_path):
     assert text.count("the LoRA default") == 1
     assert "| W{q,k,v,o} (alpha 16, dropout 0.1) | 0.002 | 79.0 | 79.0 | the LoRA default, best of LoRA W{q,k,v,o}, alpha 16, dropout 0.1, on the upper edge" in text
     assert "| W{q,k,v,o} (alpha 32, dropout 0) | 0.002 | 80.0 | 80.0 | best val of LoRA, best of LoRA W{q,k,v,o}, alpha 32, dropout 0, on the lower edge" in text
+
+
+def test_a_study_declared_not_run_is_a_listed_deviation(tmp_path):
+    """A pre-registered study whose runs cannot be done (a committed NOT_RUN file with the reason in its runs folder)
+    is listed among the deviations with that reason, and its state says so."""
+    from experiments.report import NOT_RUN, deviations_section
+    from experiments.records import DECODER_RUNS
+
+    runs = tmp_path / "runs"
+    (runs / DECODER_RUNS).mkdir(parents=True)
+    before = "\n".join(deviations_section([], runs, []))
+    assert "None so far." in before and "- Decoder (Runs §4): not run yet." in before
+    (runs / DECODER_RUNS / NOT_RUN).write_text("the data package\nis not served.\n")
+    after = "\n".join(deviations_section([], runs, []))
+    assert "- Decoder (Runs §4) not run: the data package is not served." in after
+    assert "None so far." not in after and "not run (declared in" in after
