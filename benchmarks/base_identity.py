@@ -52,7 +52,8 @@ def measure(dtype: torch.dtype, repeats: int) -> dict:
             load.append(time.perf_counter() - t0)
         remove_lora(model)
     bytes_hashed = sum(
-        int(torch.tensor(e["shape"]).prod()) * sum(torch.empty((), dtype=getattr(torch, name)).element_size() for name in e["sha256"])
+        int(torch.tensor(e["shape"]).prod())
+        * sum(torch.empty((), dtype=getattr(torch, name)).element_size() for name in e["sha256"])
         for e in ident.values()
     )
     return {
@@ -80,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         res = measure(dtype, args.repeats)
         print(json.dumps(res), flush=True)
         results.append(res)
-    write_results(args.out, {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "results": results}, start)
+    write_results(
+        args.out, {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "results": results}, start
+    )
     return 0
 
 

@@ -8,7 +8,7 @@ import platform
 import random
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 # never touch the network: every model here is built locally or read from an installed wheel
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -204,7 +204,9 @@ def machine_info(device: str, threads: int) -> dict:
 
     cpu = _cpuinfo()
     flags = set(cpu.get("flags", "").split())
-    interesting = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile") if f in flags]
+    interesting = [
+        f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile") if f in flags
+    ]
     versions = {}
     for pkg in ("torch", "transformers", "peft", "lightning", "safetensors"):
         try:
@@ -242,6 +244,16 @@ def write_results(path, payload: dict, start: float, packages: tuple[str, ...] =
     import time
 
     software = {p: md.version(p) for p in packages}
-    path.write_text(json.dumps({**payload, "software": software, "loadavg_at_end": load_average(),
-                                "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(time.time() - start)}, indent=1))
+    path.write_text(
+        json.dumps(
+            {
+                **payload,
+                "software": software,
+                "loadavg_at_end": load_average(),
+                "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "seconds": round(time.time() - start),
+            },
+            indent=1,
+        )
+    )
     print(f"wrote {path}")

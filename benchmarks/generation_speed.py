@@ -60,34 +60,57 @@ def measure(batch: int, new_tokens: int, rounds: int) -> dict:
     with tempfile.TemporaryDirectory() as d:
         base, ours, merged, pm, tok = build(Path(d))
     texts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
-    enc = [tok.apply_chat_template([{"role": "user", "content": "Describe the restaurant in one sentence. Attributes: " + t}],
-                                   add_generation_prompt=True, tokenize=True) for t in texts]
+    enc = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": "Describe the restaurant in one sentence. Attributes: " + t}],
+            add_generation_prompt=True,
+            tokenize=True,
+        )
+        for t in texts
+    ]
     enc = [list(e["input_ids"] if hasattr(e, "keys") else e) for e in enc]
     width = max(map(len, enc))
     ids = torch.full((batch, width), tok.pad_token_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, e in enumerate(enc):
-        ids[i, width - len(e):], mask[i, width - len(e):] = torch.tensor(e), 1
+        ids[i, width - len(e) :], mask[i, width - len(e) :] = torch.tensor(e), 1
 
     def gen(model):
-        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                              do_sample=False, pad_token_id=tok.pad_token_id)
+        return model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+        )
 
-    paths = {"base (no adapters)": base, "LoRA unmerged (lora_lightning)": ours, "LoRA merged": merged, "LoRA unmerged (PEFT)": pm}
+    paths = {
+        "base (no adapters)": base,
+        "LoRA unmerged (lora_lightning)": ours,
+        "LoRA merged": merged,
+        "LoRA unmerged (PEFT)": pm,
+    }
     with torch.no_grad():
         outs = {n: gen(m)[:, width:] for n, m in paths.items()}
         same = {n: float((o == outs["LoRA merged"]).float().mean()) for n, o in outs.items()}
         times: dict[str, list[float]] = {n: [] for n in paths}
         names = list(paths)
         for k in range(rounds):  # the order rotates each round, so no path always runs first
-            for n in names[k % len(names):] + names[: k % len(names)]:
+            for n in names[k % len(names) :] + names[: k % len(names)]:
                 m = paths[n]
                 t0 = time.perf_counter()
                 gen(m)
                 times[n].append(time.perf_counter() - t0)
     med = {n: statistics.median(t) for n, t in times.items()}
-    return {"batch": batch, "prompt_tokens": width, "new_tokens": new_tokens, "rounds": rounds, "median_s": med,
-            "tokens_equal_to_merged": same}
+    return {
+        "batch": batch,
+        "prompt_tokens": width,
+        "new_tokens": new_tokens,
+        "rounds": rounds,
+        "median_s": med,
+        "tokens_equal_to_merged": same,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,10 +127,19 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for b in args.batches:
         res = measure(b, args.new_tokens, args.rounds)
-        print(b, {n: round(b * args.new_tokens / t, 1) for n, t in res["median_s"].items()}, res["tokens_equal_to_merged"], flush=True)
+        print(
+            b,
+            {n: round(b * args.new_tokens / t, 1) for n, t in res["median_s"].items()},
+            res["tokens_equal_to_merged"],
+            flush=True,
+        )
         results.append(res)
-    write_results(args.out, {"r": R, "alpha": ALPHA, "targets": TARGETS, "threads": threads, "results": results}, start,
-                  ("torch", "peft", "transformers"))
+    write_results(
+        args.out,
+        {"r": R, "alpha": ALPHA, "targets": TARGETS, "threads": threads, "results": results},
+        start,
+        ("torch", "peft", "transformers"),
+    )
     return 0
 
 
@@ -133,7 +165,10 @@ def render(path: Path) -> list[str]:
     for r in data["results"]:
         n = r["batch"] * r["new_tokens"]
         t = {k: n / v for k, v in r["median_s"].items()}
-        base, merged, ours, pe = (t[k] for k in ("base (no adapters)", "LoRA merged", "LoRA unmerged (lora_lightning)", "LoRA unmerged (PEFT)"))
+        base, merged, ours, pe = (
+            t[k]
+            for k in ("base (no adapters)", "LoRA merged", "LoRA unmerged (lora_lightning)", "LoRA unmerged (PEFT)")
+        )
         same = r["tokens_equal_to_merged"]
         L.append(
             f"| {r['batch']} | {base:.1f} | {merged:.1f} | {ours:.1f} | {pe:.1f} | {merged / base:.3f} | {ours / base:.3f} | "

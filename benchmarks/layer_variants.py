@@ -28,7 +28,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from benchmarks.common import interleaved, load_average, paired_ratio, setup_torch, summarize
-from benchmarks.models import bert_large_width_spec, build_model, make_batch, make_trainer, minilm_spec, prepare, tiny_bert_spec
+from benchmarks.models import (
+    bert_large_width_spec,
+    build_model,
+    make_batch,
+    make_trainer,
+    minilm_spec,
+    prepare,
+    tiny_bert_spec,
+)
 
 VARIANTS = ("composed", "inplace", "one_node", "shared")
 
@@ -94,7 +102,11 @@ def main(argv=None) -> int:
     ap.add_argument("--large", action="store_true", help="also the BERT-large-width model")
     args = ap.parse_args(argv)
     setup_torch("cpu", args.threads)
-    specs = [tiny_bert_spec()] if args.quick else [minilm_spec(8, 128)] + ([bert_large_width_spec(3, 4, 128)] if args.large else [])
+    specs = (
+        [tiny_bert_spec()]
+        if args.quick
+        else [minilm_spec(8, 128)] + ([bert_large_width_spec(3, 4, 128)] if args.large else [])
+    )
     out = {"load_average_start": load_average(), "threads": args.threads, "models": {}}
     for spec in specs:
         fns = {}
@@ -105,13 +117,17 @@ def main(argv=None) -> int:
                 fns[f"{method}:{variant}"], _ = make_trainer(m, make_batch(spec, "cpu"))
         m = prepare(build_model(spec), "floor")
         fns["floor"], _ = make_trainer(m, make_batch(spec, "cpu"))
-        times = interleaved(fns, rounds=3 if args.quick else args.rounds, warmup=1 if args.quick else 2, device="cpu", seed=3)
+        times = interleaved(
+            fns, rounds=3 if args.quick else args.rounds, warmup=1 if args.quick else 2, device="cpu", seed=3
+        )
         ratios = {}
         for method in ("lora_all", "lora_qv"):
             for variant in VARIANTS:
                 ratios[f"{method} {variant}/floor"] = paired_ratio(times[f"{method}:{variant}"], times["floor"])
             for variant in VARIANTS[1:]:
-                ratios[f"{method} {variant}/composed"] = paired_ratio(times[f"{method}:{variant}"], times[f"{method}:composed"])
+                ratios[f"{method} {variant}/composed"] = paired_ratio(
+                    times[f"{method}:{variant}"], times[f"{method}:composed"]
+                )
             ratios[f"{method} shared/one_node"] = paired_ratio(times[f"{method}:shared"], times[f"{method}:one_node"])
         out["models"][spec.key] = {
             "step_s": {k: summarize(v) for k, v in times.items()},

@@ -62,12 +62,18 @@ def build(method: str):
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=float(cfg.model.lr), weight_decay=float(cfg.model.weight_decay))
-    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if method.endswith("+bf16mixed") else contextlib.nullcontext
+    autocast = (
+        (lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+        if method.endswith("+bf16mixed")
+        else contextlib.nullcontext
+    )
     return model, opt, autocast, dm, sum(p.numel() for p in params)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.main_job", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.main_job", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--batches", type=int, default=12)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
@@ -123,7 +129,11 @@ def main(argv: list[str] | None = None) -> int:
         "lora+bf16mixed / lora (time)": paired_ratio(times["lora+bf16mixed"], times["lora"]),
     }
     args.out.write_text(json.dumps(out, indent=1) + "\n")
-    print(json.dumps({m: {k: v for k, v in r.items() if k.endswith("_per_s")} for m, r in out["methods"].items()}, indent=1))
+    print(
+        json.dumps(
+            {m: {k: v for k, v in r.items() if k.endswith("_per_s")} for m, r in out["methods"].items()}, indent=1
+        )
+    )
     return 0
 
 

@@ -95,11 +95,12 @@ def run_forked(job: dict) -> dict:
 def main(argv: list[str]) -> int:
     jobs = json.loads(argv[0])
     # warm imports in the parent (no torch op is run here)
-    import benchmarks.common  # noqa: F401
-    import benchmarks.models  # noqa: F401
     import peft  # noqa: F401
     import transformers  # noqa: F401
     from transformers import BertForSequenceClassification  # noqa: F401
+
+    import benchmarks.common  # noqa: F401
+    import benchmarks.models  # noqa: F401
 
     for job in jobs:
         print("RESULT " + json.dumps(run_forked(job)), flush=True)

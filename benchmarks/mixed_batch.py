@@ -115,9 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for k in args.ks:
         res = measure(k, args.rounds)
-        print(k, {n: round(BATCH / t, 1) for n, t in res["median_s"].items()}, res["max_abs_diff_vs_merged"], flush=True)
+        print(
+            k, {n: round(BATCH / t, 1) for n, t in res["median_s"].items()}, res["max_abs_diff_vs_merged"], flush=True
+        )
         results.append(res)
-    write_results(args.out, {"batch": BATCH, "seq": SEQ, "r": R, "alpha": ALPHA, "threads": threads, "results": results}, start)
+    write_results(
+        args.out, {"batch": BATCH, "seq": SEQ, "r": R, "alpha": ALPHA, "threads": threads, "results": results}, start
+    )
     return 0
 
 
@@ -141,7 +145,9 @@ def render(path: Path) -> list[str]:
     ]
     for r in data["results"]:
         t = r["median_s"]
-        ours, merged, pe = (data["batch"] / t[n] for n in ("lora_lightning mixed_batch", "k merged models", "PEFT adapter_names"))
+        ours, merged, pe = (
+            data["batch"] / t[n] for n in ("lora_lightning mixed_batch", "k merged models", "PEFT adapter_names")
+        )
         d = r["max_abs_diff_vs_merged"]
         L.append(
             f"| {r['k']} | {ours:.1f} | {merged:.1f} | {pe:.1f} | {ours / merged:.3f} | {ours / pe:.3f} | "

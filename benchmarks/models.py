@@ -25,9 +25,8 @@ Methods (what is trained), all with AdamW over the trainable parameters:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import contextlib
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -36,7 +35,15 @@ from lora_lightning import LoRAConfig, inject_lora
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TRAIN_METHODS = (
-    "full", "lora_qv", "peft_qv", "lora_all", "peft_all", "floor", "head_only", "lora_qv+unfused", "lora_all+unfused",
+    "full",
+    "lora_qv",
+    "peft_qv",
+    "lora_all",
+    "peft_all",
+    "floor",
+    "head_only",
+    "lora_qv+unfused",
+    "lora_all+unfused",
 )
 # a method may carry modifiers after "+": unfused (shared-input fusion off), bf16mixed (torch.autocast to
 # bf16), bf16base (the model in bf16; LoRA adapters kept in fp32), compiled (torch.compile, inductor)
@@ -70,6 +77,8 @@ def split_method(method: str) -> tuple[str, tuple[str, ...]]:
 def method_label(method: str) -> str:
     base, mods = split_method(method)
     return METHOD_LABELS[base] + "".join(f", {MODIFIER_LABELS[m]}" for m in mods)
+
+
 LORA_R, LORA_ALPHA = 8, 16
 
 
@@ -110,7 +119,18 @@ def bert_large_width_spec(layers: int, batch: int, seq: int) -> ModelSpec:
 
 def tiny_bert_spec(batch: int = 2, seq: int = 16) -> ModelSpec:
     """For ``--quick``: a 2-layer, 128-wide BERT with a small vocabulary."""
-    return ModelSpec("tiny-bert", "tiny BERT 2x128 (random init, --quick)", "bert", batch, seq, layers=2, hidden=128, heads=2, ffn=512, vocab=2000)
+    return ModelSpec(
+        "tiny-bert",
+        "tiny BERT 2x128 (random init, --quick)",
+        "bert",
+        batch,
+        seq,
+        layers=2,
+        hidden=128,
+        heads=2,
+        ffn=512,
+        vocab=2000,
+    )
 
 
 def minilm_path() -> str:

@@ -16,7 +16,9 @@ from torch.profiler import ProfilerActivity, profile
 from benchmarks.models import ModelSpec, build_model, make_batch, make_trainer, prepare
 
 
-def profile_methods(spec: ModelSpec, methods: list[str], device: str, dtype: str, out_dir: Path, steps: int = 3) -> dict:
+def profile_methods(
+    spec: ModelSpec, methods: list[str], device: str, dtype: str, out_dir: Path, steps: int = 3
+) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     per_method: dict[str, dict[str, float]] = {}

@@ -53,7 +53,11 @@ def make_plan(args) -> dict:
         "rounds": args.rounds or 10,
         "warmup": 2,
         "memory_steps": 2,
-        "infer_specs": [minilm_spec(batch=1, seq=128), minilm_spec(batch=8, seq=128), bert_large_width_spec(args.large_layers, 1, 128)],
+        "infer_specs": [
+            minilm_spec(batch=1, seq=128),
+            minilm_spec(batch=8, seq=128),
+            bert_large_width_spec(args.large_layers, 1, 128),
+        ],
         "infer_rounds": 30,
         "infer_warmup": 3,
         "infer_sample_s": 0.1,
@@ -101,25 +105,61 @@ def evaluate_goals(results: dict) -> list[dict]:
         rr = t["speed"]["ratios"]
         for cfg in ("qv", "all"):
             if f"lora_{cfg}/full" in rr:
-                ratio_goal("1a", f"LoRA {cfg} step time / full fine-tuning", key, rr[f"lora_{cfg}/full"], None, 0.75, "<= 0.75")
+                ratio_goal(
+                    "1a", f"LoRA {cfg} step time / full fine-tuning", key, rr[f"lora_{cfg}/full"], None, 0.75, "<= 0.75"
+                )
             if f"lora_{cfg}/floor" in rr:
                 hi = 1.00 if cfg == "qv" else 1.02
-                ratio_goal("1b", f"LoRA {cfg} step time / frozen-base limit", key, rr[f"lora_{cfg}/floor"], None, hi, f"<= {hi:.2f}")
+                ratio_goal(
+                    "1b",
+                    f"LoRA {cfg} step time / frozen-base limit",
+                    key,
+                    rr[f"lora_{cfg}/floor"],
+                    None,
+                    hi,
+                    f"<= {hi:.2f}",
+                )
             if f"lora_{cfg}/lora_{cfg}+unfused" in rr:
-                ratio_goal("1d", f"LoRA {cfg} step time, shared-input fusion on / off", key, rr[f"lora_{cfg}/lora_{cfg}+unfused"], None, 1.0, "<= 1.00")
+                ratio_goal(
+                    "1d",
+                    f"LoRA {cfg} step time, shared-input fusion on / off",
+                    key,
+                    rr[f"lora_{cfg}/lora_{cfg}+unfused"],
+                    None,
+                    1.0,
+                    "<= 1.00",
+                )
             if f"lora_{cfg}/peft_{cfg}" in rr:
-                ratio_goal("2", f"LoRA {cfg} step time / HF PEFT", key, rr[f"lora_{cfg}/peft_{cfg}"], None, 1.0, "<= 1.00")
+                ratio_goal(
+                    "2", f"LoRA {cfg} step time / HF PEFT", key, rr[f"lora_{cfg}/peft_{cfg}"], None, 1.0, "<= 1.00"
+                )
     for key, t in results.get("train", {}).items():
         mem = t.get("memory", {})
         floor = mem.get("floor", {}).get("training_bytes")
         for cfg in ("qv", "all"):
             got = mem.get(f"lora_{cfg}", {}).get("training_bytes")
             if floor and got:
-                goals.append({"id": "1c", "goal": f"LoRA {cfg} training memory / frozen-base limit's", "model": key,
-                              "measured": got / floor, "target": "<= 1.03", "verdict": "PASS" if got / floor <= 1.03 else "MISS"})
+                goals.append(
+                    {
+                        "id": "1c",
+                        "goal": f"LoRA {cfg} training memory / frozen-base limit's",
+                        "model": key,
+                        "measured": got / floor,
+                        "target": "<= 1.03",
+                        "verdict": "PASS" if got / floor <= 1.03 else "MISS",
+                    }
+                )
     for key, inf in results.get("inference", {}).items():
         for variant in ("merged", "merged_unloaded"):
-            ratio_goal("3", f"inference latency {variant} / base", key, inf["ratios"][f"{variant}/base"], 0.98, 1.02, "1.00 +- 0.02")
+            ratio_goal(
+                "3",
+                f"inference latency {variant} / base",
+                key,
+                inf["ratios"][f"{variant}/base"],
+                0.98,
+                1.02,
+                "1.00 +- 0.02",
+            )
     im = results.get("inject_merge")
     if im:
         mat = im.get("materialized", {})
@@ -222,7 +262,9 @@ def render_markdown(res: dict) -> str:
     L.append("")
     L.append("| | |")
     L.append("|---|---|")
-    L.append(f"| CPU | {mi['cpu_model']} ({mi['cpu_family_model']}; flags {', '.join(mi['cpu_flags']) or 'none of interest'}) |")
+    L.append(
+        f"| CPU | {mi['cpu_model']} ({mi['cpu_family_model']}; flags {', '.join(mi['cpu_flags']) or 'none of interest'}) |"
+    )
     L.append(f"| logical CPUs / usable by this run | {mi['logical_cpus']} / {mi['usable_cpus']} |")
     L.append(f"| torch threads | {mi['torch_threads']} |")
     L.append(f"| RAM | {_bytes(mi['ram_bytes'] or 0)} |")
@@ -272,7 +314,9 @@ def render_markdown(res: dict) -> str:
             "several nodes save counts once), the deterministic part of training memory."
         )
         L.append("")
-        L.append("| method | trainable params | step ms median [p25-p75] | / full | / frozen-base limit | peak MiB | training MiB | saved activations MiB |")
+        L.append(
+            "| method | trainable params | step ms median [p25-p75] | / full | / frozen-base limit | peak MiB | training MiB | saved activations MiB |"
+        )
         L.append("|---|---|---|---|---|---|---|---|")
         full = sp["methods"].get("full")
         floor = sp["methods"].get("floor")
@@ -280,8 +324,16 @@ def render_markdown(res: dict) -> str:
             s = row["step_s"]
             rf = sp["ratios"].get(f"{m}/full")
             rl = sp["ratios"].get(f"{m}/floor")
-            rf_s = "1" if m == "full" else (_r(rf) if rf else (f"{s['median'] / full['step_s']['median']:.3f}" if full else ""))
-            rl_s = "1" if m == "floor" else (_r(rl) if rl else (f"{s['median'] / floor['step_s']['median']:.3f}" if floor else ""))
+            rf_s = (
+                "1"
+                if m == "full"
+                else (_r(rf) if rf else (f"{s['median'] / full['step_s']['median']:.3f}" if full else ""))
+            )
+            rl_s = (
+                "1"
+                if m == "floor"
+                else (_r(rl) if rl else (f"{s['median'] / floor['step_s']['median']:.3f}" if floor else ""))
+            )
             mm = mem.get(m, {})
             peak = _mb(mm.get("peak_bytes")) if "error" not in mm else "error"
             train_mb = _mb(mm.get("training_bytes")) if "error" not in mm else "error"
@@ -296,7 +348,9 @@ def render_markdown(res: dict) -> str:
         for a in ("lora_qv", "lora_all"):
             r = sp["ratios"].get(f"{a}/{a}+unfused")
             if r:
-                L.append(f"- shared-input fusion on / off ({a.split('_')[1]}): {_r(r)} (ratio of fastest repeats {r['of_min']:.3f})")
+                L.append(
+                    f"- shared-input fusion on / off ({a.split('_')[1]}): {_r(r)} (ratio of fastest repeats {r['of_min']:.3f})"
+                )
         L.append("")
 
     for key, inf in res.get("inference", {}).items():
@@ -338,7 +392,9 @@ def render_markdown(res: dict) -> str:
             "r*(d_in+d_out) per adapted matrix times bytes per element."
         )
         L.append("")
-        L.append("| model | adapter | matrices | closed form | closed-form bytes | tensor bytes | file bytes | header+metadata | full checkpoint | full / adapter file |")
+        L.append(
+            "| model | adapter | matrices | closed form | closed-form bytes | tensor bytes | file bytes | header+metadata | full checkpoint | full / adapter file |"
+        )
         L.append("|---|---|---|---|---|---|---|---|---|---|")
         for key, e in sz["models"].items():
             for name, a in e["adapters"].items():
@@ -371,7 +427,9 @@ def render_markdown(res: dict) -> str:
             "(one fused in-place `W.addmm_(B, A)` per matrix in the weight dtype)."
         )
         L.append("")
-        L.append("| targets | matrices | inject on meta ms | inject (bf16 weights) ms | adapted elements | merge ms | unmerge ms | ns / adapted element | reference addmm_ ms | merge / reference |")
+        L.append(
+            "| targets | matrices | inject on meta ms | inject (bf16 weights) ms | adapted elements | merge ms | unmerge ms | ns / adapted element | reference addmm_ ms | merge / reference |"
+        )
         L.append("|---|---|---|---|---|---|---|---|---|---|")
         mat = im.get("materialized", {})
         for label, row in im["meta"].items():
@@ -396,8 +454,8 @@ def render_markdown(res: dict) -> str:
     from benchmarks.mixed_batch import render as mixed_batch_section
 
     L.extend(mixed_batch_section(HERE / "mixed_batch.json"))
-    from benchmarks.generation_speed import render as generation_speed_section
     from benchmarks.base_identity import render as base_identity_section
+    from benchmarks.generation_speed import render as generation_speed_section
 
     L.extend(generation_speed_section(HERE / "generation_speed.json"))
     L.extend(base_identity_section(HERE / "base_identity.json"))
@@ -531,8 +589,13 @@ def main_job_section(path: Path) -> list[str]:
         "| method | trainable params | real tokens/s | padded tokens/s | snippets/s | time / full fine-tuning |",
         "|---|---|---|---|---|---|",
     ]
-    labels = {"lora": "LoRA (the job's default)", "full": "full fine-tuning", "head_only": "head only", "lora+bf16mixed": "LoRA, bf16-mixed",
-              "lora+unfused": "LoRA, shared-input fusion off"}
+    labels = {
+        "lora": "LoRA (the job's default)",
+        "full": "full fine-tuning",
+        "head_only": "head only",
+        "lora+bf16mixed": "LoRA, bf16-mixed",
+        "lora+unfused": "LoRA, shared-input fusion off",
+    }
     for m, r in d["methods"].items():
         ratio = _r(r["time_vs_full"]) if r["time_vs_full"] else "1"
         L.append(
@@ -552,11 +615,19 @@ def _finite_positive(x) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="dtype of the training / inference models")
-    p.add_argument("--quick", action="store_true", help="tiny sizes, a few repeats: a smoke test (numbers not meaningful)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: CPUs usable by this process)")
+    p.add_argument(
+        "--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="dtype of the training / inference models"
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="tiny sizes, a few repeats: a smoke test (numbers not meaningful)"
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads (default: CPUs usable by this process)"
+    )
     p.add_argument("--rounds", type=int, default=None, help="timed rounds of the training suite (default 10)")
     p.add_argument("--large-layers", type=int, default=3, help="layers of the BERT-large-width model (default 3)")
     p.add_argument(
@@ -565,9 +636,21 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated subset of train,inference,sizes,inject_merge,precision,compile",
     )
     p.add_argument("--no-memory", action="store_true", help="skip the per-configuration memory processes")
-    p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None, help="torch.profiler tables (default: on unless --quick)")
-    p.add_argument("--out", type=Path, default=HERE, help="folder for results.json, RESULTS.md and profiles/ (default: benchmarks/)")
-    p.add_argument("--render", action="store_true", help="only re-write RESULTS.md from results.json (and sharded_memory.json)")
+    p.add_argument(
+        "--profile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.profiler tables (default: on unless --quick)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=HERE,
+        help="folder for results.json, RESULTS.md and profiles/ (default: benchmarks/)",
+    )
+    p.add_argument(
+        "--render", action="store_true", help="only re-write RESULTS.md from results.json (and sharded_memory.json)"
+    )
     args = p.parse_args(argv)
     if args.render:
         (args.out / "RESULTS.md").write_text(render_markdown(json.loads((args.out / "results.json").read_text())))
@@ -591,7 +674,10 @@ def main(argv: list[str] | None = None) -> int:
         "device": args.device,
         "dtype": args.dtype,
         "machine": machine_info(args.device, threads),
-        "plan": {k: ([s.as_dict() for s in v] if isinstance(v, list) and v and hasattr(v[0], "as_dict") else v) for k, v in plan.items()},
+        "plan": {
+            k: ([s.as_dict() for s in v] if isinstance(v, list) and v and hasattr(v[0], "as_dict") else v)
+            for k, v in plan.items()
+        },
     }
 
     from benchmarks import suites as S
@@ -615,14 +701,18 @@ def main(argv: list[str] | None = None) -> int:
             }
         if not args.no_memory:
             log("train memory: one fresh process per configuration")
-            mem = S.train_memory(plan["train_specs"], plan["methods"], args.device, args.dtype, threads, plan["memory_steps"])
+            mem = S.train_memory(
+                plan["train_specs"], plan["methods"], args.device, args.dtype, threads, plan["memory_steps"]
+            )
             for spec in plan["train_specs"]:
                 res["train"][spec.key]["memory"] = mem[spec.key]
     if "inference" in suites:
         res["inference"] = {}
         for spec in plan["infer_specs"]:
             log(f"inference: {spec.key} batch {spec.batch}")
-            r = S.inference(spec, args.device, args.dtype, plan["infer_rounds"], plan["infer_warmup"], plan["infer_sample_s"])
+            r = S.inference(
+                spec, args.device, args.dtype, plan["infer_rounds"], plan["infer_warmup"], plan["infer_sample_s"]
+            )
             r["label"] = spec.label
             res["inference"][f"{spec.key}-b{spec.batch}"] = r
     if "sizes" in suites:
@@ -633,10 +723,14 @@ def main(argv: list[str] | None = None) -> int:
         res["inject_merge"] = S.inject_merge(plan["llama"], args.device, plan["merge_repeats"])
     if "precision" in suites:
         log("precision: fp32 / bf16-mixed / bf16 base")
-        res["precision"] = S.precision(plan["precision_spec"], args.device, plan["rounds"], plan["warmup"], threads, not args.no_memory)
+        res["precision"] = S.precision(
+            plan["precision_spec"], args.device, plan["rounds"], plan["warmup"], threads, not args.no_memory
+        )
     if "compile" in suites and args.device == "cpu":
         log("compile: inductor vs eager")
-        res["compile"] = S.compiled(plan["compile_spec"], args.device, plan["rounds"], plan["warmup"], plan["compile_seq_lengths"])
+        res["compile"] = S.compiled(
+            plan["compile_spec"], args.device, plan["rounds"], plan["warmup"], plan["compile_seq_lengths"]
+        )
     if plan["profile_specs"]:
         from benchmarks import profiling
 
@@ -650,7 +744,13 @@ def main(argv: list[str] | None = None) -> int:
                 "total_ms": {m: profiling.total_ms(pr, m) for m in methods},
                 "diffs": {
                     f"{a} vs {b}": profiling.diff(pr, a, b)
-                    for a, b in (("lora_qv", "floor"), ("lora_all", "floor"), ("lora_qv", "peft_qv"), ("lora_all", "peft_all"), ("lora_qv", "full"))
+                    for a, b in (
+                        ("lora_qv", "floor"),
+                        ("lora_all", "floor"),
+                        ("lora_qv", "peft_qv"),
+                        ("lora_all", "peft_all"),
+                        ("lora_qv", "full"),
+                    )
                 },
             }
     res["goals"] = evaluate_goals(res)

@@ -114,7 +114,9 @@ def worker(name: str, out: Path) -> None:
             nbytes = lambda ts: sum(local(t).numel() * t.element_size() for t in ts)  # noqa: E731
             params = list(pl_module.parameters())
             state = [t for st in trainer.optimizers[0].state.values() for t in st.values() if torch.is_tensor(t)]
-            status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+            status = dict(
+                line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line
+            )
             record = {
                 "rank": trainer.global_rank,
                 "params": nbytes(params),
@@ -136,10 +138,19 @@ def worker(name: str, out: Path) -> None:
         strategy = "ddp"
     callbacks = [Count()] + ([LoRACallback(**LORA, verbose=False)] if method == "lora" else [])
     g = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randint(0, VOCAB, (4 * BATCH * 2, SEQ), generator=g), torch.randint(0, 2, (4 * BATCH * 2,), generator=g))
+    data = TensorDataset(
+        torch.randint(0, VOCAB, (4 * BATCH * 2, SEQ), generator=g), torch.randint(0, 2, (4 * BATCH * 2,), generator=g)
+    )
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy=strategy, max_steps=2, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy,
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
     )
     trainer.fit(Lit(), DataLoader(data, batch_size=BATCH))
 
@@ -170,11 +181,29 @@ def main(argv: list[str] | None = None) -> int:
             ranks = [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in (0, 1)]
         results.append({"config": name, "ranks": ranks})
         print(name, [r["params"] + r["grads"] + r["optimizer"] for r in ranks], flush=True)
-    model = {"d_model": D, "ffn": FFN, "layers": LAYERS, "vocab": VOCAB, "seq": SEQ, "batch_per_rank": BATCH,
-             "parameters": results[0]["ranks"][0]["total_params"], "lora": LORA}
+    model = {
+        "d_model": D,
+        "ffn": FFN,
+        "layers": LAYERS,
+        "vocab": VOCAB,
+        "seq": SEQ,
+        "batch_per_rank": BATCH,
+        "parameters": results[0]["ranks"][0]["total_params"],
+        "lora": LORA,
+    }
     software = {"torch": torch.__version__, "lightning": __import__("lightning").__version__}
-    args.out.write_text(json.dumps({"model": model, "results": results, "software": software,
-                                    "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(time.time() - start)}, indent=1))
+    args.out.write_text(
+        json.dumps(
+            {
+                "model": model,
+                "results": results,
+                "software": software,
+                "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "seconds": round(time.time() - start),
+            },
+            indent=1,
+        )
+    )
     print(f"wrote {args.out}")
     return 0
 

@@ -28,7 +28,6 @@ from torch import nn
 
 from benchmarks.common import interleaved, meminfo_bytes, paired_ratio, summarize, sync, time_once
 from benchmarks.models import (
-    DTYPES,
     LORA_ALPHA,
     LORA_R,
     ModelSpec,
@@ -83,7 +82,11 @@ def saved_activation_bytes(model: nn.Module, batch: dict, method: str = "") -> i
         return t
 
     mods = split_method(method)[1] if method else ()
-    ctx = torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16) if "bf16mixed" in mods else contextlib.nullcontext()
+    ctx = (
+        torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16)
+        if "bf16mixed" in mods
+        else contextlib.nullcontext()
+    )
     model.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), ctx:
         loss = model(**batch).loss
@@ -99,8 +102,11 @@ def train_speed(spec: ModelSpec, methods: list[str], device: str, dtype: str, ro
         step, _ = make_trainer(model, make_batch(spec, device), m)
         trainable, total = trainable_params(model)
         fns[m] = step
-        info[m] = {"trainable_params": trainable, "total_params": total,
-                   "saved_activation_bytes": saved_activation_bytes(model, make_batch(spec, device), m)}
+        info[m] = {
+            "trainable_params": trainable,
+            "total_params": total,
+            "saved_activation_bytes": saved_activation_bytes(model, make_batch(spec, device), m),
+        }
     times = interleaved(fns, rounds=rounds, warmup=warmup, device=device, seed=1)
     out = {"methods": {}, "ratios": {}}
     for m in methods:
@@ -113,7 +119,9 @@ def train_speed(spec: ModelSpec, methods: list[str], device: str, dtype: str, ro
     return out
 
 
-def train_memory(specs: list[ModelSpec], methods: list[str], device: str, dtype: str, threads: int, steps: int = 2) -> dict:
+def train_memory(
+    specs: list[ModelSpec], methods: list[str], device: str, dtype: str, threads: int, steps: int = 2
+) -> dict:
     """Peak memory per (model, method), each in a fresh forked process: see memory_worker.py.
 
     Returns ``{model key: {method: result}}``.
@@ -136,7 +144,7 @@ def train_memory(specs: list[ModelSpec], methods: list[str], device: str, dtype:
     lines = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     for job, r in zip(jobs, lines):
         results[job["spec"]["key"]][job["method"]] = r
-    for job in jobs[len(lines):]:
+    for job in jobs[len(lines) :]:
         results[job["spec"]["key"]][job["method"]] = {
             "method": job["method"],
             "error": f"memory worker failed (rc={proc.returncode}): {proc.stderr[-2000:]}",
@@ -221,7 +229,7 @@ def sizes(specs: list[ModelSpec], dtype: str, gpt3: bool = True) -> dict:
     """Checkpoint bytes of adapters vs full models, with the closed form beside the measurement."""
     from safetensors.torch import save_file
 
-    from lora_lightning import describe, inject_lora, lora_parameter_count
+    from lora_lightning import inject_lora, lora_parameter_count
 
     out: dict = {"models": {}, "gpt3_175b": None}
     with tempfile.TemporaryDirectory() as d:
@@ -234,7 +242,12 @@ def sizes(specs: list[ModelSpec], dtype: str, gpt3: bool = True) -> dict:
             n_params = sum(p.numel() for p in base.parameters())
             elem = base.get_input_embeddings().weight.element_size()
             del base
-            entry: dict = {"full_checkpoint_bytes": full_bytes, "full_params": n_params, "bytes_per_element": elem, "adapters": {}}
+            entry: dict = {
+                "full_checkpoint_bytes": full_bytes,
+                "full_params": n_params,
+                "bytes_per_element": elem,
+                "adapters": {},
+            }
             for method in ("lora_qv", "lora_all"):
                 for head in (False, True):
                     m = build_model(spec, "cpu", dtype)
@@ -313,7 +326,7 @@ def _reference_merge(model: nn.Module, sign: float) -> None:
 
 def inject_merge(llama_kwargs: dict, device: str, repeats: int) -> dict:
     """Injection (meta and materialised) and merge/unmerge timings on a Llama-shaped model in bf16."""
-    from lora_lightning import LoRAConfig, describe, inject_lora, merge_lora, remove_lora, unmerge_lora
+    from lora_lightning import LoRAConfig, inject_lora, merge_lora, remove_lora, unmerge_lora
 
     cfg = llama_1b_config(**llama_kwargs)
     out: dict = {"config": llama_kwargs, "dtype": "bf16", "repeats": repeats, "meta": {}, "materialized": {}}
@@ -384,7 +397,15 @@ def inject_merge(llama_kwargs: dict, device: str, repeats: int) -> dict:
 
 
 # --------------------------------------------------------------------------- 7: bf16 on the CPU
-PRECISION_METHODS = ("lora_all", "lora_all+bf16mixed", "lora_all+bf16base", "floor", "floor+bf16mixed", "full", "full+bf16mixed")
+PRECISION_METHODS = (
+    "lora_all",
+    "lora_all+bf16mixed",
+    "lora_all+bf16base",
+    "floor",
+    "floor+bf16mixed",
+    "full",
+    "full+bf16mixed",
+)
 
 
 def precision(spec: ModelSpec, device: str, rounds: int, warmup: int, threads: int, memory: bool = True) -> dict:
@@ -394,7 +415,9 @@ def precision(spec: ModelSpec, device: str, rounds: int, warmup: int, threads: i
     for m in PRECISION_METHODS:
         base = m.split("+")[0]
         if m != base:
-            speed["ratios"][f"{m}/{base}"] = paired_ratio(speed["methods"][m]["samples_s"], speed["methods"][base]["samples_s"])
+            speed["ratios"][f"{m}/{base}"] = paired_ratio(
+                speed["methods"][m]["samples_s"], speed["methods"][base]["samples_s"]
+            )
     mem = train_memory([spec], list(PRECISION_METHODS), device, "fp32", threads)[spec.key] if memory else {}
     return {"label": spec.label, "batch": spec.batch, "seq": spec.seq, "rounds": rounds, "speed": speed, "memory": mem}
 
@@ -412,8 +435,11 @@ def compiled(spec: ModelSpec, device: str, rounds: int, warmup: int, seq_lengths
     batch = make_batch(spec, device)
     model(**batch)  # learn the shared-input groups (not traced: the tracker is skipped while compiling)
     explain = dynamo.explain(model)(**batch)
-    breaks = {"graph_break_count": int(explain.graph_break_count), "graph_count": int(explain.graph_count),
-              "reasons": [str(b.reason)[:200] for b in explain.break_reasons[:5]]}
+    breaks = {
+        "graph_break_count": int(explain.graph_break_count),
+        "graph_count": int(explain.graph_count),
+        "reasons": [str(b.reason)[:200] for b in explain.break_reasons[:5]],
+    }
     dynamo.reset()
     eager_step, _ = make_trainer(model, batch, "lora_all")
     twin = prepare(build_model(spec, device, "fp32"), "lora_all")
@@ -431,7 +457,9 @@ def compiled(spec: ModelSpec, device: str, rounds: int, warmup: int, seq_lengths
     run(batch)
     compile_s = time.perf_counter() - t0
     first_graphs = int(counters["stats"].get("unique_graphs", 0))
-    times = interleaved({"eager": eager_step, "compiled": lambda: run(batch)}, rounds=rounds, warmup=warmup, device=device, seed=4)
+    times = interleaved(
+        {"eager": eager_step, "compiled": lambda: run(batch)}, rounds=rounds, warmup=warmup, device=device, seed=4
+    )
     recompile_s = []
     for n in seq_lengths:  # a fit with dynamic padding: the length of each batch differs
         b = {k: v[:, :n] if v.dim() == 2 else v for k, v in batch.items()}
@@ -440,7 +468,10 @@ def compiled(spec: ModelSpec, device: str, rounds: int, warmup: int, seq_lengths
         recompile_s.append(time.perf_counter() - t0)
     stats = dict(counters["stats"])
     return {
-        "label": spec.label, "batch": spec.batch, "seq": spec.seq, "rounds": rounds,
+        "label": spec.label,
+        "batch": spec.batch,
+        "seq": spec.seq,
+        "rounds": rounds,
         "graph_breaks": breaks,
         "compile_s": compile_s,
         "step_s": {k: summarize(v) for k, v in times.items()},

@@ -79,8 +79,15 @@ def split(shots: int, seed: int = 0):
 
 def fit(module: pl.LightningModule, data, epochs: int, callbacks=()) -> None:
     loader = DataLoader(TensorDataset(*data), batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0))
-    pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-               enable_model_summary=False, callbacks=list(callbacks)).fit(module, loader)
+    pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=list(callbacks),
+    ).fit(module, loader)
 
 
 @torch.no_grad()
@@ -103,13 +110,17 @@ def adapt(base: SmallCNN, method: str, train_b, epochs: int, seed: int, r: int) 
     net.head.reset_parameters()  # a new head for the new classes
     callbacks = []
     if method == "lora":
-        callbacks = [LoRACallback(r=r, alpha=2 * r, targets=["conv1", "conv2", "conv3"], modules_to_save=["head"], verbose=False)]
+        callbacks = [
+            LoRACallback(r=r, alpha=2 * r, targets=["conv1", "conv2", "conv3"], modules_to_save=["head"], verbose=False)
+        ]
     elif method == "head_only":
         for name, p in net.named_parameters():
             p.requires_grad_(name.startswith("head."))
     module = Classifier(net, lr={"lora": 1e-2, "full": 3e-3, "head_only": 1e-2}[method])
     fit(module, train_b, epochs, callbacks)
-    return net, count_parameters(module).trainable if method == "lora" else sum(p.numel() for p in net.parameters() if p.requires_grad)
+    return net, count_parameters(module).trainable if method == "lora" else sum(
+        p.numel() for p in net.parameters() if p.requires_grad
+    )
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -142,8 +153,14 @@ def main(argv: list[str] | None = None) -> str:
     ]
     for method, accs in results.items():
         spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        name = {"lora": f"LoRA r={args.rank} on conv1-3 + new head", "full": "full fine-tuning", "head_only": "head only"}[method]
-        lines.append(f"| {name} | {trainable[method]:,} | {statistics.mean(accs):.1f} ± {spread:.1f} | {', '.join(f'{a:.1f}' for a in accs)} |")
+        name = {
+            "lora": f"LoRA r={args.rank} on conv1-3 + new head",
+            "full": "full fine-tuning",
+            "head_only": "head only",
+        }[method]
+        lines.append(
+            f"| {name} | {trainable[method]:,} | {statistics.mean(accs):.1f} ± {spread:.1f} | {', '.join(f'{a:.1f}' for a in accs)} |"
+        )
     table = "\n".join(lines)
     print(table)
     return table

@@ -26,14 +26,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent  # the repository
 RUNS = Path("experiments/runs")
 RESULTS = Path("experiments/results")
-MARGIN, RECIPE_MARGIN, ALPHA = 1.0, 1.0, 0.05  # those of stats and report.write_readme: the pre-registered ±1 point (a test checks they agree)
+MARGIN, RECIPE_MARGIN, ALPHA = (
+    1.0,
+    1.0,
+    0.05,
+)  # those of stats and report.write_readme: the pre-registered ±1 point (a test checks they agree)
 
 
 def _collect(args: argparse.Namespace) -> None:
     from experiments.collect import collect
 
     copied = collect(args.source, args.runs)
-    print(f"copied {len(copied)} files ({sum(p.stat().st_size for p in copied) / 1e6:.1f} MB) from {args.source} to {args.runs}")
+    print(
+        f"copied {len(copied)} files ({sum(p.stat().st_size for p in copied) / 1e6:.1f} MB) from {args.source} to {args.runs}"
+    )
 
 
 def _recover_logs(args: argparse.Namespace) -> None:
@@ -99,22 +105,36 @@ def _two_tasks(args: argparse.Namespace) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m experiments", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    c = sub.add_parser("collect", help="copy the finished runs under --source to --runs (summaries, configs, the §7.2/§7.3 adapters)")
-    c.add_argument("--source", type=Path, default=Path("multirun"), help="the Hydra output folder (default %(default)s)")
+    c = sub.add_parser(
+        "collect", help="copy the finished runs under --source to --runs (summaries, configs, the §7.2/§7.3 adapters)"
+    )
+    c.add_argument(
+        "--source", type=Path, default=Path("multirun"), help="the Hydra output folder (default %(default)s)"
+    )
     c.add_argument("--runs", type=Path, default=RUNS, help="where the runs are copied to (default %(default)s)")
     c.set_defaults(func=_collect)
 
-    r = sub.add_parser("recover-logs", help="rebuild the records of runs whose folders are gone from their console logs (experiments/recover.py)")
+    r = sub.add_parser(
+        "recover-logs",
+        help="rebuild the records of runs whose folders are gone from their console logs (experiments/recover.py)",
+    )
     r.add_argument("logs", type=Path, nargs="+", metavar="LOG")
     r.add_argument("--runs", type=Path, default=RUNS, help="where the records are written (default %(default)s)")
     r.set_defaults(func=_recover_logs)
 
-    for name, what in (("ablation-lrs", "print '<family> <lr>' per family, chosen on the search runs under --runs"),
-                       ("ablation-extensions", "print '<family> <lr>' for each family whose chosen lr sits on an edge of its "
-                                               "search grid: the next lr past it")):
+    for name, what in (
+        ("ablation-lrs", "print '<family> <lr>' per family, chosen on the search runs under --runs"),
+        (
+            "ablation-extensions",
+            "print '<family> <lr>' for each family whose chosen lr sits on an edge of its "
+            "search grid: the next lr past it",
+        ),
+    ):
         a = sub.add_parser(name, help=what)
         a.add_argument("--runs", type=Path, default=RUNS, help="the runs to read (default %(default)s)")
         a.set_defaults(func=_ablation_lrs)
@@ -122,40 +142,72 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("subspace", help="§7.2 (subspace similarity) and §7.3 (ΔW vs W) on the {Wq, Wv} adapters")
     s.add_argument("--runs", type=Path, default=RUNS, help="folder holding the Table 6 runs (searched recursively)")
     s.add_argument("--out", type=Path, default=RESULTS)
-    s.add_argument("--pair", type=int, nargs=2, default=(8, 64), metavar=("SMALL_R", "LARGE_R"), help="§7.2 ranks compared")
+    s.add_argument(
+        "--pair", type=int, nargs=2, default=(8, 64), metavar=("SMALL_R", "LARGE_R"), help="§7.2 ranks compared"
+    )
     s.add_argument("--amp-ranks", type=int, nargs="+", default=(4, 64), help="§7.3 ranks")
-    s.add_argument("--experiment", default="table6", help="whose adapters: table6 (-> subspace.md) or convergence, the "
-                   "300-step runs (-> subspace_convergence.md)")
+    s.add_argument(
+        "--experiment",
+        default="table6",
+        help="whose adapters: table6 (-> subspace.md) or convergence, the 300-step runs (-> subspace_convergence.md)",
+    )
     s.set_defaults(func=_subspace)
 
-    m = sub.add_parser("report", help="experiments/README.md, results/tables.md, *_runs.csv and *.png from the runs under --runs")
+    m = sub.add_parser(
+        "report", help="experiments/README.md, results/tables.md, *_runs.csv and *.png from the runs under --runs"
+    )
     m.add_argument("--runs", type=Path, default=RUNS, help="the collected runs (default %(default)s)")
     m.add_argument("--out", type=Path, default=RESULTS, help="where tables.md, CSVs and PNGs go (default %(default)s)")
     m.add_argument("--readme", type=Path, default=None, help="the generated report (default: README.md beside --out)")
-    m.add_argument("--variants-csv", type=Path, default=RESULTS / "variants_runs.csv",
-                   help="the earlier variants sweep, shown when --runs holds no variants runs")
-    m.add_argument("--margin", type=float, default=MARGIN, help="equivalence margin in accuracy points for the TOST checks (default %(default)s)")
-    m.add_argument("--recipe-margin", type=float, default=RECIPE_MARGIN,
-                   help="equivalence margin of LoRA vs full fine-tuning in the recipe (default %(default)s)")
-    m.add_argument("--alpha", type=float, default=ALPHA, help="family-wise error rate of the claim checks (default %(default)s)")
+    m.add_argument(
+        "--variants-csv",
+        type=Path,
+        default=RESULTS / "variants_runs.csv",
+        help="the earlier variants sweep, shown when --runs holds no variants runs",
+    )
+    m.add_argument(
+        "--margin",
+        type=float,
+        default=MARGIN,
+        help="equivalence margin in accuracy points for the TOST checks (default %(default)s)",
+    )
+    m.add_argument(
+        "--recipe-margin",
+        type=float,
+        default=RECIPE_MARGIN,
+        help="equivalence margin of LoRA vs full fine-tuning in the recipe (default %(default)s)",
+    )
+    m.add_argument(
+        "--alpha", type=float, default=ALPHA, help="family-wise error rate of the claim checks (default %(default)s)"
+    )
     m.set_defaults(func=_report)
 
-    pw = sub.add_parser("power", help="the seeds the pre-registered comparison needs, from the pilot runs (experiments/PREREGISTRATION.md)")
+    pw = sub.add_parser(
+        "power",
+        help="the seeds the pre-registered comparison needs, from the pilot runs (experiments/PREREGISTRATION.md)",
+    )
     pw.add_argument("--runs", type=Path, default=RUNS, help="the pilot runs (default %(default)s)")
     pw.set_defaults(func=_power)
 
-    pr = sub.add_parser("precision", help="results/precision.md: the main job in fp32 vs bf16-mixed, from experiments/runs/precision")
+    pr = sub.add_parser(
+        "precision", help="results/precision.md: the main job in fp32 vs bf16-mixed, from experiments/runs/precision"
+    )
     pr.add_argument("--runs", type=Path, default=ROOT / RUNS / "precision", help="the collected precision records")
     pr.add_argument("--out", type=Path, default=ROOT / RESULTS / "precision.md")
     pr.set_defaults(func=_precision)
 
-    d = sub.add_parser("decoder", help="results/decoder.md: SmolLM2-135M-Instruct on E2E NLG, from experiments/runs/decoder "
-                       "(runs: bash experiments/decoder.sh, then collect)")
+    d = sub.add_parser(
+        "decoder",
+        help="results/decoder.md: SmolLM2-135M-Instruct on E2E NLG, from experiments/runs/decoder "
+        "(runs: bash experiments/decoder.sh, then collect)",
+    )
     d.add_argument("--runs", type=Path, default=ROOT / RUNS / "decoder", help="the collected decoder records")
     d.add_argument("--out", type=Path, default=ROOT / RESULTS)
     d.set_defaults(func=_decoder)
 
-    t = sub.add_parser("two-tasks", help="two task adapters trained in one fit vs each alone (experiments/two_tasks.py)")
+    t = sub.add_parser(
+        "two-tasks", help="two task adapters trained in one fit vs each alone (experiments/two_tasks.py)"
+    )
     steps = t.add_subparsers(dest="step", required=True)
     run = steps.add_parser("run", help="every run not finished yet, each in its own process")
     run.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

@@ -58,13 +58,24 @@ def _claims_block(checks: dict[str, list[tuple[str, ClaimCheck]]], table: str) -
         mine = [c for t, c in pairs if t == table]
         if mine:
             note = "the paper's metric" if metric == METRIC else "the checkpoint chosen on validation, evaluated once"
-            blocks += [f"On {METRIC_NAMES[metric]} ({note}; exploratory: the 150-step ablation family of this metric, "
-                       "Table 5's and Table 6's claims together):", "", claims_markdown(mine), ""]
+            blocks += [
+                f"On {METRIC_NAMES[metric]} ({note}; exploratory: the 150-step ablation family of this metric, "
+                "Table 5's and Table 6's claims together):",
+                "",
+                claims_markdown(mine),
+                "",
+            ]
     return "\n".join(blocks).strip() or "(no claim of the paper can be checked on these runs)"
 
 
-def ablation_report(rows: list[dict], out: Path, link: str = "results", margin: float = MARGIN, alpha: float = ALPHA,
-                    variants_csv: Path | None = None) -> AblationReport:
+def ablation_report(
+    rows: list[dict],
+    out: Path,
+    link: str = "results",
+    margin: float = MARGIN,
+    alpha: float = ALPHA,
+    variants_csv: Path | None = None,
+) -> AblationReport:
     """Tables 5 and 6 (+ reference rows, + variants) from the runs' summaries: CSVs and PNGs into ``out``
     (linked as ``link/<name>.png``), claims checked on validation and on test accuracy."""
     checks = ablation_checks(rows, margin, alpha)
@@ -75,7 +86,18 @@ def ablation_report(rows: list[dict], out: Path, link: str = "results", margin: 
         md, stats = table5_markdown(t5)
         plot_table5(t5, stats, out / "table5.png")
         noise = [noise_line(t5, "targets_key", metric=m) for m in metrics_present(t5)]
-        parts += ["## Table 5 (ours)", "", md, "", *noise, "", _claims_block(checks, "table5"), "", f"![table 5]({link}/table5.png)", ""]
+        parts += [
+            "## Table 5 (ours)",
+            "",
+            md,
+            "",
+            *noise,
+            "",
+            _claims_block(checks, "table5"),
+            "",
+            f"![table 5]({link}/table5.png)",
+            "",
+        ]
     t6 = of_experiment(rows, "table6", ["lora"])
     ref = of_experiment(rows, "table6_reference", ["full", "head_only"])
     if t6 or ref:
@@ -84,7 +106,19 @@ def ablation_report(rows: list[dict], out: Path, link: str = "results", margin: 
         plot_table6(stats6, ref, out / "table6.png", t6)
         noise = [noise_line(t6, "targets_key", "r", metric=m) for m in metrics_present(t6)] if t6 else []
         profile = [rank_profile_markdown(t6), ""] if t6 else []
-        parts += ["## Table 6 (ours)", "", md, "", *noise, "", _claims_block(checks, "table6"), "", *profile, f"![table 6]({link}/table6.png)", ""]
+        parts += [
+            "## Table 6 (ours)",
+            "",
+            md,
+            "",
+            *noise,
+            "",
+            _claims_block(checks, "table6"),
+            "",
+            *profile,
+            f"![table 6]({link}/table6.png)",
+            "",
+        ]
     variants = variants_section(of_experiment(rows, "variants", ["lora"]), out, link, variants_csv)
     return AblationReport(parts, checks, variants, link)
 
@@ -122,14 +156,22 @@ def variants_section(var: list[dict], out: Path, link: str, variants_csv: Path |
     ]
 
 
-def summarize(runs: Path, out: Path, margin: float = MARGIN, alpha: float = ALPHA, variants_csv: Path | None = None,
-              link: str = "results") -> str:
+def summarize(
+    runs: Path,
+    out: Path,
+    margin: float = MARGIN,
+    alpha: float = ALPHA,
+    variants_csv: Path | None = None,
+    link: str = "results",
+) -> str:
     """Write the tables, CSVs and plots for whatever ablation sweeps exist under ``runs`` (found by the
     summaries' ``experiment`` field) and ``out/tables.md``; return its markdown. The claim checks of
     Table 5 and Table 6 form one Holm family per metric (see ``method_markdown``)."""
     report = ablation_report(load_runs(runs), out, link, margin, alpha, variants_csv)
     if not report.parts and not report.variants:
-        raise SystemExit(f"no table5, table6, table6_reference or variants summary.json under {runs}; run the sweeps first")
+        raise SystemExit(
+            f"no table5, table6, table6_reference or variants summary.json under {runs}; run the sweeps first"
+        )
     return write_tables(report, out, margin, alpha)
 
 
@@ -160,7 +202,10 @@ def convergence_section(rows: list[dict], out: Path, link: str) -> list[str]:
     curves = ablation_curves(rows)
     if not curves:
         return []
-    plot_curves({"Table 6 runs and reference rows: validation accuracy, mean over seeds (band: seed range)": curves}, out / "convergence.png")
+    plot_curves(
+        {"Table 6 runs and reference rows: validation accuracy, mean over seeds (band: seed range)": curves},
+        out / "convergence.png",
+    )
     checks = [c for label, runs in curves.items() if (c := convergence_check(label, runs))]
     return [
         "## Convergence",

@@ -16,8 +16,9 @@ default recipe against full fine-tuning, per task). Imports ``records``, ``stats
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final, Literal, Sequence
+from typing import Final, Literal
 
 from experiments.power import mde_unequal, power_equivalence
 from experiments.records import (
@@ -158,7 +159,9 @@ def harmonic_n(a: int, b: int) -> int:
     return 0 if min(a, b) < 1 else math.floor(2.0 / (1.0 / a + 1.0 / b))
 
 
-def check_claims(claims: Sequence[Claim], margin: float = MARGIN, alpha: float = ALPHA, sd: float | None = None) -> list[ClaimCheck]:
+def check_claims(
+    claims: Sequence[Claim], margin: float = MARGIN, alpha: float = ALPHA, sd: float | None = None
+) -> list[ClaimCheck]:
     """Test every claim and correct over the family: the two-sided Welch p-values of all testable checks form one
     Holm family (size m); the TOST p-values of the EQUIVALENT claims form a second one (the GREATER claims are not
     in it: their outcome is a difference or nothing). ``sd``: the seed sd of the MDEs; default, pooled over the
@@ -180,9 +183,14 @@ def check_claims(claims: Sequence[Claim], margin: float = MARGIN, alpha: float =
             verdict = verdict_of(c.kind, outcome, w.diff)
         testable = family and sd > 0 and min(c.a.n, c.b.n) >= 2
         mde = mde_unequal(c.a.n, c.b.n, sd, alpha / family) if testable else math.nan
-        tost_power = (power_equivalence(harmonic_n(c.a.n, c.b.n), margin, sd, alpha / tost_family)
-                      if testable and c.kind == EQUIVALENT and tost_family else math.nan)
-        out.append(ClaimCheck(c, w, pt, ph, pth, family, margin, alpha, outcome, verdict, tost_family, sd, mde, tost_power))
+        tost_power = (
+            power_equivalence(harmonic_n(c.a.n, c.b.n), margin, sd, alpha / tost_family)
+            if testable and c.kind == EQUIVALENT and tost_family
+            else math.nan
+        )
+        out.append(
+            ClaimCheck(c, w, pt, ph, pth, family, margin, alpha, outcome, verdict, tost_family, sd, mde, tost_power)
+        )
     return out
 
 
@@ -202,12 +210,30 @@ def table5_claims(stats: dict[str, Stat]) -> list[Claim]:
     best_single = max(singles, key=lambda t: stats[t].mean)
     for multi in ("q,v", "q,k,v,o"):
         if multi in stats:
-            claims.append(Claim(f"W{{{multi}}} beats the best single type (W{{{best_single}}})", GREATER, f"W{{{multi}}}", stats[multi], f"W{{{best_single}}}", stats[best_single]))
+            claims.append(
+                Claim(
+                    f"W{{{multi}}} beats the best single type (W{{{best_single}}})",
+                    GREATER,
+                    f"W{{{multi}}}",
+                    stats[multi],
+                    f"W{{{best_single}}}",
+                    stats[best_single],
+                )
+            )
     for weak in ("q", "k"):
         others = [t for t in ("v", "o") if t in stats]
         if weak in stats and others:
             ref = min(others, key=lambda t: stats[t].mean)
-            claims.append(Claim(f"W{{{weak}}} alone is worse than W{{{ref}}} (the weaker of Wv, Wo)", GREATER, f"W{{{ref}}}", stats[ref], f"W{{{weak}}}", stats[weak]))
+            claims.append(
+                Claim(
+                    f"W{{{weak}}} alone is worse than W{{{ref}}} (the weaker of Wv, Wo)",
+                    GREATER,
+                    f"W{{{ref}}}",
+                    stats[ref],
+                    f"W{{{weak}}}",
+                    stats[weak],
+                )
+            )
     return claims
 
 
@@ -221,14 +247,36 @@ def table6_claims(stats: dict[tuple[str, int], Stat]) -> list[Claim]:
     little gain past r=8 (each set), W{q,v} beats W{q} at r=8."""
     claims: list[Claim] = []
     if ("q,v", 1) in stats and ("q,v", 64) in stats:
-        claims.append(Claim("r=1 is already competitive for W{q,v} (paper, r=1 minus r=64: -0.1 / -0.1)", EQUIVALENT, "r=1", stats[("q,v", 1)], "r=64", stats[("q,v", 64)]))
+        claims.append(
+            Claim(
+                "r=1 is already competitive for W{q,v} (paper, r=1 minus r=64: -0.1 / -0.1)",
+                EQUIVALENT,
+                "r=1",
+                stats[("q,v", 1)],
+                "r=64",
+                stats[("q,v", 64)],
+            )
+        )
     if ("q", 1) in stats and ("q", 8) in stats:
-        claims.append(Claim("W{q} alone gains from a larger r (paper, r=8 minus r=1: +1.6 / 0.0)", GREATER, "r=8", stats[("q", 8)], "r=1", stats[("q", 1)]))
+        claims.append(
+            Claim(
+                "W{q} alone gains from a larger r (paper, r=8 minus r=1: +1.6 / 0.0)",
+                GREATER,
+                "r=8",
+                stats[("q", 8)],
+                "r=1",
+                stats[("q", 1)],
+            )
+        )
     for t in TABLE6_TARGETS:
         if (t, 8) in stats and (t, 64) in stats:
-            claims.append(Claim(f"little gain past r=8 for W{{{t}}}", EQUIVALENT, "r=64", stats[(t, 64)], "r=8", stats[(t, 8)]))
+            claims.append(
+                Claim(f"little gain past r=8 for W{{{t}}}", EQUIVALENT, "r=64", stats[(t, 64)], "r=8", stats[(t, 8)])
+            )
     if ("q,v", 8) in stats and ("q", 8) in stats:
-        claims.append(Claim("W{q,v} beats W{q} at the same r=8", GREATER, "W{q,v}", stats[("q,v", 8)], "W{q}", stats[("q", 8)]))
+        claims.append(
+            Claim("W{q,v} beats W{q} at the same r=8", GREATER, "W{q,v}", stats[("q,v", 8)], "W{q}", stats[("q", 8)])
+        )
     return claims
 
 
@@ -236,7 +284,9 @@ SCHEDULES = tuple(PILOT_SCHEDULES)  # (150, 300): optimizer steps of the two sch
 TABLE_LABELS = {"table5": "Table 5", "table6": "Table 6"}
 
 
-def ablation_checks(rows: list[dict], margin: float = MARGIN, alpha: float = ALPHA, schedule: int = 150) -> dict[str, list[tuple[str, ClaimCheck]]]:
+def ablation_checks(
+    rows: list[dict], margin: float = MARGIN, alpha: float = ALPHA, schedule: int = 150
+) -> dict[str, list[tuple[str, ClaimCheck]]]:
     """The ablation family at one schedule (``records.PILOT_SCHEDULES``: 150 steps, table5 + table6; 300 steps,
     convergence_table5 + convergence), by metric: ``checks[metric]`` is a list of ``(table, check)`` ("table5"
     claims first), the same 10 claims at every schedule, one Holm family per metric (validation, then test
@@ -282,7 +332,9 @@ def arms(runs: list[dict]) -> tuple[list[dict], list[dict]]:
     return lora, [r for r in runs if r.get("method") == "full"]
 
 
-def example_bootstrap_of(a: list[dict], b: list[dict], key: str = "test_correct") -> tuple[float, float, float, int] | None:
+def example_bootstrap_of(
+    a: list[dict], b: list[dict], key: str = "test_correct"
+) -> tuple[float, float, float, int] | None:
     """``stats.example_bootstrap`` on the per-example records ``key`` of two groups of runs: (d, low, high, n
     examples), or None unless every run of both groups recorded one, all of one length (one test split)."""
     if not a or not b or not all(r.get(key) for r in a + b) or len({len(r[key]) for r in a + b}) != 1:
@@ -304,23 +356,42 @@ def one_per_seed(runs: list[dict]) -> list[dict]:
 
 
 def matches_claim(schedule: int, lora: Stat, full: Stat) -> Claim:
-    return Claim(f"LoRA matches full fine-tuning at {schedule} steps (W{{q,v}}, r=8; paper, RoBERTa-base GLUE: LoRA 87.2 vs "
-                 "full FT 86.4 on average)", EQUIVALENT, "LoRA", lora, "full FT", full)
+    return Claim(
+        f"LoRA matches full fine-tuning at {schedule} steps (W{{q,v}}, r=8; paper, RoBERTa-base GLUE: LoRA 87.2 vs "
+        "full FT 86.4 on average)",
+        EQUIVALENT,
+        "LoRA",
+        lora,
+        "full FT",
+        full,
+    )
 
 
-def lora_vs_full_family(pairs: Sequence[tuple[int, list[dict], list[dict]]], margin: float = MARGIN, alpha: float = ALPHA,
-                        metrics: Sequence[str] = (TEST_METRIC, METRIC)) -> dict[str, list[PrimaryCheck]]:
+def lora_vs_full_family(
+    pairs: Sequence[tuple[int, list[dict], list[dict]]],
+    margin: float = MARGIN,
+    alpha: float = ALPHA,
+    metrics: Sequence[str] = (TEST_METRIC, METRIC),
+) -> dict[str, list[PrimaryCheck]]:
     """LoRA vs full fine-tuning at each schedule of ``pairs`` ((schedule, LoRA runs, full runs)), one family per
     metric (Holm over its schedules), the bootstrap over seeds and test examples beside each test-accuracy check."""
     out: dict[str, list[PrimaryCheck]] = {}
     for metric in metrics:
-        mine = [(s, [r for r in a if has_metric(r, metric)], [r for r in b if has_metric(r, metric)]) for s, a, b in pairs]
+        mine = [
+            (s, [r for r in a if has_metric(r, metric)], [r for r in b if has_metric(r, metric)]) for s, a, b in pairs
+        ]
         mine = [(s, a, b) for s, a, b in mine if a or b]
         if not mine:
             continue
-        checks = check_claims([matches_claim(s, stat_of(a, metric), stat_of(b, metric)) for s, a, b in mine], margin, alpha)
-        out[metric] = [PrimaryCheck(s, metric, c, seeds_of(a), seeds_of(b), example_bootstrap_of(a, b) if metric == TEST_METRIC else None)
-                       for (s, a, b), c in zip(mine, checks)]
+        checks = check_claims(
+            [matches_claim(s, stat_of(a, metric), stat_of(b, metric)) for s, a, b in mine], margin, alpha
+        )
+        out[metric] = [
+            PrimaryCheck(
+                s, metric, c, seeds_of(a), seeds_of(b), example_bootstrap_of(a, b) if metric == TEST_METRIC else None
+            )
+            for (s, a, b), c in zip(mine, checks)
+        ]
     return out
 
 
@@ -340,7 +411,9 @@ def primary_seeds(rows: list[dict], seeds: Sequence[int] = PRIMARY_SEEDS) -> tup
     return tuple(s for s in seeds if all(s in have for have in cells.values()))
 
 
-def primary_checks(rows: list[dict], margin: float = MARGIN, alpha: float = ALPHA, seeds: Sequence[int] = PRIMARY_SEEDS) -> dict[str, list[PrimaryCheck]]:
+def primary_checks(
+    rows: list[dict], margin: float = MARGIN, alpha: float = ALPHA, seeds: Sequence[int] = PRIMARY_SEEDS
+) -> dict[str, list[PrimaryCheck]]:
     """The pre-registered primary family on the ``lora_vs_full`` / ``lora_vs_full_300`` runs: per metric (test
     accuracy primary, validation accuracy secondary), LoRA W{q,v} r=8 vs full fine-tuning at 150 and 300 steps,
     Holm within the two schedules, on the seeds of ``primary_seeds``. Empty when no run of the study exists."""
@@ -352,12 +425,21 @@ def primary_checks(rows: list[dict], margin: float = MARGIN, alpha: float = ALPH
         lora, full = arms([r for r in of_experiment(rows, experiment) if r.get("seed") in keep])
         pairs.append((schedule, one_per_seed(lora), one_per_seed(full)))
     if not keep:  # nothing analysable yet: the checks of empty arms (n/a)
-        return {m: [PrimaryCheck(s, m, c, (), ()) for s, c in zip(PRIMARY, check_claims(
-            [matches_claim(s, Stat.of([]), Stat.of([])) for s in PRIMARY], margin, alpha))] for m in (TEST_METRIC, METRIC)}
+        return {
+            m: [
+                PrimaryCheck(s, m, c, (), ())
+                for s, c in zip(
+                    PRIMARY, check_claims([matches_claim(s, Stat.of([]), Stat.of([])) for s in PRIMARY], margin, alpha)
+                )
+            ]
+            for m in (TEST_METRIC, METRIC)
+        }
     return lora_vs_full_family(pairs, margin, alpha)
 
 
-def pilot_primary_checks(rows: list[dict], margin: float = MARGIN, alpha: float = ALPHA) -> dict[str, list[PrimaryCheck]]:
+def pilot_primary_checks(
+    rows: list[dict], margin: float = MARGIN, alpha: float = ALPHA
+) -> dict[str, list[PrimaryCheck]]:
     """The same comparison on the pilot runs, every seed they have (exploratory: the data were seen before the
     analysis was fixed): 150 steps, Table 6's LoRA W{q,v} r=8 vs its full fine-tuning reference rows; 300 steps,
     the convergence runs of both."""
@@ -387,7 +469,9 @@ class RecipeCheck:
     mde: float = math.nan
 
 
-def recipe_check(task: str, metric: str, lora: list[dict], full: list[dict], margin: float, alpha: float) -> RecipeCheck:
+def recipe_check(
+    task: str, metric: str, lora: list[dict], full: list[dict], margin: float, alpha: float
+) -> RecipeCheck:
     """Welch's test of LoRA − full (pp) and TOST at ±margin at level ``alpha``, uncorrected across tasks
     (intersection–union); the MDE with the two arms' pooled sd."""
     a, b = stat_of(lora, metric), stat_of(full, metric)
@@ -397,4 +481,6 @@ def recipe_check(task: str, metric: str, lora: list[dict], full: list[dict], mar
     mde = mde_unequal(a.n, b.n, sd, alpha) if min(a.n, b.n) >= 2 and sd > 0 else math.nan
     if math.isnan(w.p):
         return RecipeCheck(task, metric, w, p_tost, "n/a (fewer than 2 seeds)", alpha, (a.n, b.n), sd, mde)
-    return RecipeCheck(task, metric, w, p_tost, outcome_of(EQUIVALENT, w.p < alpha, p_tost < alpha, margin), alpha, (a.n, b.n), sd, mde)
+    return RecipeCheck(
+        task, metric, w, p_tost, outcome_of(EQUIVALENT, w.p < alpha, p_tost < alpha, margin), alpha, (a.n, b.n), sd, mde
+    )

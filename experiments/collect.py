@@ -22,20 +22,27 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from experiments.records import SEARCH_EXPERIMENT
 
 FAMILIES = ("lora-1", "lora-2", "lora-4", "full", "head_only")
-COLLECTED = ("ablations", "recipe", "lora_vs_full", "smollm2", "decoder", "precision")  # the sweep folders below multirun/ that collect copies
+COLLECTED = (
+    "ablations",
+    "recipe",
+    "lora_vs_full",
+    "smollm2",
+    "decoder",
+    "precision",
+)  # the sweep folders below multirun/ that collect copies
 DEST = {"smollm2": "decoder"}  # a sweep folder copied under another name (experiments/runs/decoder)
 SMALL_FILES = ("summary.json", "resolved_config.yaml", "test_predictions.json", "zero_shot_predictions.json")
 SWEEP_FILES = ("COMMIT",)  # files of a sweep folder itself
 ADAPTER = "adapter.safetensors"
 SUBSPACE_RANKS = (4, 8, 64)  # the ranks experiments/subspace.py reads (§7.2: 8 vs 64; §7.3: 4 and 64)
 SUBSPACE_EXPERIMENTS = ("table6", "convergence")  # §7.2 / §7.3 at 150 and at 300 steps
-SUBSPACE_SEEDS = (1, 2, 3)   # the seeds of every Table 6 cell (seeds 4, 5 of some cells are not kept: 3 MB each at r=64)
+SUBSPACE_SEEDS = (1, 2, 3)  # the seeds of every Table 6 cell (seeds 4, 5 of some cells are not kept: 3 MB each at r=64)
 
 
 # --------------------------------------------------------------------------- learning rates
@@ -52,7 +59,11 @@ def ablation_lrs(rows: Iterable[dict]) -> dict[str, float]:
     validation accuracy (mean over runs at that lr); ties go to the smaller lr."""
     by_family: dict[str, dict[float, list[float]]] = {}
     for row in rows:
-        if row.get("experiment") == SEARCH_EXPERIMENT and row.get("best_val_acc") is not None and row.get("lr") is not None:
+        if (
+            row.get("experiment") == SEARCH_EXPERIMENT
+            and row.get("best_val_acc") is not None
+            and row.get("lr") is not None
+        ):
             by_family.setdefault(family_of(row), {}).setdefault(float(row["lr"]), []).append(float(row["best_val_acc"]))
     chosen = {}
     for family, by_lr in by_family.items():
@@ -67,7 +78,11 @@ def edge_extensions(rows: Iterable[dict]) -> dict[str, float]:
     significant digits. Families with an interior choice, or searched at one lr only, are left out."""
     searched: dict[str, set[float]] = {}
     for row in rows:
-        if row.get("experiment") == SEARCH_EXPERIMENT and row.get("best_val_acc") is not None and row.get("lr") is not None:
+        if (
+            row.get("experiment") == SEARCH_EXPERIMENT
+            and row.get("best_val_acc") is not None
+            and row.get("lr") is not None
+        ):
             searched.setdefault(family_of(row), set()).add(float(row["lr"]))
     chosen = ablation_lrs(rows)
     out = {}

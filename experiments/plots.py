@@ -38,9 +38,15 @@ def plot_table5(rows: list[dict], stats: dict[str, Stat], path: Path) -> Path:
     for m_i, (metric, colour, dots) in enumerate(zip(metrics, ("#8fb3d9", "#e3b778"), ("#1f3b5c", "#7a4f0f"))):
         cells = table5_stats(rows, metric)
         xs = [i + (m_i - (len(metrics) - 1) / 2) * width for i in range(len(present))]
-        ax.bar(xs, [cells[t].mean if t in cells else math.nan for t in present], width,
-               yerr=[0 if t not in cells or math.isnan(cells[t].std) else cells[t].std for t in present],
-               color=colour, capsize=3, label=f"{METRIC_NAMES[metric]}, mean ± std over seeds")
+        ax.bar(
+            xs,
+            [cells[t].mean if t in cells else math.nan for t in present],
+            width,
+            yerr=[0 if t not in cells or math.isnan(cells[t].std) else cells[t].std for t in present],
+            color=colour,
+            capsize=3,
+            label=f"{METRIC_NAMES[metric]}, mean ± std over seeds",
+        )
         for x, t in zip(xs, present):
             seeds = [100 * r[metric] for r in rows if r["targets_key"] == t and has_metric(r, metric)]
             ax.scatter([x] * len(seeds), seeds, color=dots, s=10, zorder=3)
@@ -54,7 +60,9 @@ def plot_table5(rows: list[dict], stats: dict[str, Stat], path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_table6(stats: dict[tuple[str, int], Stat], ref_rows: list[dict], path: Path, rows: list[dict] | None = None) -> Path:
+def plot_table6(
+    stats: dict[tuple[str, int], Stat], ref_rows: list[dict], path: Path, rows: list[dict] | None = None
+) -> Path:
     """Accuracy vs r per weight-type set (mean ± std over seeds), reference rows as lines; one panel per metric."""
     metrics = metrics_present((rows or []) + ref_rows)
     fig = _figure(6.5 * len(metrics), 4.0)
@@ -65,7 +73,15 @@ def plot_table6(stats: dict[tuple[str, int], Stat], ref_rows: list[dict], path: 
             rs = [r for r in TABLE6_RANKS if (t, r) in cells]
             if rs:
                 errs = [0 if math.isnan(cells[(t, r)].std) else cells[(t, r)].std for r in rs]
-                ax.errorbar(rs, [cells[(t, r)].mean for r in rs], yerr=errs, marker="o", capsize=3, color=colour, label=f"W{{{t}}}")
+                ax.errorbar(
+                    rs,
+                    [cells[(t, r)].mean for r in rs],
+                    yerr=errs,
+                    marker="o",
+                    capsize=3,
+                    color=colour,
+                    label=f"W{{{t}}}",
+                )
         ref = {k[0]: s for k, s in group(ref_rows, "method", metric=metric).items()} if ref_rows else {}
         for m, style, label in (("full", "--", "full fine-tuning"), ("head_only", ":", "head only")):
             if m in ref:
@@ -89,7 +105,12 @@ def plot_adalora_ranks(rows: list[dict], path: Path) -> Path | None:
     names = sorted(runs[0]["adalora_ranks"])
     width = 0.8 / len(runs)
     for i, run in enumerate(sorted(runs, key=lambda r: r.get("seed", 0))):
-        ax.bar([j + i * width for j in range(len(names))], [run["adalora_ranks"].get(n, 0) for n in names], width, label=f"seed {run.get('seed')}")
+        ax.bar(
+            [j + i * width for j in range(len(names))],
+            [run["adalora_ranks"].get(n, 0) for n in names],
+            width,
+            label=f"seed {run.get('seed')}",
+        )
     short = [n.replace("model.bert.encoder.layer.", "L").replace(".attention.self.", ".") for n in names]
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], short, rotation=60, fontsize=7)
     ax.set_ylabel("final rank")
@@ -109,8 +130,12 @@ def plot_curves(panels: dict[str, dict[str, list[dict]]], path: Path) -> Path:
         for label, runs in curves.items():
             curve = mean_curve(runs)
             steps = [s for s, _, _ in curve]
-            line, = ax.plot(steps, [m for _, m, _ in curve], marker="o", markersize=3, label=f"{label} (n={len(runs)})")
-            ax.fill_between(steps, [min(v) for _, _, v in curve], [max(v) for _, _, v in curve], color=line.get_color(), alpha=0.15)
+            (line,) = ax.plot(
+                steps, [m for _, m, _ in curve], marker="o", markersize=3, label=f"{label} (n={len(runs)})"
+            )
+            ax.fill_between(
+                steps, [min(v) for _, _, v in curve], [max(v) for _, _, v in curve], color=line.get_color(), alpha=0.15
+            )
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("validation accuracy (%)")
         ax.set_title(title, fontsize=9)

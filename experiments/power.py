@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 from scipy import integrate
 from scipy import stats as scipy_stats
@@ -100,7 +100,9 @@ def seeds_for_difference(delta: float, sd: float, alpha: float, power: float = 0
     return next(n for n in range(2, most + 1) if power_difference(n, delta, sd, alpha) >= power)
 
 
-def seeds_for_equivalence(margin: float, sd: float, alpha: float, power: float = 0.8, theta: float = 0.0, most: int = 500) -> int:
+def seeds_for_equivalence(
+    margin: float, sd: float, alpha: float, power: float = 0.8, theta: float = 0.0, most: int = 500
+) -> int:
     """Smallest n per arm whose TOST shows equivalence within ±``margin`` with at least ``power`` when the true
     difference is ``theta``."""
     return next(n for n in range(2, most + 1) if power_equivalence(n, margin, sd, alpha, theta) >= power)
@@ -160,18 +162,34 @@ class Plan:
 
 def power_table(plans: Sequence[Plan], at: Sequence[int]) -> str:
     """Markdown: per plan, the seeds each test needs, and the power and MDE at each n of ``at``."""
-    head = "| comparison | planning sd (pp) | family k | per-check level | n for Δ=margin | n for TOST (θ=0) | " + " | ".join(
-        f"power Δ / TOST, MDE at n={n}" for n in at) + " |"
+    head = (
+        "| comparison | planning sd (pp) | family k | per-check level | n for Δ=margin | n for TOST (θ=0) | "
+        + " | ".join(f"power Δ / TOST, MDE at n={n}" for n in at)
+        + " |"
+    )
     lines = [head, "|" + "---|" * (6 + len(at))]
     for p in plans:
-        cells = [f"{power_difference(n, p.delta, p.sd, p.level):.2f} / {power_equivalence(n, p.margin, p.sd, p.level):.2f}, "
-                 f"{mde(n, p.sd, p.level, p.power):.2f}" for n in at]
-        lines.append(f"| {p.name} | {p.sd:.2f} | {p.k} | {p.level:.4f} | {p.n_difference} | {p.n_equivalence} | " + " | ".join(cells) + " |")
+        cells = [
+            f"{power_difference(n, p.delta, p.sd, p.level):.2f} / {power_equivalence(n, p.margin, p.sd, p.level):.2f}, "
+            f"{mde(n, p.sd, p.level, p.power):.2f}"
+            for n in at
+        ]
+        lines.append(
+            f"| {p.name} | {p.sd:.2f} | {p.k} | {p.level:.4f} | {p.n_difference} | {p.n_equivalence} | "
+            + " | ".join(cells)
+            + " |"
+        )
     return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- the pre-registered plan
-PILOT_EXPERIMENTS = ("table5", "table6", "table6_reference", "convergence", "convergence_table5")  # the ablation task's cells
+PILOT_EXPERIMENTS = (
+    "table5",
+    "table6",
+    "table6_reference",
+    "convergence",
+    "convergence_table5",
+)  # the ablation task's cells
 PRIMARY_MARGIN = 1.0  # accuracy points: equivalence margin and the difference the study is sized to detect
 PRIMARY_POWER = 0.8
 PRIMARY_K = 2  # one check per schedule (150 and 300 steps) in the primary family
@@ -181,17 +199,29 @@ def primary_plan(rows: Sequence[dict], metric: str, alpha: float = 0.05) -> tupl
     """The primary comparison (LoRA {q,v} r=8 vs full fine-tuning on the ablation task, at 150 and 300 steps),
     sized on the pooled seed-to-seed sd of every pilot cell of the ablation task (its upper 80% bound)."""
     pilot = pooled_sd([r for r in rows if r.get("experiment") in PILOT_EXPERIMENTS], metric)
-    plan = Plan(f"LoRA {{q,v}} r=8 vs full FT, {metric}", pilot.upper, alpha, PRIMARY_K, PRIMARY_MARGIN, PRIMARY_MARGIN, PRIMARY_POWER)
+    plan = Plan(
+        f"LoRA {{q,v}} r=8 vs full FT, {metric}",
+        pilot.upper,
+        alpha,
+        PRIMARY_K,
+        PRIMARY_MARGIN,
+        PRIMARY_MARGIN,
+        PRIMARY_POWER,
+    )
     return plan, pilot
 
 
-def planning_report(rows: Sequence[dict], metrics: Sequence[str], at: Sequence[int] = (3, 5, 10, 18), alpha: float = 0.05) -> str:
+def planning_report(
+    rows: Sequence[dict], metrics: Sequence[str], at: Sequence[int] = (3, 5, 10, 18), alpha: float = 0.05
+) -> str:
     """The power section of experiments/PREREGISTRATION.md: the pilot, then per metric the seeds the primary
     comparison needs and the power and MDE at a few n (``python -m experiments power`` prints it)."""
     lines, plans = [], []
     for metric in metrics:
         plan, pilot = primary_plan(rows, metric, alpha)
         plans.append(plan)
-        lines.append(f"- {metric}: pooled seed sd {pilot.sd:.3f} points over {pilot.cells} pilot cells ({pilot.df} degrees of freedom); "
-                     f"upper {pilot.level:.0%} bound {pilot.upper:.3f} (the planning sd)")
+        lines.append(
+            f"- {metric}: pooled seed sd {pilot.sd:.3f} points over {pilot.cells} pilot cells ({pilot.df} degrees of freedom); "
+            f"upper {pilot.level:.0%} bound {pilot.upper:.3f} (the planning sd)"
+        )
     return "\n".join([*lines, "", power_table(plans, at)])

@@ -12,8 +12,8 @@ verdicts are printed as provisional. Built from ``records``, ``stats``, ``power`
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from experiments.claims import (
     AGREES,
@@ -85,14 +85,23 @@ def status_line(rows: list[dict], runs: Path | None) -> str:
     """How many of the 17 pre-registered seeds are in, per cell and in all four cells."""
     cells = primary_cells(rows)
     done = primary_seeds(rows)
-    per_cell = "; ".join(f"{s} steps {arm}: {len([x for x in cells[(s, arm)] if x in PRIMARY_SEEDS])}"
-                         for s in PRIMARY for arm in ("lora", "full"))
+    per_cell = "; ".join(
+        f"{s} steps {arm}: {len([x for x in cells[(s, arm)] if x in PRIMARY_SEEDS])}"
+        for s in PRIMARY
+        for arm in ("lora", "full")
+    )
     reason = declared_complete(runs)
-    head = (f"Declared complete with {len(done)} of {len(PRIMARY_SEEDS)} seeds ({reason})" if reason is not None
-            else f"Complete: {len(done)} of {len(PRIMARY_SEEDS)} seeds" if len(done) == len(PRIMARY_SEEDS)
-            else f"In progress: {len(done)} of {len(PRIMARY_SEEDS)} pre-registered seeds are in all four cells")
-    return (f"{head} (analysed: seeds {seed_range(list(done))}, n = {len(done)} per arm at each schedule); finished runs "
-            f"per cell, of the pre-registered seeds: {per_cell}.")
+    head = (
+        f"Declared complete with {len(done)} of {len(PRIMARY_SEEDS)} seeds ({reason})"
+        if reason is not None
+        else f"Complete: {len(done)} of {len(PRIMARY_SEEDS)} seeds"
+        if len(done) == len(PRIMARY_SEEDS)
+        else f"In progress: {len(done)} of {len(PRIMARY_SEEDS)} pre-registered seeds are in all four cells"
+    )
+    return (
+        f"{head} (analysed: seeds {seed_range(list(done))}, n = {len(done)} per arm at each schedule); finished runs "
+        f"per cell, of the pre-registered seeds: {per_cell}."
+    )
 
 
 def deviations(rows: list[dict], runs: Path | None) -> list[str]:
@@ -103,32 +112,48 @@ def deviations(rows: list[dict], runs: Path | None) -> list[str]:
         mine = of_experiment(rows, experiment)
         extra = sorted({r.get("seed") for r in mine if r.get("seed") not in PRIMARY_SEEDS}, key=str)
         if extra:
-            out.append(f"primary study, {schedule} steps: runs with seeds outside 101-117 ({', '.join(map(str, extra))}); not analysed.")
+            out.append(
+                f"primary study, {schedule} steps: runs with seeds outside 101-117 ({', '.join(map(str, extra))}); not analysed."
+            )
         lora, full = arms(mine)
         other = [r for r in mine if r not in lora and r not in full]
         if other:
-            out.append(f"primary study, {schedule} steps: {len(other)} runs of neither arm (LoRA W{{q,v}} r=8, full "
-                       "fine-tuning); not analysed.")
+            out.append(
+                f"primary study, {schedule} steps: {len(other)} runs of neither arm (LoRA W{{q,v}} r=8, full "
+                "fine-tuning); not analysed."
+            )
         wrong_lr = [r for r in lora if r.get("lr") != LORA_LR] + [r for r in full if r.get("lr") != FULL_LR]
         if wrong_lr:
-            out.append(f"primary study, {schedule} steps: {len(wrong_lr)} runs at another lr than the pre-registered "
-                       f"{LORA_LR:g} (LoRA) / {FULL_LR:g} (full fine-tuning): seeds {', '.join(str(r.get('seed')) for r in wrong_lr)}.")
+            out.append(
+                f"primary study, {schedule} steps: {len(wrong_lr)} runs at another lr than the pre-registered "
+                f"{LORA_LR:g} (LoRA) / {FULL_LR:g} (full fine-tuning): seeds {', '.join(str(r.get('seed')) for r in wrong_lr)}."
+            )
         wrong_steps = [r for r in lora + full if r.get("steps") not in (None, STEPS[schedule])]
         if wrong_steps:
             which = ", ".join(f"seed {r.get('seed')}: {r.get('steps')}" for r in wrong_steps)
-            out.append(f"primary study, {schedule} steps: {len(wrong_steps)} runs trained another number of steps ({which}).")
+            out.append(
+                f"primary study, {schedule} steps: {len(wrong_steps)} runs trained another number of steps ({which})."
+            )
         no_examples = [r for r in lora + full if not r.get("test_correct")]
         if no_examples:
-            out.append(f"primary study, {schedule} steps: {len(no_examples)} runs without per-example test results "
-                       "(`test_correct`), so the bootstrap over test examples leaves their arm out.")
+            out.append(
+                f"primary study, {schedule} steps: {len(no_examples)} runs without per-example test results "
+                "(`test_correct`), so the bootstrap over test examples leaves their arm out."
+            )
     changes = commit_lines(runs)[1:]
     if changes:
-        out.append("primary study: trained with local changes of the training code: " + "; ".join(f"`{c}`" for c in changes) + ".")
+        out.append(
+            "primary study: trained with local changes of the training code: "
+            + "; ".join(f"`{c}`" for c in changes)
+            + "."
+        )
     reason = declared_complete(runs)
     n = len(primary_seeds(rows))
     if reason is not None and n < len(PRIMARY_SEEDS):
-        out.append(f"primary study: declared complete with {n} of {len(PRIMARY_SEEDS)} seeds per arm ({reason}); "
-                   "the checks below report the power of that n (MDE).")
+        out.append(
+            f"primary study: declared complete with {n} of {len(PRIMARY_SEEDS)} seeds per arm ({reason}); "
+            "the checks below report the power of that n (MDE)."
+        )
     return out
 
 
@@ -136,14 +161,18 @@ def reading(check: ClaimCheck, bootstrap: tuple | None = None) -> str:
     """What a LoRA-vs-full check supports, in words no stronger than its interval, with its n and MDE."""
     w, m = check.welch, check.margin
     power = f"n {check.n_text}, MDE {mde_text(check.mde)} pp"
-    boot = f"; bootstrap over seeds and test examples {bootstrap[0]:+.2f} [{bootstrap[1]:+.2f}, {bootstrap[2]:+.2f}]" if bootstrap else ""
+    boot = (
+        f"; bootstrap over seeds and test examples {bootstrap[0]:+.2f} [{bootstrap[1]:+.2f}, {bootstrap[2]:+.2f}]"
+        if bootstrap
+        else ""
+    )
     if check.outcome.startswith("n/a"):
         return f"not testable yet (fewer than two seeds per arm; {power})"
     if check.verdict == AGREES:
         return f"LoRA matches full fine-tuning within ±{m:g} point: {ci_text(w)} pp (TOST Holm p {p_text(check.p_tost_holm, check.alpha)}; {power}{boot})"
     if check.outcome == DIFFERENT:
         side = "below" if w.diff < 0 else "above"
-        return (f"LoRA is {side} full fine-tuning: {ci_text(w)} pp (Holm p {p_text(check.p_holm, check.alpha)}; {power}{boot})")
+        return f"LoRA is {side} full fine-tuning: {ci_text(w)} pp (Holm p {p_text(check.p_holm, check.alpha)}; {power}{boot})"
     return f"the data cannot tell: {interval_text(check)} ({power}{boot})"
 
 
@@ -155,15 +184,21 @@ def interval_text(check: ClaimCheck) -> str:
     if math.isnan(lo):
         return f"the difference {ci} pp has no interval"
     if lo > 0 or hi < 0:
-        return (f"the 95% CI {ci} pp excludes 0, but the difference is not significant after Holm's correction "
-                f"(Holm p {p_text(check.p_holm, check.alpha)})")
+        return (
+            f"the 95% CI {ci} pp excludes 0, but the difference is not significant after Holm's correction "
+            f"(Holm p {p_text(check.p_holm, check.alpha)})"
+        )
     if check.claim.kind != EQUIVALENT:
         return f"the 95% CI {ci} pp includes 0 (Holm p {p_text(check.p_holm, check.alpha)})"
     if lo > -m and hi < m:
-        return (f"the 95% CI {ci} pp includes 0 and lies inside ±{m:g}, but equivalence is not significant after "
-                f"correction (TOST Holm p {p_text(check.p_tost_holm, check.alpha)})")
-    return (f"the 95% CI {ci} pp includes 0 and reaches beyond ±{m:g} (Holm p {p_text(check.p_holm, check.alpha)}, "
-            f"TOST Holm p {p_text(check.p_tost_holm, check.alpha)})")
+        return (
+            f"the 95% CI {ci} pp includes 0 and lies inside ±{m:g}, but equivalence is not significant after "
+            f"correction (TOST Holm p {p_text(check.p_tost_holm, check.alpha)})"
+        )
+    return (
+        f"the 95% CI {ci} pp includes 0 and reaches beyond ±{m:g} (Holm p {p_text(check.p_holm, check.alpha)}, "
+        f"TOST Holm p {p_text(check.p_tost_holm, check.alpha)})"
+    )
 
 
 def family_table(checks: Sequence[PrimaryCheck]) -> list[str]:
@@ -184,16 +219,22 @@ def family_table(checks: Sequence[PrimaryCheck]) -> list[str]:
         c, w = pc.check, pc.check.welch
         tdf = "-" if math.isnan(w.t) else f"{w.t:+.2f} ({w.df:.1f})"
         tost = p_text(c.p_tost_holm, c.alpha) + ("" if math.isnan(c.tost_power) else f" [{c.tost_power:.2f}]")
-        boot = (f"{pc.bootstrap[0]:+.2f} [{pc.bootstrap[1]:+.2f}, {pc.bootstrap[2]:+.2f}] ({pc.bootstrap[3]} examples)"
-                if pc.bootstrap else "-")
-        lines.append(f"| {pc.schedule} steps | {c.claim.a} | {c.claim.b} | {seed_range(list(pc.seeds_lora))} / {seed_range(list(pc.seeds_full))} "
-                     f"| {c.n_text} | {ci_text(w)} | {tdf} | {p_text(w.p, c.level)} | {p_text(c.p_holm, c.alpha)} | {tost} | "
-                     f"{mde_text(c.mde)} | {boot} | {c.outcome} | **{c.verdict}** |")
+        boot = (
+            f"{pc.bootstrap[0]:+.2f} [{pc.bootstrap[1]:+.2f}, {pc.bootstrap[2]:+.2f}] ({pc.bootstrap[3]} examples)"
+            if pc.bootstrap
+            else "-"
+        )
+        lines.append(
+            f"| {pc.schedule} steps | {c.claim.a} | {c.claim.b} | {seed_range(list(pc.seeds_lora))} / {seed_range(list(pc.seeds_full))} "
+            f"| {c.n_text} | {ci_text(w)} | {tdf} | {p_text(w.p, c.level)} | {p_text(c.p_holm, c.alpha)} | {tost} | "
+            f"{mde_text(c.mde)} | {boot} | {c.outcome} | **{c.verdict}** |"
+        )
     return lines
 
 
-def primary_section(rows: list[dict], runs: Path | None = None, margin: float = MARGIN, alpha: float = ALPHA
-                    ) -> tuple[list[str], dict[str, list[PrimaryCheck]], dict[str, list[PrimaryCheck]]]:
+def primary_section(
+    rows: list[dict], runs: Path | None = None, margin: float = MARGIN, alpha: float = ALPHA
+) -> tuple[list[str], dict[str, list[PrimaryCheck]], dict[str, list[PrimaryCheck]]]:
     """The section, the primary family's checks (by metric) and the pilot's (exploratory), for the report's summary
     lists; empty when neither the study nor the pilot has runs."""
     primary = primary_checks(rows, margin, alpha)
@@ -218,11 +259,13 @@ def primary_section(rows: list[dict], runs: Path | None = None, margin: float = 
     ]
     if primary:
         commit = commit_lines(runs)
-        lines += [status_line(rows, runs)
-                  + (f" Trained at commit `{commit[0][:12]}`." if commit else ""), ""]
+        lines += [status_line(rows, runs) + (f" Trained at commit `{commit[0][:12]}`." if commit else ""), ""]
         if provisional:
-            lines += ["**Provisional:** the study is in progress, so the verdicts below are provisional; the pre-registered "
-                      "verdict is the one read at 17 seeds per arm (or at the n the study is declared complete with).", ""]
+            lines += [
+                "**Provisional:** the study is in progress, so the verdicts below are provisional; the pre-registered "
+                "verdict is the one read at 17 seeds per arm (or at the n the study is declared complete with).",
+                "",
+            ]
         testable = any(not pc.check.outcome.startswith("n/a") for checks in primary.values() for pc in checks)
         if not testable:
             lines += ["No check is testable yet: fewer than two of the pre-registered seeds are in all four cells.", ""]
@@ -231,11 +274,19 @@ def primary_section(rows: list[dict], runs: Path | None = None, margin: float = 
                 continue
             role = "primary" if metric == TEST_METRIC else "secondary"
             lines += [f"On {METRIC_NAMES[metric]} ({role} family):", "", *family_table(primary[metric]), ""]
-            lines += [f"- {pc.schedule} steps, {METRIC_NAMES[metric]}: " + ("provisional: " if provisional else "")
-                      + reading(pc.check, pc.bootstrap) + "." for pc in primary[metric]] + [""]
+            lines += [
+                f"- {pc.schedule} steps, {METRIC_NAMES[metric]}: "
+                + ("provisional: " if provisional else "")
+                + reading(pc.check, pc.bootstrap)
+                + "."
+                for pc in primary[metric]
+            ] + [""]
     else:
-        lines += [f"Not run yet: no `{PRIMARY[150]}` or `{PRIMARY[300]}` run is collected; the pilot's figures below are "
-                  "exploratory.", ""]
+        lines += [
+            f"Not run yet: no `{PRIMARY[150]}` or `{PRIMARY[300]}` run is collected; the pilot's figures below are "
+            "exploratory.",
+            "",
+        ]
     if pilot:
         lines += [
             "### The pilot (exploratory)",
@@ -249,6 +300,10 @@ def primary_section(rows: list[dict], runs: Path | None = None, margin: float = 
         for metric in (TEST_METRIC, METRIC):
             if metric in pilot:
                 lines += [f"On {METRIC_NAMES[metric]}:", "", *family_table(pilot[metric]), ""]
-                lines += [f"- pilot, {pc.schedule} steps, {METRIC_NAMES[metric]} (exploratory): " + reading(pc.check, pc.bootstrap) + "."
-                          for pc in pilot[metric]] + [""]
+                lines += [
+                    f"- pilot, {pc.schedule} steps, {METRIC_NAMES[metric]} (exploratory): "
+                    + reading(pc.check, pc.bootstrap)
+                    + "."
+                    for pc in pilot[metric]
+                ] + [""]
     return lines, primary, pilot

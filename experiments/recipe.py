@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from experiments.claims import EQUIVALENT, RecipeCheck, equivalent_label, harmonic_n, outcome_of, recipe_check
 from experiments.plots import plot_curves
@@ -85,8 +86,14 @@ def search_grid_notes(search: list[dict]) -> dict[int, list[str]]:
     groups: dict[tuple, list[dict]] = {}
     varied = lora_settings_vary(search)
     for r in search:
-        groups.setdefault((r.get("method"), r["targets_key"] if r.get("method") == "lora" else "",
-                           lora_key(r)[2:] if varied and r.get("method") == "lora" else ()), []).append(r)
+        groups.setdefault(
+            (
+                r.get("method"),
+                r["targets_key"] if r.get("method") == "lora" else "",
+                lora_key(r)[2:] if varied and r.get("method") == "lora" else (),
+            ),
+            [],
+        ).append(r)
     for (method, _, setting), runs in groups.items():
         best = best_by_val(runs)
         if best is None:
@@ -100,7 +107,9 @@ def search_grid_notes(search: list[dict]) -> dict[int, list[str]]:
         elif float(best["lr"]) == lrs[-1]:
             where.append(f"on the upper edge of the {len(lrs)} lrs searched")
         if method == "lora":
-            where.insert(0, f"best of LoRA W{{{best['targets_key']}}}" + (f", {setting_text(setting)}" if setting else ""))
+            where.insert(
+                0, f"best of LoRA W{{{best['targets_key']}}}" + (f", {setting_text(setting)}" if setting else "")
+            )
         notes.setdefault(id(best), []).extend(where)
     return notes
 
@@ -115,7 +124,9 @@ def setting_text(setting: tuple) -> str:
     return f"alpha {'?' if alpha is None else f'{alpha:g}'}, dropout {'?' if dropout is None else f'{dropout:g}'}"
 
 
-def recipe_search_table(search: list[dict], default: tuple[str, float] | None, cut_off: Sequence[str] = ()) -> list[str]:
+def recipe_search_table(
+    search: list[dict], default: tuple[str, float] | None, cut_off: Sequence[str] = ()
+) -> list[str]:
     """Seed-0 search of one task: one row per (method, targets, lr) with val and test accuracy, the choices, where
     each method's best lr sits in its grid, and the runs its log shows cut off (``cut_off``: rows already written)."""
     if not search:
@@ -135,9 +146,13 @@ def recipe_search_table(search: list[dict], default: tuple[str, float] | None, c
         if is_default(r, default):
             notes.append("the LoRA default")
         notes += grid.get(id(r), [])
-        targets = targets_text(r["targets_key"]) + (f" ({setting_text(lora_key(r)[2:])})" if varied and r.get("method") == "lora" else "")
-        lines.append(f"| {METHOD_LABELS.get(r.get('method'), r.get('method'))} | {targets} | {r.get('lr', 0):g} "
-                     f"| {pct(r.get(METRIC))} | {pct(r.get(TEST_METRIC))} | {', '.join(notes)} |")
+        targets = targets_text(r["targets_key"]) + (
+            f" ({setting_text(lora_key(r)[2:])})" if varied and r.get("method") == "lora" else ""
+        )
+        lines.append(
+            f"| {METHOD_LABELS.get(r.get('method'), r.get('method'))} | {targets} | {r.get('lr', 0):g} "
+            f"| {pct(r.get(METRIC))} | {pct(r.get(TEST_METRIC))} | {', '.join(notes)} |"
+        )
     return lines + list(cut_off)
 
 
@@ -153,15 +168,30 @@ def cut_off_rows(logs: Path | None, task: str, rows: list[dict], experiment: str
     out = []
     for block in unfinished_blocks(sorted(logs.glob("recipe_search*.log"))):
         o = overrides_dict(block.overrides)
-        if o.get("data") != task or o.get("experiment") != "recipe" or int(o.get("seed", seed)) != seed or "experiment_name" in o:
+        if (
+            o.get("data") != task
+            or o.get("experiment") != "recipe"
+            or int(o.get("seed", seed)) != seed
+            or "experiment_name" in o
+        ):
             continue
         method, lr = method_of(o), float(o.get("lora.lr", "nan"))
         targets = o.get("lora.targets", "").strip("[]") if method == "lora" else ""
-        done = [r for r in of_experiment(rows, experiment) if r.get("data") == task and r.get("seed") == seed and r.get("method") == method
-                and r.get("lr") is not None and math.isclose(float(r["lr"]), lr) and (method != "lora" or r["targets_key"] == targets)]
+        done = [
+            r
+            for r in of_experiment(rows, experiment)
+            if r.get("data") == task
+            and r.get("seed") == seed
+            and r.get("method") == method
+            and r.get("lr") is not None
+            and math.isclose(float(r["lr"]), lr)
+            and (method != "lora" or r["targets_key"] == targets)
+        ]
         if not done:
-            out.append(f"| {METHOD_LABELS.get(method, method)} | {targets_text(targets)} | {lr:g} | - | - | cut off: started, never "
-                       f"finished (no summary in `{Path(block.log).name}`, job #{block.job}) |")
+            out.append(
+                f"| {METHOD_LABELS.get(method, method)} | {targets_text(targets)} | {lr:g} | - | - | cut off: started, never "
+                f"finished (no summary in `{Path(block.log).name}`, job #{block.job}) |"
+            )
     return out
 
 
@@ -184,17 +214,30 @@ def recipe_final_table(final: list[dict], search: list[dict]) -> list[str]:
         lrs = {float(r["lr"]) for r in mine if r.get("lr") is not None}
         note = ""
         if method == "full" and best_full is not None:
-            note = "the lr with the best val acc in the search" if lrs == {float(best_full["lr"])} else f"search chose {best_full['lr']:g} on val"
+            note = (
+                "the lr with the best val acc in the search"
+                if lrs == {float(best_full["lr"])}
+                else f"search chose {best_full['lr']:g} on val"
+            )
         if method == "lora":
             note = "the LoRA default"
         if method == "head_only":
-            tried = sorted({float(r["lr"]) for r in search if r.get("method") == "head_only" and r.get("lr") is not None})
+            tried = sorted(
+                {float(r["lr"]) for r in search if r.get("method") == "head_only" and r.get("lr") is not None}
+            )
             if len(tried) < 2:
-                note = ("lr not searched on this task" + (f" (one search run, at {lr_text(tried)})" if tried else "")
-                        + ": a baseline at an unsearched lr, a lower bound for head-only training")
-        lines.append(f"| {METHOD_LABELS[method] if method != 'lora' else 'LoRA default'} | {targets_text(mine[0]['targets_key']) if method == 'lora' else ''} "
-                     f"| {lr_text(lrs)} | {seeds_text(mine)} | {stat_of(mine, METRIC)} | {stat_of(mine, TEST_METRIC)} | {note} |")
-    ns = sorted({stat_of([r for r in final if r.get("method") == m], METRIC).n for m in ("full", "lora", "head_only")} - {0})
+                note = (
+                    "lr not searched on this task"
+                    + (f" (one search run, at {lr_text(tried)})" if tried else "")
+                    + ": a baseline at an unsearched lr, a lower bound for head-only training"
+                )
+        lines.append(
+            f"| {METHOD_LABELS[method] if method != 'lora' else 'LoRA default'} | {targets_text(mine[0]['targets_key']) if method == 'lora' else ''} "
+            f"| {lr_text(lrs)} | {seeds_text(mine)} | {stat_of(mine, METRIC)} | {stat_of(mine, TEST_METRIC)} | {note} |"
+        )
+    ns = sorted(
+        {stat_of([r for r in final if r.get("method") == m], METRIC).n for m in ("full", "lora", "head_only")} - {0}
+    )
     lines += ["", f"Mean ± std over seeds (n = {', '.join(map(str, ns)) or '-'} per row); {STD_NOTE}."]
     return lines
 
@@ -205,12 +248,17 @@ def task_alpha(task: str, alpha: float) -> float:
 
 
 def recipe_check_rows(checks: Sequence[RecipeCheck], margin: float) -> list[str]:
-    lines = [f"| LoRA default − full FT | n (LoRA / full) | difference (pp) [95% CI] | Welch t (df) | p | TOST p (±{margin:g}) | level | "
-             "MDE (pp) | outcome |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| LoRA default − full FT | n (LoRA / full) | difference (pp) [95% CI] | Welch t (df) | p | TOST p (±{margin:g}) | level | "
+        "MDE (pp) | outcome |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for c in checks:
         tdf = "-" if math.isnan(c.welch.t) else f"{c.welch.t:+.2f} ({c.welch.df:.1f})"
-        lines.append(f"| {METRIC_NAMES[c.metric]} | {c.n[0]} / {c.n[1]} | {ci_text(c.welch)} | {tdf} | {p_text(c.welch.p, c.alpha)} | "
-                     f"{p_text(c.p_tost, c.alpha)} | {c.alpha:g} | {mde_text(c.mde)} | **{c.outcome}** |")
+        lines.append(
+            f"| {METRIC_NAMES[c.metric]} | {c.n[0]} / {c.n[1]} | {ci_text(c.welch)} | {tdf} | {p_text(c.welch.p, c.alpha)} | "
+            f"{p_text(c.p_tost, c.alpha)} | {c.alpha:g} | {mde_text(c.mde)} | **{c.outcome}** |"
+        )
     return lines
 
 
@@ -230,12 +278,25 @@ def lora_configs_table(search: list[dict], tasks: list[str]) -> list[str]:
         return []
 
     def run_of(t: str, key: tuple[str, float]) -> dict | None:
-        return next((r for r in lora if r.get("data") == t and (r["targets_key"], float(r["lr"])) == key and has_metric(r, METRIC)), None)
+        return next(
+            (
+                r
+                for r in lora
+                if r.get("data") == t and (r["targets_key"], float(r["lr"])) == key and has_metric(r, METRIC)
+            ),
+            None,
+        )
 
     common = [t for t in tasks if all(run_of(t, k) for k in configs)]
-    mean_head = f"mean val over {', '.join(common)} (the tasks every row was searched on)" if common else "mean val (no task has every row)"
-    lines = ["| LoRA targets | lr | " + " | ".join(f"{t}: val / test" for t in tasks) + f" | {mean_head} |",
-             "|---|---|" + "---|" * len(tasks) + "---|"]
+    mean_head = (
+        f"mean val over {', '.join(common)} (the tasks every row was searched on)"
+        if common
+        else "mean val (no task has every row)"
+    )
+    lines = [
+        "| LoRA targets | lr | " + " | ".join(f"{t}: val / test" for t in tasks) + f" | {mean_head} |",
+        "|---|---|" + "---|" * len(tasks) + "---|",
+    ]
     for key in configs:
         cells = []
         for t in tasks:
@@ -261,23 +322,33 @@ def final_command(search: list[dict], tasks_needed: Sequence[str] = RECIPE_ORDER
     for key in {(r["targets_key"], float(r["lr"])) for r in lora}:
         mine = [r for r in lora if (r["targets_key"], float(r["lr"])) == key and r.get("data") in tasks_needed]
         if {r.get("data") for r in mine} >= set(tasks_needed):
-            means[key] = statistics.fmean(statistics.fmean(r[METRIC] for r in mine if r.get("data") == t) for t in tasks_needed)
+            means[key] = statistics.fmean(
+                statistics.fmean(r[METRIC] for r in mine if r.get("data") == t) for t in tasks_needed
+            )
     if not means:
         return None
     targets, lr = min(means, key=lambda k: (-means[k], k[1]))
     full_text = ", ".join(f"{t} {full_lr[t]!r}" for t in tasks_needed)
-    return (f"RUNS=experiments/runs bash experiments/recipe.sh final {lr!r} '[{targets}]' {' '.join(tasks_needed)}"
-            f"   # full FT at each task's best search lr: {full_text}")
+    return (
+        f"RUNS=experiments/runs bash experiments/recipe.sh final {lr!r} '[{targets}]' {' '.join(tasks_needed)}"
+        f"   # full FT at each task's best search lr: {full_text}"
+    )
 
 
-def recipe_overview(tasks: list[str], summary_rows: list[tuple[str, RecipeCheck | None, list[dict], list[dict]]], margin: float) -> list[str]:
+def recipe_overview(
+    tasks: list[str], summary_rows: list[tuple[str, RecipeCheck | None, list[dict], list[dict]]], margin: float
+) -> list[str]:
     """Across tasks: LoRA − full on test accuracy with its seeds, level, MDE and the bootstrap over seeds and test
     examples, the outcome, and whether the goal holds on every task."""
     if not summary_rows:
         return []
-    lines = ["### Across tasks", "",
-             f"| task | seeds (LoRA / full) | LoRA default − full FT, test acc (pp) [95% CI] | level | MDE (pp) | bootstrap over seeds and "
-             f"test examples [95% CI] | outcome (±{margin:g}) |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "### Across tasks",
+        "",
+        f"| task | seeds (LoRA / full) | LoRA default − full FT, test acc (pp) [95% CI] | level | MDE (pp) | bootstrap over seeds and "
+        f"test examples [95% CI] | outcome (±{margin:g}) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     met = 0
     for task, c, lora, full in summary_rows:
         if c is None:
@@ -285,36 +356,59 @@ def recipe_overview(tasks: list[str], summary_rows: list[tuple[str, RecipeCheck 
             continue
         met += c.outcome == equivalent_label(margin)
         boot = bootstrap_text(lora, full, cell=True)
-        lines.append(f"| {task} | {seeds_text(lora)} / {seeds_text(full)} | {ci_text(c.welch)} | {c.alpha:g} | {mde_text(c.mde)} | {boot} | {c.outcome} |")
+        lines.append(
+            f"| {task} | {seeds_text(lora)} / {seeds_text(full)} | {ci_text(c.welch)} | {c.alpha:g} | {mde_text(c.mde)} | {boot} | {c.outcome} |"
+        )
     missing = [t for t in tasks if t not in {s[0] for s in summary_rows}]
-    verdict = (f"shown on every task ({met} of {len(tasks)})" if met == len(tasks) and not missing
-               else f"shown on {met} of {len(tasks)} tasks" + (f"; not yet testable on {', '.join(missing)}" if missing else ""))
-    return lines + ["", f"Goal (LoRA default within ±{margin:g} point of full fine-tuning on test accuracy, every task): equivalence {verdict}. "
-                    "Level: 0.05, split over the looks a task had (TREC and the convention speeches were extended after an "
-                    "inconclusive first look: 0.025 each, Bonferroni). The bootstrap uses the runs that recorded which test "
-                    "examples they got right (their seeds in brackets).", ""]
+    verdict = (
+        f"shown on every task ({met} of {len(tasks)})"
+        if met == len(tasks) and not missing
+        else f"shown on {met} of {len(tasks)} tasks"
+        + (f"; not yet testable on {', '.join(missing)}" if missing else "")
+    )
+    return lines + [
+        "",
+        f"Goal (LoRA default within ±{margin:g} point of full fine-tuning on test accuracy, every task): equivalence {verdict}. "
+        "Level: 0.05, split over the looks a task had (TREC and the convention speeches were extended after an "
+        "inconclusive first look: 0.025 each, Bonferroni). The bootstrap uses the runs that recorded which test "
+        "examples they got right (their seeds in brackets).",
+        "",
+    ]
 
 
 def task_notes(task: str, check: RecipeCheck | None, lora: list[dict], full: list[dict], margin: float) -> list[str]:
     """The looks a task had, the seeds its second look still lacks, and whether equivalence is within reach at its n."""
     lines = []
     if task in LOOKS:
-        lacking = [s for s in EXTRA_SEEDS.get(task, ()) if s not in {r.get("seed") for r in lora} or s not in {r.get("seed") for r in full}]
-        lines.append(f"- Looked at twice (at 3 seeds, then with seeds {', '.join(map(str, EXTRA_SEEDS.get(task, ())))} added): the "
-                     f"final test is at {task_alpha(task, ALPHA):g} (Bonferroni over the two looks)"
-                     + (f"; the pre-registered second look is not run yet (seeds {', '.join(map(str, lacking))} missing in "
-                        "at least one arm), so the result above is the first look's, at the final level." if lacking else "."))
+        lacking = [
+            s
+            for s in EXTRA_SEEDS.get(task, ())
+            if s not in {r.get("seed") for r in lora} or s not in {r.get("seed") for r in full}
+        ]
+        lines.append(
+            f"- Looked at twice (at 3 seeds, then with seeds {', '.join(map(str, EXTRA_SEEDS.get(task, ())))} added): the "
+            f"final test is at {task_alpha(task, ALPHA):g} (Bonferroni over the two looks)"
+            + (
+                f"; the pre-registered second look is not run yet (seeds {', '.join(map(str, lacking))} missing in "
+                "at least one arm), so the result above is the first look's, at the final level."
+                if lacking
+                else "."
+            )
+        )
     if check is not None and not check.outcome.startswith("n/a"):
         power = tost_power_of(check, margin)
         if not math.isnan(power) and power < 0.05:
-            lines.append(f"- At n {check.n[0]} / {check.n[1]} and a seed sd of {check.sd:.2f} points, TOST's power to show "
-                         f"equivalence within ±{margin:g} (true difference 0) is {power:.2f}: equivalence is out of reach here, "
-                         "so this task's outcome can only be \"different\" or \"inconclusive\".")
+            lines.append(
+                f"- At n {check.n[0]} / {check.n[1]} and a seed sd of {check.sd:.2f} points, TOST's power to show "
+                f"equivalence within ±{margin:g} (true difference 0) is {power:.2f}: equivalence is out of reach here, "
+                'so this task\'s outcome can only be "different" or "inconclusive".'
+            )
     return lines + ([""] if lines else [])
 
 
-def recipe_section(rows: list[dict], out: Path, link: str, margin: float, alpha: float, logs: Path | None = None
-                   ) -> tuple[list[str], list[RecipeCheck]]:
+def recipe_section(
+    rows: list[dict], out: Path, link: str, margin: float, alpha: float, logs: Path | None = None
+) -> tuple[list[str], list[RecipeCheck]]:
     """The default recipe: per task, full FT vs the LoRA default vs head only (seeds ≥ 1), LoRA − full with TOST at
     the task's level and the bootstrap beside it; the search (its grid edges, and the runs ``logs`` show cut off);
     the split rotation of Rotten Tomatoes."""
@@ -355,8 +449,11 @@ def recipe_section(rows: list[dict], out: Path, link: str, margin: float, alpha:
             lines += ["No final runs (seeds 1-3) for this task yet; the seed-0 search below is all there is.", ""]
         test_check = None
         if lora and full:
-            task_checks = [recipe_check(task, m, lora, full, margin, level) for m in (TEST_METRIC, METRIC)
-                           if any(has_metric(r, m) for r in lora) and any(has_metric(r, m) for r in full)]
+            task_checks = [
+                recipe_check(task, m, lora, full, margin, level)
+                for m in (TEST_METRIC, METRIC)
+                if any(has_metric(r, m) for r in lora) and any(has_metric(r, m) for r in full)
+            ]
             checks += [c for c in task_checks if c.metric == TEST_METRIC]
             lines += recipe_check_rows(task_checks, margin) + [""]
             boot = bootstrap_text(lora, full)
@@ -367,12 +464,20 @@ def recipe_section(rows: list[dict], out: Path, link: str, margin: float, alpha:
         elif t_final:
             lines += ["LoRA − full fine-tuning cannot be tested yet: one of the two has no final runs.", ""]
         lines += task_notes(task, test_check, lora, full, margin)
-        task_curves = {METHOD_LABELS.get(m, m) if m != "lora" else "LoRA default": [r for r in t_final if r.get("method") == m] for m in ("full", "lora", "head_only")}
+        task_curves = {
+            METHOD_LABELS.get(m, m) if m != "lora" else "LoRA default": [r for r in t_final if r.get("method") == m]
+            for m in ("full", "lora", "head_only")
+        }
         task_curves = with_curves(task_curves)
         if task_curves:
             curves[task] = task_curves
             lines += [c.line() for label, runs in task_curves.items() if (c := convergence_check(label, runs))] + [""]
-        lines += [f"Search (seed 0), {task}:", "", *recipe_search_table(t_search, default, cut_off_rows(logs, task, rows)), ""]
+        lines += [
+            f"Search (seed 0), {task}:",
+            "",
+            *recipe_search_table(t_search, default, cut_off_rows(logs, task, rows)),
+            "",
+        ]
         if task == "rotten_tomatoes":
             lines += rotation_section(rows, margin, alpha, default, test_check)[0]
     lines = head + recipe_overview(tasks, summary_rows, margin) + lines
@@ -384,8 +489,14 @@ def recipe_section(rows: list[dict], out: Path, link: str, margin: float, alpha:
         lines += ["LoRA configurations of the search across tasks (seed 0, accuracy in %):", "", *configs, ""]
     command = final_command(search)
     if command:
-        lines += ["What the search suggests for the final runs (best mean val acc over tasks for LoRA, best val acc per task for full FT):",
-                  "", "```bash", command, "```", ""]
+        lines += [
+            "What the search suggests for the final runs (best mean val acc over tasks for LoRA, best val acc per task for full FT):",
+            "",
+            "```bash",
+            command,
+            "```",
+            "",
+        ]
     return lines, checks
 
 
@@ -393,7 +504,12 @@ def recipe_section(rows: list[dict], out: Path, link: str, margin: float, alpha:
 def lora_key(row: dict) -> tuple:
     """(targets, lr, alpha, dropout) of a LoRA run (dropout from its resolved config; None when not kept)."""
     cfg = read_config(row) or {}
-    return (row["targets_key"], float(row.get("lr") or 0.0), row.get("alpha"), config_value(cfg, "lora.dropout") if cfg else None)
+    return (
+        row["targets_key"],
+        float(row.get("lr") or 0.0),
+        row.get("alpha"),
+        config_value(cfg, "lora.dropout") if cfg else None,
+    )
 
 
 def is_default(row: dict, default: tuple[str, float] | None) -> bool:
@@ -421,11 +537,18 @@ def rotation_reading(test, outcome: str, margin: float) -> str:
         return f"the LoRA default is {'below' if test.mean < 0 else 'above'} full fine-tuning across splits: {ci} pp (p {p_text(test.p)})"
     if test.ci[0] > 0 or test.ci[1] < 0:
         return f"the data cannot tell: the 95% CI {ci} pp excludes 0 but the test is not significant"
-    return f"the data cannot tell: the 95% CI {ci} pp includes 0" + (f" and reaches beyond ±{margin:g}" if test.ci[0] <= -margin or test.ci[1] >= margin else "")
+    return f"the data cannot tell: the 95% CI {ci} pp includes 0" + (
+        f" and reaches beyond ±{margin:g}" if test.ci[0] <= -margin or test.ci[1] >= margin else ""
+    )
 
 
-def rotation_section(rows: list[dict], margin: float = MARGIN, alpha: float = ALPHA, default: tuple[str, float] | None = None,
-                     split0: RecipeCheck | None = None) -> tuple[list[str], str | None]:
+def rotation_section(
+    rows: list[dict],
+    margin: float = MARGIN,
+    alpha: float = ALPHA,
+    default: tuple[str, float] | None = None,
+    split0: RecipeCheck | None = None,
+) -> tuple[list[str], str | None]:
     """The pre-registered split rotation (experiment ``recipe_rotation``: data.seed 1-5 x seeds 1, 2, the LoRA
     default and full fine-tuning): per split the mean of each arm over its seeds, the paired t-test and TOST (±margin,
     alpha, a family of one) over the per-split differences, the variance components, the hierarchical bootstrap
@@ -433,16 +556,23 @@ def rotation_section(rows: list[dict], margin: float = MARGIN, alpha: float = AL
     the lines and the sentence the README's recipe statements use (None while no rotation run exists)."""
     rot = of_experiment(rows, ROTATION)
     lines = ["#### The Rotten Tomatoes gap across splits (pre-registered split rotation)", ""]
-    split0_text = (f"On the one split every recipe run shares (`data.seed=0`), the LoRA default − full fine-tuning is "
-                   f"{ci_text(split0.welch)} pp on test accuracy (n {split0.n[0]} / {split0.n[1]}, MDE {mde_text(split0.mde)} pp)"
-                   if split0 is not None else "")
+    split0_text = (
+        f"On the one split every recipe run shares (`data.seed=0`), the LoRA default − full fine-tuning is "
+        f"{ci_text(split0.welch)} pp on test accuracy (n {split0.n[0]} / {split0.n[1]}, MDE {mde_text(split0.mde)} pp)"
+        if split0 is not None
+        else ""
+    )
     if not rot:
         lines += [
             "Not run yet: the rotation (`experiment_name=recipe_rotation`, `data.seed` 1-5 x seeds 1, 2, the LoRA default "
             "and full fine-tuning at its searched lr; `experiments/PREREGISTRATION.md`, Runs §2) has no collected run. "
-            + (split0_text + "; one split cannot tell a gap of LoRA from the split (which examples landed in train, "
-               "validation and test) or from the settings searched on it, so no sentence here attributes the gap to "
-               "LoRA until the rotation has run." if split0_text else ""),
+            + (
+                split0_text + "; one split cannot tell a gap of LoRA from the split (which examples landed in train, "
+                "validation and test) or from the settings searched on it, so no sentence here attributes the gap to "
+                "LoRA until the rotation has run."
+                if split0_text
+                else ""
+            ),
             "",
         ]
         return lines, None
@@ -467,7 +597,9 @@ def rotation_section(rows: list[dict], margin: float = MARGIN, alpha: float = AL
         d = a.mean - b.mean if s in splits else math.nan
         if s in splits:
             diffs.append(d)
-        lines.append(f"| {s} | {seeds_text(lora.get(s, []))} | {a} | {seeds_text(full.get(s, []))} | {b} | {'-' if math.isnan(d) else f'{d:+.2f}'} |")
+        lines.append(
+            f"| {s} | {seeds_text(lora.get(s, []))} | {a} | {seeds_text(full.get(s, []))} | {b} | {'-' if math.isnan(d) else f'{d:+.2f}'} |"
+        )
     lines += ["", f"Cells: mean ± std over the split's seeds; {STD_NOTE}.", ""]
     if len(diffs) < 2:
         lines += ["Fewer than two splits have both arms: nothing to test yet.", ""]
@@ -494,10 +626,14 @@ def rotation_section(rows: list[dict], margin: float = MARGIN, alpha: float = AL
     ]
     per_split = [([r["test_correct"] for r in lora[s]], [r["test_correct"] for r in full[s]]) for s in splits]
     if all(all(per_split_item) for pair in per_split for per_split_item in pair) and all(
-            len({len(x) for x in a + b}) == 1 for a, b in per_split):
+        len({len(x) for x in a + b}) == 1 for a, b in per_split
+    ):
         d, lo, hi = hierarchical_bootstrap(per_split)
-        lines += [f"Hierarchical bootstrap (splits, then seeds and test examples within a split; 4,000 draws, seed 0): "
-                  f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}] pp.", ""]
+        lines += [
+            f"Hierarchical bootstrap (splits, then seeds and test examples within a split; 4,000 draws, seed 0): "
+            f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}] pp.",
+            "",
+        ]
     else:
         lines += ["Hierarchical bootstrap: not computed (a run did not record its per-example test results).", ""]
     tuned: dict[tuple, list[dict]] = {}
@@ -507,11 +643,21 @@ def rotation_section(rows: list[dict], margin: float = MARGIN, alpha: float = AL
     for key, runs in sorted(tuned.items(), key=lambda kv: str(kv[0])):
         mine = by_split(runs)
         common = [s for s in mine if s in full]
-        extra = [statistics.fmean(100 * r[TEST_METRIC] for r in mine[s]) - statistics.fmean(100 * r[TEST_METRIC] for r in full[s]) for s in common]
+        extra = [
+            statistics.fmean(100 * r[TEST_METRIC] for r in mine[s])
+            - statistics.fmean(100 * r[TEST_METRIC] for r in full[s])
+            for s in common
+        ]
         t2 = paired_t(extra, margin) if len(extra) >= 2 else None
-        lines.append(f"- Exploratory arm, LoRA tuned on Rotten Tomatoes (W{{{key[0]}}}, lr {key[1]:g}, alpha {key[2]}, dropout {key[3]}): "
-                     + (f"− full FT over {t2.n} splits {t2.mean:+.2f} [{t2.ci[0]:+.2f}, {t2.ci[1]:+.2f}] pp (paired t p {p_text(t2.p)}, "
-                        f"TOST p {p_text(t2.p_tost)})." if t2 else f"{len(runs)} runs, fewer than two splits shared with full fine-tuning."))
+        lines.append(
+            f"- Exploratory arm, LoRA tuned on Rotten Tomatoes (W{{{key[0]}}}, lr {key[1]:g}, alpha {key[2]}, dropout {key[3]}): "
+            + (
+                f"− full FT over {t2.n} splits {t2.mean:+.2f} [{t2.ci[0]:+.2f}, {t2.ci[1]:+.2f}] pp (paired t p {p_text(t2.p)}, "
+                f"TOST p {p_text(t2.p_tost)})."
+                if t2
+                else f"{len(runs)} runs, fewer than two splits shared with full fine-tuning."
+            )
+        )
     if tuned:
         lines.append("")
     sentence = rotation_reading(test, outcome, margin)
@@ -565,18 +711,26 @@ def same_schedule_lines(groups: dict[str, list[dict]], margin: float, alpha: flo
     lines = []
     for l_label, l_runs in sorted(groups.items()):
         for f_label, f_runs in sorted(groups.items()):
-            if l_runs[0].get("method") != "lora" or f_runs[0].get("method") != "full" or probe_epochs(l_runs[0]) != probe_epochs(f_runs[0]):
+            if (
+                l_runs[0].get("method") != "lora"
+                or f_runs[0].get("method") != "full"
+                or probe_epochs(l_runs[0]) != probe_epochs(f_runs[0])
+            ):
                 continue
             best = recipe_check(task, TEST_METRIC, l_runs, f_runs, margin, alpha)
             val = welch(stat_of(l_runs, METRIC), stat_of(f_runs, METRIC))
             last = ""
             if stat_of(l_runs, LAST_TEST_METRIC).n > 1 and stat_of(f_runs, LAST_TEST_METRIC).n > 1:
                 la, lb = ([r for r in x if has_metric(r, LAST_TEST_METRIC)] for x in (l_runs, f_runs))
-                last = (f"; last checkpoints on test {ci_text(welch(stat_of(la, LAST_TEST_METRIC), stat_of(lb, LAST_TEST_METRIC)))} "
-                        f"(seeds {seeds_text(la)} − {seeds_text(lb)})")
-            lines.append(f"- Same schedule: {l_label} − {f_label}: test {ci_text(best.welch)} (n {best.n[0]} / {best.n[1]}, MDE "
-                         f"{mde_text(best.mde)}; **{best.outcome}**, TOST p {p_text(best.p_tost)}); validation {ci_text(val)}{last}"
-                         f"{bootstrap_text(l_runs, f_runs)}.")
+                last = (
+                    f"; last checkpoints on test {ci_text(welch(stat_of(la, LAST_TEST_METRIC), stat_of(lb, LAST_TEST_METRIC)))} "
+                    f"(seeds {seeds_text(la)} − {seeds_text(lb)})"
+                )
+            lines.append(
+                f"- Same schedule: {l_label} − {f_label}: test {ci_text(best.welch)} (n {best.n[0]} / {best.n[1]}, MDE "
+                f"{mde_text(best.mde)}; **{best.outcome}**, TOST p {p_text(best.p_tost)}); validation {ci_text(val)}{last}"
+                f"{bootstrap_text(l_runs, f_runs)}."
+            )
     return lines + [""] if lines else []
 
 
@@ -588,20 +742,39 @@ def unsearched_lines(task: str, rows: list[dict], logs: Path | None) -> list[str
     alphas = {r.get("alpha") for r in lora if r.get("alpha") is not None}
     dropouts = {config_value(c, "lora.dropout") for r in lora if (c := read_config(r))} - {None}
     open_ = [name for name, seen in (("alpha", alphas), ("dropout", dropouts)) if len(seen) < 2]
-    full = [r for r in of_experiment(rows, RECIPE) if r.get("data") == task and is_search(r) and r.get("method") == "full"]
+    full = [
+        r for r in of_experiment(rows, RECIPE) if r.get("data") == task and is_search(r) and r.get("method") == "full"
+    ]
     lrs = sorted({float(r["lr"]) for r in full if r.get("lr") is not None})
-    cut = [row.split("|")[3].strip() for row in cut_off_rows(logs, task, rows) if row.startswith(f"| {METHOD_LABELS['full']} |")]
+    cut = [
+        row.split("|")[3].strip()
+        for row in cut_off_rows(logs, task, rows)
+        if row.startswith(f"| {METHOD_LABELS['full']} |")
+    ]
     best = best_by_val(full)
     text = []
     if open_:
-        text.append(f"LoRA's {' and '.join(open_)} {'was' if len(open_) == 1 else 'were'} never varied on this task "
-                    f"({', '.join(f'{n} {sorted(s)[0]:g}' for n, s in (('alpha', alphas), ('dropout', dropouts)) if n in open_ and s)})")
+        text.append(
+            f"LoRA's {' and '.join(open_)} {'was' if len(open_) == 1 else 'were'} never varied on this task "
+            f"({', '.join(f'{n} {sorted(s)[0]:g}' for n, s in (('alpha', alphas), ('dropout', dropouts)) if n in open_ and s)})"
+        )
     if best is not None:
-        edge = ("on the lower edge of its grid" if float(best["lr"]) == lrs[0] else "on the upper edge of its grid" if float(best["lr"]) == lrs[-1]
-                else "inside its grid") if len(lrs) > 1 else "the only lr tried"
-        text.append(f"full fine-tuning's lr search finished {len(lrs)} lr{'s' if len(lrs) != 1 else ''} ({lr_text(lrs)})"
-                    + (f", its {', '.join(cut)} run{'s were' if len(cut) > 1 else ' was'} cut off" if cut else "")
-                    + f", and the chosen {best['lr']:g} is {edge}")
+        edge = (
+            (
+                "on the lower edge of its grid"
+                if float(best["lr"]) == lrs[0]
+                else "on the upper edge of its grid"
+                if float(best["lr"]) == lrs[-1]
+                else "inside its grid"
+            )
+            if len(lrs) > 1
+            else "the only lr tried"
+        )
+        text.append(
+            f"full fine-tuning's lr search finished {len(lrs)} lr{'s' if len(lrs) != 1 else ''} ({lr_text(lrs)})"
+            + (f", its {', '.join(cut)} run{'s were' if len(cut) > 1 else ' was'} cut off" if cut else "")
+            + f", and the chosen {best['lr']:g} is {edge}"
+        )
     return text
 
 
@@ -619,23 +792,37 @@ def task_reading(task: str, rows: list[dict], margin: float, alpha: float, logs:
         return []
     default = recipe_default(final)
     _, sentence = rotation_section(rows, margin, alpha, default, test) if task == "rotten_tomatoes" else ([], None)
-    lines = [f"What the {task} intervals support (one split, `data.seed=0`): on test accuracy the LoRA default − full "
-             f"fine-tuning is {ci_text(test.welch)} pp (n {test.n[0]} / {test.n[1]}, MDE {mde_text(test.mde)}; {test.outcome}), on "
-             f"validation accuracy {ci_text(val.welch)} pp ({val.outcome}); the same-schedule comparisons and their bootstrap "
-             "over seeds and test examples are above."]
+    lines = [
+        f"What the {task} intervals support (one split, `data.seed=0`): on test accuracy the LoRA default − full "
+        f"fine-tuning is {ci_text(test.welch)} pp (n {test.n[0]} / {test.n[1]}, MDE {mde_text(test.mde)}; {test.outcome}), on "
+        f"validation accuracy {ci_text(val.welch)} pp ({val.outcome}); the same-schedule comparisons and their bootstrap "
+        "over seeds and test examples are above."
+    ]
     gaps = unsearched_lines(task, rows, logs)
     if gaps:
         lines[0] += " Left open: " + "; ".join(gaps) + "."
     if sentence:
         lines[0] += f" Across splits (the pre-registered rotation, the test that decides): {sentence}."
     elif task == "rotten_tomatoes":
-        lines[0] += (" These runs do not tell a shortfall of LoRA from this split's test examples or from the settings "
-                     "searched; the pre-registered split rotation and searches decide (not run yet).")
+        lines[0] += (
+            " These runs do not tell a shortfall of LoRA from this split's test examples or from the settings "
+            "searched; the pre-registered split rotation and searches decide (not run yet)."
+        )
     else:
-        lacking = [s for s in EXTRA_SEEDS.get(task, ()) if s not in {r.get("seed") for r in lora} or s not in {r.get("seed") for r in full}]
-        lines[0] += (" These runs do not tell a shortfall of LoRA from this split's test examples or from the settings searched"
-                     + (f"; the pre-registered seeds {', '.join(map(str, lacking))} of both arms (not run yet) give the final test, "
-                        f"at {level:g}." if lacking else "."))
+        lacking = [
+            s
+            for s in EXTRA_SEEDS.get(task, ())
+            if s not in {r.get("seed") for r in lora} or s not in {r.get("seed") for r in full}
+        ]
+        lines[0] += (
+            " These runs do not tell a shortfall of LoRA from this split's test examples or from the settings searched"
+            + (
+                f"; the pre-registered seeds {', '.join(map(str, lacking))} of both arms (not run yet) give the final test, "
+                f"at {level:g}."
+                if lacking
+                else "."
+            )
+        )
     return lines + [""]
 
 
@@ -662,26 +849,44 @@ def recipe_probe_section(rows: list[dict], margin: float, alpha: float, logs: Pa
         groups: dict[str, list[dict]] = {}
         for r in (r for r in probes if r.get("data") == task):
             groups.setdefault(probe_label(r), []).append(r)
-        lines += [f"### {task}", "",
-                  "| runs | seeds | val acc | test acc | test acc, last checkpoint | − full FT, test (pp) [95% CI] | n | MDE (pp) | outcome (±"
-                  + f"{margin:g}) | − LoRA default, test (pp) [95% CI] |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
-        for label, mine in [("full fine-tuning (final runs)", full), ("LoRA default (final runs)", default)] + sorted(groups.items()):
+        lines += [
+            f"### {task}",
+            "",
+            "| runs | seeds | val acc | test acc | test acc, last checkpoint | − full FT, test (pp) [95% CI] | n | MDE (pp) | outcome (±"
+            + f"{margin:g}) | − LoRA default, test (pp) [95% CI] |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for label, mine in [("full fine-tuning (final runs)", full), ("LoRA default (final runs)", default)] + sorted(
+            groups.items()
+        ):
             if not mine:
                 continue
             vs_full = recipe_check(task, TEST_METRIC, mine, full, margin, alpha) if full and mine is not full else None
-            vs_default = welch(stat_of(mine, TEST_METRIC), stat_of(default, TEST_METRIC)) if default and mine is not default and mine is not full else None
+            vs_default = (
+                welch(stat_of(mine, TEST_METRIC), stat_of(default, TEST_METRIC))
+                if default and mine is not default and mine is not full
+                else None
+            )
             lines.append(
                 f"| {label} | {seeds_text(mine)} | {stat_of(mine, METRIC)} | {stat_of(mine, TEST_METRIC)} | {stat_with_seeds(mine, LAST_TEST_METRIC)} "
                 f"| {ci_text(vs_full.welch) if vs_full else ''} | {f'{vs_full.n[0]} / {vs_full.n[1]}' if vs_full else ''} "
-                f"| {mde_text(vs_full.mde) if vs_full else ''} | {vs_full.outcome if vs_full else ''} | {ci_text(vs_default) if vs_default else ''} |")
-        lines += ["", f"Mean ± std over seeds; {STD_NOTE}. Test acc: the checkpoint with the best validation accuracy; last "
-                  "checkpoint: the weights after the final step (runs since 2026-12-06, `test_last=true`; where only some "
-                  "of a row's runs recorded it, the seeds it averages are named).", ""]
+                f"| {mde_text(vs_full.mde) if vs_full else ''} | {vs_full.outcome if vs_full else ''} | {ci_text(vs_default) if vs_default else ''} |"
+            )
+        lines += [
+            "",
+            f"Mean ± std over seeds; {STD_NOTE}. Test acc: the checkpoint with the best validation accuracy; last "
+            "checkpoint: the weights after the final step (runs since 2026-12-06, `test_last=true`; where only some "
+            "of a row's runs recorded it, the seeds it averages are named).",
+            "",
+        ]
         lines += same_schedule_lines(groups, margin, alpha, task)
         lines += task_reading(task, rows, margin, alpha, logs)
         checks = [c for label, runs in sorted(with_curves(groups).items()) if (c := convergence_check(label, runs))]
         if checks:
-            lines += ["Validation curves of the probes (last two points of the mean curve against the seed noise):", "",
-                      *(c.line() for c in checks), ""]
+            lines += [
+                "Validation curves of the probes (last two points of the mean curve against the seed noise):",
+                "",
+                *(c.line() for c in checks),
+                "",
+            ]
     return lines

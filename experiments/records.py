@@ -13,9 +13,9 @@ from __future__ import annotations
 import csv
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
-
+from typing import Any
 
 # --------------------------------------------------------------------------- metrics and experiments
 METRIC = "best_val_acc"  # the paper's metric
@@ -42,7 +42,9 @@ PILOT_SCHEDULES = {  # schedule -> (Table 5 experiment, Table 6 experiment, expe
 ROTATION = "recipe_rotation"  # the split rotation of the recipe's Rotten Tomatoes comparison (data.seed 1-5)
 ROTATION_SPLITS = (1, 2, 3, 4, 5)
 ROTATION_SEEDS = (1, 2)
-DECODER_RUNS = "decoder"  # experiments/runs/decoder: the decoder study's records (collect copies multirun/smollm2 there)
+DECODER_RUNS = (
+    "decoder"  # experiments/runs/decoder: the decoder study's records (collect copies multirun/smollm2 there)
+)
 PRECISION_RUNS = "precision"  # experiments/runs/precision
 
 
@@ -142,6 +144,7 @@ def with_curves(groups: dict[str, list[dict]]) -> dict[str, list[dict]]:
 
 def read_variants_csv(path: Path) -> list[dict]:
     """The rows of a ``variants_runs.csv`` written by ``write_csv`` (numbers parsed; empty cells dropped)."""
+
     def value(text: str):
         for cast in (int, float):
             try:
@@ -189,7 +192,11 @@ def fresh_subspace_text(path: Path, runs: Path, link: str | None = None) -> str 
     adapters that still exist), its links prefixed with ``link`` when given; ``None`` when it is missing or stale."""
     text = path.read_text() if path.is_file() else ""
     m = SUBSPACE_MARKER.search(text)
-    fresh = bool(m) and Path(m["runs"]).resolve() == runs.resolve() and all((runs / a).is_file() for a in m["adapters"].split(";") if a)
+    fresh = (
+        bool(m)
+        and Path(m["runs"]).resolve() == runs.resolve()
+        and all((runs / a).is_file() for a in m["adapters"].split(";") if a)
+    )
     if not fresh:
         return None
     return prefix_links(text.strip(), link) if link else text.strip()

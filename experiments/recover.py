@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 from experiments.records import repo_relative
 
@@ -36,7 +36,19 @@ SKIPPED = re.compile(r"skip_done: (\S+) already holds the summary of .*; not re-
 PERCENT = re.compile(r"^(-?[0-9.]+)%$")
 FIT = re.compile(r"^([0-9.]+) s \((\d+) steps\)$")
 PARAMS = re.compile(r"^([0-9,]+) of ([0-9,]+) ")
-EXCLUDED_FROM_RUN_NAME = ("experiment", "scale", "logger", "trainer", "progress", "test", "test_last", "threads", "hydra/launcher", "hparams_search", "skip_done")  # conf/config.yaml override_dirname.exclude_keys (a test checks)
+EXCLUDED_FROM_RUN_NAME = (
+    "experiment",
+    "scale",
+    "logger",
+    "trainer",
+    "progress",
+    "test",
+    "test_last",
+    "threads",
+    "hydra/launcher",
+    "hparams_search",
+    "skip_done",
+)  # conf/config.yaml override_dirname.exclude_keys (a test checks)
 IDENTITY = ("experiment", "data", "method", "targets_key", "r", "lr", "seed")
 
 
@@ -69,7 +81,11 @@ def unfinished_blocks(logs: Iterable[Path]) -> list[LoggedRun]:
     before they finished, in log order (``log`` is the log's path as given)."""
     out = []
     for log in logs:
-        out += [r for r in parse_log(Path(log).read_text(), str(log), keep_unfinished=True) if "output dir" not in r.table and r.trained]
+        out += [
+            r
+            for r in parse_log(Path(log).read_text(), str(log), keep_unfinished=True)
+            if "output dir" not in r.table and r.trained
+        ]
     return out
 
 
@@ -123,7 +139,11 @@ def exact_accuracy(printed: float | None, n: int | None) -> float | None:
         return printed
     import numpy as np  # noqa: PLC0415
 
-    fits = [k for k in range(max(0, round(printed * n) - 2), round(printed * n) + 3) if abs(100 * k / n - 100 * printed) <= 0.005 + 1e-9]
+    fits = [
+        k
+        for k in range(max(0, round(printed * n) - 2), round(printed * n) + 3)
+        if abs(100 * k / n - 100 * printed) <= 0.005 + 1e-9
+    ]
     return float(np.float32(fits[0]) / np.float32(n)) if len(fits) == 1 else printed
 
 
@@ -200,7 +220,7 @@ def relative_dir(output_dir: str) -> Path:
     parts = Path(output_dir).parts
     if "multirun" not in parts:
         raise ValueError(f"output dir {output_dir!r} is not below a multirun/ folder; cannot place its record")
-    return Path(*parts[len(parts) - parts[::-1].index("multirun"):])
+    return Path(*parts[len(parts) - parts[::-1].index("multirun") :])
 
 
 def identity(row: dict) -> tuple:
@@ -218,8 +238,12 @@ def recovered_runs(logs: Iterable[Path], rejected: list[str] | None = None) -> d
         for run in parse_log(path.read_text(errors="replace"), str(path)):
             if not consistent(run):
                 if rejected is not None:
-                    rejected.append(repo_relative(f"{run.log} job #{run.job}: overrides {' '.join(run.overrides)!r} but its table "
-                                                  f"is of {run.title_run_name!r} ({run.output_dir}): interleaved output, not recovered"))
+                    rejected.append(
+                        repo_relative(
+                            f"{run.log} job #{run.job}: overrides {' '.join(run.overrides)!r} but its table "
+                            f"is of {run.title_run_name!r} ({run.output_dir}): interleaved output, not recovered"
+                        )
+                    )
                 continue
             rel = relative_dir(run.output_dir)
             if rel in blocks and blocks[rel].trained and not run.trained:
@@ -230,8 +254,10 @@ def recovered_runs(logs: Iterable[Path], rejected: list[str] | None = None) -> d
         cfg = composed_config(run)
         summary = summary_of(run, cfg, split_sizes(cfg["data"]))
         if summary["experiment"] != cfg.get("experiment_name"):
-            raise ValueError(f"{run.log} job #{run.job}: the table says experiment {summary['experiment']!r}, its overrides "
-                             f"compose {cfg.get('experiment_name')!r} with this checkout's configs; recover it at the commit that ran it")
+            raise ValueError(
+                f"{run.log} job #{run.job}: the table says experiment {summary['experiment']!r}, its overrides "
+                f"compose {cfg.get('experiment_name')!r} with this checkout's configs; recover it at the commit that ran it"
+            )
         cfg["run_name"] = summary["run_name"]
         cfg["trainer"]["precision"] = summary["precision"]
         out[rel] = (summary, cfg)
@@ -249,7 +275,9 @@ def add_lora_params(summaries: list[dict]) -> None:
             bases.setdefault(s.get("data"), set()).add(s["params_total"])
     for data, sizes in bases.items():
         if len(sizes) > 1:
-            raise ValueError(f"the logs hold full fine-tuning runs on {data} of {len(sizes)} model sizes ({sorted(sizes)}); recover them separately")
+            raise ValueError(
+                f"the logs hold full fine-tuning runs on {data} of {len(sizes)} model sizes ({sorted(sizes)}); recover them separately"
+            )
     for s in summaries:
         if s["method"] != "lora":
             s["params_lora"] = 0
@@ -259,11 +287,12 @@ def add_lora_params(summaries: list[dict]) -> None:
 
 def composed_config(run: LoggedRun) -> dict:
     """The run's config as this checkout's Hydra configs compose it from the logged overrides."""
-    import lora_lightning.app.train  # noqa: F401,PLC0415 (registers the structured config schemas)
     from hydra import compose, initialize_config_module  # noqa: PLC0415
     from hydra.core.global_hydra import GlobalHydra  # noqa: PLC0415
     from hydra.core.hydra_config import HydraConfig  # noqa: PLC0415
     from omegaconf import OmegaConf, open_dict  # noqa: PLC0415
+
+    import lora_lightning.app.train  # noqa: F401,PLC0415 (registers the structured config schemas)
 
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module="lora_lightning.app.conf", version_base="1.3"):
@@ -275,11 +304,16 @@ def composed_config(run: LoggedRun) -> dict:
     HydraConfig.instance().set_config(cfg)
     out = OmegaConf.to_container(cfg, resolve=True)
     out.pop("hydra")
-    out["recovered"] = {"from_log": run.log, "note": "composed from the logged overrides with the configs of the commit that recovered it"}
+    out["recovered"] = {
+        "from_log": run.log,
+        "note": "composed from the logged overrides with the configs of the commit that recovered it",
+    }
     return out
 
 
-def recover(logs: Iterable[Path], dest: Path, existing: list[dict], rejected: list[str] | None = None) -> tuple[list[Path], list[tuple[dict, dict]]]:
+def recover(
+    logs: Iterable[Path], dest: Path, existing: list[dict], rejected: list[str] | None = None
+) -> tuple[list[Path], list[tuple[dict, dict]]]:
     """Write ``summary.json`` + ``resolved_config.yaml`` below ``dest`` for every logged run that has no real
     run folder there and no real twin (``identity``) among ``existing``. Returns the files written and the
     (logged, real) pairs of runs that exist both ways."""

@@ -12,8 +12,8 @@ fine-tuning is not in it (the primary family, ``primary.py``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from experiments.claims import TABLE5_ORDER, ClaimCheck, ablation_checks, table5_stats, table6_claims
 from experiments.plots import plot_curves
@@ -54,27 +54,38 @@ def comparison_rows(short: dict[tuple, list[dict]], long: dict[tuple, list[dict]
     a, b = cell_claims(short, metric), cell_claims(long, metric)
     s_by_text = {c.text: c for c in a}
     seeds = seeds_text([r for v in long.values() for r in v])
-    lines = [f"| comparison ({METRIC_NAMES[metric]}) | 150 steps, seeds {seeds}: a − b (pp) [95% CI] | 300 steps, seeds {seeds}: a − b (pp) [95% CI] |",
-             "|---|---|---|"]
+    lines = [
+        f"| comparison ({METRIC_NAMES[metric]}) | 150 steps, seeds {seeds}: a − b (pp) [95% CI] | 300 steps, seeds {seeds}: a − b (pp) [95% CI] |",
+        "|---|---|---|",
+    ]
     for c in b:
         s = s_by_text.get(c.text)
         w_long = welch(c.a, c.b)
         w_short = welch(s.a, s.b) if s else None
-        lines.append(f"| {c.text}: {c.a_label} − {c.b_label} | {ci_text(w_short) if w_short else '-'} | {ci_text(w_long)} |")
+        lines.append(
+            f"| {c.text}: {c.a_label} − {c.b_label} | {ci_text(w_short) if w_short else '-'} | {ci_text(w_long)} |"
+        )
     return lines
 
 
 def cell_table(first: str, cells: Sequence[tuple[str, list[dict], list[dict]]]) -> list[str]:
     """The table of both schedules, one row per (label, 300-step runs, 150-step runs): lr, seeds, val and test
     accuracy at both schedules and the change (Welch 95% CI; '-' below two runs a side); then its caption."""
-    lines = [f"| {first} | lr | seeds | val acc, 150 steps | val acc, 300 steps | Δ val (pp) [95% CI] | test acc, 150 steps | "
-             "test acc, 300 steps | Δ test (pp) [95% CI] |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| {first} | lr | seeds | val acc, 150 steps | val acc, 300 steps | Δ val (pp) [95% CI] | test acc, 150 steps | "
+        "test acc, 300 steps | Δ test (pp) [95% CI] |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for label, long_runs, short_runs in cells:
         values = []
         for metric in (METRIC, TEST_METRIC):
             a, b = stat_of(long_runs, metric), stat_of(short_runs, metric)
             values += [str(b), str(a), ci_text(welch(a, b)) if a.n > 1 and b.n > 1 else "-"]
-        lines.append(f"| {label} | {lr_text(r.get('lr') for r in long_runs)} | {seeds_text(long_runs)} | " + " | ".join(values) + " |")
+        lines.append(
+            f"| {label} | {lr_text(r.get('lr') for r in long_runs)} | {seeds_text(long_runs)} | "
+            + " | ".join(values)
+            + " |"
+        )
     return lines + ["", f"Mean ± std over seeds; {STD_NOTE}. Δ = 300 steps − 150 steps (Welch 95% CI).", ""]
 
 
@@ -85,9 +96,14 @@ def curve_lines(groups: dict[str, list[dict]], title: str, path: Path, link: str
     if not curves:
         return []
     plot_curves({f"{title}: validation accuracy, mean over seeds (band: seed range)": curves}, path)
-    return [f"![{alt}]({link}/{path.name})", "",
-            "Last two points of each mean validation curve against the seed noise at the last point:", "",
-            *(c.line() for label, runs in curves.items() if (c := convergence_check(label, runs))), ""]
+    return [
+        f"![{alt}]({link}/{path.name})",
+        "",
+        "Last two points of each mean validation curve against the seed noise at the last point:",
+        "",
+        *(c.line() for label, runs in curves.items() if (c := convergence_check(label, runs))),
+        "",
+    ]
 
 
 def weights_key(label: str) -> str:
@@ -108,7 +124,9 @@ def table5_lines(rows: list[dict], checks: dict[str, list[tuple[str, ClaimCheck]
     sets = []  # (label, 300-step runs, 150-step runs) per weight-type set, in Table 5's order
     for k in TABLE5_ORDER:
         if mine := [r for r in long_rows if r["targets_key"] == k]:
-            sets.append((f"{targets_text(k)}, r={mine[0].get('r')}", mine, [r for r in short_rows if r["targets_key"] == k]))
+            sets.append(
+                (f"{targets_text(k)}, r={mine[0].get('r')}", mine, [r for r in short_rows if r["targets_key"] == k])
+            )
     lines = [
         f"### Table 5 at {steps_text(long_rows)} steps",
         "",
@@ -118,22 +136,36 @@ def table5_lines(rows: list[dict], checks: dict[str, list[tuple[str, ClaimCheck]
         "and the 150-step columns use the Table 5 runs of the same seeds.",
         "",
         *cell_table("weights", sets),
-        *curve_lines({label: mine for label, mine, _ in sets}, f"Table 5, {steps_text(long_rows)} steps",
-                     out / "convergence_table5_300steps.png", link, "Table 5 at 300 steps"),
+        *curve_lines(
+            {label: mine for label, mine, _ in sets},
+            f"Table 5, {steps_text(long_rows)} steps",
+            out / "convergence_table5_300steps.png",
+            link,
+            "Table 5 at 300 steps",
+        ),
     ]
     for metric in (METRIC, TEST_METRIC):
         s_short = table5_stats(short_rows, metric)
         mine = [c for t, c in checks.get(metric, []) if t == "table5"]
         if not mine:
             continue
-        lines += [f"| Table 5 claim ({METRIC_NAMES[metric]}, groups as chosen at 300 steps) | 150 steps, seeds {seeds_text(long_rows)}: "
-                  f"a − b (pp) [95% CI] | 300 steps: a − b (pp) [95% CI] |", "|---|---|---|"]
+        lines += [
+            f"| Table 5 claim ({METRIC_NAMES[metric]}, groups as chosen at 300 steps) | 150 steps, seeds {seeds_text(long_rows)}: "
+            f"a − b (pp) [95% CI] | 300 steps: a − b (pp) [95% CI] |",
+            "|---|---|---|",
+        ]
         for c in (check.claim for check in mine):
             a, b = s_short.get(weights_key(c.a_label)), s_short.get(weights_key(c.b_label))
             before = ci_text(welch(a, b)) if a is not None and b is not None and a.n > 1 and b.n > 1 else "-"
             lines.append(f"| {c.text}: {c.a_label} − {c.b_label} | {before} | {ci_text(welch(c.a, c.b))} |")
-        lines += ["", f"Table 5's claims in the {steps_text(long_rows)}-step ablation family, {METRIC_NAMES[metric]} "
-                  "(exploratory; Holm over the family's 10 claims, the Table 6 claims above included):", "", claims_markdown(mine), ""]
+        lines += [
+            "",
+            f"Table 5's claims in the {steps_text(long_rows)}-step ablation family, {METRIC_NAMES[metric]} "
+            "(exploratory; Holm over the family's 10 claims, the Table 6 claims above included):",
+            "",
+            claims_markdown(mine),
+            "",
+        ]
     return lines
 
 
@@ -143,12 +175,23 @@ def subspace_lines(out: Path, runs: Path | None, link: str = "results") -> list[
     text = fresh_subspace_text(out / f"subspace_{LONG}.md", runs, link) if runs is not None else None
     if text is None:
         return []
-    return ["§7.2 and §7.3 recomputed on the 300-step adapters (same seeds; compare with the 150-step sections below):", "",
-            text, ""]
+    return [
+        "§7.2 and §7.3 recomputed on the 300-step adapters (same seeds; compare with the 150-step sections below):",
+        "",
+        text,
+        "",
+    ]
 
 
-def longer_schedule_section(rows: list[dict], out: Path, link: str, margin: float = MARGIN, alpha: float = ALPHA,
-                            runs: Path | None = None, checks: dict[str, list[tuple[str, ClaimCheck]]] | None = None) -> list[str]:
+def longer_schedule_section(
+    rows: list[dict],
+    out: Path,
+    link: str,
+    margin: float = MARGIN,
+    alpha: float = ALPHA,
+    runs: Path | None = None,
+    checks: dict[str, list[tuple[str, ClaimCheck]]] | None = None,
+) -> list[str]:
     """The section of experiments/README.md; empty when no ``convergence`` run exists. ``checks``: the 300-step
     ablation family (``ablation_checks(rows, margin, alpha, 300)``) when the caller has it already."""
     long_rows = of_experiment(rows, LONG)
@@ -173,17 +216,26 @@ def longer_schedule_section(rows: list[dict], out: Path, link: str, margin: floa
         "eight Table 6 cells its claims compare).",
         "",
         *cell_table("cell", [(describe(v[0]), v, short.get(k, [])) for k, v in long.items()]),
-        *curve_lines({describe(v[0]): v for v in long.values()}, f"{steps_text(long_rows)} steps",
-                     out / "convergence_300steps.png", link, "300-step curves"),
+        *curve_lines(
+            {describe(v[0]): v for v in long.values()},
+            f"{steps_text(long_rows)} steps",
+            out / "convergence_300steps.png",
+            link,
+            "300-step curves",
+        ),
         "What each Table 6 comparison the verdicts read looks like at both schedules (LoRA vs full fine-tuning: see "
-        "\"LoRA vs full fine-tuning\"):",
+        '"LoRA vs full fine-tuning"):',
         "",
     ]
     for metric in (METRIC, TEST_METRIC):
         lines += comparison_rows(short, long, metric) + [""]
     for metric in (METRIC, TEST_METRIC):
         if mine := [c for t, c in checks.get(metric, []) if t == "table6"]:
-            lines += [f"Table 6's claims in the {steps_text(long_rows)}-step ablation family, {METRIC_NAMES[metric]} "
-                      "(exploratory; the same 10 claims as at 150 steps, Holm over all 10, Table 5's below included):",
-                      "", claims_markdown(mine), ""]
+            lines += [
+                f"Table 6's claims in the {steps_text(long_rows)}-step ablation family, {METRIC_NAMES[metric]} "
+                "(exploratory; the same 10 claims as at 150 steps, Holm over all 10, Table 5's below included):",
+                "",
+                claims_markdown(mine),
+                "",
+            ]
     return lines + subspace_lines(out, runs, link) + table5_lines(rows, checks, out, link)

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 from scipy import stats as scipy_stats
 
@@ -34,7 +34,7 @@ class Stat:
     n: int
 
     @classmethod
-    def of(cls, values: Iterable[float]) -> "Stat":
+    def of(cls, values: Iterable[float]) -> Stat:
         v = [100.0 * x for x in values]
         if not v:
             return cls(math.nan, math.nan, 0)
@@ -178,7 +178,9 @@ def paired_t(diffs: Sequence[float], margin: float = MARGIN, level: float = 0.95
     se = sd / math.sqrt(n)
     if se == 0.0:
         t = 0.0 if mean == 0 else math.copysign(math.inf, mean)
-        return Paired(n, mean, sd, t, 1.0 if mean == 0 else 0.0, (mean, mean), 0.0 if abs(mean) < margin else 1.0, level)
+        return Paired(
+            n, mean, sd, t, 1.0 if mean == 0 else 0.0, (mean, mean), 0.0 if abs(mean) < margin else 1.0, level
+        )
     test = scipy_stats.ttest_1samp(list(diffs), 0.0)
     half = t_ppf(0.5 + level / 2.0, n - 1) * se
     p_tost = max(t_sf((mean + margin) / se, n - 1), t_cdf((mean - margin) / se, n - 1))
@@ -221,7 +223,9 @@ def holm(pvalues: Sequence[float]) -> list[float]:
     return out
 
 
-def example_bootstrap(a: Sequence[str], b: Sequence[str], draws: int = 4000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+def example_bootstrap(
+    a: Sequence[str], b: Sequence[str], draws: int = 4000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
     """Difference of mean accuracy (pp) of two groups of runs scored on one test split, and a percentile
     bootstrap CI that resamples both sources of noise: the test examples (one multinomial draw of the n
     examples per replicate, shared by both groups: the comparison is paired on examples) and the seeds
@@ -246,8 +250,9 @@ def example_bootstrap(a: Sequence[str], b: Sequence[str], draws: int = 4000, lev
     return 100.0 * float(ma.mean() - mb.mean()), float(lo), float(hi)
 
 
-def hierarchical_bootstrap(splits: Sequence[tuple[Sequence[str], Sequence[str]]], draws: int = 4000, level: float = 0.95,
-                           seed: int = 0) -> tuple[float, float, float]:
+def hierarchical_bootstrap(
+    splits: Sequence[tuple[Sequence[str], Sequence[str]]], draws: int = 4000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
     """Mean over splits of the per-split difference of mean accuracy (pp) of two groups of runs, and a percentile
     bootstrap CI over the three levels of noise: the splits (drawn with replacement), then within each drawn split
     the test examples (one multinomial draw shared by both groups, as in :func:`example_bootstrap`) and each group's
@@ -260,7 +265,9 @@ def hierarchical_bootstrap(splits: Sequence[tuple[Sequence[str], Sequence[str]]]
         ma = np.array([[c == "1" for c in run] for run in a], dtype=float)
         mb = np.array([[c == "1" for c in run] for run in b], dtype=float)
         if ma.ndim != 2 or mb.ndim != 2 or ma.shape[1] != mb.shape[1] or ma.shape[1] == 0:
-            raise ValueError("hierarchical_bootstrap: within a split every run needs a test_correct string of one length")
+            raise ValueError(
+                "hierarchical_bootstrap: within a split every run needs a test_correct string of one length"
+            )
         mats.append((ma, mb))
     k = len(mats)
     if k == 0:
@@ -341,7 +348,11 @@ class Convergence:
             return "seed noise not measurable (one seed)"
         if abs(self.delta) < self.noise:
             return "the change is smaller than the seed noise"
-        return "still rising: the change exceeds the seed noise" if self.delta > 0 else "falling: the change exceeds the seed noise"
+        return (
+            "still rising: the change exceeds the seed noise"
+            if self.delta > 0
+            else "falling: the change exceeds the seed noise"
+        )
 
     def line(self) -> str:
         noise = "n/a" if math.isnan(self.noise) else f"{self.noise:.2f} pp"

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Iterable
 from functools import lru_cache
 from itertools import combinations
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from safetensors import safe_open
@@ -71,7 +71,9 @@ def adapter_of(summary: dict, run_dir: Path) -> Path:
 
 def seeds_at(runs: Path, r: int, experiment: str = "table6") -> list[int]:
     """The seeds with a {Wq, Wv} adapter at rank ``r``."""
-    return sorted({s["seed"] for s, d in table6_runs(runs, experiment) if s.get("r") == r and adapter_of(s, d).is_file()})
+    return sorted(
+        {s["seed"] for s, d in table6_runs(runs, experiment) if s.get("r") == r and adapter_of(s, d).is_file()}
+    )
 
 
 def find_adapter(runs: Path, targets: list[str], r: int, seed: int, experiment: str = "table6") -> Path:
@@ -79,8 +81,10 @@ def find_adapter(runs: Path, targets: list[str], r: int, seed: int, experiment: 
     for s, d in table6_runs(runs, experiment):
         if s.get("targets") == targets and s.get("r") == r and s.get("seed") == seed and adapter_of(s, d).is_file():
             return adapter_of(s, d)
-    raise SystemExit(f"no {experiment} adapter with targets={targets} r={r} seed={seed} under {runs}; run the Table 6 sweep "
-                     "(bash experiments/ablations.sh tables) and python -m experiments collect first")
+    raise SystemExit(
+        f"no {experiment} adapter with targets={targets} r={r} seed={seed} under {runs}; run the Table 6 sweep "
+        "(bash experiments/ablations.sh tables) and python -m experiments collect first"
+    )
 
 
 # --------------------------------------------------------------------------- adapter matrices
@@ -175,7 +179,9 @@ def init_cell(values: list[float | None]) -> str:
     return NO_STREAM if not values or any(v is None for v in values) else f"{max(values):.3f}"
 
 
-def subspace_section(runs: Path, out: Path, small: int = 8, large: int = 64, experiment: str = "table6") -> tuple[list[str], list[Path]]:
+def subspace_section(
+    runs: Path, out: Path, small: int = 8, large: int = 64, experiment: str = "table6"
+) -> tuple[list[str], list[Path]]:
     """§7.2 for every seed: φ between A(r=small) and A(r=large) of each seed with both, and between every pair of
     seeds at r=large, after training and at initialisation, with random matrices as the baseline. Returns the
     markdown and the adapters read."""
@@ -183,7 +189,9 @@ def subspace_section(runs: Path, out: Path, small: int = 8, large: int = 64, exp
     seeds = seeds_at(runs, large, experiment)
     both = [s for s in seeds if s in seeds_at(runs, small, experiment)]
     if len(seeds) < 2 or not both:
-        raise SystemExit(f"§7.2 needs {{Wq,Wv}} adapters at r={small} and r={large} for one seed and a second seed at r={large} under {runs}")
+        raise SystemExit(
+            f"§7.2 needs {{Wq,Wv}} adapters at r={small} and r={large} for one seed and a second seed at r={large} under {runs}"
+        )
     pairs = list(combinations(seeds, 2))
     smalls = {s: find_adapter(runs, TARGETS, small, s, experiment) for s in both}
     larges = {s: find_adapter(runs, TARGETS, large, s, experiment) for s in seeds}
@@ -210,24 +218,42 @@ def subspace_section(runs: Path, out: Path, small: int = 8, large: int = 64, exp
         f"| matrix, layer | φ(1,1) at r={large}, trained: {pair_cols} | at init (largest) | mean φ i,j≤{small}, trained: {pair_cols} | at init (largest) |",
         "|---|" + "---|" * (2 * (len(pairs) + 1)),
     ]
-    moved = ["| matrix, layer | " + " | ".join([f"r={small}, seed {s}" for s in both] + [f"r={large}, seed {s}" for s in seeds]) + " |",
-             "|---|" + "---|" * (len(both) + len(seeds))]
-    top_rank: dict[int, list[tuple[str, float, float | None]]] = {s: [] for s in both}  # per seed: (matrix, trained φ(1,1), at init)
+    moved = [
+        "| matrix, layer | "
+        + " | ".join([f"r={small}, seed {s}" for s in both] + [f"r={large}, seed {s}" for s in seeds])
+        + " |",
+        "|---|" + "---|" * (len(both) + len(seeds)),
+    ]
+    top_rank: dict[int, list[tuple[str, float, float | None]]] = {
+        s: [] for s in both
+    }  # per seed: (matrix, trained φ(1,1), at init)
     top_seeds: dict[tuple[int, int], list[tuple[str, float, float | None]]] = {pr: [] for pr in pairs}
     for kind in ("q", "v"):
         for layer in range(N_LAYERS):
-            A = {("s", s): lora_matrices(p, kind, layer)[0] for s, p in smalls.items()} | {("l", s): lora_matrices(p, kind, layer)[0] for s, p in larges.items()}
-            init_a = {("s", s): initial_matrix(p, kind, layer) for s, p in smalls.items()} | {("l", s): initial_matrix(p, kind, layer) for s, p in larges.items()}
+            A = {("s", s): lora_matrices(p, kind, layer)[0] for s, p in smalls.items()} | {
+                ("l", s): lora_matrices(p, kind, layer)[0] for s, p in larges.items()
+            }
+            init_a = {("s", s): initial_matrix(p, kind, layer) for s, p in smalls.items()} | {
+                ("l", s): initial_matrix(p, kind, layer) for s, p in larges.items()
+            }
             trained = {s: phi_stats(A[("s", s)], A[("l", s)], small, large, small) for s in both}
-            init = {s: phi_stats(init_a[("s", s)], init_a[("l", s)], small, large, small) if init_a[("s", s)] is not None and init_a[("l", s)] is not None
-                    else (None, None, None) for s in both}
+            init = {
+                s: phi_stats(init_a[("s", s)], init_a[("l", s)], small, large, small)
+                if init_a[("s", s)] is not None and init_a[("l", s)] is not None
+                else (None, None, None)
+                for s in both
+            }
             cells = []
             for k in range(3):
                 cells += [f"{trained[s][k]:.3f}" for s in both] + [init_cell([init[s][k] for s in both])]
             lines.append(f"| W{kind}, {layer} | " + " | ".join(cells) + " |")
             ts = {pr: phi_stats(A[("l", pr[0])], A[("l", pr[1])], large, large, small) for pr in pairs}
-            is_ = {pr: phi_stats(init_a[("l", pr[0])], init_a[("l", pr[1])], large, large, small) if init_a[("l", pr[0])] is not None and init_a[("l", pr[1])] is not None
-                   else (None, None, None) for pr in pairs}
+            is_ = {
+                pr: phi_stats(init_a[("l", pr[0])], init_a[("l", pr[1])], large, large, small)
+                if init_a[("l", pr[0])] is not None and init_a[("l", pr[1])] is not None
+                else (None, None, None)
+                for pr in pairs
+            }
             cells = []
             for k in range(2):
                 cells += [f"{ts[pr][k]:.3f}" for pr in pairs] + [init_cell([is_[pr][k] for pr in pairs])]
@@ -237,12 +263,26 @@ def subspace_section(runs: Path, out: Path, small: int = 8, large: int = 64, exp
             for pr in pairs:
                 top_seeds[pr].append((f"W{kind} {layer}", ts[pr][0], is_[pr][0]))
             changes = [relative_change(p, kind, layer) for p in [*smalls.values(), *larges.values()]]
-            moved.append(f"| W{kind}, {layer} | " + " | ".join(NO_STREAM if c is None else f"{c:.3f}" for c in changes) + " |")
+            moved.append(
+                f"| W{kind}, {layer} | " + " | ".join(NO_STREAM if c is None else f"{c:.3f}" for c in changes) + " |"
+            )
             if layer == mid:
                 g = subspace_similarity_grid(A[("s", s1)], A[("l", s1)], small, large)
                 gs = subspace_similarity_grid(A[("l", pairs[0][0])], A[("l", pairs[0][1])], large, large)
-                plot_subspace_similarity(g, out / f"{tag}subspace_r{small}_r{large}_W{kind}.png", f"W{kind}, layer {layer}: phi(A r={small}, A r={large}, i, j)", xlabel=f"j (r={large})", ylabel=f"i (r={small})")
-                plot_subspace_similarity(gs[:16, :16], out / f"{tag}subspace_seeds_r{large}_W{kind}.png", f"W{kind}, layer {layer}: r={large}, seed {pairs[0][0]} vs {pairs[0][1]}", xlabel=f"j (seed {pairs[0][1]})", ylabel=f"i (seed {pairs[0][0]})")
+                plot_subspace_similarity(
+                    g,
+                    out / f"{tag}subspace_r{small}_r{large}_W{kind}.png",
+                    f"W{kind}, layer {layer}: phi(A r={small}, A r={large}, i, j)",
+                    xlabel=f"j (r={large})",
+                    ylabel=f"i (r={small})",
+                )
+                plot_subspace_similarity(
+                    gs[:16, :16],
+                    out / f"{tag}subspace_seeds_r{large}_W{kind}.png",
+                    f"W{kind}, layer {layer}: r={large}, seed {pairs[0][0]} vs {pairs[0][1]}",
+                    xlabel=f"j (seed {pairs[0][1]})",
+                    ylabel=f"i (seed {pairs[0][0]})",
+                )
     a8, a64 = A[("s", s1)], A[("l", s1)]
     gen = torch.Generator().manual_seed(0)
     R8, R64 = torch.randn(a8.shape, generator=gen), torch.randn(a64.shape, generator=gen)
@@ -251,17 +291,31 @@ def subspace_section(runs: Path, out: Path, small: int = 8, large: int = 64, exp
     random_cells = [c for v in gr for c in [f"{v:.3f}", *blank]]
     expected_cells = [f"{1 / a8.shape[1]:.3f}", *blank] + [""] * (2 * (len(both) + 1))
     lines.append(f"| random Gaussian, {tuple(a8.shape)} vs {tuple(a64.shape)} | " + " | ".join(random_cells) + " |")
-    lines.append(f"| expected for random subspaces (i·j/k at i=j=1, k={a8.shape[1]}) | " + " | ".join(expected_cells) + " |")
+    lines.append(
+        f"| expected for random subspaces (i·j/k at i=j=1, k={a8.shape[1]}) | " + " | ".join(expected_cells) + " |"
+    )
     link = "results"
     lines += [
         "",
-        *[line for s in both for line in shared_top_direction_lines(top_rank[s], f"r={small} vs r={large} (seed {s})",
-                                                                     "the paper: φ > 0.5 between r=8 and r=64")],
+        *[
+            line
+            for s in both
+            for line in shared_top_direction_lines(
+                top_rank[s], f"r={small} vs r={large} (seed {s})", "the paper: φ > 0.5 between r=8 and r=64"
+            )
+        ],
         "",
         *seed_rows,
         "",
-        *[line for pr in pairs for line in shared_top_direction_lines(top_seeds[pr], f"seed {pr[0]} vs seed {pr[1]} at r={large}",
-                                                                      "the paper reports the seed comparison as heatmaps only")],
+        *[
+            line
+            for pr in pairs
+            for line in shared_top_direction_lines(
+                top_seeds[pr],
+                f"seed {pr[0]} vs seed {pr[1]} at r={large}",
+                "the paper reports the seed comparison as heatmaps only",
+            )
+        ],
         "",
         "How far training moved A from its initialisation, ‖A − A₀‖_F / ‖A₀‖_F (two independent draws would give about 1.41):",
         "",
@@ -275,23 +329,36 @@ def subspace_section(runs: Path, out: Path, small: int = 8, large: int = 64, exp
     return lines, [*smalls.values(), *larges.values()]
 
 
-PAPER_TABLE7 = {4: (0.32, 21.67, 0.02, 21.5), 64: (1.90, 37.71, 0.33, 2)}  # r -> ΔWq dirs, Wq top-r, random, amplification
+PAPER_TABLE7 = {
+    4: (0.32, 21.67, 0.02, 21.5),
+    64: (1.90, 37.71, 0.33, 2),
+}  # r -> ΔWq dirs, Wq top-r, random, amplification
 
 
-def shared_top_direction_lines(cells: list[tuple[str, float, float | None]], what: str, paper: str, threshold: float = 0.5) -> list[str]:
+def shared_top_direction_lines(
+    cells: list[tuple[str, float, float | None]], what: str, paper: str, threshold: float = 0.5
+) -> list[str]:
     """The §7.2 verdict line: in how many matrices the top direction is shared (trained φ(1,1) > threshold),
     and whether the initialisation already shared it."""
     shared = [name for name, trained, _ in cells if trained > threshold]
     inits = [init for _, _, init in cells if init is not None]
-    init_text = (f"at initialisation φ(1,1) is at most {max(inits):.3f}, so what is shared was made by training"
-                 if inits and max(inits) <= threshold else "the initialisation is not reproducible from these files" if not inits
-                 else f"at initialisation φ(1,1) already reaches {max(inits):.3f}")
-    return [f"- Top direction shared, {what}: φ(1,1) > {threshold:g} in {len(shared)} of {len(cells)} matrices "
-            f"({', '.join(shared) or 'none'}); median {statistics.median(t for _, t, _ in cells):.2f}; {init_text} ({paper})."]
+    init_text = (
+        f"at initialisation φ(1,1) is at most {max(inits):.3f}, so what is shared was made by training"
+        if inits and max(inits) <= threshold
+        else "the initialisation is not reproducible from these files"
+        if not inits
+        else f"at initialisation φ(1,1) already reaches {max(inits):.3f}"
+    )
+    return [
+        f"- Top direction shared, {what}: φ(1,1) > {threshold:g} in {len(shared)} of {len(cells)} matrices "
+        f"({', '.join(shared) or 'none'}); median {statistics.median(t for _, t, _ in cells):.2f}; {init_text} ({paper})."
+    ]
 
 
 # --------------------------------------------------------------------------- §7.3
-def amplification_section(runs: Path, ranks: tuple[int, ...] = (4, 64), experiment: str = "table6") -> tuple[list[str], list[Path]]:
+def amplification_section(
+    runs: Path, ranks: tuple[int, ...] = (4, 64), experiment: str = "table6"
+) -> tuple[list[str], list[Path]]:
     """§7.3 / Table 7: ||Uᵀ W Vᵀ||_F onto ΔW's, W's top-r and random directions, and the amplification factor
     ‖ΔW‖_F / ‖U_ΔWᵀ W V_ΔW‖_F both as the mean of per-seed ratios and as the ratio of the seed means."""
     level, suffix, label, _ = runs_label(experiment)
@@ -313,8 +380,10 @@ def amplification_section(runs: Path, ranks: tuple[int, ...] = (4, 64), experime
     summary: dict[int, tuple[list[float], list[float]]] = {}
     vs_random: dict[int, list[float]] = {}  # W onto ΔW's directions / onto random ones, per layer
     vs_random_seeds: dict[int, list[float]] = {}  # the same per seed and layer
-    vs_top: dict[int, list[float]] = {}     # W onto ΔW's directions / onto W's own top-r
-    random_amp: dict[int, list[float]] = {}  # ‖ΔW‖ / the random projection: the amplification factor of random directions
+    vs_top: dict[int, list[float]] = {}  # W onto ΔW's directions / onto W's own top-r
+    random_amp: dict[
+        int, list[float]
+    ] = {}  # ‖ΔW‖ / the random projection: the amplification factor of random directions
     used: list[Path] = []
     for r in ranks:
         if not seeds[r]:
@@ -349,7 +418,7 @@ def amplification_section(runs: Path, ranks: tuple[int, ...] = (4, 64), experime
         f"and amplification factors depend on the dimensions (a random r-dimensional projection keeps about r/d of W), so "
         f"ours (d = {d}) are not compared with the paper's (d = 12,288); what is compared is the ratio of W's projection "
         "onto ΔW's directions to its projection onto random directions of the same dimensions, which is the paper's "
-        "reading \"ΔW correlates with W more than a random matrix\" (paper: 0.32 / 0.02 = 16x at r=4, 1.90 / 0.33 = 5.8x "
+        'reading "ΔW correlates with W more than a random matrix" (paper: 0.32 / 0.02 = 16x at r=4, 1.90 / 0.33 = 5.8x '
         "at r=64). It is counted as reproduced when ours is at least half the paper's ratio.",
         "",
     ]
@@ -375,8 +444,10 @@ def amplification_section(runs: Path, ranks: tuple[int, ...] = (4, 64), experime
                 + (f" — {ours:.1f}x against the paper's {target:.1f}x." if verdict != "reproduces" else ".")
             )
         else:
-            lines.append(f"- r={r}, W projected onto ΔWq's directions is {ours:.1f}x its projection onto random directions "
-                         f"({seeds_range}){top}.")
+            lines.append(
+                f"- r={r}, W projected onto ΔWq's directions is {ours:.1f}x its projection onto random directions "
+                f"({seeds_range}){top}."
+            )
     lines.append("")
     return lines, used
 
@@ -387,13 +458,20 @@ def marker(runs: Path, adapters: list[Path]) -> str:
     return f"<!-- subspace.py runs={runs.as_posix()} adapters={';'.join(rel)} -->"
 
 
-def write_report(runs: Path, out: Path, pair: tuple[int, int] = (8, 64), amp_ranks: tuple[int, ...] = (4, 64),
-                 experiment: str = "table6") -> str:
+def write_report(
+    runs: Path,
+    out: Path,
+    pair: tuple[int, int] = (8, 64),
+    amp_ranks: tuple[int, ...] = (4, 64),
+    experiment: str = "table6",
+) -> str:
     """§7.2 and §7.3 on the ``experiment`` runs under ``runs``: the heatmaps into ``out`` and the markdown into
     ``out/subspace.md`` (``experiment`` table6) or ``out/subspace_<experiment>.md``; returns the markdown."""
     out.mkdir(parents=True, exist_ok=True)
     sub, used = subspace_section(runs, out, *pair, experiment=experiment)
     amp, used_amp = amplification_section(runs, tuple(amp_ranks), experiment=experiment)
     text = "\n".join([marker(runs, used + used_amp), *sub, *amp])
-    (out / ("subspace.md" if experiment == "table6" else f"subspace_{experiment}.md")).write_text(relink(text, "results"))
+    (out / ("subspace.md" if experiment == "table6" else f"subspace_{experiment}.md")).write_text(
+        relink(text, "results")
+    )
     return text

@@ -7,8 +7,9 @@ from __future__ import annotations
 import csv
 import math
 import statistics
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from experiments.claims import (
     GREATER,
@@ -24,7 +25,6 @@ from experiments.claims import (
 )
 from experiments.records import METRIC, METRIC_NAMES, TEST_METRIC, has_metric, metrics_present
 from experiments.stats import ALPHA, MARGIN, Stat, Welch, group, pooled_std, welch
-
 
 # --------------------------------------------------------------------------- numbers and runs in words
 STD_NOTE = "± = sample standard deviation over seeds (n−1), not the standard error"
@@ -73,7 +73,11 @@ def p_text(p: float, alpha: float = ALPHA) -> str:
     if p < 0.001:
         return "<0.001"
     digits = 3
-    while digits < 8 and p != alpha and (float(f"{p:.{digits}f}") == alpha or (float(f"{p:.{digits}f}") < alpha) != (p < alpha)):
+    while (
+        digits < 8
+        and p != alpha
+        and (float(f"{p:.{digits}f}") == alpha or (float(f"{p:.{digits}f}") < alpha) != (p < alpha))
+    ):
         digits += 1
     return f"{p:.{digits}f}"
 
@@ -95,8 +99,12 @@ def claims_markdown(checks: Sequence[ClaimCheck]) -> str:
     if not checks:
         return ""
     c0 = checks[0]
-    tost = (f"equivalence claims by TOST at ±{c0.margin:g} pp, Holm over the {c0.tost_family} equivalence claims (the "
-            "\"beats\" claims are not in that family)" if c0.tost_family else "no equivalence claim in this family")
+    tost = (
+        f"equivalence claims by TOST at ±{c0.margin:g} pp, Holm over the {c0.tost_family} equivalence claims (the "
+        '"beats" claims are not in that family)'
+        if c0.tost_family
+        else "no equivalence claim in this family"
+    )
     lines = [
         f"Claim checks: Welch t-test; p Holm-corrected over the {c0.family} checks of its family; {tost}; alpha "
         f"{c0.alpha:g}. Brackets are 95% confidence intervals of the difference. MDE: the true difference the difference "
@@ -112,8 +120,11 @@ def claims_markdown(checks: Sequence[ClaimCheck]) -> str:
         w = c.welch
         test = "difference" if c.claim.kind == GREATER else f"equivalence ±{c.margin:g}"
         tdf = "-" if math.isnan(w.t) else f"{w.t:+.2f} ({w.df:.1f})"
-        tost_cell = "-" if c.claim.kind == GREATER else p_text(c.p_tost_holm, c.alpha) + (
-            "" if math.isnan(c.tost_power) else f" [{c.tost_power:.2f}]")
+        tost_cell = (
+            "-"
+            if c.claim.kind == GREATER
+            else p_text(c.p_tost_holm, c.alpha) + ("" if math.isnan(c.tost_power) else f" [{c.tost_power:.2f}]")
+        )
         lines.append(
             f"| {c.claim.text} | {test} | {c.claim.a_label} − {c.claim.b_label}: {ci_text(w)} | {c.n_text} | {tdf} "
             f"| {p_text(w.p, c.level)} | {p_text(c.p_holm, c.alpha)} | {tost_cell} | {mde_text(c.mde)} | {c.outcome} | **{c.verdict}** |"
@@ -138,21 +149,21 @@ def method_markdown(margin: float = MARGIN, alpha: float = ALPHA, *, heading: bo
         "W{q,k,v,o} beat the best single type, W{q} and W{k} alone are worse than the weaker of W{v}, W{o}; Table 6: "
         "r=1 competitive for W{q,v}, W{q} gains from r, little gain past r=8 for each of three sets, W{q,v} beats "
         f"W{{q}} at r=8). Their 10 difference p-values are Holm–Bonferroni corrected together at alpha = {alpha:g}; the "
-        "TOST p-values of the 4 equivalence claims form a second Holm family (the \"beats\" claims are not in it). "
-        "\"LoRA matches full fine-tuning\" is not an ablation claim: it is the primary family (its own section). "
+        'TOST p-values of the 4 equivalence claims form a second Holm family (the "beats" claims are not in it). '
+        '"LoRA matches full fine-tuning" is not an ablation claim: it is the primary family (its own section). '
         f"Equivalence margin ±{margin:g} point: TOST, two one-sided Welch t-tests of H0: |d| ≥ {margin:g} against "
         f"|d| < {margin:g} accuracy points (uncorrected, this is the 90% confidence interval lying inside ±{margin:g}). "
-        f"Every check has one of three outcomes: \"{equivalent_label(margin)}\" (TOST significant after "
-        "correction), \"different\" (difference significant after correction) or \"inconclusive\" (neither: the data "
+        f'Every check has one of three outcomes: "{equivalent_label(margin)}" (TOST significant after '
+        'correction), "different" (difference significant after correction) or "inconclusive" (neither: the data '
         "cannot tell, and the check's CI says by how much). Where both tests are significant (a real difference inside "
         "the margin), the outcome the claim is about is shown. Power: every check prints n per arm and its minimum "
         "detectable effect (MDE), the true difference its difference test detects with 80% power at its per-check "
         "level alpha/k (Holm's first step, k the family's size; `experiments/power.py`), with the seed sd pooled over "
         "the family's groups; an equivalence claim also prints TOST's power when the true difference is 0. "
-        "Verdict vs the paper: \"agrees\" only when the test supports the paper's claim (a significant "
-        "difference in the paper's direction, or equivalence for a no-difference claim), \"disagrees\" when it "
+        'Verdict vs the paper: "agrees" only when the test supports the paper\'s claim (a significant '
+        'difference in the paper\'s direction, or equivalence for a no-difference claim), "disagrees" when it '
         "supports the opposite (a significant difference in the other direction, or a significant difference "
-        "where the paper claims none), \"inconclusive\" otherwise. A difference that merely stays under a "
+        'where the paper claims none), "inconclusive" otherwise. A difference that merely stays under a '
         "threshold is never scored as agreement. p-values print with 3 decimals (more where 3 would round across "
         "the level), and the verdicts use the unrounded values. The ablation runs are the pilot of the pre-registered "
         "study: their data were seen before this analysis was fixed, so their verdicts are exploratory."
@@ -168,8 +179,23 @@ def spread_caption(stats: Iterable[Stat]) -> str:
 
 # --------------------------------------------------------------------------- tables
 CSV_COLUMNS = [
-    "experiment", "method", "variant", "lr", "targets_key", "r", "alpha", "init", "init_seed", "seed",
-    "best_val_acc", "test_acc", "params_lora", "params_trainable", "fit_seconds", "steps", "adapter_bytes",
+    "experiment",
+    "method",
+    "variant",
+    "lr",
+    "targets_key",
+    "r",
+    "alpha",
+    "init",
+    "init_seed",
+    "seed",
+    "best_val_acc",
+    "test_acc",
+    "params_lora",
+    "params_trainable",
+    "fit_seconds",
+    "steps",
+    "adapter_bytes",
 ]
 
 
@@ -179,7 +205,9 @@ def write_csv(rows: list[dict], path: Path) -> None:
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(CSV_COLUMNS)
-        for row in sorted(rows, key=lambda r: (r.get("method", ""), r["targets_key"], r.get("r") or 0, r.get("seed", 0))):
+        for row in sorted(
+            rows, key=lambda r: (r.get("method", ""), r["targets_key"], r.get("r") or 0, r.get("seed", 0))
+        ):
             w.writerow(["" if row.get(c) is None else row.get(c) for c in CSV_COLUMNS])
 
 
@@ -195,10 +223,20 @@ def table5_markdown(rows: list[dict]) -> tuple[str, dict[str, Stat]]:
     head = "| weights | " + " | ".join(f"W{{{t}}}" for t in TABLE5_ORDER) + " |"
     lines = [head, "|---" * (len(TABLE5_ORDER) + 1) + "|"]
     lines.append("| r (ours) | " + " | ".join(str(ranks.get(t, "-")) for t in TABLE5_ORDER) + " |")
-    lines.append("| LoRA params (ours) | " + " | ".join(f"{params[t]:,}" if t in params else "-" for t in TABLE5_ORDER) + " |")
-    lines.append("| **val acc, MiniLM / Rotten Tomatoes (ours, mean ± std)** | " + " | ".join(_bold(stats.get(t)) for t in TABLE5_ORDER) + " |")
+    lines.append(
+        "| LoRA params (ours) | " + " | ".join(f"{params[t]:,}" if t in params else "-" for t in TABLE5_ORDER) + " |"
+    )
+    lines.append(
+        "| **val acc, MiniLM / Rotten Tomatoes (ours, mean ± std)** | "
+        + " | ".join(_bold(stats.get(t)) for t in TABLE5_ORDER)
+        + " |"
+    )
     if test:
-        lines.append("| test acc, same runs (ours, mean ± std) | " + " | ".join(str(test[t]) if t in test else "-" for t in TABLE5_ORDER) + " |")
+        lines.append(
+            "| test acc, same runs (ours, mean ± std) | "
+            + " | ".join(str(test[t]) if t in test else "-" for t in TABLE5_ORDER)
+            + " |"
+        )
     lines.append("| seeds (ours) | " + " | ".join(str(stats[t].n) if t in stats else "0" for t in TABLE5_ORDER) + " |")
     lines.append("| r (paper) | " + " | ".join(str(TABLE5_PAPER[t][0]) for t in TABLE5_ORDER) + " |")
     lines.append("| WikiSQL (paper, ±0.5) | " + " | ".join(f"{TABLE5_PAPER[t][1]}" for t in TABLE5_ORDER) + " |")
@@ -215,25 +253,45 @@ def reference_markdown(ref_rows: list[dict]) -> tuple[list[str], list[Stat]]:
     val = {k[0]: s for k, s in group(ref_rows, "method").items()}
     test = {k[0]: s for k, s in group(ref_rows, "method", metric=TEST_METRIC).items()}
     params = {row["method"]: row.get("params_trainable") for row in ref_rows}
-    lines = ["| reference (ours) | val acc (mean ± std) | test acc (mean ± std) | lr | trainable params |", "|---|---|---|---|---|"]
+    lines = [
+        "| reference (ours) | val acc (mean ± std) | test acc (mean ± std) | lr | trainable params |",
+        "|---|---|---|---|---|",
+    ]
     for m, label in REFERENCE_LABELS.items():
         if m in val:
             lrs = sorted({row.get("lr") for row in ref_rows if row["method"] == m and row.get("lr") is not None})
             p = f"{params[m]:,}" if params.get(m) else "-"
-            lines.append(f"| {label} | {val[m]} | {test.get(m, '-')} | {', '.join(f'{x:g}' for x in lrs) or '-'} | {p} |")
+            lines.append(
+                f"| {label} | {val[m]} | {test.get(m, '-')} | {', '.join(f'{x:g}' for x in lrs) or '-'} | {p} |"
+            )
     return lines, [*val.values(), *test.values()]
 
 
 def table6_markdown(rows: list[dict], ref_rows: list[dict]) -> tuple[str, dict[tuple[str, int], Stat]]:
     """Table 6, ours (val and test rows) beside the paper's, and the reference rows; returns the val cells too."""
     stats, test = table6_stats(rows), table6_stats(rows, TEST_METRIC)
-    lines = ["| weights | " + " | ".join(f"r={r}" for r in TABLE6_RANKS) + " | source |", "|---" * (len(TABLE6_RANKS) + 2) + "|"]
+    lines = [
+        "| weights | " + " | ".join(f"r={r}" for r in TABLE6_RANKS) + " | source |",
+        "|---" * (len(TABLE6_RANKS) + 2) + "|",
+    ]
     for t in TABLE6_TARGETS:
-        lines.append(f"| **W{{{t}}}** | " + " | ".join(_bold(stats.get((t, r))) for r in TABLE6_RANKS) + " | ours, val acc (mean ± std) |")
+        lines.append(
+            f"| **W{{{t}}}** | "
+            + " | ".join(_bold(stats.get((t, r))) for r in TABLE6_RANKS)
+            + " | ours, val acc (mean ± std) |"
+        )
         if test:
-            lines.append("| | " + " | ".join(str(test[(t, r)]) if (t, r) in test else "-" for r in TABLE6_RANKS) + " | ours, test acc (mean ± std) |")
-        lines.append("| | " + " | ".join(f"{TABLE6_PAPER[t][r][0]}" for r in TABLE6_RANKS) + " | paper, WikiSQL (±0.5) |")
-        lines.append("| | " + " | ".join(f"{TABLE6_PAPER[t][r][1]}" for r in TABLE6_RANKS) + " | paper, MultiNLI (±0.1) |")
+            lines.append(
+                "| | "
+                + " | ".join(str(test[(t, r)]) if (t, r) in test else "-" for r in TABLE6_RANKS)
+                + " | ours, test acc (mean ± std) |"
+            )
+        lines.append(
+            "| | " + " | ".join(f"{TABLE6_PAPER[t][r][0]}" for r in TABLE6_RANKS) + " | paper, WikiSQL (±0.5) |"
+        )
+        lines.append(
+            "| | " + " | ".join(f"{TABLE6_PAPER[t][r][1]}" for r in TABLE6_RANKS) + " | paper, MultiNLI (±0.1) |"
+        )
     ref_stats: list[Stat] = []
     if ref_rows:
         ref_lines, ref_stats = reference_markdown(ref_rows)
@@ -246,9 +304,12 @@ def rank_profile_markdown(rows: list[dict]) -> str:
     """Every Table 6 row's r=1 and r=8 against its r=64, ours (val and test, Welch 95% CI, raw p) beside the
     paper's difference: a description of each row's shape, deliberately outside the claim checks' Holm family."""
     by_metric = {m: table6_stats(rows, m) for m in metrics_present(rows)}
-    lines = ["| weights | comparison | paper (WikiSQL / MultiNLI) | "
-             + " | ".join(f"ours, {METRIC_NAMES[m]}: diff [95% CI], raw p" for m in by_metric) + " |",
-             "|---|---|---|" + "---|" * len(by_metric)]
+    lines = [
+        "| weights | comparison | paper (WikiSQL / MultiNLI) | "
+        + " | ".join(f"ours, {METRIC_NAMES[m]}: diff [95% CI], raw p" for m in by_metric)
+        + " |",
+        "|---|---|---|" + "---|" * len(by_metric),
+    ]
     for key in TABLE6_TARGETS:
         for small in (1, 8):
             paper = TABLE6_PAPER[key]
@@ -260,14 +321,19 @@ def rank_profile_markdown(rows: list[dict]) -> str:
                     continue
                 w = welch(a, b)
                 cells.append(f"{ci_text(w)}, p {p_text(w.p)} (n {a.n} / {b.n})")
-            lines.append(f"| W{{{key}}} | r={small} − r=64 | {paper[small][0] - paper[64][0]:+.1f} / {paper[small][1] - paper[64][1]:+.1f} | "
-                         + " | ".join(cells) + " |")
-    return "\n".join([
-        "Rank profile of every row: r=1 and r=8 against r=64, ours beside the paper's difference (a description, not "
-        "a claim check: raw p-values, outside the Holm family of the checks above):",
-        "",
-        *lines,
-    ])
+            lines.append(
+                f"| W{{{key}}} | r={small} − r=64 | {paper[small][0] - paper[64][0]:+.1f} / {paper[small][1] - paper[64][1]:+.1f} | "
+                + " | ".join(cells)
+                + " |"
+            )
+    return "\n".join(
+        [
+            "Rank profile of every row: r=1 and r=8 against r=64, ours beside the paper's difference (a description, not "
+            "a claim check: raw p-values, outside the Holm family of the checks above):",
+            "",
+            *lines,
+        ]
+    )
 
 
 # --------------------------------------------------------------------------- variants
@@ -290,7 +356,13 @@ def variants_markdown(rows: list[dict]) -> str:
         step = statistics.median(r["fit_seconds"] / r["steps"] for r in g if r.get("steps"))
         base = g[0].get("base_bytes_after")
         before = g[0].get("base_bytes_before")
-        base_txt = f"{base / 1e6:.2f} MB (from {before / 1e6:.2f} MB)" if base and before and base != before else "unchanged" if base else "not recorded"
+        base_txt = (
+            f"{base / 1e6:.2f} MB (from {before / 1e6:.2f} MB)"
+            if base and before and base != before
+            else "unchanged"
+            if base
+            else "not recorded"
+        )
         lines.append(
             f"| {key[0]} | {key[1]:g} | **{stat}** | {stat.n} | {g[0]['params_lora']:,} | {g[0]['params_trainable']:,} "
             f"| {step:.2f} | {g[0].get('adapter_bytes', 0) / 1e6:.2f} MB | {base_txt} |"

@@ -62,7 +62,11 @@ def multitask_module(tasks: list[str]) -> Any:
             super().__init__("default", num_labels=max(TASKS.values()), lr=LR)
             self.tasks = tasks
             self.task_acc = nn.ModuleDict(
-                {f"{s}_{t}": MulticlassAccuracy(num_classes=TASKS[t], average="micro") for t in tasks for s in ("val", "test")}
+                {
+                    f"{s}_{t}": MulticlassAccuracy(num_classes=TASKS[t], average="micro")
+                    for t in tasks
+                    for s in ("val", "test")
+                }
             )
 
         def task(self) -> str:
@@ -91,7 +95,9 @@ def multitask_module(tasks: list[str]) -> Any:
     return MultiTaskClassifier()
 
 
-def run_one(mode: str, tasks: list[str], seed: int, threads: int, smoke: bool = False, results: Path = RESULTS) -> dict[str, Any]:
+def run_one(
+    mode: str, tasks: list[str], seed: int, threads: int, smoke: bool = False, results: Path = RESULTS
+) -> dict[str, Any]:
     """One run; ``smoke``: 2 training batches, 1 evaluation batch, 1 epoch (the CI check)."""
     import lightning.pytorch as pl
 
@@ -111,10 +117,20 @@ def run_one(mode: str, tasks: list[str], seed: int, threads: int, smoke: bool = 
         callback = LoRACallback(**options, export_adapter=str(out / f"{tasks[0]}.safetensors"))
     limits = dict(max_epochs=1, limit_train_batches=2, limit_val_batches=1, limit_test_batches=1) if smoke else {}
     trainer = pl.Trainer(
-        **({"max_epochs": EPOCHS} | limits), accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, callbacks=[callback],
+        **({"max_epochs": EPOCHS} | limits),
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[callback],
     )
-    pick = (lambda f: {t: getattr(dms[t], f)() for t in tasks}) if mode == "together" else (lambda f: getattr(dms[tasks[0]], f)())
+    pick = (
+        (lambda f: {t: getattr(dms[t], f)() for t in tasks})
+        if mode == "together"
+        else (lambda f: getattr(dms[tasks[0]], f)())
+    )
     start = time.perf_counter()
     trainer.fit(model, train_dataloaders=pick("train_dataloader"), val_dataloaders=pick("val_dataloader"))
     fit_seconds = time.perf_counter() - start
@@ -123,9 +139,15 @@ def run_one(mode: str, tasks: list[str], seed: int, threads: int, smoke: bool = 
     test = {k: float(v) for per_loader in tested for k, v in per_loader.items() if "test_acc" in k}
     key = (lambda t, m: f"{t}/{m}") if mode == "together" else (lambda t, m: m)
     row = {
-        "mode": mode, "seed": seed, "tasks": tasks, "steps": trainer.global_step, "fit_seconds": round(fit_seconds, 1),
-        "threads": threads, "trainable": count_parameters(model).trainable,
-        "test_acc": {t: test[key(t, "test_acc")] for t in tasks}, "val_acc": {t: val[key(t, "val_acc")] for t in tasks},
+        "mode": mode,
+        "seed": seed,
+        "tasks": tasks,
+        "steps": trainer.global_step,
+        "fit_seconds": round(fit_seconds, 1),
+        "threads": threads,
+        "trainable": count_parameters(model).trainable,
+        "test_acc": {t: test[key(t, "test_acc")] for t in tasks},
+        "val_acc": {t: val[key(t, "val_acc")] for t in tasks},
     }
     (out / "summary.json").write_text(json.dumps(row, indent=2))
     return row
@@ -183,8 +205,11 @@ def report(results: Path = RESULTS, out: Path = RESULTS.parent / "two_tasks.md")
         )
     secs = {m: [r["fit_seconds"] for r in rows if r["mode"] == m] for m in ("alone", "together")}
     if secs["alone"] and secs["together"]:
-        lines += ["", f"Fit time (one thread per run, two runs at a time): alone {sum(secs['alone']) / len(secs['alone']):.0f} s per task, "
-                  f"together {sum(secs['together']) / len(secs['together']):.0f} s for both tasks."]
+        lines += [
+            "",
+            f"Fit time (one thread per run, two runs at a time): alone {sum(secs['alone']) / len(secs['alone']):.0f} s per task, "
+            f"together {sum(secs['together']) / len(secs['together']):.0f} s for both tasks.",
+        ]
     text = "\n".join(lines) + "\n"
     out.write_text(text)
     return text

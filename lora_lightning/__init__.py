@@ -20,6 +20,18 @@ import importlib.util
 import sys
 from typing import Any
 
+from . import telemetry
+from .adapter_io import (
+    adapter_state_dict,
+    load_adapter,
+    read_adapter,
+    read_adapter_config,
+    save_adapter,
+    save_merged_model,
+    switch_adapter,
+)
+from .budget import allocate_ranks, rank_for_budget
+from .config import LoRAConfig
 from .errors import (
     AdapterFileError,
     AdapterMismatchError,
@@ -34,10 +46,39 @@ from .errors import (
     RankTooLargeError,
     TargetNotFoundError,
 )
-from .quantization import Quantizer, register_quantizer
-from .config import LoRAConfig
-from .plan import ALIASES, AdapterSpec, FusedSlices, Plan, lora_parameter_count, plan_injection, register_fused_layout
+from .gradients import make_inputs_require_grad
+from .injection import (
+    ParameterCount,
+    adapter_param_names,
+    base_memory,
+    count_parameters,
+    describe,
+    has_lora,
+    inject_lora,
+    lora_layers,
+    remove_lora,
+)
 from .layers import LayerKind, LoRAConv1D, LoRALayer, LoRALinear, LoRAMultiheadAttention, register_layer_kind
+from .merging import is_merged, merge_and_unload, merge_lora, merged_state_dict, unmerge_lora
+from .named import (
+    active_adapter,
+    add_adapter,
+    add_weighted_adapter,
+    delete_adapter,
+    disable_adapter,
+    list_adapters,
+    mixed_batch,
+    set_adapter,
+    set_trainable_adapters,
+    use_adapter,
+)
+from .peft_format import export_peft_adapter, export_peft_adapters, import_peft_adapter
+from .plan import ALIASES, AdapterSpec, FusedSlices, Plan, lora_parameter_count, plan_injection, register_fused_layout
+from .quantization import Quantizer, register_quantizer
+from .record import LoRAState
+from .sharding import gathered, is_sharded
+from .shared_input import set_shared_input_fusion, set_shared_input_groups, shared_input_groups
+from .state import LoRAHandle, get_lora_state, lora_handle
 from .variants import (
     AdaLoRAController,
     AdaLoRALinear,
@@ -51,51 +92,16 @@ from .variants import (
     register_variant,
     register_variant_alias,
 )
-from .record import LoRAState
-from .state import LoRAHandle, get_lora_state, lora_handle
-from .injection import (
-    ParameterCount,
-    adapter_param_names,
-    base_memory,
-    count_parameters,
-    describe,
-    has_lora,
-    inject_lora,
-    lora_layers,
-    remove_lora,
-)
-from .merging import is_merged, merge_and_unload, merge_lora, merged_state_dict, unmerge_lora
-from .shared_input import set_shared_input_fusion, set_shared_input_groups, shared_input_groups
-from .named import (
-    active_adapter,
-    add_adapter,
-    add_weighted_adapter,
-    delete_adapter,
-    disable_adapter,
-    list_adapters,
-    mixed_batch,
-    set_adapter,
-    set_trainable_adapters,
-    use_adapter,
-)
-from .adapter_io import (
-    adapter_state_dict,
-    load_adapter,
-    read_adapter,
-    read_adapter_config,
-    save_adapter,
-    save_merged_model,
-    switch_adapter,
-)
-from .peft_format import export_peft_adapter, export_peft_adapters, import_peft_adapter
-from .gradients import make_inputs_require_grad
-from .budget import allocate_ranks, rank_for_budget
-from .sharding import gathered, is_sharded
-from . import telemetry
 
 __version__ = "0.2.0"
 
-_LIGHTNING_EXPORTS = ("LoRACallback", "LoRAMonitor", "AtomicCheckpointIO", "load_lora_checkpoint", "inject_before_sharding")
+_LIGHTNING_EXPORTS = (
+    "LoRACallback",
+    "LoRAMonitor",
+    "AtomicCheckpointIO",
+    "load_lora_checkpoint",
+    "inject_before_sharding",
+)
 _LAYERS = ("lightning.pytorch", "pytorch_lightning")  # the Lightning packages a layer is made for
 
 
@@ -143,7 +149,9 @@ class _InstallWithLightning(importlib.abc.MetaPathFinder):
 
 for _package in [name for name in _LAYERS if name in sys.modules]:
     _install_layer(_package)
-if any(name not in sys.modules for name in _LAYERS) and not any(isinstance(f, _InstallWithLightning) for f in sys.meta_path):
+if any(name not in sys.modules for name in _LAYERS) and not any(
+    isinstance(f, _InstallWithLightning) for f in sys.meta_path
+):
     sys.meta_path.insert(0, _InstallWithLightning())
 
 __all__ = [

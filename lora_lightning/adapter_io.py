@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import os
 import secrets
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -25,12 +25,12 @@ from . import registry
 from .config import LoRAConfig
 from .errors import AdapterFileError, AdapterMismatchError, LoRAConfigError, MergeStateError
 from .injection import (
+    BANK,
     adapter_param_names,
     get_lora_state,
     has_lora,
     inject_lora,
     lora_layers,
-    BANK,
     planned_record,
     planned_state,
     remove_lora,
@@ -62,7 +62,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` so that ``path`` is either the old file or the complete new one."""
     path = Path(path)
     if path.is_dir():
-        raise AdapterFileError(f"{str(path)!r} is a directory; give a file path such as {str(path / 'adapter.safetensors')!r}")
+        raise AdapterFileError(
+            f"{str(path)!r} is a directory; give a file path such as {str(path / 'adapter.safetensors')!r}"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _create_temp(path)
     try:
@@ -75,7 +77,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
         if isinstance(exc, OSError):  # e.g. ENOSPC: say which file, and that nothing was half-written
-            exc.add_note(f"while writing {str(path)!r}: the previous file there (if any) is unchanged, no partial file was left")
+            exc.add_note(
+                f"while writing {str(path)!r}: the previous file there (if any) is unchanged, no partial file was left"
+            )
         raise
     try:  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -93,7 +97,9 @@ def check_output_path(path: str | os.PathLike, what: str) -> Path:
     cannot be created or written. Creates nothing."""
     path = Path(path)
     if path.is_dir():
-        raise AdapterFileError(f"{what}={str(path)!r} is a directory; give a file path such as {str(path / 'adapter.safetensors')!r}")
+        raise AdapterFileError(
+            f"{what}={str(path)!r} is a directory; give a file path such as {str(path / 'adapter.safetensors')!r}"
+        )
     parent = path.parent
     while not parent.exists():
         parent = parent.parent
@@ -125,7 +131,10 @@ def adapter_metadata(model: nn.Module) -> dict[str, str]:
 
 
 def save_adapter(
-    model: nn.Module, path: str | os.PathLike, extra_metadata: Mapping[str, str] | None = None, adapter_name: str | None = None
+    model: nn.Module,
+    path: str | os.PathLike,
+    extra_metadata: Mapping[str, str] | None = None,
+    adapter_name: str | None = None,
 ) -> Path:
     """Write the adapter of ``model`` (the active one, or the named ``adapter_name``) to a
     ``.safetensors`` file (atomically); its name is in the metadata. Returns the path.
@@ -298,7 +307,12 @@ def unchanged_on_error(model: nn.Module) -> Iterator[None]:
     kept = None
     if handle is not None and handle.record is not None:
         named = handle.adapters
-        kept = (handle.record, None if named is None else NamedAdapters(named.active, dict(named.configs)), handle.originals, handle.tracker)
+        kept = (
+            handle.record,
+            None if named is None else NamedAdapters(named.active, dict(named.configs)),
+            handle.originals,
+            handle.tracker,
+        )
     modules = dict(model.named_modules(remove_duplicate=False))  # every module object and every name it has
     banks = [(m, m._modules[BANK]) for m in modules.values() if BANK in m._modules]  # remove_lora drops them
     layers = lora_layers(model)

@@ -143,8 +143,12 @@ def subspace_similarity(A1: Tensor, A2: Tensor, i: int, j: int) -> float:
     when ``i``/``j`` cover the full rank (the row space is unchanged).
     """
     vh1, s1, vh2, s2 = _prepare_pair(A1, A2)
-    _check_index(i, "i", vh1.shape[0], f"A1 has shape {tuple(A1.shape)}, so it has {vh1.shape[0]} right singular vectors")
-    _check_index(j, "j", vh2.shape[0], f"A2 has shape {tuple(A2.shape)}, so it has {vh2.shape[0]} right singular vectors")
+    _check_index(
+        i, "i", vh1.shape[0], f"A1 has shape {tuple(A1.shape)}, so it has {vh1.shape[0]} right singular vectors"
+    )
+    _check_index(
+        j, "j", vh2.shape[0], f"A2 has shape {tuple(A2.shape)}, so it has {vh2.shape[0]} right singular vectors"
+    )
     _warn_beyond_rank(i, s1, "A1", "i")
     _warn_beyond_rank(j, s2, "A2", "j")
     overlap = vh1[:i] @ vh2[:j].T  # (i x j) = U1_iᵀ U2_j
@@ -152,9 +156,7 @@ def subspace_similarity(A1: Tensor, A2: Tensor, i: int, j: int) -> float:
     return min(max(phi, 0.0), 1.0)  # clamp float round-off
 
 
-def subspace_similarity_grid(
-    A1: Tensor, A2: Tensor, max_i: int | None = None, max_j: int | None = None
-) -> Tensor:
+def subspace_similarity_grid(A1: Tensor, A2: Tensor, max_i: int | None = None, max_j: int | None = None) -> Tensor:
     """``phi(A1, A2, i, j)`` for all ``i = 1..max_i``, ``j = 1..max_j`` as a float64 ``max_i x max_j`` tensor.
 
     Entry ``[i-1, j-1]`` is phi(i, j).  Defaults: ``max_i = min(r1, k)``, ``max_j = min(r2, k)``.
@@ -326,9 +328,7 @@ def amplification_report(
     }
 
 
-def delta_weight(
-    lora_A: Tensor, lora_B: Tensor, scaling: float, dtype: torch.dtype = torch.float32
-) -> Tensor:
+def delta_weight(lora_A: Tensor, lora_B: Tensor, scaling: float, dtype: torch.dtype = torch.float32) -> Tensor:
     """``ΔW = scaling · B @ A`` (``d_out x d_in``) from ``lora_A (r x d_in)`` and ``lora_B (d_out x r)``.
 
     Computed (and returned) detached on the inputs' device in ``dtype`` (float32 or float64), so

@@ -30,7 +30,9 @@ def _specs_at(targets: list[Target], config: LoRAConfig, ranks: dict[str, int]) 
     variant = get_variant(config.variant)
     out = []
     for t in targets:
-        alpha, scaling = variant.alpha_and_scaling(config, max(1, ranks[t.name]), float(first_match(config.alpha_pattern, t.name) or config.alpha))
+        alpha, scaling = variant.alpha_and_scaling(
+            config, max(1, ranks[t.name]), float(first_match(config.alpha_pattern, t.name) or config.alpha)
+        )
         out.append(t.spec(ranks[t.name], alpha, scaling, config))
     return out
 
@@ -96,7 +98,9 @@ def allocate_ranks(
         scores = dict(costs)
     unknown = sorted(set(scores) - set(costs))
     if unknown:
-        raise LoRAConfigError(f"scores name modules that are not targeted: {unknown[:3]}; targeted: {sorted(costs)[:5]}")
+        raise LoRAConfigError(
+            f"scores name modules that are not targeted: {unknown[:3]}; targeted: {sorted(costs)[:5]}"
+        )
     weights = {n: float(scores.get(n, 0.0)) for n in costs}
     if any(w < 0 or not math.isfinite(w) for w in weights.values()) or sum(weights.values()) <= 0:
         raise LoRAConfigError("scores must be finite, non-negative and not all zero")

@@ -18,8 +18,9 @@ import difflib
 import json
 import math
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 from . import registry
 from .errors import LoRAConfigError
@@ -29,10 +30,16 @@ INIT_OPTIONS = ("kaiming", "gaussian", "gaussian_fan_in")
 DTYPE_OPTIONS = (None, "float32", "bfloat16", "float16", "float64")
 
 # variant name -> its config class; alias -> (variant, presets): the registry's, filled by register_variant
-_VARIANT_CONFIGS: dict[str, type["LoRAConfig"]] = registry.VARIANT_CONFIGS
+_VARIANT_CONFIGS: dict[str, type[LoRAConfig]] = registry.VARIANT_CONFIGS
 # PEFT's LoraConfig names, a common first guess
-_PEFT_NAMES = {"rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "targets",
-               "layers_to_transform": "layers", "use_dora": "variant='dora'"}
+_PEFT_NAMES = {
+    "rank": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "target_modules": "targets",
+    "layers_to_transform": "layers",
+    "use_dora": "variant='dora'",
+}
 
 
 def _plain(value: Any) -> Any:
@@ -57,13 +64,13 @@ def _option_owner(name: str) -> str | None:
     return None
 
 
-def own_option_names(cls: type["LoRAConfig"]) -> list[str]:
+def own_option_names(cls: type[LoRAConfig]) -> list[str]:
     """Fields a variant's config class adds to :class:`LoRAConfig`."""
     shared = {f.name for f in dataclasses.fields(LoRAConfig)}
     return [f.name for f in dataclasses.fields(cls) if f.name not in shared]
 
 
-def _unknown_options_error(unknown: list[str], cls: type["LoRAConfig"]) -> LoRAConfigError:
+def _unknown_options_error(unknown: list[str], cls: type[LoRAConfig]) -> LoRAConfigError:
     known = sorted(f.name for f in dataclasses.fields(cls))
     hints = []
     for u in unknown:
@@ -147,7 +154,7 @@ class LoRAConfig:
     variant_name: ClassVar[str] = "lora"
     structural_options: ClassVar[tuple[str, ...]] = ()
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> "LoRAConfig":
+    def __new__(cls, *args: Any, **kwargs: Any) -> LoRAConfig:
         names = [f.name for f in dataclasses.fields(cls)]
         variant = kwargs.get("variant", args[names.index("variant")] if len(args) > names.index("variant") else None)
         target = cls
@@ -198,13 +205,17 @@ class LoRAConfig:
         if self.init not in INIT_OPTIONS:
             raise LoRAConfigError(f"init={self.init!r} is not one of {INIT_OPTIONS}")
         if self.init_seed is not None and (isinstance(self.init_seed, bool) or not isinstance(self.init_seed, int)):
-            raise LoRAConfigError(f"init_seed={self.init_seed!r} must be an integer or null (null: the global torch RNG)")
+            raise LoRAConfigError(
+                f"init_seed={self.init_seed!r} must be an integer or null (null: the global torch RNG)"
+            )
         if self.adapter_dtype not in DTYPE_OPTIONS:
             raise LoRAConfigError(
                 f"adapter_dtype={self.adapter_dtype!r} is not one of {DTYPE_OPTIONS}: use e.g. 'float32' or null"
             )
-        if not isinstance(self.targets, list) or not self.targets or not all(
-            isinstance(t, str) and t for t in self.targets
+        if (
+            not isinstance(self.targets, list)
+            or not self.targets
+            or not all(isinstance(t, str) and t for t in self.targets)
         ):
             raise LoRAConfigError(
                 f"targets={self.targets!r} must be a non-empty list of strings, e.g. ['q', 'v'] "
@@ -215,7 +226,9 @@ class LoRAConfig:
             or not self.layers
             or not all(isinstance(i, int) and not isinstance(i, bool) for i in self.layers)
         ):
-            raise LoRAConfigError(f"layers={self.layers!r} must be null or a non-empty list of block indices, e.g. [0, 1]")
+            raise LoRAConfigError(
+                f"layers={self.layers!r} must be null or a non-empty list of block indices, e.g. [0, 1]"
+            )
         if not isinstance(self.modules_to_save, list) or not all(isinstance(m, str) for m in self.modules_to_save):
             raise LoRAConfigError(f"modules_to_save={self.modules_to_save!r} must be a list of module names")
         if not isinstance(self.rank_pattern, dict) or not isinstance(self.alpha_pattern, dict):
@@ -242,7 +255,7 @@ class LoRAConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, drop_other_variant_defaults: bool = False) -> "LoRAConfig":
+    def from_dict(cls, data: Mapping[str, Any], *, drop_other_variant_defaults: bool = False) -> LoRAConfig:
         """Build a config from a flat mapping (YAML, JSON, a checkpoint).
 
         With ``drop_other_variant_defaults`` options of variants other than the selected one are
@@ -266,10 +279,10 @@ class LoRAConfig:
         return LoRAConfig(**data) if cls is LoRAConfig else cls(**data)
 
     @classmethod
-    def from_json(cls, text: str) -> "LoRAConfig":
+    def from_json(cls, text: str) -> LoRAConfig:
         return cls.from_dict(json.loads(text), drop_other_variant_defaults=True)
 
-    def differences(self, other: "LoRAConfig") -> dict[str, tuple[Any, Any]]:
+    def differences(self, other: LoRAConfig) -> dict[str, tuple[Any, Any]]:
         """Fields whose values differ, as ``{field: (self_value, other_value)}`` (missing = None)."""
         a, b = self.to_dict(), other.to_dict()
         return {k: (a.get(k), b.get(k)) for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k)}
@@ -289,7 +302,9 @@ def all_option_defaults() -> dict[str, Any]:
 
 def check_rank(r: Any, what: str = "r") -> None:
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise LoRAConfigError(f"{what}={r!r} is not a positive integer: LoRA needs a rank r >= 1 (the paper uses 1..64)")
+        raise LoRAConfigError(
+            f"{what}={r!r} is not a positive integer: LoRA needs a rank r >= 1 (the paper uses 1..64)"
+        )
 
 
 def check_alpha(alpha: Any, what: str = "alpha") -> None:

@@ -196,16 +196,30 @@ def save(fabric: Fabric, path: str | os.PathLike, model: nn.Module, optimizer: O
     record_in_checkpoint(module, record)
     keys = set(adapter_param_names(module, all_adapters=True))
     if saves_distributed_checkpoint(fabric.strategy):
-        _save_sharded_folder(fabric, path, module, optimizers, keys, {CHECKPOINT_KEY: record[CHECKPOINT_KEY], **extra},
-                             helpers.metadata_filename)
+        _save_sharded_folder(
+            fabric,
+            path,
+            module,
+            optimizers,
+            keys,
+            {CHECKPOINT_KEY: record[CHECKPOINT_KEY], **extra},
+            helpers.metadata_filename,
+        )
     else:
         _save_gathered_file(fabric, path, module, optimizers, keys, {CHECKPOINT_KEY: record[CHECKPOINT_KEY], **extra})
     fabric.barrier()
     return path
 
 
-def _save_sharded_folder(fabric: Any, path: Path, module: nn.Module, optimizers: list[Optimizer], keys: set[str],
-                         metadata: dict[str, Any], metadata_filename: str) -> None:
+def _save_sharded_folder(
+    fabric: Any,
+    path: Path,
+    module: nn.Module,
+    optimizers: list[Optimizer],
+    keys: set[str],
+    metadata: dict[str, Any],
+    metadata_filename: str,
+) -> None:
     """``torch.distributed.checkpoint`` shards of the adapter tensors (``state_dict.<key>``) and optimizer states
     (``optimizer_<i>``), plus ``meta.pt`` (record and extras) from rank 0: the layout of Lightning's
     ``ModelParallelStrategy`` checkpoints."""
@@ -225,8 +239,9 @@ def _save_sharded_folder(fabric: Any, path: Path, module: nn.Module, optimizers:
         torch.save(metadata, path / metadata_filename)
 
 
-def _save_gathered_file(fabric: Any, path: Path, module: nn.Module, optimizers: list[Optimizer], keys: set[str],
-                        metadata: dict[str, Any]) -> None:
+def _save_gathered_file(
+    fabric: Any, path: Path, module: nn.Module, optimizers: list[Optimizer], keys: set[str], metadata: dict[str, Any]
+) -> None:
     """One file with the full adapter tensors and optimizer states (gathered on every rank, written by rank 0)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
@@ -329,8 +344,9 @@ class _Target:
     optimizers: list[Optimizer] = field(default_factory=list)
 
 
-def _check_record(module: nn.Module, record: Any, saved: set[str], entries: list[str], path: Path,
-                  options: CheckpointOptions) -> None:
+def _check_record(
+    module: nn.Module, record: Any, saved: set[str], entries: list[str], path: Path, options: CheckpointOptions
+) -> None:
     """Refuse a checkpoint that cannot restore ``module``'s adapters, before any tensor is loaded: no LoRA
     record, another adapter structure, another base (``options.on_base_mismatch``), adapter tensors missing."""
     if not isinstance(record, Mapping):
@@ -366,8 +382,11 @@ def _load_tensors(module: nn.Module, tensors: Mapping[str, torch.Tensor], path: 
     """Copy the checkpoint's tensors into ``module`` (no other tensor is touched)."""
     own = module.state_dict()
     unexpected = sorted(k for k in tensors if k not in own)
-    wrong = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in tensors.items()
-             if k in own and v.shape != own[k].shape]
+    wrong = [
+        f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}"
+        for k, v in tensors.items()
+        if k in own and v.shape != own[k].shape
+    ]
     if unexpected or wrong:
         raise AdapterMismatchError(
             f"load: {str(path)!r} does not fit this model (unexpected keys {unexpected[:3]}; shapes {wrong[:3]}): "
@@ -411,10 +430,12 @@ def _load_named_optimizer_state(module: nn.Module, optimizer: Optimizer, state: 
     """Load a state of :func:`_named_optimizer_state` (checked by :func:`_check_groups`) into ``optimizer``."""
     names = _param_names(module)
     index = {names[id(p)]: i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
-    optimizer.load_state_dict({
-        "state": {index[n]: s for n, s in state["state"].items()},
-        "param_groups": [dict(g) | {"params": [index[n] for n in g["params"]]} for g in state["param_groups"]],
-    })
+    optimizer.load_state_dict(
+        {
+            "state": {index[n]: s for n, s in state["state"].items()},
+            "param_groups": [dict(g) | {"params": [index[n] for n in g["params"]]} for g in state["param_groups"]],
+        }
+    )
 
 
 def _raw_optimizers(optimizer: Optimizers) -> list[Optimizer]:
@@ -483,9 +504,16 @@ def _refuse_set_up(model: nn.Module) -> None:
         raise LoRAConfigError(_set_up_message(what))
     from torch.nn.parallel import DataParallel, DistributedDataParallel
 
-    wrapped = next((n or "the model" for n, m in model.named_modules()
-                    if is_fabric_wrapper(m) or isinstance(m, (DataParallel, DistributedDataParallel))
-                    or type(m).__name__ == "FullyShardedDataParallel"), None)
+    wrapped = next(
+        (
+            n or "the model"
+            for n, m in model.named_modules()
+            if is_fabric_wrapper(m)
+            or isinstance(m, (DataParallel, DistributedDataParallel))
+            or type(m).__name__ == "FullyShardedDataParallel"
+        ),
+        None,
+    )
     if wrapped is not None:
         raise LoRAConfigError(_set_up_message(f"{wrapped} is already wrapped for distributed training"))
     if is_sharded(model):

@@ -21,7 +21,12 @@ from .injection import lora_layers
 
 
 def _output_requires_grad(module: nn.Module, inputs: Any, output: Any) -> None:
-    if isinstance(output, Tensor) and output.is_floating_point() and not output.requires_grad and torch.is_grad_enabled():
+    if (
+        isinstance(output, Tensor)
+        and output.is_floating_point()
+        and not output.requires_grad
+        and torch.is_grad_enabled()
+    ):
         output.requires_grad_(True)
 
 
@@ -29,7 +34,9 @@ def _inputs_require_grad(module: nn.Module, args: tuple) -> tuple | None:
     if not torch.is_grad_enabled():
         return None
     return tuple(
-        a.detach().requires_grad_(True) if isinstance(a, Tensor) and a.is_floating_point() and not a.requires_grad else a
+        a.detach().requires_grad_(True)
+        if isinstance(a, Tensor) and a.is_floating_point() and not a.requires_grad
+        else a
         for a in args
     )
 

@@ -19,7 +19,7 @@ from . import registry
 from .config import LoRAConfig
 from .errors import AlreadyInjectedError, LoRAConfigError
 from .layers import LoRALayer, LoRALinear, is_lora_layer, is_lora_module
-from .plan import AdapterSpec, Plan, module_weight, plan_injection, resolve_modules_to_save, summarize_names
+from .plan import AdapterSpec, Plan, module_weight, plan_injection, summarize_names
 from .record import LoRAState, base_fingerprint, identity_exclusions
 from .sharding import _is_dtensor
 from .shared_input import attach_tracker
@@ -47,8 +47,19 @@ def describe(model: nn.Module) -> list[AdapterSpec]:
     for name, layer in lora_layers(model).items():
         s = layer.structure()
         out.append(
-            AdapterSpec(name, s["d_out"], s["d_in"], s["r"], s["alpha"], tuple(s["parts"]), layer.fused, s["kind"],
-                        s["scaling"], layer.variant_name, config)
+            AdapterSpec(
+                name,
+                s["d_out"],
+                s["d_in"],
+                s["r"],
+                s["alpha"],
+                tuple(s["parts"]),
+                layer.fused,
+                s["kind"],
+                s["scaling"],
+                layer.variant_name,
+                config,
+            )
         )
     return out
 
@@ -147,11 +158,7 @@ def adapter_param_names(model: nn.Module, all_adapters: bool = False) -> list[st
                 keys.append(key)
             continue
         owner, _, leaf = key.rpartition(".")
-        if owner in adapted and leaf in adapted[owner].adapter_names:
-            keys.append(key)
-        elif key.startswith(saved):
-            keys.append(key)
-        elif leaf == "bias" and (state.config.bias == "all" or (state.config.bias == "lora_only" and owner in adapted)):
+        if owner in adapted and leaf in adapted[owner].adapter_names or key.startswith(saved) or leaf == "bias" and (state.config.bias == "all" or (state.config.bias == "lora_only" and owner in adapted)):
             keys.append(key)
     return keys
 
@@ -219,7 +226,14 @@ def inject_lora(model: nn.Module, config: LoRAConfig, plan: Plan | None = None) 
         )
     for guard in registry.INJECTION_GUARDS:
         guard(model)
-    wrapper = next(((n, m) for n, m in model.named_modules() if isinstance(m, (nn.DataParallel, nn.parallel.DistributedDataParallel))), None)
+    wrapper = next(
+        (
+            (n, m)
+            for n, m in model.named_modules()
+            if isinstance(m, (nn.DataParallel, nn.parallel.DistributedDataParallel))
+        ),
+        None,
+    )
     if wrapper is not None:
         raise LoRAConfigError(
             f"{wrapper[0] or 'the model'} is already wrapped in {type(wrapper[1]).__name__}, which has registered its "
@@ -248,7 +262,9 @@ def inject_lora(model: nn.Module, config: LoRAConfig, plan: Plan | None = None) 
             f_base = model.get_submodule(follower)
             f_kind = registry.kind_of(f_base)
             d_out, d_in = f_kind.dims(f_base)
-            f_spec = dataclasses.replace(s, name=follower, kind=f_kind.name, d_out=d_out, d_in=d_in, tied=(), fused=None, parts=())
+            f_spec = dataclasses.replace(
+                s, name=follower, kind=f_kind.name, d_out=d_out, d_in=d_in, tied=(), fused=None, parts=()
+            )
             kw = variant.layer_kwargs(f_kind.weight(f_base), f_spec) | {"generator": torch.Generator().manual_seed(0)}
             f_layer = f_kind.build(f_base, f_spec, **kw)  # (its own A/B are dropped: no draw from the global RNG)
             f_layer.tie_to(layer)
@@ -267,7 +283,9 @@ def inject_lora(model: nn.Module, config: LoRAConfig, plan: Plan | None = None) 
     for kind in registry.LAYER_KINDS.values():
         handle.guards += kind.guards(model, adapted)
     layers = lora_layers(model)
-    handle.record = LoRAState(config, {s.name: layers[s.name].structure() for s in plan}, list(plan.modules_to_save), fingerprint)
+    handle.record = LoRAState(
+        config, {s.name: layers[s.name].structure() for s in plan}, list(plan.modules_to_save), fingerprint
+    )
     handle.adapters = None
     handle.originals = originals_of(model, plan.modules_to_save)
     handle.tracker = attach_tracker(list(dict.fromkeys(layers.values())), enabled=config.fuse_shared_inputs)

@@ -14,7 +14,8 @@ get an entry for each new group, so every scheduler in ``torch.optim.lr_schedule
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -32,7 +33,9 @@ _HOOKED = "_loraplus_hooked"
 
 def check_ratio(ratio: Any) -> float:
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or ratio <= 0:
-        raise LoRAConfigError(f"loraplus_lr_ratio={ratio!r} must be a positive number (the paper uses 16; 1 is plain LoRA)")
+        raise LoRAConfigError(
+            f"loraplus_lr_ratio={ratio!r} must be a positive number (the paper uses 16; 1 is plain LoRA)"
+        )
     return float(ratio)
 
 
@@ -80,6 +83,7 @@ def _synced_class(cls: type) -> type:
     schedule moved them, so learning rates read between steps (logged, ``get_last_lr()``) already hold the
     ratio. (A subclass, not an instance attribute: the scheduler's ``state_dict`` stays as it was.)"""
     if cls not in _SYNCED:
+
         def step(self: Any, *args: Any, **kwargs: Any) -> Any:
             out = cls.step(self, *args, **kwargs)
             sync_loraplus(self.optimizer)
@@ -90,12 +94,18 @@ def _synced_class(cls: type) -> type:
                         last[i] = group["lr"]
             return out
 
-        _SYNCED[cls] = type(cls.__name__, (cls,), {"step": step, "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+        _SYNCED[cls] = type(
+            cls.__name__, (cls,), {"step": step, "__module__": cls.__module__, "__qualname__": cls.__qualname__}
+        )
     return _SYNCED[cls]
 
 
 def apply_loraplus(
-    optimizer: torch.optim.Optimizer, model: nn.Module, ratio: float, schedulers: Iterable[Any] = (), strict: bool = False
+    optimizer: torch.optim.Optimizer,
+    model: nn.Module,
+    ratio: float,
+    schedulers: Iterable[Any] = (),
+    strict: bool = False,
 ) -> int:
     """Give ``model``'s ``B`` tensors ``ratio`` times the learning rate of the group they were in, at every step
     (see module doc); ``schedulers`` built on ``optimizer`` are extended to the new groups (a scheduler built

@@ -26,8 +26,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Iterator, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -67,7 +68,9 @@ def has_named_adapters(model: nn.Module) -> bool:
 def _carriers(model: nn.Module) -> dict[str, tuple[nn.Module, tuple[str, ...]]]:
     """Every module that holds adapter tensors, with the leaf names of those tensors: the LoRA layers
     (``lora_A``, ``lora_B``) and each ``modules_to_save`` submodule with parameters of its own."""
-    out: dict[str, tuple[nn.Module, tuple[str, ...]]] = {n: (m, tuple(m.adapter_names)) for n, m in lora_layers(model).items()}
+    out: dict[str, tuple[nn.Module, tuple[str, ...]]] = {
+        n: (m, tuple(m.adapter_names)) for n, m in lora_layers(model).items()
+    }
     for root in get_lora_state(model).modules_to_save:
         for sub_name, sub in model.get_submodule(root).named_modules():
             if isinstance(sub, (AdapterSlots, nn.ModuleDict)) and BANK in sub_name.split("."):
@@ -91,8 +94,10 @@ def _swap(model: nn.Module, incoming: str, outgoing: str) -> None:
     for module, leaves in _carriers(model).values():
         bank = _bank(module)
         slots = bank[incoming]
-        out = AdapterSlots({leaf: getattr(module, leaf) for leaf in leaves},
-                           *((module.r, module.alpha, module.scaling) if isinstance(module, LoRALayer) else ()))
+        out = AdapterSlots(
+            {leaf: getattr(module, leaf) for leaf in leaves},
+            *((module.r, module.alpha, module.scaling) if isinstance(module, LoRALayer) else ()),
+        )
         for leaf in leaves:
             setattr(module, leaf, getattr(slots, leaf))
         if isinstance(module, LoRALayer):
@@ -112,7 +117,9 @@ def _refresh_record(model: nn.Module, handle: LoRAHandle, name: str) -> None:
 
 def check_adapter_name(name: Any) -> str:
     if not isinstance(name, str) or not name or "." in name or "/" in name or name.startswith("_"):
-        raise LoRAConfigError(f"adapter name {name!r} is not valid: use a non-empty string without '.' or '/' that does not start with '_'")
+        raise LoRAConfigError(
+            f"adapter name {name!r} is not valid: use a non-empty string without '.' or '/' that does not start with '_'"
+        )
     return name
 
 
@@ -123,12 +130,16 @@ def _check_name(model: nn.Module, name: str, *, exists: bool) -> None:
     if not exists:
         check_adapter_name(name)
         if name in names:
-            raise AdapterMismatchError(f"an adapter named {name!r} already exists ({names}); pick another name or delete_adapter it first")
+            raise AdapterMismatchError(
+                f"an adapter named {name!r} already exists ({names}); pick another name or delete_adapter it first"
+            )
 
 
 def _check_unmerged(model: nn.Module, what: str) -> None:
     if any(layer.merged for layer in lora_layers(model).values()):
-        raise MergeStateError(f"{what}: the active adapter is merged into the base weights; call unmerge_lora(model) first")
+        raise MergeStateError(
+            f"{what}: the active adapter is merged into the base weights; call unmerge_lora(model) first"
+        )
 
 
 # --------------------------------------------------------------------------- transactions
@@ -145,7 +156,9 @@ def unchanged(model: nn.Module) -> Iterator[None]:
     saved_record = handle.record
     carriers = list(_carriers(model).values())
     slots = [(m, leaf, m._parameters.get(leaf)) for m, leaves in carriers for leaf in leaves]
-    banks = [(m, m._modules.get(BANK), dict(m._modules[BANK].items()) if BANK in m._modules else None) for m, _ in carriers]
+    banks = [
+        (m, m._modules.get(BANK), dict(m._modules[BANK].items()) if BANK in m._modules else None) for m, _ in carriers
+    ]
     meta = [(m, m.r, m.alpha, m.scaling, m.lora_active) for m, _ in carriers if isinstance(m, LoRALayer)]
     grads = {p: p.requires_grad for p in model.parameters()}
     try:
@@ -194,7 +207,9 @@ def _check_same_structure(model: nn.Module, name: str, config: LoRAConfig) -> Lo
         )
     state = get_lora_state(model)
     if state.config.variant != "lora":
-        raise LoRAConfigError(f"add_adapter({name!r}): the model's adapters are variant={state.config.variant!r}; named adapters are plain LoRA")
+        raise LoRAConfigError(
+            f"add_adapter({name!r}): the model's adapters are variant={state.config.variant!r}; named adapters are plain LoRA"
+        )
     if config.bias != "none" or config.quantize_base != state.config.quantize_base:
         raise LoRAConfigError(
             f"add_adapter({name!r}): bias={config.bias!r}, quantize_base={config.quantize_base!r} must be 'none' and "
@@ -202,7 +217,10 @@ def _check_same_structure(model: nn.Module, name: str, config: LoRAConfig) -> Lo
         )
     planned = planned_state(model, config)
     if set(planned.modules) != set(state.modules):
-        extra, missing = sorted(set(planned.modules) - set(state.modules)), sorted(set(state.modules) - set(planned.modules))
+        extra, missing = (
+            sorted(set(planned.modules) - set(state.modules)),
+            sorted(set(state.modules) - set(planned.modules)),
+        )
         raise AdapterMismatchError(
             f"add_adapter({name!r}): its targets adapt other modules than the model's adapters (new: {extra[:3]}, "
             f"not adapted by it: {missing[:3]}); named adapters share the adapted modules: use the same targets"
@@ -210,7 +228,9 @@ def _check_same_structure(model: nn.Module, name: str, config: LoRAConfig) -> Lo
     keys = ("kind", "d_in", "d_out", "parts")
     bad = [n for n in state.modules if any(planned.modules[n][k] != state.modules[n][k] for k in keys)]
     if bad:
-        raise AdapterMismatchError(f"add_adapter({name!r}): {bad[:3]} would be adapted in another layout (fused parts differ)")
+        raise AdapterMismatchError(
+            f"add_adapter({name!r}): {bad[:3]} would be adapted in another layout (fused parts differ)"
+        )
     if sorted(planned.modules_to_save) != sorted(state.modules_to_save):
         raise AdapterMismatchError(
             f"add_adapter({name!r}): modules_to_save {planned.modules_to_save} differ from the model's {state.modules_to_save}; "
@@ -253,7 +273,9 @@ def add_adapter(model: nn.Module, name: str, config: LoRAConfig | Mapping[str, A
             for leaf in leaves:
                 current = getattr(module, leaf)
                 start = handle.originals.get(f"{module_name}.{leaf}", current).detach()
-                tensors[leaf] = nn.Parameter(start.to(device=current.device, dtype=current.dtype).clone(), requires_grad=False)
+                tensors[leaf] = nn.Parameter(
+                    start.to(device=current.device, dtype=current.dtype).clone(), requires_grad=False
+                )
             built.append((module, AdapterSlots(tensors)))
     with unchanged(model):  # nothing changes until every adapter tensor exists, and then all at once
         for module, slots in built:
@@ -314,7 +336,9 @@ def set_trainable_adapters(model: nn.Module, names: Sequence[str]) -> None:
     else: several adapters trained in one run (each step routes its batches through ``use_adapter(...,
     trainable=True)``; an optimizer built afterwards holds all of them)."""
     if isinstance(names, str):
-        raise LoRAConfigError(f"set_trainable_adapters(model, {names!r}): give a list of adapter names, e.g. [{names!r}]")
+        raise LoRAConfigError(
+            f"set_trainable_adapters(model, {names!r}): give a list of adapter names, e.g. [{names!r}]"
+        )
     for name in names:
         _check_name(model, name, exists=True)
     mark_trainable(model)
@@ -334,7 +358,9 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     _check_name(model, name, exists=True)
     named = named_adapters(model)
     if len(named.configs) == 1:
-        raise AdapterMismatchError(f"delete_adapter({name!r}): it is the model's only adapter; call remove_lora(model) to remove LoRA")
+        raise AdapterMismatchError(
+            f"delete_adapter({name!r}): it is the model's only adapter; call remove_lora(model) to remove LoRA"
+        )
     if name == named.active:
         _check_unmerged(model, f"delete_adapter({name!r}) (the active adapter)")
     with unchanged(model):
@@ -370,7 +396,9 @@ def disable_adapter(model: nn.Module) -> Iterator[None]:
             current = getattr(module, leaf)
             swapped.append((module, leaf, current))
             original = originals[f"{module_name}.{leaf}"]
-            setattr(module, leaf, nn.Parameter(original.to(device=current.device, dtype=current.dtype), requires_grad=False))
+            setattr(
+                module, leaf, nn.Parameter(original.to(device=current.device, dtype=current.dtype), requires_grad=False)
+            )
     for layer in layers:
         layer.lora_disabled = True
     try:
@@ -407,7 +435,9 @@ def restore_named_adapters(model: nn.Module, record: dict | None) -> None:
     for name, config in saved.configs.items():
         if name not in named.configs:
             add_adapter(model, name, config)
-    named.configs = {n: named.configs[n] for n in saved.configs} | {n: c for n, c in named.configs.items() if n not in saved.configs}
+    named.configs = {n: named.configs[n] for n in saved.configs} | {
+        n: c for n, c in named.configs.items() if n not in saved.configs
+    }
     for p in model.parameters():
         p.requires_grad_(grads.get(p, False))
 
@@ -420,7 +450,9 @@ def _route_dim(x: Tensor, rows: int, batch_dim: int | None) -> int:
     if batch_dim is not None:
         dim = batch_dim if batch_dim >= 0 else x.dim() + batch_dim
         if not 0 <= dim < max(1, lead):
-            raise LoRAConfigError(f"mixed_batch(batch_dim={batch_dim}) does not name a leading dimension of an input of shape {tuple(x.shape)}")
+            raise LoRAConfigError(
+                f"mixed_batch(batch_dim={batch_dim}) does not name a leading dimension of an input of shape {tuple(x.shape)}"
+            )
         return dim
     if any(x.shape[d] == rows for d in range(1, lead)) and x.shape[0] == rows:
         raise LoRAConfigError(
@@ -448,7 +480,9 @@ class _Route(list):
 
 
 @contextmanager
-def mixed_batch(model: nn.Module, adapter_names: Sequence[str | None], *, batch_dim: int | None = None) -> Iterator[None]:
+def mixed_batch(
+    model: nn.Module, adapter_names: Sequence[str | None], *, batch_dim: int | None = None
+) -> Iterator[None]:
     """Forwards inside the block route sample ``i`` through adapter ``adapter_names[i]``, or the base for
     ``None``; every output row equals running that sample through its own merged model. The samples lie
     along ``batch_dim`` of every adapted layer's input (default 0; an input with as many rows along another
@@ -474,8 +508,10 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str | None], *, batch_
         )
     device = next(iter(layers.values())).lora_A.device
     route = _Route(
-        [(name, torch.tensor([i for i, n in enumerate(names) if n == name], dtype=torch.long, device=device))
-         for name in dict.fromkeys(names)],
+        [
+            (name, torch.tensor([i for i, n in enumerate(names) if n == name], dtype=torch.long, device=device))
+            for name in dict.fromkeys(names)
+        ],
         batch_dim,
     )
     hooks = [_RoutedModule(model, root, route) for root in get_lora_state(model).modules_to_save]
@@ -527,10 +563,18 @@ class _RoutedModule:
                     continue
                 for carrier, leaf, values in self.carriers:
                     v = values[name]
-                    setattr(carrier, leaf, v if isinstance(v, nn.Parameter) else nn.Parameter(v.to(getattr(carrier, leaf)), requires_grad=False))
+                    setattr(
+                        carrier,
+                        leaf,
+                        v
+                        if isinstance(v, nn.Parameter)
+                        else nn.Parameter(v.to(getattr(carrier, leaf)), requires_grad=False),
+                    )
                 part = type(self.module).forward(self.module, x.index_select(0, idx), *args[1:], **kwargs)
                 if not isinstance(part, Tensor):
-                    raise LoRAConfigError(f"mixed_batch: {type(self.module).__name__} (modules_to_save) must return one tensor")
+                    raise LoRAConfigError(
+                        f"mixed_batch: {type(self.module).__name__} (modules_to_save) must return one tensor"
+                    )
                 if out is None:
                     out = part.new_zeros((x.shape[0], *part.shape[1:]))
                 out = out.index_copy(0, idx, part)
@@ -559,8 +603,14 @@ def _part_blocks(layer: LoRALayer, A: Tensor, B: Tensor, r: int) -> list[tuple[T
 
 
 def _combine_layer(
-    layer: LoRALayer, adapters: Sequence[str], weights: Sequence[float], how: str, new_r: int,
-    svd_clamp: float | None, svd_full_matrices: bool, svd_driver: str | None,
+    layer: LoRALayer,
+    adapters: Sequence[str],
+    weights: Sequence[float],
+    how: str,
+    new_r: int,
+    svd_clamp: float | None,
+    svd_full_matrices: bool,
+    svd_driver: str | None,
 ) -> tuple[Tensor, Tensor]:
     """The combined adapter's ``(A, B)`` for one layer, with scaling 1 (alpha = r), PEFT's formulas."""
     per = [_factors(layer, a) for a in adapters]
@@ -572,7 +622,10 @@ def _combine_layer(
             A = torch.cat([a * w * s for (a, _), w, (_, _, s, _) in zip(blocks, weights, per)], dim=0)
             B = torch.cat([b for _, b in blocks], dim=1)
         elif how == "linear":
-            A = sum(a * (math.sqrt(abs(w * s)) * (1 if w * s >= 0 else -1)) for (a, _), w, (_, _, s, _) in zip(blocks, weights, per))
+            A = sum(
+                a * (math.sqrt(abs(w * s)) * (1 if w * s >= 0 else -1))
+                for (a, _), w, (_, _, s, _) in zip(blocks, weights, per)
+            )
             B = sum(b * math.sqrt(abs(w * s)) for (_, b), w, (_, _, s, _) in zip(blocks, weights, per))
         else:  # svd of the weighted sum of the updates
             delta = sum(w * s * (b.float() @ a.float()) for (a, b), w, (_, _, s, _) in zip(blocks, weights, per))
@@ -616,7 +669,9 @@ def add_weighted_adapter(
     if combination_type not in COMBINATIONS:
         raise LoRAConfigError(f"combination_type={combination_type!r} is not one of {COMBINATIONS}")
     if isinstance(adapters, str):
-        raise LoRAConfigError(f"add_weighted_adapter(adapters={adapters!r}): give a list of adapter names, e.g. [{adapters!r}]")
+        raise LoRAConfigError(
+            f"add_weighted_adapter(adapters={adapters!r}): give a list of adapter names, e.g. [{adapters!r}]"
+        )
     adapters = list(adapters)
     try:
         weights = [float(w) for w in weights]
@@ -624,9 +679,13 @@ def add_weighted_adapter(
         raise LoRAConfigError(f"add_weighted_adapter: weights={weights!r} must be numbers, one per adapter") from None
     bad = [w for w in weights if not math.isfinite(w)]
     if bad:
-        raise LoRAConfigError(f"add_weighted_adapter: weights {weights} include {bad[0]}, not a finite number; give finite weights")
+        raise LoRAConfigError(
+            f"add_weighted_adapter: weights {weights} include {bad[0]}, not a finite number; give finite weights"
+        )
     if not adapters or len(adapters) != len(weights):
-        raise LoRAConfigError(f"add_weighted_adapter: {len(adapters)} adapters and {len(weights)} weights; give one weight per adapter")
+        raise LoRAConfigError(
+            f"add_weighted_adapter: {len(adapters)} adapters and {len(weights)} weights; give one weight per adapter"
+        )
     for a in adapters:
         _check_name(model, a, exists=True)
     _check_name(model, adapter_name, exists=False)
@@ -636,8 +695,13 @@ def add_weighted_adapter(
     layers = lora_layers(model)
     ranks = {a: {n: _factors(layer, a)[3] for n, layer in layers.items()} for a in adapters}
     if combination_type == "linear" and len({tuple(r.values()) for r in ranks.values()}) > 1:
-        raise AdapterMismatchError(f"combination_type='linear' needs adapters of the same ranks; {adapters} differ: use 'cat' or 'svd'")
-    limit = {n: min(layer.in_features, layer.fused.smallest_adapted if layer.fused else layer.out_features) for n, layer in layers.items()}
+        raise AdapterMismatchError(
+            f"combination_type='linear' needs adapters of the same ranks; {adapters} differ: use 'cat' or 'svd'"
+        )
+    limit = {
+        n: min(layer.in_features, layer.fused.smallest_adapted if layer.fused else layer.out_features)
+        for n, layer in layers.items()
+    }
     if combination_type == "cat":
         new_ranks = {n: sum(ranks[a][n] for a in adapters) for n in layers}
         too_big = [n for n in layers if new_ranks[n] > limit[n]]
@@ -658,13 +722,19 @@ def add_weighted_adapter(
                 f"{min(limit.values())}"
             )
     tensors = {
-        n: _combine_layer(layer, adapters, weights, combination_type, new_ranks[n], svd_clamp, svd_full_matrices, svd_driver)
+        n: _combine_layer(
+            layer, adapters, weights, combination_type, new_ranks[n], svd_clamp, svd_full_matrices, svd_driver
+        )
         for n, layer in layers.items()
     }
     uniform = len(set(new_ranks.values())) == 1
     r0 = next(iter(new_ranks.values()))
     config = dataclasses.replace(
-        configs[0], r=r0, alpha=float(r0), use_rslora=False, init_seed=None,
+        configs[0],
+        r=r0,
+        alpha=float(r0),
+        use_rslora=False,
+        init_seed=None,
         rank_pattern={} if uniform else {_exact(n): r for n, r in new_ranks.items()},
         alpha_pattern={} if uniform else {_exact(n): float(r) for n, r in new_ranks.items()},
     )

@@ -101,7 +101,9 @@ def export_peft_adapter(
         if isinstance(module, LoRALayer) and not is_lora_layer(module):  # a host: its kind decides
             registry.layer_kind(module.lora_kind).peft_tensors(module)
     if any(layer.merged for layer in layers.values()):
-        raise LoRAConfigError("the adapters are merged into the base weights; call unmerge_lora(model) before exporting")
+        raise LoRAConfigError(
+            "the adapters are merged into the base weights; call unmerge_lora(model) before exporting"
+        )
     tensors: dict[str, Tensor] = {}
     targets: list[str] = []
     rank_pattern: dict[str, int] = {}
@@ -190,7 +192,9 @@ def read_peft_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], dic
     except (OSError, ValueError) as exc:
         raise AdapterFileError(f"{str(config_path)!r} is not valid JSON: {exc}") from None
     if cfg.get("peft_type") != "LORA":
-        raise AdapterFileError(f"{str(directory)!r} holds a {cfg.get('peft_type')!r} adapter; only PEFT LoRA adapters can be imported")
+        raise AdapterFileError(
+            f"{str(directory)!r} holds a {cfg.get('peft_type')!r} adapter; only PEFT LoRA adapters can be imported"
+        )
     bad = [f"{k}={cfg[k]!r}" for k, ok in _UNSUPPORTED.items() if k in cfg and cfg[k] not in ok]
     if cfg.get("bias", "none") != "none":
         bad.append(f"bias={cfg['bias']!r}")
@@ -274,10 +278,14 @@ def import_peft_adapter(
         try:
             target = model.get_submodule(prefix + module)
         except AttributeError:
-            raise AdapterMismatchError(f"the PEFT adapter adapts {module!r}, which {type(model).__name__} does not have") from None
+            raise AdapterMismatchError(
+                f"the PEFT adapter adapts {module!r}, which {type(model).__name__} does not have"
+            ) from None
         kind = registry.kind_of(target)
         if kind is None:
-            raise TargetNotFoundError(f"the PEFT adapter adapts {module!r}, a {type(target).__name__}, which lora_lightning does not adapt")
+            raise TargetNotFoundError(
+                f"the PEFT adapter adapts {module!r}, a {type(target).__name__}, which lora_lightning does not adapt"
+            )
         kind.check_peft_import(target, prefix + module)
     if has_lora(model):
         add_adapter(model, adapter_name, config)  # type: ignore[arg-type]
@@ -296,7 +304,9 @@ def import_peft_adapter(
     return config
 
 
-def _copy_peft_tensors(model: nn.Module, lora: dict[str, dict[str, Tensor]], other: dict[str, Tensor], prefix: str) -> None:
+def _copy_peft_tensors(
+    model: nn.Module, lora: dict[str, dict[str, Tensor]], other: dict[str, Tensor], prefix: str
+) -> None:
     params = model.state_dict()
     with torch.no_grad():
         for module, ab in lora.items():
@@ -312,7 +322,9 @@ def _copy_peft_tensors(model: nn.Module, lora: dict[str, dict[str, Tensor]], oth
         for key, value in other.items():
             full = prefix + key
             if full not in params:
-                raise AdapterMismatchError(f"PEFT modules_to_save tensor {key!r} has no counterpart {full!r} in the model")
+                raise AdapterMismatchError(
+                    f"PEFT modules_to_save tensor {key!r} has no counterpart {full!r} in the model"
+                )
             params[full].copy_(value)
 
 

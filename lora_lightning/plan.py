@@ -31,10 +31,10 @@ wraps), so a config can be planned, compared or budgeted on an injected model to
 from __future__ import annotations
 
 import fnmatch
-import math
 import re
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -365,8 +365,21 @@ class Target:
 
     def spec(self, r: int, alpha: float, scaling: float | None, config: LoRAConfig) -> AdapterSpec:
         """This target adapted at rank ``r`` by ``config``'s variant."""
-        return AdapterSpec(self.name, self.d_out, self.d_in, r, alpha, self.parts, self.fused, self.kind, scaling, config.variant,
-                           config, self.tied, self.aliases)
+        return AdapterSpec(
+            self.name,
+            self.d_out,
+            self.d_in,
+            r,
+            alpha,
+            self.parts,
+            self.fused,
+            self.kind,
+            scaling,
+            config.variant,
+            config,
+            self.tied,
+            self.aliases,
+        )
 
 
 def resolve_modules_to_save(model: nn.Module, patterns: list[str]) -> list[str]:
@@ -386,7 +399,9 @@ def resolve_modules_to_save(model: nn.Module, patterns: list[str]) -> list[str]:
     return [n for n in chosen if not any(n.startswith(o + ".") for o in chosen if o != n)]
 
 
-def _no_match_error(model: nn.Module, spec: str, match: Callable[[str], bool], whole: dict[str, nn.Module]) -> TargetNotFoundError:
+def _no_match_error(
+    model: nn.Module, spec: str, match: Callable[[str], bool], whole: dict[str, nn.Module]
+) -> TargetNotFoundError:
     others = [f"{n} ({type(m).__name__})" for n, m in model.named_modules() if n and match(n)][:5]
     hint = (
         f" It matches {others}, which are not layers LoRA adapts ({adaptable_description()}): target the adaptable "
@@ -468,7 +483,9 @@ def resolve_targets(model: nn.Module, config: LoRAConfig) -> list[Target]:
             kind.check_parts(module, n, sorted(chosen[n]))  # type: ignore[arg-type]
             d_out, d_in = kind.dims(module)
             slices = layout.slices(d_out, n, sorted(chosen[n]))  # type: ignore[arg-type]
-            targets.append(Target(n, kind.name, slices.adapted_rows, d_in, slices.adapted, slices, aliases=aliases.get(n, ())))
+            targets.append(
+                Target(n, kind.name, slices.adapted_rows, d_in, slices.adapted, slices, aliases=aliases.get(n, ()))
+            )
         else:
             kind = registry.kind_of(whole[n])
             d_out, d_in = kind.dims(whole[n])

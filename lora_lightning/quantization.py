@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -98,14 +99,21 @@ class TorchaoNF4(Quantizer):
 
     def quantize(self, w: Tensor) -> tuple[Tensor, Any]:
         t = torchao_nf4()(w, NF4_BLOCK, _scaler_block(w.numel() // NF4_BLOCK))
-        state = {"scalers": t.quantized_scalers, "factor": t.quantization_factor, "mean": t.scaler_mean.reshape(1),
-                 "code": t.nf4, "shape": torch.tensor(list(w.shape), dtype=torch.long)}
+        state = {
+            "scalers": t.quantized_scalers,
+            "factor": t.quantization_factor,
+            "mean": t.scaler_mean.reshape(1),
+            "code": t.nf4,
+            "shape": torch.tensor(list(w.shape), dtype=torch.long),
+        }
         return t.quantized_data, state
 
     def dequantize(self, stored: Tensor, state: Any, dtype: torch.dtype) -> Tensor:
         scalers_q, factor = state["scalers"], state["factor"]
         per_block = scalers_q.numel() // factor.numel()
-        scalers = (scalers_q.view(-1, per_block) / factor.unsqueeze(-1)).flatten().to(state["mean"].dtype) + state["mean"]
+        scalers = (scalers_q.view(-1, per_block) / factor.unsqueeze(-1)).flatten().to(state["mean"].dtype) + state[
+            "mean"
+        ]
         repeated = scalers.unsqueeze(-1).expand(scalers.numel(), NF4_BLOCK // 2).flatten()
         code = state["code"]
         first, second = code[(stored >> 4).long()] * repeated, code[(stored & 0b1111).long()] * repeated
@@ -144,7 +152,9 @@ class Bnb4bit(Quantizer):
         bitsandbytes_functional()
 
     def quantize(self, w: Tensor) -> tuple[Tensor, Any]:
-        return bitsandbytes_functional().quantize_4bit(w, blocksize=BNB_BLOCK, quant_type=self.quant_type, compress_statistics=True)
+        return bitsandbytes_functional().quantize_4bit(
+            w, blocksize=BNB_BLOCK, quant_type=self.quant_type, compress_statistics=True
+        )
 
     def dequantize(self, stored: Tensor, state: Any, dtype: torch.dtype) -> Tensor:
         return bitsandbytes_functional().dequantize_4bit(stored, state).to(dtype)

@@ -22,9 +22,10 @@ import hashlib
 import math
 import os
 import warnings
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -45,7 +46,12 @@ _CASTS: dict[torch.dtype, tuple[torch.dtype, ...]] = {
     torch.float64: (torch.float32, torch.bfloat16, torch.float16),
     torch.float32: (torch.bfloat16, torch.float16),
 }
-_DTYPE_NAMES = {torch.float64: "float64", torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_DTYPE_NAMES = {
+    torch.float64: "float64",
+    torch.float32: "float32",
+    torch.bfloat16: "bfloat16",
+    torch.float16: "float16",
+}
 
 
 # --------------------------------------------------------------------------- base identity
@@ -63,7 +69,11 @@ def tensor_identity(t: Tensor) -> dict[str, Any]:
     hashes = {_DTYPE_NAMES.get(t.dtype, str(t.dtype).replace("torch.", "")): _sha256(t)}
     for cast in _CASTS.get(t.dtype, ()):
         hashes[_DTYPE_NAMES[cast]] = _sha256(t.to(cast))
-    return {"dtype": _DTYPE_NAMES.get(t.dtype, str(t.dtype).replace("torch.", "")), "shape": list(t.shape), "sha256": hashes}
+    return {
+        "dtype": _DTYPE_NAMES.get(t.dtype, str(t.dtype).replace("torch.", "")),
+        "shape": list(t.shape),
+        "sha256": hashes,
+    }
 
 
 def base_identity(model: nn.Module, exclude: Iterable[str] = ()) -> dict[str, dict[str, Any]] | None:
@@ -104,7 +114,9 @@ def base_fingerprint(model: nn.Module, names: list[str], exclude: Iterable[str] 
     return {"names": ordered, "shapes": shapes, "samples": samples, "tensors": base_identity(model, exclude)}
 
 
-def identity_exclusions(model: nn.Module, config: LoRAConfig, adapted: Iterable[str], modules_to_save: Iterable[str]) -> list[str]:
+def identity_exclusions(
+    model: nn.Module, config: LoRAConfig, adapted: Iterable[str], modules_to_save: Iterable[str]
+) -> list[str]:
     """State-dict keys of ``model`` that are the adapter's, not the base's: the ``modules_to_save`` tensors
     and the biases ``config.bias`` trains."""
     roots = tuple(f"{m}." for m in modules_to_save)
@@ -112,9 +124,7 @@ def identity_exclusions(model: nn.Module, config: LoRAConfig, adapted: Iterable[
     out = []
     for key in model.state_dict(keep_vars=True):
         owner, _, leaf = key.rpartition(".")
-        if key.startswith(roots):
-            out.append(key)
-        elif leaf == "bias" and (config.bias == "all" or (config.bias == "lora_only" and owner in adapted_set)):
+        if key.startswith(roots) or leaf == "bias" and (config.bias == "all" or (config.bias == "lora_only" and owner in adapted_set)):
             out.append(key)
     return out
 
@@ -276,7 +286,7 @@ class LoRAState:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "LoRAState":
+    def from_dict(cls, data: Mapping[str, Any]) -> LoRAState:
         """Read a record (this version, or version 1: config + names, structure derived from the config)."""
         config = LoRAConfig.from_dict(data["config"], drop_other_variant_defaults=True)
         modules = data.get("modules")
@@ -344,20 +354,30 @@ def differences(saved: LoRAState, current: LoRAState, source: str = "adapter", a
             bad = [
                 (s[key], current.modules[mapping[n]][key])
                 for n, s in saved.modules.items()
-                if key in s and key in current.modules[mapping[n]] and not _close(s[key], current.modules[mapping[n]][key])
+                if key in s
+                and key in current.modules[mapping[n]]
+                and not _close(s[key], current.modules[mapping[n]][key])
             ]
             if not bad:
                 continue
             if key == "scaling":
                 if not any(d.startswith(("r:", "alpha:")) for d in diffs):  # else implied by r or alpha
-                    differ(*(("use_rslora", sc.use_rslora, cc.use_rslora) if sc.use_rslora != cc.use_rslora else ("scaling", *bad[0])))
+                    differ(
+                        *(
+                            ("use_rslora", sc.use_rslora, cc.use_rslora)
+                            if sc.use_rslora != cc.use_rslora
+                            else ("scaling", *bad[0])
+                        )
+                    )
             elif key in ("r", "alpha"):
                 differ(key, *bad[0])
             else:
                 differ(f"{key} of {len(bad)} module(s)", *bad[0])
     if sc.bias != cc.bias:
         differ("bias", sc.bias, cc.bias)
-    if (saved.modules_to_save or current.modules_to_save) and align_names(saved.modules_to_save, current.modules_to_save) is None:
+    if (saved.modules_to_save or current.modules_to_save) and align_names(
+        saved.modules_to_save, current.modules_to_save
+    ) is None:
         differ("modules_to_save", saved.modules_to_save, current.modules_to_save)
     return diffs
 

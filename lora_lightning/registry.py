@@ -21,7 +21,8 @@ every combination with the others.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .errors import LoRAConfigError
 

@@ -14,8 +14,8 @@ a collective (every rank must enter it); write the file on one rank::
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Iterable, Iterator
 
 import torch
 from torch import nn

@@ -36,7 +36,8 @@ Switch it with ``LoRAConfig(fuse_shared_inputs=False)`` at injection, or :func:`
 from __future__ import annotations
 
 import weakref
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -59,8 +60,13 @@ class SharedInputLoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, x: Tensor, scalings: tuple[float, ...], ranks: tuple[int, ...], keeps: tuple[float | None, ...],
-        masks: tuple[Tensor | None, ...], *params: Tensor | None,
+        ctx: Any,
+        x: Tensor,
+        scalings: tuple[float, ...],
+        ranks: tuple[int, ...],
+        keeps: tuple[float | None, ...],
+        masks: tuple[Tensor | None, ...],
+        *params: Tensor | None,
     ) -> tuple[Tensor, ...]:
         n = len(scalings)
         weights, biases, As, Bs = params[0::4], params[1::4], params[2::4], params[3::4]
@@ -173,7 +179,7 @@ def _in_backward() -> bool:
     return task is not None and task() != -1
 
 
-def _inputs_state(layer: "LoRALinear", x: Tensor) -> tuple[Any, ...]:
+def _inputs_state(layer: LoRALinear, x: Tensor) -> tuple[Any, ...]:
     """What a precomputed output of ``layer`` for ``x`` depends on: the tensors it read (identity and in-place
     version: an optimizer step or ``load_state_dict`` bumps it) and whether its dropout was active."""
     tensors = (x, layer.weight, layer.bias, layer.lora_A, layer.lora_B)
@@ -191,7 +197,7 @@ def _plain_member(layer: nn.Module) -> bool:
     )
 
 
-def _ready(layer: "LoRALinear", x: Tensor) -> bool:
+def _ready(layer: LoRALinear, x: Tensor) -> bool:
     """Whether ``layer`` would take its one-node path for ``x`` now (plain, unmerged, unrouted, one dtype)."""
     return (
         not layer.merged
@@ -223,8 +229,13 @@ class SharedInputTracker:
 
     # pickling / deepcopy: the runtime state (weak references, cached outputs) is not part of the model
     def __getstate__(self) -> dict[str, Any]:
-        return {"enabled": self.enabled, "groups": self.groups, "member_of": self.member_of, "fused_calls": 0,
-                "_pending": set(self._pending)}
+        return {
+            "enabled": self.enabled,
+            "groups": self.groups,
+            "member_of": self.member_of,
+            "fused_calls": 0,
+            "_pending": set(self._pending),
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -249,7 +260,7 @@ class SharedInputTracker:
         for m in members:
             self.member_of[m] = members[0]
 
-    def forward(self, layer: "LoRALinear", x: Tensor) -> Tensor | None:
+    def forward(self, layer: LoRALinear, x: Tensor) -> Tensor | None:
         """``layer``'s output for ``x`` through its group, or ``None`` when the layer runs on its own."""
         if not self.enabled or torch.compiler.is_compiling():
             return None
@@ -287,7 +298,7 @@ class SharedInputTracker:
         self._last = (weakref.ref(x), [layer])
 
     @staticmethod
-    def _run(members: Sequence["LoRALinear"], x: Tensor) -> tuple[Tensor, ...]:
+    def _run(members: Sequence[LoRALinear], x: Tensor) -> tuple[Tensor, ...]:
         params: list[Tensor | None] = []
         keeps: list[float | None] = []
         masks: list[Tensor | None] = []
@@ -297,7 +308,9 @@ class SharedInputTracker:
                 # the draw nn.Dropout makes (same shape, same order of members): the same random stream as unfused
                 keep = 1.0 - m.dropout_p
                 keeps.append(keep)
-                masks.append(torch.empty_like(x, dtype=torch.bool, memory_format=torch.contiguous_format).bernoulli_(keep))
+                masks.append(
+                    torch.empty_like(x, dtype=torch.bool, memory_format=torch.contiguous_format).bernoulli_(keep)
+                )
             else:
                 keeps.append(None)
                 masks.append(None)

@@ -20,8 +20,9 @@ user's module.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -44,7 +45,7 @@ class NamedAdapters:
         return {"active": self.active, "configs": {n: c.to_dict() for n, c in self.configs.items()}}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "NamedAdapters":
+    def from_dict(cls, data: dict) -> NamedAdapters:
         return cls(data["active"], {n: LoRAConfig.from_dict(c) for n, c in data["configs"].items()})
 
 
@@ -127,7 +128,9 @@ def get_lora_state(model: nn.Module) -> LoRAState:
     """The record of ``model``'s active adapter; :class:`NotInjectedError` if it has none."""
     handle = lora_handle(model)
     if handle is None or handle.record is None:
-        inner = [n for n, m in model.named_modules() if n and (h := lora_handle(m)) is not None and h.record is not None]
+        inner = [
+            n for n, m in model.named_modules() if n and (h := lora_handle(m)) is not None and h.record is not None
+        ]
         where = f" (adapters were injected into submodule {inner[0]!r}: pass that module)" if inner else ""
         raise NotInjectedError(
             f"{type(model).__name__} has no LoRA adapters{where}; call inject_lora(model, LoRAConfig(...)) "

@@ -18,7 +18,7 @@ Everything runs in float64 on the tensors' device. Matrices are grouped by type 
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
@@ -104,7 +104,9 @@ def base_matrix(layer: LoRALayer) -> Tensor:
     return w
 
 
-def matrix_stats(layer: LoRALayer, adapter: str | None = None, base_norm: float | None = None, top_k: int = 4) -> dict[str, float]:
+def matrix_stats(
+    layer: LoRALayer, adapter: str | None = None, base_norm: float | None = None, top_k: int = 4
+) -> dict[str, float]:
     """Norms and spectrum of one adapted matrix's update (``adapter``: a named adapter; default the active one):
     ``delta_norm``, ``rel_delta`` (``‖ΔW‖/‖W0‖``), ``A_norm``, ``B_norm``, ``sigma_1..k``, ``stable_rank``,
     ``effective_rank``; DoRA adds ``magnitude_mean``, AdaLoRA ``rank``."""
@@ -140,8 +142,12 @@ def adapter_names(model: nn.Module) -> list[str | None]:
     return list(handle.adapters.configs)
 
 
-def model_stats(model: nn.Module, base_norms: dict[str, float] | None = None, top_k: int = 4,
-                adapters: Iterable[str | None] | None = None) -> dict[tuple[str | None, str], dict[str, float]]:
+def model_stats(
+    model: nn.Module,
+    base_norms: dict[str, float] | None = None,
+    top_k: int = 4,
+    adapters: Iterable[str | None] | None = None,
+) -> dict[tuple[str | None, str], dict[str, float]]:
     """``{(adapter, module name): matrix_stats}`` for every adapted matrix (and named adapter) of ``model``;
     ``base_norms`` caches ``‖W0‖_F`` by module name (filled in as computed: the base is frozen)."""
     out = {}
@@ -176,8 +182,12 @@ def aggregate(stats: dict[tuple[str | None, str], dict[str, float]], layers: dic
     return out
 
 
-def heatmap(stats: dict[tuple[str | None, str], dict[str, float]], layers: dict[str, nn.Module], adapter: str | None = None,
-            key: str = "rel_delta") -> tuple[list[int], list[str], list[list[float]]]:
+def heatmap(
+    stats: dict[tuple[str | None, str], dict[str, float]],
+    layers: dict[str, nn.Module],
+    adapter: str | None = None,
+    key: str = "rel_delta",
+) -> tuple[list[int], list[str], list[list[float]]]:
     """``(blocks, types, values[block][type])`` of ``key`` (mean over matrices of a cell; NaN where none)."""
     cells: dict[tuple[int, str], list[float]] = {}
     for (a, name), values in stats.items():
@@ -186,7 +196,9 @@ def heatmap(stats: dict[tuple[str | None, str], dict[str, float]], layers: dict[
         cells.setdefault((block_index(name), matrix_type(name, layers.get(name))), []).append(values[key])  # type: ignore[arg-type]
     blocks = sorted({b for b, _ in cells})
     types = [t for t in (*TYPES, *sorted({t for _, t in cells} - set(TYPES))) if any(t == k for _, k in cells)]
-    grid = [[sum(cells[(b, t)]) / len(cells[(b, t)]) if (b, t) in cells else float("nan") for t in types] for b in blocks]
+    grid = [
+        [sum(cells[(b, t)]) / len(cells[(b, t)]) if (b, t) in cells else float("nan") for t in types] for b in blocks
+    ]
     return blocks, types, grid
 
 

@@ -20,7 +20,9 @@ from lora_lightning import LoRAConfig, inject_lora, lora_layers
 
 PACKAGE = os.environ.get("LORA_LIGHTNING_TEST_PACKAGE", "lightning.pytorch")
 pl = importlib.import_module(PACKAGE)
-_LAYER = importlib.import_module("lora_lightning.lightning" if PACKAGE == "lightning.pytorch" else "lora_lightning.pytorch_lightning")
+_LAYER = importlib.import_module(
+    "lora_lightning.lightning" if PACKAGE == "lightning.pytorch" else "lora_lightning.pytorch_lightning"
+)
 LoRACallback = _LAYER.LoRACallback
 AtomicCheckpointIO = _LAYER.AtomicCheckpointIO
 ModelCheckpoint = importlib.import_module(f"{PACKAGE}.callbacks").ModelCheckpoint
@@ -126,8 +128,13 @@ def tiny_bert_classifier(num_labels: int = 2, seed: int = 0, vocab_size: int = 1
     import transformers
 
     config = transformers.BertConfig(
-        vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=128, num_labels=num_labels,
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=num_labels,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -139,7 +146,9 @@ def tiny_gpt2(seed: int = 0, d: int = 16, heads: int = 2, vocab: int = 40, lm_he
     import transformers
 
     torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(n_layer=2, n_embd=d, n_head=heads, vocab_size=vocab, n_positions=16, bos_token_id=0, eos_token_id=0)
+    cfg = transformers.GPT2Config(
+        n_layer=2, n_embd=d, n_head=heads, vocab_size=vocab, n_positions=16, bos_token_id=0, eos_token_id=0
+    )
     return (transformers.GPT2LMHeadModel if lm_head else transformers.GPT2Model)(cfg).eval()
 
 
@@ -277,5 +286,7 @@ def read_wandb_history(run_dir) -> list[dict]:
     for chunk in chunks:
         record = pb.Record.FromString(chunk)
         if record.WhichOneof("record_type") == "history":
-            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
+            rows.append(
+                {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            )
     return rows

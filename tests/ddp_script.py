@@ -40,8 +40,8 @@ torch.set_num_threads(1)  # 2 ranks on 2 cores: no oversubscription
 
 import lora_lightning.adapter_io as ll_checkpoint  # noqa: E402
 import lora_lightning.lightning.checkpoints as ll_io  # noqa: E402
-from lora_lightning import gathered, is_sharded  # noqa: E402
 from conftest import PACKAGE, LitSharded, LitTiny, LoRACallback, ModelCheckpoint, tiny_loader, trainer  # noqa: E402
+from lora_lightning import gathered, is_sharded  # noqa: E402
 
 LORA = dict(r=2, targets=["q", "v", "mlp"])
 
@@ -82,14 +82,23 @@ def _rank_view(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict
     return {
         "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad),
         "sharded": sorted(n for n, p in model.named_parameters() if isinstance(p, DTensor)),
-        "local_numel": {n: (p.to_local() if isinstance(p, DTensor) else p).numel() for n, p in model.named_parameters()},
+        "local_numel": {
+            n: (p.to_local() if isinstance(p, DTensor) else p).numel() for n, p in model.named_parameters()
+        },
         "with_optimizer_state": with_state,
         "optimizer_state_sharded": state_sharded,
     }
 
 
 def run(
-    out: Path, devices: int, epochs: int, batch: int, strategy: str, ckpt: str | None, tag: str, init: str | None,
+    out: Path,
+    devices: int,
+    epochs: int,
+    batch: int,
+    strategy: str,
+    ckpt: str | None,
+    tag: str,
+    init: str | None,
     fmt: str = "sharded",
 ) -> None:
     """One ``fit``; every rank then saves its adapter tensors to ``OUT/{tag}-rank{R}.pt``."""
@@ -129,14 +138,22 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch", type=int, default=4, help="per-rank batch size")
     parser.add_argument("--strategy", default="ddp", help="ddp, or fsdp2 (ModelParallelStrategy)")
-    parser.add_argument("--format", action="append", choices=["sharded", "file"], help="fsdp2 checkpoint format(s): one run each")
-    parser.add_argument("--refusals", action="store_true", help="fsdp2: also run the cases that must refuse, and LitShardedLate")
+    parser.add_argument(
+        "--format", action="append", choices=["sharded", "file"], help="fsdp2 checkpoint format(s): one run each"
+    )
+    parser.add_argument(
+        "--refusals", action="store_true", help="fsdp2: also run the cases that must refuse, and LitShardedLate"
+    )
     parser.add_argument("--resume-from", action="append", default=[], help="TAG=PATH: resume from PATH, record as TAG")
     parser.add_argument("--ckpt", default=None, help="resume the first fit from this checkpoint")
     parser.add_argument("--tag", default="train")
-    parser.add_argument("--init", default=None, help="init_adapter: the same start on every rank and in the reference run")
     parser.add_argument(
-        "--resume-epochs", type=int, default=0,
+        "--init", default=None, help="init_adapter: the same start on every rank and in the reference run"
+    )
+    parser.add_argument(
+        "--resume-epochs",
+        type=int,
+        default=0,
         help="then, in the same processes (process group reused), resume from the checkpoint just written "
         "and train up to this many epochs in total",
     )
@@ -173,8 +190,14 @@ def refusals(out: Path, devices: int, batch: int, init: str | None) -> None:
         ("late_without_inject", LitShardedLate(seed=0, call_inject=False), {}),
         ("merge_on_fit_end", LitSharded(seed=0), {"merge_on_fit_end": True}),
     ):
-        t = trainer(out / case, [LoRACallback(**LORA, init_adapter=init, verbose=False, **options)], devices=devices,
-                    strategy=_strategy("fsdp2", devices, "sharded"), max_steps=-1, max_epochs=1)
+        t = trainer(
+            out / case,
+            [LoRACallback(**LORA, init_adapter=init, verbose=False, **options)],
+            devices=devices,
+            strategy=_strategy("fsdp2", devices, "sharded"),
+            max_steps=-1,
+            max_epochs=1,
+        )
         try:
             t.fit(module, tiny_loader(n=32, batch_size=batch))
         except Exception as exc:  # noqa: BLE001 - recorded for the test to check

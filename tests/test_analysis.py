@@ -71,7 +71,9 @@ def test_phi_with_itself_is_one():
     for i in range(1, 9):
         assert subspace_similarity(a, a, i, i) == pytest.approx(1.0, abs=1e-10)
     # nested subspaces: phi(A, A, i, j) = 1 for every (i, j)
-    torch.testing.assert_close(subspace_similarity_grid(a, a), torch.ones(8, 8, dtype=torch.float64), atol=1e-10, rtol=0)
+    torch.testing.assert_close(
+        subspace_similarity_grid(a, a), torch.ones(8, 8, dtype=torch.float64), atol=1e-10, rtol=0
+    )
 
 
 def test_phi_against_orthogonal_complement_is_zero():

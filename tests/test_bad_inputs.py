@@ -24,6 +24,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 
+from conftest import LitTiny, adapted, assert_unchanged, randomize_adapters, snapshot, tiny_loader, tiny_model, trainer  # noqa: E402
 from lora_lightning import (  # noqa: E402
     AdapterFileError,
     AdapterMismatchError,
@@ -45,7 +46,6 @@ from lora_lightning import (  # noqa: E402
     unmerge_lora,
 )
 from lora_lightning.record import base_fingerprint  # noqa: E402
-from conftest import LitTiny, adapted, assert_unchanged, randomize_adapters, snapshot, tiny_loader, tiny_model, trainer  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -64,7 +64,9 @@ def test_target_name_that_does_not_exist_lists_candidates(tmp_path):
 
 def test_target_naming_a_container_module_points_at_its_linear_children():
     """`targets=["self_attn"]`: a module that is not a Linear layer"""
-    with pytest.raises(TargetNotFoundError, match=r"It matches \['layers.0.self_attn \(Attention\)'.*which are not layers LoRA adapts"):
+    with pytest.raises(
+        TargetNotFoundError, match=r"It matches \['layers.0.self_attn \(Attention\)'.*which are not layers LoRA adapts"
+    ):
         inject_lora(tiny_model(), LoRAConfig(targets=["self_attn"], r=2))
 
 
@@ -116,7 +118,10 @@ def test_dropout_given_in_percent():
 
 def test_misspelled_option():
     """`LoRACallback(config={"rank": 8})` (the field is `r`)"""
-    with pytest.raises(LoRAConfigError, match=r"unknown LoRA option\(s\) \['rank'\] \(use 'r' instead of 'rank'\); valid options are .*'r'"):
+    with pytest.raises(
+        LoRAConfigError,
+        match=r"unknown LoRA option\(s\) \['rank'\] \(use 'r' instead of 'rank'\); valid options are .*'r'",
+    ):
         LoRACallback(config={"rank": 8})
 
 
@@ -178,7 +183,10 @@ def test_adapter_for_another_architecture(tmp_path):
     path, _ = _saved(tmp_path)
     wide = tiny_model(0, d=32)
     before = snapshot(wide)
-    with pytest.raises(AdapterMismatchError, match=r"trained on a base with other adapted matrices: .*\[16, 16\] in adapter a.safetensors vs .*\[32, 32\] in model.*another architecture or model size"):
+    with pytest.raises(
+        AdapterMismatchError,
+        match=r"trained on a base with other adapted matrices: .*\[16, 16\] in adapter a.safetensors vs .*\[32, 32\] in model.*another architecture or model size",
+    ):
         load_adapter(wide, path)
     assert_unchanged(wide, before)  # not even injected
 
@@ -188,7 +196,10 @@ def test_adapter_from_another_base_model(tmp_path):
     path, _ = _saved(tmp_path)
     other = tiny_model(seed=1)
     before = snapshot(other)
-    with pytest.raises(BaseModelMismatchError, match=r"trained on different base weights: 39 of 51 base tensor\(s\) hold other values .*on_base_mismatch='warn'"):
+    with pytest.raises(
+        BaseModelMismatchError,
+        match=r"trained on different base weights: 39 of 51 base tensor\(s\) hold other values .*on_base_mismatch='warn'",
+    ):
         load_adapter(other, path)
     assert_unchanged(other, before)
 
@@ -433,7 +444,9 @@ def test_fingerprint_is_recorded_at_injection_and_survives_merge(tmp_path):
         changed = tiny_model(0)
         with torch.no_grad():
             changed.get_parameter(where).view(-1)[3] += 1e-6
-        with pytest.raises(BaseModelMismatchError, match=rf"1 of 51 base tensor\(s\) hold other values \(e.g. {where}\)"):
+        with pytest.raises(
+            BaseModelMismatchError, match=rf"1 of 51 base tensor\(s\) hold other values \(e.g. {where}\)"
+        ):
             load_adapter(changed, path)
     ckpt = torch.load(_checkpoint(tmp_path), weights_only=False)
     assert ckpt["lora_lightning"]["fingerprint"] == base_fingerprint(LitTiny(seed=0), [f"net.{n}" for n in names])
@@ -494,7 +507,11 @@ def _table() -> str:
             params = inspect.signature(fn).parameters
             with tempfile.TemporaryDirectory() as tmp:
                 fn(**({"tmp_path": Path(tmp)} if "tmp_path" in params else {}))
-                message = records[-1].replace(tmp + os.sep, "").replace(tmp, "out") if records else "(no error, no warning: it loads)"
+                message = (
+                    records[-1].replace(tmp + os.sep, "").replace(tmp, "out")
+                    if records
+                    else "(no error, no warning: it loads)"
+                )
             rows.append((doc.splitlines()[0], message, name))
     finally:
         pytest.raises, pytest.warns = real_raises, real_warns

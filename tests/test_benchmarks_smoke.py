@@ -17,7 +17,17 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-METHODS = ("full", "lora_qv", "peft_qv", "lora_all", "peft_all", "floor", "head_only", "lora_qv+unfused", "lora_all+unfused")
+METHODS = (
+    "full",
+    "lora_qv",
+    "peft_qv",
+    "lora_all",
+    "peft_all",
+    "floor",
+    "head_only",
+    "lora_qv+unfused",
+    "lora_all+unfused",
+)
 
 pytest.importorskip("peft")
 
@@ -55,7 +65,14 @@ def test_machine_and_load_recorded(quick_run):
     assert len(m["load_average_start"]) == 3 and len(res["load_average_end"]) == 3
     assert positive(res["elapsed_s"])
     text = (out / "RESULTS.md").read_text()
-    for heading in ("## Machine", "## Goals", "## 1-2. Training step", "## 3. Inference", "## 4. Checkpoint sizes", "## 5. Injection"):
+    for heading in (
+        "## Machine",
+        "## Goals",
+        "## 1-2. Training step",
+        "## 3. Inference",
+        "## 4. Checkpoint sizes",
+        "## 5. Injection",
+    ):
         assert heading in text
 
 
@@ -71,7 +88,14 @@ def test_train_section(quick_run):
             assert "error" not in mem, mem.get("error")
             assert positive(mem["peak_bytes"]) and positive(mem["loaded_bytes"])
             assert mem["peak_bytes"] >= mem["loaded_bytes"]
-        for name in ("lora_qv/full", "lora_all/full", "lora_qv/floor", "lora_all/floor", "lora_qv/peft_qv", "lora_all/peft_all"):
+        for name in (
+            "lora_qv/full",
+            "lora_all/full",
+            "lora_qv/floor",
+            "lora_all/floor",
+            "lora_qv/peft_qv",
+            "lora_all/peft_all",
+        ):
             check_summary(t["speed"]["ratios"][name], f"{key}.{name}")
         # LoRA and PEFT adapt the same matrices: same trainable parameter count
         ms = t["speed"]["methods"]
@@ -99,7 +123,13 @@ def test_sizes_section(quick_run):
     for key, e in sz["models"].items():
         assert positive(e["full_checkpoint_bytes"])
         for name, a in e["adapters"].items():
-            for k in ("closed_form_bytes", "tensor_bytes", "file_bytes", "header_and_metadata_bytes", "full_over_adapter_file"):
+            for k in (
+                "closed_form_bytes",
+                "tensor_bytes",
+                "file_bytes",
+                "header_and_metadata_bytes",
+                "full_over_adapter_file",
+            ):
                 assert positive(a[k]), f"{key}.{name}.{k}"
             if "+head" not in name:
                 assert a["tensor_bytes"] == a["closed_form_bytes"]
@@ -124,7 +154,15 @@ def test_precision_section(quick_run):
     """fp32, bf16-mixed and bf16-base rows, each with memory; the bf16 base really is bf16."""
     res, out = quick_run
     pr = res["precision"]
-    for m in ("lora_all", "lora_all+bf16mixed", "lora_all+bf16base", "floor", "floor+bf16mixed", "full", "full+bf16mixed"):
+    for m in (
+        "lora_all",
+        "lora_all+bf16mixed",
+        "lora_all+bf16base",
+        "floor",
+        "floor+bf16mixed",
+        "full",
+        "full+bf16mixed",
+    ):
         check_summary(pr["speed"]["methods"][m]["step_s"], f"precision.{m}")
         assert "error" not in pr["memory"][m], pr["memory"][m].get("error")
         assert positive(pr["memory"][m]["peak_bytes"])

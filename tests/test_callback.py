@@ -5,14 +5,6 @@ import pickle
 import pytest
 import torch
 
-from lora_lightning import (
-    AdapterMismatchError,
-    LoRALinear,
-    count_parameters,
-    is_merged,
-    load_adapter,
-    read_adapter,
-)
 from conftest import (
     N_LAYERS,
     AtomicCheckpointIO,
@@ -25,6 +17,14 @@ from conftest import (
     tiny_loader,
     tiny_model,
     trainer,
+)
+from lora_lightning import (
+    AdapterMismatchError,
+    LoRALinear,
+    count_parameters,
+    is_merged,
+    load_adapter,
+    read_adapter,
 )
 
 
@@ -62,7 +62,12 @@ def test_model_built_in_configure_model(tmp_path):
 def test_checkpoint_holds_only_adapter_and_config(tmp_path):
     model = LitTiny()
     ckpt_cb = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    t = trainer(tmp_path, [LoRACallback(r=4, targets=["q", "v"], modules_to_save=["classifier"]), ckpt_cb], max_steps=4, enable_checkpointing=True)
+    t = trainer(
+        tmp_path,
+        [LoRACallback(r=4, targets=["q", "v"], modules_to_save=["classifier"]), ckpt_cb],
+        max_steps=4,
+        enable_checkpointing=True,
+    )
     t.fit(model, tiny_loader())
     ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     sd = ckpt["state_dict"]
@@ -80,7 +85,9 @@ def test_checkpoint_holds_only_adapter_and_config(tmp_path):
     assert isinstance(t.strategy.checkpoint_io, AtomicCheckpointIO)
     full = sum(p.numel() for p in tiny_model().parameters())
     record = len(pickle.dumps(ckpt["lora_lightning"]))  # config, structure, the base identity's hashes
-    assert (tmp_path / "ckpt" / "last.ckpt").stat().st_size - record < 4 * full  # full weights alone would be 4*full bytes
+    assert (
+        tmp_path / "ckpt" / "last.ckpt"
+    ).stat().st_size - record < 4 * full  # full weights alone would be 4*full bytes
     # weights_only saves are filtered too
     t.save_checkpoint(tmp_path / "w.ckpt", weights_only=True)
     assert set(torch.load(tmp_path / "w.ckpt", weights_only=False)["state_dict"]) == set(sd)

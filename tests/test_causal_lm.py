@@ -13,7 +13,14 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from lora_lightning import LoRACallback, LoRAConfig, export_peft_adapter, inject_lora, lora_layers, merge_and_unload, merge_lora, unmerge_lora
+from lora_lightning import (
+    LoRACallback,
+    export_peft_adapter,
+    lora_layers,
+    merge_and_unload,
+    merge_lora,
+    unmerge_lora,
+)
 from lora_lightning.app.generation_data import (
     BucketBatchSampler,
     CausalCollator,
@@ -111,8 +118,16 @@ def tiny_llama(vocab: int, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=256)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        max_position_embeddings=256,
+    )
     return LlamaForCausalLM(cfg)
 
 
@@ -121,16 +136,33 @@ def test_tiny_llama_trains_with_lora_and_generates_the_same_merged(tmp_path, smo
 
     from lora_lightning.app.causal_lm import CausalLMModule, answer_loss, generate
 
-    dm = GenerationDataModule(source=str(SAMPLE), tokenizer=str(smollm2_tokenizer_dir), batch_size=4, eval_batch_size=4,
-                              val_fraction=0.25, test_fraction=0.25)
+    dm = GenerationDataModule(
+        source=str(SAMPLE),
+        tokenizer=str(smollm2_tokenizer_dir),
+        batch_size=4,
+        eval_batch_size=4,
+        val_fraction=0.25,
+        test_fraction=0.25,
+    )
     tok = dm.tokenizer
     module = CausalLMModule(tiny_llama(len(tok)), lr=5e-3)
     cb = LoRACallback(r=4, alpha=8, targets=["q", "k", "v", "o"], dropout=0.0)
-    trainer = pl.Trainer(accelerator="cpu", max_steps=6, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=[cb])
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=6,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[cb],
+    )
     trainer.fit(module, datamodule=dm)
     layers = lora_layers(module)
-    assert len(layers) == 8 and layers["model.model.layers.0.self_attn.k_proj"].lora_B.shape == (8, 4)  # GQA: 2 kv heads x 4
+    assert len(layers) == 8 and layers["model.model.layers.0.self_attn.k_proj"].lora_B.shape == (
+        8,
+        4,
+    )  # GQA: 2 kv heads x 4
     assert all(layer.lora_B.abs().sum() > 0 for layer in layers.values())
     # the loss is the answer tokens' mean cross-entropy, computed independently here
     batch = next(iter(dm.val_dataloader()))
@@ -157,8 +189,11 @@ def test_tiny_llama_trains_with_lora_and_generates_the_same_merged(tmp_path, smo
     fresh = tiny_llama(len(tok))
     with torch.no_grad():
         base_logits = fresh(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        peft_logits = PeftModel.from_pretrained(fresh, str(tmp_path / "peft")).eval()(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        peft_logits = (
+            PeftModel.from_pretrained(fresh, str(tmp_path / "peft"))
+            .eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            .logits
+        )
     mask = batch["attention_mask"].bool()
     torch.testing.assert_close(peft_logits[mask], before[mask], atol=1e-5, rtol=1e-5)
     assert (base_logits[mask] - before[mask]).abs().max() > 1e-3
@@ -174,9 +209,21 @@ def test_causal_lm_job_smoke(tmp_path, smollm2_tokenizer_dir):
     the merged model scored, PEFT export checked by the job itself, merged HF folder written."""
     from test_app import cli
 
-    res = cli(["model=smollm2", "data=e2e_nlg", f"data.source={SAMPLE}", "data.train_size=3", "data.val_size=1",
-               "data.test_size=2", "data.batch_size=4", "+trainer.max_steps=2", "generation.max_new_tokens=8",
-               f"hydra.run.dir={tmp_path}/run"], tmp_path)
+    res = cli(
+        [
+            "model=smollm2",
+            "data=e2e_nlg",
+            f"data.source={SAMPLE}",
+            "data.train_size=3",
+            "data.val_size=1",
+            "data.test_size=2",
+            "data.batch_size=4",
+            "+trainer.max_steps=2",
+            "generation.max_new_tokens=8",
+            f"hydra.run.dir={tmp_path}/run",
+        ],
+        tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["task"] == "causal_lm" and summary["steps"] == 2 and summary["test_inputs"] == 2
@@ -184,7 +231,9 @@ def test_causal_lm_job_smoke(tmp_path, smollm2_tokenizer_dir):
     assert summary["peft_max_abs_logit_diff"] < 1e-4
     preds = json.loads((tmp_path / "run" / "test_predictions.json").read_text())
     assert len(preds) == 2 and all(p["references"] for p in preds)
-    assert (tmp_path / "run" / "merged_hf" / "config.json").is_file() and summary["merged_hf_generates_the_same"] is True
+    assert (tmp_path / "run" / "merged_hf" / "config.json").is_file() and summary[
+        "merged_hf_generates_the_same"
+    ] is True
     assert (tmp_path / "run" / "peft_adapter" / "adapter_config.json").is_file()
 
 
@@ -194,9 +243,21 @@ def test_decoder_experiment_smoke(tmp_path, smollm2_tokenizer_dir):
     which imports both)."""
     from test_app import QUIET_START_TEXTS, cli
 
-    res = cli(["experiment=decoder", "scale=smoke", f"data.source={SAMPLE}", "data.train_size=2", "data.val_size=1",
-               "data.test_size=2", "data.batch_size=4", "+trainer.max_steps=2", "generation.max_new_tokens=8",
-               f"hydra.run.dir={tmp_path}/run"], tmp_path)
+    res = cli(
+        [
+            "experiment=decoder",
+            "scale=smoke",
+            f"data.source={SAMPLE}",
+            "data.train_size=2",
+            "data.val_size=1",
+            "data.test_size=2",
+            "data.batch_size=4",
+            "+trainer.max_steps=2",
+            "generation.max_new_tokens=8",
+            f"hydra.run.dir={tmp_path}/run",
+        ],
+        tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert (summary["experiment"], summary["task"]) == ("decoder", "causal_lm")
@@ -215,7 +276,9 @@ def test_e2e_without_bigbench_names_both_fixes(monkeypatch):
     from lora_lightning.app import generation_data
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(generation_data.importlib.util, "find_spec", lambda name, *a: None if name == "bigbench" else real(name, *a))
+    monkeypatch.setattr(
+        generation_data.importlib.util, "find_spec", lambda name, *a: None if name == "bigbench" else real(name, *a)
+    )
     with pytest.raises(DataError) as e:
         e2e_path()
     text = str(e.value)

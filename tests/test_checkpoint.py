@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import N_LAYERS, adapted, randomize_adapters, tiny_batch, tiny_model
 from lora_lightning import (
     AdapterFileError,
     AdapterMismatchError,
@@ -24,7 +25,6 @@ from lora_lightning import (
     save_adapter,
 )
 from lora_lightning.adapter_io import atomic_write_bytes
-from conftest import N_LAYERS, adapted, randomize_adapters, tiny_batch, tiny_model
 
 
 def test_round_trip_gives_identical_outputs(tmp_path):
@@ -55,7 +55,9 @@ def test_file_holds_only_adapter_and_size_matches_closed_form(tmp_path):
     assert json.loads(header["__metadata__"]["lora_config"])["r"] == 4
     assert read_adapter_config(path).targets == ["q", "v"]
     full_bytes = sum(p.numel() * 4 for p in tiny_model().parameters())
-    assert len(raw) - 8 - header_len < full_bytes / 3  # tensor bytes (the header holds the record: config, base identity)
+    assert (
+        len(raw) - 8 - header_len < full_bytes / 3
+    )  # tensor bytes (the header holds the record: config, base identity)
 
 
 def test_loading_into_mismatched_model_raises_clearly(tmp_path):

@@ -88,8 +88,8 @@ def child_main(out: Path) -> None:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     import lora_lightning.adapter_io as ll_checkpoint
-    from lora_lightning import LoRACallback, save_adapter
     from conftest import LitTiny, tiny_loader, trainer
+    from lora_lightning import LoRACallback, save_adapter
 
     ll_checkpoint.os = _SlowOs(out, "last.ckpt", HANG_NTH)
 
@@ -124,7 +124,9 @@ def crashed(tmp_path_factory):
     try:
         while not (out / "HANG").exists():
             if proc.poll() is not None:
-                pytest.fail(f"child exited ({proc.returncode}) before the stalled write:\n{proc.stdout.read().decode()[-4000:]}")
+                pytest.fail(
+                    f"child exited ({proc.returncode}) before the stalled write:\n{proc.stdout.read().decode()[-4000:]}"
+                )
             if time.monotonic() > deadline:
                 pytest.fail("child did not reach the stalled write in time")
             time.sleep(0.01)
@@ -174,8 +176,8 @@ def test_killed_mid_write_leaves_a_partial_temp_file_and_complete_final_files(cr
 def test_newest_complete_checkpoint_resumes_despite_leftover_temp_files(crashed, tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from lora_lightning import LoRACallback, load_adapter
     from conftest import LitTiny, tiny_batch, tiny_loader, trainer
+    from lora_lightning import LoRACallback, load_adapter
 
     ckpt_dir = crashed / "ckpt"
     leftovers = {p.name for p in ckpt_dir.iterdir() if p.name.endswith(".tmp")}
@@ -198,8 +200,9 @@ def test_newest_complete_checkpoint_resumes_despite_leftover_temp_files(crashed,
     # ckpt_path="last" must resolve to last.ckpt (step 2), never to a temp file
     model = LitTiny(seed=0)
     cb = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=1, save_top_k=-1, save_last=True)
-    t = trainer(tmp_path / "b", [LoRACallback(**LORA, verbose=False), cb], max_steps=HANG_NTH + 2,
-                enable_checkpointing=True)
+    t = trainer(
+        tmp_path / "b", [LoRACallback(**LORA, verbose=False), cb], max_steps=HANG_NTH + 2, enable_checkpointing=True
+    )
     t.fit(model, tiny_loader(n=32, batch_size=8), ckpt_path="last")
     assert Path(t.ckpt_path) == ckpt_dir / "last.ckpt"
     assert t.global_step == HANG_NTH + 2

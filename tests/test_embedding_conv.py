@@ -7,7 +7,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lora_lightning import (
@@ -96,7 +95,10 @@ def test_conv_formula_merge_and_only_adapters_train(conv, x):
     layer = net.conv
     assert isinstance(layer, (LoRAConv1d, LoRAConv2d, LoRAConv3d))
     assert torch.equal(layer(x), base_out)  # B = 0
-    assert layer.lora_A.shape == (2, conv.in_channels, *conv.kernel_size) and layer.lora_B.shape[:2] == (conv.out_channels, 2)
+    assert layer.lora_A.shape == (2, conv.in_channels, *conv.kernel_size) and layer.lora_B.shape[:2] == (
+        conv.out_channels,
+        2,
+    )
     randomize(net)
     # independent: the base convolution with W0 + (alpha/r)·B·A reshaped to the kernel
     delta = (layer.lora_B.reshape(conv.out_channels, 2) @ layer.lora_A.reshape(2, -1)).reshape(w0.shape) * 2.0
@@ -106,8 +108,14 @@ def test_conv_formula_merge_and_only_adapters_train(conv, x):
     expected = reference(x)
     torch.testing.assert_close(layer(x), expected, atol=1e-4, rtol=1e-4)
     layer(x).square().sum().backward()
-    assert all((p.grad is not None) == ("lora_" in n) for n, p in net.named_parameters() if p.requires_grad or p.grad is not None)
-    assert count_parameters(net).trainable == 2 * (conv.in_channels * int(torch.tensor(conv.kernel_size).prod()) + conv.out_channels)
+    assert all(
+        (p.grad is not None) == ("lora_" in n)
+        for n, p in net.named_parameters()
+        if p.requires_grad or p.grad is not None
+    )
+    assert count_parameters(net).trainable == 2 * (
+        conv.in_channels * int(torch.tensor(conv.kernel_size).prod()) + conv.out_channels
+    )
     merge_lora(net)
     torch.testing.assert_close(layer(x), expected, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(merge_and_unload(net).conv(x), expected, atol=1e-4, rtol=1e-4)
@@ -147,7 +155,9 @@ def test_embedding_with_padding_idx_keeps_the_padding_vector():
         net.embed_tokens(IDS).square().sum().backward()
         opt.step()
     merge_lora(net)
-    assert torch.equal(net.embed_tokens.weight[0], pad) and not torch.equal(net.embed_tokens.weight[3], Net().embed_tokens.weight[3])
+    assert torch.equal(net.embed_tokens.weight[0], pad) and not torch.equal(
+        net.embed_tokens.weight[3], Net().embed_tokens.weight[3]
+    )
 
 
 def test_variant_on_an_embedding_is_refused():
@@ -161,12 +171,18 @@ def test_conv_lora_digits_example_runs():
     import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("digits", Path(__file__).parent.parent / "examples" / "conv_lora_digits.py")
+    spec = importlib.util.spec_from_file_location(
+        "digits", Path(__file__).parent.parent / "examples" / "conv_lora_digits.py"
+    )
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     table = example.main(["--quick", "--seeds", "1"])
     rows = [line for line in table.splitlines() if line.startswith("| ") and "method" not in line]
-    assert [r.split(" | ")[0] for r in rows] == ["| LoRA r=4 on conv1-3 + new head", "| full fine-tuning", "| head only"]
+    assert [r.split(" | ")[0] for r in rows] == [
+        "| LoRA r=4 on conv1-3 + new head",
+        "| full fine-tuning",
+        "| head only",
+    ]
     r = 4  # r·(in·3·3 + out) per convolution, plus the new head
     assert rows[0].split(" | ")[1] == f"{r * (9 * 1 + 16) + r * (9 * 16 + 32) + r * (9 * 32 + 32) + 32 * 5 + 5:,}"
 
@@ -194,15 +210,39 @@ def test_embedding_and_conv_round_trip_through_peft(tmp_path):
             torch.testing.assert_close(other, ours, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("family, name", [("bert", "bert.embeddings.word_embeddings"), ("gpt2", "transformer.wte"),
-                                          ("llama", "model.embed_tokens"), ("t5", "shared")])
+@pytest.mark.parametrize(
+    "family, name",
+    [
+        ("bert", "bert.embeddings.word_embeddings"),
+        ("gpt2", "transformer.wte"),
+        ("llama", "model.embed_tokens"),
+        ("t5", "shared"),
+    ],
+)
 def test_embed_alias_on_hugging_face_families(family, name):
     transformers = pytest.importorskip("transformers")
     cfgs = {
-        "bert": lambda: transformers.BertForSequenceClassification(transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)),
-        "gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=16)),
-        "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)),
-        "t5": lambda: transformers.T5ForConditionalGeneration(transformers.T5Config(vocab_size=50, d_model=16, d_ff=32, d_kv=8, num_layers=1, num_heads=2)),
+        "bert": lambda: transformers.BertForSequenceClassification(
+            transformers.BertConfig(
+                vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+            )
+        ),
+        "gpt2": lambda: transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=16)
+        ),
+        "llama": lambda: transformers.LlamaForCausalLM(
+            transformers.LlamaConfig(
+                vocab_size=50,
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                num_key_value_heads=2,
+            )
+        ),
+        "t5": lambda: transformers.T5ForConditionalGeneration(
+            transformers.T5Config(vocab_size=50, d_model=16, d_ff=32, d_kv=8, num_layers=1, num_heads=2)
+        ),
     }
     torch.manual_seed(0)
     model = cfgs[family]().eval()
@@ -258,7 +298,9 @@ def test_merging_a_weight_tied_to_a_module_the_adapter_does_not_wrap_is_refused(
     from lora_lightning import MergeStateError, merged_state_dict
 
     torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=16))
+    model = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=16)
+    )
     inject_lora(model, LoRAConfig(r=2, targets=["embed"]))
     before = model.transformer.wte.weight.detach().clone()
     with pytest.raises(MergeStateError, match=r"transformer.wte is tied to \['lm_head'\]"):

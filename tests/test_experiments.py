@@ -21,14 +21,24 @@ SMOKE = ["scale=smoke"]
 
 
 def _sweep(tmp_path, experiment, sweep_params):
-    res = cli(["-m", f"experiment={experiment}", *SMOKE, *sweep_params, f"hydra.sweep.dir={tmp_path}/{experiment}/s"], tmp_path)
+    res = cli(
+        ["-m", f"experiment={experiment}", *SMOKE, *sweep_params, f"hydra.sweep.dir={tmp_path}/{experiment}/s"],
+        tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     return [json.loads(p.read_text()) for p in sorted((tmp_path / experiment).rglob("summary.json"))]
 
 
 def _script(command, *args, cwd):
     """``python -m experiments <command> ...``, the lab's command line."""
-    res = subprocess.run([sys.executable, "-m", "experiments", command, *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-m", "experiments", command, *args],
+        cwd=cwd,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     return res.stdout
 
@@ -45,7 +55,12 @@ def sweeps(tmp_path_factory):
 
 def test_table5_sweep_spends_one_budget(sweeps):
     _, t5, _, _ = sweeps
-    assert sorted((tuple(s["targets"]), s["seed"]) for s in t5) == [(("q",), 1), (("q",), 2), (("q", "v"), 1), (("q", "v"), 2)]
+    assert sorted((tuple(s["targets"]), s["seed"]) for s in t5) == [
+        (("q",), 1),
+        (("q",), 2),
+        (("q", "v"), 1),
+        (("q", "v"), 2),
+    ]
     for s in t5:
         # budget 36,864 = r x 6 layers x (384 + 384) x (number of matrix types)
         assert s["r"] == 8 // len(s["targets"])
@@ -81,7 +96,11 @@ def test_report_gives_means_of_the_runs(sweeps):
     assert "full fine-tuning" in text and "head only" in text
     assert "paper's claim" in text
     # variants: VeRA trains r + d_out per matrix (12 matrices: q, v of 6 layers), LoRA r(d_in + d_out)
-    variant_rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| lora |") or line.startswith("| vera |")}
+    variant_rows = {
+        line.split("|")[1].strip(): line
+        for line in text.splitlines()
+        if line.startswith("| lora |") or line.startswith("| vera |")
+    }
     assert f"| {12 * (8 + 384):,} |" in variant_rows["vera"]
     assert f"| {12 * 8 * (384 + 384):,} |" in variant_rows["lora"]
 
@@ -89,7 +108,20 @@ def test_report_gives_means_of_the_runs(sweeps):
 def test_subspace_report_runs_on_the_sweep_adapters(sweeps):
     tmp, _, _, _ = sweeps
     out = tmp / "report"
-    text = _script("subspace", "--runs", str(tmp / "table6"), "--out", str(out), "--pair", "2", "4", "--amp-ranks", "2", "4", cwd=ROOT)
+    text = _script(
+        "subspace",
+        "--runs",
+        str(tmp / "table6"),
+        "--out",
+        str(out),
+        "--pair",
+        "2",
+        "4",
+        "--amp-ranks",
+        "2",
+        "4",
+        cwd=ROOT,
+    )
     assert "§7.2" in text and "§7.3" in text
     assert (out / "subspace_r2_r4_Wq.png").read_bytes()[:4] == b"\x89PNG"
     # one row per layer and matrix; every phi is a number in [0, 1]
@@ -115,7 +147,6 @@ def test_two_task_adapters_in_one_fit_smoke(tmp_path):
     (twice the alone run's trainable parameters) and exports one file per task, and the report's means
     are the runs' own numbers."""
     from experiments.two_tasks import TASKS, report, run_one
-
     from lora_lightning import read_adapter
 
     both = run_one("together", list(TASKS), 0, 2, smoke=True, results=tmp_path)
@@ -123,7 +154,9 @@ def test_two_task_adapters_in_one_fit_smoke(tmp_path):
     assert both["trainable"] == sum(a["trainable"] for a in alone)
     assert set(both["test_acc"]) == set(TASKS) and all(0 <= v <= 1 for v in both["test_acc"].values())
     for task in TASKS:
-        assert read_adapter(tmp_path / f"together-{'+'.join(TASKS)}-0" / f"{task}.safetensors")[1]["adapter_name"] == task
+        assert (
+            read_adapter(tmp_path / f"together-{'+'.join(TASKS)}-0" / f"{task}.safetensors")[1]["adapter_name"] == task
+        )
     text = report(tmp_path, tmp_path / "two_tasks.md")
     for a in alone:
         (task,) = a["tasks"]
@@ -247,21 +280,59 @@ def _ablation_rows(tmp_path, seeds=(1, 2, 3)):
     rng = np.random.default_rng(3)
     i = 0
     for t5, t6, ref in (("table5", "table6", "table6_reference"), ("convergence_table5", "convergence", "convergence")):
-        for targets, r in ((["q"], 8), (["k"], 8), (["v"], 8), (["o"], 8), (["q", "k"], 4), (["q", "v"], 4), (["q", "k", "v", "o"], 2)):
+        for targets, r in (
+            (["q"], 8),
+            (["k"], 8),
+            (["v"], 8),
+            (["o"], 8),
+            (["q", "k"], 4),
+            (["q", "v"], 4),
+            (["q", "k", "v", "o"], 2),
+        ):
             for s in seeds:
                 i += 1
-                _record(tmp_path, f"r/{i}", experiment=t5, method="lora", targets=targets, r=r, seed=s, lr=0.002,
-                        best_val_acc=0.77 + 0.01 * rng.standard_normal(), test_acc=0.76 + 0.01 * rng.standard_normal())
+                _record(
+                    tmp_path,
+                    f"r/{i}",
+                    experiment=t5,
+                    method="lora",
+                    targets=targets,
+                    r=r,
+                    seed=s,
+                    lr=0.002,
+                    best_val_acc=0.77 + 0.01 * rng.standard_normal(),
+                    test_acc=0.76 + 0.01 * rng.standard_normal(),
+                )
         for targets in (["q"], ["q", "v"], ["q", "k", "v", "o"]):
             for r in (1, 8, 64):
                 for s in seeds:
                     i += 1
-                    _record(tmp_path, f"r/{i}", experiment=t6, method="lora", targets=targets, r=r, seed=s, lr=0.002,
-                            best_val_acc=0.78 + 0.005 * rng.standard_normal(), test_acc=0.77 + 0.005 * rng.standard_normal())
+                    _record(
+                        tmp_path,
+                        f"r/{i}",
+                        experiment=t6,
+                        method="lora",
+                        targets=targets,
+                        r=r,
+                        seed=s,
+                        lr=0.002,
+                        best_val_acc=0.78 + 0.005 * rng.standard_normal(),
+                        test_acc=0.77 + 0.005 * rng.standard_normal(),
+                    )
         for s in seeds:
             i += 1
-            _record(tmp_path, f"r/{i}", experiment=ref, method="full", targets=None, r=None, seed=s, lr=0.0002,
-                    best_val_acc=0.80 + 0.005 * rng.standard_normal(), test_acc=0.80 + 0.005 * rng.standard_normal())
+            _record(
+                tmp_path,
+                f"r/{i}",
+                experiment=ref,
+                method="full",
+                targets=None,
+                r=None,
+                seed=s,
+                lr=0.0002,
+                best_val_acc=0.80 + 0.005 * rng.standard_normal(),
+                test_acc=0.80 + 0.005 * rng.standard_normal(),
+            )
     return load_runs(tmp_path)
 
 
@@ -301,10 +372,20 @@ def _primary_rows(tmp_path, seeds, lora_acc=0.78, full_acc=0.80, n_examples=300)
         for arm, acc in (("lora", lora_acc), ("full", full_acc)):
             for s in seeds.get((schedule, arm), ()):
                 correct = _correct(rng, n_examples, acc)
-                _record(tmp_path, f"lora_vs_full/{schedule}/{arm}/{s}/0", experiment=experiment, method=arm, seed=s,
-                        targets=["q", "v"] if arm == "lora" else None, r=8 if arm == "lora" else None,
-                        lr=0.002 if arm == "lora" else 0.0002, steps=schedule, test_correct=correct,
-                        test_acc=correct.count("1") / n_examples, best_val_acc=acc + 0.01 * rng.standard_normal())
+                _record(
+                    tmp_path,
+                    f"lora_vs_full/{schedule}/{arm}/{s}/0",
+                    experiment=experiment,
+                    method=arm,
+                    seed=s,
+                    targets=["q", "v"] if arm == "lora" else None,
+                    r=8 if arm == "lora" else None,
+                    lr=0.002 if arm == "lora" else 0.0002,
+                    steps=schedule,
+                    test_correct=correct,
+                    test_acc=correct.count("1") / n_examples,
+                    best_val_acc=acc + 0.01 * rng.standard_normal(),
+                )
 
 
 def test_primary_family_reads_the_seeds_of_all_four_cells(tmp_path):
@@ -319,7 +400,12 @@ def test_primary_family_reads_the_seeds_of_all_four_cells(tmp_path):
     from experiments.stats import example_bootstrap, holm, pooled_sd_of
 
     full = tuple(range(101, 106))
-    cells = {(150, "lora"): full + (106,), (150, "full"): full + (106,), (300, "lora"): full, (300, "full"): full + (200,)}
+    cells = {
+        (150, "lora"): full + (106,),
+        (150, "full"): full + (106,),
+        (300, "lora"): full,
+        (300, "full"): full + (200,),
+    }
     _primary_rows(tmp_path, cells)
     rows = load_runs(tmp_path)
     assert primary_seeds(rows) == full
@@ -331,18 +417,24 @@ def test_primary_family_reads_the_seeds_of_all_four_cells(tmp_path):
     sd = pooled_sd_of([s for pc in test for s in (pc.check.claim.a, pc.check.claim.b)])[0]
     assert all(math.isclose(pc.check.mde, mde_unequal(5, 5, sd, 0.025)) for pc in test)
     mine = [r for r in rows if r["experiment"] == "lora_vs_full" and r["seed"] in full]
-    expect = example_bootstrap([r["test_correct"] for r in mine if r["method"] == "lora"],
-                               [r["test_correct"] for r in mine if r["method"] == "full"])
+    expect = example_bootstrap(
+        [r["test_correct"] for r in mine if r["method"] == "lora"],
+        [r["test_correct"] for r in mine if r["method"] == "full"],
+    )
     assert test[0].bootstrap[:3] == expect and test[0].bootstrap[3] == 300
     assert all(pc.bootstrap is None for pc in checks["best_val_acc"])
     lines, primary, _ = primary_section(rows, tmp_path)
     text = "\n".join(lines)
     assert "In progress: 5 of 17 pre-registered seeds" in text and "**Provisional:**" in text
-    assert f"{test[0].check.welch.diff:+.2f} [{test[0].check.welch.ci[0]:+.2f}, {test[0].check.welch.ci[1]:+.2f}]" in text
+    assert (
+        f"{test[0].check.welch.diff:+.2f} [{test[0].check.welch.ci[0]:+.2f}, {test[0].check.welch.ci[1]:+.2f}]" in text
+    )
     found = deviations(rows, tmp_path)
     assert any("seeds outside 101-117 (200)" in d for d in found) and not any("declared complete" in d for d in found)
     (tmp_path / "lora_vs_full" / "DECLARED_COMPLETE").write_text("machine time ran out")
-    assert any("declared complete with 5 of 17 seeds per arm (machine time ran out)" in d for d in deviations(rows, tmp_path))
+    assert any(
+        "declared complete with 5 of 17 seeds per arm (machine time ran out)" in d for d in deviations(rows, tmp_path)
+    )
     assert "**Provisional:**" not in "\n".join(primary_section(rows, tmp_path)[0])
 
 
@@ -364,25 +456,58 @@ def test_split_rotation_pairs_split_means(tmp_path):
         for seed in (1, 2):
             for arm, acc in (("lora", 0.785 + shift), ("full", 0.80 + shift), ("tuned", 0.795 + shift)):
                 correct = _correct(rng, 400 + 10 * split, acc)
-                _record(tmp_path, f"recipe/rotation-{arm}/{split}-{seed}", experiment="recipe_rotation",
-                        method="full" if arm == "full" else "lora", targets=["q", "k", "v", "o"] if arm != "full" else None,
-                        lr={"lora": 0.002, "full": 5e-05, "tuned": 0.004}[arm], alpha=16 if arm != "full" else None,
-                        seed=seed, data="rotten_tomatoes", data_seed=split, test_correct=correct,
-                        test_acc=correct.count("1") / len(correct))
+                _record(
+                    tmp_path,
+                    f"recipe/rotation-{arm}/{split}-{seed}",
+                    experiment="recipe_rotation",
+                    method="full" if arm == "full" else "lora",
+                    targets=["q", "k", "v", "o"] if arm != "full" else None,
+                    lr={"lora": 0.002, "full": 5e-05, "tuned": 0.004}[arm],
+                    alpha=16 if arm != "full" else None,
+                    seed=seed,
+                    data="rotten_tomatoes",
+                    data_seed=split,
+                    test_correct=correct,
+                    test_acc=correct.count("1") / len(correct),
+                )
     rows = load_runs(tmp_path)
     lines, sentence = rotation_section(rows, 1.0, 0.05, ("q,k,v,o", 0.002))
     text = "\n".join(lines)
-    per = {m: [[100 * r["test_acc"] for r in rows if r["data_seed"] == s and r["method"] == ("full" if m == "full" else "lora")
-                and r["lr"] == (0.002 if m == "lora" else 5e-05)] for s in (1, 2, 3, 4, 5)] for m in ("lora", "full")}
+    per = {
+        m: [
+            [
+                100 * r["test_acc"]
+                for r in rows
+                if r["data_seed"] == s
+                and r["method"] == ("full" if m == "full" else "lora")
+                and r["lr"] == (0.002 if m == "lora" else 5e-05)
+            ]
+            for s in (1, 2, 3, 4, 5)
+        ]
+        for m in ("lora", "full")
+    }
     means = {m: np.array([np.mean(v) for v in per[m]]) for m in per}
     d = means["lora"] - means["full"]
     half = st.t.ppf(0.975, 4) * d.std(ddof=1) / np.sqrt(5)
-    assert f"{d.mean():+.2f} [{d.mean() - half:+.2f}, {d.mean() + half:+.2f}] pp, t = {st.ttest_rel(means['lora'], means['full']).statistic:+.2f} (df 4)" in text
+    assert (
+        f"{d.mean():+.2f} [{d.mean() - half:+.2f}, {d.mean() + half:+.2f}] pp, t = {st.ttest_rel(means['lora'], means['full']).statistic:+.2f} (df 4)"
+        in text
+    )
     within = np.mean([np.var(v, ddof=1) for v in per["lora"]])
     between = max(0.0, np.var(means["lora"], ddof=1) - within / 2)
-    assert f"LoRA default between splits sd {np.sqrt(between):.2f}, between seeds within a split sd {np.sqrt(within):.2f} (5 df)" in text
-    boot = hierarchical_bootstrap([([r["test_correct"] for r in rows if r["data_seed"] == s and r["method"] == "lora" and r["lr"] == 0.002],
-                                    [r["test_correct"] for r in rows if r["data_seed"] == s and r["method"] == "full"]) for s in (1, 2, 3, 4, 5)])
+    assert (
+        f"LoRA default between splits sd {np.sqrt(between):.2f}, between seeds within a split sd {np.sqrt(within):.2f} (5 df)"
+        in text
+    )
+    boot = hierarchical_bootstrap(
+        [
+            (
+                [r["test_correct"] for r in rows if r["data_seed"] == s and r["method"] == "lora" and r["lr"] == 0.002],
+                [r["test_correct"] for r in rows if r["data_seed"] == s and r["method"] == "full"],
+            )
+            for s in (1, 2, 3, 4, 5)
+        ]
+    )
     assert f"{boot[0]:+.2f} [{boot[1]:+.2f}, {boot[2]:+.2f}] pp" in text
     assert "Exploratory arm, LoRA tuned on Rotten Tomatoes (W{q,k,v,o}, lr 0.004" in text
     assert sentence and sentence in text
@@ -428,22 +553,59 @@ def test_recipe_search_marks_grid_edges_and_runs_cut_off(tmp_path):
     logs.mkdir()
     (logs / "recipe_search_a.log").write_text(
         "[2026-12-03 09:46:26,303][HYDRA] \t#0 : experiment=recipe data=rotten_tomatoes seed=0 lora=full lora.lr=0.0002\n"
-        "some training output, then nothing\n")
-    for i, (method, lr, val, data) in enumerate([("full", 5e-05, 0.80, "rotten_tomatoes"), ("full", 0.0001, 0.79, "rotten_tomatoes"),
-                                                 ("lora", 0.002, 0.79, "rotten_tomatoes"), ("lora", 0.001, 0.78, "trec"),
-                                                 ("head_only", 0.002, 0.6, "rotten_tomatoes")]):
-        _record(tmp_path / "runs", f"recipe/s/{i}", experiment="recipe", method=method, seed=0, lr=lr, data=data,
-                targets=["q", "k", "v", "o"] if method == "lora" else None, best_val_acc=val, test_acc=val)
-    _record(tmp_path / "runs", "recipe/f/0", experiment="recipe", method="head_only", seed=1, lr=0.002, data="rotten_tomatoes",
-            targets=None, best_val_acc=0.6, test_acc=0.6)
+        "some training output, then nothing\n"
+    )
+    for i, (method, lr, val, data) in enumerate(
+        [
+            ("full", 5e-05, 0.80, "rotten_tomatoes"),
+            ("full", 0.0001, 0.79, "rotten_tomatoes"),
+            ("lora", 0.002, 0.79, "rotten_tomatoes"),
+            ("lora", 0.001, 0.78, "trec"),
+            ("head_only", 0.002, 0.6, "rotten_tomatoes"),
+        ]
+    ):
+        _record(
+            tmp_path / "runs",
+            f"recipe/s/{i}",
+            experiment="recipe",
+            method=method,
+            seed=0,
+            lr=lr,
+            data=data,
+            targets=["q", "k", "v", "o"] if method == "lora" else None,
+            best_val_acc=val,
+            test_acc=val,
+        )
+    _record(
+        tmp_path / "runs",
+        "recipe/f/0",
+        experiment="recipe",
+        method="head_only",
+        seed=1,
+        lr=0.002,
+        data="rotten_tomatoes",
+        targets=None,
+        best_val_acc=0.6,
+        test_acc=0.6,
+    )
     rows = load_runs(tmp_path / "runs")
     search = [r for r in rows if r["seed"] == 0 and r["data"] == "rotten_tomatoes"]
     cut = cut_off_rows(logs, "rotten_tomatoes", rows)
     assert len(cut) == 1 and "| 0.0002 |" in cut[0] and "cut off" in cut[0] and "job #0" in cut[0]
     text = "\n".join(recipe_search_table(search, ("q,k,v,o", 0.002), cut))
     assert "best val of full FT, on the lower edge of the 2 lrs searched" in text and "the only lr tried" in text
-    _record(tmp_path / "runs", "recipe/s/late", experiment="recipe", method="full", seed=0, lr=0.0002, data="rotten_tomatoes",
-            targets=None, best_val_acc=0.7, test_acc=0.7)
+    _record(
+        tmp_path / "runs",
+        "recipe/s/late",
+        experiment="recipe",
+        method="full",
+        seed=0,
+        lr=0.0002,
+        data="rotten_tomatoes",
+        targets=None,
+        best_val_acc=0.7,
+        test_acc=0.7,
+    )
     assert cut_off_rows(logs, "rotten_tomatoes", load_runs(tmp_path / "runs")) == []
     final = "\n".join(recipe_final_table([r for r in rows if r["seed"] == 1], search))
     assert "lr not searched on this task" in final
@@ -452,18 +614,45 @@ def test_recipe_search_marks_grid_edges_and_runs_cut_off(tmp_path):
 
 
 def _decoder_rows(root):
-    preds = [{"prompt_input": "name: The Eagle, eatType: pub", "references": ["the eagle is a pub .", "The Eagle pub."]},
-             {"prompt_input": "name: Cotto, eatType: coffee shop", "references": ["Cotto is a coffee shop."]}]
+    preds = [
+        {"prompt_input": "name: The Eagle, eatType: pub", "references": ["the eagle is a pub .", "The Eagle pub."]},
+        {"prompt_input": "name: Cotto, eatType: coffee shop", "references": ["Cotto is a coffee shop."]},
+    ]
     good = ["The Eagle is a pub.", "Cotto is a coffee shop."]
-    spec = [("lora", 0.001, 0, 1.30, 1.25), ("lora", 0.002, 0, 1.20, 1.21), ("lora", 0.004, 0, 1.25, 1.24),
-            ("full", 5e-05, 0, 1.10, 1.09), ("full", 0.0001, 0, 1.05, 1.08), ("full", 0.0002, 0, 1.20, 1.10),
-            ("lora", 0.002, 1, 1.21, 1.19), ("lora", 0.002, 2, 1.19, 1.22), ("full", 0.0001, 1, 1.06, 1.07), ("full", 0.0001, 2, 1.04, 1.06),
-            ("lora", 0.002, 0, 1.00, 1.00, 3)]
+    spec = [
+        ("lora", 0.001, 0, 1.30, 1.25),
+        ("lora", 0.002, 0, 1.20, 1.21),
+        ("lora", 0.004, 0, 1.25, 1.24),
+        ("full", 5e-05, 0, 1.10, 1.09),
+        ("full", 0.0001, 0, 1.05, 1.08),
+        ("full", 0.0002, 0, 1.20, 1.10),
+        ("lora", 0.002, 1, 1.21, 1.19),
+        ("lora", 0.002, 2, 1.19, 1.22),
+        ("full", 0.0001, 1, 1.06, 1.07),
+        ("full", 0.0001, 2, 1.04, 1.06),
+        ("lora", 0.002, 0, 1.00, 1.00, 3),
+    ]
     for i, (method, lr, seed, val, test, *epochs) in enumerate(spec):
-        folder = _record(root, f"decoder/{method}/{i}", method=method, lr=lr, seed=seed, epochs=(epochs or [1])[0], steps=43,
-                         targets=["q", "k", "v", "o"] if method == "lora" else None, r=8 if method == "lora" else None,
-                         best_val_loss=val, test_loss=test, test_bleu=0.3 + 0.01 * i, test_rougeL=0.6, zero_shot_bleu=0.05,
-                         zero_shot_rougeL=0.27, params_trainable=1000, train_examples=684, test_inputs=2)
+        folder = _record(
+            root,
+            f"decoder/{method}/{i}",
+            method=method,
+            lr=lr,
+            seed=seed,
+            epochs=(epochs or [1])[0],
+            steps=43,
+            targets=["q", "k", "v", "o"] if method == "lora" else None,
+            r=8 if method == "lora" else None,
+            best_val_loss=val,
+            test_loss=test,
+            test_bleu=0.3 + 0.01 * i,
+            test_rougeL=0.6,
+            zero_shot_bleu=0.05,
+            zero_shot_rougeL=0.27,
+            params_trainable=1000,
+            train_examples=684,
+            test_inputs=2,
+        )
         out = good if seed != 2 else ["the eagle is a pub", "cotto is a coffee shop"]
         (folder / "test_predictions.json").write_text(json.dumps([dict(p, prediction=o) for p, o in zip(preds, out)]))
         (folder / "zero_shot_predictions.json").write_text(json.dumps(["A quaint pub.", "A quaint shop."]))
@@ -487,14 +676,26 @@ def test_decoder_report_from_committed_records(tmp_path):
     assert not (out / "decoder_runs.csv").exists()
     _decoder_rows(tmp_path / "runs")
     text = write_report(tmp_path / "runs" / "decoder", out)
-    assert math.isclose(e2e_bleu(["The Eagle is a pub."], [["the eagle is a pub .", "x"]]), 1.0)  # case and punctuation as in e2e-metrics
-    assert math.isclose(e2e_bleu(["a b c d e", "f g"], [["a b c d x", "y"], ["f g"]]),
-                        sacrebleu.corpus_bleu(["a b c d e", "f g"], [["a b c d x", "f g"], ["y", None]], tokenize="13a", lowercase=True).score / 100)
-    assert "| lora | 0.002 | 1.2000 | 100.0 | chosen |" in text and "| full | 0.0001 | 1.0500 | 100.0 | chosen |" in text
+    assert math.isclose(
+        e2e_bleu(["The Eagle is a pub."], [["the eagle is a pub .", "x"]]), 1.0
+    )  # case and punctuation as in e2e-metrics
+    assert math.isclose(
+        e2e_bleu(["a b c d e", "f g"], [["a b c d x", "y"], ["f g"]]),
+        sacrebleu.corpus_bleu(
+            ["a b c d e", "f g"], [["a b c d x", "f g"], ["y", None]], tokenize="13a", lowercase=True
+        ).score
+        / 100,
+    )
+    assert (
+        "| lora | 0.002 | 1.2000 | 100.0 | chosen |" in text and "| full | 0.0001 | 1.0500 | 100.0 | chosen |" in text
+    )
     assert "| full | 5e-05 | 1.1000 | 100.0 | |" in text.replace("|  |", "| |")
     lora, full = [1.21, 1.19, 1.22], [1.08, 1.07, 1.06]
     w = st.ttest_ind(lora, full, equal_var=False)
-    assert f"| test loss on answer tokens | {sum(lora) / 3 - sum(full) / 3:+.3f} [" in text and f"| 3 / 3 | {p_text(w.pvalue)} |" in text
+    assert (
+        f"| test loss on answer tokens | {sum(lora) / 3 - sum(full) / 3:+.3f} [" in text
+        and f"| 3 / 3 | {p_text(w.pvalue)} |" in text
+    )
     assert "seed 0, 3 epochs" in text  # the longer run is shown apart, not among the finals
     with (out / "decoder_runs.csv").open() as fh:
         assert len(list(csv.DictReader(fh))) == 11
@@ -504,7 +705,14 @@ def test_collect_copies_the_decoder_records_and_the_commit(tmp_path):
     from experiments.collect import collect
 
     src, dest = tmp_path / "multirun", tmp_path / "runs"
-    run = _record(src, "smollm2/lora/0", config={"seed": 0}, method="lora", seed=0, output_dir=str((src / "smollm2/lora/0").resolve()))
+    run = _record(
+        src,
+        "smollm2/lora/0",
+        config={"seed": 0},
+        method="lora",
+        seed=0,
+        output_dir=str((src / "smollm2/lora/0").resolve()),
+    )
     for name in ("test_predictions.json", "zero_shot_predictions.json", "adapter.safetensors"):
         (run / name).write_text("[]")
     _record(src, "precision/seed0-1/0", config={"trainer": {"precision": "bf16-mixed"}}, seed=0)
@@ -512,7 +720,11 @@ def test_collect_copies_the_decoder_records_and_the_commit(tmp_path):
     (src / "lora_vs_full" / "COMMIT").write_text("523bbe91df06\n")
     collect(src, dest)
     assert {p.name for p in (dest / "decoder" / "lora" / "0").iterdir()} == {
-        "summary.json", "resolved_config.yaml", "test_predictions.json", "zero_shot_predictions.json"}
+        "summary.json",
+        "resolved_config.yaml",
+        "test_predictions.json",
+        "zero_shot_predictions.json",
+    }
     assert json.loads((dest / "decoder/lora/0/summary.json").read_text())["output_dir"] == "multirun/smollm2/lora/0"
     assert (dest / "precision/seed0-1/0/resolved_config.yaml").is_file()
     assert (dest / "lora_vs_full" / "COMMIT").read_text() == "523bbe91df06\n"
@@ -524,16 +736,49 @@ def test_provenance_counts_only_own_configs_and_flags_relaunches(tmp_path):
     from experiments.records import load_runs
     from experiments.report import scale_table, seeding_check
 
-    cfg = {"data": {"shuffle_seed": 1, "source": "rotten_tomatoes"}, "lora": {"init": "gaussian_fan_in", "init_seed": 1},
-           "trainer": {"precision": "bf16-mixed"}}
-    _record(tmp_path, "ablations/a/0", config=cfg, experiment="ablation_search", method="lora", seed=1, precision="bf16-mixed", steps=150)
-    _record(tmp_path, "ablations/a/1", config=cfg | {"lora": {"init": "gaussian_fan_in", "init_seed": 2}}, experiment="ablation_search",
-            method="lora", seed=2, recovered_from="x.log", precision="bf16-mixed", steps=150)
-    _record(tmp_path, "ablations/a/2", config=cfg, experiment="ablation_search", method="full", seed=0,
-            recovered_from="x.log", precision=None, steps=150)
+    cfg = {
+        "data": {"shuffle_seed": 1, "source": "rotten_tomatoes"},
+        "lora": {"init": "gaussian_fan_in", "init_seed": 1},
+        "trainer": {"precision": "bf16-mixed"},
+    }
+    _record(
+        tmp_path,
+        "ablations/a/0",
+        config=cfg,
+        experiment="ablation_search",
+        method="lora",
+        seed=1,
+        precision="bf16-mixed",
+        steps=150,
+    )
+    _record(
+        tmp_path,
+        "ablations/a/1",
+        config=cfg | {"lora": {"init": "gaussian_fan_in", "init_seed": 2}},
+        experiment="ablation_search",
+        method="lora",
+        seed=2,
+        recovered_from="x.log",
+        precision="bf16-mixed",
+        steps=150,
+    )
+    _record(
+        tmp_path,
+        "ablations/a/2",
+        config=cfg,
+        experiment="ablation_search",
+        method="full",
+        seed=0,
+        recovered_from="x.log",
+        precision=None,
+        steps=150,
+    )
     rows = load_runs(tmp_path)
     text = "\n".join(seeding_check(rows))
-    assert "(1 runs with their own resolved config; the 2 whose config was composed during log recovery are not counted)" in text
+    assert (
+        "(1 runs with their own resolved config; the 2 whose config was composed during log recovery are not counted)"
+        in text
+    )
     assert "lora.init_seed = seed in 1 of 1" in text
     assert "bf16-mixed (1 runs: unknown, relaunched without a training log)" in "\n".join(scale_table(rows))
 
@@ -549,12 +794,22 @@ def test_committed_reports_regenerate_byte_identically(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     out = tmp_path / "results"
     shutil.copytree(ROOT / "experiments" / "results", out)
-    text = write_readme(Path("experiments/runs"), out, tmp_path / "README.md", variants_csv=Path("experiments/results/variants_runs.csv"))
+    text = write_readme(
+        Path("experiments/runs"),
+        out,
+        tmp_path / "README.md",
+        variants_csv=Path("experiments/results/variants_runs.csv"),
+    )
     assert text == (ROOT / "experiments" / "README.md").read_text()
     assert (out / "tables.md").read_text() == (ROOT / "experiments" / "results" / "tables.md").read_text()
-    assert decoder.write_report(ROOT / "experiments" / "runs" / "decoder", out) == (ROOT / "experiments/results/decoder.md").read_text()
-    assert precision.write_report(ROOT / "experiments" / "runs" / "precision", out / "precision.md") == (
-        ROOT / "experiments/results/precision.md").read_text()
+    assert (
+        decoder.write_report(ROOT / "experiments" / "runs" / "decoder", out)
+        == (ROOT / "experiments/results/decoder.md").read_text()
+    )
+    assert (
+        precision.write_report(ROOT / "experiments" / "runs" / "precision", out / "precision.md")
+        == (ROOT / "experiments/results/precision.md").read_text()
+    )
 
 
 def test_subspace_reports_every_seed_and_the_random_baseline(sweeps):
@@ -562,7 +817,20 @@ def test_subspace_reports_every_seed_and_the_random_baseline(sweeps):
     as a ratio to the random projection at the same dimensions, against the paper's 16x, with no raw amplification
     factor compared across dimensions."""
     tmp, _, t6, _ = sweeps
-    text = _script("subspace", "--runs", str(tmp / "table6"), "--out", str(tmp / "report7"), "--pair", "2", "4", "--amp-ranks", "2", "4", cwd=ROOT)
+    text = _script(
+        "subspace",
+        "--runs",
+        str(tmp / "table6"),
+        "--out",
+        str(tmp / "report7"),
+        "--pair",
+        "2",
+        "4",
+        "--amp-ranks",
+        "2",
+        "4",
+        cwd=ROOT,
+    )
     seeds = sorted({s["seed"] for s in t6})
     assert len(seeds) == 2
     for s in seeds:
@@ -570,7 +838,9 @@ def test_subspace_reports_every_seed_and_the_random_baseline(sweeps):
     assert f"- Top direction shared, seed {seeds[0]} vs seed {seeds[1]} at r=4:" in text
     (line,) = [x for x in text.splitlines() if x.startswith("- r=4, ΔW correlates with W more than a random matrix")]
     assert "x its projection onto random directions of the same dimensions" in line and "(paper: 16.0x" in line
-    assert line.rstrip(".").endswith(("reproduces", "16.0x")) and ("does not reproduce" in line) != line.endswith(": reproduces.")
+    assert line.rstrip(".").endswith(("reproduces", "16.0x")) and ("does not reproduce" in line) != line.endswith(
+        ": reproduces."
+    )
     assert "amplification 21.5, ours" not in text
 
 
@@ -580,20 +850,40 @@ def test_recipe_search_tells_lora_settings_apart(tmp_path):
     from experiments.recipe import recipe_search_table
     from experiments.records import load_runs
 
-    for i, (lr, alpha, dropout, val) in enumerate([(0.002, 16, 0.1, 0.79), (0.002, 32, 0.0, 0.80), (0.004, 32, 0.0, 0.795), (0.001, 16, 0.1, 0.78)]):
-        _record(tmp_path, f"recipe/s/{i}", config={"lora": {"dropout": dropout}}, experiment="recipe", method="lora", seed=0, lr=lr,
-                alpha=alpha, targets=["q", "k", "v", "o"], data="rotten_tomatoes", best_val_acc=val, test_acc=val)
+    for i, (lr, alpha, dropout, val) in enumerate(
+        [(0.002, 16, 0.1, 0.79), (0.002, 32, 0.0, 0.80), (0.004, 32, 0.0, 0.795), (0.001, 16, 0.1, 0.78)]
+    ):
+        _record(
+            tmp_path,
+            f"recipe/s/{i}",
+            config={"lora": {"dropout": dropout}},
+            experiment="recipe",
+            method="lora",
+            seed=0,
+            lr=lr,
+            alpha=alpha,
+            targets=["q", "k", "v", "o"],
+            data="rotten_tomatoes",
+            best_val_acc=val,
+            test_acc=val,
+        )
     text = "\n".join(recipe_search_table(load_runs(tmp_path), ("q,k,v,o", 0.002)))
     assert text.count("the LoRA default") == 1
-    assert "| W{q,k,v,o} (alpha 16, dropout 0.1) | 0.002 | 79.0 | 79.0 | the LoRA default, best of LoRA W{q,k,v,o}, alpha 16, dropout 0.1, on the upper edge" in text
-    assert "| W{q,k,v,o} (alpha 32, dropout 0) | 0.002 | 80.0 | 80.0 | best val of LoRA, best of LoRA W{q,k,v,o}, alpha 32, dropout 0, on the lower edge" in text
+    assert (
+        "| W{q,k,v,o} (alpha 16, dropout 0.1) | 0.002 | 79.0 | 79.0 | the LoRA default, best of LoRA W{q,k,v,o}, alpha 16, dropout 0.1, on the upper edge"
+        in text
+    )
+    assert (
+        "| W{q,k,v,o} (alpha 32, dropout 0) | 0.002 | 80.0 | 80.0 | best val of LoRA, best of LoRA W{q,k,v,o}, alpha 32, dropout 0, on the lower edge"
+        in text
+    )
 
 
 def test_a_study_declared_not_run_is_a_listed_deviation(tmp_path):
     """A pre-registered study whose runs cannot be done (a committed NOT_RUN file with the reason in its runs folder)
     is listed among the deviations with that reason, and its state says so."""
-    from experiments.report import NOT_RUN, deviations_section
     from experiments.records import DECODER_RUNS
+    from experiments.report import NOT_RUN, deviations_section
 
     runs = tmp_path / "runs"
     (runs / DECODER_RUNS).mkdir(parents=True)

@@ -51,8 +51,13 @@ def lab_imports(source: str, modules: set[str]) -> set[str]:
                 add(f"{PACKAGE}.{node.module}" if node.module else PACKAGE, names)
             elif node.module:
                 add(node.module, names)
-        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"
-              and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+        elif (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
             add(node.args[0].value)
     return found
 
@@ -73,7 +78,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         path.pop()
@@ -99,7 +104,12 @@ def test_every_module_of_the_lab_has_a_stage():
 def test_imports_go_to_earlier_stages_only():
     stage = {m: i for i, names in enumerate(STAGES) for m in names}
     graph = import_graph(lab_sources())
-    wrong = sorted(f"{a} (stage {stage[a]}) imports {b} (stage {stage[b]})" for a, bs in graph.items() for b in bs if stage[b] >= stage[a])
+    wrong = sorted(
+        f"{a} (stage {stage[a]}) imports {b} (stage {stage[b]})"
+        for a, bs in graph.items()
+        for b in bs
+        if stage[b] >= stage[a]
+    )
     assert not wrong, "\n".join(wrong)
     # the flow is really there: the report builds on the sections, which build on tables, claims, stats and records
     assert {"ablations", "schedule", "recipe", "records"} <= graph["report"]
@@ -116,17 +126,23 @@ def test_the_check_finds_the_cycles_of_the_old_layout():
     old = {
         "summarize": "import json\n\ndef main():\n    from experiments import collect, report  # noqa\n",
         "report": "from experiments.collect import FAMILIES\nfrom experiments.summarize import ALPHA\n\n"
-                  "def write_readme():\n    from experiments.schedule import longer_schedule_section\n",
+        "def write_readme():\n    from experiments.schedule import longer_schedule_section\n",
         "schedule": "from experiments.report import STD_NOTE\nfrom experiments.summarize import MARGIN\n",
         "collect": "import json\n",
     }
     graph = import_graph(old)
-    assert graph == {"summarize": {"collect", "report"}, "report": {"collect", "summarize", "schedule"},
-                     "schedule": {"report", "summarize"}, "collect": set()}
+    assert graph == {
+        "summarize": {"collect", "report"},
+        "report": {"collect", "summarize", "schedule"},
+        "schedule": {"report", "summarize"},
+        "collect": set(),
+    }
     cycle = find_cycle(graph)
     assert cycle is not None and cycle[0] == cycle[-1] and {"report"} < set(cycle)
     # relative and importlib imports count too; a module outside the lab does not
-    assert lab_imports("from . import stats\nfrom .records import load_runs\nimport importlib\n"
-                       "importlib.import_module('experiments.claims')\nimport experimental\nfrom scipy import stats\n",
-                       {"stats", "records", "claims"}) == {"stats", "records", "claims"}
+    assert lab_imports(
+        "from . import stats\nfrom .records import load_runs\nimport importlib\n"
+        "importlib.import_module('experiments.claims')\nimport experimental\nfrom scipy import stats\n",
+        {"stats", "records", "claims"},
+    ) == {"stats", "records", "claims"}
     assert find_cycle({"a": {"a"}}) == ["a", "a"]

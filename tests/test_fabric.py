@@ -61,9 +61,16 @@ def make_fabric(devices: int = 1, strategy: str = "auto", distributed_checkpoint
     if strategy == "fsdp2":
         from lightning.fabric.strategies import ModelParallelStrategy
 
-        return Fabric(accelerator="cpu", devices=devices, strategy=ModelParallelStrategy(
-            parallelize_fn=shard_blocks, data_parallel_size=devices, tensor_parallel_size=1,
-            save_distributed_checkpoint=distributed_checkpoint))
+        return Fabric(
+            accelerator="cpu",
+            devices=devices,
+            strategy=ModelParallelStrategy(
+                parallelize_fn=shard_blocks,
+                data_parallel_size=devices,
+                tensor_parallel_size=1,
+                save_distributed_checkpoint=distributed_checkpoint,
+            ),
+        )
     return Fabric(accelerator="cpu", devices=devices, strategy=strategy)
 
 
@@ -336,8 +343,12 @@ def test_injecting_after_fabric_setup_is_refused_naming_the_fix(tmp_path, monkey
     set_up = fabric.setup(tiny_model(seed=0))
     with pytest.raises(LoRAConfigError) as e:
         lf.inject(set_up, cfg)
-    one_line(e, "fabric.setup", "inject before fabric.setup",
-             "lora_lightning.fabric.setup(fabric, model, config, optimizer_factory)")
+    one_line(
+        e,
+        "fabric.setup",
+        "inject before fabric.setup",
+        "lora_lightning.fabric.setup(fabric, model, config, optimizer_factory)",
+    )
     assert not lora_layers(set_up)  # nothing changed
     with pytest.raises(LoRAConfigError) as e:
         lf.setup(fabric, set_up, cfg, optimizer_factory)
@@ -361,8 +372,12 @@ def test_injecting_after_fabric_setup_is_refused_naming_the_fix(tmp_path, monkey
     inject_lora(raw, cfg)
     with pytest.raises(LoRAConfigError) as e:
         lf.save(fabric, "never-written.ckpt", model, optimizer)
-    one_line(e, "save: the optimizer holds 2 of the model's 26 trainable adapter tensors",
-             "built before the adapters were injected", "lora_lightning.fabric.setup")
+    one_line(
+        e,
+        "save: the optimizer holds 2 of the model's 26 trainable adapter tensors",
+        "built before the adapters were injected",
+        "lora_lightning.fabric.setup",
+    )
 
 
 def test_loading_onto_another_base_raises_or_warns_as_asked(one_process, tmp_path):

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from lora_lightning import LoRAConfig, inject_lora, lora_layers, merge_lora, plan_injection
 from conftest import randomize_adapters
+from lora_lightning import LoRAConfig, inject_lora, lora_layers, merge_lora, plan_injection
 
 transformers = pytest.importorskip("transformers")
 
@@ -18,43 +18,75 @@ def _decoder(cls_name, cfg_name, **extra):
 
 
 # the same module names in the Llama family (Llama, Mistral, Qwen2)
-LLAMA_STYLE = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-               "mlp": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+LLAMA_STYLE = {
+    "q": "self_attn.q_proj",
+    "k": "self_attn.k_proj",
+    "v": "self_attn.v_proj",
+    "o": "self_attn.o_proj",
+    "mlp": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+}
 FAMILIES = {
     "bert": (
         lambda: transformers.BertModel(transformers.BertConfig(**COMMON)),
         "encoder.layer.{i}.",
-        {"q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
-         "o": "attention.output.dense", "mlp": ("intermediate.dense", "output.dense")},
+        {
+            "q": "attention.self.query",
+            "k": "attention.self.key",
+            "v": "attention.self.value",
+            "o": "attention.output.dense",
+            "mlp": ("intermediate.dense", "output.dense"),
+        },
     ),
     "roberta": (
         lambda: transformers.RobertaModel(transformers.RobertaConfig(**COMMON, max_position_embeddings=40)),
         "encoder.layer.{i}.",
-        {"q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
-         "o": "attention.output.dense", "mlp": ("intermediate.dense", "output.dense")},
+        {
+            "q": "attention.self.query",
+            "k": "attention.self.key",
+            "v": "attention.self.value",
+            "o": "attention.output.dense",
+            "mlp": ("intermediate.dense", "output.dense"),
+        },
     ),
     "vit": (
         lambda: transformers.ViTModel(transformers.ViTConfig(**COMMON, image_size=8, patch_size=4, num_channels=3)),
         "layers.{i}.",  # transformers 5 names; 4.x used encoder.layer.{i}.attention.attention.query etc.
-        {"q": "attention.q_proj", "k": "attention.k_proj", "v": "attention.v_proj", "o": "attention.o_proj",
-         "mlp": ("mlp.fc1", "mlp.fc2")},
+        {
+            "q": "attention.q_proj",
+            "k": "attention.k_proj",
+            "v": "attention.v_proj",
+            "o": "attention.o_proj",
+            "mlp": ("mlp.fc1", "mlp.fc2"),
+        },
     ),
     "distilbert": (
         lambda: transformers.DistilBertModel(
             transformers.DistilBertConfig(vocab_size=VOCAB, dim=H, n_layers=2, n_heads=HEADS, hidden_dim=FF)
         ),
         "transformer.layer.{i}.",
-        {"q": "attention.q_lin", "k": "attention.k_lin", "v": "attention.v_lin", "o": "attention.out_lin",
-         "mlp": ("ffn.lin1", "ffn.lin2")},
+        {
+            "q": "attention.q_lin",
+            "k": "attention.k_lin",
+            "v": "attention.v_lin",
+            "o": "attention.out_lin",
+            "mlp": ("ffn.lin1", "ffn.lin2"),
+        },
     ),
     "gpt2": (
         lambda: transformers.GPT2Model(
-            transformers.GPT2Config(vocab_size=VOCAB, n_embd=H, n_layer=2, n_head=HEADS, n_positions=32, bos_token_id=0, eos_token_id=0)
+            transformers.GPT2Config(
+                vocab_size=VOCAB, n_embd=H, n_layer=2, n_head=HEADS, n_positions=32, bos_token_id=0, eos_token_id=0
+            )
         ),
         "h.{i}.",
         # q, k, v are row blocks of the fused Conv1D c_attn
-        {"q": "attn.c_attn[q]", "k": "attn.c_attn[k]", "v": "attn.c_attn[v]", "o": "attn.c_proj",
-         "mlp": ("mlp.c_fc", "mlp.c_proj")},
+        {
+            "q": "attn.c_attn[q]",
+            "k": "attn.c_attn[k]",
+            "v": "attn.c_attn[v]",
+            "o": "attn.c_proj",
+            "mlp": ("mlp.c_fc", "mlp.c_proj"),
+        },
     ),
     "llama": (
         lambda: _decoder("LlamaModel", "LlamaConfig"),
@@ -76,8 +108,13 @@ FAMILIES = {
             transformers.T5Config(vocab_size=VOCAB, d_model=H, d_kv=H // HEADS, d_ff=FF, num_layers=2, num_heads=HEADS)
         ),
         "encoder.block.{i}.",
-        {"q": "layer.0.SelfAttention.q", "k": "layer.0.SelfAttention.k", "v": "layer.0.SelfAttention.v",
-         "o": "layer.0.SelfAttention.o", "mlp": ("layer.1.DenseReluDense.wi", "layer.1.DenseReluDense.wo")},
+        {
+            "q": "layer.0.SelfAttention.q",
+            "k": "layer.0.SelfAttention.k",
+            "v": "layer.0.SelfAttention.v",
+            "o": "layer.0.SelfAttention.o",
+            "mlp": ("layer.1.DenseReluDense.wi", "layer.1.DenseReluDense.wo"),
+        },
     ),
 }
 

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.profiler import profile
 
+from conftest import randomize_adapters
 from lora_lightning import (
     LoRAConfig,
     LoRAConfigError,
@@ -23,9 +24,8 @@ from lora_lightning import (
     save_adapter,
     unmerge_lora,
 )
-from lora_lightning.plan import FUSED_LAYOUTS
 from lora_lightning.layers import LoRAConv1D, LoRAMultiheadAttention
-from conftest import randomize_adapters
+from lora_lightning.plan import FUSED_LAYOUTS
 
 transformers = pytest.importorskip("transformers")
 from transformers.pytorch_utils import Conv1D  # noqa: E402
@@ -35,7 +35,9 @@ D, HEADS = 16, 2
 
 def gpt2(seed=0):
     torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(n_layer=2, n_embd=D, n_head=HEADS, vocab_size=40, n_positions=16, bos_token_id=0, eos_token_id=0)
+    cfg = transformers.GPT2Config(
+        n_layer=2, n_embd=D, n_head=HEADS, vocab_size=40, n_positions=16, bos_token_id=0, eos_token_id=0
+    )
     return transformers.GPT2Model(cfg).eval()
 
 
@@ -69,7 +71,6 @@ def test_conv1d_forward_and_merge_match_hand_computation():
     assert type(plain) is Conv1D and plain.nf == 24 and plain.nx == 12 and plain.weight is layer.weight
 
 
-
 def test_conv1d_gradients_match_hand_computation_including_a_trained_base():
     """The one-node autograd path on Conv1D's transposed weight: every gradient against the
     same formula written with separate ops (base weight and bias trained too)."""
@@ -89,6 +90,7 @@ def test_conv1d_gradients_match_hand_computation_including_a_trained_base():
     torch.testing.assert_close(y, ref_y, atol=1e-12, rtol=0)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
 
 def test_gpt2_conv1d_targets_merge_save_load_and_merged_state_dict(tmp_path):
     m = gpt2()

@@ -39,7 +39,16 @@ STAGES: list[tuple[str, ...]] = [
     ("app.*", "app", "app.conf"),  # the Hydra app: beside the library, never imported by it
 ]
 CORE_STAGES = 11  # stages before lightning.compat: the plain-PyTorch core
-FRAMEWORKS = ("lightning", "pytorch_lightning", "lightning_fabric", "lightning_utilities", "torchmetrics", "hydra", "omegaconf", "wandb")
+FRAMEWORKS = (
+    "lightning",
+    "pytorch_lightning",
+    "lightning_fabric",
+    "lightning_utilities",
+    "torchmetrics",
+    "hydra",
+    "omegaconf",
+    "wandb",
+)
 
 
 def module_name(path: Path) -> str:
@@ -70,6 +79,7 @@ def imports(name: str, path: Path) -> tuple[set[str], set[str]]:
     is_package = path.name == "__init__.py"
     own, other = set(), set()
     known = modules()
+
     def add(dotted: str) -> None:
         if dotted == "lora_lightning" or dotted.startswith("lora_lightning."):
             rel = dotted[len("lora_lightning.") :] if dotted != "lora_lightning" else "__init__"
@@ -167,7 +177,13 @@ def test_the_core_imports_neither_lightning_nor_the_app():
 
 
 def test_no_library_module_imports_the_app():
-    bad = [f"{name} imports {m}" for name, deps in graph().items() if not name.startswith("app") for m in deps if m.startswith("app")]
+    bad = [
+        f"{name} imports {m}"
+        for name, deps in graph().items()
+        if not name.startswith("app")
+        for m in deps
+        if m.startswith("app")
+    ]
     assert not bad, bad
 
 
@@ -179,7 +195,9 @@ def test_private_lightning_names_appear_only_in_compat():
         if name == "lightning.compat" or name.startswith("app"):
             continue
         text = path.read_text()
-        if pattern.search(text) or re.search(r"\b_(CheckpointConnector|MultiProcessingLauncher|load_state|call_configure_model)\b", text):
+        if pattern.search(text) or re.search(
+            r"\b_(CheckpointConnector|MultiProcessingLauncher|load_state|call_configure_model)\b", text
+        ):
             bad.append(name)
     assert not bad, f"private Lightning API outside lightning/compat.py: {bad}"
 

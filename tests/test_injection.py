@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import N_LAYERS, tiny_batch, tiny_model
 from lora_lightning import (
     AlreadyInjectedError,
     LoRAConfig,
@@ -18,7 +19,6 @@ from lora_lightning import (
     plan_injection,
 )
 from lora_lightning.plan import block_index, compile_pattern, summarize_names
-from conftest import N_LAYERS, tiny_batch, tiny_model
 
 
 def names_for(model, **kw):
@@ -27,6 +27,7 @@ def names_for(model, **kw):
 
 def bert_like(n_layers=2, d=8):
     """A module tree with BERT's names (attention.output.dense vs output.dense)."""
+
     def layer():
         m = nn.Module()
         m.attention = nn.Module()
@@ -68,7 +69,9 @@ def test_aliases_on_llama_and_t5_style_names():
     assert names_for(m, targets=["q", "k", "v", "o"]) == [
         f"layers.{i}.self_attn.{p}_proj" for p in "qkvo" for i in range(N_LAYERS)
     ]
-    assert names_for(m, targets=["mlp"]) == [f"layers.{i}.mlp.{p}" for i in range(N_LAYERS) for p in ("up_proj", "down_proj")]
+    assert names_for(m, targets=["mlp"]) == [
+        f"layers.{i}.mlp.{p}" for i in range(N_LAYERS) for p in ("up_proj", "down_proj")
+    ]
     t5 = nn.Module()
     t5.block = nn.ModuleList([nn.Module()])
     t5.block[0].SelfAttention = nn.Module()
@@ -84,10 +87,14 @@ def test_aliases_on_llama_and_t5_style_names():
 def test_suffix_glob_and_regex_targets():
     m = tiny_model()
     assert names_for(m, targets=["self_attn.q_proj"]) == [f"layers.{i}.self_attn.q_proj" for i in range(N_LAYERS)]
-    assert names_for(m, targets=["layers.1.*_proj"]) == [
-        f"layers.1.self_attn.{p}_proj" for p in "qkvo"
-    ] + ["layers.1.mlp.up_proj", "layers.1.mlp.down_proj"]
-    assert names_for(m, targets=[r"re:layers\.[02]\.self_attn\.v_proj"]) == ["layers.0.self_attn.v_proj", "layers.2.self_attn.v_proj"]
+    assert names_for(m, targets=["layers.1.*_proj"]) == [f"layers.1.self_attn.{p}_proj" for p in "qkvo"] + [
+        "layers.1.mlp.up_proj",
+        "layers.1.mlp.down_proj",
+    ]
+    assert names_for(m, targets=[r"re:layers\.[02]\.self_attn\.v_proj"]) == [
+        "layers.0.self_attn.v_proj",
+        "layers.2.self_attn.v_proj",
+    ]
     assert compile_pattern("query")("a.query") and not compile_pattern("query")("a.subquery")
 
 
@@ -101,7 +108,9 @@ def test_layers_selection_including_negative_indices():
 
 def test_rank_and_alpha_patterns():
     m = tiny_model()
-    specs = plan_injection(m, LoRAConfig(r=2, alpha=4, targets=["q", "v"], rank_pattern={"v": 8, "layers.0.*": 1}, alpha_pattern={"v": 16}))
+    specs = plan_injection(
+        m, LoRAConfig(r=2, alpha=4, targets=["q", "v"], rank_pattern={"v": 8, "layers.0.*": 1}, alpha_pattern={"v": 16})
+    )
     by_name = {s.name: (s.r, s.alpha) for s in specs}
     assert by_name["layers.0.self_attn.q_proj"] == (1, 4)
     assert by_name["layers.1.self_attn.q_proj"] == (2, 4)
@@ -117,7 +126,9 @@ def test_unmatched_target_lists_candidates():
     msg = str(err.value)
     assert "'query' matched no Linear module" in msg
     assert "layers.{i}.self_attn.q_proj" in msg and "classifier" in msg
-    with pytest.raises(TargetNotFoundError, match="which are not layers LoRA adapts.*target the adaptable layers inside them"):
+    with pytest.raises(
+        TargetNotFoundError, match="which are not layers LoRA adapts.*target the adaptable layers inside them"
+    ):
         inject_lora(tiny_model(), LoRAConfig(targets=["self_attn"]))
 
 
@@ -186,7 +197,9 @@ def test_only_adapters_get_gradients():
     ids, y = tiny_batch()
     torch.nn.functional.cross_entropy(m(ids), y).backward()
     with_grad = {n for n, p in m.named_parameters() if p.grad is not None}
-    assert with_grad == {f"layers.{i}.self_attn.{p}_proj.lora_{ab}" for i in range(N_LAYERS) for p in "qv" for ab in "AB"}
+    assert with_grad == {
+        f"layers.{i}.self_attn.{p}_proj.lora_{ab}" for i in range(N_LAYERS) for p in "qv" for ab in "AB"
+    }
     assert all(m.get_parameter(n).grad.abs().sum() > 0 for n in with_grad)
 
 
@@ -220,7 +233,9 @@ def test_summarize_names_folds_indices():
 
 def test_injection_into_hf_bert_if_available():
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+    cfg = transformers.BertConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32
+    )
     torch.manual_seed(0)
     model = transformers.BertForSequenceClassification(cfg).eval()
     ids = torch.randint(0, 64, (2, 5))

@@ -6,16 +6,24 @@ from __future__ import annotations
 import copy
 import json
 import math
-import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import LitTiny, adapted, assert_unchanged, randomize_adapters, snapshot, tiny_batch, tiny_loader, tiny_model, trainer
 from torch import nn
 
+from conftest import (
+    LitTiny,
+    adapted,
+    assert_unchanged,
+    randomize_adapters,
+    snapshot,
+    tiny_batch,
+    tiny_loader,
+    tiny_model,
+    trainer,
+)
 from lora_lightning import (
-    AdapterMismatchError,
     LoRACallback,
     LoRAConfig,
     LoRAConfigError,
@@ -38,7 +46,6 @@ from lora_lightning import (
     mixed_batch,
     save_adapter,
     set_adapter,
-    set_shared_input_fusion,
     unmerge_lora,
     use_adapter,
 )
@@ -130,21 +137,30 @@ def _loaders():
 
 def _adapter(model, name):
     with use_adapter(model, name, trainable=True):
-        return {k: v.detach().clone() for k, v in model.state_dict().items()
-                if (".lora_" in k or "classifier" in k) and "lora_bank" not in k}
+        return {
+            k: v.detach().clone()
+            for k, v in model.state_dict().items()
+            if (".lora_" in k or "classifier" in k) and "lora_bank" not in k
+        }
 
 
-@pytest.mark.parametrize("extra", [dict(loraplus_lr_ratio=16), dict(gradient_clip_val=0.05), dict(accumulate_grad_batches=2)])
+@pytest.mark.parametrize(
+    "extra", [dict(loraplus_lr_ratio=16), dict(gradient_clip_val=0.05), dict(accumulate_grad_batches=2)]
+)
 def test_each_adapter_of_a_multi_adapter_fit_equals_training_it_alone(tmp_path, extra):
     """3 (LoRA+: every adapter's B gets the ratio), 8 (clipping by norm is per adapter), accumulation"""
     trainer_kw = {k: v for k, v in extra.items() if k != "loraplus_lr_ratio"}
     cb_kw = {k: v for k, v in extra.items() if k == "loraplus_lr_ratio"}
     seeds = {"a": {"init_seed": 11}, "b": {"init_seed": 22}}
     both = LitTwo(seed=0)
-    trainer(tmp_path / "both", [LoRACallback(**OPTS, adapters=seeds, **cb_kw)], max_steps=4, **trainer_kw).fit(both, _loaders())
+    trainer(tmp_path / "both", [LoRACallback(**OPTS, adapters=seeds, **cb_kw)], max_steps=4, **trainer_kw).fit(
+        both, _loaders()
+    )
     for name in "ab":
         alone = LitTwo(seed=0)
-        trainer(tmp_path / name, [LoRACallback(**OPTS, **seeds[name], **cb_kw)], max_steps=4, **trainer_kw).fit(alone, _loaders()[name])
+        trainer(tmp_path / name, [LoRACallback(**OPTS, **seeds[name], **cb_kw)], max_steps=4, **trainer_kw).fit(
+            alone, _loaders()[name]
+        )
         got, want = _adapter(both, name), _adapter(alone, list_adapters(alone)[0])
         for k in want:
             torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=f"{name} {k}")
@@ -159,9 +175,11 @@ def test_loraplus_ratio_holds_at_every_step_of_the_schedule(tmp_path, scheduler)
         def configure_optimizers(self):
             opt = torch.optim.AdamW(self.parameters(), lr=1e-2)
             S = torch.optim.lr_scheduler
-            sched = {"cosine_eta_min": lambda: S.CosineAnnealingLR(opt, T_max=4, eta_min=1e-3),
-                     "cyclic": lambda: S.CyclicLR(opt, base_lr=1e-3, max_lr=1e-2, step_size_up=2),
-                     "warm_restarts": lambda: S.CosineAnnealingWarmRestarts(opt, T_0=2, eta_min=1e-3)}[scheduler]()
+            sched = {
+                "cosine_eta_min": lambda: S.CosineAnnealingLR(opt, T_max=4, eta_min=1e-3),
+                "cyclic": lambda: S.CyclicLR(opt, base_lr=1e-3, max_lr=1e-2, step_size_up=2),
+                "warm_restarts": lambda: S.CosineAnnealingWarmRestarts(opt, T_0=2, eta_min=1e-3),
+            }[scheduler]()
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
         def on_train_batch_start(self, batch, batch_idx):  # what LearningRateMonitor would read
@@ -170,12 +188,16 @@ def test_loraplus_ratio_holds_at_every_step_of_the_schedule(tmp_path, scheduler)
             lr_of = lambda p: next(g["lr"] for g in groups if any(q is p for q in g["params"]))  # noqa: E731
             ratios.append(lr_of(layer.lora_B) / lr_of(layer.lora_A))
 
-    trainer(tmp_path, [LoRACallback(**OPTS, loraplus_lr_ratio=16, verbose=False)], max_steps=6).fit(Lit(), tiny_loader(48))
+    trainer(tmp_path, [LoRACallback(**OPTS, loraplus_lr_ratio=16, verbose=False)], max_steps=6).fit(
+        Lit(), tiny_loader(48)
+    )
     assert len(ratios) == 6 and all(math.isclose(r, 16.0, rel_tol=1e-12) for r in ratios), ratios
 
 
 # --------------------------------------------------------------------------- 4. PEFT export of convolutions
-@pytest.mark.parametrize("kw", [dict(padding_mode="reflect", padding=1), dict(padding="same", dilation=2), dict(dilation=2, padding=2)])
+@pytest.mark.parametrize(
+    "kw", [dict(padding_mode="reflect", padding=1), dict(padding="same", dilation=2), dict(dilation=2, padding=2)]
+)
 def test_peft_export_of_a_convolution_peft_cannot_reproduce_is_refused(tmp_path, kw):
     """4: PEFT's conv adapter uses dilation 1 and zero padding: other convolutions are refused, not exported wrong"""
     model = nn.Sequential(nn.Conv2d(3, 4, 3, **kw))
@@ -225,6 +247,7 @@ def test_a_loaded_multi_adapter_model_routes_test_loaders_without_the_callback(t
 # --------------------------------------------------------------------------- 9. set_adapter after the optimizer exists
 def test_set_adapter_after_the_optimizer_was_built_is_refused(tmp_path):
     """9: set_adapter('b') in on_train_epoch_start: the optimizer holds adapter a only"""
+
     class Switch(LitTiny):
         def on_train_epoch_start(self):
             if "b" not in list_adapters(self):
@@ -315,7 +338,9 @@ def test_base_identity_covers_unadapted_layers_and_single_elements_and_accepts_c
     changed = tiny_model()
     with torch.no_grad():
         changed.layers[1].mlp.down_proj.weight[3, 2] += 2.0**-20  # one element of a layer the adapter does not touch
-    with pytest.raises(LoRAError, match=r"1 of 51 base tensor\(s\) hold other values \(e.g. layers.1.mlp.down_proj.weight\)"):
+    with pytest.raises(
+        LoRAError, match=r"1 of 51 base tensor\(s\) hold other values \(e.g. layers.1.mlp.down_proj.weight\)"
+    ):
         load_adapter(changed, path)
     # trained in bf16, loaded onto the fp32 base it was cast from: loads
     bf16 = tiny_model().to(torch.bfloat16)
@@ -377,8 +402,10 @@ def _fail_on_call(monkeypatch, target, name, n):
     monkeypatch.setattr(target, name, failing)
 
 
-@pytest.mark.parametrize("operation", ["add_adapter", "set_adapter", "delete_adapter", "add_weighted_adapter",
-                                       "load_adapter", "import_peft_adapter"])
+@pytest.mark.parametrize(
+    "operation",
+    ["add_adapter", "set_adapter", "delete_adapter", "add_weighted_adapter", "load_adapter", "import_peft_adapter"],
+)
 def test_every_named_adapter_operation_leaves_the_model_as_it_was_on_an_error(tmp_path, monkeypatch, operation):
     """§2: an error in the middle of any named-adapter operation changes nothing"""
     import lora_lightning.named as named
@@ -394,13 +421,20 @@ def test_every_named_adapter_operation_leaves_the_model_as_it_was_on_an_error(tm
         "add_adapter": lambda: add_adapter(model, "c"),
         "set_adapter": lambda: set_adapter(model, "b"),
         "delete_adapter": lambda: delete_adapter(model, "default"),
-        "add_weighted_adapter": lambda: add_weighted_adapter(model, ["default", "b"], [1, 1], "w", combination_type="cat"),
+        "add_weighted_adapter": lambda: add_weighted_adapter(
+            model, ["default", "b"], [1, 1], "w", combination_type="cat"
+        ),
         "load_adapter": lambda: load_adapter(model, file, adapter_name="c"),
         "import_peft_adapter": lambda: import_peft_adapter(model, tmp_path / "peft", adapter_name="c"),
     }
-    point = {"add_adapter": (named, "_bank", 3), "set_adapter": (named, "_bank", 3),
-             "delete_adapter": (named, "_bank", 10), "add_weighted_adapter": (torch.Tensor, "copy_", 3),
-             "load_adapter": (torch.Tensor, "copy_", 3), "import_peft_adapter": (torch.Tensor, "copy_", 3)}[operation]
+    point = {
+        "add_adapter": (named, "_bank", 3),
+        "set_adapter": (named, "_bank", 3),
+        "delete_adapter": (named, "_bank", 10),
+        "add_weighted_adapter": (torch.Tensor, "copy_", 3),
+        "load_adapter": (torch.Tensor, "copy_", 3),
+        "import_peft_adapter": (torch.Tensor, "copy_", 3),
+    }[operation]
     _fail_on_call(monkeypatch, *point)
     with pytest.raises(RuntimeError, match="injected failure"):
         calls[operation]()
@@ -445,7 +479,9 @@ def test_in_place_ops_on_an_adapted_output_train(fuse, inplace):
 
 def test_deepcopy_and_state_dict_clones_of_an_nf4_base():
     pytest.importorskip("torchao")
-    model = nn.Sequential(nn.Linear(32, 64))  # a 64x32 weight: 32 blocks of 64, fewer than torchao's 256 per scaler block
+    model = nn.Sequential(
+        nn.Linear(32, 64)
+    )  # a 64x32 weight: 32 blocks of 64, fewer than torchao's 256 per scaler block
     inject_lora(model, LoRAConfig(r=2, targets=["0"], quantize_base="nf4"))
     x = torch.randn(2, 32)
     y = out(model, x)
@@ -505,7 +541,9 @@ def test_unclear_inputs_get_clear_errors():
     with pytest.warns(UserWarning, match=r"merge_and_unload merged adapter 'c' and dropped \['default'\]"):
         merge_and_unload(model)
     conv = nn.Sequential(nn.ConvTranspose2d(3, 4, 3), nn.Linear(4, 4))
-    with pytest.raises(LoRAError, match=r"ConvTranspose2d\)'\], which are not layers LoRA adapts \(nn.Linear, .*nn.Conv1d/2d/3d\)"):
+    with pytest.raises(
+        LoRAError, match=r"ConvTranspose2d\)'\], which are not layers LoRA adapts \(nn.Linear, .*nn.Conv1d/2d/3d\)"
+    ):
         inject_lora(conv, LoRAConfig(targets=["0"]))
 
 

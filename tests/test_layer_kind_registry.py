@@ -139,4 +139,6 @@ def test_a_registered_kind_runs_through_the_whole_battery(scaled_kind):
                 except AssertionError as exc:
                     failures.append(f"{case.id} {op.name}: {exc}")
     assert not failures, "\n".join(failures)
-    assert seen[CHECKED] >= 2 * len(OPERATIONS) - 4 and seen[REFUSED] > 0, seen  # lora and rslora on plain/alias: checked
+    assert seen[CHECKED] >= 2 * len(OPERATIONS) - 4 and seen[REFUSED] > 0, (
+        seen
+    )  # lora and rslora on plain/alias: checked

@@ -64,7 +64,9 @@ def test_merge_twice_and_unmerge_unmerged_raise():
         layer.merge()
 
 
-@pytest.mark.parametrize("spelling", [{}, {"use_rslora": True}, {"variant": "rslora"}], ids=["alpha/r", "use_rslora", "variant=rslora"])
+@pytest.mark.parametrize(
+    "spelling", [{}, {"use_rslora": True}, {"variant": "rslora"}], ids=["alpha/r", "use_rslora", "variant=rslora"]
+)
 def test_scaling_follows_the_config_into_the_forward(spelling):
     """The config decides the scale (alpha/r, or alpha/sqrt(r) for rsLoRA); the output is checked against
     the formula written out here, with the scale computed here."""
@@ -94,7 +96,9 @@ def test_gaussian_init_std():
 
 @pytest.mark.parametrize("r", [1, 8, 64])
 def test_gaussian_fan_in_init_has_kaimings_std_whatever_the_rank(r):
-    layer = LoRALinear(nn.Linear(1024, 64), r=r, alpha=16, init="gaussian_fan_in", generator=torch.Generator().manual_seed(r))
+    layer = LoRALinear(
+        nn.Linear(1024, 64), r=r, alpha=16, init="gaussian_fan_in", generator=torch.Generator().manual_seed(r)
+    )
     A = layer.lora_A.detach()
     target = 1 / math.sqrt(3 * 1024)  # the std of U(-1/sqrt(d_in), 1/sqrt(d_in))
     assert abs(A.std().item() - target) < 0.05 * target
@@ -123,7 +127,10 @@ def first_steps_effect(init: str, r: int) -> float:
 def test_gaussian_fan_in_makes_the_step_depend_on_the_rank_much_less_than_pefts_gaussian():
     # with alpha/r scaling: std 1/r -> the effect falls about as 1/r (64x over r = 1..64); a rank-independent
     # std (kaiming, gaussian_fan_in) -> about as 1/sqrt(r) (8x)
-    spread = {init: first_steps_effect(init, 1) / first_steps_effect(init, 64) for init in ("gaussian", "gaussian_fan_in", "kaiming")}
+    spread = {
+        init: first_steps_effect(init, 1) / first_steps_effect(init, 64)
+        for init in ("gaussian", "gaussian_fan_in", "kaiming")
+    }
     assert 25 < spread["gaussian"] < 150, spread
     assert 3 < spread["gaussian_fan_in"] < 15 and 3 < spread["kaiming"] < 15, spread
 
@@ -142,13 +149,15 @@ def test_low_precision_base_with_fp32_adapters():
         layer.lora_B.normal_()
     out = layer(x)
     assert out.dtype == torch.bfloat16
-    ref = (x.float() @ base.weight.float().T + base.bias.float()) + layer.scaling * (x.float() @ layer.lora_A.T @ layer.lora_B.T).detach()
+    ref = (x.float() @ base.weight.float().T + base.bias.float()) + layer.scaling * (
+        x.float() @ layer.lora_A.T @ layer.lora_B.T
+    ).detach()
     torch.testing.assert_close(out.float(), ref, atol=0.1, rtol=0.02)
     w0 = base.weight.detach().clone()
     layer.merge()
     layer.unmerge()
     # bf16 round-off: one ulp-ish of |W| + |ΔW| at most
-    tol = 2 ** -7 * (w0.float().abs() + layer.delta_weight().abs()).max()
+    tol = 2**-7 * (w0.float().abs() + layer.delta_weight().abs()).max()
     assert (layer.weight.float() - w0.float()).abs().max() <= tol
 
 
@@ -233,7 +242,7 @@ def test_autocast_and_mixed_dtypes_take_the_composed_path():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
     assert y.dtype == torch.bfloat16 and "LoRALinearFunction" not in type(y.grad_fn).__name__
-    ref = (x @ layer.weight.T + layer.bias + (x @ layer.lora_A.T) @ layer.lora_B.T * layer.scaling)
+    ref = x @ layer.weight.T + layer.bias + (x @ layer.lora_A.T) @ layer.lora_B.T * layer.scaling
     assert torch.allclose(y.float(), ref, atol=5e-2, rtol=2e-2)
     half_base, half = make(dtype=torch.bfloat16, adapter_dtype=torch.float32)  # bf16 base, fp32 adapters
     out = half(torch.randn(4, 12, dtype=torch.bfloat16))

@@ -7,8 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from conftest import LitTiny, LoRACallback, tiny_batch, tiny_loader, tiny_model, trainer
 
+from conftest import LitTiny, LoRACallback, tiny_batch, tiny_loader, tiny_model, trainer
 from lora_lightning import has_lora, load_adapter, read_adapter_config
 
 DATA = Path(__file__).resolve().parent / "data" / "legacy_3c1a28f"
@@ -38,7 +38,9 @@ def test_a_checkpoint_of_3c1a28f_loads_evaluates_and_resumes(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(IDS), expected)
     fresh = LitTiny(seed=0)
-    trainer(tmp_path, [], max_steps=1).test(fresh, tiny_loader(), ckpt_path=str(DATA / "adapter_only.ckpt"), verbose=False)
+    trainer(tmp_path, [], max_steps=1).test(
+        fresh, tiny_loader(), ckpt_path=str(DATA / "adapter_only.ckpt"), verbose=False
+    )
     fresh.eval()
     with torch.no_grad():
         assert has_lora(fresh) and torch.equal(fresh(IDS), expected)

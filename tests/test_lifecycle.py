@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -22,10 +21,10 @@ from torch import nn
 from conftest import (
     N_LAYERS,
     PACKAGE,
-    LoRACallback,
-    ModelCheckpoint,
     LitTiny,
     LitTinyLate,
+    LoRACallback,
+    ModelCheckpoint,
     TinyTransformer,
     adapted,
     assert_unchanged,
@@ -72,7 +71,9 @@ def fitted(tmp_path, steps: int = 4, seed: int = 0, **cb_kw) -> tuple[LitTiny, P
     """A LitTiny fitted with LoRA (``steps`` AdamW steps); returns it and its adapter-only last.ckpt."""
     model = LitTiny(seed=seed)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    trainer(tmp_path, [LoRACallback(**(LORA | cb_kw)), ckpt], max_steps=steps, enable_checkpointing=True).fit(model, tiny_loader())
+    trainer(tmp_path, [LoRACallback(**(LORA | cb_kw)), ckpt], max_steps=steps, enable_checkpointing=True).fit(
+        model, tiny_loader()
+    )
     return model, tmp_path / "ckpt" / "last.ckpt"
 
 
@@ -105,15 +106,21 @@ def test_load_from_checkpoint_with_strict_loading_false_and_configure_model(tmp_
         strict_loading = False
 
     model = Lenient()
-    trainer(tmp_path, [LoRACallback(**LORA), ModelCheckpoint(dirpath=tmp_path / "c", save_last=True)], max_steps=3,
-            enable_checkpointing=True).fit(model, tiny_loader())
+    trainer(
+        tmp_path,
+        [LoRACallback(**LORA), ModelCheckpoint(dirpath=tmp_path / "c", save_last=True)],
+        max_steps=3,
+        enable_checkpointing=True,
+    ).fit(model, tiny_loader())
     loaded = Lenient.load_from_checkpoint(tmp_path / "c" / "last.ckpt")
     torch.testing.assert_close(outputs(loaded), outputs(model), atol=0, rtol=0)
 
 
 def test_load_from_checkpoint_checks_the_base_and_its_advice_works(tmp_path):
     trained, ckpt = fitted(tmp_path)
-    with pytest.raises(BaseModelMismatchError, match=r"load_lora_checkpoint\(MyModule, path, on_base_mismatch='warn'\)"):
+    with pytest.raises(
+        BaseModelMismatchError, match=r"load_lora_checkpoint\(MyModule, path, on_base_mismatch='warn'\)"
+    ):
         LitTiny.load_from_checkpoint(ckpt, seed=1)  # the same class built on other base weights
     with pytest.warns(UserWarning, match="different base weights"):
         other = load_lora_checkpoint(LitTiny, ckpt, on_base_mismatch="warn", seed=1)
@@ -130,7 +137,9 @@ def test_eval_with_ckpt_path_and_no_callback_gives_the_trained_model(tmp_path, e
         ckpt = weights_only_checkpoint(tmp_path, trained)
     fresh = LitTiny()
     run = trainer(tmp_path, [], max_steps=1)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(IDS, torch.zeros(len(IDS), dtype=torch.long)), batch_size=len(IDS))
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(IDS, torch.zeros(len(IDS), dtype=torch.long)), batch_size=len(IDS)
+    )
     result = getattr(run, entry)(fresh, loader, ckpt_path=str(ckpt))
     assert has_lora(fresh)
     torch.testing.assert_close(outputs(fresh), outputs(trained), atol=0, rtol=0)
@@ -144,7 +153,9 @@ def test_eval_without_callback_on_other_base_names_the_setting_that_works(tmp_pa
         trainer(tmp_path, [], max_steps=1).test(LitTiny(seed=1), tiny_loader(), ckpt_path=str(ckpt))
     other = LitTiny(seed=1)
     with pytest.warns(UserWarning, match="different base weights"):
-        trainer(tmp_path, [LoRACallback(**LORA, on_base_mismatch="warn")], max_steps=1).test(other, tiny_loader(), ckpt_path=str(ckpt))
+        trainer(tmp_path, [LoRACallback(**LORA, on_base_mismatch="warn")], max_steps=1).test(
+            other, tiny_loader(), ckpt_path=str(ckpt)
+        )
     assert has_lora(other)
 
 
@@ -156,14 +167,18 @@ def test_load_from_checkpoint_in_a_fresh_process(tmp_path, order):
     imports = ["import lora_lightning", f"import {PACKAGE}"]
     if order == "lightning first":
         imports.reverse()
-    script = "\n".join([
-        "import sys, torch", f"sys.path.insert(0, {str(Path(__file__).parent)!r})", *imports,
-        "from conftest import LitTiny, tiny_batch",
-        f"m = LitTiny.load_from_checkpoint({str(ckpt)!r}, strict=False).eval()",
-        "with torch.no_grad(): out = m(tiny_batch()[0])",
-        f"assert torch.equal(out, torch.load({str(tmp_path / 'expected.pt')!r})), 'untrained model'",
-        "print('ok')",
-    ])
+    script = "\n".join(
+        [
+            "import sys, torch",
+            f"sys.path.insert(0, {str(Path(__file__).parent)!r})",
+            *imports,
+            "from conftest import LitTiny, tiny_batch",
+            f"m = LitTiny.load_from_checkpoint({str(ckpt)!r}, strict=False).eval()",
+            "with torch.no_grad(): out = m(tiny_batch()[0])",
+            f"assert torch.equal(out, torch.load({str(tmp_path / 'expected.pt')!r})), 'untrained model'",
+            "print('ok')",
+        ]
+    )
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
 
@@ -194,7 +209,9 @@ def test_a_full_checkpoint_evaluates_as_it_is_without_the_callback(tmp_path):
     assert not has_lora(fresh)
     torch.testing.assert_close(outputs(fresh), outputs(model), atol=0, rtol=0)
     with pytest.raises(AdapterFileError, match="holds no LoRA adapters"):  # into a model with adapters: one line
-        trainer(tmp_path, [LoRACallback(**LORA)], max_steps=1).test(LitTiny(), tiny_loader(), ckpt_path=str(tmp_path / "full" / "last.ckpt"))
+        trainer(tmp_path, [LoRACallback(**LORA)], max_steps=1).test(
+            LitTiny(), tiny_loader(), ckpt_path=str(tmp_path / "full" / "last.ckpt")
+        )
 
 
 # ============================================================ 2. a second LoRACallback on the same module
@@ -212,7 +229,9 @@ def test_second_callback_with_another_config_fails_before_training(tmp_path):
     model, _ = fitted(tmp_path)
     before = snapshot(model)
     run = trainer(tmp_path, [LoRACallback(r=8, targets=["q", "k", "v", "o"])], max_steps=2)
-    with pytest.raises(AdapterMismatchError, match=r"already holds LoRA adapters .*r=4.*asks for other ones .*replace_existing=True"):
+    with pytest.raises(
+        AdapterMismatchError, match=r"already holds LoRA adapters .*r=4.*asks for other ones .*replace_existing=True"
+    ):
         run.fit(model, tiny_loader())
     assert run.global_step == 0
     assert_unchanged(model, before)
@@ -240,7 +259,9 @@ def test_a_corrected_init_adapter_after_a_failed_fit_is_applied(tmp_path):
     path = save_adapter(source, tmp_path / "a.safetensors")
     model = LitTiny()
     with pytest.raises(AdapterFileError, match="does not exist"):
-        trainer(tmp_path, [LoRACallback(**LORA, init_adapter=str(tmp_path / "typo.safetensors"))], max_steps=1).fit(model, tiny_loader())
+        trainer(tmp_path, [LoRACallback(**LORA, init_adapter=str(tmp_path / "typo.safetensors"))], max_steps=1).fit(
+            model, tiny_loader()
+        )
     assert not has_lora(model)  # nothing was injected
     wrong = save_adapter(adapted(seed=0, r=2), tmp_path / "r2.safetensors")
     with pytest.raises(AdapterMismatchError, match="r: 2 in adapter r2.safetensors vs 4 in model"):
@@ -268,7 +289,10 @@ def two_process_run(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(request.param)
     res = subprocess.run(
         [sys.executable, str(Path(__file__).parent / "lifecycle_2proc.py"), str(out), request.param],
-        capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONWARNINGS="ignore"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, PYTHONWARNINGS="ignore"),
     )
     assert res.returncode == 0, res.stderr[-3000:]
     return request.param, out, json.loads((out / "results.json").read_text())
@@ -288,7 +312,9 @@ def test_two_processes_fit_test_validate_refit_and_resume(two_process_run):
         losses = [F.cross_entropy(single(ids[i : i + 16 : 2]), y[i : i + 16 : 2]) for i in (0, 16)]
     assert results["test_with_callback"]["loss"] == pytest.approx(float(torch.stack(losses).mean()), abs=1e-5)
     # the tested model's base went through merge (fit end) and unmerge (before loading): W0 up to fp32 round-off
-    assert results["validate_without_callback"]["loss"] == pytest.approx(results["test_with_callback"]["loss"], abs=1e-6)
+    assert results["validate_without_callback"]["loss"] == pytest.approx(
+        results["test_with_callback"]["loss"], abs=1e-6
+    )
     if strategy == "ddp":  # in the main process of ddp_spawn, evaluation leaves the module as it was
         assert results["validate_without_callback"]["has_lora"]
         torch.testing.assert_close(torch.load(out / "validate_without_callback.pt"), outputs(single), atol=0, rtol=0)
@@ -326,8 +352,13 @@ def test_test_without_ckpt_path_after_a_merged_fit_keeps_the_merged_weights(tmp_
 def test_test_with_best_checkpoint_after_a_merged_fit(tmp_path):
     model = LitTiny()
     ckpt = ModelCheckpoint(dirpath=tmp_path / "c", monitor="val_loss", save_top_k=1)
-    run = trainer(tmp_path, [LoRACallback(**LORA, merge_on_fit_end=True), ckpt], max_steps=8, val_check_interval=4,
-                  enable_checkpointing=True)
+    run = trainer(
+        tmp_path,
+        [LoRACallback(**LORA, merge_on_fit_end=True), ckpt],
+        max_steps=8,
+        val_check_interval=4,
+        enable_checkpointing=True,
+    )
     run.fit(model, tiny_loader(), tiny_loader(seed=2))
     best = LitTiny.load_from_checkpoint(ckpt.best_model_path)
     metrics = run.test(model, tiny_loader(seed=2), ckpt_path="best", verbose=False)
@@ -432,8 +463,13 @@ def test_hf_gradient_checkpointing_trains_like_no_checkpointing(tmp_path):
 @pytest.mark.parametrize("precision", ["bf16-true", "16-true"])
 def test_fp32_adapters_stay_fp32_under_half_true_precision(tmp_path, precision):
     model = LitTiny()
-    run = trainer(tmp_path, [LoRACallback(**LORA, adapter_dtype="float32"), ModelCheckpoint(dirpath=tmp_path / "c", save_last=True)],
-                  max_steps=4, precision=precision, enable_checkpointing=True)
+    run = trainer(
+        tmp_path,
+        [LoRACallback(**LORA, adapter_dtype="float32"), ModelCheckpoint(dirpath=tmp_path / "c", save_last=True)],
+        max_steps=4,
+        precision=precision,
+        enable_checkpointing=True,
+    )
     run.fit(model, tiny_loader())  # 16-true ended in NonFiniteError with fp16 adapters
     layer = next(iter(lora_layers(model).values()))
     assert layer.weight.dtype == {"bf16-true": torch.bfloat16, "16-true": torch.float16}[precision]
@@ -476,7 +512,9 @@ def test_transformer_encoder_outputs_equal_the_base_right_after_injection(target
         for mask in (None, pad):
             base.train(train), adapted_enc.train(train)
             with torch.no_grad():
-                torch.testing.assert_close(adapted_enc(x, src_key_padding_mask=mask), base(x, src_key_padding_mask=mask), atol=2e-6, rtol=0)
+                torch.testing.assert_close(
+                    adapted_enc(x, src_key_padding_mask=mask), base(x, src_key_padding_mask=mask), atol=2e-6, rtol=0
+                )
     randomize_adapters(adapted_enc)  # trained adapters count in eval too (the layer fast path reads base weights)
     adapted_enc.eval()
     with torch.no_grad():
@@ -509,10 +547,16 @@ def test_switch_adapter_leaves_the_model_exactly_as_before_on_any_error(tmp_path
         merge_lora(model)
     before, before_out = _model_state(model), outputs(model)
     other_base = save_adapter(adapted(seed=1), tmp_path / "other_base.safetensors")
-    other_targets_other_base = save_adapter(adapted(seed=1, targets=["q", "k", "v", "o"]), tmp_path / "qkvo.safetensors")
+    other_targets_other_base = save_adapter(
+        adapted(seed=1, targets=["q", "k", "v", "o"]), tmp_path / "qkvo.safetensors"
+    )
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(b"\x00" * 64)
-    for path, error in ((other_base, BaseModelMismatchError), (other_targets_other_base, BaseModelMismatchError), (corrupt, AdapterFileError)):
+    for path, error in (
+        (other_base, BaseModelMismatchError),
+        (other_targets_other_base, BaseModelMismatchError),
+        (corrupt, AdapterFileError),
+    ):
         with pytest.raises(error):
             switch_adapter(model, path)
         assert_unchanged(model, before[0])
@@ -538,7 +582,9 @@ def test_switch_adapter_leaves_the_model_exactly_as_before_on_any_error(tmp_path
 def test_resume_with_another_spelling_of_the_same_targets(tmp_path, targets):
     trained, ckpt = fitted(tmp_path)
     resumed = LitTiny()
-    trainer(tmp_path, [LoRACallback(r=4, targets=targets)], max_steps=6).fit(resumed, tiny_loader(), ckpt_path=str(ckpt))
+    trainer(tmp_path, [LoRACallback(r=4, targets=targets)], max_steps=6).fit(
+        resumed, tiny_loader(), ckpt_path=str(ckpt)
+    )
     assert set(lora_layers(resumed)) == set(lora_layers(trained))
     path = save_adapter(trained, tmp_path / "a.safetensors")
     model = LitTiny()
@@ -566,6 +612,7 @@ def test_export_path_that_is_a_directory_fails_at_setup(tmp_path):
 
 def test_adapter_from_another_architecture_with_the_same_shapes_names_the_modules(tmp_path):
     """bad input: `load_adapter` of an adapter from another architecture whose matrices have the same shapes"""
+
     class Renamed(nn.Module):  # same shapes, other module tree
         def __init__(self) -> None:
             super().__init__()
@@ -574,7 +621,10 @@ def test_adapter_from_another_architecture_with_the_same_shapes_names_the_module
     source = Renamed()
     inject_lora(source, LoRAConfig(**LORA))
     path = save_adapter(source, tmp_path / "a.safetensors")
-    with pytest.raises(AdapterMismatchError, match=r"adapts modules this model does not have .*only in adapter a.safetensors: \['blocks"):
+    with pytest.raises(
+        AdapterMismatchError,
+        match=r"adapts modules this model does not have .*only in adapter a.safetensors: \['blocks",
+    ):
         load_adapter(tiny_model(0), path)
 
 

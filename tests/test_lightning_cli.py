@@ -18,8 +18,16 @@ main = _example.main
 
 def test_example_yaml_builds_the_callback_and_fit_injects(tmp_path):
     cli = main(
-        args=["--config", str(EXAMPLE / "config.yaml"), "--trainer.default_root_dir", str(tmp_path),
-              "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"],
+        args=[
+            "--config",
+            str(EXAMPLE / "config.yaml"),
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.enable_model_summary",
+            "false",
+        ],
         run=False,
     )
     callbacks = [c for c in cli.trainer.callbacks if isinstance(c, LoRACallback)]
@@ -37,8 +45,14 @@ def test_example_yaml_builds_the_callback_and_fit_injects(tmp_path):
 
 def test_cli_override_and_bad_value_errors(tmp_path):
     cli = main(
-        args=["--config", str(EXAMPLE / "config.yaml"), "--trainer.default_root_dir", str(tmp_path),
-              "--trainer.callbacks.init_args.r", "2"],
+        args=[
+            "--config",
+            str(EXAMPLE / "config.yaml"),
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.callbacks.init_args.r",
+            "2",
+        ],
         run=False,
     )
     (cb,) = [c for c in cli.trainer.callbacks if isinstance(c, LoRACallback)]

@@ -19,7 +19,9 @@ class LitScheduled(LitTiny):
     """AdamW (betas, weight decay) with linear warmup then decay, stepped every batch."""
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2, betas=(0.8, 0.95), weight_decay=0.1)
+        opt = torch.optim.AdamW(
+            [p for p in self.parameters() if p.requires_grad], lr=1e-2, betas=(0.8, 0.95), weight_decay=0.1
+        )
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 3) * max(0.0, 1 - s / 10))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -71,8 +73,12 @@ def test_resume_with_loraplus_continues_bit_for_bit(tmp_path):
     trainer(tmp_path, [LoRACallback(**kw)], max_steps=-1, max_epochs=2).fit(straight, tiny_loader())
     torch.manual_seed(1)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "c", save_last=True)
-    trainer(tmp_path, [LoRACallback(**kw), ckpt], max_steps=-1, max_epochs=1, enable_checkpointing=True).fit(first, tiny_loader())
-    trainer(tmp_path, [LoRACallback(**kw)], max_steps=-1, max_epochs=2).fit(resumed, tiny_loader(), ckpt_path=str(tmp_path / "c" / "last.ckpt"))
+    trainer(tmp_path, [LoRACallback(**kw), ckpt], max_steps=-1, max_epochs=1, enable_checkpointing=True).fit(
+        first, tiny_loader()
+    )
+    trainer(tmp_path, [LoRACallback(**kw)], max_steps=-1, max_epochs=2).fit(
+        resumed, tiny_loader(), ckpt_path=str(tmp_path / "c" / "last.ckpt")
+    )
     for k, v in lora_tensors(straight).items():
         torch.testing.assert_close(lora_tensors(resumed)[k], v, atol=0, rtol=0)
 
@@ -108,4 +114,6 @@ def test_non_positive_ratio_is_refused():
 def test_loraplus_with_a_variant_without_B_is_refused_at_setup(tmp_path):
     """bad input: `LoRACallback(variant="vera", loraplus_lr_ratio=16)` (VeRA trains no B)"""
     with pytest.raises(LoRAConfigError, match="hold no trainable lora_B .*variant='vera'"):
-        trainer(tmp_path, [LoRACallback(variant="vera", r=2, targets=["q", "v"], loraplus_lr_ratio=16)], max_steps=1).fit(LitTiny(), tiny_loader())
+        trainer(
+            tmp_path, [LoRACallback(variant="vera", r=2, targets=["q", "v"], loraplus_lr_ratio=16)], max_steps=1
+        ).fit(LitTiny(), tiny_loader())

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from conftest import randomize_adapters, tiny_batch, tiny_model
 from lora_lightning import (
     LoRAConfig,
     LoRALinear,
@@ -17,7 +18,6 @@ from lora_lightning import (
     switch_adapter,
     unmerge_lora,
 )
-from conftest import randomize_adapters, tiny_batch, tiny_model
 
 
 def test_merged_model_matches_adapted_and_unmerge_round_trips():

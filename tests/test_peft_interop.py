@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import randomize_adapters
 from lora_lightning import (
     AdapterFileError,
     LoRAConfig,
@@ -15,7 +16,6 @@ from lora_lightning import (
     inject_lora,
     lora_layers,
 )
-from conftest import randomize_adapters
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -49,7 +49,10 @@ def logits(model):
 
 def test_export_bert_loads_in_peft_with_same_logits(tmp_path):
     m = bert()
-    inject_lora(m, LoRAConfig(r=2, alpha=6, targets=["q", "v", "mlp"], rank_pattern={"value": 3}, modules_to_save=["classifier"]))
+    inject_lora(
+        m,
+        LoRAConfig(r=2, alpha=6, targets=["q", "v", "mlp"], rank_pattern={"value": 3}, modules_to_save=["classifier"]),
+    )
     randomize_adapters(m)
     with torch.no_grad():
         m.classifier.weight.add_(0.5)
@@ -57,7 +60,12 @@ def test_export_bert_loads_in_peft_with_same_logits(tmp_path):
     assert (ours - logits(bert())).abs().max() > 1e-3
     export_peft_adapter(m, tmp_path / "a", base_model_name_or_path="tiny-bert")
     cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
-    assert cfg["peft_type"] == "LORA" and cfg["r"] == 2 and cfg["lora_alpha"] == 6 and cfg["base_model_name_or_path"] == "tiny-bert"
+    assert (
+        cfg["peft_type"] == "LORA"
+        and cfg["r"] == 2
+        and cfg["lora_alpha"] == 6
+        and cfg["base_model_name_or_path"] == "tiny-bert"
+    )
     keys = load_file(tmp_path / "a" / "adapter_model.safetensors")
     assert "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight" in keys
     assert keys["base_model.model.bert.encoder.layer.0.attention.self.value.lora_B.weight"].shape == (16, 3)
@@ -69,8 +77,13 @@ def test_import_bert_adapter_made_by_peft(tmp_path):
     pm = peft.get_peft_model(
         bert(),
         peft.LoraConfig(
-            r=2, lora_alpha=4, target_modules=["query", "value"], modules_to_save=["classifier"],
-            rank_pattern={"value": 3}, alpha_pattern={"query": 8}, use_rslora=True,
+            r=2,
+            lora_alpha=4,
+            target_modules=["query", "value"],
+            modules_to_save=["classifier"],
+            rank_pattern={"value": 3},
+            alpha_pattern={"query": 8},
+            use_rslora=True,
         ),
     )
     for name, p in pm.named_parameters():  # PEFT initialises B = 0: make the adapter non-trivial
@@ -89,7 +102,9 @@ def test_import_bert_adapter_made_by_peft(tmp_path):
 
 def test_gpt2_round_trips_both_ways_including_fused_q_v(tmp_path):
     # PEFT -> ours: PEFT adapts the whole Conv1D c_attn (fan_in_fan_out)
-    pm = peft.get_peft_model(gpt2(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True))
+    pm = peft.get_peft_model(
+        gpt2(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
+    )
     for name, p in pm.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.3)

@@ -66,8 +66,13 @@ class Net(nn.Module):
 
 
 def max_rank(d_model: int, d_attn: int, d_ff: int, targets: list[str]) -> int:
-    dims = {"q": (d_model, d_attn), "k": (d_model, d_attn), "v": (d_model, d_attn), "o": (d_attn, d_model),
-            "mlp": (d_model, d_ff)}
+    dims = {
+        "q": (d_model, d_attn),
+        "k": (d_model, d_attn),
+        "v": (d_model, d_attn),
+        "o": (d_attn, d_model),
+        "mlp": (d_model, d_ff),
+    }
     return min(min(dims[t]) for t in targets)
 
 
@@ -79,7 +84,12 @@ def cases(draw):
     targets = draw(st.lists(st.sampled_from(TARGETS), min_size=1, max_size=5, unique=True))
     r = draw(st.integers(1, max_rank(d_model, d_attn, d_ff, targets)))
     return dict(
-        d_model=d_model, d_attn=d_attn, d_ff=d_ff, n_layers=draw(st.integers(1, 2)), targets=targets, r=r,
+        d_model=d_model,
+        d_attn=d_attn,
+        d_ff=d_ff,
+        n_layers=draw(st.integers(1, 2)),
+        targets=targets,
+        r=r,
         alpha=draw(st.sampled_from([1.0, 2.0 * r, 16.0])),
         dtype=draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16])),
         init=draw(st.sampled_from(["kaiming", "gaussian", "gaussian_fan_in"])),
@@ -116,7 +126,9 @@ def layers_close(layers: dict, pristine: nn.Module, scale: float, r: int, dtype:
         assert (err <= bound).all(), f"{what}, {name}: error {err.max().item():.3g} above the rounding bound"
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)  # the same cases on every run
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
+)  # the same cases on every run
 @given(cases())
 def test_inject_step_merge_unmerge_save_load(case):
     dtype = case["dtype"]
@@ -134,8 +146,15 @@ def test_inject_step_merge_unmerge_save_load(case):
         f"layers.{i}.{n}"
         for i in range(case["n_layers"])
         for t in case["targets"]
-        for n in ({"q": ["q_proj"], "k": ["k_proj"], "v": ["v_proj"], "o": ["o_proj"],
-                   "mlp": ["mlp.up_proj", "mlp.down_proj"]}[t])
+        for n in (
+            {
+                "q": ["q_proj"],
+                "k": ["k_proj"],
+                "v": ["v_proj"],
+                "o": ["o_proj"],
+                "mlp": ["mlp.up_proj", "mlp.down_proj"],
+            }[t]
+        )
     }
     assert set(layers) == {s.name for s in specs} == expected_names
     assert torch.equal(model(x), y_base)  # B = 0: exactly the base model

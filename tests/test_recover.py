@@ -20,15 +20,28 @@ from experiments import recover
 from experiments.__main__ import main as cli_main
 from experiments.records import load_runs
 
-TINY = ["data.train_size=64", "data.val_size=32", "data.test_size=32", "data.max_length=32", "trainer.max_epochs=1",
-        "progress=none", "logger=none"]
+TINY = [
+    "data.train_size=64",
+    "data.val_size=32",
+    "data.test_size=32",
+    "data.max_length=32",
+    "trainer.max_epochs=1",
+    "progress=none",
+    "logger=none",
+]
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", WANDB_SILENT="true", PYTHONWARNINGS="ignore")
 
 
 def sweep(args: list[str], cwd: Path, log: Path) -> None:
     with log.open("a") as fh:
-        res = subprocess.run([sys.executable, "-m", "lora_lightning.app.train", "-m", *args], cwd=cwd, env=ENV,
-                             stdout=fh, stderr=subprocess.STDOUT, timeout=600)
+        res = subprocess.run(
+            [sys.executable, "-m", "lora_lightning.app.train", "-m", *args],
+            cwd=cwd,
+            env=ENV,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            timeout=600,
+        )
     assert res.returncode == 0, log.read_text()[-3000:]
 
 
@@ -51,8 +64,19 @@ def test_runs_recovered_from_the_console_log_match_what_the_runs_wrote(tmp_path)
     assert set(got) == {"0", "1"}
     for job, mine in got.items():
         theirs = real[job]
-        for key in ("experiment", "run_name", "method", "seed", "targets", "r", "lr", "steps", "params_trainable",
-                    "params_total", "precision"):
+        for key in (
+            "experiment",
+            "run_name",
+            "method",
+            "seed",
+            "targets",
+            "r",
+            "lr",
+            "steps",
+            "params_trainable",
+            "params_total",
+            "precision",
+        ):
             assert mine[key] == theirs[key], (job, key, mine[key], theirs[key])
         assert mine["alpha"] == pytest.approx(theirs["alpha"])
         assert mine["split_sizes"] == {"val": 32, "test": 32}
@@ -79,7 +103,9 @@ def test_runs_recovered_from_the_console_log_match_what_the_runs_wrote(tmp_path)
     assert len(written) == 2 and len(twins) == 1  # job 1 recovered (again), job 0 compared
     assert recover.twin_checks(twins)[0].startswith("DIFFERENT")
     assert sorted(Path(r["dir"]).relative_to(runs).as_posix() for r in load_runs(runs)) == [
-        f"ablations/{sweep_dir.name}/1", "rerun/0"]
+        f"ablations/{sweep_dir.name}/1",
+        "rerun/0",
+    ]
     # a run whose own folder was collected is that very run: neither recovered nor counted as a twin
     own = tmp_path / "runs2" / "ablations" / sweep_dir.name / "0"
     own.mkdir(parents=True)
@@ -89,13 +115,20 @@ def test_runs_recovered_from_the_console_log_match_what_the_runs_wrote(tmp_path)
 
 
 def test_params_lora_is_the_total_minus_the_base_models_total():
-    rows = [{"method": "full", "params_total": 1000, "data": "a"}, {"method": "lora", "params_total": 1096, "data": "a"},
-            {"method": "head_only", "params_total": 1000, "data": "a"}, {"method": "full", "params_total": 1010, "data": "b"},
-            {"method": "lora", "params_total": 1106, "data": "b"}, {"method": "lora", "params_total": 1106, "data": "c"}]
+    rows = [
+        {"method": "full", "params_total": 1000, "data": "a"},
+        {"method": "lora", "params_total": 1096, "data": "a"},
+        {"method": "head_only", "params_total": 1000, "data": "a"},
+        {"method": "full", "params_total": 1010, "data": "b"},
+        {"method": "lora", "params_total": 1106, "data": "b"},
+        {"method": "lora", "params_total": 1106, "data": "c"},
+    ]
     recover.add_lora_params(rows)
     assert [r.get("params_lora") for r in rows] == [0, 96, 0, 0, 96, None]  # data c: no full run, not guessed
     with pytest.raises(ValueError, match="2 model sizes"):
-        recover.add_lora_params([{"method": "full", "params_total": 1, "data": "a"}, {"method": "full", "params_total": 2, "data": "a"}])
+        recover.add_lora_params(
+            [{"method": "full", "params_total": 1, "data": "a"}, {"method": "full", "params_total": 2, "data": "a"}]
+        )
 
 
 def test_a_cut_output_dir_with_no_other_line_naming_it_is_refused():
@@ -126,22 +159,34 @@ def test_run_name_leaves_out_the_keys_the_app_leaves_out():
 
 def test_a_wrapped_title_is_read_and_a_table_of_another_run_is_rejected():
     def block(job: int, overrides: str, title_lines: list[str]) -> str:
-        return "\n".join([
-            f"[2026-12-03 19:39:44,722][HYDRA] \t#{job} : {overrides}",
-            *title_lines,
-            "┏━━━━━━━━━━━━━━━━━━━━━━┳━━━━━━━━━━━━━━━━━━━━━━━━┓",
-            "│ method               │ LoRA r=64 alpha=16 on ['q'] │",
-            "│ best val accuracy    │                 77.10% │",
-            f"│ output dir           │ /x/multirun/ablations/t/{job} │",
-            "└──────────────────────┴────────────────────────┘",
-        ])
+        return "\n".join(
+            [
+                f"[2026-12-03 19:39:44,722][HYDRA] \t#{job} : {overrides}",
+                *title_lines,
+                "┏━━━━━━━━━━━━━━━━━━━━━━┳━━━━━━━━━━━━━━━━━━━━━━━━┓",
+                "│ method               │ LoRA r=64 alpha=16 on ['q'] │",
+                "│ best val accuracy    │                 77.10% │",
+                f"│ output dir           │ /x/multirun/ablations/t/{job} │",
+                "└──────────────────────┴────────────────────────┘",
+            ]
+        )
 
-    text = "\n".join([
-        # rich centres a title longer than the table and wraps it
-        block(0, "lora.r=64 lora.targets=[q] seed=2 experiment=table6", ["      lora-lightning: table6 /      ", "  lora.r=64,lora.targets=,seed=2  "]),
-        # two streams in one file: this header's own table went elsewhere, the table below is another run's
-        block(1, "lora.r=64 lora.targets=[q] seed=3 experiment=table6", ["lora-lightning: table6 / lora.r=1,lora.targets=,seed=9"]),
-    ])
+    text = "\n".join(
+        [
+            # rich centres a title longer than the table and wraps it
+            block(
+                0,
+                "lora.r=64 lora.targets=[q] seed=2 experiment=table6",
+                ["      lora-lightning: table6 /      ", "  lora.r=64,lora.targets=,seed=2  "],
+            ),
+            # two streams in one file: this header's own table went elsewhere, the table below is another run's
+            block(
+                1,
+                "lora.r=64 lora.targets=[q] seed=3 experiment=table6",
+                ["lora-lightning: table6 / lora.r=1,lora.targets=,seed=9"],
+            ),
+        ]
+    )
     first, second = recover.parse_log(text, "x.log")
     assert (first.experiment, first.title_run_name) == ("table6", "lora.r=64,lora.targets=,seed=2")
     assert recover.consistent(first) and not recover.consistent(second)
@@ -149,21 +194,27 @@ def test_a_wrapped_title_is_read_and_a_table_of_another_run_is_rejected():
 
 def test_a_rejected_block_and_the_record_name_no_machine_path(tmp_path):
     log = tmp_path / "x.log"
-    log.write_text("\n".join([
-        "[2026-12-03 19:39:44,722][HYDRA] \t#1 : lora.r=64 lora.targets=[q] seed=3 experiment=table6",
-        "lora-lightning: table6 / lora.r=1,lora.targets=,seed=9",  # another run's table: rejected
-        "┏━━━━━━━━━━━━━━━━━━━━━━┳━━━━━━━━━━━━━━━━━━━━━━━━┓",
-        "│ method               │ LoRA r=64 alpha=16 on ['q'] │",
-        "│ output dir           │ /home/someone/lora/multirun/ablations/t/1 │",
-        "└──────────────────────┴────────────────────────┘",
-    ]))
+    log.write_text(
+        "\n".join(
+            [
+                "[2026-12-03 19:39:44,722][HYDRA] \t#1 : lora.r=64 lora.targets=[q] seed=3 experiment=table6",
+                "lora-lightning: table6 / lora.r=1,lora.targets=,seed=9",  # another run's table: rejected
+                "┏━━━━━━━━━━━━━━━━━━━━━━┳━━━━━━━━━━━━━━━━━━━━━━━━┓",
+                "│ method               │ LoRA r=64 alpha=16 on ['q'] │",
+                "│ output dir           │ /home/someone/lora/multirun/ablations/t/1 │",
+                "└──────────────────────┴────────────────────────┘",
+            ]
+        )
+    )
     rejected: list[str] = []
     assert recover.recovered_runs([log], rejected) == {}
     (line,) = rejected
     assert "(multirun/ablations/t/1): interleaved output" in line and "/home/someone" not in line
     # a record written before (with the absolute path) is brought to the same form, not kept twice
     (tmp_path / "runs").mkdir()
-    (tmp_path / "runs" / "recovery.json").write_text(json.dumps({"rejected_blocks": [line.replace("(multirun/", "(/home/someone/lora/multirun/")]}))
+    (tmp_path / "runs" / "recovery.json").write_text(
+        json.dumps({"rejected_blocks": [line.replace("(multirun/", "(/home/someone/lora/multirun/")]})
+    )
     record = json.loads(recover.write_record(tmp_path / "runs", [log], [], rejected).read_text())
     assert record["rejected_blocks"] == [line]
 

@@ -16,7 +16,6 @@ from lora_lightning import LoRAConfig, inject_lora, lora_layers, set_shared_inpu
 from lora_lightning.layers import LoRALinear
 from lora_lightning.shared_input import SharedInputLoRAFunction, SharedInputTracker
 
-
 NONE3 = (None, None, None)
 
 
@@ -111,8 +110,14 @@ def test_groups_are_found_in_a_llama_without_names():
     """q,k,v and gate,up read the same tensor in a Llama block: found by watching the calls."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2)
+    cfg = transformers.LlamaConfig(
+        vocab_size=40,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     model = transformers.LlamaForCausalLM(cfg).eval()
     inject_lora(model, LoRAConfig(r=2, targets=["all-linear"]))
     randomize_adapters(model)
@@ -296,7 +301,9 @@ def test_groups_set_by_name_run_fused_on_the_first_forward():
     learnt(ids)
     groups = shared_input_groups(learnt)
     fresh = adapted(targets=["q", "k", "v"]).eval()
-    assert set_shared_input_groups(fresh, groups + [["layers.0.mlp.up_proj", "nope"], ["layers.0.self_attn.q_proj"]]) == 3
+    assert (
+        set_shared_input_groups(fresh, groups + [["layers.0.mlp.up_proj", "nope"], ["layers.0.self_attn.q_proj"]]) == 3
+    )
     tracker = fresh.layers[0].self_attn.q_proj.lora_shared
     assert torch.equal(fresh(ids), learnt(ids)) and tracker.fused_calls == 3
     torch.testing.assert_close(fresh(ids), ref, atol=1e-6, rtol=1e-5)

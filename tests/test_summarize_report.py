@@ -27,13 +27,24 @@ stats = pytest.importorskip("scipy.stats")
 
 
 # --------------------------------------------------------------------------- synthetic runs
-def config(seed: int, data: str = "rotten_tomatoes", method: str = "lora", train_size: int = 2400, epochs: int = 2) -> dict:
+def config(
+    seed: int, data: str = "rotten_tomatoes", method: str = "lora", train_size: int = 2400, epochs: int = 2
+) -> dict:
     """A resolved_config.yaml as lora-train writes it (the keys the report reads)."""
     return {
         "seed": seed,
         "model": {"lr": 1e-3, "warmup_ratio": 0.06},
-        "data": {"source": data, "train_size": train_size, "val_size": 1000, "max_length": 48, "batch_size": 32,
-                 "seed": 0, "shuffle_seed": seed, "val_fraction": 0.1, "test_fraction": 0.1},
+        "data": {
+            "source": data,
+            "train_size": train_size,
+            "val_size": 1000,
+            "max_length": 48,
+            "batch_size": 32,
+            "seed": 0,
+            "shuffle_seed": seed,
+            "val_fraction": 0.1,
+            "test_fraction": 0.1,
+        },
         "trainer": {"max_epochs": epochs, "val_check_interval": 0.5},
         "lora": {"method": method, "alpha": 16, "dropout": 0.1, "init": "gaussian", "init_seed": seed},
     }
@@ -72,15 +83,28 @@ def write_search(root: Path) -> None:
     for family, (spec, by_lr) in SEARCH.items():
         # job folders in decreasing-lr order, so the tie is not broken by reading order
         for job, (lr, acc) in enumerate(sorted(by_lr.items(), reverse=True)):
-            write_run(root, f"ablations/search/{family}/{job}", config(0), experiment="ablation_search", seed=0, lr=lr,
-                      best_val_acc=acc, test_acc=acc - 0.01, **spec)
+            write_run(
+                root,
+                f"ablations/search/{family}/{job}",
+                config(0),
+                experiment="ablation_search",
+                seed=0,
+                lr=lr,
+                best_val_acc=acc,
+                test_acc=acc - 0.01,
+                **spec,
+            )
 
 
 def test_ablation_lrs_prints_the_best_val_lr_per_family(tmp_path, capsys):
     write_search(tmp_path)
     # runs of other experiments at other lrs, with higher accuracy: never chosen
-    write_run(tmp_path, "ablations/table6/q/0", experiment="table6", seed=1, lr=8e-3, best_val_acc=0.99, **lora(["q"], 8))
-    write_run(tmp_path, "recipe/search-trec-full/0", experiment="recipe", seed=0, lr=3e-4, best_val_acc=0.99, method="full")
+    write_run(
+        tmp_path, "ablations/table6/q/0", experiment="table6", seed=1, lr=8e-3, best_val_acc=0.99, **lora(["q"], 8)
+    )
+    write_run(
+        tmp_path, "recipe/search-trec-full/0", experiment="recipe", seed=0, lr=3e-4, best_val_acc=0.99, method="full"
+    )
     cli_main(["ablation-lrs", "--runs", str(tmp_path)])
     out = capsys.readouterr().out
     lines = out.splitlines()
@@ -102,13 +126,25 @@ def test_ablation_extensions_step_past_the_edge_the_best_lr_sits_on(tmp_path, ca
     # lora-1 chose 2e-3 inside its grid: no extension; the others sit on an edge: one grid ratio past it
     assert got == {"lora-2": 5e-4, "lora-4": 8e-3, "full": 2.5e-5, "head_only": 0.0333}
     # once the extension is run and is worse, the family's choice is interior and nothing more is asked
-    write_run(tmp_path, "ablations/search/lora-4-ext/0", config(0), experiment="ablation_search", seed=0, lr=8e-3,
-              best_val_acc=0.70, test_acc=0.69, **SEARCH["lora-4"][0])
+    write_run(
+        tmp_path,
+        "ablations/search/lora-4-ext/0",
+        config(0),
+        experiment="ablation_search",
+        seed=0,
+        lr=8e-3,
+        best_val_acc=0.70,
+        test_acc=0.69,
+        **SEARCH["lora-4"][0],
+    )
     assert "lora-4" not in collect_mod.edge_extensions(load_runs(tmp_path))
 
 
 def test_ablation_lrs_tie_goes_to_the_smaller_lr():
-    rows = [{"experiment": "ablation_search", "method": "lora", "targets": ["q", "v"], "lr": lr, "best_val_acc": 0.8} for lr in (4e-3, 2e-3, 1e-3)]
+    rows = [
+        {"experiment": "ablation_search", "method": "lora", "targets": ["q", "v"], "lr": lr, "best_val_acc": 0.8}
+        for lr in (4e-3, 2e-3, 1e-3)
+    ]
     assert collect_mod.ablation_lrs(rows) == {"lora-2": 1e-3}
     rows[0]["best_val_acc"] = 0.81
     assert collect_mod.ablation_lrs(rows) == {"lora-2": 4e-3}
@@ -122,7 +158,9 @@ def test_collect_copies_exactly_the_expected_files(tmp_path, capsys):
         "ablations/table6/qv/0": dict(experiment="table6", seed=1, **lora(["q", "v"], 8)),
         "ablations/table6/qv/1": dict(experiment="table6", seed=1, **lora(["q", "v"], 2)),
         "ablations/table6/qv/2": dict(experiment="table6", seed=2, **lora(["q", "v"], 64)),
-        "ablations/table6/qv-seeds45/0": dict(experiment="table6", seed=4, **lora(["q", "v"], 64)),  # seed 4: no adapter
+        "ablations/table6/qv-seeds45/0": dict(
+            experiment="table6", seed=4, **lora(["q", "v"], 64)
+        ),  # seed 4: no adapter
         "ablations/table6/q/0": dict(experiment="table6", seed=1, **lora(["q"], 8)),
         "ablations/convergence/qv/0": dict(experiment="convergence", seed=2, **lora(["q", "v"], 4)),
         "ablations/convergence/qv/1": dict(experiment="convergence", seed=2, **lora(["q", "v"], 1)),
@@ -148,8 +186,11 @@ def test_collect_copies_exactly_the_expected_files(tmp_path, capsys):
     assert capsys.readouterr().out.startswith("copied 23 files")
     got = {p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()}
     expected = {f"{rel}/{name}" for rel in runs for name in ("summary.json", "resolved_config.yaml")}
-    expected |= {"ablations/table6/qv/0/adapter.safetensors", "ablations/table6/qv/2/adapter.safetensors",  # q,v at r=8 and 64
-                 "ablations/convergence/qv/0/adapter.safetensors"}  # and their 300-step twins (r=4 here; not r=1)
+    expected |= {
+        "ablations/table6/qv/0/adapter.safetensors",
+        "ablations/table6/qv/2/adapter.safetensors",  # q,v at r=8 and 64
+        "ablations/convergence/qv/0/adapter.safetensors",
+    }  # and their 300-step twins (r=4 here; not r=1)
     assert got == expected
     for rel in runs:
         copied = json.loads((dest / rel / "summary.json").read_text())
@@ -159,8 +200,11 @@ def test_collect_copies_exactly_the_expected_files(tmp_path, capsys):
         assert copied["output_dir"] == f"multirun/{rel}"
         assert copied["best_checkpoint"] == f"multirun/{rel}/checkpoints/best.ckpt"
         assert copied["collected_from"] == f"multirun/{rel}"
-        assert {k: v for k, v in copied.items() if k not in ("adapter_path", "output_dir", "best_checkpoint", "collected_from")} == \
-            {k: v for k, v in original.items() if k not in ("adapter_path", "output_dir", "best_checkpoint")}
+        assert {
+            k: v
+            for k, v in copied.items()
+            if k not in ("adapter_path", "output_dir", "best_checkpoint", "collected_from")
+        } == {k: v for k, v in original.items() if k not in ("adapter_path", "output_dir", "best_checkpoint")}
         assert (dest / rel / "resolved_config.yaml").read_bytes() == (src / rel / "resolved_config.yaml").read_bytes()
         if kept:
             assert (dest / rel / "adapter.safetensors").read_bytes() == (src / rel / "adapter.safetensors").read_bytes()
@@ -172,7 +216,11 @@ def test_collect_copies_exactly_the_expected_files(tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------- the README
-FULL_CURVE = [[0.700, 0.740, 0.780], [0.702, 0.741, 0.781], [0.698, 0.739, 0.779]]  # still rising by ~4 pp, noise 0.1 pp
+FULL_CURVE = [
+    [0.700, 0.740, 0.780],
+    [0.702, 0.741, 0.781],
+    [0.698, 0.739, 0.779],
+]  # still rising by ~4 pp, noise 0.1 pp
 HEAD_CURVE = [[0.660, 0.690, 0.692], [0.670, 0.700, 0.698], [0.650, 0.680, 0.686]]  # +0.2 pp, noise 0.6 pp
 RECIPE_FINAL = {  # task -> (full test accs, LoRA test accs)
     "rotten_tomatoes": ([0.800, 0.802, 0.798], [0.801, 0.799, 0.800]),  # equal within noise: equivalent within ±1
@@ -190,32 +238,95 @@ def write_report_runs(root: Path) -> None:
     for (key, r), base in {**t6, **noisy}.items():
         for seed, acc in zip((1, 2, 3), base):
             acc = acc + (jitter[seed - 1] if (key, r) in t6 else 0.0)
-            write_run(root, f"ablations/table6/{key.replace(',', '')}/{r}-{seed}", config(seed), experiment="table6", seed=seed,
-                      lr=2e-3, best_val_acc=acc, test_acc=acc - 0.01, val_curve=curve([acc - 0.02, acc]), **lora(key.split(","), r))
+            write_run(
+                root,
+                f"ablations/table6/{key.replace(',', '')}/{r}-{seed}",
+                config(seed),
+                experiment="table6",
+                seed=seed,
+                lr=2e-3,
+                best_val_acc=acc,
+                test_acc=acc - 0.01,
+                val_curve=curve([acc - 0.02, acc]),
+                **lora(key.split(","), r),
+            )
     for method, curves in (("full", FULL_CURVE), ("head_only", HEAD_CURVE)):
         for seed, c in zip((1, 2, 3), curves):
-            write_run(root, f"ablations/table6_reference/{method}/{seed}", config(seed, method=method), experiment="table6_reference",
-                      method=method, seed=seed, lr=1e-4, best_val_acc=max(c), test_acc=max(c) - 0.01, val_curve=curve(c),
-                      params_trainable=22_713_986 if method == "full" else 148_610, steps=150)
+            write_run(
+                root,
+                f"ablations/table6_reference/{method}/{seed}",
+                config(seed, method=method),
+                experiment="table6_reference",
+                method=method,
+                seed=seed,
+                lr=1e-4,
+                best_val_acc=max(c),
+                test_acc=max(c) - 0.01,
+                val_curve=curve(c),
+                params_trainable=22_713_986 if method == "full" else 148_610,
+                steps=150,
+            )
     for key, acc in (("q", 0.71), ("v", 0.75), ("q,v", 0.76)):
         for seed, j in zip((11, 12, 13), jitter):
-            write_run(root, f"ablations/table5/{key.replace(',', '')}/{seed}", config(seed), experiment="table5", seed=seed, lr=2e-3,
-                      best_val_acc=acc + j, test_acc=acc + j - 0.01, **lora(key.split(","), 8 // len(key.split(","))))
+            write_run(
+                root,
+                f"ablations/table5/{key.replace(',', '')}/{seed}",
+                config(seed),
+                experiment="table5",
+                seed=seed,
+                lr=2e-3,
+                best_val_acc=acc + j,
+                test_acc=acc + j - 0.01,
+                **lora(key.split(","), 8 // len(key.split(","))),
+            )
     # recipe: search (seed 0) on every task, finals on three
     for task in ("rotten_tomatoes", "trec", "newsgroups", "convention_speeches"):
         for lr, acc in ((1e-4, 0.80), (2e-4, 0.81)):
-            write_run(root, f"recipe/search-{task}-full/{lr}", config(0, task, "full", 3000, 3), experiment="recipe", data=task,
-                      method="full", seed=0, lr=lr, best_val_acc=acc, test_acc=acc, steps=282)
+            write_run(
+                root,
+                f"recipe/search-{task}-full/{lr}",
+                config(0, task, "full", 3000, 3),
+                experiment="recipe",
+                data=task,
+                method="full",
+                seed=0,
+                lr=lr,
+                best_val_acc=acc,
+                test_acc=acc,
+                steps=282,
+            )
         for targets in (["q", "v"], ["q", "k", "v", "o"]):
-            write_run(root, f"recipe/search-{task}-lora/{len(targets)}", config(0, task, "lora", 3000, 3), experiment="recipe",
-                      data=task, seed=0, lr=2e-3, best_val_acc=0.80 + 0.001 * len(targets), test_acc=0.79, steps=282, **lora(targets, 8))
+            write_run(
+                root,
+                f"recipe/search-{task}-lora/{len(targets)}",
+                config(0, task, "lora", 3000, 3),
+                experiment="recipe",
+                data=task,
+                seed=0,
+                lr=2e-3,
+                best_val_acc=0.80 + 0.001 * len(targets),
+                test_acc=0.79,
+                steps=282,
+                **lora(targets, 8),
+            )
     for task, (full, lora_accs) in RECIPE_FINAL.items():
         for method, accs, lr in (("full", full, 2e-4), ("lora", lora_accs, 2e-3)):
             for seed, acc in zip((1, 2, 3), accs):
                 spec = lora(["q", "k", "v", "o"], 8) if method == "lora" else {"method": "full"}
-                write_run(root, f"recipe/final-{task}-{method}/{seed}", config(seed, task, method, 3000, 3), experiment="recipe",
-                          data=task, seed=seed, lr=lr, best_val_acc=acc + 0.005, test_acc=acc, steps=282,
-                          val_curve=curve([acc - 0.01, acc, acc + 0.005]), **spec)
+                write_run(
+                    root,
+                    f"recipe/final-{task}-{method}/{seed}",
+                    config(seed, task, method, 3000, 3),
+                    experiment="recipe",
+                    data=task,
+                    seed=seed,
+                    lr=lr,
+                    best_val_acc=acc + 0.005,
+                    test_acc=acc,
+                    steps=282,
+                    val_curve=curve([acc - 0.01, acc, acc + 0.005]),
+                    **spec,
+                )
 
 
 @pytest.fixture(scope="module")
@@ -242,8 +353,15 @@ def test_readme_has_the_sections_in_order(readme):
     root, text = readme
     headings = [line for line in text.splitlines() if line.startswith("## ")]
     assert headings == [
-        "## Index", "## How to regenerate", "## Method", "## Convergence", "## The default recipe", "## Table 5 (ours)",
-        "## Table 6 (ours)", "## What does not reproduce, and why", "## Data and model licences",
+        "## Index",
+        "## How to regenerate",
+        "## Method",
+        "## Convergence",
+        "## The default recipe",
+        "## Table 5 (ours)",
+        "## Table 6 (ours)",
+        "## What does not reproduce, and why",
+        "## Data and model licences",
     ]
     assert (root / "experiments" / "README.md").read_text() == text
     results = root / "experiments" / "results"
@@ -296,15 +414,19 @@ def test_recipe_verdicts_per_task(readme):
         assert row[1] == f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]" and row[2] == outcomes[task], row
         task_part = recipe.split(f"### {task}")[1].split("###")[0]
         test_row = table_row(task_part, "test accuracy")
-        assert test_row[4] == (f"{p_tost:.3f}" if p_tost >= 0.001 else "<0.001") and test_row[5] == f"**{outcomes[task]}**"
+        assert (
+            test_row[4] == (f"{p_tost:.3f}" if p_tost >= 0.001 else "<0.001") and test_row[5] == f"**{outcomes[task]}**"
+        )
         full_row = table_row(task_part, "full fine-tuning")
         assert full_row[5] == f"{100 * statistics.fmean(full):.1f} ± {100 * statistics.stdev(full):.1f}"
     assert "No final runs (seeds 1-3) for this task yet" in recipe.split("### newsgroups")[1].split("###")[0]
     assert "equivalence shown on 1 of 4 tasks; not yet testable on newsgroups" in recipe
     # the search's suggestion: best mean val acc over tasks for LoRA ([q,k,v,o]), best val lr per task for full FT
     # (the call recipe.sh takes: `final LORA_LR LORA_TARGETS DATA...`; it reads each task's full-FT lr itself)
-    assert ("RUNS=experiments/runs bash experiments/recipe.sh final 0.002 '[q,k,v,o]' rotten_tomatoes trec convention_speeches "
-            "newsgroups   # full FT at each task's best search lr: rotten_tomatoes 0.0002, trec 0.0002") in recipe
+    assert (
+        "RUNS=experiments/runs bash experiments/recipe.sh final 0.002 '[q,k,v,o]' rotten_tomatoes trec convention_speeches "
+        "newsgroups   # full FT at each task's best search lr: rotten_tomatoes 0.0002, trec 0.0002"
+    ) in recipe
 
 
 def test_convergence_flags_a_curve_still_rising(readme):
@@ -333,7 +455,9 @@ def test_convergence_check_statuses(points, status):
     runs = [{"val_curve": curve(p)} for p in points]
     check = convergence_check("x", runs)
     assert isinstance(check, Convergence) and status in check.status
-    assert math.isclose(check.delta, 100 * (statistics.fmean(p[-1] for p in points) - statistics.fmean(p[-2] for p in points)))
+    assert math.isclose(
+        check.delta, 100 * (statistics.fmean(p[-1] for p in points) - statistics.fmean(p[-2] for p in points))
+    )
 
 
 def test_what_does_not_reproduce_lists_exactly_the_non_agreeing_checks(readme):
@@ -364,9 +488,13 @@ def test_subspace_markdown_only_when_computed_from_these_runs(tmp_path):
     out.mkdir()
     (out / "subspace.md").write_text("## §7.2 old numbers\n")
     assert "Not computed for these runs yet" in "\n".join(subspace_markdown(out, runs, rows))
-    (out / "subspace.md").write_text(f"<!-- subspace.py runs={runs.as_posix()} adapters=ablations/table6/qv/0/adapter.safetensors -->\n## §7.2 new\n")
+    (out / "subspace.md").write_text(
+        f"<!-- subspace.py runs={runs.as_posix()} adapters=ablations/table6/qv/0/adapter.safetensors -->\n## §7.2 new\n"
+    )
     assert "## §7.2 new" in "\n".join(subspace_markdown(out, runs, rows))
-    (out / "subspace.md").write_text(f"<!-- subspace.py runs={runs.as_posix()} adapters=ablations/table6/qv/9/adapter.safetensors -->\n## §7.2 gone\n")
+    (out / "subspace.md").write_text(
+        f"<!-- subspace.py runs={runs.as_posix()} adapters=ablations/table6/qv/9/adapter.safetensors -->\n## §7.2 gone\n"
+    )
     assert "## §7.2 gone" not in "\n".join(subspace_markdown(out, runs, rows))
 
 
@@ -385,7 +513,12 @@ def test_subspace_rebuilds_the_initial_A_of_a_seeded_adapter(tmp_path):
         network, _ = load_sequence_classifier("default", num_labels=2)
         root = torch.nn.Module()
         root.model = network
-        inject_lora(root, LoRAConfig(r=r, alpha=16, targets=["q", "v"], init="gaussian", init_seed=seed, modules_to_save=["model.classifier"]))
+        inject_lora(
+            root,
+            LoRAConfig(
+                r=r, alpha=16, targets=["q", "v"], init="gaussian", init_seed=seed, modules_to_save=["model.classifier"]
+            ),
+        )
         g = torch.Generator().manual_seed(seed * 10 + r)
         saved[(r, seed)] = {}
         for name, mod in root.named_modules():
@@ -395,8 +528,15 @@ def test_subspace_rebuilds_the_initial_A_of_a_seeded_adapter(tmp_path):
                     step = torch.randn(mod.lora_A.shape, generator=g)
                     mod.lora_A.add_(0.3 * mod.lora_A.norm() / step.norm() * step)
                     mod.lora_B.normal_(std=0.01, generator=g)
-        d = write_run(tmp_path, f"ablations/table6/qv/{r}-{seed}", experiment="table6", seed=seed, best_val_acc=0.7,
-                      adapter_path="adapter.safetensors", **lora(["q", "v"], r))
+        d = write_run(
+            tmp_path,
+            f"ablations/table6/qv/{r}-{seed}",
+            experiment="table6",
+            seed=seed,
+            best_val_acc=0.7,
+            adapter_path="adapter.safetensors",
+            **lora(["q", "v"], r),
+        )
         save_adapter(root, d / "adapter.safetensors")
     path = tmp_path / "ablations/table6/qv/2-1/adapter.safetensors"
     name = "model.bert.encoder.layer.3.attention.self.query"
@@ -422,24 +562,53 @@ def test_subspace_rebuilds_the_initial_A_of_a_seeded_adapter(tmp_path):
 def test_subspace_comparisons_reach_the_what_does_not_reproduce_list():
     from experiments.report import subspace_verdicts
 
-    sub = ["## §7.2", "- Top direction shared, r=8 vs r=64: φ(1,1) > 0.5 in 3 of 12 matrices (x).", "| table |",
-           "- ours, r=4, over the 6 layers: median 7.1", "- r=4, W projected onto ΔWq's directions: 1.3x (paper: 16.0x and 0.015x)."]
-    assert subspace_verdicts(sub) == ["- §7.2, Top direction shared, r=8 vs r=64: φ(1,1) > 0.5 in 3 of 12 matrices (x).",
-                                      "- §7.3, r=4, W projected onto ΔWq's directions: 1.3x (paper: 16.0x and 0.015x)."]
+    sub = [
+        "## §7.2",
+        "- Top direction shared, r=8 vs r=64: φ(1,1) > 0.5 in 3 of 12 matrices (x).",
+        "| table |",
+        "- ours, r=4, over the 6 layers: median 7.1",
+        "- r=4, W projected onto ΔWq's directions: 1.3x (paper: 16.0x and 0.015x).",
+    ]
+    assert subspace_verdicts(sub) == [
+        "- §7.2, Top direction shared, r=8 vs r=64: φ(1,1) > 0.5 in 3 of 12 matrices (x).",
+        "- §7.3, r=4, W projected onto ΔWq's directions: 1.3x (paper: 16.0x and 0.015x).",
+    ]
 
 
 def test_provenance_counts_recovered_runs_and_reports_the_twin_checks(tmp_path):
     from experiments.ablations import ablation_curves
     from experiments.report import provenance_lines
 
-    (tmp_path / "recovery.json").write_text(json.dumps({
-        "twin_checks": ["same: table6 a seed 1: ...", "same: table6 b seed 2: ...", "DIFFERENT: table6 c seed 3: logged val 1 test 2"],
-        "rejected_blocks": ["x.log job #0: interleaved"],
-    }))
+    (tmp_path / "recovery.json").write_text(
+        json.dumps(
+            {
+                "twin_checks": [
+                    "same: table6 a seed 1: ...",
+                    "same: table6 b seed 2: ...",
+                    "DIFFERENT: table6 c seed 3: logged val 1 test 2",
+                ],
+                "rejected_blocks": ["x.log job #0: interleaved"],
+            }
+        )
+    )
     curve = [[10, 0.7], [20, 0.75]]
     rows = [
-        {"experiment": "table6", "method": "lora", "targets_key": "q,v", "r": 8, "recovered_from": "experiments/logs/a.log", "val_curve": []},
-        {"experiment": "table6", "method": "lora", "targets_key": "q,v", "r": 8, "recovered_from": "experiments/logs/b.log", "val_curve": []},
+        {
+            "experiment": "table6",
+            "method": "lora",
+            "targets_key": "q,v",
+            "r": 8,
+            "recovered_from": "experiments/logs/a.log",
+            "val_curve": [],
+        },
+        {
+            "experiment": "table6",
+            "method": "lora",
+            "targets_key": "q,v",
+            "r": 8,
+            "recovered_from": "experiments/logs/b.log",
+            "val_curve": [],
+        },
         {"experiment": "table6", "method": "lora", "targets_key": "q,v", "r": 8, "val_curve": curve},
     ]
     (text,) = [line for line in provenance_lines(rows, tmp_path) if line]
@@ -457,28 +626,66 @@ def test_recipe_probe_rows_compare_each_variation_with_full_ft_and_the_default(t
     qkvo = {"method": "lora", "targets": ["q", "k", "v", "o"], "r": 8}
     full_test, default_test, long_test = [0.805, 0.800, 0.810], [0.785, 0.780, 0.790], [0.800, 0.805, 0.802]
     for seed, (f, d, l) in enumerate(zip(full_test, default_test, long_test), start=1):
-        write_run(tmp_path, f"recipe/final-full/{seed}", config(seed, method="full", epochs=3), experiment="recipe", data="rotten_tomatoes",
-                  seed=seed, method="full", targets=None, r=None, lr=5e-5, best_val_acc=0.80, test_acc=f)
-        write_run(tmp_path, f"recipe/final-lora/{seed}", config(seed, epochs=3), experiment="recipe", data="rotten_tomatoes",
-                  seed=seed, lr=2e-3, best_val_acc=0.80, test_acc=d, **qkvo)
-        write_run(tmp_path, f"recipe/probe-6/{seed}", config(seed, epochs=6), experiment="recipe_probe", data="rotten_tomatoes",
-                  seed=seed, lr=2e-3, best_val_acc=0.81, test_acc=l, val_curve=curve([0.78, 0.80, 0.81 + 0.001 * seed]), **qkvo)
+        write_run(
+            tmp_path,
+            f"recipe/final-full/{seed}",
+            config(seed, method="full", epochs=3),
+            experiment="recipe",
+            data="rotten_tomatoes",
+            seed=seed,
+            method="full",
+            targets=None,
+            r=None,
+            lr=5e-5,
+            best_val_acc=0.80,
+            test_acc=f,
+        )
+        write_run(
+            tmp_path,
+            f"recipe/final-lora/{seed}",
+            config(seed, epochs=3),
+            experiment="recipe",
+            data="rotten_tomatoes",
+            seed=seed,
+            lr=2e-3,
+            best_val_acc=0.80,
+            test_acc=d,
+            **qkvo,
+        )
+        write_run(
+            tmp_path,
+            f"recipe/probe-6/{seed}",
+            config(seed, epochs=6),
+            experiment="recipe_probe",
+            data="rotten_tomatoes",
+            seed=seed,
+            lr=2e-3,
+            best_val_acc=0.81,
+            test_acc=l,
+            val_curve=curve([0.78, 0.80, 0.81 + 0.001 * seed]),
+            **qkvo,
+        )
     text = "\n".join(recipe_probe_section(load_runs(tmp_path), margin=1.0, alpha=0.05))
     row = next(line for line in text.splitlines() if line.startswith("| LoRA W{q,k,v,o}, r=8, lr 0.002, 6 epochs |"))
     assert welch_ci(long_test, full_test) in row and welch_ci(long_test, default_test) in row
     assert "| 1, 2, 3 |" in row and "80.2 ± 0.3" in row  # the probe's test mean ± std
     assert "LoRA default (final runs)" in text and "full fine-tuning (final runs)" in text
     # the probes' curves are read: last two points of the mean curve (80.0 -> 81.2) against the seed std (0.10)
-    assert ("- LoRA W{q,k,v,o}, r=8, lr 0.002, 6 epochs: step 76 → 114: 80.0 → 81.2 % (Δ +1.20 pp); seed noise "
-            "(std over 3 seeds at step 114) 0.10 pp: still rising") in text
+    assert (
+        "- LoRA W{q,k,v,o}, r=8, lr 0.002, 6 epochs: step 76 → 114: 80.0 → 81.2 % (Δ +1.20 pp); seed noise "
+        "(std over 3 seeds at step 114) 0.10 pp: still rising"
+    ) in text
 
 
 def test_rank_profile_gives_each_rows_r1_and_r8_against_r64_beside_the_papers_difference():
     from experiments.tables import rank_profile_markdown
 
     acc = {1: [0.760, 0.770, 0.765], 8: [0.780, 0.775, 0.785], 64: [0.780, 0.790, 0.785]}
-    rows = [dict(lora(["q", "v"], r), experiment="table6", targets_key="q,v", seed=s, best_val_acc=a, test_acc=a - 0.01)
-            for r, accs in acc.items() for s, a in enumerate(accs, start=1)]
+    rows = [
+        dict(lora(["q", "v"], r), experiment="table6", targets_key="q,v", seed=s, best_val_acc=a, test_acc=a - 0.01)
+        for r, accs in acc.items()
+        for s, a in enumerate(accs, start=1)
+    ]
     text = rank_profile_markdown(rows)
     row = next(line for line in text.splitlines() if line.startswith("| W{q,v} | r=1 − r=64 |"))
     a, b = 100 * np.array(acc[1]), 100 * np.array(acc[64])
@@ -500,27 +707,76 @@ def test_longer_schedule_sets_each_cell_and_claim_beside_its_150_step_twin(tmp_p
     for seed in (1, 2, 3, 4):  # seed 4 exists at 150 steps only: left out of the like-for-like columns
         for (key, r), accs in short.items():
             acc = accs[seed - 1] if seed <= 3 else 0.5
-            write_run(tmp_path, f"t6/{r}/{seed}", config(seed), experiment="table6", seed=seed, lr=2e-3, steps=150,
-                      best_val_acc=acc, test_acc=acc - 0.01, **lora(key.split(","), r))
-        write_run(tmp_path, f"ref/{seed}", config(seed, method="full"), experiment="table6_reference", method="full", seed=seed,
-                  lr=2e-4, steps=150, best_val_acc=full_short[seed - 1] if seed <= 3 else 0.5, test_acc=0.79)
+            write_run(
+                tmp_path,
+                f"t6/{r}/{seed}",
+                config(seed),
+                experiment="table6",
+                seed=seed,
+                lr=2e-3,
+                steps=150,
+                best_val_acc=acc,
+                test_acc=acc - 0.01,
+                **lora(key.split(","), r),
+            )
+        write_run(
+            tmp_path,
+            f"ref/{seed}",
+            config(seed, method="full"),
+            experiment="table6_reference",
+            method="full",
+            seed=seed,
+            lr=2e-4,
+            steps=150,
+            best_val_acc=full_short[seed - 1] if seed <= 3 else 0.5,
+            test_acc=0.79,
+        )
     for seed in (1, 2, 3):
         for (key, r), accs in long.items():
-            write_run(tmp_path, f"conv/{r}/{seed}", config(seed, epochs=4), experiment="convergence", seed=seed, lr=2e-3, steps=300,
-                      best_val_acc=accs[seed - 1], test_acc=accs[seed - 1] - 0.02,
-                      val_curve=curve([0.70, accs[seed - 1] - 0.001, accs[seed - 1]], every=100), **lora(key.split(","), r))
-        write_run(tmp_path, f"conv/full/{seed}", config(seed, method="full", epochs=4), experiment="convergence", method="full",
-                  seed=seed, lr=2e-4, steps=300, best_val_acc=full_long[seed - 1], test_acc=0.80)
+            write_run(
+                tmp_path,
+                f"conv/{r}/{seed}",
+                config(seed, epochs=4),
+                experiment="convergence",
+                seed=seed,
+                lr=2e-3,
+                steps=300,
+                best_val_acc=accs[seed - 1],
+                test_acc=accs[seed - 1] - 0.02,
+                val_curve=curve([0.70, accs[seed - 1] - 0.001, accs[seed - 1]], every=100),
+                **lora(key.split(","), r),
+            )
+        write_run(
+            tmp_path,
+            f"conv/full/{seed}",
+            config(seed, method="full", epochs=4),
+            experiment="convergence",
+            method="full",
+            seed=seed,
+            lr=2e-4,
+            steps=300,
+            best_val_acc=full_long[seed - 1],
+            test_acc=0.80,
+        )
     text = "\n".join(longer_schedule_section(load_runs(tmp_path), tmp_path / "out", "results"))
     row = table_row(text, "LoRA W{q,v}, r=1")
     assert row[1:5] == ["0.002", "1, 2, 3", "76.5 ± 0.5", "79.2 ± 0.2"]
     assert row[5] == welch_ci(long[("q,v", 1)], short[("q,v", 1)])  # Δ val = 300 steps − 150 steps, seed 4 excluded
     assert table_row(text, "full fine-tuning")[5] == welch_ci(full_long, full_short)
     # the r=1 − r=64 comparison at both schedules, on validation
-    comp = next(line for line in text.splitlines() if line.startswith("| r=1 is already competitive") and "r=1 − r=64" in line)
-    assert welch_ci(short[("q,v", 1)], short[("q,v", 64)]) in comp and welch_ci(long[("q,v", 1)], long[("q,v", 64)]) in comp
+    comp = next(
+        line for line in text.splitlines() if line.startswith("| r=1 is already competitive") and "r=1 − r=64" in line
+    )
+    assert (
+        welch_ci(short[("q,v", 1)], short[("q,v", 64)]) in comp
+        and welch_ci(long[("q,v", 1)], long[("q,v", 64)]) in comp
+    )
     # LoRA vs full fine-tuning is among the re-checked claims, with its difference at 300 steps
-    lvf = next(line for line in text.splitlines() if line.startswith("| LoRA matches full fine-tuning") and "LoRA − full FT:" in line)
+    lvf = next(
+        line
+        for line in text.splitlines()
+        if line.startswith("| LoRA matches full fine-tuning") and "LoRA − full FT:" in line
+    )
     assert welch_ci(long[("q,v", 8)], full_long) in lvf
     assert (tmp_path / "out" / "convergence_300steps.png").read_bytes()[:4] == b"\x89PNG"
     assert "step 200 → 300" in text
@@ -531,41 +787,93 @@ def test_table5_at_300_steps_sets_each_weight_type_and_claim_beside_the_150_step
 
     # 150 steps: W{q} is the best single type; 300 steps: W{v} is. The 150-step column of a claim must compare the
     # groups the 300-step claim names (W{v}), not its own best single type.
-    short = {"q": [0.760, 0.764, 0.762], "k": [0.740, 0.745, 0.742], "v": [0.750, 0.752, 0.751], "o": [0.748, 0.750, 0.749],
-             "q,v": [0.770, 0.772, 0.771], "q,k,v,o": [0.775, 0.777, 0.776]}
-    long = {"q": [0.770, 0.773, 0.771], "k": [0.760, 0.762, 0.761], "v": [0.780, 0.784, 0.782], "o": [0.777, 0.776, 0.778],
-            "q,v": [0.781, 0.786, 0.779], "q,k,v,o": [0.792, 0.790, 0.796]}
+    short = {
+        "q": [0.760, 0.764, 0.762],
+        "k": [0.740, 0.745, 0.742],
+        "v": [0.750, 0.752, 0.751],
+        "o": [0.748, 0.750, 0.749],
+        "q,v": [0.770, 0.772, 0.771],
+        "q,k,v,o": [0.775, 0.777, 0.776],
+    }
+    long = {
+        "q": [0.770, 0.773, 0.771],
+        "k": [0.760, 0.762, 0.761],
+        "v": [0.780, 0.784, 0.782],
+        "o": [0.777, 0.776, 0.778],
+        "q,v": [0.781, 0.786, 0.779],
+        "q,k,v,o": [0.792, 0.790, 0.796],
+    }
     ranks = {"q": 8, "k": 8, "v": 8, "o": 8, "q,v": 4, "q,k,v,o": 2}
     for seed in (11, 12, 13, 14):  # seed 14 exists at 150 steps only: left out
         for key, accs in short.items():
             acc = accs[seed - 11] if seed <= 13 else 0.5
-            write_run(tmp_path, f"t5/{key}/{seed}", config(seed), experiment="table5", seed=seed, lr=4e-3, steps=150,
-                      best_val_acc=acc, test_acc=acc - 0.01, **lora(key.split(","), ranks[key]))
+            write_run(
+                tmp_path,
+                f"t5/{key}/{seed}",
+                config(seed),
+                experiment="table5",
+                seed=seed,
+                lr=4e-3,
+                steps=150,
+                best_val_acc=acc,
+                test_acc=acc - 0.01,
+                **lora(key.split(","), ranks[key]),
+            )
     for seed in (11, 12, 13):
         for key, accs in long.items():
-            write_run(tmp_path, f"ct5/{key}/{seed}", config(seed, epochs=4), experiment="convergence_table5", seed=seed,
-                      lr=4e-3, steps=300, best_val_acc=accs[seed - 11], test_acc=accs[seed - 11] - 0.02,
-                      val_curve=curve([0.70, accs[seed - 11] - 0.004, accs[seed - 11]], every=100), **lora(key.split(","), ranks[key]))
+            write_run(
+                tmp_path,
+                f"ct5/{key}/{seed}",
+                config(seed, epochs=4),
+                experiment="convergence_table5",
+                seed=seed,
+                lr=4e-3,
+                steps=300,
+                best_val_acc=accs[seed - 11],
+                test_acc=accs[seed - 11] - 0.02,
+                val_curve=curve([0.70, accs[seed - 11] - 0.004, accs[seed - 11]], every=100),
+                **lora(key.split(","), ranks[key]),
+            )
     # one convergence run, so the section exists
-    write_run(tmp_path, "conv/full/1", config(1, method="full", epochs=4), experiment="convergence", method="full", seed=1,
-              lr=2e-4, steps=300, best_val_acc=0.81, test_acc=0.80)
+    write_run(
+        tmp_path,
+        "conv/full/1",
+        config(1, method="full", epochs=4),
+        experiment="convergence",
+        method="full",
+        seed=1,
+        lr=2e-4,
+        steps=300,
+        best_val_acc=0.81,
+        test_acc=0.80,
+    )
     text = "\n".join(longer_schedule_section(load_runs(tmp_path), tmp_path / "out", "results"))
-    t5 = text[text.index("### Table 5 at 300 steps"):]
+    t5 = text[text.index("### Table 5 at 300 steps") :]
     row = table_row(t5, "W{v}, r=8")
     assert row[1:5] == ["0.004", "11, 12, 13", "75.1 ± 0.1", "78.2 ± 0.2"]
-    assert row[5] == welch_ci(long["v"], short["v"]) and row[8] == welch_ci([a - 0.02 for a in long["v"]], [a - 0.01 for a in short["v"]])
+    assert row[5] == welch_ci(long["v"], short["v"]) and row[8] == welch_ci(
+        [a - 0.02 for a in long["v"]], [a - 0.01 for a in short["v"]]
+    )
     assert "| W{k}, r=8 |" in t5 and "W{q,k}" not in t5  # no W{q,k} runs: no row made up
-    claim = next(line for line in t5.splitlines() if line.startswith("| W{q,v} beats the best single type (W{v}): W{q,v} − W{v} |"))
+    claim = next(
+        line
+        for line in t5.splitlines()
+        if line.startswith("| W{q,v} beats the best single type (W{v}): W{q,v} − W{v} |")
+    )
     assert welch_ci(short["q,v"], short["v"]) in claim and welch_ci(long["q,v"], long["v"]) in claim
     assert "Table 5's claims re-checked on the 300-step runs" in t5
     assert (tmp_path / "out" / "convergence_table5_300steps.png").read_bytes()[:4] == b"\x89PNG"
     v_line = next(line for line in t5.splitlines() if line.startswith("- W{v}, r=8: step 200 → 300"))
-    assert f"(Δ +0.40 pp); seed noise (std over 3 seeds at step 300) {100 * statistics.stdev(long['v']):.2f} pp" in v_line
+    assert (
+        f"(Δ +0.40 pp); seed noise (std over 3 seeds at step 300) {100 * statistics.stdev(long['v']):.2f} pp" in v_line
+    )
     # the 300-step verdicts that are not "agrees" are listed among what does not reproduce: W{q,v} ties W{v} at 300
     # steps (a claim the paper makes), the other three claims hold by margins far beyond these tiny seed spreads
     readme = section(write_readme(tmp_path, tmp_path / "out", tmp_path / "README.md"), "What does not reproduce")
     listed = [line for line in readme.splitlines() if line.startswith("- Table 5 at 300 steps, validation accuracy:")]
-    assert len(listed) == 1 and listed[0].startswith('- Table 5 at 300 steps, validation accuracy: "W{q,v} beats the best single type (W{v})" — **')
+    assert len(listed) == 1 and listed[0].startswith(
+        '- Table 5 at 300 steps, validation accuracy: "W{q,v} beats the best single type (W{v})" — **'
+    )
 
 
 BITS = ["".join("1" if (i * 7 + k * 3) % 10 < 8 - (k > 2) else "0" for i in range(40)) for k in range(6)]
@@ -579,26 +887,77 @@ def test_recipe_probes_compare_lora_and_full_ft_at_the_same_schedule_and_their_l
     lora6_last, full6_last = [0.795, 0.799, 0.801], [0.807, 0.804, 0.810]
     for seed in (1, 2, 3):
         i = seed - 1
-        write_run(tmp_path, f"recipe/final-full/{seed}", config(seed, method="full", epochs=3), experiment="recipe", data="trec",
-                  seed=seed, method="full", targets=None, r=None, lr=5e-5, best_val_acc=0.80, test_acc=0.80)
-        write_run(tmp_path, f"probe/lora6/{seed}", config(seed, epochs=6), experiment="recipe_probe", data="trec", seed=seed,
-                  lr=2e-3, best_val_acc=0.81, test_acc=lora6[i], last_test_acc=lora6_last[i], test_correct=BITS[i], **qkvo)
-        write_run(tmp_path, f"probe/full6/{seed}", config(seed, method="full", epochs=6), experiment="recipe_probe", data="trec",
-                  seed=seed, method="full", targets=None, r=None, lr=5e-5, best_val_acc=0.81, test_acc=full6[i], last_test_acc=full6_last[i],
-                  test_correct=BITS[3 + i])
-        write_run(tmp_path, f"probe/all3/{seed}", config(seed, epochs=3), experiment="recipe_probe", data="trec", seed=seed,
-                  lr=2e-3, best_val_acc=0.81, test_acc=0.79, **{**qkvo, "targets": ["all-linear"]})
+        write_run(
+            tmp_path,
+            f"recipe/final-full/{seed}",
+            config(seed, method="full", epochs=3),
+            experiment="recipe",
+            data="trec",
+            seed=seed,
+            method="full",
+            targets=None,
+            r=None,
+            lr=5e-5,
+            best_val_acc=0.80,
+            test_acc=0.80,
+        )
+        write_run(
+            tmp_path,
+            f"probe/lora6/{seed}",
+            config(seed, epochs=6),
+            experiment="recipe_probe",
+            data="trec",
+            seed=seed,
+            lr=2e-3,
+            best_val_acc=0.81,
+            test_acc=lora6[i],
+            last_test_acc=lora6_last[i],
+            test_correct=BITS[i],
+            **qkvo,
+        )
+        write_run(
+            tmp_path,
+            f"probe/full6/{seed}",
+            config(seed, method="full", epochs=6),
+            experiment="recipe_probe",
+            data="trec",
+            seed=seed,
+            method="full",
+            targets=None,
+            r=None,
+            lr=5e-5,
+            best_val_acc=0.81,
+            test_acc=full6[i],
+            last_test_acc=full6_last[i],
+            test_correct=BITS[3 + i],
+        )
+        write_run(
+            tmp_path,
+            f"probe/all3/{seed}",
+            config(seed, epochs=3),
+            experiment="recipe_probe",
+            data="trec",
+            seed=seed,
+            lr=2e-3,
+            best_val_acc=0.81,
+            test_acc=0.79,
+            **{**qkvo, "targets": ["all-linear"]},
+        )
     text = "\n".join(recipe_probe_section(load_runs(tmp_path), margin=1.0, alpha=0.05))
     same = [line for line in text.splitlines() if line.startswith("- Same schedule:")]
     assert len(same) == 1, same  # the 3-epoch all-linear probe has no 3-epoch full FT probe to pair with
-    assert same[0].startswith("- Same schedule: LoRA W{q,k,v,o}, r=8, lr 0.002, 6 epochs − full fine-tuning, lr 5e-05, 6 epochs: "
-                              f"test {welch_ci(lora6, full6)}")
+    assert same[0].startswith(
+        "- Same schedule: LoRA W{q,k,v,o}, r=8, lr 0.002, 6 epochs − full fine-tuning, lr 5e-05, 6 epochs: "
+        f"test {welch_ci(lora6, full6)}"
+    )
     assert f"last checkpoints on test {welch_ci(lora6_last, full6_last)}" in same[0]
     from experiments.stats import example_bootstrap
 
     d, lo, hi = example_bootstrap(BITS[:3], BITS[3:])
-    assert (f"bootstrap over seeds and the 40 test examples (95% percentile CI): best-validation checkpoints {d:+.2f} [{lo:+.2f}, {hi:+.2f}] "
-            "(seeds 1, 2, 3 − 1, 2, 3)") in same[0]
+    assert (
+        f"bootstrap over seeds and the 40 test examples (95% percentile CI): best-validation checkpoints {d:+.2f} [{lo:+.2f}, {hi:+.2f}] "
+        "(seeds 1, 2, 3 − 1, 2, 3)"
+    ) in same[0]
     assert "last checkpoints" not in same[0].split("bootstrap")[1]  # no last_test_correct recorded: no interval made up
     row = table_row(text, "full fine-tuning, lr 5e-05, 6 epochs")
     assert row[4] == f"{100 * statistics.fmean(full6_last):.1f} ± {100 * statistics.stdev(full6_last):.1f}"
@@ -611,7 +970,9 @@ def test_longer_schedule_includes_the_300_step_subspace_report_only_when_it_is_f
     (runs / "a").mkdir(parents=True)
     out.mkdir()
     (runs / "a" / "adapter.safetensors").write_bytes(b"x")
-    (out / "subspace_convergence.md").write_text(f"<!-- subspace.py runs={runs.as_posix()} adapters=a/adapter.safetensors -->\n### §7.2 body\n")
+    (out / "subspace_convergence.md").write_text(
+        f"<!-- subspace.py runs={runs.as_posix()} adapters=a/adapter.safetensors -->\n### §7.2 body\n"
+    )
     assert "### §7.2 body" in "\n".join(subspace_lines(out, runs))
     assert subspace_lines(out, tmp_path / "other") == []  # computed from another runs folder
     (runs / "a" / "adapter.safetensors").unlink()
@@ -622,9 +983,15 @@ def test_longer_schedule_includes_the_300_step_subspace_report_only_when_it_is_f
 def test_index_gives_each_study_its_commands_and_only_result_files_that_exist(readme):
     root, text = readme
     index = section(text, "Index")
-    rows = {table_row(index, name)[0]: table_row(index, name) for name in
-            ("Ablations: learning-rate search, Table 5, Table 6 and its reference rows", "The default recipe: one LoRA setting against full fine-tuning on four tasks",
-             "A longer schedule: the ablation cells and Table 5 at 300 steps", "Two task adapters in one fit vs each alone")}
+    rows = {
+        table_row(index, name)[0]: table_row(index, name)
+        for name in (
+            "Ablations: learning-rate search, Table 5, Table 6 and its reference rows",
+            "The default recipe: one LoRA setting against full fine-tuning on four tasks",
+            "A longer schedule: the ablation cells and Table 5 at 300 steps",
+            "Two task adapters in one fit vs each alone",
+        )
+    }
     ablations = rows["Ablations: learning-rate search, Table 5, Table 6 and its reference rows"]
     assert "`bash experiments/ablations.sh search`" in ablations[1] and ablations[2] == "`python -m experiments report`"
     assert "this README: “Method”, “Convergence”, “Table 5 (ours)”, “Table 6 (ours)”" in ablations[3]
@@ -634,11 +1001,18 @@ def test_index_gives_each_study_its_commands_and_only_result_files_that_exist(re
     assert all((readme_dir / link).is_file() for link in links)  # linked relative to the README, and there
     # no 300-step runs here: the row keeps its commands but names no section and no file
     assert rows["A longer schedule: the ablation cells and Table 5 at 300 steps"][2:] == [
-        "`python -m experiments subspace --experiment convergence && python -m experiments report`", "-"]
-    assert rows["The default recipe: one LoRA setting against full fine-tuning on four tasks"][3] == \
-        "this README: “The default recipe”; [`results/recipe_convergence.png`](results/recipe_convergence.png)"
+        "`python -m experiments subspace --experiment convergence && python -m experiments report`",
+        "-",
+    ]
+    assert (
+        rows["The default recipe: one LoRA setting against full fine-tuning on four tasks"][3]
+        == "this README: “The default recipe”; [`results/recipe_convergence.png`](results/recipe_convergence.png)"
+    )
     assert rows["Two task adapters in one fit vs each alone"][1:] == [
-        "`python -m experiments two-tasks run --seeds 0 1 2 --jobs 2`", "`python -m experiments two-tasks report`", "-"]
+        "`python -m experiments two-tasks run --seeds 0 1 2 --jobs 2`",
+        "`python -m experiments two-tasks report`",
+        "-",
+    ]
 
 
 def test_no_issue_numbers_and_no_machine_paths_in_the_readme(readme):
@@ -652,8 +1026,16 @@ def test_no_issue_numbers_and_no_machine_paths_in_the_readme(readme):
 def test_provenance_writes_a_recorded_absolute_path_from_multirun_on(tmp_path):
     from experiments.report import provenance_lines
 
-    (tmp_path / "recovery.json").write_text(json.dumps({"twin_checks": [], "rejected_blocks": [
-        "experiments/logs/x.log job #0: overrides 'a' but its table is of 'b' (/home/someone/lora/multirun/recipe/final-x/0): interleaved"]}))
+    (tmp_path / "recovery.json").write_text(
+        json.dumps(
+            {
+                "twin_checks": [],
+                "rejected_blocks": [
+                    "experiments/logs/x.log job #0: overrides 'a' but its table is of 'b' (/home/someone/lora/multirun/recipe/final-x/0): interleaved"
+                ],
+            }
+        )
+    )
     rows = [{"experiment": "table6", "recovered_from": "experiments/logs/x.log"}, {"experiment": "table6"}]
     (text,) = [line for line in provenance_lines(rows, tmp_path) if line]
     assert "its table is of 'b' (multirun/recipe/final-x/0): interleaved" in text and "/home/someone" not in text
@@ -679,7 +1061,9 @@ def commands_in(name: str, text: str) -> list[str]:
     if name.endswith(".sh"):
         found = re.findall(rf"python -m experiments ({stop})", text)
     elif name.endswith(".md"):
-        found = re.findall(r"`python -m experiments ([^`]*)`", text) + re.findall(rf"^python -m experiments ({stop})", text, re.M)
+        found = re.findall(r"`python -m experiments ([^`]*)`", text) + re.findall(
+            rf"^python -m experiments ({stop})", text, re.M
+        )
     else:
         found = re.findall(r"^\s+python -m experiments (.+?)(?:\s{2,}#.*)?$", text, re.M)
     return [part.split("python -m experiments ")[-1] for cmd in found for part in cmd.split(" && ")]
@@ -699,7 +1083,9 @@ def test_every_experiments_command_in_the_scripts_and_the_readme_parses():
     checked = set()
     for path in files:
         text = path.read_text()
-        assert not re.search(r"-m experiments\.\w", text.replace("python -m experiments.summarize is gone", "")), path.name
+        assert not re.search(r"-m experiments\.\w", text.replace("python -m experiments.summarize is gone", "")), (
+            path.name
+        )
         for cmd in commands_in(path.name, text):
             cmd = re.sub(r"\$\{[^}]*\}|\$\w+", "X", re.sub(r"\[[^]]*\]", "", cmd)).replace("...", "")
             words = [w.split("|")[0] for w in shlex.split(cmd)]

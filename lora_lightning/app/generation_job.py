@@ -13,8 +13,9 @@ from __future__ import annotations
 import copy
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -34,8 +35,9 @@ def score(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> di
     return {"bleu": float(bleu), "rougeL": float(rouge["rougeL_fmeasure"])}
 
 
-def evaluate(model: torch.nn.Module, tokenizer: Any, dm: GenerationDataModule, split: str, max_new_tokens: int,
-             batch_size: int) -> tuple[dict[str, float], list[str], float]:
+def evaluate(
+    model: torch.nn.Module, tokenizer: Any, dm: GenerationDataModule, split: str, max_new_tokens: int, batch_size: int
+) -> tuple[dict[str, float], list[str], float]:
     """Generate for every input of ``split``; returns (scores, predictions, generated tokens per second)."""
     prompts, refs = dm.prompts(split)
     start = time.perf_counter()
@@ -45,8 +47,14 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, dm: GenerationDataModule, s
     return score(preds, refs), preds, n_tokens / seconds
 
 
-def run_generation(cfg: Any, datamodule: GenerationDataModule, out: Path, lora: LoRAConfig | None,
-                   trainer: pl.Trainer, model: CausalLMModule) -> dict[str, Any]:
+def run_generation(
+    cfg: Any,
+    datamodule: GenerationDataModule,
+    out: Path,
+    lora: LoRAConfig | None,
+    trainer: pl.Trainer,
+    model: CausalLMModule,
+) -> dict[str, Any]:
     gen = cfg.get("generation", {}) or {}
     max_new, gen_batch = int(gen.get("max_new_tokens", 64)), int(gen.get("batch_size", 16))
     tokenizer = datamodule.tokenizer
@@ -65,14 +73,22 @@ def run_generation(cfg: Any, datamodule: GenerationDataModule, out: Path, lora: 
     train_tokens = sum(len(ids) for ids, _ in datamodule.datasets["train"].items) * trainer.current_epoch
     if lora is not None:
         summary["adapter_bytes"] = save_adapter(model, out / "adapter.safetensors").stat().st_size
-        peft_dir = export_peft_adapter(model, out / "peft_adapter", base_model_name_or_path=str(cfg.model.model), submodule="model")
+        peft_dir = export_peft_adapter(
+            model, out / "peft_adapter", base_model_name_or_path=str(cfg.model.model), submodule="model"
+        )
         summary["peft_max_abs_logit_diff"] = peft_logit_difference(model, peft_dir, cfg.model.model, datamodule)
         merge_lora(model)  # generation below runs on the merged weights: no adapter cost
     scores, preds, tok_per_s = evaluate(model.model, tokenizer, datamodule, "test", max_new, gen_batch)
     summary.update({f"test_{k}": v for k, v in scores.items()})
-    (out / "test_predictions.json").write_text(json.dumps(
-        [{"prompt_input": g.input, "prediction": p, "references": list(g.references)} for g, p in zip(datamodule.groups["test"], preds)],
-        indent=1))
+    (out / "test_predictions.json").write_text(
+        json.dumps(
+            [
+                {"prompt_input": g.input, "prediction": p, "references": list(g.references)}
+                for g, p in zip(datamodule.groups["test"], preds)
+            ],
+            indent=1,
+        )
+    )
     if lora is not None and gen.get("save_merged_hf", True):
         merged = merge_and_unload(copy.deepcopy(model)).model  # the LoRA record lives on the LightningModule
         merged.save_pretrained(out / "merged_hf")
@@ -80,19 +96,26 @@ def run_generation(cfg: Any, datamodule: GenerationDataModule, out: Path, lora: 
         summary["merged_hf"] = str(out / "merged_hf")
         reloaded, _ = load_causal_lm(out / "merged_hf")  # plain transformers, no lora_lightning layers
         prompts = datamodule.prompts("test")[0][:2]
-        summary["merged_hf_generates_the_same"] = (
-            generate(reloaded, tokenizer, prompts, max_new, gen_batch) == generate(model.model, tokenizer, prompts, max_new, gen_batch)
-        )
+        summary["merged_hf_generates_the_same"] = generate(
+            reloaded, tokenizer, prompts, max_new, gen_batch
+        ) == generate(model.model, tokenizer, prompts, max_new, gen_batch)
     counts = count_parameters(model)
-    summary.update({
-        "best_val_loss": float(ckpt.best_model_score) if ckpt and ckpt.best_model_score is not None else None,
-        "fit_seconds": round(fit_seconds, 2), "steps": trainer.global_step, "epochs": trainer.current_epoch,
-        "train_tokens_per_second": round(train_tokens / fit_seconds, 1) if fit_seconds > 0 else None,
-        "generation_tokens_per_second": round(tok_per_s, 1),
-        "params_trainable": counts.trainable, "params_total": counts.total, "params_lora": counts.lora,
-        "train_examples": len(datamodule.datasets["train"]), "test_inputs": len(datamodule.groups["test"]),
-        "best_checkpoint": best,
-    })
+    summary.update(
+        {
+            "best_val_loss": float(ckpt.best_model_score) if ckpt and ckpt.best_model_score is not None else None,
+            "fit_seconds": round(fit_seconds, 2),
+            "steps": trainer.global_step,
+            "epochs": trainer.current_epoch,
+            "train_tokens_per_second": round(train_tokens / fit_seconds, 1) if fit_seconds > 0 else None,
+            "generation_tokens_per_second": round(tok_per_s, 1),
+            "params_trainable": counts.trainable,
+            "params_total": counts.total,
+            "params_lora": counts.lora,
+            "train_examples": len(datamodule.datasets["train"]),
+            "test_inputs": len(datamodule.groups["test"]),
+            "best_checkpoint": best,
+        }
+    )
     return summary
 
 

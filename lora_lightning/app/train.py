@@ -25,7 +25,15 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 
-from lora_lightning import LoRACallback, LoRAConfig, base_memory, count_parameters, plan_injection, rank_for_budget, save_adapter
+from lora_lightning import (
+    LoRACallback,
+    LoRAConfig,
+    base_memory,
+    count_parameters,
+    plan_injection,
+    rank_for_budget,
+    save_adapter,
+)
 from lora_lightning.config import all_option_defaults
 from lora_lightning.errors import AppConfigError, LoRAError
 
@@ -48,7 +56,9 @@ def cpu_precision() -> str:
     (AVX512-BF16 or AMX tiles: about 2x faster steps at equal accuracy, benchmarks/RESULTS.md §9, §11 and
     experiments/results/precision.md), else ``32-true`` (emulated bf16 would be slower than fp32)."""
     cpu = getattr(torch, "cpu", None)
-    native = any(bool(getattr(cpu, f, lambda: False)()) for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    native = any(
+        bool(getattr(cpu, f, lambda: False)()) for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    )
     return "bf16-mixed" if native else "32-true"
 
 
@@ -87,7 +97,9 @@ def variant_summary(trainer: pl.Trainer, model: pl.LightningModule, lora: LoRACo
 def freeze_all_but_head(model: pl.LightningModule) -> None:
     head = set(getattr(model, "head_parameter_names", []))
     if not head:
-        raise AppConfigError("lora.method=head_only needs a model exposing head_parameter_names (SequenceClassifier does)")
+        raise AppConfigError(
+            "lora.method=head_only needs a model exposing head_parameter_names (SequenceClassifier does)"
+        )
     for name, p in model.named_parameters():
         p.requires_grad_(name in head)
 
@@ -139,11 +151,22 @@ class ValidationCurve(pl.Callback):
 def build_callbacks(cfg: DictConfig, out: Path, lora: LoRAConfig | None, monitor: str = "val_acc") -> list[pl.Callback]:
     mode = "min" if monitor.endswith("loss") else "max"
     callbacks: list[pl.Callback] = [
-        ModelCheckpoint(dirpath=out / "checkpoints", monitor=monitor, mode=mode, save_top_k=1,
-                        filename=f"best-{{epoch}}-{{step}}-{{{monitor}:.4f}}"),
+        ModelCheckpoint(
+            dirpath=out / "checkpoints",
+            monitor=monitor,
+            mode=mode,
+            save_top_k=1,
+            filename=f"best-{{epoch}}-{{step}}-{{{monitor}:.4f}}",
+        ),
         # the weights after the latest validation, whatever their score: Lightning >= 2.6 writes save_last=True's
         # last.ckpt only when a top-k checkpoint is saved at the same step, which makes it a copy of the best
-        ModelCheckpoint(dirpath=out / "checkpoints", filename=LAST_CHECKPOINT, monitor=None, save_top_k=1, enable_version_counter=False),
+        ModelCheckpoint(
+            dirpath=out / "checkpoints",
+            filename=LAST_CHECKPOINT,
+            monitor=None,
+            save_top_k=1,
+            enable_version_counter=False,
+        ),
         ValidationCurve(monitor),
     ]
     if cfg.progress == "rich":
@@ -196,7 +219,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     datamodule.setup("fit")
     if isinstance(datamodule, GenerationDataModule) or _is_causal_lm(cfg):
         return run_causal_lm(cfg, datamodule, out, method)
-    model = instantiate(cfg.model, _convert_="all", num_labels=datamodule.num_labels, label_names=list(datamodule.label_names))
+    model = instantiate(
+        cfg.model, _convert_="all", num_labels=datamodule.num_labels, label_names=list(datamodule.label_names)
+    )
     base_params = count_parameters(model)
     full_model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 
@@ -219,7 +244,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         last_path = str(last) if last.is_file() else ""
         if cfg.get("test_last") and last_path:  # the final weights too: selection on validation vs the schedule's end
             tested = trainer.test(model, datamodule=datamodule, ckpt_path=last_path, verbose=False)
-            results = {f"last_{k}": float(v) for k, v in (tested[0] if tested else {}).items()} | correctness(model, "last_")
+            results = {f"last_{k}": float(v) for k, v in (tested[0] if tested else {}).items()} | correctness(
+                model, "last_"
+            )
         tested = trainer.test(model, datamodule=datamodule, ckpt_path=best_path or None, verbose=False)
         results.update({k: float(v) for k, v in (tested[0] if tested else {}).items()} | correctness(model))
 
@@ -290,21 +317,34 @@ def run_causal_lm(cfg: DictConfig, datamodule: Any, out: Path, method: str) -> d
             "(model=minilm) on classification data"
         )
     if method == "head_only":
-        raise AppConfigError("lora.method=head_only: a causal LM has no new head (its output layer is the tied embedding); use lora or full")
+        raise AppConfigError(
+            "lora.method=head_only: a causal LM has no new head (its output layer is the tied embedding); use lora or full"
+        )
     model = instantiate(cfg.model, _convert_="all")
     lora = build_lora_config(cfg, model) if method == "lora" else None
     logger = build_logger(cfg)
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg, out, lora, monitor="val_loss"), logger=logger)
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer, callbacks=build_callbacks(cfg, out, lora, monitor="val_loss"), logger=logger
+    )
     if cfg.get("tune") is not None:
         return find_lr(cfg, trainer, model, datamodule, out)
     base = count_parameters(model)
     summary = {
-        "experiment": cfg.experiment_name, "run_name": cfg.run_name, "method": method, "task": "causal_lm",
-        "model": str(cfg.model.get("model")), "data": str(cfg.data.get("source")), "seed": int(cfg.seed),
-        "targets": list(lora.targets) if lora else None, "r": lora.r if lora else None,
-        "alpha": lora.alpha if lora else None, "lr": float(cfg.model.lr), "params_base": base.total,
+        "experiment": cfg.experiment_name,
+        "run_name": cfg.run_name,
+        "method": method,
+        "task": "causal_lm",
+        "model": str(cfg.model.get("model")),
+        "data": str(cfg.data.get("source")),
+        "seed": int(cfg.seed),
+        "targets": list(lora.targets) if lora else None,
+        "r": lora.r if lora else None,
+        "alpha": lora.alpha if lora else None,
+        "lr": float(cfg.model.lr),
+        "params_base": base.total,
         "full_model_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
-        **run_generation(cfg, datamodule, out, lora, trainer, model), "output_dir": str(out),
+        **run_generation(cfg, datamodule, out, lora, trainer, model),
+        "output_dir": str(out),
     }
     summary["val_curve"] = next((cb.points for cb in trainer.callbacks if isinstance(cb, ValidationCurve)), [])
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -314,7 +354,9 @@ def run_causal_lm(cfg: DictConfig, datamodule: Any, out: Path, method: str) -> d
     return summary
 
 
-def find_lr(cfg: DictConfig, trainer: pl.Trainer, model: pl.LightningModule, datamodule: Any, out: Path) -> dict[str, Any]:
+def find_lr(
+    cfg: DictConfig, trainer: pl.Trainer, model: pl.LightningModule, datamodule: Any, out: Path
+) -> dict[str, Any]:
     """``tune=lr_find``: Lightning's learning-rate range test on the method's trainable parameters (the
     LoRA callback injects first, as in a fit); writes ``lr_find.json`` and ``lr_find.png``."""
     from lightning.pytorch.tuner import Tuner
@@ -323,23 +365,36 @@ def find_lr(cfg: DictConfig, trainer: pl.Trainer, model: pl.LightningModule, dat
         raise AppConfigError(f"tune.mode={cfg.tune.get('mode')!r} is not known; use tune=lr_find")
     trainer.fit_loop.max_epochs = -1  # the ramp runs num_training steps, over as many epochs as it takes
     finder = Tuner(trainer).lr_find(
-        model, datamodule=datamodule, min_lr=float(cfg.tune.min_lr), max_lr=float(cfg.tune.max_lr),
-        num_training=int(cfg.tune.num_training), update_attr=False,
+        model,
+        datamodule=datamodule,
+        min_lr=float(cfg.tune.min_lr),
+        max_lr=float(cfg.tune.max_lr),
+        num_training=int(cfg.tune.num_training),
+        update_attr=False,
     )
     if finder is None:
         raise AppConfigError("the learning-rate range test did not run (the Trainer is in fast_dev_run mode?)")
     suggestion = finder.suggestion()
-    result = {"mode": "lr_find", "method": cfg.lora.get("method", "lora"), "suggested_lr": suggestion,
-              "lr": [float(x) for x in finder.results["lr"]], "loss": [float(x) for x in finder.results["loss"]],
-              "output_dir": str(out)}
+    result = {
+        "mode": "lr_find",
+        "method": cfg.lora.get("method", "lora"),
+        "suggested_lr": suggestion,
+        "lr": [float(x) for x in finder.results["lr"]],
+        "loss": [float(x) for x in finder.results["loss"]],
+        "output_dir": str(out),
+    }
     (out / "lr_find.json").write_text(json.dumps(result, indent=2))
     fig = finder.plot(suggest=suggestion is not None)
     fig.savefig(out / "lr_find.png", dpi=120)
     if suggestion is None:
-        print(f"lr_find: no clear descent in the loss ({len(result['lr'])} points, {out / 'lr_find.png'}); widen "
-              "tune.min_lr/max_lr or raise tune.num_training")
+        print(
+            f"lr_find: no clear descent in the loss ({len(result['lr'])} points, {out / 'lr_find.png'}); widen "
+            "tune.min_lr/max_lr or raise tune.num_training"
+        )
     else:
-        print(f"lr_find: suggested lr {suggestion:.3g} (loss vs lr in {out / 'lr_find.png'}); train with lora.lr={suggestion:.3g}")
+        print(
+            f"lr_find: suggested lr {suggestion:.3g} (loss vs lr in {out / 'lr_find.png'}); train with lora.lr={suggestion:.3g}"
+        )
     return result
 
 
@@ -368,23 +423,47 @@ def print_summary(summary: dict[str, Any]) -> None:
     table = Table(title=f"lora-lightning: {summary['experiment']} / {summary['run_name']}", show_header=True)
     table.add_column("what")
     table.add_column("value", justify="right")
-    what = summary["method"] if summary["method"] != "lora" else f"LoRA r={summary['r']} alpha={summary['alpha']:g} on {summary['targets']}"
+    what = (
+        summary["method"]
+        if summary["method"] != "lora"
+        else f"LoRA r={summary['r']} alpha={summary['alpha']:g} on {summary['targets']}"
+    )
     rows = [
         ("method", what),
-        *((("test BLEU-4 (merged model)", pct(summary.get("test_bleu"))),
-           ("test ROUGE-L (merged model)", pct(summary.get("test_rougeL"))),
-           ("zero-shot BLEU-4 / ROUGE-L", f"{pct(summary.get('zero_shot_bleu'))} / {pct(summary.get('zero_shot_rougeL'))}"),
-           ("best val loss", "-" if summary.get("best_val_loss") is None else f"{summary['best_val_loss']:.4f}"))
-          if summary.get("task") == "causal_lm" else
-          (("test accuracy", pct(summary.get("test_acc"))),
-           ("test macro-F1", pct(summary.get("test_f1"))),
-           ("best val accuracy", pct(summary.get("best_val_acc"))),
-           *((("test accuracy (last checkpoint)", pct(summary["last_test_acc"])),) if "last_test_acc" in summary else ()))),
-        ("trainable params", f"{summary['params_trainable']:,} of {summary['params_total']:,} ({100 * summary['params_trainable'] / summary['params_total']:.3f}%)"),
+        *(
+            (
+                ("test BLEU-4 (merged model)", pct(summary.get("test_bleu"))),
+                ("test ROUGE-L (merged model)", pct(summary.get("test_rougeL"))),
+                (
+                    "zero-shot BLEU-4 / ROUGE-L",
+                    f"{pct(summary.get('zero_shot_bleu'))} / {pct(summary.get('zero_shot_rougeL'))}",
+                ),
+                ("best val loss", "-" if summary.get("best_val_loss") is None else f"{summary['best_val_loss']:.4f}"),
+            )
+            if summary.get("task") == "causal_lm"
+            else (
+                ("test accuracy", pct(summary.get("test_acc"))),
+                ("test macro-F1", pct(summary.get("test_f1"))),
+                ("best val accuracy", pct(summary.get("best_val_acc"))),
+                *(
+                    (("test accuracy (last checkpoint)", pct(summary["last_test_acc"])),)
+                    if "last_test_acc" in summary
+                    else ()
+                ),
+            )
+        ),
+        (
+            "trainable params",
+            f"{summary['params_trainable']:,} of {summary['params_total']:,} ({100 * summary['params_trainable'] / summary['params_total']:.3f}%)",
+        ),
         ("adapter file", mb(summary.get("adapter_bytes"))),
         ("full model (fp32)", mb(summary["full_model_bytes"])),
         ("best checkpoint file", mb(summary.get("best_checkpoint_bytes"))),
-        *((("train tokens/s", f"{summary['train_tokens_per_second']:,.0f}"),) if summary.get("train_tokens_per_second") else ()),
+        *(
+            (("train tokens/s", f"{summary['train_tokens_per_second']:,.0f}"),)
+            if summary.get("train_tokens_per_second")
+            else ()
+        ),
         ("fit time", f"{summary['fit_seconds']:.1f} s ({summary['steps']} steps)"),
         ("output dir", summary["output_dir"]),
     ]

@@ -21,12 +21,12 @@ from .base import (
     resolve_dtype,
     stream_generator,
 )
+from .conv import CONV_LAYERS, ConvKind, LoRAConv1d, LoRAConv2d, LoRAConv3d
+from .conv1d import Conv1DKind, LoRAConv1D, is_conv1d
+from .embedding import EmbeddingKind, LoRAEmbedding
 from .function import LoRALinearFunction, one_node_ok
 from .linear import LinearKind, LoRALinear
-from .conv1d import Conv1DKind, LoRAConv1D, is_conv1d
 from .mha import MHA_PARTS, LoRAMultiheadAttention, MultiheadAttentionKind
-from .embedding import EmbeddingKind, LoRAEmbedding
-from .conv import CONV_LAYERS, ConvKind, LoRAConv1d, LoRAConv2d, LoRAConv3d
 
 __all__ = [
     "AdapterSlots",

@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -62,8 +63,13 @@ class AdapterSlots(nn.Module):
     its active adapter (``lora_A``, ``lora_B``; a ``modules_to_save`` copy: ``weight``, ``bias``...), plus
     a LoRA layer's ``r``, ``alpha`` and ``scaling``."""
 
-    def __init__(self, tensors: Mapping[str, Tensor], r: int | None = None, alpha: float | None = None,
-                 scaling: float | None = None) -> None:
+    def __init__(
+        self,
+        tensors: Mapping[str, Tensor],
+        r: int | None = None,
+        alpha: float | None = None,
+        scaling: float | None = None,
+    ) -> None:
         super().__init__()
         for leaf, t in tensors.items():
             if isinstance(t, nn.Parameter):
@@ -113,7 +119,7 @@ class LoRALayer:
     lora_disabled: bool = False
     supports_routing: bool = False
     # tied weights: (the layer owning the adapter, whether its ΔW is this layer's transposed); None: own adapter
-    lora_tie: tuple["LoRALayer", bool] | None = None
+    lora_tie: tuple[LoRALayer, bool] | None = None
 
     @property
     def kind(self) -> str:
@@ -183,7 +189,7 @@ class LoRALayer:
             nn.init.zeros_(self.lora_B)
 
     # ---------------------------------------------------------------- tied weights
-    def tie_to(self, leader: "LoRALayer") -> None:
+    def tie_to(self, leader: LoRALayer) -> None:
         """Make this layer read ``leader``'s adapter instead of holding its own: both wrap modules holding one
         weight, so one ``ΔW`` of that weight serves both and merging (done by the leader) stays exact. The
         layer's own ``A``/``B`` are dropped; its bias and its base forward stay its own."""
@@ -192,7 +198,7 @@ class LoRALayer:
                 del self._parameters[leaf]  # type: ignore[attr-defined]
         self.__dict__["lora_tie"] = (leader, leader.fan_in_fan_out != self.fan_in_fan_out)
 
-    def _source(self) -> "LoRALayer":
+    def _source(self) -> LoRALayer:
         """The layer holding the adapter this layer applies (itself, or its tie leader)."""
         return self.lora_tie[0] if self.lora_tie is not None else self
 
@@ -307,14 +313,18 @@ class LoRALayer:
             out = out.index_add(dim, idx, delta.to(out.dtype))
         return out
 
-    def new_adapter_slots(self, r: int, alpha: float, scaling: float, generator: torch.Generator | None = None) -> nn.Module:
+    def new_adapter_slots(
+        self, r: int, alpha: float, scaling: float, generator: torch.Generator | None = None
+    ) -> nn.Module:
         """A freshly initialised adapter of rank ``r`` for this layer (this layer's own init: A random
         and B = 0, or the reverse for embeddings), as a module holding ``lora_A``/``lora_B``."""
         A0, B0 = self.lora_A, self.lora_B
         n = A0.shape[0] // self.r
         limit = min(int(self.in_features), self.fused.smallest_adapted if self.fused else int(self.out_features))  # type: ignore[attr-defined]
         if r > limit:
-            raise RankTooLargeError(f"r={r} is larger than min(d_in, d_out)={limit} for this layer; choose r <= {limit}")
+            raise RankTooLargeError(
+                f"r={r} is larger than min(d_in, d_out)={limit} for this layer; choose r <= {limit}"
+            )
         A = nn.Parameter(torch.empty((n * r, *A0.shape[1:]), dtype=A0.dtype, device=A0.device))
         B = nn.Parameter(torch.zeros((B0.shape[0], r, *B0.shape[2:]), dtype=B0.dtype, device=B0.device))
         saved = (self.lora_A, self.lora_B, self.r, self.alpha, self.scaling)
@@ -348,16 +358,22 @@ class LoRALayer:
     def merge(self) -> None:
         """``W0 <- W0 + ΔW``; afterwards forward costs exactly the base layer's."""
         if self.lora_tie is not None:
-            raise MergeStateError("this LoRA layer reads a tied layer's adapter; merge that layer (merge_lora(model) does)")
+            raise MergeStateError(
+                "this LoRA layer reads a tied layer's adapter; merge that layer (merge_lora(model) does)"
+            )
         if self.merged:
-            raise MergeStateError("this LoRA layer is already merged; call unmerge() first (merging twice would add ΔW twice)")
+            raise MergeStateError(
+                "this LoRA layer is already merged; call unmerge() first (merging twice would add ΔW twice)"
+            )
         self._add_delta(+1.0)
         self.merged = True
 
     def unmerge(self) -> None:
         """``W0 <- W0 - ΔW`` (exact up to floating-point round-off of the base dtype)."""
         if self.lora_tie is not None:
-            raise MergeStateError("this LoRA layer reads a tied layer's adapter; unmerge that layer (unmerge_lora(model) does)")
+            raise MergeStateError(
+                "this LoRA layer reads a tied layer's adapter; unmerge that layer (unmerge_lora(model) does)"
+            )
         if not self.merged:
             raise MergeStateError("this LoRA layer is not merged; nothing to unmerge (call merge() first)")
         self._add_delta(-1.0)
@@ -373,7 +389,9 @@ class LoRALayer:
     @property
     def state_names(self) -> tuple[str, ...]:
         """State-dict leaves this layer adds to its base layer (dropped from merged exports)."""
-        return tuple(dict.fromkeys(("lora_A", "lora_B") + self.trainable_names + self.adapter_names + self.extra_state_names))
+        return tuple(
+            dict.fromkeys(("lora_A", "lora_B") + self.trainable_names + self.adapter_names + self.extra_state_names)
+        )
 
     def structure(self) -> dict[str, Any]:
         """``{kind, d_out (adapted rows), d_in, r, alpha, scaling, parts}``: what an adapter must match."""
@@ -412,7 +430,9 @@ class LoRALayer:
         )
 
 
-def init_random(tensor: Tensor, fill: Callable[[Tensor, torch.Generator | None], Any], generator: torch.Generator | None) -> None:
+def init_random(
+    tensor: Tensor, fill: Callable[[Tensor, torch.Generator | None], Any], generator: torch.Generator | None
+) -> None:
     """``fill(tensor, generator)`` in place; with a (CPU) generator the values are drawn on the CPU
     in float32, so they are the same whatever the tensor's device and dtype."""
     with torch.no_grad():
@@ -435,7 +455,9 @@ def plain_attrs(module: nn.Module) -> dict[str, Any]:
     return {k: v for k, v in vars(module).items() if not k.startswith("_") and k != "training"}
 
 
-def rebuild(cls: type, attrs: dict[str, Any], params: dict[str, nn.Parameter | None], modules: dict[str, nn.Module]) -> nn.Module:
+def rebuild(
+    cls: type, attrs: dict[str, Any], params: dict[str, nn.Parameter | None], modules: dict[str, nn.Module]
+) -> nn.Module:
     """A ``cls`` instance made without ``__init__`` (no re-initialisation) from saved attributes."""
     module = cls.__new__(cls)
     nn.Module.__init__(module)
@@ -505,7 +527,7 @@ class LayerKind:
     def check_parts(self, module: nn.Module, name: str, parts: list[str]) -> None:
         """Raise :class:`LoRAConfigError` if the fused ``parts`` of ``module`` cannot be adapted."""
 
-    def build(self, base: nn.Module, spec: "AdapterSpec", layer_class: type | None = None, **options: Any) -> LoRALayer:
+    def build(self, base: nn.Module, spec: AdapterSpec, layer_class: type | None = None, **options: Any) -> LoRALayer:
         """The LoRA layer replacing ``base`` for one planned matrix; ``options`` are those of
         :meth:`LoRALayer._init_lora` (and ``quantize`` for a quantizable kind)."""
         return (layer_class or self.layer_class)(base, **options)

@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -31,7 +32,9 @@ class _LoRAConvNd(LoRALayer):
             )
         nn.Module.__init__(self)
         self._base_cls = type(base)
-        self._base_attrs = plain_attrs(base) | {"_reversed_padding_repeated_twice": base._reversed_padding_repeated_twice}
+        self._base_attrs = plain_attrs(base) | {
+            "_reversed_padding_repeated_twice": base._reversed_padding_repeated_twice
+        }
         self.__dict__.update(self._base_attrs)
         self.weight, self.bias = base.weight, base.bias
         kernel = math.prod(base.kernel_size)
@@ -78,6 +81,7 @@ class LoRAConv2d(_LoRAConvNd, nn.Conv2d):
 class LoRAConv3d(_LoRAConvNd, nn.Conv3d):
     __doc__ = _LoRAConvNd.__doc__
     _conv_fn = staticmethod(F.conv3d)
+
 
 CONV_LAYERS: dict[type, type[_LoRAConvNd]] = {nn.Conv1d: LoRAConv1d, nn.Conv2d: LoRAConv2d, nn.Conv3d: LoRAConv3d}
 

@@ -35,7 +35,9 @@ class LoRAEmbedding(LoRALayer, nn.Embedding):
                 "the adapter cannot follow; target other layers or build the Embedding without max_norm"
             )
         if base.sparse:
-            raise LoRAConfigError(f"{name} has sparse=True (sparse gradients); LoRA needs dense ones: target other layers")
+            raise LoRAConfigError(
+                f"{name} has sparse=True (sparse gradients); LoRA needs dense ones: target other layers"
+            )
         nn.Module.__init__(self)
         self._base_cls = type(base)
         self._base_attrs = plain_attrs(base)

@@ -41,7 +41,16 @@ class LoRALinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, x_d: Tensor | None, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+    def forward(
+        ctx,
+        x: Tensor,
+        x_d: Tensor | None,
+        weight: Tensor,
+        bias: Tensor | None,
+        lora_A: Tensor,
+        lora_B: Tensor,
+        scaling: float,
+    ) -> Tensor:
         d_in = x.shape[-1]
         x2 = x.reshape(-1, d_in)
         xd2 = x2 if x_d is None else x_d.reshape(-1, d_in)
@@ -85,5 +94,3 @@ class LoRALinearFunction(torch.autograd.Function):
         grad_w = torch.mm(g2.t(), x.reshape(-1, lora_A.shape[-1])) if ctx.needs_input_grad[2] else None
         grad_b = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
         return grad_x, grad_xd, grad_w, grad_b, grad_A, grad_B, None
-
-

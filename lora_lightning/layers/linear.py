@@ -15,6 +15,7 @@ from ..errors import LoRAConfigError
 from ..quantization import quantizer
 from .base import LayerKind, LoRALayer, plain_attrs, rebuild, register_layer_kind
 
+
 class LoRALinear(LoRALayer, nn.Linear):
     """A frozen ``nn.Linear`` plus a trainable low-rank update.
 
@@ -105,7 +106,9 @@ class LoRALinear(LoRALayer, nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         shared = self.lora_shared
-        if shared is not None and not self.merged:  # siblings reading the same x: one node for the group (shared_input.py)
+        if (
+            shared is not None and not self.merged
+        ):  # siblings reading the same x: one node for the group (shared_input.py)
             out = shared.forward(self, x)
             if out is not None:
                 return out
@@ -144,7 +147,8 @@ class LoRALinear(LoRALayer, nn.Linear):
         variant = f"variant={self.variant_name}, " if self.variant_name != "lora" else ""
         return (
             f"{variant}in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            + self.lora_extra_repr() + quant
+            + self.lora_extra_repr()
+            + quant
         )
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +16,6 @@ from torch import Tensor, nn
 from ..errors import LoRAConfigError
 from ..plan import FusedSlices
 from .base import LayerKind, LoRALayer, is_lora_layer, plain_attrs, rebuild, register_layer_kind
-
 
 MHA_PARTS = ("q", "k", "v")
 
@@ -38,7 +38,9 @@ class LoRAMultiheadAttention(LoRALayer, nn.Module):
     # used by nn.TransformerEncoderLayer's fast path (taken once every adapter is merged)
     merge_masks = nn.MultiheadAttention.merge_masks
 
-    def __init__(self, base: nn.MultiheadAttention, parts: Sequence[str] = (), r: int = 8, alpha: float = 16.0, **options: Any) -> None:
+    def __init__(
+        self, base: nn.MultiheadAttention, parts: Sequence[str] = (), r: int = 8, alpha: float = 16.0, **options: Any
+    ) -> None:
         """``parts``: the in-projection blocks to adapt (none: only host ``out_proj``); ``options``: those
         of :meth:`LoRALayer._init_lora` (adapter dropout is not applied here)."""
         nn.Module.__init__(self)
@@ -116,7 +118,12 @@ class LoRAMultiheadAttention(LoRALayer, nn.Module):
             target_type=query.dtype,
         )
         attn_mask = F._canonical_mask(
-            mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="", target_type=query.dtype, check_other=False
+            mask=attn_mask,
+            mask_name="attn_mask",
+            other_type=None,
+            other_name="",
+            target_type=query.dtype,
+            check_other=False,
         )
         if self.batch_first and is_batched:  # keep the "is" relations the functional relies on
             if key is value:
@@ -183,7 +190,11 @@ def _inside(name: str, prefix: str) -> bool:
 
 def _encoder_layers_with(model: nn.Module, names: Iterable[str]) -> list[str]:
     names = list(names)
-    return [n for n, m in model.named_modules() if isinstance(m, nn.TransformerEncoderLayer) and any(_inside(s, n) for s in names)]
+    return [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.TransformerEncoderLayer) and any(_inside(s, n) for s in names)
+    ]
 
 
 class NestedTensorGuard:
@@ -211,8 +222,13 @@ class NestedTensorGuard:
         mask = args[1] if len(args) > 1 else kwargs.get("mask")
         padding = args[2] if len(args) > 2 else kwargs.get("src_key_padding_mask")
         if padding is not None and isinstance(src, Tensor):
-            padding = F._canonical_mask(mask=padding, mask_name="src_key_padding_mask", other_type=F._none_or_dtype(mask),
-                                        other_name="mask", target_type=src.dtype)
+            padding = F._canonical_mask(
+                mask=padding,
+                mask_name="src_key_padding_mask",
+                other_type=F._none_or_dtype(mask),
+                other_name="mask",
+                target_type=src.dtype,
+            )
         self.pad = padding.logical_not().logical_not() if _would_use_nested_tensor(enc, src, mask, padding) else None
 
     def zero_padding(self, layer: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
@@ -244,9 +260,21 @@ def _would_use_nested_tensor(enc: nn.Module, src: Any, mask: Any, padding: Any) 
     ):
         return False
     attn = first.self_attn
-    tensor_args = (src, attn.in_proj_weight, attn.in_proj_bias, attn.out_proj.weight, attn.out_proj.bias,
-                   first.norm1.weight, first.norm1.bias, first.norm2.weight, first.norm2.bias,
-                   first.linear1.weight, first.linear1.bias, first.linear2.weight, first.linear2.bias)
+    tensor_args = (
+        src,
+        attn.in_proj_weight,
+        attn.in_proj_bias,
+        attn.out_proj.weight,
+        attn.out_proj.bias,
+        first.norm1.weight,
+        first.norm1.bias,
+        first.norm2.weight,
+        first.norm2.bias,
+        first.linear1.weight,
+        first.linear1.bias,
+        first.linear2.weight,
+        first.linear2.bias,
+    )
     if torch.overrides.has_torch_function(tensor_args) or src.device.type not in ("cpu", "cuda", "xpu"):
         return False
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensor_args if t is not None))

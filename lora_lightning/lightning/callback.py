@@ -23,9 +23,10 @@ import dataclasses
 import inspect
 import typing
 import weakref
+from collections.abc import Mapping
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import torch
 
@@ -34,10 +35,20 @@ from ..adapter_io import check_output_path, load_adapter, read_adapter, save_ada
 from ..config import LoRAConfig, all_option_defaults
 from ..errors import AdapterMismatchError, LoRAConfigError, NoAdapterGradientError, NonFiniteError, TargetNotFoundError
 from ..gradients import adapters_without_grad, make_inputs_require_grad, uses_activation_checkpointing
-from ..injection import adapter_param_names, count_parameters, get_lora_state, has_lora, inject_lora, lora_layers, mark_trainable, planned_state, remove_lora
+from ..injection import (
+    adapter_param_names,
+    count_parameters,
+    get_lora_state,
+    has_lora,
+    inject_lora,
+    lora_layers,
+    mark_trainable,
+    planned_state,
+    remove_lora,
+)
 from ..loraplus import apply_loraplus, check_ratio
 from ..merging import merge_lora, unmerge_lora
-from ..named import add_adapter, adapter_tensors, named_adapters, set_adapter, set_trainable_adapters, use_adapter
+from ..named import adapter_tensors, add_adapter, named_adapters, set_adapter, set_trainable_adapters, use_adapter
 from ..plan import Plan, plan_injection
 from ..record import ON_MISMATCH, differences
 from ..sharding import gathered, is_sharded
@@ -47,8 +58,14 @@ from .compat import Namespace, lora_callback
 from .routing import check_adapter_names, clip_per_adapter, route_steps
 
 _HALF_PRECISIONS = ("16-true", "bf16-true", "transformer-engine")
-_BNB_FORMATS = {"_NF4Linear": "bnb-nf4", "_NF4DQLinear": "bnb-nf4", "_FP4Linear": "bnb-fp4", "_FP4DQLinear": "bnb-fp4",
-                "_Linear8bitLt": "bnb-int8", "_Int8LinearInference": "bnb-int8"}
+_BNB_FORMATS = {
+    "_NF4Linear": "bnb-nf4",
+    "_NF4DQLinear": "bnb-nf4",
+    "_FP4Linear": "bnb-fp4",
+    "_FP4DQLinear": "bnb-fp4",
+    "_Linear8bitLt": "bnb-int8",
+    "_Int8LinearInference": "bnb-int8",
+}
 
 
 def inject_before_sharding(pl_module: Any) -> None:
@@ -91,7 +108,9 @@ class _ClipPerAdapter:
         callback = lora_callback(getattr(self.module, "_trainer", None))
         names = getattr(callback, "adapters", None)
         if not names or gradient_clip_val is None or str(gradient_clip_algorithm or "norm") != "norm":
-            return self.__wrapped__(optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
+            return self.__wrapped__(
+                optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm
+            )
         clip_per_adapter(self.module, names, float(gradient_clip_val))
         return None
 
@@ -177,7 +196,11 @@ class CallbackImpl:
         base = config.to_dict() if isinstance(config, LoRAConfig) else dict(config or {})
         self.config = LoRAConfig.from_dict(base | {k: v for k, v in lora_options.items() if v is not None})
         self.adapter_only_checkpoints, self.atomic_checkpoints = adapter_only_checkpoints, atomic_checkpoints
-        self.init_adapter, self.on_base_mismatch, self.replace_existing = init_adapter, on_base_mismatch, replace_existing
+        self.init_adapter, self.on_base_mismatch, self.replace_existing = (
+            init_adapter,
+            on_base_mismatch,
+            replace_existing,
+        )
         self.merge_on_fit_end, self.export_adapter, self.export_merged = merge_on_fit_end, export_adapter, export_merged
         self.export_module = export_module
         self.inputs_require_grad, self.check_finite, self.verbose = inputs_require_grad, check_finite, verbose
@@ -187,7 +210,9 @@ class CallbackImpl:
         if self.adapters:
             overrides = adapters if isinstance(adapters, Mapping) else {}
             for name in self.adapters:
-                self.adapter_configs[name] = LoRAConfig.from_dict(self.config.to_dict() | dict(overrides.get(name) or {}))
+                self.adapter_configs[name] = LoRAConfig.from_dict(
+                    self.config.to_dict() | dict(overrides.get(name) or {})
+                )
             self._check_multi_options()
         self.variant_hooks: Any = None  # a variant's training hooks (AdaLoRA's rank schedule), else None
         self._trainable: list[tuple[str, torch.Tensor]] = []
@@ -214,13 +239,17 @@ class CallbackImpl:
         self._bnb_plugin = trainer.precision_plugin if fmt is not None else None
         if fmt is not None and self.config.quantize_base is None:
             self.config = dataclasses.replace(self.config, quantize_base=fmt)  # the adapted bases, quantized alike
-            self._ns.rank_zero_info(f"LoRA: BitsandbytesPrecision: the adapted base weights are stored as quantize_base={fmt!r}")
+            self._ns.rank_zero_info(
+                f"LoRA: BitsandbytesPrecision: the adapted base weights are stored as quantize_base={fmt!r}"
+            )
         self._attach(pl_module)
         self._stage = stage
         if self.adapters:
             route_steps(pl_module, force=True)
             if not self._ns.is_overridden("configure_gradient_clipping", pl_module):
-                attach(pl_module).wrap_method(pl_module, "configure_gradient_clipping", lambda original: _ClipPerAdapter(pl_module, original))
+                attach(pl_module).wrap_method(
+                    pl_module, "configure_gradient_clipping", lambda original: _ClipPerAdapter(pl_module, original)
+                )
         if has_lora(pl_module):
             self._prepare(pl_module, stage)
             return
@@ -269,7 +298,9 @@ class CallbackImpl:
             pl_module, state.config, int(total) if total not in (None, float("inf")) else None
         )
         self._remove_input_hooks()
-        if self.inputs_require_grad is True or (self.inputs_require_grad == "auto" and uses_activation_checkpointing(pl_module)):
+        if self.inputs_require_grad is True or (
+            self.inputs_require_grad == "auto" and uses_activation_checkpointing(pl_module)
+        ):
             self._input_hooks = make_inputs_require_grad(pl_module)
         precision = str(trainer.precision)
         if precision in _HALF_PRECISIONS and state.config.adapter_dtype is None:
@@ -297,7 +328,9 @@ class CallbackImpl:
                 self._no_gradient_message(f"no adapter received a gradient ({len(missing)} tensors, e.g. {missing[0]})")
             )
         if missing:
-            self._ns.rank_zero_warn(f"{len(missing)} adapter tensor(s) got no gradient in the first step (unused in forward?), e.g. {missing[:3]}")
+            self._ns.rank_zero_warn(
+                f"{len(missing)} adapter tensor(s) got no gradient in the first step (unused in forward?), e.g. {missing[:3]}"
+            )
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         self._check_optimizer_holds_the_adapters(trainer, pl_module)
@@ -353,7 +386,9 @@ class CallbackImpl:
                     if trainer.is_global_zero and self.export_adapter:
                         save_adapter(pl_module, Path(self.export_adapter.format(name=name)))
                     if trainer.is_global_zero and self.export_merged:
-                        save_merged_model(pl_module, Path(self.export_merged.format(name=name)), submodule=self.export_module)
+                        save_merged_model(
+                            pl_module, Path(self.export_merged.format(name=name)), submodule=self.export_module
+                        )
             trainer.strategy.barrier("lora_fit_end")
             return
         if self.export_adapter:
@@ -396,20 +431,30 @@ class CallbackImpl:
         for what in ("export_adapter", "export_merged"):
             path = getattr(self, what)
             if path and "{name}" not in path:
-                raise LoRAConfigError(f"{what}={path!r} with adapters={names}: put {{name}} in the path (e.g. 'out/{{name}}.safetensors') to write one file per adapter")
+                raise LoRAConfigError(
+                    f"{what}={path!r} with adapters={names}: put {{name}} in the path (e.g. 'out/{{name}}.safetensors') to write one file per adapter"
+                )
         if self.merge_on_fit_end:
-            raise LoRAConfigError(f"merge_on_fit_end=True with adapters={names}: the base holds one merged adapter at a time; use export_merged='merged-{{name}}.safetensors' or merge_lora after set_adapter")
+            raise LoRAConfigError(
+                f"merge_on_fit_end=True with adapters={names}: the base holds one merged adapter at a time; use export_merged='merged-{{name}}.safetensors' or merge_lora after set_adapter"
+            )
         if self.init_adapter:
-            raise LoRAConfigError(f"init_adapter with adapters={names}: warm-start each adapter with load_adapter(model, path, adapter_name=...) before fit")
+            raise LoRAConfigError(
+                f"init_adapter with adapters={names}: warm-start each adapter with load_adapter(model, path, adapter_name=...) before fit"
+            )
         if self.config.variant != "lora":
-            raise LoRAConfigError(f"adapters={names} with variant={self.config.variant!r}: several adapters in one fit are plain LoRA (variant='lora')")
+            raise LoRAConfigError(
+                f"adapters={names} with variant={self.config.variant!r}: several adapters in one fit are plain LoRA (variant='lora')"
+            )
 
     # ---------------------------------------------------------------- helpers
     def _attach(self, pl_module: Any) -> None:
         """Make this callback decide how ``pl_module``'s checkpoints are written and read."""
         set_checkpoint_options(
             pl_module,
-            CheckpointOptions(self.adapter_only_checkpoints, self.on_base_mismatch, "pass LoRACallback(on_base_mismatch='warn')"),
+            CheckpointOptions(
+                self.adapter_only_checkpoints, self.on_base_mismatch, "pass LoRACallback(on_base_mismatch='warn')"
+            ),
         )
 
     def _plan(self, pl_module: Any) -> Plan | None:
@@ -576,10 +621,18 @@ def make_callback_class(ns: Namespace, atomic_io: type, module: str) -> type:
         CallbackImpl.__init__(self, *args, **kwargs)
 
     __init__.__doc__ = CallbackImpl.__init__.__doc__
-    cls = type("LoRACallback", (CallbackImpl, ns.Callback), {
-        "__init__": __init__, "__module__": module, "__qualname__": "LoRACallback", "__doc__": CallbackImpl.__doc__,
-        "_ns": ns, "_atomic_io": atomic_io,
-    })
+    cls = type(
+        "LoRACallback",
+        (CallbackImpl, ns.Callback),
+        {
+            "__init__": __init__,
+            "__module__": module,
+            "__qualname__": "LoRACallback",
+            "__doc__": CallbackImpl.__doc__,
+            "_ns": ns,
+            "_atomic_io": atomic_io,
+        },
+    )
     with_lora_keywords(cls.__init__)
     registry.ON_REGISTER.append(lambda: with_lora_keywords(cls.__init__))  # a variant registered later adds its options
     return cls

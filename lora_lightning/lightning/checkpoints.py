@@ -73,7 +73,9 @@ def no_record_error(n_tensors: int) -> AdapterFileError:
     )
 
 
-def prepare_for_checkpoint(module: nn.Module, checkpoint: dict[str, Any], options: CheckpointOptions | None = None) -> None:
+def prepare_for_checkpoint(
+    module: nn.Module, checkpoint: dict[str, Any], options: CheckpointOptions | None = None
+) -> None:
     """Ready ``module`` for Lightning's ``load_state_dict(checkpoint["state_dict"])`` (see module doc).
     ``options``: how a base mismatch is treated when the module has no options of its own (a fresh module
     of ``load_from_checkpoint``)."""
@@ -90,14 +92,20 @@ def prepare_for_checkpoint(module: nn.Module, checkpoint: dict[str, Any], option
             raise no_record_error(len(state_dict))
         return
     saved = LoRAState.from_dict(record)
-    base_keys = [k for k in module.state_dict() if k not in set(adapter_param_names(module, all_adapters=True) if has_lora(module) else [])]
+    base_keys = [
+        k
+        for k in module.state_dict()
+        if k not in set(adapter_param_names(module, all_adapters=True) if has_lora(module) else [])
+    ]
     full = bool(base_keys) and all(k in state_dict for k in base_keys)  # the checkpoint brings its own base
     grads = {p: p.requires_grad for p in module.parameters()}
     if not has_lora(module):
         plan, planned = planned_record(module, saved.config)
         check_compatible(saved, planned, source="checkpoint")
         if not full:
-            check_fingerprint(saved.fingerprint, planned.fingerprint, options.on_base_mismatch, "checkpoint", options.override_hint)
+            check_fingerprint(
+                saved.fingerprint, planned.fingerprint, options.on_base_mismatch, "checkpoint", options.override_hint
+            )
         inject_lora(module, saved.config, plan)
         restore_named_adapters(module, record.get("adapters"))
     else:
@@ -107,7 +115,9 @@ def prepare_for_checkpoint(module: nn.Module, checkpoint: dict[str, Any], option
         state = get_lora_state(module)
         check_compatible(saved, state, source="checkpoint")
         if not full:
-            check_fingerprint(saved.fingerprint, state.fingerprint, options.on_base_mismatch, "checkpoint", options.override_hint)
+            check_fingerprint(
+                saved.fingerprint, state.fingerprint, options.on_base_mismatch, "checkpoint", options.override_hint
+            )
         if any(layer.merged for layer in lora_layers(module).values()):
             unmerge_lora(module)  # the checkpoint's adapters replace these; the base must be W0 again
         for p in module.parameters():  # loading weights does not change what trains

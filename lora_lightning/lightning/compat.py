@@ -41,16 +41,17 @@ import importlib
 import inspect
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from packaging.version import Version
 
 from ..errors import LoRAConfigError, TargetNotFoundError
-from ..registry import register_injection_guard
 from ..injection import has_lora, lora_layers
+from ..registry import register_injection_guard
 from ..state import CheckpointOptions
 
 SUPPORTED = (Version("2.4"), Version("2.7"))  # >= first, < second
@@ -83,7 +84,7 @@ class Namespace:
         return importlib.import_module(f"{self.name}.{path}" if path else self.name)
 
 
-@lru_cache(maxsize=None)
+@cache
 def namespace(name: str) -> Namespace:
     """The :class:`Namespace` of ``lightning.pytorch`` or ``pytorch_lightning`` (imports it)."""
     if name not in PACKAGES:
@@ -168,8 +169,13 @@ def _fabric_load_checkpoint(raw: Callable[..., Any]) -> Callable[..., Any]:
     with torch's default)."""
     takes_weights_only = "weights_only" in inspect.signature(raw).parameters
 
-    def load(path: Path, state: dict[str, Any], strict: bool = True, optimizer_states_from_list: bool = False,
-             weights_only: bool | None = None) -> Any:
+    def load(
+        path: Path,
+        state: dict[str, Any],
+        strict: bool = True,
+        optimizer_states_from_list: bool = False,
+        weights_only: bool | None = None,
+    ) -> Any:
         extra = {"weights_only": weights_only} if takes_weights_only else {}
         return raw(path, state, strict=strict, optimizer_states_from_list=optimizer_states_from_list, **extra)
 
@@ -189,7 +195,9 @@ def install(ns: Namespace, hooks: Hooks) -> None:
 
     def load_state(original: Callable[..., Any]) -> Callable[..., Any]:
         def _load_state(cls: Any, checkpoint: dict[str, Any], strict: bool | None = None, **kwargs: Any) -> Any:
-            if hooks.checkpoint_key not in checkpoint or not (isinstance(cls, type) and issubclass(cls, LightningModule)):
+            if hooks.checkpoint_key not in checkpoint or not (
+                isinstance(cls, type) and issubclass(cls, LightningModule)
+            ):
                 return original(cls, checkpoint, strict=strict, **kwargs)
             own = cls.__dict__.get("on_load_checkpoint")
             user_hook = cls.on_load_checkpoint
@@ -218,7 +226,9 @@ def install(ns: Namespace, hooks: Hooks) -> None:
             load = strategy.load_model_state_dict
 
             def load_prepared(ckpt: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-                hooks.prepare_for_checkpoint(module, ckpt, CheckpointOptions())  # after the module's own on_load_checkpoint
+                hooks.prepare_for_checkpoint(
+                    module, ckpt, CheckpointOptions()
+                )  # after the module's own on_load_checkpoint
                 return load(ckpt, *args, **kwargs)
 
             strategy.load_model_state_dict = load_prepared  # for this call only (an attribute of the strategy object)
@@ -246,7 +256,9 @@ def install(ns: Namespace, hooks: Hooks) -> None:
             fitted = worker_output.weights_path is not None
             if callback is not None and fitted:
                 try:
-                    callback._prepare(module, "fit")  # the adapters the workers trained, so strict=False keeps their keys
+                    callback._prepare(
+                        module, "fit"
+                    )  # the adapters the workers trained, so strict=False keeps their keys
                 except TargetNotFoundError:  # layers built in configure_model, which never ran here
                     callback = None
                     ns.rank_zero_warn(
@@ -255,7 +267,9 @@ def install(ns: Namespace, hooks: Hooks) -> None:
                     )
             original(self, worker_output, trainer)
             if callback is not None and fitted:
-                for layer in lora_layers(module).values():  # the workers' weights came merged iff they merged at fit end
+                for layer in lora_layers(
+                    module
+                ).values():  # the workers' weights came merged iff they merged at fit end
                     layer.merged = callback.merge_on_fit_end
 
         return _recover_results_in_main_process
@@ -265,9 +279,15 @@ def install(ns: Namespace, hooks: Hooks) -> None:
             module = self.lightning_module
             if module is None or not has_lora(module):
                 return original(self, checkpoint_path, weights_only)
-            helpers = FabricHelpers(fabric_mp._is_sharded_checkpoint, fabric_mp._is_full_checkpoint,
-                                    _fabric_load_checkpoint(fabric_mp._load_checkpoint), fabric_load._METADATA_FILENAME)
-            return hooks.load_model_parallel_checkpoint(self, Path(self.broadcast(checkpoint_path)), weights_only, helpers)
+            helpers = FabricHelpers(
+                fabric_mp._is_sharded_checkpoint,
+                fabric_mp._is_full_checkpoint,
+                _fabric_load_checkpoint(fabric_mp._load_checkpoint),
+                fabric_load._METADATA_FILENAME,
+            )
+            return hooks.load_model_parallel_checkpoint(
+                self, Path(self.broadcast(checkpoint_path)), weights_only, helpers
+            )
 
         return _load_checkpoint
 
@@ -363,8 +383,12 @@ def fabric_helpers(package: str = "lightning.fabric") -> FabricHelpers:
         raise ValueError(f"unknown Fabric package {package!r}; one of {FABRIC_PACKAGES}")
     fabric_mp = importlib.import_module(f"{package}.strategies.model_parallel")
     fabric_load = importlib.import_module(f"{package}.utilities.load")
-    return FabricHelpers(fabric_mp._is_sharded_checkpoint, fabric_mp._is_full_checkpoint,
-                         _fabric_load_checkpoint(fabric_mp._load_checkpoint), fabric_load._METADATA_FILENAME)
+    return FabricHelpers(
+        fabric_mp._is_sharded_checkpoint,
+        fabric_mp._is_full_checkpoint,
+        _fabric_load_checkpoint(fabric_mp._load_checkpoint),
+        fabric_load._METADATA_FILENAME,
+    )
 
 
 __all__ = [

@@ -49,8 +49,16 @@ class MonitorImpl:
     is_lora_monitor: ClassVar[bool] = True
     _ns: ClassVar[Namespace]
 
-    def __init__(self, every_n_steps: int = 50, top_k: int = 4, reference: str | int = "init", per_matrix: bool = True,
-                 amplification: bool = True, images: bool = True, out_dir: str | None = None) -> None:
+    def __init__(
+        self,
+        every_n_steps: int = 50,
+        top_k: int = 4,
+        reference: str | int = "init",
+        per_matrix: bool = True,
+        amplification: bool = True,
+        images: bool = True,
+        out_dir: str | None = None,
+    ) -> None:
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"LoRAMonitor(every_n_steps={every_n_steps!r}) must be a positive integer")
         self.every_n_steps, self.top_k, self.reference = every_n_steps, top_k, reference
@@ -103,7 +111,9 @@ class MonitorImpl:
                 old = self._before.get(id(p))
                 if old is not None and old.shape == p.shape:
                     denom = float(old.float().norm())
-                    ratios[f"lora/matrix/{name}/update_{leaf}_ratio"] = float((p.detach() - old).float().norm()) / denom if denom > 0 else math.inf
+                    ratios[f"lora/matrix/{name}/update_{leaf}_ratio"] = (
+                        float((p.detach() - old).float().norm()) / denom if denom > 0 else math.inf
+                    )
         metrics.update(self._group(ratios, pl_module))
         self._before = None
         self._log(trainer, metrics)
@@ -118,7 +128,9 @@ class MonitorImpl:
                 for name, layer in lora_layers(pl_module).items():
                     A, B, s = telemetry._factors(layer, adapter)
                     prefix = f"{adapter}/" if adapter is not None else ""
-                    amp[f"{prefix}lora/matrix/{name}/amplification"] = telemetry.amplification(A, B, s, telemetry.base_matrix(layer))
+                    amp[f"{prefix}lora/matrix/{name}/amplification"] = telemetry.amplification(
+                        A, B, s, telemetry.base_matrix(layer)
+                    )
             metrics.update(self._group(amp, pl_module))
         self._log(trainer, metrics)
 
@@ -144,8 +156,15 @@ class MonitorImpl:
         tensors, _ = read_adapter(path)
         out = {}
         for name, layer in lora_layers(pl_module).items():
-            key = next((k for k in tensors if k.endswith(".lora_A") and (name.endswith(k[: -len(".lora_A")]) or
-                                                                          k[: -len(".lora_A")].endswith(name))), None)
+            key = next(
+                (
+                    k
+                    for k in tensors
+                    if k.endswith(".lora_A")
+                    and (name.endswith(k[: -len(".lora_A")]) or k[: -len(".lora_A")].endswith(name))
+                ),
+                None,
+            )
             if key is not None:
                 A = tensors[key].to(torch.float64)
                 out[(None, name)] = A.reshape(A.shape[0], -1)
@@ -190,7 +209,9 @@ class MonitorImpl:
     def _log(self, trainer: Any, metrics: dict[str, float]) -> None:
         if not metrics:
             return
-        clean = {k: float(v) for k, v in metrics.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
+        clean = {
+            k: float(v) for k, v in metrics.items() if v is not None and not (isinstance(v, float) and math.isnan(v))
+        }
         for logger in trainer.loggers:
             logger.log_metrics(clean, step=trainer.global_step)
 
@@ -206,7 +227,9 @@ class MonitorImpl:
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
         except ImportError:
-            self._ns.rank_zero_warn("LoRAMonitor(images=True) needs matplotlib (pip install matplotlib); images skipped")
+            self._ns.rank_zero_warn(
+                "LoRAMonitor(images=True) needs matplotlib (pip install matplotlib); images skipped"
+            )
             self.images = False
             return
         stats = self._last or telemetry.model_stats(pl_module, self._base_norms, self.top_k)
@@ -263,8 +286,9 @@ class MonitorImpl:
                 import numpy as np
                 from PIL import Image
 
-                logger.experiment.add_image(key, np.asarray(Image.open(path).convert("RGB")), trainer.global_step,
-                                            dataformats="HWC")
+                logger.experiment.add_image(
+                    key, np.asarray(Image.open(path).convert("RGB")), trainer.global_step, dataformats="HWC"
+                )
 
 
 def make_monitor_class(ns: Namespace, module: str) -> type:
@@ -275,9 +299,17 @@ def make_monitor_class(ns: Namespace, module: str) -> type:
 
     __init__.__doc__ = MonitorImpl.__init__.__doc__
     __init__.__signature__ = __import__("inspect").signature(MonitorImpl.__init__)  # type: ignore[attr-defined]
-    return type("LoRAMonitor", (MonitorImpl, ns.Callback), {
-        "__init__": __init__, "__module__": module, "__qualname__": "LoRAMonitor", "__doc__": MonitorImpl.__doc__, "_ns": ns,
-    })
+    return type(
+        "LoRAMonitor",
+        (MonitorImpl, ns.Callback),
+        {
+            "__init__": __init__,
+            "__module__": module,
+            "__qualname__": "LoRAMonitor",
+            "__doc__": MonitorImpl.__doc__,
+            "_ns": ns,
+        },
+    )
 
 
 __all__ = ["MonitorImpl", "make_monitor_class"]

@@ -5,7 +5,7 @@ serves ``pytorch_lightning``."""
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 from .callback import make_callback_class
 from .checkpoints import CHECKPOINT_KEY, AtomicSave, prepare_for_checkpoint, record_in_checkpoint
@@ -18,16 +18,21 @@ HOOKS = Hooks(CHECKPOINT_KEY, prepare_for_checkpoint, record_in_checkpoint, rout
 MODULES = {"lightning.pytorch": "lora_lightning.lightning", "pytorch_lightning": "lora_lightning.pytorch_lightning"}
 
 
-@lru_cache(maxsize=None)
+@cache
 def layer(package: str) -> dict[str, type]:
     """``{"LoRACallback": ..., "AtomicCheckpointIO": ..., "LoRAMonitor": ...}`` for ``package`` (``"lightning.pytorch"`` or
     ``"pytorch_lightning"``), importable from its lora_lightning module; installs the package's wrappers."""
     ns = namespace(package)
     module = MODULES[package]
-    atomic_io = type("AtomicCheckpointIO", (AtomicSave, ns.TorchCheckpointIO), {
-        "__module__": module, "__qualname__": "AtomicCheckpointIO",
-        "__doc__": f"{ns.name}'s ``TorchCheckpointIO`` with atomic local writes (temp file, fsync, rename).",
-    })
+    atomic_io = type(
+        "AtomicCheckpointIO",
+        (AtomicSave, ns.TorchCheckpointIO),
+        {
+            "__module__": module,
+            "__qualname__": "AtomicCheckpointIO",
+            "__doc__": f"{ns.name}'s ``TorchCheckpointIO`` with atomic local writes (temp file, fsync, rename).",
+        },
+    )
     callback = make_callback_class(ns, atomic_io, module)
     install(ns, HOOKS)
     return {"LoRACallback": callback, "AtomicCheckpointIO": atomic_io, "LoRAMonitor": make_monitor_class(ns, module)}

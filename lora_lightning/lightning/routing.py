@@ -21,8 +21,9 @@ The module's step methods are wrapped once, for that instance only (through its
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,8 +34,12 @@ from ..named import adapter_tensors, has_named_adapters, list_adapters, use_adap
 from ..state import attach, lora_handle
 from .compat import lora_callback, trainer_of
 
-_STEPS = {"training_step": None, "validation_step": "val_dataloaders", "test_step": "test_dataloaders",
-          "predict_step": "predict_dataloaders"}
+_STEPS = {
+    "training_step": None,
+    "validation_step": "val_dataloaders",
+    "test_step": "test_dataloaders",
+    "predict_step": "predict_dataloaders",
+}
 
 
 class MetricOwners:
@@ -200,9 +205,15 @@ def check_adapter_names(names: Sequence[str] | Mapping[str, Any] | None) -> list
     if names is None:
         return None
     if isinstance(names, str):
-        raise LoRAConfigError(f"adapters={names!r}: give a list of two or more names, e.g. ['a', 'b'] (a string is one name)")
+        raise LoRAConfigError(
+            f"adapters={names!r}: give a list of two or more names, e.g. ['a', 'b'] (a string is one name)"
+        )
     listed = list(names)
-    if len(listed) < 2 or len(set(listed)) != len(listed) or not all(isinstance(n, str) and n and "." not in n and "/" not in n for n in listed):
+    if (
+        len(listed) < 2
+        or len(set(listed)) != len(listed)
+        or not all(isinstance(n, str) and n and "." not in n and "/" not in n for n in listed)
+    ):
         raise LoRAConfigError(
             f"adapters={listed!r}: give two or more distinct names without '.' or '/' (one adapter: leave adapters unset)"
         )

@@ -40,7 +40,9 @@ def check_sharded_checkpoint(module: torch.nn.Module, record: dict[str, Any] | N
         )
 
 
-def load_model_parallel_checkpoint(strategy: Any, path: Path, weights_only: bool | None, fabric: FabricHelpers) -> dict[str, Any]:
+def load_model_parallel_checkpoint(
+    strategy: Any, path: Path, weights_only: bool | None, fabric: FabricHelpers
+) -> dict[str, Any]:
     """``ModelParallelStrategy.load_checkpoint`` for a module with adapters; returns the remaining
     checkpoint entries (epoch, loops, callbacks, the LoRA record) like the original. ``fabric``: Lightning
     Fabric's checkpoint helpers (:mod:`.compat` resolves them)."""
@@ -67,7 +69,9 @@ def load_model_parallel_checkpoint(strategy: Any, path: Path, weights_only: bool
             key = f"optimizer_{idx}"
             optimizer_state = {key: get_optimizer_state_dict(model, optimizer)}
             dcp_load(optimizer_state, checkpoint_id=path)
-            set_optimizer_state_dict(model, optimizer, optim_state_dict=optimizer_state[key], options=StateDictOptions(cpu_offload=True))
+            set_optimizer_state_dict(
+                model, optimizer, optim_state_dict=optimizer_state[key], options=StateDictOptions(cpu_offload=True)
+            )
         return metadata
     if fabric.is_full_checkpoint(path):
         checkpoint = torch.load(path, mmap=True, map_location="cpu", weights_only=weights_only)
@@ -75,5 +79,9 @@ def load_model_parallel_checkpoint(strategy: Any, path: Path, weights_only: bool
         del checkpoint
         # the adapter tensors are all there (checked): let Lightning load what the file holds
         state = {_STATE: model, **{f"optimizer_{i}": opt for i, opt in enumerate(strategy.optimizers)}}
-        return fabric.load_checkpoint(path, state, strict=False, optimizer_states_from_list=True, weights_only=weights_only)
-    raise AdapterFileError(f"{str(path)!r} is neither a sharded checkpoint folder nor a checkpoint file; check ckpt_path")
+        return fabric.load_checkpoint(
+            path, state, strict=False, optimizer_states_from_list=True, weights_only=weights_only
+        )
+    raise AdapterFileError(
+        f"{str(path)!r} is neither a sharded checkpoint folder nor a checkpoint file; check ckpt_path"
+    )

@@ -5,10 +5,10 @@ docs/variants.md gives the formulas and citations. A new variant is one file wit
 ``@register_variant("name")`` class (see :mod:`.registry`) plus its test file.
 """
 
-from .base import TrainingHooks, Variant, get_variant, register_variant, register_variant_alias, registered_variants
-from .lora import LoRA  # noqa: E402  (registration order: plain LoRA first)
 from .adalora import AdaLoRAConfig, AdaLoRAController, AdaLoRALinear, orthogonality_penalty
+from .base import TrainingHooks, Variant, get_variant, register_variant, register_variant_alias, registered_variants
 from .dora import DoRALinear
+from .lora import LoRA  # noqa: E402  (registration order: plain LoRA first)
 from .pissa import PiSSALinear, pissa_to_lora
 from .vera import VeRAConfig, VeRALinear, vera_shared_matrices
 

@@ -27,9 +27,8 @@ from torch import Tensor, nn
 from ..config import LoRAConfig, check_fraction, check_rank
 from ..errors import LoRAConfigError
 from ..layers import LoRALinear, init_random
-from .base import Variant, register_variant
-
 from ..plan import AdapterSpec
+from .base import Variant, register_variant
 
 
 @dataclass
@@ -196,7 +195,9 @@ class AdaLoRAController:
     def triplet_scores(self) -> dict[str, Tensor]:
         """``S_i = s(λ_i) + mean_j s(Q_ij) + mean_j s(P_ji)`` per layer (``r``)."""
         return {
-            name: self._score(name, "lora_E") + self._score(name, "lora_A").mean(1) + self._score(name, "lora_B").mean(0)
+            name: self._score(name, "lora_E")
+            + self._score(name, "lora_A").mean(1)
+            + self._score(name, "lora_B").mean(0)
             for name in self.layers
         }
 

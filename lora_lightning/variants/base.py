@@ -23,7 +23,8 @@ Hydra app's ``lora`` group lists them.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -94,8 +95,13 @@ class Variant:
             kinds = {s.kind for s in tied} | {kind_of_name(model, f) for s in tied for f in s.tied}
             untieable = sorted(k for k in kinds if not registry.layer_kind(k).tieable)
             if not cls.supports_ties or config.quantize_base is not None or untieable:
-                why = (f"variant={config.variant!r}" if not cls.supports_ties else
-                       f"quantize_base={config.quantize_base!r}" if config.quantize_base is not None else f"kind {untieable}")
+                why = (
+                    f"variant={config.variant!r}"
+                    if not cls.supports_ties
+                    else f"quantize_base={config.quantize_base!r}"
+                    if config.quantize_base is not None
+                    else f"kind {untieable}"
+                )
                 raise LoRAConfigError(
                     f"{tied[0].name} and {tied[0].tied[0]} hold one tied weight and would share one adapter, which {why} "
                     "cannot do: target only one of them (merging is then refused while the other reads the weight), "
@@ -167,7 +173,9 @@ def register_variant(name: str) -> Any:
     def decorate(cls: type[Variant]) -> type[Variant]:
         if not (isinstance(cls, type) and issubclass(cls, Variant)):
             raise TypeError(f"@register_variant({name!r}) decorates a Variant subclass, got {cls!r}")
-        if name in registry.VARIANT_ALIASES or (name in registry.VARIANTS and registry.VARIANTS[name].__qualname__ != cls.__qualname__):
+        if name in registry.VARIANT_ALIASES or (
+            name in registry.VARIANTS and registry.VARIANTS[name].__qualname__ != cls.__qualname__
+        ):
             raise LoRAConfigError(f"variant name {name!r} is already registered; choose another name")
         config_class = cls.config_class
         if config_class is not LoRAConfig:

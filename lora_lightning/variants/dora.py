@@ -8,9 +8,8 @@ from torch import Tensor, nn
 
 from ..config import LoRAConfig
 from ..layers import LoRALinear
-from .base import Variant, register_variant
-
 from ..plan import AdapterSpec
+from .base import Variant, register_variant
 
 
 class DoRALinear(LoRALinear):
@@ -66,7 +65,11 @@ class DoRALinear(LoRALinear):
                 self._dora_factor = factor.detach().clone()
                 self.weight.copy_((factor[:, None] * v).to(self.weight.dtype))
             else:
-                factor = self._dora_factor if self._dora_factor is not None else self.lora_magnitude / self.dora_weight().norm(dim=1)
+                factor = (
+                    self._dora_factor
+                    if self._dora_factor is not None
+                    else self.lora_magnitude / self.dora_weight().norm(dim=1)
+                )
                 w0 = self.weight.to(dt) / factor[:, None] - self.live_delta_weight(dt)
                 self.weight.copy_(w0.to(self.weight.dtype))
                 self._dora_factor = None

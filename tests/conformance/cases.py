@@ -10,8 +10,9 @@ checked in every combination with the others.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -56,30 +57,72 @@ def _mha_run(m: nn.Module, x: Tensor) -> Tensor:
 EXAMPLES: dict[str, list[Example]] = {
     "linear": [
         Example("linear", "linear", lambda: nn.Linear(16, 8), _floats(3, 16)),
-        Example("linear fused qkv", "linear", lambda: nn.Linear(16, 24), _floats(3, 16), attr="qkv", targets=("q", "v"),
-                fused=True, note="q and v blocks of [Wq; Wk; Wv]"),
+        Example(
+            "linear fused qkv",
+            "linear",
+            lambda: nn.Linear(16, 24),
+            _floats(3, 16),
+            attr="qkv",
+            targets=("q", "v"),
+            fused=True,
+            note="q and v blocks of [Wq; Wk; Wv]",
+        ),
     ],
     "conv1d": [
         Example("GPT-2 Conv1D", "conv1d", lambda: _gpt2_conv1d(8, 16), _floats(3, 16)),
-        Example("GPT-2 Conv1D fused c_attn", "conv1d", lambda: _gpt2_conv1d(24, 16), _floats(3, 16), attr="c_attn",
-                targets=("q", "v"), fused=True, note="q and v blocks"),
+        Example(
+            "GPT-2 Conv1D fused c_attn",
+            "conv1d",
+            lambda: _gpt2_conv1d(24, 16),
+            _floats(3, 16),
+            attr="c_attn",
+            targets=("q", "v"),
+            fused=True,
+            note="q and v blocks",
+        ),
     ],
     "mha": [
-        Example("nn.MultiheadAttention", "mha", lambda: nn.MultiheadAttention(16, 2, batch_first=True), _floats(3, 16),
-                attr="attn", targets=("q", "v"), run=_mha_run, fused=True, peft=False, note="q and v of in_proj_weight"),
+        Example(
+            "nn.MultiheadAttention",
+            "mha",
+            lambda: nn.MultiheadAttention(16, 2, batch_first=True),
+            _floats(3, 16),
+            attr="attn",
+            targets=("q", "v"),
+            run=_mha_run,
+            fused=True,
+            peft=False,
+            note="q and v of in_proj_weight",
+        ),
     ],
     "embedding": [
-        Example("nn.Embedding", "embedding", lambda: nn.Embedding(12, 8, padding_idx=0),
-                lambda g: torch.randint(0, 12, (BATCH, 3), generator=g)),
+        Example(
+            "nn.Embedding",
+            "embedding",
+            lambda: nn.Embedding(12, 8, padding_idx=0),
+            lambda g: torch.randint(0, 12, (BATCH, 3), generator=g),
+        ),
     ],
     "conv": [
         Example("nn.Conv1d", "conv", lambda: nn.Conv1d(4, 8, 3, padding=1), _floats(4, 7)),
         Example("nn.Conv2d", "conv", lambda: nn.Conv2d(4, 8, 3, padding=1), _floats(4, 5, 5)),
         Example("nn.Conv3d", "conv", lambda: nn.Conv3d(2, 4, 3, padding=1), _floats(2, 4, 4, 4)),
-        Example("nn.Conv2d dilation=2", "conv", lambda: nn.Conv2d(4, 8, 3, padding=2, dilation=2), _floats(4, 6, 6),
-                peft=False, note="dilated"),
-        Example("nn.Conv2d reflect", "conv", lambda: nn.Conv2d(4, 8, 3, padding=1, padding_mode="reflect"), _floats(4, 5, 5),
-                peft=False, note="padding_mode='reflect'"),
+        Example(
+            "nn.Conv2d dilation=2",
+            "conv",
+            lambda: nn.Conv2d(4, 8, 3, padding=2, dilation=2),
+            _floats(4, 6, 6),
+            peft=False,
+            note="dilated",
+        ),
+        Example(
+            "nn.Conv2d reflect",
+            "conv",
+            lambda: nn.Conv2d(4, 8, 3, padding=1, padding_mode="reflect"),
+            _floats(4, 5, 5),
+            peft=False,
+            note="padding_mode='reflect'",
+        ),
     ],
 }
 
@@ -137,7 +180,11 @@ def all_cases() -> list[Case]:
 def check_registries_covered() -> list[str]:
     """What the registries hold that the battery has no entry for (each must be added here)."""
     missing = [f"layer kind {k!r}" for k in registry.LAYER_KINDS if k not in EXAMPLES]
-    missing += [f"variant {v!r}" for v in list(registry.VARIANTS) + list(registry.VARIANT_ALIASES) if v not in VARIANTS and v != "qlora"]
+    missing += [
+        f"variant {v!r}"
+        for v in list(registry.VARIANTS) + list(registry.VARIANT_ALIASES)
+        if v not in VARIANTS and v != "qlora"
+    ]
     missing += [f"quantizer {q!r}" for q in registry.QUANTIZERS if q not in QUANTIZERS]
     return missing
 
@@ -201,7 +248,9 @@ def randomize(model: nn.Module, seed: int = 5, std: float = 0.3) -> None:
         for layer in lora_layers(model).values():
             for name in layer.trainable_names:
                 p = getattr(layer, name)
-                p.copy_((torch.randn(p.shape, generator=g) * std + (1.0 if name == "lora_magnitude" else 0.0)).to(p.dtype))
+                p.copy_(
+                    (torch.randn(p.shape, generator=g) * std + (1.0 if name == "lora_magnitude" else 0.0)).to(p.dtype)
+                )
 
 
 @dataclass

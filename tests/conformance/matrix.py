@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 import time
 from collections import defaultdict
-from typing import Iterable
+from collections.abc import Iterable
 
 from .cases import QUANTIZERS, TOPOLOGIES, VARIANTS, Case, Outcome, all_cases
 from .operations import OPERATIONS, Refused
@@ -58,11 +58,16 @@ def render(outcomes: dict[tuple[str, str], Outcome], cases: Iterable[Case]) -> s
         "| --- | --- |",
     ]
     lines += [f"| `{o.name}` | {o.checks} |" for o in OPERATIONS]
-    lines += ["", "## Cells where injection works", "",
-              "`✓` checked; `R<n>` refused with message n (below). Topology: `plain` the layer alone, `siblings` a second "
-              "module of the same kind with its own weight reading the same input (q/k/v-like: fused by shared-input "
-              "fusion), `shared` a second module holding the same weight, `alias` one module under two names, `tied-head` "
-              "an embedding whose weight is also the output head's.", ""]
+    lines += [
+        "",
+        "## Cells where injection works",
+        "",
+        "`✓` checked; `R<n>` refused with message n (below). Topology: `plain` the layer alone, `siblings` a second "
+        "module of the same kind with its own weight reading the same input (q/k/v-like: fused by shared-input "
+        "fusion), `shared` a second module holding the same weight, `alias` one module under two names, `tied-head` "
+        "an embedding whose weight is also the output head's.",
+        "",
+    ]
     inject_refused: dict[tuple[str, str], list[Case]] = defaultdict(list)
     for example in examples:
         rows = []
@@ -76,10 +81,22 @@ def render(outcomes: dict[tuple[str, str], Outcome], cases: Iterable[Case]) -> s
             cells = ["✓" if outcomes[(c.id, op)].status == CHECKED else ref(outcomes[(c.id, op)].detail) for op in ops]
             rows.append(f"| {c.topology} | {c.variant} | {c.quantizer or '—'} | " + " | ".join(cells) + " |")
         if rows:
-            lines += [f"### {example}", "", "| topology | variant | quantizer | " + " | ".join(f"`{op}`" for op in ops) + " |",
-                      "| --- | --- | --- | " + " | ".join("---" for _ in ops) + " |", *rows, ""]
-    lines += ["## Cases refused at injection", "", "Every operation of these cases is refused with the same message.", "",
-              "| example | refusal | topologies | variants | quantizers | cases |", "| --- | --- | --- | --- | --- | --- |"]
+            lines += [
+                f"### {example}",
+                "",
+                "| topology | variant | quantizer | " + " | ".join(f"`{op}`" for op in ops) + " |",
+                "| --- | --- | --- | " + " | ".join("---" for _ in ops) + " |",
+                *rows,
+                "",
+            ]
+    lines += [
+        "## Cases refused at injection",
+        "",
+        "Every operation of these cases is refused with the same message.",
+        "",
+        "| example | refusal | topologies | variants | quantizers | cases |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for (example, rid), group in inject_refused.items():
         tops = ", ".join(t for t in TOPOLOGIES if any(c.topology == t for c in group))
         vars_ = ", ".join(v for v in VARIANTS if any(c.variant == v for c in group))

@@ -14,9 +14,10 @@ import pickle
 import re
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -45,8 +46,8 @@ from lora_lightning import (
     use_adapter,
 )
 from lora_lightning.layers import is_lora_module
-from lora_lightning.state import lora_handle
 from lora_lightning.loraplus import SOURCE_KEY, apply_loraplus
+from lora_lightning.state import lora_handle
 
 from .cases import Case, Net, inputs, randomize
 from .references import reference_model
@@ -107,8 +108,10 @@ def multi_fit_refusal(case: Case) -> str | None:
 
 # --------------------------------------------------------------------------- helpers
 def snapshot(model: nn.Module) -> tuple[dict[str, Tensor], list[tuple[str, type]]]:
-    return ({k: v.detach().clone() for k, v in model.state_dict().items()},
-            [(n, type(m)) for n, m in model.named_modules(remove_duplicate=False)])
+    return (
+        {k: v.detach().clone() for k, v in model.state_dict().items()},
+        [(n, type(m)) for n, m in model.named_modules(remove_duplicate=False)],
+    )
 
 
 def assert_unchanged(model: nn.Module, before: tuple[dict[str, Tensor], list[tuple[str, type]]]) -> None:
@@ -117,7 +120,9 @@ def assert_unchanged(model: nn.Module, before: tuple[dict[str, Tensor], list[tup
     assert now.keys() == tensors.keys(), "the refusal changed the model's keys"
     for k, v in tensors.items():
         assert now[k].dtype == v.dtype and torch.equal(now[k], v), f"the refusal changed {k}"
-    assert [(n, type(m)) for n, m in model.named_modules(remove_duplicate=False)] == modules, "the refusal changed modules"
+    assert [(n, type(m)) for n, m in model.named_modules(remove_duplicate=False)] == modules, (
+        "the refusal changed modules"
+    )
 
 
 class Refused(Exception):
@@ -180,10 +185,13 @@ def operation(name: str, checks: str, refusal: Callable[[Case], str | None] = la
     return register
 
 
-@operation("inject", "outputs right after injection bit-equal to the frozen base's (nn.MultiheadAttention: to its own slow "
-           "path, the function its inference fast path computes in another order); a quantized base: to the base with its "
-           "dequantized weights; PiSSA: W_res + s·B·A by hand, and the base itself to 1e-5; a refusal leaves the model "
-           "bit-equal")
+@operation(
+    "inject",
+    "outputs right after injection bit-equal to the frozen base's (nn.MultiheadAttention: to its own slow "
+    "path, the function its inference fast path computes in another order); a quantized base: to the base with its "
+    "dequantized weights; PiSSA: W_res + s·B·A by hand, and the base itself to 1e-5; a refusal leaves the model "
+    "bit-equal",
+)
 def op_inject(case: Case) -> None:
     model = Net(case).eval()
     x = inputs(case)
@@ -214,8 +222,11 @@ def op_inject(case: Case) -> None:
         assert torch.equal(after, base), f"outputs changed by {(after - base).abs().max():.3g} right after injection"
 
 
-@operation("forward", "fp32 forward vs W0 + ΔW by each variant's hand formula in float64 in a plain copy of the model; "
-           "gradients reach the trainable tensors only; in-place ops on the output train")
+@operation(
+    "forward",
+    "fp32 forward vs W0 + ΔW by each variant's hand formula in float64 in a plain copy of the model; "
+    "gradients reach the trainable tensors only; in-place ops on the output train",
+)
 def op_forward(case: Case) -> None:
     model, x = adapted(case)
     close(out(model, x), out(reference_model(case, model), _x64(x)), "forward")
@@ -231,8 +242,11 @@ def op_forward(case: Case) -> None:
     assert trainable and all(model.get_parameter(n).grad is not None for n in trainable if ".lora_bank." not in n)
 
 
-@operation("merge", "merge_lora: outputs equal the unmerged ones; unmerge_lora: the base weights back; merge_and_unload: "
-           "the base architecture (no LoRA module left) with the same outputs")
+@operation(
+    "merge",
+    "merge_lora: outputs equal the unmerged ones; unmerge_lora: the base weights back; merge_and_unload: "
+    "the base architecture (no LoRA module left) with the same outputs",
+)
 def op_merge(case: Case) -> None:
     model, x = adapted(case)
     y = out(model, x)
@@ -269,8 +283,11 @@ def op_save_load(case: Case) -> None:
     assert torch.equal(out(fresh, x), y), "reloaded adapter gives other outputs"
 
 
-@operation("peft", "export_peft_adapter loaded by peft.PeftModel gives our outputs; import_peft_adapter of it too",
-           peft_refusal)
+@operation(
+    "peft",
+    "export_peft_adapter loaded by peft.PeftModel gives our outputs; import_peft_adapter of it too",
+    peft_refusal,
+)
 def op_peft(case: Case) -> None:
     import peft
 
@@ -287,9 +304,12 @@ def op_peft(case: Case) -> None:
         close(out(ours, x), y, "imported back", rtol=1e-6, atol=1e-6)
 
 
-@operation("named", "add_adapter/set_adapter/use_adapter give each adapter's hand-formula outputs; add_weighted_adapter "
-           "(cat) gives W0 + Σ w_i·ΔW_i; bad calls (NaN weight, svd_rank too large) change nothing; delete_adapter",
-           named_refusal)
+@operation(
+    "named",
+    "add_adapter/set_adapter/use_adapter give each adapter's hand-formula outputs; add_weighted_adapter "
+    "(cat) gives W0 + Σ w_i·ΔW_i; bad calls (NaN weight, svd_rank too large) change nothing; delete_adapter",
+    named_refusal,
+)
 def op_named(case: Case) -> None:
     model, x = adapted(case)
     y = out(model, x)
@@ -299,8 +319,10 @@ def op_named(case: Case) -> None:
         y_b = out(model, x)
         close(y_b, out(reference_model(case, model), _x64(x)), "adapter b")
     assert torch.equal(out(model, x), y), "use_adapter did not give the previous adapter back"
-    for bad in (lambda: add_weighted_adapter(model, ["default", "b"], [1.0, float("nan")], "w"),
-                lambda: add_weighted_adapter(model, ["default", "b"], [1.0, 1.0], "w", "svd", svd_rank=10_000)):
+    for bad in (
+        lambda: add_weighted_adapter(model, ["default", "b"], [1.0, float("nan")], "w"),
+        lambda: add_weighted_adapter(model, ["default", "b"], [1.0, 1.0], "w", "svd", svd_rank=10_000),
+    ):
         try:
             refused_as_expected(model, bad, r"not a finite number|does not fit")
         except Refused:
@@ -319,8 +341,11 @@ def _x64(x: Tensor) -> Tensor:
     return x.double() if x.is_floating_point() else x
 
 
-@operation("mixed_batch", "each sample's output row equals that sample through its own adapter (or the base for None)",
-           routing_refusal)
+@operation(
+    "mixed_batch",
+    "each sample's output row equals that sample through its own adapter (or the base for None)",
+    routing_refusal,
+)
 def op_mixed_batch(case: Case) -> None:
     model, x = adapted(case)
     if not _plain_lora(case):
@@ -341,8 +366,11 @@ def op_mixed_batch(case: Case) -> None:
     close(mixed[1], y_base[1], "row routed to the base")
 
 
-@operation("fusion", "shared-input fusion on vs off: outputs bit-equal, gradients equal (None where unfused gives None, "
-           "also for a member whose output is unused), one AdamW step with weight decay equal")
+@operation(
+    "fusion",
+    "shared-input fusion on vs off: outputs bit-equal, gradients equal (None where unfused gives None, "
+    "also for a member whose output is unused), one AdamW step with weight decay equal",
+)
 def op_fusion(case: Case) -> None:
     model, x = adapted(case)
     model.train()
@@ -358,13 +386,21 @@ def op_fusion(case: Case) -> None:
             y.float().pow(2).sum().backward()
             outs.append(y.detach())
         grads = {n: None if p.grad is None else p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
-        groupable = (case.topology == "siblings" and case.example.kind == "linear" and not case.example.fused
-                     and _plain_lora(case) and case.quantizer is None)
+        groupable = (
+            case.topology == "siblings"
+            and case.example.kind == "linear"
+            and not case.example.fused
+            and _plain_lora(case)
+            and case.quantizer is None
+        )
         if fuse and groupable:  # q/k/v-like siblings of plain LoRA Linear layers: the fused node really ran
             assert lora_handle(m).tracker.fused_calls > 0, "the siblings were not fused"
         opt.step()
         runs.append((outs, grads, {n: p.detach().clone() for n, p in m.named_parameters()}))
-    if case.topology in ("siblings", "shared"):  # both read x, only the first output is used: no gradient for the second
+    if case.topology in (
+        "siblings",
+        "shared",
+    ):  # both read x, only the first output is used: no gradient for the second
         for fuse in (True, False):
             m = copy.deepcopy(model)
             set_shared_input_fusion(m, fuse)
@@ -380,13 +416,17 @@ def op_fusion(case: Case) -> None:
     for a, b in zip(o1, o2):
         assert torch.equal(a, b), "fused outputs differ from unfused ones"
     for n in g1:
-        assert (g1[n] is None) == (g2[n] is None), f"{n}: gradient None with fusion {g1[n] is None}, without {g2[n] is None}"
+        assert (g1[n] is None) == (g2[n] is None), (
+            f"{n}: gradient None with fusion {g1[n] is None}, without {g2[n] is None}"
+        )
         if g1[n] is not None:
             close(g1[n], g2[n], f"gradient of {n}", rtol=1e-5, atol=1e-6)
     for n in p1:
         close(p1[n], p2[n], f"{n} after a step", rtol=1e-5, atol=1e-6)
     if len(runs) == 4:
-        assert runs[2][1] == runs[3][1], f"an unused member's gradients differ with fusion on/off: {runs[2][1]} vs {runs[3][1]}"
+        assert runs[2][1] == runs[3][1], (
+            f"an unused member's gradients differ with fusion on/off: {runs[2][1]} vs {runs[3][1]}"
+        )
 
 
 def _schedulers(opt: torch.optim.Optimizer) -> dict[str, Any]:
@@ -399,11 +439,16 @@ def _schedulers(opt: torch.optim.Optimizer) -> dict[str, Any]:
         "ConstantLR": lambda: S.ConstantLR(opt, factor=0.5, total_iters=2),
         "LinearLR": lambda: S.LinearLR(opt, start_factor=0.3, total_iters=3),
         "ExponentialLR": lambda: S.ExponentialLR(opt, gamma=0.8),
-        "SequentialLR": lambda: S.SequentialLR(opt, [S.ConstantLR(opt, factor=0.5, total_iters=2),
-                                                     S.CosineAnnealingLR(opt, T_max=4, eta_min=1e-3)], milestones=[2]),
+        "SequentialLR": lambda: S.SequentialLR(
+            opt,
+            [S.ConstantLR(opt, factor=0.5, total_iters=2), S.CosineAnnealingLR(opt, T_max=4, eta_min=1e-3)],
+            milestones=[2],
+        ),
         "PolynomialLR": lambda: S.PolynomialLR(opt, total_iters=5, power=2.0),
         "CosineAnnealingLR": lambda: S.CosineAnnealingLR(opt, T_max=4, eta_min=1e-3),
-        "ChainedScheduler": lambda: S.ChainedScheduler([S.ConstantLR(opt, factor=0.5, total_iters=2), S.ExponentialLR(opt, gamma=0.9)]),
+        "ChainedScheduler": lambda: S.ChainedScheduler(
+            [S.ConstantLR(opt, factor=0.5, total_iters=2), S.ExponentialLR(opt, gamma=0.9)]
+        ),
         "ReduceLROnPlateau": lambda: S.ReduceLROnPlateau(opt, patience=0, factor=0.5, min_lr=1e-3),
         "CyclicLR": lambda: S.CyclicLR(opt, base_lr=1e-3, max_lr=1e-2, step_size_up=2),
         "CosineAnnealingWarmRestarts": lambda: S.CosineAnnealingWarmRestarts(opt, T_0=2, eta_min=1e-3),
@@ -414,8 +459,12 @@ def _schedulers(opt: torch.optim.Optimizer) -> dict[str, Any]:
 SCHEDULERS = tuple(_schedulers(None))  # type: ignore[arg-type]
 
 
-@operation("loraplus", "LoRA+ (ratio 16) under each of torch.optim.lr_scheduler's " + str(len(SCHEDULERS)) + " schedulers: "
-           "lr_B = 16·lr_A in every B group before every optimizer step and after every scheduler step", loraplus_refusal)
+@operation(
+    "loraplus",
+    "LoRA+ (ratio 16) under each of torch.optim.lr_scheduler's " + str(len(SCHEDULERS)) + " schedulers: "
+    "lr_B = 16·lr_A in every B group before every optimizer step and after every scheduler step",
+    loraplus_refusal,
+)
 def op_loraplus(case: Case) -> None:
     model, x = adapted(case)
     model.train()
@@ -490,12 +539,24 @@ def _loader(case: Case, seed: int) -> Any:
 def _trainer(tmp: str, callbacks: list[Any], **kw: Any) -> Any:
     import lightning.pytorch as pl
 
-    return pl.Trainer(default_root_dir=tmp, callbacks=callbacks, max_steps=2, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu", **kw)
+    return pl.Trainer(
+        default_root_dir=tmp,
+        callbacks=callbacks,
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+        **kw,
+    )
 
 
-@operation("lightning", "fit 2 steps with LoRACallback, save a checkpoint (adapter-only), LitNet.load_from_checkpoint: "
-           "bit-equal outputs")
+@operation(
+    "lightning",
+    "fit 2 steps with LoRACallback, save a checkpoint (adapter-only), LitNet.load_from_checkpoint: bit-equal outputs",
+)
 def op_lightning(case: Case) -> None:
     import logging
 
@@ -516,8 +577,12 @@ def op_lightning(case: Case) -> None:
     assert torch.equal(out(loaded, x), y), "load_from_checkpoint gave other outputs"
 
 
-@operation("multi_fit", "LoRACallback(adapters=['a', 'b']) with gradient accumulation (2), clipping by norm and LoRA+ (16): "
-           "each adapter equals the same adapter trained alone on its own batches", multi_fit_refusal)
+@operation(
+    "multi_fit",
+    "LoRACallback(adapters=['a', 'b']) with gradient accumulation (2), clipping by norm and LoRA+ (16): "
+    "each adapter equals the same adapter trained alone on its own batches",
+    multi_fit_refusal,
+)
 def op_multi_fit(case: Case) -> None:
     from lora_lightning import LoRACallback
 
@@ -525,7 +590,9 @@ def op_multi_fit(case: Case) -> None:
     LitNet = _lit(case)
     pattern = multi_fit_refusal(case)
     if pattern:
-        refused_as_expected(nn.Linear(1, 1), lambda: LoRACallback(case.config(), adapters=["a", "b"], verbose=False), pattern)
+        refused_as_expected(
+            nn.Linear(1, 1), lambda: LoRACallback(case.config(), adapters=["a", "b"], verbose=False), pattern
+        )
     settings = dict(accumulate_grad_batches=2, gradient_clip_val=0.02)
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
