@@ -214,7 +214,7 @@ def test_toy_variant_through_the_callback_budget_and_resume(tmp_path):
 
 # ----------------------------------------------------------------------------- exact counts, every variant
 def _configs() -> list[tuple[str, dict]]:
-    extra = {"adalora": {"adalora_target_r": 2}, "gain": {"gain_per_row": True}}
+    extra = {"adalora": {"adalora_target_r": 2}, "gain": {"gain_per_row": True}, "loftq": {"quantize_base": "int8"}}
     return [(name, extra.get(name, {})) for name in sorted(set(registered_variants()) | {"gain"})]
 
 

@@ -63,6 +63,11 @@ class Variant:
     linear_only: ClassVar[bool] = True
     # whether modules holding one tied weight can share one adapter of this variant
     supports_ties: ClassVar[bool] = False
+    # whether the initialisation rewrites the frozen base from W0 (PiSSA, OLoRA: a residual; LoftQ: a quantized
+    # approximation), so the output right after injection equals the base's to round-off, not bit for bit
+    rewrites_base: ClassVar[bool] = False
+    # whether the variant needs quantize_base (LoftQ fits A, B to the quantization error): refused without it
+    needs_quantized_base: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, config: LoRAConfig, specs: Sequence[AdapterSpec]) -> None:
         self.config = config

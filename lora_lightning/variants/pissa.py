@@ -53,6 +53,7 @@ class PiSSA(Variant):
     """Trainable ``r·(d_in + d_out)`` per matrix, like LoRA."""
 
     layer_class = PiSSALinear
+    rewrites_base = True
 
 
 def pissa_to_lora(model: nn.Module) -> dict[str, tuple[Tensor, Tensor, float]]:

@@ -140,6 +140,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "rslora": {"variant": "rslora"},
     "dora": {"variant": "dora"},
     "pissa": {"variant": "pissa"},
+    "olora": {"variant": "olora"},
+    "loftq": {"variant": "loftq", "loftq_iter": 2},
     "vera": {"variant": "vera", "vera_seed": 3},
     "adalora": {"variant": "adalora", "adalora_target_r": 1, "adalora_total_steps": 10},
 }

@@ -50,7 +50,7 @@ from lora_lightning.loraplus import SOURCE_KEY, apply_loraplus
 from lora_lightning.state import lora_handle
 
 from .cases import Case, Net, inputs, randomize
-from .references import reference_model
+from .references import reference_model, rewrites_base
 
 TOL = dict(rtol=1e-4, atol=1e-4)
 
@@ -59,6 +59,8 @@ TOL = dict(rtol=1e-4, atol=1e-4)
 def inject_refusal(case: Case) -> str | None:
     """The one-line error injection must raise for ``case`` (a regex), or ``None`` if it must succeed."""
     kind, variant = case.kind, registry.variant(case.variant)
+    if variant.needs_quantized_base and case.quantizer is None:  # the config refuses, before any planning
+        return r"needs one: set quantize_base"
     tied = case.topology in ("shared", "tied-head")
     if tied and case.example.fused:  # found while planning, before the variant looks at the plan
         return r"hold one weight .* adapters would add two updates"
@@ -189,8 +191,8 @@ def operation(name: str, checks: str, refusal: Callable[[Case], str | None] = la
     "inject",
     "outputs right after injection bit-equal to the frozen base's (nn.MultiheadAttention: to its own slow "
     "path, the function its inference fast path computes in another order); a quantized base: to the base with its "
-    "dequantized weights; PiSSA: W_res + s·B·A by hand, and the base itself to 1e-5; a refusal leaves the model "
-    "bit-equal",
+    "dequantized weights; a variant whose initialisation rewrites the base (PiSSA, OLoRA, LoftQ): W_base + s·B·A "
+    "by hand, and the base itself to 1e-5 where it is not quantized; a refusal leaves the model bit-equal",
 )
 def op_inject(case: Case) -> None:
     model = Net(case).eval()
@@ -208,10 +210,11 @@ def op_inject(case: Case) -> None:
         p.requires_grad_(g)
     refused_as_expected(model, lambda: inject_lora(model, case.config()), inject_refusal(case))
     after = out(model, x)
-    if case.variant == "pissa":
-        close(after, out(reference_model(case, model), _x64(x)), "PiSSA at init vs W_res + s·B·A", rtol=1e-5, atol=1e-5)
+    if rewrites_base(case):
+        what = f"{case.variant} at init"
+        close(after, out(reference_model(case, model), _x64(x)), f"{what} vs W_base + s·B·A", rtol=1e-5, atol=1e-5)
         if case.quantizer is None:
-            close(after, base, "PiSSA at init vs the base", rtol=1e-5, atol=1e-5)
+            close(after, base, f"{what} vs the base", rtol=1e-5, atol=1e-5)
     elif case.quantizer is not None:
         plain = Net(case).eval()  # the base with each adapted weight replaced by its dequantized values
         with torch.no_grad():

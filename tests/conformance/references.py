@@ -2,10 +2,10 @@
 tensors, put into a plain copy of the base model that lora_lightning never touched.
 
 The plain model is built again from the same seed (so ``W0`` is independent of the adapted model), except
-where the base itself is part of the variant's state: PiSSA's frozen residual ``W0 - s·B0·A0`` and a
-quantized base (its dequantized values) are read from the adapted layer. Each variant's formula is written
-out here, not taken from the library's ``factors()``: a variant without an entry in :data:`FORMULAS` fails
-the battery.
+where the base itself is part of the variant's state: PiSSA's and OLoRA's frozen residual ``W0 - s·B0·A0``
+and a quantized base (its dequantized values; LoftQ's ``Q``) are read from the adapted layer. Each variant's
+formula is written out here, not taken from the library's ``factors()``: a variant without an entry in
+:data:`FORMULAS` fails the battery.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from lora_lightning import lora_layers
+from lora_lightning import lora_layers, registry
 
 from .cases import Case, Net
 
@@ -83,9 +83,16 @@ FORMULAS: dict[str, Callable[[Case, nn.Module, Tensor], Tensor]] = {
     "rslora": lora,
     "dora": dora,
     "pissa": lora,  # on the residual base
+    "olora": lora,  # on the residual base
+    "loftq": lora,  # on the quantized base
     "vera": vera,
     "adalora": adalora,
 }
+
+
+def rewrites_base(case: Case) -> bool:
+    """Whether the case's variant initialises by rewriting the frozen base (PiSSA, OLoRA, LoftQ)."""
+    return bool(registry.variant(case.variant).rewrites_base)
 
 
 def _view(kind: str, stored: Tensor) -> Tensor:
@@ -119,8 +126,8 @@ def reference_model(case: Case, model: nn.Module, weights: dict[str, float] | No
             for name, layer in lora_layers(model).items():
                 target = plain.get_submodule(name)
                 stored = getattr(target, weight_name(target))
-                if case.variant == "pissa" and case.quantizer is None:
-                    base_view = _view(case.example.kind, layer.weight.detach().to(D))  # PiSSA's residual
+                if rewrites_base(case) and case.quantizer is None:
+                    base_view = _view(case.example.kind, layer.weight.detach().to(D))  # PiSSA's or OLoRA's residual
                 elif case.quantizer is not None:
                     base_view = layer.base_weight().detach().to(D)  # the dequantized (residual) base
                 else:
