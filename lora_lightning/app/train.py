@@ -21,6 +21,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
@@ -28,14 +29,17 @@ from omegaconf import DictConfig, OmegaConf
 from lora_lightning import (
     LoRACallback,
     LoRAConfig,
+    LoRAMonitor,
     base_memory,
     count_parameters,
     plan_injection,
     rank_for_budget,
     save_adapter,
+    telemetry,
 )
 from lora_lightning.config import all_option_defaults
 from lora_lightning.errors import AppConfigError, LoRAError
+from lora_lightning.injection import lora_layers
 
 from .generation_data import GenerationDataModule
 from .generation_job import run_generation
@@ -131,9 +135,38 @@ def run_name(cfg: DictConfig) -> str:
 def build_logger(cfg: DictConfig) -> Any:
     if cfg.get("logger") is None or cfg.logger.get("_target_") is None:
         return False
-    logger = instantiate(cfg.logger)
+    logger_cfg = cfg.logger
+    if str(logger_cfg._target_).endswith("WandbLogger"):
+        logger_cfg = OmegaConf.merge(logger_cfg, wandb_run_fields(cfg))
+    logger = instantiate(logger_cfg)
     logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     return logger
+
+
+W_AND_B_TAG_CHARS = 64  # W&B refuses longer tags
+
+
+def wandb_run_fields(cfg: DictConfig) -> dict[str, Any]:
+    """The W&B ``group``, ``job_type`` and ``tags`` the logger config leaves unset (``null``): a multirun's jobs share
+    the group ``<experiment_name>/<sweep folder>`` and have job type ``sweep`` (one run: group ``experiment_name``,
+    job type ``train``; ``tune=...``: ``tune``); tags are the job's own command-line overrides (``lora.r=4``), the
+    keys kept out of run names (``hydra.job.config.override_dirname.exclude_keys``) left out, and ``experiment_name=``."""
+    try:
+        hc = HydraConfig.get()
+    except ValueError:  # not running under Hydra (tests calling run() directly)
+        hc = None
+    multirun = hc is not None and hc.mode == RunMode.MULTIRUN
+    excluded = set(hc.job.config.override_dirname.exclude_keys) if hc is not None else set()
+    overrides = [
+        o for o in (hc.overrides.task if hc is not None else []) if o.split("=", 1)[0].lstrip("+~") not in excluded
+    ]
+    tags = [f"experiment_name={cfg.experiment_name}", *overrides]
+    fields = {
+        "group": f"{cfg.experiment_name}/{Path(hc.sweep.dir).name}" if multirun else str(cfg.experiment_name),
+        "job_type": "tune" if cfg.get("tune") is not None else "sweep" if multirun else "train",
+        "tags": list(dict.fromkeys(t[:W_AND_B_TAG_CHARS] for t in tags)),
+    }
+    return {k: v for k, v in fields.items() if cfg.logger.get(k) is None}
 
 
 class ValidationCurve(pl.Callback):
@@ -175,6 +208,10 @@ def build_callbacks(cfg: DictConfig, out: Path, lora: LoRAConfig | None, monitor
         callbacks.append(TQDMProgressBar())
     if lora is not None:
         callbacks.append(LoRACallback(lora, merge_on_fit_end=bool(cfg.lora.get("merge_on_fit_end", False))))
+        monitor_cfg = cfg.get("monitor")
+        if monitor_cfg is not None and monitor_cfg.get("enabled", False):
+            options = {k: v for k, v in OmegaConf.to_container(monitor_cfg, resolve=True).items() if k != "enabled"}
+            callbacks.append(LoRAMonitor(**{"out_dir": str(out / "lora_monitor"), **options}))
     return callbacks
 
 
@@ -289,6 +326,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         summary["adapter_bytes"] = adapter.stat().st_size
         summary["adapter_fraction_of_full"] = summary["adapter_bytes"] / full_model_bytes
         summary.update(variant_summary(trainer, model, lora))
+        summary["delta_norm"] = delta_norm_by_type(model)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     OmegaConf.save(cfg, out / "resolved_config.yaml", resolve=True)
     if logger:
@@ -398,15 +436,54 @@ def find_lr(
     return result
 
 
+def delta_norm_by_type(model: torch.nn.Module) -> dict[str, float]:
+    """``{matrix type: ‖ΔW‖_F}`` of the model's adapters as they are now (the tested weights), the root of the summed
+    squares over the type's matrices (``lora/<type>/delta_norm`` of :func:`lora_lightning.telemetry.aggregate`);
+    per adapter name (``<adapter>/<type>``) for named adapters. Empty once merged."""
+    layers = lora_layers(model)
+    if not layers:
+        return {}
+    values = telemetry.aggregate(telemetry.model_stats(model, top_k=1), layers)
+    return {
+        k.replace("lora/", "").removesuffix("/delta_norm"): round(v, 6)
+        for k, v in values.items()
+        if k.endswith("/delta_norm") and "/matrix/" not in k and "/layer_" not in k
+    }
+
+
+SUMMARY_TEXT = ("run_name", "method", "model", "variant", "data", "precision")  # strings W&B's run table shows
+
+
+def summary_values(summary: dict[str, Any], strings: bool) -> dict[str, Any]:
+    """``summary/<key>`` for each number of the summary (a dict such as ``delta_norm`` one level deeper:
+    ``summary/delta_norm/q``); with ``strings``, also the text fields and ``targets`` joined (``q,v``)."""
+    out: dict[str, Any] = {}
+    for k, v in summary.items():
+        if isinstance(v, dict):
+            out.update({f"summary/{k}/{kk}": vv for kk, vv in v.items() if isinstance(vv, (int, float))})
+        elif (
+            isinstance(v, (int, float))
+            and not isinstance(v, bool)
+            or strings
+            and k in SUMMARY_TEXT
+            and isinstance(v, str)
+        ):
+            out[f"summary/{k}"] = v
+        elif strings and k == "targets" and isinstance(v, list):
+            out[f"summary/{k}"] = ",".join(map(str, v))
+    return out
+
+
 def _log_summary(logger: Any, summary: dict[str, Any]) -> None:
+    """The run's summary to the logger: W&B's run summary (numbers and the text fields, so a sweep's runs compare in
+    W&B's runs table and parallel-coordinates view), else one metrics row of the numbers."""
     from lightning.pytorch.loggers import WandbLogger
 
-    numeric = {f"summary/{k}": v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     if isinstance(logger, WandbLogger):
-        logger.experiment.summary.update(numeric)
+        logger.experiment.summary.update(summary_values(summary, strings=True))
         logger.experiment.finish()
     else:
-        logger.log_metrics(numeric)
+        logger.log_metrics(summary_values(summary, strings=False))
         logger.save()
 
 
