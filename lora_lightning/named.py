@@ -12,7 +12,8 @@ active adapter requires grad. Which adapters exist and which is active is kept i
 
 * :func:`add_adapter`, :func:`set_adapter`, :func:`delete_adapter`, :func:`list_adapters`,
   :func:`active_adapter`, :func:`disable_adapter` (a context manager: exactly the base outputs).
-* :func:`add_weighted_adapter`: ``linear`` / ``cat`` / ``svd`` combinations, PEFT's formulas.
+* :func:`add_weighted_adapter`: ``linear`` / ``cat`` / ``svd`` combinations and the pruning merges ``ties``,
+  ``dare_linear``, ``dare_ties``, ``magnitude_prune`` (and their ``_svd`` forms), PEFT's formulas.
 * :func:`mixed_batch`: one forward where each sample names its adapter (or ``None``: the base).
 * :func:`use_adapter`: a context manager that activates an adapter for a block of code.
 
@@ -37,10 +38,16 @@ from .config import LoRAConfig
 from .errors import AdapterMismatchError, LoRAConfigError, MergeStateError, NotInjectedError
 from .injection import BANK, has_lora, inject_lora, lora_layers, mark_trainable, planned_state
 from .layers import AdapterSlots, LoRALayer, stream_generator
+from .merging import merge_task_tensors
 from .record import LoRAState
 from .state import DEFAULT, LoRAHandle, NamedAdapters, get_lora_state, injected_handle, lora_handle
 
-COMBINATIONS = ("linear", "cat", "svd")
+# PEFT's combination types; the pruning ones (TIES, DARE, magnitude) act on A and B separately, their ``_svd`` forms
+# on ΔW
+PRUNING = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
+COMBINATIONS = ("linear", "cat", "svd", *PRUNING, *(f"{p}_svd" for p in PRUNING))
+SIGN_ELECTING = ("ties", "dare_ties", "ties_svd", "dare_ties_svd")
+RANDOM = ("dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd")
 
 
 # --------------------------------------------------------------------------- queries
@@ -118,7 +125,8 @@ def _refresh_record(model: nn.Module, handle: LoRAHandle, name: str) -> None:
 def check_adapter_name(name: Any) -> str:
     if not isinstance(name, str) or not name or "." in name or "/" in name or name.startswith("_"):
         raise LoRAConfigError(
-            f"adapter name {name!r} is not valid: use a non-empty string without '.' or '/' that does not start with '_'"
+            f"adapter name {name!r} is not valid: use a non-empty string without '.' or '/' that does not start "
+            "with '_'"
         )
     return name
 
@@ -208,7 +216,8 @@ def _check_same_structure(model: nn.Module, name: str, config: LoRAConfig) -> Lo
     state = get_lora_state(model)
     if state.config.variant != "lora":
         raise LoRAConfigError(
-            f"add_adapter({name!r}): the model's adapters are variant={state.config.variant!r}; named adapters are plain LoRA"
+            f"add_adapter({name!r}): the model's adapters are variant={state.config.variant!r}; named adapters are "
+            "plain LoRA"
         )
     if config.bias != "none" or config.quantize_base != state.config.quantize_base:
         raise LoRAConfigError(
@@ -233,7 +242,8 @@ def _check_same_structure(model: nn.Module, name: str, config: LoRAConfig) -> Lo
         )
     if sorted(planned.modules_to_save) != sorted(state.modules_to_save):
         raise AdapterMismatchError(
-            f"add_adapter({name!r}): modules_to_save {planned.modules_to_save} differ from the model's {state.modules_to_save}; "
+            f"add_adapter({name!r}): modules_to_save {planned.modules_to_save} differ from the model's "
+            f"{state.modules_to_save}; "
             "named adapters have the same modules_to_save (each its own copy)"
         )
     return planned
@@ -451,12 +461,14 @@ def _route_dim(x: Tensor, rows: int, batch_dim: int | None) -> int:
         dim = batch_dim if batch_dim >= 0 else x.dim() + batch_dim
         if not 0 <= dim < max(1, lead):
             raise LoRAConfigError(
-                f"mixed_batch(batch_dim={batch_dim}) does not name a leading dimension of an input of shape {tuple(x.shape)}"
+                f"mixed_batch(batch_dim={batch_dim}) does not name a leading dimension of an input of shape "
+                f"{tuple(x.shape)}"
             )
         return dim
     if any(x.shape[d] == rows for d in range(1, lead)) and x.shape[0] == rows:
         raise LoRAConfigError(
-            f"mixed_batch: an adapted layer got an input of shape {tuple(x.shape)} with {rows} rows along more than one "
+            f"mixed_batch: an adapted layer got an input of shape {tuple(x.shape)} with {rows} rows along more than "
+            "one "
             "leading dimension, so which one holds the samples is ambiguous (e.g. (T, B, D) with T == B): pass "
             "mixed_batch(model, names, batch_dim=0) for batch-first inputs, or the dimension that holds the samples"
         )
@@ -551,7 +563,8 @@ class _RoutedModule:
         rows = sum(int(i.numel()) for _, i in self.route)
         if not isinstance(x, Tensor) or x.shape[0] != rows:
             raise LoRAConfigError(
-                f"mixed_batch: {type(self.module).__name__} (modules_to_save) must take the batch first in its first input"
+                f"mixed_batch: {type(self.module).__name__} (modules_to_save) must take the batch first in its first "
+                "input"
             )
         if rows == 0:
             return output
@@ -602,6 +615,20 @@ def _part_blocks(layer: LoRALayer, A: Tensor, B: Tensor, r: int) -> list[tuple[T
     return [(A[i * r : (i + 1) * r], rows[i]) for i in range(len(rows))]
 
 
+def _peft_delta(layer: LoRALayer, delta: Tensor) -> Tensor:
+    """One part's ``ΔW (d_out x d_in)`` as PEFT's ``get_delta_weight`` gives it: transposed for GPT-2 Conv1D and
+    embeddings, a kernel for a convolution, with PEFT's strides too (a k x k convolution's is a transposed ``conv``
+    result). A DARE mask is drawn over the tensor's shape (on the CPU in its logical order, which the transposition
+    changes); copying the strides as well keeps the masks PEFT's wherever the order followed memory instead."""
+    if layer.fan_in_fan_out:
+        return delta.T
+    shape = getattr(layer, layer.base_weight_name).shape
+    if len(shape) <= 2:
+        return delta
+    kernel = delta.reshape(shape)
+    return kernel if tuple(shape[2:4]) == (1, 1) else kernel.transpose(0, 1).contiguous().transpose(0, 1)
+
+
 def _combine_layer(
     layer: LoRALayer,
     adapters: Sequence[str],
@@ -611,24 +638,45 @@ def _combine_layer(
     svd_clamp: float | None,
     svd_full_matrices: bool,
     svd_driver: str | None,
+    density: float | None = None,
+    majority_sign_method: str = "total",
+    generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """The combined adapter's ``(A, B)`` for one layer, with scaling 1 (alpha = r), PEFT's formulas."""
+    """The combined adapter's ``(A, B)`` for one layer, with scaling 1 (alpha = r), PEFT's formulas and order of
+    operations (``peft/tuners/lora/model.py``, ``peft/utils/merge_utils.py``). A fused layer's parts are combined
+    one by one, as PEFT combines separate modules."""
     per = [_factors(layer, a) for a in adapters]
     dtype = per[0][0].dtype
-    parts = list(zip(*[_part_blocks(layer, A, B, r) for A, B, _, r in per]))  # [part][adapter] -> (A_i, B_i)
+    device = per[0][0].device
+    blocks_of = [_part_blocks(layer, A, B, r) for A, B, _, r in per]
+    parts = list(zip(*blocks_of, strict=True))  # [part][adapter] -> (A_i, B_i)
     new_A, new_B = [], []
     for blocks in parts:
         if how == "cat":
-            A = torch.cat([a * w * s for (a, _), w, (_, _, s, _) in zip(blocks, weights, per)], dim=0)
+            A = torch.cat([a * w * s for (a, _), w, (_, _, s, _) in zip(blocks, weights, per, strict=True)], dim=0)
             B = torch.cat([b for _, b in blocks], dim=1)
-        elif how == "linear":
-            A = sum(
-                a * (math.sqrt(abs(w * s)) * (1 if w * s >= 0 else -1))
-                for (a, _), w, (_, _, s, _) in zip(blocks, weights, per)
+        elif not how.endswith("svd"):  # linear and the pruning merges: A and B separately, √|w·s| on each
+            ws = [w * s for w, (_, _, s, _) in zip(weights, per, strict=True)]
+            w_A = torch.tensor([math.sqrt(abs(x)) * (1 if x >= 0 else -1) for x in ws]).to(device)
+            w_B = torch.tensor([math.sqrt(abs(x)) for x in ws]).to(device)
+            A, B = (
+                merge_task_tensors(how, [blk[i] for blk in blocks], w, density, majority_sign_method, generator)
+                for i, w in ((0, w_A), (1, w_B))
             )
-            B = sum(b * math.sqrt(abs(w * s)) for (_, b), w, (_, _, s, _) in zip(blocks, weights, per))
-        else:  # svd of the weighted sum of the updates
-            delta = sum(w * s * (b.float() @ a.float()) for (a, b), w, (_, _, s, _) in zip(blocks, weights, per))
+        else:  # svd, ties_svd, ...: merge the updates s_i·B_i·A_i (each pruned as PEFT lays it out), then its svd
+            deltas = [
+                _peft_delta(layer, (b.float() @ a.float()) * s)
+                for (a, b), (_, _, s, _) in zip(blocks, per, strict=True)
+            ]
+            merged = merge_task_tensors(
+                "linear" if how == "svd" else how.removesuffix("_svd"),
+                deltas,
+                torch.tensor(list(weights)).to(device),
+                density,
+                majority_sign_method,
+                generator,
+            )
+            delta = merged.T if layer.fan_in_fan_out else merged.reshape(merged.shape[0], -1)
             U, S, Vh = torch.linalg.svd(delta, full_matrices=svd_full_matrices, driver=svd_driver)
             U, Vh = U[:, :new_r] @ torch.diag(S[:new_r]), Vh[:new_r, :]
             if svd_clamp is not None:
@@ -638,6 +686,44 @@ def _combine_layer(
         new_A.append(A.to(dtype))
         new_B.append(B.to(dtype))
     return torch.cat(new_A, dim=0), torch.cat(new_B, dim=0)
+
+
+def _check_merge_options(how: str, density: Any, majority_sign_method: Any, generator: torch.Generator | None) -> None:
+    """One-line refusals of ``density`` / ``majority_sign_method`` / ``generator`` values ``how`` cannot use."""
+    prunes = how.removesuffix("_svd") in PRUNING
+    if prunes and density is None:
+        raise LoRAConfigError(
+            f"combination_type={how!r} needs density= (the fraction of each adapter's entries kept, in (0, 1]), "
+            "e.g. density=0.5"
+        )
+    if not prunes and density is not None:
+        raise LoRAConfigError(
+            f"density={density!r} is for the pruning merges {PRUNING} (and their _svd forms), not combination_type="
+            f"{how!r}: drop density or choose one of them"
+        )
+    if density is not None:
+        ok = isinstance(density, (int, float)) and not isinstance(density, bool) and 0 < density <= 1
+        if not ok:
+            raise LoRAConfigError(
+                f"density={density!r} must be a number in (0, 1] (the fraction of entries kept; 1 keeps all), "
+                "e.g. density=0.5"
+            )
+    if majority_sign_method not in ("total", "frequency"):
+        raise LoRAConfigError(
+            f"majority_sign_method={majority_sign_method!r} is not 'total' or 'frequency' (how TIES elects each "
+            "entry's sign: by the sum, or by the count of signs)"
+        )
+    if majority_sign_method != "total" and how not in SIGN_ELECTING:
+        raise LoRAConfigError(
+            f"majority_sign_method={majority_sign_method!r} is for the sign-electing merges {SIGN_ELECTING}, not "
+            f"combination_type={how!r}: drop it or choose one of them"
+        )
+    if generator is not None and how not in RANDOM:
+        raise LoRAConfigError(
+            f"generator= draws DARE's random masks ({RANDOM}); combination_type={how!r} draws none: drop it"
+        )
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise LoRAConfigError(f"generator={generator!r} is not a torch.Generator")
 
 
 def _exact(name: str) -> str:
@@ -650,11 +736,26 @@ def add_weighted_adapter(
     adapters: Sequence[str],
     weights: Sequence[float],
     adapter_name: str,
-    combination_type: Literal["linear", "cat", "svd"] = "svd",
+    combination_type: Literal[
+        "svd",
+        "linear",
+        "cat",
+        "ties",
+        "ties_svd",
+        "dare_ties",
+        "dare_linear",
+        "dare_ties_svd",
+        "dare_linear_svd",
+        "magnitude_prune",
+        "magnitude_prune_svd",
+    ] = "svd",
     svd_rank: int | None = None,
     svd_clamp: float | None = None,
     svd_full_matrices: bool = True,
     svd_driver: str | None = None,
+    density: float | None = None,
+    majority_sign_method: Literal["total", "frequency"] = "total",
+    generator: torch.Generator | None = None,
 ) -> None:
     """Add ``adapter_name`` = the weighted combination of ``adapters`` (PEFT's ``add_weighted_adapter``):
 
@@ -662,12 +763,31 @@ def add_weighted_adapter(
       ``ΔW = Σ w_i·ΔW_i``;
     * ``linear``: ``A = Σ √|w_i s_i|·sign(w_i s_i)·A_i``, ``B = Σ √|w_i s_i|·B_i`` (same ranks; an
       approximation: cross terms ``B_i A_j`` appear);
-    * ``svd``: the best rank-``svd_rank`` (default ``max r_i``) approximation of ``Σ w_i·ΔW_i``.
+    * ``svd``: the best rank-``svd_rank`` (default ``max r_i``) approximation of ``Σ w_i·ΔW_i``;
+    * ``magnitude_prune``, ``ties``, ``dare_linear``, ``dare_ties`` (same ranks): as ``linear``, on the ``A_i`` and,
+      separately, the ``B_i`` after pruning each tensor to a fraction ``density`` of its entries — by magnitude
+      (``magnitude_prune``, ``ties``) or at random, rescaled by ``1/density`` (DARE); ``ties`` and ``dare_ties`` then
+      elect a sign per entry (``majority_sign_method``: ``"total"``, the sign of the sum of the pruned tensors, or
+      ``"frequency"``, the more frequent sign) and average the weighted entries that agree with it;
+    * ``ties_svd``, ``dare_linear_svd``, ``dare_ties_svd``, ``magnitude_prune_svd``: the same pruning and sign
+      election on the updates ``s_i·ΔW_i`` (any ranks), then ``svd``'s truncation to ``svd_rank``.
+
+    The results equal PEFT 0.21.2's on the same adapters (fp32 adapters; a fused layer's parts are combined as
+    PEFT combines separate modules). DARE's masks come from ``generator`` if given (on the adapters' device), else
+    from torch's global generator, drawn as PEFT draws them: layer by layer in ``named_modules`` order (a fused
+    layer part by part), each layer's ``A_i`` of every adapter in the given order, then its ``B_i`` (``_svd``
+    forms: one ``ΔW_i`` per adapter, in PEFT's layout). PEFT draws its masks after initialising the new adapter,
+    which consumes the global generator; here they are the first draws of the call, so the same generator state
+    at that point gives the same masks (the tests match them so). Unlike PEFT, which turns any combination of a
+    single adapter into ``linear``, one adapter is pruned too.
 
     The new adapter has ``alpha = r`` (scaling 1), as in PEFT; its ``modules_to_save`` start from their
-    values at injection. Inactive until ``set_adapter``. Weights must be finite numbers."""
+    values at injection. Inactive until ``set_adapter``. Weights must be finite numbers; ``density`` (in
+    ``(0, 1]``), ``majority_sign_method`` other than ``"total"`` and ``generator`` are refused where the
+    combination does not use them."""
     if combination_type not in COMBINATIONS:
         raise LoRAConfigError(f"combination_type={combination_type!r} is not one of {COMBINATIONS}")
+    _check_merge_options(combination_type, density, majority_sign_method, generator)
     if isinstance(adapters, str):
         raise LoRAConfigError(
             f"add_weighted_adapter(adapters={adapters!r}): give a list of adapter names, e.g. [{adapters!r}]"
@@ -694,9 +814,10 @@ def add_weighted_adapter(
     configs = [named.configs[a] for a in adapters]
     layers = lora_layers(model)
     ranks = {a: {n: _factors(layer, a)[3] for n, layer in layers.items()} for a in adapters}
-    if combination_type == "linear" and len({tuple(r.values()) for r in ranks.values()}) > 1:
+    if combination_type in ("linear", *PRUNING) and len({tuple(r.values()) for r in ranks.values()}) > 1:
+        fix = "'cat' or 'svd'" if combination_type == "linear" else f"{combination_type + '_svd'!r}"
         raise AdapterMismatchError(
-            f"combination_type='linear' needs adapters of the same ranks; {adapters} differ: use 'cat' or 'svd'"
+            f"combination_type={combination_type!r} needs adapters of the same ranks; {adapters} differ: use {fix}"
         )
     limit = {
         n: min(layer.in_features, layer.fused.smallest_adapted if layer.fused else layer.out_features)
@@ -711,19 +832,36 @@ def add_weighted_adapter(
                 f"combination_type='cat' stacks the adapters to rank {new_ranks[n]} on {n}, more than min(d_in, d_out)="
                 f"{limit[n]}: use combination_type='svd' with svd_rank <= {limit[n]}, or combine fewer adapters"
             )
-    elif combination_type == "linear":
+    elif combination_type in ("linear", *PRUNING):
         new_ranks = dict(ranks[adapters[0]])
     else:
         new_ranks = {n: svd_rank if svd_rank is not None else max(ranks[a][n] for a in adapters) for n in layers}
         too_big = [n for n in layers if new_ranks[n] > limit[n] or new_ranks[n] < 1]
         if too_big:
             raise LoRAConfigError(
-                f"svd_rank={svd_rank} does not fit {too_big[:3]} (min(d_in, d_out)={limit[too_big[0]]}); choose 1 <= svd_rank <= "
+                f"svd_rank={svd_rank} does not fit {too_big[:3]} (min(d_in, d_out)={limit[too_big[0]]}); choose "
+                "1 <= svd_rank <= "
                 f"{min(limit.values())}"
             )
-    tensors = {
+    device = next(iter(layers.values())).lora_A.device
+    if generator is not None and generator.device.type != device.type:
+        raise LoRAConfigError(
+            f"add_weighted_adapter: generator is on {generator.device} but the adapters are on {device}; give a "
+            f"torch.Generator(device={device.type!r})"
+        )
+    tensors = {  # computed before the new adapter is created: DARE's masks are the call's first random draws
         n: _combine_layer(
-            layer, adapters, weights, combination_type, new_ranks[n], svd_clamp, svd_full_matrices, svd_driver
+            layer,
+            adapters,
+            weights,
+            combination_type,
+            new_ranks[n],
+            svd_clamp,
+            svd_full_matrices,
+            svd_driver,
+            density,
+            majority_sign_method,
+            generator,
         )
         for n, layer in layers.items()
     }
@@ -738,16 +876,22 @@ def add_weighted_adapter(
         rank_pattern={} if uniform else {_exact(n): r for n, r in new_ranks.items()},
         alpha_pattern={} if uniform else {_exact(n): float(r) for n, r in new_ranks.items()},
     )
-    with unchanged(model):
-        add_adapter(model, adapter_name, config)
+    index = (
+        device.index
+        if device.index is not None or device.type == "cpu"
+        else getattr(torch, device.type).current_device()
+    )
+    forked = [] if device.type == "cpu" else [index]
+    with unchanged(model), torch.random.fork_rng(devices=forked, device_type=device.type):
+        add_adapter(model, adapter_name, config)  # its random initialisation (overwritten) leaves the RNG as it was
         with torch.no_grad():
             for n, layer in layers.items():
                 slots = layer.lora_bank[adapter_name]  # type: ignore[attr-defined]
                 A, B = tensors[n]
                 if A.numel() != slots.lora_A.numel() or B.numel() != slots.lora_B.numel():
                     raise AdapterMismatchError(
-                        f"add_weighted_adapter: the combined adapter of {n} has A {tuple(A.shape)}, B {tuple(B.shape)} but its "
-                        f"slots are {tuple(slots.lora_A.shape)}, {tuple(slots.lora_B.shape)}"
+                        f"add_weighted_adapter: the combined adapter of {n} has A {tuple(A.shape)}, B {tuple(B.shape)} "
+                        f"but its slots are {tuple(slots.lora_A.shape)}, {tuple(slots.lora_B.shape)}"
                     )
                 slots.lora_A.copy_(A.reshape(slots.lora_A.shape))
                 slots.lora_B.copy_(B.reshape(slots.lora_B.shape))

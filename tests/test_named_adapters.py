@@ -332,10 +332,40 @@ def test_weights_and_adapters_of_different_lengths():
 
 
 def test_unknown_combination_type():
-    """bad input: add_weighted_adapter with a combination type that is not implemented (PEFT's ties)"""
+    """bad input: add_weighted_adapter with a combination type that neither this library nor PEFT has"""
     model, _, _ = two_adapters()
-    with pytest.raises(LoRAConfigError, match="combination_type='ties' is not one of"):
+    with pytest.raises(LoRAConfigError, match="combination_type='average' is not one of"):
+        add_weighted_adapter(model, ["default", "other"], [1, 1], "t", combination_type="average")
+
+
+def test_pruning_merge_without_density():
+    """bad input: add_weighted_adapter(combination_type="ties") without density="""
+    model, _, _ = two_adapters()
+    with pytest.raises(LoRAConfigError, match=r"combination_type='ties' needs density="):
         add_weighted_adapter(model, ["default", "other"], [1, 1], "t", combination_type="ties")
+
+
+def test_pruning_merge_density_out_of_range():
+    """bad input: add_weighted_adapter(combination_type="dare_linear", density=0)"""
+    model, _, _ = two_adapters()
+    with pytest.raises(LoRAConfigError, match=r"density=0 must be a number in \(0, 1\]"):
+        add_weighted_adapter(model, ["default", "other"], [1, 1], "t", combination_type="dare_linear", density=0)
+
+
+def test_pruning_merge_of_different_ranks():
+    """bad input: add_weighted_adapter(combination_type="ties") over adapters of different ranks"""
+    model, _, _ = two_adapters()
+    with pytest.raises(AdapterMismatchError, match=r"'ties' needs adapters of the same ranks.*use 'ties_svd'"):
+        add_weighted_adapter(model, ["default", "other"], [1, 1], "t", combination_type="ties", density=0.5)
+
+
+def test_unknown_majority_sign_method():
+    """bad input: add_weighted_adapter(combination_type="ties", majority_sign_method="sum")"""
+    model, _, _ = two_adapters()
+    with pytest.raises(LoRAConfigError, match=r"majority_sign_method='sum' is not 'total' or 'frequency'"):
+        add_weighted_adapter(
+            model, ["default", "other"], [1, 1], "t", combination_type="ties", density=0.5, majority_sign_method="sum"
+        )
 
 
 def test_combining_an_adapter_of_another_model():
