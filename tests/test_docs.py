@@ -28,7 +28,14 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 
 # the pages with examples that run, and how many each has (in order of appearance)
-RUN = {"getting-started.md": 1, "callback.md": 1, "lifecycle.md": 1, "many-adapters.md": 2, "fabric.md": 1}
+RUN = {
+    "getting-started.md": 1,
+    "callback.md": 1,
+    "lifecycle.md": 1,
+    "many-adapters.md": 2,
+    "fabric.md": 1,
+    "monitor.md": 1,
+}
 
 
 def python_blocks(page: str) -> list[str]:
@@ -209,6 +216,31 @@ def test_fabric_example_resumes_exactly_and_exports(tmp_path, monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(net(test_ids), reference(test_ids), atol=1e-5, rtol=0)
         torch.testing.assert_close(merged(test_ids), reference(test_ids), atol=1e-5, rtol=0)
+
+
+def test_monitor_example_logs_the_adapters_delta_norms(tmp_path, monkeypatch):
+    """docs/monitor.md: the monitor's per-type ‖ΔW‖_F in metrics.csv at its cadence; the last row equals ‖s·B·A‖_F
+    summed over the type's matrices, computed here from the trained layers in float64."""
+    import csv
+    import math
+
+    monkeypatch.chdir(tmp_path)
+    ns = {"MyLightningModule": LitTiny, "MyNetwork": tiny_model, "dm": TinyData()}
+    exec(python_blocks("monitor.md")[0], ns)  # noqa: S102 - the guide's own example
+    rows = list(csv.DictReader(open(next(tmp_path.glob("logs/lightning_logs/version_*/metrics.csv")))))
+    logged = [(int(r["step"]), float(r["lora/q/delta_norm"])) for r in rows if r.get("lora/q/delta_norm")]
+    steps = ns["trainer"].global_step
+    assert steps == 4 and sorted({step for step, _ in logged}) == [2, 4]  # every 2 steps (and the validation end)
+    layers = {n: m for n, m in lora_layers(ns["trainer"].lightning_module).items() if n.endswith(".q_proj")}
+    assert layers, "the example adapts q"
+    expected = math.sqrt(
+        sum(
+            float(torch.linalg.matrix_norm(m.scaling * m.lora_B.double() @ m.lora_A.double())) ** 2
+            for m in layers.values()
+        )
+    )
+    assert logged[-1][0] == steps and logged[-1][1] == pytest.approx(expected, rel=1e-5)
+    assert logged[0][1] != pytest.approx(expected, rel=1e-3)  # step 2 logged the adapters as they were then
 
 
 def test_api_reference_covers_the_public_api():
