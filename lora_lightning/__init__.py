@@ -20,7 +20,7 @@ import importlib.util
 import sys
 from typing import Any
 
-from . import telemetry
+from . import telemetry as telemetry  # public submodule (lora_lightning.telemetry: LoRAMonitor's maths)
 from .adapter_io import (
     adapter_state_dict,
     load_adapter,

@@ -171,7 +171,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, 
     try:
         with safe_open(str(path), framework="pt") as fh:
             metadata = fh.metadata() or {}
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 - safe_open is not iterable
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise AdapterFileError(
             f"{str(path)!r} is not a readable safetensors file (truncated or corrupt?): {exc}. "
@@ -269,18 +269,17 @@ def load_adapter(
     tensors, metadata = read_adapter(path)
     saved = record_from_metadata(metadata, path)
     name = f"adapter {Path(path).name}"
-    if adapter_name is not None and has_lora(model):
-        if adapter_name != active_adapter(model):
-            added = adapter_name not in list_adapters(model)
+    if adapter_name is not None and has_lora(model) and adapter_name != active_adapter(model):
+        added = adapter_name not in list_adapters(model)
+        if added:
+            add_adapter(model, adapter_name, saved.config)
+        try:
+            with use_adapter(model, adapter_name, trainable=True):
+                return load_adapter(model, path, on_base_mismatch=on_base_mismatch)
+        except BaseException:
             if added:
-                add_adapter(model, adapter_name, saved.config)
-            try:
-                with use_adapter(model, adapter_name, trainable=True):
-                    return load_adapter(model, path, on_base_mismatch=on_base_mismatch)
-            except BaseException:
-                if added:
-                    delete_adapter(model, adapter_name)
-                raise
+                delete_adapter(model, adapter_name)
+            raise
     if has_lora(model):
         state = get_lora_state(model)
         check_compatible(saved, state, source=name)

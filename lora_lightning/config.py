@@ -128,7 +128,8 @@ class LoRAConfig:
             PyTorch), ``bnb-nf4`` / ``bnb-fp4`` / ``bnb-int8`` (bitsandbytes) — dequantized on the fly;
             combinable with every Linear variant.
         fuse_shared_inputs: run plain LoRA Linear layers that read the same tensor (q/k/v, gate/up) as
-            one autograd node (one fused backward: one ``∂[A_1;...;A_n]`` GEMM, ``∂x`` summed in place; lora_lightning.shared_input).
+            one autograd node (one fused backward: one ``∂[A_1;...;A_n]`` GEMM, ``∂x`` summed in place;
+            lora_lightning.shared_input).
             A speed setting only: results equal the unfused layers' up to float round-off.
     """
 
@@ -239,8 +240,8 @@ class LoRAConfig:
             check_alpha(a, f"alpha_pattern[{pattern!r}]")
         if self.quantize_base is not None and self.quantize_base not in registry.QUANTIZERS:
             raise LoRAConfigError(
-                f"quantize_base={self.quantize_base!r} is not one of {[None, *registry.QUANTIZERS]}: use 'nf4' (torchao), "
-                "'bnb-nf4' (bitsandbytes), 'int8' (pure PyTorch) or null"
+                f"quantize_base={self.quantize_base!r} is not one of {[None, *registry.QUANTIZERS]}: use 'nf4' "
+                "(torchao), 'bnb-nf4' (bitsandbytes), 'int8' (pure PyTorch) or null"
             )
 
     # ------------------------------------------------------------- conversions

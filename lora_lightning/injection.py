@@ -158,7 +158,11 @@ def adapter_param_names(model: nn.Module, all_adapters: bool = False) -> list[st
                 keys.append(key)
             continue
         owner, _, leaf = key.rpartition(".")
-        if owner in adapted and leaf in adapted[owner].adapter_names or key.startswith(saved) or leaf == "bias" and (state.config.bias == "all" or (state.config.bias == "lora_only" and owner in adapted)):
+        adapter_tensor = owner in adapted and leaf in adapted[owner].adapter_names
+        trained_bias = leaf == "bias" and (
+            state.config.bias == "all" or (state.config.bias == "lora_only" and owner in adapted)
+        )
+        if adapter_tensor or key.startswith(saved) or trained_bias:
             keys.append(key)
     return keys
 
@@ -245,8 +249,8 @@ def inject_lora(model: nn.Module, config: LoRAConfig, plan: Plan | None = None) 
     sharded = [s.name for s in plan if _is_dtensor(module_weight(model.get_submodule(s.name)))]
     if sharded:
         raise LoRAConfigError(
-            f"the weights of {summarize_names(sharded, 3)} are already sharded (DTensor from fully_shard); an adapter added now "
-            "would not be sharded with them. Inject before fully_shard: with LoRACallback, call "
+            f"the weights of {summarize_names(sharded, 3)} are already sharded (DTensor from fully_shard); an adapter "
+            "added now would not be sharded with them. Inject before fully_shard: with LoRACallback, call "
             "lora_lightning.inject_before_sharding(self) in configure_model before sharding"
         )
     fingerprint = fingerprint_for(model, plan)

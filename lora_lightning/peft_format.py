@@ -88,8 +88,8 @@ def export_peft_adapter(
         )
     if config.variant != "lora" or config.quantize_base is not None:
         raise LoRAConfigError(
-            f"variant={config.variant!r} / quantize_base={config.quantize_base!r}: only plain LoRA adapters have an exact "
-            "PEFT LoRA equivalent here; save with save_adapter(), or merge_and_unload() for a plain model"
+            f"variant={config.variant!r} / quantize_base={config.quantize_base!r}: only plain LoRA adapters have an "
+            "exact PEFT LoRA equivalent here; save with save_adapter(), or merge_and_unload() for a plain model"
         )
     layers = lora_layers(model)
     for name, module in model.named_modules():

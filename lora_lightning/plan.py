@@ -172,16 +172,16 @@ class FusedSlices:
     @property
     def adapted_rows(self) -> int:
         """Rows of the stacked ``lora_B``: the summed sizes of the adapted parts."""
-        return sum(n for p, n in zip(self.parts, self.sizes) if p in self.adapted)
+        return sum(n for p, n in zip(self.parts, self.sizes, strict=True) if p in self.adapted)
 
     @property
     def smallest_adapted(self) -> int:
-        return min(n for p, n in zip(self.parts, self.sizes) if p in self.adapted)
+        return min(n for p, n in zip(self.parts, self.sizes, strict=True) if p in self.adapted)
 
     def segments(self) -> list[tuple[str, int, int, int | None, int]]:
         """``(part, row_start, size, adapter_index or None, b_row_start)`` in layout order."""
         out, start, i, b = [], 0, 0, 0
-        for part, size in zip(self.parts, self.sizes):
+        for part, size in zip(self.parts, self.sizes, strict=True):
             if part in self.adapted:
                 out.append((part, start, size, i, b))
                 i, b = i + 1, b + size
@@ -191,7 +191,7 @@ class FusedSlices:
         return out
 
     def adapted_sizes(self) -> list[int]:
-        return [size for part, size in zip(self.parts, self.sizes) if part in self.adapted]
+        return [size for part, size in zip(self.parts, self.sizes, strict=True) if part in self.adapted]
 
     def expand_B(self, B: Tensor, r: int) -> Tensor:
         """The stacked ``B (Σ adapted sizes x r)`` as the whole matrix's ``B' (d_out x n·r)``:
@@ -517,8 +517,9 @@ def _refuse_double_updates(
         weight = registry.kind_of(module).weight(module)
         if id(weight) in owner and (chosen.get(n) is not None or chosen.get(owner[id(weight)]) is not None):
             raise LoRAConfigError(
-                f"{owner[id(weight)]} and {n} hold one weight and are fused projections, so their adapters would add two "
-                "updates to it (merging could not be exact): target the blocks of only one of them, or untie the weights"
+                f"{owner[id(weight)]} and {n} hold one weight and are fused projections, so their adapters would add "
+                "two updates to it (merging could not be exact): target the blocks of only one of them, or untie the "
+                "weights"
             )
         owner.setdefault(id(weight), n)
 
@@ -569,8 +570,9 @@ def plan_injection(model: nn.Module, config: LoRAConfig) -> Plan:
             a_f = float(first_match(config.alpha_pattern, follower) or config.alpha)
             if (r_f, a_f) != (r, raw_alpha):
                 raise LoRAConfigError(
-                    f"{t.name} and {follower} hold one tied weight and so share one adapter, but rank_pattern/alpha_pattern "
-                    f"give them r={r}/{r_f}, alpha={raw_alpha:g}/{a_f:g}: give both the same rank and alpha"
+                    f"{t.name} and {follower} hold one tied weight and so share one adapter, but "
+                    f"rank_pattern/alpha_pattern give them r={r}/{r_f}, alpha={raw_alpha:g}/{a_f:g}: give both the "
+                    "same rank and alpha"
                 )
         alpha, scaling = variant.alpha_and_scaling(config, r, raw_alpha)
         if r > t.max_rank:

@@ -51,8 +51,8 @@ class Quantizer:
         self.load()
         if self.block and numel % self.block:
             raise LoRAConfigError(
-                f"quantize_base={self.name!r} stores blocks of {self.block} values; {name} has {numel}, not a multiple: "
-                "use quantize_base='int8' or other targets"
+                f"quantize_base={self.name!r} stores blocks of {self.block} values; {name} has {numel}, not a "
+                "multiple: use quantize_base='int8' or other targets"
             )
 
     def quantize(self, w: Tensor) -> tuple[Tensor, Any]:  # pragma: no cover - abstract

@@ -90,7 +90,7 @@ def base_identity(model: nn.Module, exclude: Iterable[str] = ()) -> dict[str, di
     if not tensors:
         return {}
     with ThreadPoolExecutor(max_workers=max(1, min(len(tensors), os.cpu_count() or 1))) as pool:
-        return dict(zip(tensors, pool.map(tensor_identity, tensors.values())))
+        return dict(zip(tensors, pool.map(tensor_identity, tensors.values()), strict=True))
 
 
 def base_fingerprint(model: nn.Module, names: list[str], exclude: Iterable[str] = ()) -> dict[str, Any]:
@@ -124,7 +124,10 @@ def identity_exclusions(
     out = []
     for key in model.state_dict(keep_vars=True):
         owner, _, leaf = key.rpartition(".")
-        if key.startswith(roots) or leaf == "bias" and (config.bias == "all" or (config.bias == "lora_only" and owner in adapted_set)):
+        trained_bias = leaf == "bias" and (
+            config.bias == "all" or (config.bias == "lora_only" and owner in adapted_set)
+        )
+        if key.startswith(roots) or trained_bias:
             out.append(key)
     return out
 
@@ -154,7 +157,9 @@ def align_names(saved: list[str], wanted: list[str]) -> dict[str, str] | None:
 
 
 def _samples_differ(a: list[float], b: list[float]) -> bool:
-    return any(abs(x - y) > SAMPLE_RTOL * max(abs(x), abs(y)) + SAMPLE_ATOL for x, y in zip(a, b))
+    if len(a) != len(b):  # not sampled alike (a foreign or edited record): nothing shows the weights are the same
+        return True
+    return any(abs(x - y) > SAMPLE_RTOL * max(abs(x), abs(y)) + SAMPLE_ATOL for x, y in zip(a, b, strict=True))
 
 
 def _key_map(saved_names: list[str], mapping: Mapping[str, str]) -> tuple[str, str]:
@@ -303,7 +308,8 @@ class LoRAState:
         """``'12 matrices (r=8 on q,v: ...)'``: what the adapters are, for log lines and errors."""
         ranks = sorted({s.get("r") for s in self.modules.values()})
         r_text = f"r={ranks[0]}" if len(ranks) == 1 else f"r in {ranks}"
-        return f"{len(self.modules)} matrices, {r_text}, variant={self.config.variant!r} ({summarize_names(self.modules, 6)})"
+        names = summarize_names(self.modules, 6)
+        return f"{len(self.modules)} matrices, {r_text}, variant={self.config.variant!r} ({names})"
 
 
 def _close(a: Any, b: Any) -> bool:

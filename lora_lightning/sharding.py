@@ -42,8 +42,8 @@ def check_not_sharded(tensors: nn.Module | Iterable[torch.Tensor], what: str) ->
         tensors = [*tensors.parameters(), *tensors.buffers()]
     if any(_is_dtensor(t) for t in tensors):
         raise LoRAConfigError(
-            f"{what}: the model is sharded (DTensor parameters from fully_shard); gather the full tensors first, on every "
-            "rank: `with lora_lightning.gathered(model): ...` (write the file on one rank inside it)"
+            f"{what}: the model is sharded (DTensor parameters from fully_shard); gather the full tensors first, on "
+            "every rank: `with lora_lightning.gathered(model): ...` (write the file on one rank inside it)"
         )
 
 

@@ -27,8 +27,8 @@ but never change a result. A group is used only when, at that call, every member
 dtype outside autocast, and autograd is recording (inference runs the separate layers: only the backward
 gains). With adapter dropout active, each member keeps its own mask, drawn as ``nn.Dropout``
 draws it (same random stream as the separate layers), stored as one byte per element instead of each
-layer's fp32 copy of its dropped input; the ``∂A_i`` are then one GEMM each. Under ``torch.compile`` tracing the layers keep their
-single-layer node (the tracker's Python bookkeeping would break the graph).
+layer's fp32 copy of its dropped input; the ``∂A_i`` are then one GEMM each. Under ``torch.compile`` tracing the
+layers keep their single-layer node (the tracker's Python bookkeeping would break the graph).
 
 Switch it with ``LoRAConfig(fuse_shared_inputs=False)`` at injection, or :func:`set_shared_input_fusion`.
 """
@@ -103,7 +103,7 @@ class SharedInputLoRAFunction(torch.autograd.Function):
         n = len(ranks)
         weights, As, Bs = rest[:n], rest[n : 2 * n], rest[2 * n : 3 * n]
         masks: list[Tensor | None] = [None] * n
-        for i, m in zip(ctx.mask_at, rest[3 * n :]):
+        for i, m in zip(ctx.mask_at, rest[3 * n :], strict=True):
             masks[i] = m
         d_in = x.shape[-1]
         x2 = x.reshape(-1, d_in)
@@ -285,7 +285,10 @@ class SharedInputTracker:
         if not all(_ready(m, x) for m in members):
             return None
         outs = self._run(members, x)
-        self._cache = (weakref.ref(x), {m: (o, _inputs_state(m, x)) for m, o in zip(members[1:], outs[1:])})
+        self._cache = (
+            weakref.ref(x),
+            {m: (o, _inputs_state(m, x)) for m, o in zip(members[1:], outs[1:], strict=True)},
+        )
         self.fused_calls += 1
         return outs[0]
 

@@ -34,8 +34,8 @@ _MATCHERS = [(t, compile_pattern(t)) for t in TYPES]
 
 
 def matrix_type(name: str, layer: nn.Module | None = None) -> str:
-    """``q``, ``k``, ``v``, ``o``, ``mlp`` or ``embed`` by the module's name (the target aliases), the adapted parts of a
-    fused projection joined by ``+``, else ``other``."""
+    """``q``, ``k``, ``v``, ``o``, ``mlp`` or ``embed`` by the module's name (the target aliases), the adapted parts
+    of a fused projection joined by ``+``, else ``other``."""
     fused = getattr(layer, "fused", None)
     if fused is not None:
         return "+".join(fused.adapted)

@@ -545,7 +545,11 @@ class TextClassificationDataModule(LightningDataModule):
         val_frac = 0.0 if "val" in enc["parts"] else self.val_fraction
         test_frac = 0.0 if "test" in enc["parts"] else self.test_fraction
         idx = dict(
-            zip(("train", "val", "test"), stratified_split(main_labels.tolist(), val_frac, test_frac, self.seed))
+            zip(
+                ("train", "val", "test"),
+                stratified_split(main_labels.tolist(), val_frac, test_frac, self.seed),
+                strict=True,
+            )
         )
         for split in ("train", "val", "test"):
             if split in enc["parts"]:

@@ -46,8 +46,9 @@ def e2e_path() -> Path:
     spec = importlib.util.find_spec("bigbench")
     if spec is None or not spec.submodule_search_locations:
         raise DataError(
-            f"data=e2e_nlg needs the bigbench 1.0.0 package (it ships GEM's E2E NLG): run `{E2E_INSTALL_HINT}` where your "
-            'package index serves it, or set data.source to a .jsonl file of {"input": ..., "target": ...} records'
+            f"data=e2e_nlg needs the bigbench 1.0.0 package (it ships GEM's E2E NLG): run `{E2E_INSTALL_HINT}` where "
+            'your package index serves it, or set data.source to a .jsonl file of {"input": ..., "target": ...} '
+            "records"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / "benchmark_tasks" / "gem" / "e2e_nlg" / "task.json"
     if not path.is_file():
@@ -214,7 +215,8 @@ class GenerationDataModule(LightningDataModule):
             self._tokenizer = load_tokenizer(resolve_decoder_path(self.tokenizer_name))
             if self._tokenizer.chat_template is None:
                 raise DataError(
-                    f"tokenizer {self.tokenizer_name!r} has no chat template; the causal-LM job needs an instruct model's tokenizer"
+                    f"tokenizer {self.tokenizer_name!r} has no chat template; the causal-LM job needs an instruct "
+                    "model's tokenizer"
                 )
             if self._tokenizer.pad_token_id is None:
                 self._tokenizer.pad_token = self._tokenizer.eos_token

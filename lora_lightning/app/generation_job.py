@@ -84,7 +84,7 @@ def run_generation(
         json.dumps(
             [
                 {"prompt_input": g.input, "prediction": p, "references": list(g.references)}
-                for g, p in zip(datamodule.groups["test"], preds)
+                for g, p in zip(datamodule.groups["test"], preds, strict=True)
             ],
             indent=1,
         )

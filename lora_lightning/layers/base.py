@@ -144,12 +144,13 @@ class LoRALayer:
     ) -> None:
         """Validate ``r`` and create ``A (n·r x d_in)``/``B (rows x r)``, the options every layer takes:
         ``scaling`` (default ``alpha/r``), ``dropout`` on the adapter input, ``init`` of ``A``
-        (``kaiming`` | ``gaussian`` | ``gaussian_fan_in``), ``adapter_dtype`` (default: the base weight's; kept through later
-        casts when ``pin_dtype``), ``name`` (for errors), ``fused`` row layout, ``generator`` (a CPU
+        (``kaiming`` | ``gaussian`` | ``gaussian_fan_in``), ``adapter_dtype`` (default: the base weight's; kept
+        through later casts when ``pin_dtype``), ``name`` (for errors), ``fused`` row layout, ``generator`` (a CPU
         generator for the random initialisation; ``None``: the global RNG)."""
         if fused is not None and fused.d_out != d_out:
+            layout = dict(zip(fused.parts, fused.sizes, strict=True))
             raise LoRAConfigError(
-                f"fused layout of {name or 'a layer'} has {fused.d_out} rows ({dict(zip(fused.parts, fused.sizes))}) "
+                f"fused layout of {name or 'a layer'} has {fused.d_out} rows ({layout}) "
                 f"but the weight has d_out={d_out}; register the layout with the right sizes"
             )
         n = len(fused.adapted) if fused else 1
@@ -298,9 +299,9 @@ class LoRALayer:
         dim = route.dim_of(x) if hasattr(route, "dim_of") else 0
         if x.shape[dim] != rows:
             raise LoRAConfigError(
-                f"mixed batch: {rows} adapter names were given but a LoRA layer received {x.shape[dim]} rows along dim {dim} "
-                f"(input {tuple(x.shape)}); give one name (or None) per sample of the batch, and batch_dim= if the samples "
-                "are not along dim 0"
+                f"mixed batch: {rows} adapter names were given but a LoRA layer received {x.shape[dim]} rows along dim "
+                f"{dim} (input {tuple(x.shape)}); give one name (or None) per sample of the batch, and batch_dim= if "
+                "the samples are not along dim 0"
             )
         for name, idx in route:
             if name is None or idx.numel() == 0:

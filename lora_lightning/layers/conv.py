@@ -27,8 +27,8 @@ class _LoRAConvNd(LoRALayer):
         name = options.get("name") or f"this {type(base).__name__}"
         if base.groups != 1:
             raise LoRAConfigError(
-                f"{name} is a grouped convolution (groups={base.groups}): LoRA on grouped convolutions is not supported "
-                "(its update would be block-diagonal); target other layers"
+                f"{name} is a grouped convolution (groups={base.groups}): LoRA on grouped convolutions is not "
+                "supported (its update would be block-diagonal); target other layers"
             )
         nn.Module.__init__(self)
         self._base_cls = type(base)
@@ -115,8 +115,8 @@ class ConvKind(LayerKind):
     def check_peft_import(self, module: nn.Module, name: str) -> None:
         if any(d != 1 for d in module.dilation) or module.padding_mode != "zeros":
             raise LoRAConfigError(
-                f"{name} has dilation={module.dilation}, padding_mode={module.padding_mode!r}: a PEFT adapter there ran "
-                "with dilation 1 and zero padding, which this layer cannot reproduce; import it into a model whose "
+                f"{name} has dilation={module.dilation}, padding_mode={module.padding_mode!r}: a PEFT adapter there "
+                "ran with dilation 1 and zero padding, which this layer cannot reproduce; import it into a model whose "
                 "convolution matches PEFT's"
             )
 

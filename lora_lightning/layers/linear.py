@@ -37,7 +37,8 @@ class LoRALinear(LoRALayer, nn.Linear):
         nn.Module.__init__(self)
         if not isinstance(base, nn.Linear):
             raise LoRAConfigError(
-                f"{options.get('name') or 'this module'} is a {type(base).__name__}; {type(self).__name__} adapts nn.Linear"
+                f"{options.get('name') or 'this module'} is a {type(base).__name__}; {type(self).__name__} adapts "
+                "nn.Linear"
             )
         self.in_features = base.in_features
         self.out_features = base.out_features

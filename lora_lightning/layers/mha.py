@@ -66,8 +66,8 @@ class LoRAMultiheadAttention(LoRALayer, nn.Module):
         if parts:
             if options.get("dropout", 0.0) > 0:
                 warnings.warn(
-                    f"LoRA dropout={options['dropout']} is not applied to the nn.MultiheadAttention adapters of {name!r} "
-                    "(their ΔW is folded into the projection weights at each forward)",
+                    f"LoRA dropout={options['dropout']} is not applied to the nn.MultiheadAttention adapters of "
+                    f"{name!r} (their ΔW is folded into the projection weights at each forward)",
                     stacklevel=3,
                 )
             e = self.embed_dim
@@ -328,9 +328,12 @@ class MultiheadAttentionKind(LayerKind):
             layer.self_attn.guard_fast_path([m for m in layer.modules() if is_lora_layer(m)])
         out = []
         for enc_name, enc in model.named_modules():
-            if isinstance(enc, nn.TransformerEncoder) and any(_inside(s, enc_name) for s in names):
-                if getattr(enc, "use_nested_tensor", False):
-                    out.append(NestedTensorGuard(enc))
+            if (
+                isinstance(enc, nn.TransformerEncoder)
+                and any(_inside(s, enc_name) for s in names)
+                and getattr(enc, "use_nested_tensor", False)
+            ):
+                out.append(NestedTensorGuard(enc))
         return out
 
     def peft_tensors(self, layer: LoRALayer) -> dict[str, Tensor]:

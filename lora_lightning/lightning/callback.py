@@ -281,8 +281,8 @@ class CallbackImpl:
         state = get_lora_state(pl_module)
         if self.adapters and is_sharded(pl_module):
             raise LoRAConfigError(
-                f"LoRACallback(adapters={self.adapters}) with sharded (FSDP2) parameters: routing swaps adapter tensors "
-                "between modules, which sharding does not allow; train several adapters with DDP or one process"
+                f"LoRACallback(adapters={self.adapters}) with sharded (FSDP2) parameters: routing swaps adapter "
+                "tensors between modules, which sharding does not allow; train several adapters with DDP or one process"
             )
         if self.merge_on_fit_end and is_sharded(pl_module):
             raise LoRAConfigError(
@@ -306,7 +306,8 @@ class CallbackImpl:
         if precision in _HALF_PRECISIONS and state.config.adapter_dtype is None:
             self._ns.rank_zero_warn(
                 f"precision={precision!r} casts the adapters to the half-precision dtype; set "
-                "LoRACallback(adapter_dtype='float32') to keep fp32 adapters on the half-precision base (the QLoRA recipe)"
+                "LoRACallback(adapter_dtype='float32') to keep fp32 adapters on the half-precision base (the QLoRA "
+                "recipe)"
             )
         counts = count_parameters(pl_module)
         for logger in trainer.loggers:
@@ -329,7 +330,8 @@ class CallbackImpl:
             )
         if missing:
             self._ns.rank_zero_warn(
-                f"{len(missing)} adapter tensor(s) got no gradient in the first step (unused in forward?), e.g. {missing[:3]}"
+                f"{len(missing)} adapter tensor(s) got no gradient in the first step (unused in forward?), e.g. "
+                f"{missing[:3]}"
             )
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
@@ -365,7 +367,7 @@ class CallbackImpl:
         flags = torch.stack([torch.isfinite(p.detach()).all() for _, p in self._trainable])
         local_ok = bool(flags.all())
         if not trainer.strategy.reduce_boolean_decision(local_ok, all=True):
-            bad = [n for (n, _), ok in zip(self._trainable, flags.tolist()) if not ok]
+            bad = [n for (n, _), ok in zip(self._trainable, flags.tolist(), strict=True) if not ok]
             where = f"{len(bad)} tensor(s), e.g. {bad[:3]}" if bad else "a tensor on another rank"
             raise NonFiniteError(
                 f"trainable parameters became NaN/inf after global step {trainer.global_step} (epoch "
@@ -432,19 +434,23 @@ class CallbackImpl:
             path = getattr(self, what)
             if path and "{name}" not in path:
                 raise LoRAConfigError(
-                    f"{what}={path!r} with adapters={names}: put {{name}} in the path (e.g. 'out/{{name}}.safetensors') to write one file per adapter"
+                    f"{what}={path!r} with adapters={names}: put {{name}} in the path (e.g. "
+                    "'out/{name}.safetensors') to write one file per adapter"
                 )
         if self.merge_on_fit_end:
             raise LoRAConfigError(
-                f"merge_on_fit_end=True with adapters={names}: the base holds one merged adapter at a time; use export_merged='merged-{{name}}.safetensors' or merge_lora after set_adapter"
+                f"merge_on_fit_end=True with adapters={names}: the base holds one merged adapter at a time; use "
+                "export_merged='merged-{name}.safetensors' or merge_lora after set_adapter"
             )
         if self.init_adapter:
             raise LoRAConfigError(
-                f"init_adapter with adapters={names}: warm-start each adapter with load_adapter(model, path, adapter_name=...) before fit"
+                f"init_adapter with adapters={names}: warm-start each adapter with load_adapter(model, path, "
+                "adapter_name=...) before fit"
             )
         if self.config.variant != "lora":
             raise LoRAConfigError(
-                f"adapters={names} with variant={self.config.variant!r}: several adapters in one fit are plain LoRA (variant='lora')"
+                f"adapters={names} with variant={self.config.variant!r}: several adapters in one fit are plain LoRA "
+                "(variant='lora')"
             )
 
     # ---------------------------------------------------------------- helpers
@@ -478,9 +484,9 @@ class CallbackImpl:
                 if not self.replace_existing:
                     raise AdapterMismatchError(
                         f"{type(pl_module).__name__} already holds LoRA adapters ({state.describe()}) and this "
-                        f"LoRACallback asks for other ones ({'; '.join(diffs)}). Keep the same LoRA settings to continue "
-                        "training them, pass LoRACallback(replace_existing=True) to replace them with new adapters, or "
-                        "call remove_lora(model) first"
+                        f"LoRACallback asks for other ones ({'; '.join(diffs)}). Keep the same LoRA settings to "
+                        "continue training them, pass LoRACallback(replace_existing=True) to replace them with new "
+                        "adapters, or call remove_lora(model) first"
                     )
                 if any(layer.merged for layer in lora_layers(pl_module).values()):
                     unmerge_lora(pl_module)
@@ -566,17 +572,18 @@ class CallbackImpl:
             missing = [p for p in adapter_tensors(pl_module, name) if p.requires_grad and id(p) not in held]
             if missing:
                 raise LoRAConfigError(
-                    f"adapter {name!r} is active but the optimizer holds none of its {len(missing)} trainable tensor(s) "
-                    "(set_adapter after configure_optimizers built the optimizer?), so nothing of it would train. "
-                    "Activate the adapter before trainer.fit, or train several adapters with LoRACallback(adapters=[...])"
+                    f"adapter {name!r} is active but the optimizer holds none of its {len(missing)} trainable "
+                    "tensor(s) (set_adapter after configure_optimizers built the optimizer?), so nothing of it would "
+                    "train. Activate the adapter before trainer.fit, or train several adapters with "
+                    "LoRACallback(adapters=[...])"
                 )
 
     @staticmethod
     def _no_gradient_message(what: str) -> str:
         return (
             f"{what} in the first training step: with a frozen base, reentrant activation checkpointing "
-            "(torch.utils.checkpoint(..., use_reentrant=True), HF gradient_checkpointing_enable()) cuts the adapters off "
-            "from the loss. Set LoRACallback(inputs_require_grad=True) or use use_reentrant=False"
+            "(torch.utils.checkpoint(..., use_reentrant=True), HF gradient_checkpointing_enable()) cuts the adapters "
+            "off from the loss. Set LoRACallback(inputs_require_grad=True) or use use_reentrant=False"
         )
 
     def _remove_input_hooks(self) -> None:

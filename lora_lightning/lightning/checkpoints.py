@@ -32,7 +32,7 @@ from ..named import has_named_adapters, named_adapters, restore_named_adapters
 from ..record import ON_MISMATCH, LoRAState, check_compatible, check_fingerprint
 from ..shared_input import set_shared_input_groups, shared_input_groups
 from ..state import CheckpointOptions, attach, lora_handle
-from .compat import FROM_CHECKPOINT_HINT, LOAD_OPTIONS
+from .compat import FROM_CHECKPOINT_HINT, LOAD_OPTIONS, load_options
 
 CHECKPOINT_KEY = "lora_lightning"
 
@@ -81,7 +81,7 @@ def prepare_for_checkpoint(
     of ``load_from_checkpoint``)."""
     handle = lora_handle(module)
     if handle is None or handle.checkpoint is None:
-        options = options or LOAD_OPTIONS.get()
+        options = options or load_options()
     else:
         options = handle.checkpoint
     record = checkpoint.get(CHECKPOINT_KEY)

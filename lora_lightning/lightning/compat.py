@@ -60,10 +60,18 @@ _PATCHED = "_lora_lightning_original"
 _WARNED: set[str] = set()
 
 FROM_CHECKPOINT_HINT = "load it with lora_lightning.load_lora_checkpoint(MyModule, path, on_base_mismatch='warn')"
-# how the checkpoint being loaded by load_from_checkpoint in this context treats another base (load_lora_checkpoint)
-LOAD_OPTIONS: contextvars.ContextVar[CheckpointOptions] = contextvars.ContextVar(
-    "lora_load_options", default=CheckpointOptions(override_hint=FROM_CHECKPOINT_HINT)
+# how the checkpoint being loaded by load_from_checkpoint in this context treats another base (load_lora_checkpoint
+# sets it); None: the defaults (see load_options). Not a CheckpointOptions default: one mutable object for every context
+LOAD_OPTIONS: contextvars.ContextVar[CheckpointOptions | None] = contextvars.ContextVar(
+    "lora_load_options", default=None
 )
+
+
+def load_options() -> CheckpointOptions:
+    """The options :data:`LOAD_OPTIONS` holds in this context, else the defaults (another base raises, with the
+    hint of ``load_lora_checkpoint``)."""
+    options = LOAD_OPTIONS.get()
+    return options if options is not None else CheckpointOptions(override_hint=FROM_CHECKPOINT_HINT)
 
 
 @dataclass(frozen=True)
@@ -204,7 +212,7 @@ def install(ns: Namespace, hooks: Hooks) -> None:
 
             def on_load_checkpoint(self: Any, ckpt: dict[str, Any]) -> None:
                 user_hook(self, ckpt)
-                hooks.prepare_for_checkpoint(self, ckpt, LOAD_OPTIONS.get())
+                hooks.prepare_for_checkpoint(self, ckpt, load_options())
 
             cls.on_load_checkpoint = on_load_checkpoint  # for this call only: the instance does not exist yet
             try:
@@ -262,8 +270,9 @@ def install(ns: Namespace, hooks: Hooks) -> None:
                 except TargetNotFoundError:  # layers built in configure_model, which never ran here
                     callback = None
                     ns.rank_zero_warn(
-                        "ddp_spawn: the main process's module has no layers to adapt (built in configure_model?), so it "
-                        "keeps its untrained state, as Lightning does; load the exported adapter or the checkpoint instead"
+                        "ddp_spawn: the main process's module has no layers to adapt (built in configure_model?), so "
+                        "it keeps its untrained state, as Lightning does; load the exported adapter or the checkpoint "
+                        "instead"
                     )
             original(self, worker_output, trainer)
             if callback is not None and fitted:
@@ -351,8 +360,8 @@ def refuse_fabric_wrapper(model: Any) -> None:
     adapters that the optimizer Fabric set up does not hold."""
     if is_fabric_wrapper(model):
         raise LoRAConfigError(
-            f"the model is already set up by fabric.setup (a {type(model).__name__}): adapters injected now would not be "
-            "in its optimizer and would never train; inject before fabric.setup, e.g. "
+            f"the model is already set up by fabric.setup (a {type(model).__name__}): adapters injected now would not "
+            "be in its optimizer and would never train; inject before fabric.setup, e.g. "
             "lora_lightning.fabric.setup(fabric, model, config, optimizer_factory)"
         )
 
@@ -404,6 +413,7 @@ __all__ = [
     "fabric_package",
     "install",
     "is_fabric_wrapper",
+    "load_options",
     "lora_callback",
     "namespace",
     "saves_distributed_checkpoint",

@@ -155,7 +155,7 @@ class MonitorImpl:
     def _file_A(self, pl_module: Any, path: str) -> dict[tuple[str | None, str], Tensor]:
         tensors, _ = read_adapter(path)
         out = {}
-        for name, layer in lora_layers(pl_module).items():
+        for name in lora_layers(pl_module):
             key = next(
                 (
                     k

@@ -20,8 +20,9 @@ MODULES = {"lightning.pytorch": "lora_lightning.lightning", "pytorch_lightning":
 
 @cache
 def layer(package: str) -> dict[str, type]:
-    """``{"LoRACallback": ..., "AtomicCheckpointIO": ..., "LoRAMonitor": ...}`` for ``package`` (``"lightning.pytorch"`` or
-    ``"pytorch_lightning"``), importable from its lora_lightning module; installs the package's wrappers."""
+    """``{"LoRACallback": ..., "AtomicCheckpointIO": ..., "LoRAMonitor": ...}`` for ``package``
+    (``"lightning.pytorch"`` or ``"pytorch_lightning"``), importable from its lora_lightning module; installs the
+    package's wrappers."""
     ns = namespace(package)
     module = MODULES[package]
     atomic_io = type(

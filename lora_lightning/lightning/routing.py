@@ -101,10 +101,10 @@ class _RoutedStep:
                 if getattr(callback, "check_finite", False) and not bool(torch.isfinite(loss.detach()).all()):
                     trainer = trainer_of(self.module)
                     raise NonFiniteError(
-                        f"the training loss of adapter {name!r} is {loss.detach().float().mean().item()} at global step "
-                        f"{getattr(trainer, 'global_step', '?')}; stopped before backward, so every adapter and every "
-                        "checkpoint saved so far is finite. Lower the learning rate, clip gradients or check that "
-                        f"adapter's data; LoRACallback(check_finite=False) turns this check off"
+                        f"the training loss of adapter {name!r} is {loss.detach().float().mean().item()} at global "
+                        f"step {getattr(trainer, 'global_step', '?')}; stopped before backward, so every adapter and "
+                        "every checkpoint saved so far is finite. Lower the learning rate, clip gradients or check "
+                        "that adapter's data; LoRACallback(check_finite=False) turns this check off"
                     )
                 losses.append(loss)
         if not self.module.automatic_optimization:
@@ -130,14 +130,14 @@ class _RoutedStep:
         if unknown:
             if training:
                 raise LoRAConfigError(
-                    f"{self.method}: dataloader keys {unknown} are not adapters of LoRACallback(adapters={training}); key "
-                    "each dataloader by the adapter that should run it"
+                    f"{self.method}: dataloader keys {unknown} are not adapters of LoRACallback(adapters={training}); "
+                    "key each dataloader by the adapter that should run it"
                 )
             if len(unknown) < len(keys):  # some keys name adapters, others do not: which adapter scores those?
                 raise LoRAConfigError(
                     f"{self.method}: dataloader keys {keys} name adapters {[k for k in keys if k in names]} and also "
-                    f"{unknown}, which are not adapters of the model ({names}); key every loader by an adapter name, or "
-                    "none of them (the active adapter then runs all)"
+                    f"{unknown}, which are not adapters of the model ({names}); key every loader by an adapter name, "
+                    "or none of them (the active adapter then runs all)"
                 )
             return None  # a dict of loaders unrelated to adapters: the active adapter
         idx = kwargs.get("dataloader_idx", args[2] if len(args) > 2 else 0)
@@ -215,7 +215,8 @@ def check_adapter_names(names: Sequence[str] | Mapping[str, Any] | None) -> list
         or not all(isinstance(n, str) and n and "." not in n and "/" not in n for n in listed)
     ):
         raise LoRAConfigError(
-            f"adapters={listed!r}: give two or more distinct names without '.' or '/' (one adapter: leave adapters unset)"
+            f"adapters={listed!r}: give two or more distinct names without '.' or '/' (one adapter: leave adapters "
+            "unset)"
         )
     return listed
 
