@@ -227,7 +227,8 @@ def test_monitor_example_logs_the_adapters_delta_norms(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     ns = {"MyLightningModule": LitTiny, "MyNetwork": tiny_model, "dm": TinyData()}
     exec(python_blocks("monitor.md")[0], ns)  # noqa: S102 - the guide's own example
-    rows = list(csv.DictReader(open(next(tmp_path.glob("logs/lightning_logs/version_*/metrics.csv")))))
+    metrics = next(tmp_path.glob("logs/lightning_logs/version_*/metrics.csv"))
+    rows = list(csv.DictReader(metrics.read_text().splitlines()))
     logged = [(int(r["step"]), float(r["lora/q/delta_norm"])) for r in rows if r.get("lora/q/delta_norm")]
     steps = ns["trainer"].global_step
     assert steps == 4 and sorted({step for step, _ in logged}) == [2, 4]  # every 2 steps (and the validation end)
