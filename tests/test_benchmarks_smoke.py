@@ -222,3 +222,18 @@ def test_generation_speed_smoke(tmp_path):
     table = "\n".join(render(out))
     base = 2 * 3 / res["median_s"]["base (no adapters)"]
     assert f"| 2 | {base:.1f} |" in table
+
+
+def test_monitor_overhead_quick_times_the_monitored_steps_it_claims():
+    """``python -m benchmarks.monitor_overhead --quick``: the monitored copy really runs the monitor's hooks (values
+    logged at the cadence, both PNGs drawn at the epoch end), and every timing is finite and positive."""
+    from benchmarks.monitor_overhead import main, render_data
+
+    result = main(["--quick"])
+    assert result["values_per_log"] > 50  # per-matrix and per-type values of the adapted matrices
+    assert any(name.startswith("heatmap") for name in result["images"])
+    assert (
+        positive(result["step_s"]) and positive(result["ratio_on_off"]["median"]) and positive(result["job"]["ratio"])
+    )
+    assert len(result["samples_s"]["monitor on"]) == len(result["samples_s"]["monitor off"]) == result["rounds"]
+    assert "LoRAMonitor overhead" in "\n".join(render_data(result))
