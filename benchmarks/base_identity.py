@@ -95,13 +95,13 @@ def render(path: Path) -> list[str]:
     L = [
         "## 12. Base identity: hashing every base tensor of a 1.10B-parameter Llama-shaped model",
         "",
-        f"`python -m benchmarks.base_identity` on {data['date']} ({data['seconds']} s; torch {data['software']['torch']}; "
-        f"{data['cores']} cores, hashing in {data['cores']} threads). The model of §5, materialised in bf16 (and cast to fp32 "
-        "for the second row); median of "
-        f"{data['results'][0]['repeats']} repeats. The identity is a SHA-256 of every base tensor's bytes, plus its bf16 and "
-        "fp16 casts for an fp32 base (so the same base cast down still loads); `inject_lora` (r=8 on q,v) records it, and "
-        "`load_adapter` onto a fresh model computes it again to compare. (§5's injection times were measured before the "
-        "identity existed: injection then hashed nothing.)",
+        f"`python -m benchmarks.base_identity` on {data['date']} ({data['seconds']} s; torch "
+        f"{data['software']['torch']}; {data['cores']} cores, hashing in {data['cores']} threads). The model of §5, "
+        f"materialised in bf16 (and cast to fp32 for the second row); median of {data['results'][0]['repeats']} "
+        "repeats. The identity is a SHA-256 of every base tensor's bytes, plus its bf16 and fp16 casts for an fp32 "
+        "base (so the same base cast down still loads); `inject_lora` (r=8 on q,v) records it, and `load_adapter` onto "
+        "a fresh model computes it again to compare. (§5's injection times were measured before the identity existed: "
+        "injection then hashed nothing.)",
         "",
         "| base dtype | parameters | tensors | bytes hashed | identity s | inject_lora s | load_adapter s |",
         "|---|---|---|---|---|---|---|",

@@ -71,7 +71,7 @@ def paired_ratio(a: list[float], b: list[float]) -> dict:
     ``of_min`` is min(a)/min(b): on a shared machine interference only ever adds time, so the
     ratio of the fastest repeats is a second, independent estimate.
     """
-    ratios = [x / y for x, y in zip(a, b)]
+    ratios = [x / y for x, y in zip(a, b, strict=True)]
     out = summarize(ratios)
     out["of_min"] = min(a) / min(b)
     out["of_median"] = statistics.median(a) / statistics.median(b)

@@ -8,8 +8,8 @@ non-zero A and B (the speed does not depend on their values), PEFT's model holdi
 (our PEFT export loaded with ``peft``). Workload: a batch of prompts (chat template, 40-60 tokens,
 left-padded), ``max_new_tokens`` greedy tokens with the KV cache, generation forced to the full length
 (no early stop) so every path produces the same number of tokens. Each round times the four paths back
-to back, in an order rotating by one each round (one thread, ``torch.no_grad``); medians over rounds, ratios within the run. The generated
-token ids of the paths are compared first.
+to back, in an order rotating by one each round (one thread, ``torch.no_grad``); medians over rounds, ratios
+within the run. The generated token ids of the paths are compared first.
 Writes ``benchmarks/generation_speed.json``; ``python -m benchmarks.run --render`` puts it in RESULTS.md.
 """
 
@@ -30,7 +30,10 @@ R, ALPHA, TARGETS = 8, 16, ["q", "k", "v", "o"]
 PROMPTS = [
     "name: Blue Spice, eatType: coffee shop, area: city centre",
     "name: The Eagle, food: Italian, priceRange: cheap, area: riverside, familyFriendly: yes",
-    "name: Giraffe, eatType: restaurant, food: French, area: city centre, familyFriendly: no, near: Raja Indian Cuisine",
+    (
+        "name: Giraffe, eatType: restaurant, food: French, area: city centre, familyFriendly: no, "
+        "near: Raja Indian Cuisine"
+    ),
     "name: Green Man, eatType: pub, customer rating: 3 out of 5, near: All Bar One",
 ]
 
@@ -152,14 +155,17 @@ def render(path: Path) -> list[str]:
     L = [
         "## 8. Generation speed of a real decoder: SmolLM2-135M-Instruct, unmerged vs merged",
         "",
-        f"`python -m benchmarks.generation_speed` on {data['date']} ({data['seconds']} s; torch {data['software']['torch']}, "
-        f"transformers {data['software']['transformers']}, peft {data['software']['peft']}, {data['threads']} thread, load average "
-        f"at the end {' '.join(map(str, data['loadavg_at_end'] or [])) or 'n/a'}). LoRA r={data['r']} on {'+'.join(data['targets'])} (random non-zero "
-        f"adapters); greedy decoding with the KV cache, {first['new_tokens']} new tokens forced; median of {first['rounds']} rounds, "
-        "the four paths back to back in each round, the order rotating. Generated tokens per second; ratios against the base model without "
-        "adapters. The last column: fraction of generated tokens identical to the merged model's.",
+        f"`python -m benchmarks.generation_speed` on {data['date']} ({data['seconds']} s; torch "
+        f"{data['software']['torch']}, transformers {data['software']['transformers']}, peft "
+        f"{data['software']['peft']}, {data['threads']} thread, load average at the end "
+        f"{' '.join(map(str, data['loadavg_at_end'] or [])) or 'n/a'}). LoRA r={data['r']} on "
+        f"{'+'.join(data['targets'])} (random non-zero adapters); greedy decoding with the KV cache, "
+        f"{first['new_tokens']} new tokens forced; median of {first['rounds']} rounds, the four paths back to back in "
+        "each round, the order rotating. Generated tokens per second; ratios against the base model without adapters. "
+        "The last column: fraction of generated tokens identical to the merged model's.",
         "",
-        "| batch | base | LoRA merged | LoRA unmerged (ours) | LoRA unmerged (PEFT) | merged / base | unmerged ours / base | unmerged PEFT / base | tokens = merged (ours, PEFT) |",
+        "| batch | base | LoRA merged | LoRA unmerged (ours) | LoRA unmerged (PEFT) | merged / base | unmerged ours / "
+        "base | unmerged PEFT / base | tokens = merged (ours, PEFT) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in data["results"]:
@@ -171,8 +177,9 @@ def render(path: Path) -> list[str]:
         )
         same = r["tokens_equal_to_merged"]
         L.append(
-            f"| {r['batch']} | {base:.1f} | {merged:.1f} | {ours:.1f} | {pe:.1f} | {merged / base:.3f} | {ours / base:.3f} | "
-            f"{pe / base:.3f} | {same['LoRA unmerged (lora_lightning)']:.3f}, {same['LoRA unmerged (PEFT)']:.3f} |"
+            f"| {r['batch']} | {base:.1f} | {merged:.1f} | {ours:.1f} | {pe:.1f} | {merged / base:.3f} | "
+            f"{ours / base:.3f} | {pe / base:.3f} | {same['LoRA unmerged (lora_lightning)']:.3f}, "
+            f"{same['LoRA unmerged (PEFT)']:.3f} |"
         )
     L.append("")
     return L

@@ -1,5 +1,6 @@
 """Tokens per second of the main job (``lora-train`` with its defaults): LoRA vs full fine-tuning vs
-head only (and LoRA under bf16-mixed, and with shared-input fusion off), on the job's own model, data and batches, in one run.
+head only (and LoRA under bf16-mixed, and with shared-input fusion off), on the job's own model, data and batches,
+in one run.
 
     python -m benchmarks.main_job [--batches 12] [--rounds 5] [--threads 2]
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -87,9 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         model, opt, autocast, dm, trainable = build(method)
         if batches is None:
             loader = dm.train_dataloader()
-            batches = [b for _, b in zip(range(args.batches), loader)]
+            batches = list(itertools.islice(loader, args.batches))
 
-        def epoch(model=model, opt=opt, autocast=autocast) -> None:
+        def epoch(model=model, opt=opt, autocast=autocast, batches=batches) -> None:
             for b in batches:
                 opt.zero_grad(set_to_none=True)
                 with autocast():

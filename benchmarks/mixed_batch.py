@@ -133,14 +133,16 @@ def render(path: Path) -> list[str]:
     L = [
         "## 7. Many adapters in one batch: all-MiniLM-L6-v2, inference",
         "",
-        f"`python -m benchmarks.mixed_batch` on {data['date']} ({data['seconds']} s; torch {data['software']['torch']}, "
-        f"peft {data['software']['peft']}, {data['threads']} thread). One batch of {data['batch']} x {data['seq']} tokens, "
-        f"sample i through adapter i mod k (LoRA r={data['r']} on q+v); median of {data['results'][0]['rounds']} rounds, "
-        "the three paths timed back to back in each round. Throughput in samples/s; ratios against the k merged models "
-        "(each sample through its own adapter merged into a copy of the base: the fastest per-sample path, at k times the "
-        "memory). Max |difference| of the logits against the merged models in the last column.",
+        f"`python -m benchmarks.mixed_batch` on {data['date']} ({data['seconds']} s; torch "
+        f"{data['software']['torch']}, peft {data['software']['peft']}, {data['threads']} thread). One batch of "
+        f"{data['batch']} x {data['seq']} tokens, sample i through adapter i mod k (LoRA r={data['r']} on q+v); median "
+        f"of {data['results'][0]['rounds']} rounds, the three paths timed back to back in each round. Throughput in "
+        "samples/s; ratios against the k merged models (each sample through its own adapter merged into a copy of the "
+        "base: the fastest per-sample path, at k times the memory). Max |difference| of the logits against the merged "
+        "models in the last column.",
         "",
-        "| k adapters | mixed_batch | k merged models | PEFT adapter_names | mixed_batch / merged | mixed_batch / PEFT | max diff (ours, PEFT) |",
+        "| k adapters | mixed_batch | k merged models | PEFT adapter_names | mixed_batch / merged | mixed_batch / PEFT "
+        "| max diff (ours, PEFT) |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in data["results"]:

@@ -1,7 +1,8 @@
 """torch.profiler views of training steps, to explain a missed goal op by op.
 
 For each method, one untimed step, then ``steps`` separately profiled steps; the per-op self
-time is the median over those steps (robust to preemption by other processes). ``diff`` lists the ops whose self time differs most between two methods.
+time is the median over those steps (robust to preemption by other processes). ``diff`` lists the ops whose
+self time differs most between two methods.
 Tables are written to ``<out>/profiles/<model>-<method>.txt``.
 """
 

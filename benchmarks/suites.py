@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import json
 import math
@@ -142,7 +143,7 @@ def train_memory(
     )
     results: dict = {spec.key: {} for spec in specs}
     lines = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    for job, r in zip(jobs, lines):
+    for job, r in zip(jobs, lines, strict=False):  # fewer lines when the worker failed: handled below
         results[job["spec"]["key"]][job["method"]] = r
     for job in jobs[len(lines) :]:
         results[job["spec"]["key"]][job["method"]] = {
@@ -369,9 +370,10 @@ def inject_merge(llama_kwargs: dict, device: str, repeats: int) -> dict:
         randomize_lora_B(model, std=0.02)
         snapshot = {s.name: model.get_submodule(s.name).weight.detach().clone() for s in specs[:4]}
         for _ in range(repeats):
-            merge.append(time_once(lambda: merge_lora(model), device))
-            unmerge.append(time_once(lambda: unmerge_lora(model), device))
-            ref_merge.append(time_once(lambda: _reference_merge(model, +1.0), device))
+            # partial, not a lambda: binds this model object now (the name is deleted at the end)
+            merge.append(time_once(functools.partial(merge_lora, model), device))
+            unmerge.append(time_once(functools.partial(unmerge_lora, model), device))
+            ref_merge.append(time_once(functools.partial(_reference_merge, model, +1.0), device))
             _reference_merge(model, -1.0)
         drift = max(float((model.get_submodule(n).weight.float() - w.float()).abs().max()) for n, w in snapshot.items())
         remove_lora(model)
