@@ -77,11 +77,12 @@ def check_finite_merge(model: nn.Module, layers: dict[str, LoRALayer] | None = N
             if bool(torch.isfinite(merged).all()):
                 continue
             bad = int((~torch.isfinite(merged)).sum())
+            stored = getattr(layer, layer.base_weight_name)  # a quantized base: packed integers
             if layer.merged:
                 cause = "its merged weight already holds them"
-            elif not bool(torch.isfinite(layer.stored_delta_weight()).all()):
+            elif not bool(torch.isfinite(layer.delta_weight()).all()):
                 cause = "its adapter's update ΔW holds inf/NaN (check the adapter's tensors, e.g. lora_B)"
-            elif not bool(torch.isfinite(getattr(layer, layer.base_weight_name)).all()):
+            elif stored.is_floating_point() and not bool(torch.isfinite(stored).all()):
                 cause = "its base weight holds inf/NaN"
             else:
                 cause = f"W0 + ΔW overflows {merged.dtype}"
