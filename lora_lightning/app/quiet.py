@@ -100,4 +100,44 @@ def preimport_quietly(*names: str) -> list[str]:
     return done
 
 
-__all__ = ["QUIET_MESSAGES", "import_quietly", "preimport_quietly", "quiet_backend_imports"]
+# Lines of packages the run does use that tell the user nothing about the run, dropped for the app's whole run:
+# Lightning's advertisements for its cloud packages (logged once per fit through its rank-zero logger), and
+# Lightning 2.6's own call of an API torch 2.13 deprecated (a DeprecationWarning per process that no user setting
+# can avoid). Everything else Lightning logs or warns passes unchanged.
+RUN_MESSAGES: dict[str, tuple[re.Pattern[str], ...]] = {
+    "lightning.pytorch.utilities.rank_zero": (re.compile(r"^💡 Tip: For seamless cloud (logging|uploads)"),),
+}
+RUN_WARNINGS: tuple[str, ...] = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",)
+
+
+def quiet_run() -> None:
+    """For the app's process: drop the lines of :data:`RUN_MESSAGES` and :data:`RUN_WARNINGS` (and only those)."""
+    import warnings
+
+    for name, patterns in RUN_MESSAGES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) and f.patterns == patterns for f in logger.filters):
+            logger.addFilter(_DropMessages(patterns))
+    for message in RUN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+
+
+def without_wandb_anonymous(logger: object) -> object:
+    """Lightning's ``WandbLogger`` passes ``anonymous=None`` to ``wandb.init``, and wandb >= 0.22 warns on every
+    run that the setting has no effect; leave the key out when it is unset (``None``), so wandb sees its default."""
+    init = getattr(logger, "_wandb_init", None)
+    if isinstance(init, dict) and "anonymous" in init and init["anonymous"] is None:
+        del init["anonymous"]
+    return logger
+
+
+__all__ = [
+    "QUIET_MESSAGES",
+    "RUN_MESSAGES",
+    "RUN_WARNINGS",
+    "import_quietly",
+    "preimport_quietly",
+    "quiet_backend_imports",
+    "quiet_run",
+    "without_wandb_anonymous",
+]

@@ -43,6 +43,7 @@ from lora_lightning.injection import lora_layers
 
 from .generation_data import GenerationDataModule
 from .generation_job import run_generation
+from .quiet import quiet_run, without_wandb_anonymous
 
 CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")  # also shipped in the wheel (package data)
 LORA_APP_KEYS = ("method", "budget", "merge_on_fit_end", "lr")
@@ -138,7 +139,7 @@ def build_logger(cfg: DictConfig) -> Any:
     logger_cfg = cfg.logger
     if str(logger_cfg._target_).endswith("WandbLogger"):
         logger_cfg = OmegaConf.merge(logger_cfg, wandb_run_fields(cfg))
-    logger = instantiate(logger_cfg)
+    logger = without_wandb_anonymous(instantiate(logger_cfg))
     logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     return logger
 
@@ -555,6 +556,7 @@ def main(cfg: DictConfig) -> float | None:
     loss), the objective Hydra sweepers maximise (the test split only reports the checkpoint chosen on
     validation)."""
     os.environ.setdefault("WANDB_SILENT", "true")
+    quiet_run()
     try:
         summary = run(cfg)
     except InstantiationException as exc:
