@@ -244,8 +244,13 @@ def test_tost_equivalent_for_large_identical_mean_groups():
     # p < 0.05 exactly when the 90% CI lies inside the margin
     lo, hi = welch(stat(SAME_A), stat(SAME_B), level=0.90).ci
     assert -0.5 < lo < hi < 0.5
-    (check,) = check_claims([Claim("same", EQUIVALENT, "a", stat(SAME_A), "b", stat(SAME_B))])
+    (check,) = check_claims([Claim("same", EQUIVALENT, "a", stat(SAME_A), "b", stat(SAME_B))], margin=0.5)
     assert check.outcome == "equivalent within ±0.5" and check.verdict == AGREES
+    assert check.p_tost == pytest.approx(p, abs=1e-12) and check.tost_family == 1
+    # the default margin is the pre-registered ±1 point (experiments/PREREGISTRATION.md)
+    (default,) = check_claims([Claim("same", EQUIVALENT, "a", stat(SAME_A), "b", stat(SAME_B))])
+    assert default.margin == 1.0 and default.outcome == "equivalent within ±1" and default.verdict == AGREES
+    assert default.p_tost == pytest.approx(independent_tost(SAME_A, SAME_B, 1.0), abs=1e-9)
 
 
 def test_tost_different_for_separated_groups():
@@ -307,7 +312,10 @@ def test_real_difference_inside_the_margin_counts_as_equivalent():
     (eq,) = check_claims([Claim("c", EQUIVALENT, "a", stat(a), "b", stat(b))])
     (gt,) = check_claims([Claim("c", GREATER, "a", stat(a), "b", stat(b))])
     assert eq.p_holm < 0.05 and eq.p_tost_holm < 0.05
-    assert (eq.outcome, eq.verdict) == ("equivalent within ±0.5", AGREES)
+    assert eq.p_tost == pytest.approx(independent_tost(a, b, 1.0), abs=1e-9)  # at the pre-registered ±1 point
+    assert (eq.outcome, eq.verdict) == ("equivalent within ±1", AGREES)
+    (eq_half,) = check_claims([Claim("c", EQUIVALENT, "a", stat(a), "b", stat(b))], margin=0.5)
+    assert (eq_half.outcome, eq_half.verdict) == ("equivalent within ±0.5", AGREES)  # 0.2 is inside ±0.5 too
     assert (gt.outcome, gt.verdict) == (DIFFERENT, AGREES)
 
 
@@ -363,14 +371,22 @@ def test_report_has_method_labels_and_known_verdicts(tmp_path):
     for phrase in (
         "Welch",
         "Holm–Bonferroni",
-        "all 5 checks",
+        "the same 10 claims",
         "TOST",
-        "±0.5",
-        "equivalent within ±0.5",
+        "Equivalence margin ±1 point",
+        "equivalent within ±1",
         '"different"',
         '"inconclusive"',
     ):
         assert phrase in method, phrase
+    # one family per metric, Table 5's and Table 6's claims together: of the 10 claims these runs state 5 (Table 5:
+    # W{q,v} beats the best single type, W{q} and W{k} worse than W{o}; Table 6: r=1 competitive for W{q,v}, little
+    # gain past r=8 for W{q}); their TOST family holds the 2 equivalence claims; each table's caption says so
+    caption = (
+        "p Holm-corrected over the 5 checks of its family; equivalence claims by TOST at ±1 pp, Holm over the 2 "
+        "equivalence claims"
+    )
+    assert text.count(caption) == 2
     assert text.count("mean ± std over n seeds (n = 5)") == 1  # Table 5
     assert "mean ± std over n seeds (n = 3–30, per cell)" in text  # Table 6
     rows = {
@@ -381,9 +397,15 @@ def test_report_has_method_labels_and_known_verdicts(tmp_path):
     assert rows["W{q,v} beats the best single type (W{v})"].endswith("| different | **agrees** |")
     assert rows["W{q} alone is worse than W{o} (the weaker of Wv, Wo)"].endswith("| different | **agrees** |")
     assert rows["W{k} alone is worse than W{o} (the weaker of Wv, Wo)"].endswith("| different | **agrees** |")
-    assert rows["r=1 is already competitive for W{q,v} (paper, r=1 minus r=64: -0.1 / -0.1)"].endswith(
-        "| equivalent within ±0.5 | **agrees** |"
-    )
+    competitive = rows["r=1 is already competitive for W{q,v} (paper, r=1 minus r=64: -0.1 / -0.1)"]
+    assert competitive.endswith("| equivalent within ±1 | **agrees** |")
+    # the TOST p-values, Holm over the 2 equivalence claims, recomputed: 2·p for the smaller, the larger p as is
+    # (Holm keeps it monotone); cells: claim | test | ours | n | t (df) | p | p, Holm | TOST p, Holm [power] | ...
+    p_same = independent_tost(SAME_A[:30], SAME_B[:30], 1.0)
+    p_noisy = independent_tost(NOISY_B, NOISY_A, 1.0)  # little gain past r=8 for W{q}: r=64 − r=8
+    assert 2 * p_same < 0.001 < p_noisy
+    assert competitive.split("|")[8].strip().startswith("<0.001 [")
+    assert rows["little gain past r=8 for W{q}"].split("|")[8].strip().startswith(f"{p_noisy:.3f} [")
     assert rows["little gain past r=8 for W{q}"].endswith("| inconclusive | **inconclusive** |")
     assert (tmp_path / "out" / "tables.md").read_text() == text
     # the margin is a parameter, and the report prints it
@@ -392,9 +414,18 @@ def test_report_has_method_labels_and_known_verdicts(tmp_path):
 
 
 def test_method_paragraph_states_family_margin_and_outcomes():
-    text = method_markdown(12, margin=0.75, alpha=0.01)
-    assert "all 12 checks" in text and "alpha = 0.01" in text and "±0.75" in text
+    text = method_markdown(margin=0.75, alpha=0.01)
+    # the families experiments/PREREGISTRATION.md fixes: the same 10 claims at every schedule and metric, Holm over
+    # their 10 difference p-values, a second Holm family over the TOST p-values of the 4 equivalence claims only
+    assert "the ablation family holds the same 10 claims" in text
+    assert "Their 10 difference p-values are Holm–Bonferroni corrected together at alpha = 0.01" in text
+    assert 'the TOST p-values of the 4 equivalence claims form a second Holm family (the "beats" claims are not' in text
+    assert '"LoRA matches full fine-tuning" is not an ablation claim: it is the primary family' in text
+    assert "Equivalence margin ±0.75 point" in text and "|d| < 0.75 accuracy points" in text
+    assert '"equivalent within ±0.75"' in text and "±1" not in text
     assert "mean ± std over n seeds" in text and "not the standard error" in text
+    assert text.startswith("## Method\n\n") and not method_markdown(heading=False).startswith("## Method")
+    assert "Equivalence margin ±1 point" in method_markdown()  # the pre-registered default
 
 
 def test_example_bootstrap_one_run_each_matches_the_paired_normal_interval():
