@@ -21,12 +21,17 @@ from .base import (
     resolve_dtype,
     stream_generator,
 )
-from .conv import CONV_LAYERS, ConvKind, LoRAConv1d, LoRAConv2d, LoRAConv3d
-from .conv1d import Conv1DKind, LoRAConv1D, is_conv1d
-from .embedding import EmbeddingKind, LoRAEmbedding
 from .function import LoRALinearFunction, one_node_ok
+
+# Each kind registers on import, and the import order is the order of registry.LAYER_KINDS: error messages list
+# the kinds in it (nn.Linear first) and kind_of tries the later ones first. Not sorted, on purpose.
+# isort: off
 from .linear import LinearKind, LoRALinear
+from .conv1d import Conv1DKind, LoRAConv1D, is_conv1d
 from .mha import MHA_PARTS, LoRAMultiheadAttention, MultiheadAttentionKind
+from .embedding import EmbeddingKind, LoRAEmbedding
+from .conv import CONV_LAYERS, ConvKind, LoRAConv1d, LoRAConv2d, LoRAConv3d
+# isort: on
 
 __all__ = [
     "AdapterSlots",
