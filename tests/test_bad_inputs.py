@@ -2,7 +2,7 @@
 
 Each test asserts the exception type and a key part of its message (the part that tells the user
 what to fix), and, where a write or a load is involved, that nothing was overwritten or changed.
-The first line of each docstring is the table's "input tried" column.
+The first paragraph of each docstring (its lines joined) is the table's "input tried" column.
 
 Regenerate the table from the real messages with::
 
@@ -185,7 +185,8 @@ def test_adapter_for_another_architecture(tmp_path):
     before = snapshot(wide)
     with pytest.raises(
         AdapterMismatchError,
-        match=r"trained on a base with other adapted matrices: .*\[16, 16\] in adapter a.safetensors vs .*\[32, 32\] in model.*another architecture or model size",
+        match=r"trained on a base with other adapted matrices: .*\[16, 16\] in adapter a.safetensors vs "
+        r".*\[32, 32\] in model.*another architecture or model size",
     ):
         load_adapter(wide, path)
     assert_unchanged(wide, before)  # not even injected
@@ -198,7 +199,8 @@ def test_adapter_from_another_base_model(tmp_path):
     before = snapshot(other)
     with pytest.raises(
         BaseModelMismatchError,
-        match=r"trained on different base weights: 39 of 51 base tensor\(s\) hold other values .*on_base_mismatch='warn'",
+        match=r"trained on different base weights: 39 of 51 base tensor\(s\) hold other values "
+        r".*on_base_mismatch='warn'",
     ):
         load_adapter(other, path)
     assert_unchanged(other, before)
@@ -363,8 +365,8 @@ def test_nan_gradient_makes_adapters_non_finite(tmp_path):
     t = trainer(tmp_path, [LoRACallback(r=2, targets=["q", "v"]), ckpt], max_steps=5, enable_checkpointing=True)
     with pytest.raises(
         NonFiniteError,
-        match=r"NaN/inf after global step 1 .*6 tensor\(s\), e.g. \['net.layers.0.self_attn.q_proj.lora_B'.*NaN gradient"
-        r".*detect_anomaly=True",
+        match=r"NaN/inf after global step 1 .*6 tensor\(s\), e.g. \['net.layers.0.self_attn.q_proj.lora_B'"
+        r".*NaN gradient.*detect_anomaly=True",
     ):
         t.fit(model, tiny_loader())
     assert not list((tmp_path / "ckpt").glob("*.ckpt"))  # the NaN step was never checkpointed
@@ -512,7 +514,7 @@ def _table() -> str:
                     if records
                     else "(no error, no warning: it loads)"
                 )
-            rows.append((doc.splitlines()[0], message, name))
+            rows.append((" ".join(doc.split("\n\n")[0].split()), message, name))
     finally:
         pytest.raises, pytest.warns = real_raises, real_warns
 
@@ -523,10 +525,12 @@ def _table() -> str:
     out = [
         "# Bad inputs: what you see",
         "",
-        "Every row is a test in `tests/test_bad_inputs.py` (or `test_lifecycle.py`, `test_embedding_conv.py`, `test_loraplus.py`, `test_named_adapters.py`, `test_multi_adapter_fit.py`) that",
+        "Every row is a test in `tests/test_bad_inputs.py` (or `test_lifecycle.py`, `test_embedding_conv.py`, "
+        "`test_loraplus.py`, `test_named_adapters.py`, `test_multi_adapter_fit.py`) that",
         "asserts the exception type and the key part of the message (and, where a file or model is involved, that",
         "nothing was overwritten or changed). The messages below",
-        "are the real ones, shortened; regenerate with `.venv/bin/python tests/test_bad_inputs.py > docs/bad_inputs.md`.",
+        "are the real ones, shortened; regenerate with `.venv/bin/python tests/test_bad_inputs.py > "
+        "docs/bad_inputs.md`.",
         "Every exception derives from `lora_lightning.LoRAError` (and from the matching built-in: `ValueError`,",
         "`RuntimeError`, `OSError` or `FloatingPointError`).",
         "",

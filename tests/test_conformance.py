@@ -44,5 +44,6 @@ def test_the_committed_matrix_is_what_the_battery_saw():
     if len(OUTCOMES) < len(CASES) * len(OPERATIONS):
         pytest.skip("run the whole battery (tests/test_conformance.py) to compare the matrix")
     assert DOC.read_text() == render(OUTCOMES, CASES), (
-        "docs/conformance.md is out of date: regenerate it with python -m tests.conformance.matrix > docs/conformance.md"
+        "docs/conformance.md is out of date: regenerate it with python -m tests.conformance.matrix > "
+        "docs/conformance.md"
     )

@@ -14,6 +14,7 @@ rename, directory fsync) is the code under test.
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import stat
 import subprocess
@@ -164,8 +165,9 @@ def test_killed_mid_write_leaves_a_partial_temp_file_and_complete_final_files(cr
     assert [p.name.split(".")[1:3] for p in temps] == [["last", "ckpt"]]
     full_size = int((crashed / "HANG").read_text())
     assert 0 < temps[0].stat().st_size <= full_size // 2 + 1024
-    with pytest.raises(Exception):
-        torch.load(temps[0], weights_only=False)  # the partial data itself is unreadable
+    # the partial data itself is unreadable: torch.load's errors for a cut zip archive (or a cut legacy pickle)
+    with pytest.raises((RuntimeError, OSError, EOFError, pickle.UnpicklingError)):
+        torch.load(temps[0], weights_only=False)
     # the step-3 adapter export and the step-3 checkpoint hold the same (complete) tensors
     tensors, _ = read_adapter(crashed / "adapters" / "step3.safetensors")
     step3 = torch.load(ckpt_dir / "epoch=0-step=3.ckpt", weights_only=False)["state_dict"]

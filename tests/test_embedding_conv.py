@@ -145,7 +145,8 @@ def test_embedding_with_max_norm_is_refused():
 
 
 def test_embedding_with_padding_idx_keeps_the_padding_vector():
-    """bad input: `targets=["embed"]` on an `nn.Embedding(..., padding_idx=0)`: accepted, the padding row is never adapted"""
+    """bad input: `targets=["embed"]` on an `nn.Embedding(..., padding_idx=0)`: accepted, the padding row is never
+    adapted"""
     net = Net()
     inject_lora(net, LoRAConfig(r=2, targets=["embed"]))
     pad = net.embed_tokens.weight[0].detach().clone()
@@ -201,12 +202,12 @@ def test_embedding_and_conv_round_trip_through_peft(tmp_path):
     export_peft_adapter(net, tmp_path / "peft")
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft")
     with torch.no_grad():
-        for ours, other in zip(net(IDS, IMG), theirs(IDS, IMG)):
+        for ours, other in zip(net(IDS, IMG), theirs(IDS, IMG), strict=True):
             torch.testing.assert_close(other, ours, atol=1e-5, rtol=0)
     back = copy.deepcopy(base)
     import_peft_adapter(back, tmp_path / "peft")
     with torch.no_grad():
-        for ours, other in zip(net(IDS, IMG), back(IDS, IMG)):
+        for ours, other in zip(net(IDS, IMG), back(IDS, IMG), strict=True):
             torch.testing.assert_close(other, ours, atol=1e-6, rtol=0)
 
 
@@ -293,7 +294,8 @@ def test_modules_sharing_one_weight_share_one_adapter_and_merge_once(tmp_path):
 
 
 def test_merging_a_weight_tied_to_a_module_the_adapter_does_not_wrap_is_refused():
-    """bad input: `merge_lora` of GPT-2 with `targets=["embed"]` (wte's weight is tied to lm_head): refused, unmerged it is right"""
+    """bad input: `merge_lora` of GPT-2 with `targets=["embed"]` (wte's weight is tied to lm_head): refused, unmerged
+    it is right"""
     transformers = pytest.importorskip("transformers")
     from lora_lightning import MergeStateError, merged_state_dict
 

@@ -88,7 +88,7 @@ def test_conv1d_gradients_match_hand_computation_including_a_trained_base():
     ref_y = x @ layer.weight + layer.bias + 1.5 * (x @ layer.lora_A.T @ layer.lora_B.T)
     ref = torch.autograd.grad(ref_y, [x, *params], g)
     torch.testing.assert_close(y, ref_y, atol=1e-12, rtol=0)
-    for a, b in zip(got, ref):
+    for a, b in zip(got, ref, strict=True):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 
 

@@ -73,7 +73,8 @@ class TiedLM(nn.Module):
 
 
 def test_tied_embedding_and_head_both_targeted_merge_exactly():
-    """1: targets embed and lm_head (one weight): one adapter, merge_lora and merged_state_dict give the adapted outputs"""
+    """1: targets embed and lm_head (one weight): one adapter, merge_lora and merged_state_dict give the adapted
+    outputs"""
     model = TiedLM()
     ids = torch.randint(0, 20, (3, 5))
     base = out(model, ids)
@@ -269,7 +270,7 @@ class ThreeReaders(nn.Module):
         self.q_proj, self.k_proj, self.v_proj = (nn.Linear(8, 8) for _ in range(3))
 
     def forward(self, x):
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # v's output is not used
+        q, k, _v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # v's output is not used
         return q * k
 
 
@@ -301,9 +302,8 @@ def test_mixed_batch_on_time_major_input_is_refused_when_ambiguous_and_right_wit
     with use_adapter(model, "b"):
         randomize_adapters(model, seed=9)
     x = torch.randn(3, 3, 8)  # (T=3, B=3, D)
-    with pytest.raises(LoRAConfigError, match=r"ambiguous .* batch_dim="):
-        with mixed_batch(model, ["b", None, "default"]):
-            model(x)
+    with pytest.raises(LoRAConfigError, match=r"ambiguous .* batch_dim="), mixed_batch(model, ["b", None, "default"]):
+        model(x)
     with mixed_batch(model, ["b", None, "default"], batch_dim=1), torch.no_grad():
         mixed = model(x)
     with use_adapter(model, "b"):
@@ -530,9 +530,8 @@ def test_unclear_inputs_get_clear_errors():
         LoRACallback(adapters="ab")
     with pytest.raises(LoRAConfigError, match=r"fuse_shared_inputs='yes' must be true or false"):
         LoRAConfig(fuse_shared_inputs="yes")
-    with pytest.raises(LoRAConfigError, match=r"give one adapter name \(or None\) per sample"):
-        with mixed_batch(model, "c"):
-            pass
+    with pytest.raises(LoRAConfigError, match=r"give one adapter name \(or None\) per sample"), mixed_batch(model, "c"):
+        pass
     set_adapter(model, "c")
     merge_lora(model)
     with pytest.raises(MergeStateError, match=r"delete_adapter\('c'\) \(the active adapter\): .* unmerge_lora"):

@@ -213,7 +213,7 @@ def test_one_node_autograd_matches_the_composed_formula(dropout, train_bias, tra
     ref_y = x @ layer.weight.T + layer.bias + (x_d @ layer.lora_A.T) @ layer.lora_B.T * (8.0 / 4)
     ref = torch.autograd.grad(ref_y, [x, *params], g)
     assert torch.allclose(y, ref_y, atol=1e-12)
-    for a, b in zip(got, ref):
+    for a, b in zip(got, ref, strict=True):
         assert torch.allclose(a, b, atol=1e-12)
 
 
@@ -269,7 +269,7 @@ def test_torch_compile_fullgraph_matches_eager():
     y = compiled(x)
     y.square().sum().backward()
     torch.testing.assert_close(y, ref, atol=1e-6, rtol=0)
-    for p, g in zip([p for p in model.parameters() if p.requires_grad], ref_grads):
+    for p, g in zip([p for p in model.parameters() if p.requires_grad], ref_grads, strict=True):
         torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-5)
     model.train()
     torch.compile(model, backend="aot_eager", fullgraph=True)(x).sum().backward()

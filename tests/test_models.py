@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import time
 
 import pytest
@@ -221,7 +222,7 @@ def test_linear_warmup_decay_schedule() -> None:
     values = [linear_warmup_decay(s, 4, 20) for s in range(21)]
     assert values[:4] == [0.25, 0.5, 0.75, 1.0]
     assert values[4] == 1.0 and values[12] == pytest.approx(0.5) and values[20] == 0.0
-    assert all(a >= b for a, b in zip(values[4:], values[5:]))
+    assert all(a >= b for a, b in itertools.pairwise(values[4:]))
 
 
 class _RecordLR(Callback):

@@ -378,18 +378,20 @@ def test_combining_an_adapter_of_another_model():
 def test_mixed_batch_with_the_wrong_number_of_names():
     """bad input: mixed_batch with fewer adapter names than samples"""
     model, ids, _ = two_adapters()
-    with pytest.raises(
-        LoRAConfigError, match="mixed batch: 2 adapter names were given but a LoRA layer received 6 rows"
-    ), mixed_batch(model, ["default", "other"]):
+    with (
+        pytest.raises(
+            LoRAConfigError, match="mixed batch: 2 adapter names were given but a LoRA layer received 6 rows"
+        ),
+        mixed_batch(model, ["default", "other"]),
+    ):
         model(ids)
 
 
 def test_mixed_batch_with_an_unknown_name():
     """bad input: mixed_batch naming an adapter the model does not hold"""
     model, _, _ = two_adapters()
-    with pytest.raises(AdapterMismatchError, match=r"unknown adapter name\(s\) \['x'\]"):
-        with mixed_batch(model, ["x"] * 6):
-            pass
+    with pytest.raises(AdapterMismatchError, match=r"unknown adapter name\(s\) \['x'\]"), mixed_batch(model, ["x"] * 6):
+        pass
 
 
 def test_switching_adapters_while_merged():

@@ -69,7 +69,7 @@ def test_unused_output_gets_no_gradient_and_the_rest_are_exact():
     x.grad = None
     w, b, a, bb = params[4:8]
     (F.linear(x, w, b) + scalings[1] * F.linear(F.linear(x, a), bb)).square().sum().backward()
-    for g, ref in zip(got, [x.grad, a.grad, bb.grad]):
+    for g, ref in zip(got, [x.grad, a.grad, bb.grad], strict=True):
         torch.testing.assert_close(g, ref, atol=1e-12, rtol=0)
     assert all(g is None or float(g.abs().max()) == 0.0 for g in unused)
     assert unused[1] is None and unused[3] is None  # no ∂B work for an unused output
@@ -79,7 +79,7 @@ def _loss_and_grads(model, fused: bool):
     set_shared_input_fusion(model, fused)
     ids, y = tiny_batch()
     out = {}
-    for step in range(2):  # the first forward learns the groups, the second runs them fused
+    for _ in range(2):  # the first forward learns the groups, the second runs them fused
         model.zero_grad()
         loss = F.cross_entropy(model(ids), y)
         loss.backward()
@@ -94,7 +94,7 @@ def test_model_loss_and_gradients_equal_unfused():
     model = adapted(targets=["all-linear"]).to(torch.float64)
     model.eval()  # no hidden dropout: the two runs see the same computation
     unfused = _loss_and_grads(model, False)
-    trackers = {id(l.lora_shared): l.lora_shared for l in lora_layers(model).values()}
+    trackers = {id(layer.lora_shared): layer.lora_shared for layer in lora_layers(model).values()}
     assert len(trackers) == 1
     tracker = next(iter(trackers.values()))
     fused = _loss_and_grads(model, True)
@@ -193,7 +193,7 @@ def test_no_fused_call_where_it_cannot_be_exact(case):
     ids, _ = tiny_batch()
     model(ids)
     model(ids)
-    trackers = {l.lora_shared for l in lora_layers(model).values()}
+    trackers = {layer.lora_shared for layer in lora_layers(model).values()}
     if case == "variant":
         assert trackers == {None}
         return
@@ -287,7 +287,7 @@ def test_training_with_fusion_matches_unfused_training():
 def test_bad_member_layer_is_not_tracked():
     model = tiny_model()
     inject_lora(model, LoRAConfig(r=2, targets=["q", "k"], quantize_base="int8"))
-    assert all(isinstance(l, LoRALinear) and l.lora_shared is None for l in lora_layers(model).values())
+    assert all(isinstance(layer, LoRALinear) and layer.lora_shared is None for layer in lora_layers(model).values())
 
 
 def test_groups_set_by_name_run_fused_on_the_first_forward():

@@ -288,8 +288,8 @@ def test_adalora_orthogonality_gradient_matches_independent_autograd():
         torch.testing.assert_close(layer.lora_B.grad.double(), P.grad, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(layer.lora_A.grad.double(), Q.grad, rtol=1e-5, atol=1e-7)
     want = sum(
-        ((l.lora_B.T @ l.lora_B - torch.eye(4)) ** 2).sum() + ((l.lora_A @ l.lora_A.T - torch.eye(4)) ** 2).sum()
-        for l in layers
+        ((m.lora_B.T @ m.lora_B - torch.eye(4)) ** 2).sum() + ((m.lora_A @ m.lora_A.T - torch.eye(4)) ** 2).sum()
+        for m in layers
     )
     torch.testing.assert_close(orthogonality_penalty(model), want)
 
@@ -328,13 +328,13 @@ def test_adalora_callback_reaches_budget_and_pruned_entries_stay_zero(tmp_path):
 
     class Watch(Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            seen.append({n: l.lora_E.detach().clone() for n, l in lora_layers(pl_module).items()})
+            seen.append({n: m.lora_E.detach().clone() for n, m in lora_layers(pl_module).items()})
 
     t = trainer(tmp_path, [cb, Watch()], max_steps=20)
     t.fit(lit, tiny_loader(n=160, batch_size=8))
     ranks = cb.variant_hooks.final_ranks
     assert len(ranks) == 6 and sum(ranks.values()) == 2 * 6  # the total budget target_r x matrices
-    assert ranks == {n: int((l.lora_E != 0).sum()) for n, l in lora_layers(lit).items()}
+    assert ranks == {n: int((m.lora_E != 0).sum()) for n, m in lora_layers(lit).items()}
     # in the final phase (last 30% = 6 steps) the pruned entries stay exactly zero
     final_masks = cb.variant_hooks.controller.masks
     for snapshot in seen[-6:]:
@@ -354,7 +354,7 @@ def test_dora_and_vera_train_through_the_callback(tmp_path):
         before: dict[str, torch.Tensor] = {}
 
         class Snapshot(Callback):  # after LoRACallback injected (setup), before the first step
-            def on_train_start(self, trainer, pl_module):
+            def on_train_start(self, trainer, pl_module, before=before):  # this variant's dict
                 before.update({n: p.detach().clone() for n, p in pl_module.named_parameters()})
 
         trainer(tmp_path, [cb, Snapshot()], max_steps=3).fit(lit, tiny_loader())
