@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> str:
             "head_only": "head only",
         }[method]
         lines.append(
-            f"| {name} | {trainable[method]:,} | {statistics.mean(accs):.1f} ± {spread:.1f} | {', '.join(f'{a:.1f}' for a in accs)} |"
+            f"| {name} | {trainable[method]:,} | {statistics.mean(accs):.1f} ± {spread:.1f} | "
+            f"{', '.join(f'{a:.1f}' for a in accs)} |"
         )
     table = "\n".join(lines)
     print(table)
