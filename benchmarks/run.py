@@ -470,6 +470,9 @@ def render_markdown(res: dict) -> str:
 
     L.extend(generation_speed_section(HERE / "generation_speed.json"))
     L.extend(base_identity_section(HERE / "base_identity.json"))
+    from benchmarks.monitor_overhead import render as monitor_overhead_section
+
+    L.extend(monitor_overhead_section(HERE / "monitor_overhead.json"))
 
     prof = res.get("profile")
     if prof:
