@@ -1,8 +1,8 @@
 """The reproducible lab: sweeps (``experiments/*.sh``), the committed run records (``experiments/runs``) and the
 reports built from them, run through one command line, ``python -m experiments <command>`` (``__main__.py``).
 
-Data flows one way, and a module imports only modules of the stages before its own (``tests/test_experiments_imports.py``
-checks it):
+Data flows one way, and a module imports only modules of the stages before its own
+(``tests/test_experiments_imports.py`` checks it):
 
 1. runs: ``records`` (reading the run records), ``collect`` (multirun/ -> experiments/runs, the lr chosen per
    ablation family), ``recover`` (records rebuilt from console logs);

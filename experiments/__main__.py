@@ -1,14 +1,17 @@
 """The lab's command line: every study of experiments/ is run, collected and reported through it.
 
-    python -m experiments collect                   # multirun/{ablations,recipe,lora_vs_full,smollm2,precision} -> experiments/runs
+    python -m experiments collect                   # multirun/{ablations,recipe,lora_vs_full,smollm2,precision}
+                                                    # -> experiments/runs
     python -m experiments recover-logs experiments/logs/*.log   # records of runs whose folders are gone
     python -m experiments ablation-lrs --runs multirun          # '<family> <lr>' per ablation family (ablations.sh)
     python -m experiments ablation-extensions --runs multirun   # the next lr past each family's edge (ablations.sh)
     python -m experiments subspace [--experiment convergence]   # §7.2 / §7.3 -> results/subspace*.md, heatmaps
     python -m experiments report                    # experiments/README.md, results/tables.md, CSVs, plots
     python -m experiments power                     # seeds per arm of the pre-registered study (PREREGISTRATION.md)
-    python -m experiments precision                 # results/precision.md (fp32 vs bf16-mixed) from experiments/runs/precision
-    python -m experiments decoder                   # results/decoder.md (SmolLM2 on E2E NLG) from experiments/runs/decoder
+    python -m experiments precision                 # results/precision.md (fp32 vs bf16-mixed)
+                                                    # from experiments/runs/precision
+    python -m experiments decoder                   # results/decoder.md (SmolLM2 on E2E NLG)
+                                                    # from experiments/runs/decoder
     python -m experiments.summarize                 # every report: subspace (both), report, decoder, precision
     python -m experiments two-tasks run|one|report  # two task adapters in one fit vs each alone
 
@@ -38,7 +41,8 @@ def _collect(args: argparse.Namespace) -> None:
 
     copied = collect(args.source, args.runs)
     print(
-        f"copied {len(copied)} files ({sum(p.stat().st_size for p in copied) / 1e6:.1f} MB) from {args.source} to {args.runs}"
+        f"copied {len(copied)} files ({sum(p.stat().st_size for p in copied) / 1e6:.1f} MB) from {args.source} to "
+        f"{args.runs}"
     )
 
 

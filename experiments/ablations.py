@@ -145,9 +145,9 @@ def variants_section(var: list[dict], out: Path, link: str, variants_csv: Path |
         "",
         f"Read from `{variants_csv.name}` (the run folders are gone). These runs used the first ablation scale "
         f"(`conf/experiment/ablation_scale_75steps.yaml`: {', '.join(map(str, steps))} optimizer steps, one epoch, "
-        "Kaiming-uniform A, no per-adapter init stream, seeds that did not vary the batch order), "
-        f"lr {base_lr:g} for every variant{other_txt}, r=8 on {{Wq,Wv}}; the size of the QLoRA base was not saved in the CSV. "
-        "These runs are not comparable with the tables above and were not repeated at the current scale.",
+        f"Kaiming-uniform A, no per-adapter init stream, seeds that did not vary the batch order), lr {base_lr:g} for "
+        f"every variant{other_txt}, r=8 on {{Wq,Wv}}; the size of the QLoRA base was not saved in the CSV. These runs "
+        "are not comparable with the tables above and were not repeated at the current scale.",
         "",
         variants_markdown(rows),
         "",

@@ -167,7 +167,7 @@ def check_claims(
     in it: their outcome is a difference or nothing). ``sd``: the seed sd of the MDEs; default, pooled over the
     claims' groups."""
     tests = [welch(c.a, c.b) for c in claims]
-    p_tost = [tost(w, margin) if c.kind == EQUIVALENT else math.nan for c, w in zip(claims, tests)]
+    p_tost = [tost(w, margin) if c.kind == EQUIVALENT else math.nan for c, w in zip(claims, tests, strict=True)]
     p_holm = holm([w.p for w in tests])
     p_tost_holm = holm(p_tost)
     family = sum(not math.isnan(w.p) for w in tests)
@@ -175,7 +175,7 @@ def check_claims(
     if sd is None:
         sd = pooled_sd_of([s for c in claims for s in (c.a, c.b)])[0]
     out = []
-    for c, w, pt, ph, pth in zip(claims, tests, p_tost, p_holm, p_tost_holm):
+    for c, w, pt, ph, pth in zip(claims, tests, p_tost, p_holm, p_tost_holm, strict=True):
         if math.isnan(ph):
             outcome, verdict = "n/a (fewer than 2 seeds)", INCONCLUSIVE
         else:
@@ -303,11 +303,13 @@ def ablation_checks(
         if t6:
             flat += [("table6", c) for c in table6_claims(table6_stats(t6, metric))]
         if flat:
-            checks[metric] = list(zip([t for t, _ in flat], check_claims([c for _, c in flat], margin, alpha)))
+            checks[metric] = list(
+                zip([t for t, _ in flat], check_claims([c for _, c in flat], margin, alpha), strict=True)
+            )
     return checks
 
 
-# --------------------------------------------------------------------------- LoRA vs full fine-tuning: the primary family
+# --------------------------------------------------------------------------- LoRA vs full fine-tuning (primary family)
 LORA_ARM = ("lora", "q,v", 8)  # method, targets, r of the primary comparison's LoRA arm
 
 
@@ -390,7 +392,7 @@ def lora_vs_full_family(
             PrimaryCheck(
                 s, metric, c, seeds_of(a), seeds_of(b), example_bootstrap_of(a, b) if metric == TEST_METRIC else None
             )
-            for (s, a, b), c in zip(mine, checks)
+            for (s, a, b), c in zip(mine, checks, strict=True)
         ]
     return out
 
@@ -429,7 +431,9 @@ def primary_checks(
             m: [
                 PrimaryCheck(s, m, c, (), ())
                 for s, c in zip(
-                    PRIMARY, check_claims([matches_claim(s, Stat.of([]), Stat.of([])) for s in PRIMARY], margin, alpha)
+                    PRIMARY,
+                    check_claims([matches_claim(s, Stat.of([]), Stat.of([])) for s in PRIMARY], margin, alpha),
+                    strict=True,
                 )
             ]
             for m in (TEST_METRIC, METRIC)

@@ -13,8 +13,8 @@ code its runs trained with, written by ``lora_vs_full.sh``) is copied too.
 The committed layout the reports read:
 
 - ``experiments/runs/{ablations,recipe,lora_vs_full}/<job path>/{summary.json,resolved_config.yaml}``;
-- ``experiments/runs/decoder/<job path>/{summary.json,resolved_config.yaml,test_predictions.json,zero_shot_predictions.json}``
-  (``experiments/decoder.py``);
+- ``experiments/runs/decoder/<job path>/``: ``summary.json``, ``resolved_config.yaml``, ``test_predictions.json`` and
+  ``zero_shot_predictions.json`` (``experiments/decoder.py``);
 - ``experiments/runs/precision/<job path>/{summary.json,resolved_config.yaml}`` (``experiments/precision.py``).
 """
 
@@ -98,7 +98,8 @@ def edge_extensions(rows: Iterable[dict]) -> dict[str, float]:
 
 
 def format_lrs(lrs: dict[str, float]) -> str:
-    """One ``<family> <lr>`` line per family (``FAMILIES`` order first); ``repr`` of a float is exact and Hydra reads it."""
+    """One ``<family> <lr>`` line per family (``FAMILIES`` order first); ``repr`` of a float is exact and Hydra reads
+    it."""
     order = [f for f in FAMILIES if f in lrs] + sorted(f for f in lrs if f not in FAMILIES)
     return "".join(f"{f} {lrs[f]!r}\n" for f in order)
 
@@ -135,7 +136,8 @@ def finished_runs(source: Path) -> list[Path]:
 
 
 def destination(rel: Path) -> Path:
-    """Where a path below ``multirun/`` goes below the runs folder: the same path, its sweep folder renamed by ``DEST``."""
+    """Where a path below ``multirun/`` goes below the runs folder: the same path, its sweep folder renamed by
+    ``DEST``."""
     parts = rel.parts
     return Path(DEST.get(parts[0], parts[0]), *parts[1:]) if parts else rel
 

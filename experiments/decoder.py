@@ -153,14 +153,14 @@ def report(rows: list[dict], alpha: float = ALPHA) -> str:
     epochs = main_epochs(rows)
     first = rows[0]
     lines += [
-        "Pre-registered in `experiments/PREREGISTRATION.md` (Runs §4): lr search on seed 0 (LoRA 1e-3, 2e-3, 4e-3; full "
-        "fine-tuning 5e-5, 1e-4, 2e-4), chosen on the lowest validation loss; finals at the chosen lr with seeds 0, 1, 2 "
-        "(the search run is seed 0's final). Data: GEM's cleaned E2E NLG as shipped in `bigbench` "
+        "Pre-registered in `experiments/PREREGISTRATION.md` (Runs §4): lr search on seed 0 (LoRA 1e-3, 2e-3, 4e-3; "
+        "full fine-tuning 5e-5, 1e-4, 2e-4), chosen on the lowest validation loss; finals at the chosen lr with seeds "
+        "0, 1, 2 (the search run is seed 0's final). Data: GEM's cleaned E2E NLG as shipped in `bigbench` "
         f"({first.get('train_examples', '?')} training pairs; {first.get('test_inputs', '?')} held-out meaning "
         "representations, each scored against all its references). Generation is greedy from the merged model (full "
-        "fine-tuning: the model itself), at the checkpoint with the lowest validation loss. BLEU-4 is given two ways: as "
-        "the E2E challenge scores it (sacrebleu, 13a tokenisation, lower-cased, all references) and as the job scores it "
-        "(torchmetrics, whitespace tokens, case-sensitive); scores in points, mean ± sample std over seeds.",
+        "fine-tuning: the model itself), at the checkpoint with the lowest validation loss. BLEU-4 is given two ways: "
+        "as the E2E challenge scores it (sacrebleu, 13a tokenisation, lower-cased, all references) and as the job "
+        "scores it (torchmetrics, whitespace tokens, case-sensitive); scores in points, mean ± sample std over seeds.",
         "",
         "Search (seed 0):",
         "",
@@ -181,7 +181,8 @@ def report(rows: list[dict], alpha: float = ALPHA) -> str:
                     note.append(f"on the {'lower' if lr == lrs[0] else 'upper'} edge of the grid")
             bleu = r.get("test_bleu_e2e")
             lines.append(
-                f"| {method} | {r.get('lr'):g} | {r['best_val_loss']:.4f} | {'-' if bleu is None else f'{100 * bleu:.1f}'} | {', '.join(note)} |"
+                f"| {method} | {r.get('lr'):g} | {r['best_val_loss']:.4f} | "
+                f"{'-' if bleu is None else f'{100 * bleu:.1f}'} | {', '.join(note)} |"
             )
         finals[method] = (
             [r for r in rows if r.get("method") == method and r.get("lr") == lr and r.get("epochs") == epochs]
@@ -217,8 +218,8 @@ def report(rows: list[dict], alpha: float = ALPHA) -> str:
     if finals.get("lora") and finals.get("full"):
         lines += [
             "",
-            f"LoRA − full fine-tuning (Welch 95% CI and p; MDE: the true difference a two-sided test at {alpha:g} detects "
-            "with 80% power at these n per arm, with the two arms' pooled seed sd, in the metric's units):",
+            f"LoRA − full fine-tuning (Welch 95% CI and p; MDE: the true difference a two-sided test at {alpha:g} "
+            "detects with 80% power at these n per arm, with the two arms' pooled seed sd, in the metric's units):",
             "",
             "| metric | LoRA − full [95% CI] | n (LoRA / full) | p | MDE |",
             "|---|---|---|---|---|",
@@ -232,7 +233,8 @@ def report(rows: list[dict], alpha: float = ALPHA) -> str:
                 "" if math.isnan(w.ci[0]) else f" [{w.ci[0]:+.{digits}f}, {w.ci[1]:+.{digits}f}]"
             )
             lines.append(
-                f"| {name} | {diff} | {a.n} / {b.n} | {p_text(w.p, alpha)} | {'-' if math.isnan(mde) else f'{mde:.{digits}f}'} |"
+                f"| {name} | {diff} | {a.n} / {b.n} | {p_text(w.p, alpha)} | "
+                f"{'-' if math.isnan(mde) else f'{mde:.{digits}f}'} |"
             )
         lines += [
             "",
@@ -249,15 +251,16 @@ def report(rows: list[dict], alpha: float = ALPHA) -> str:
         for r in sorted(others, key=lambda r: (r.get("method", ""), r.get("epochs") or 0, r.get("seed") or 0)):
             bleu = r.get("test_bleu_e2e")
             lines.append(
-                f"- {r.get('method')}, lr {r.get('lr'):g}, seed {r.get('seed')}, {r.get('epochs')} epochs, {r.get('steps')} steps: "
-                f"BLEU-4 (E2E) {'-' if bleu is None else f'{100 * bleu:.1f}'}, ROUGE-L {100 * r.get('test_rougeL', math.nan):.1f}, "
-                f"test loss {r.get('test_loss', math.nan):.3f}."
+                f"- {r.get('method')}, lr {r.get('lr'):g}, seed {r.get('seed')}, {r.get('epochs')} epochs, "
+                f"{r.get('steps')} steps: BLEU-4 (E2E) {'-' if bleu is None else f'{100 * bleu:.1f}'}, ROUGE-L "
+                f"{100 * r.get('test_rougeL', math.nan):.1f}, test loss {r.get('test_loss', math.nan):.3f}."
             )
     diffs = [r["peft_max_abs_logit_diff"] for r in finals.get("lora", []) if "peft_max_abs_logit_diff" in r]
     if diffs:
         lines += [
             "",
-            f"PEFT export of each LoRA final loaded with `peft` on a fresh base: largest logit difference {max(diffs):.1e}.",
+            "PEFT export of each LoRA final loaded with `peft` on a fresh base: largest logit difference "
+            f"{max(diffs):.1e}.",
         ]
     example = next(
         (r for r in sorted(finals.get("lora", []), key=lambda r: r.get("seed") or 0) if r.get("predictions")), None
@@ -265,7 +268,7 @@ def report(rows: list[dict], alpha: float = ALPHA) -> str:
     if example:
         lines += ["", f"Examples (LoRA, seed {example.get('seed')}, first three test inputs):", ""]
         zero_preds = example.get("zero_shot") or [None] * len(example["predictions"])
-        for p, z in list(zip(example["predictions"], zero_preds))[:3]:
+        for p, z in list(zip(example["predictions"], zero_preds, strict=True))[:3]:
             lines += (
                 [f"- input: `{p['prompt_input']}`"]
                 + ([f"  - zero-shot: {z}"] if z is not None else [])

@@ -35,7 +35,8 @@ def plot_table5(rows: list[dict], stats: dict[str, Stat], path: Path) -> Path:
     ax = fig.add_subplot(1, 1, 1)
     present = [t for t in TABLE5_ORDER if t in stats]
     width = 0.8 / len(metrics)
-    for m_i, (metric, colour, dots) in enumerate(zip(metrics, ("#8fb3d9", "#e3b778"), ("#1f3b5c", "#7a4f0f"))):
+    colours, dot_colours = ("#8fb3d9", "#e3b778"), ("#1f3b5c", "#7a4f0f")  # enough for two metrics
+    for m_i, (metric, colour, dots) in enumerate(zip(metrics, colours, dot_colours, strict=False)):  # one or two
         cells = table5_stats(rows, metric)
         xs = [i + (m_i - (len(metrics) - 1) / 2) * width for i in range(len(present))]
         ax.bar(
@@ -47,7 +48,7 @@ def plot_table5(rows: list[dict], stats: dict[str, Stat], path: Path) -> Path:
             capsize=3,
             label=f"{METRIC_NAMES[metric]}, mean ± std over seeds",
         )
-        for x, t in zip(xs, present):
+        for x, t in zip(xs, present, strict=True):
             seeds = [100 * r[metric] for r in rows if r["targets_key"] == t and has_metric(r, metric)]
             ax.scatter([x] * len(seeds), seeds, color=dots, s=10, zorder=3)
     ranks = {row["targets_key"]: row["r"] for row in rows}
@@ -69,7 +70,7 @@ def plot_table6(
     for m_i, metric in enumerate(metrics):
         ax = fig.add_subplot(1, len(metrics), m_i + 1)
         cells = stats if metric == METRIC or rows is None else table6_stats(rows, metric)
-        for t, colour in zip(TABLE6_TARGETS, ("#d1495b", "#00798c", "#edae49")):
+        for t, colour in zip(TABLE6_TARGETS, ("#d1495b", "#00798c", "#edae49"), strict=True):
             rs = [r for r in TABLE6_RANKS if (t, r) in cells]
             if rs:
                 errs = [0 if math.isnan(cells[(t, r)].std) else cells[(t, r)].std for r in rs]

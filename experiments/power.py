@@ -221,7 +221,7 @@ def planning_report(
         plan, pilot = primary_plan(rows, metric, alpha)
         plans.append(plan)
         lines.append(
-            f"- {metric}: pooled seed sd {pilot.sd:.3f} points over {pilot.cells} pilot cells ({pilot.df} degrees of freedom); "
-            f"upper {pilot.level:.0%} bound {pilot.upper:.3f} (the planning sd)"
+            f"- {metric}: pooled seed sd {pilot.sd:.3f} points over {pilot.cells} pilot cells ({pilot.df} degrees of "
+            f"freedom); upper {pilot.level:.0%} bound {pilot.upper:.3f} (the planning sd)"
         )
     return "\n".join([*lines, "", power_table(plans, at)])

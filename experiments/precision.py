@@ -3,8 +3,8 @@ Runs §5; exploratory), from the committed records.
 
     lora-train -m skip_done=true 'trainer.precision=32-true,bf16-mixed' seed=42 threads=1 logger=csv \
         experiment_name=precision hydra.sweep.dir=multirun/precision/seed42     # and seed=0,1 -> .../seed0-1
-    python -m experiments collect          # -> experiments/runs/precision/<job path>/{summary.json,resolved_config.yaml}
-    python -m experiments precision        # -> experiments/results/precision.md
+    python -m experiments collect    # -> experiments/runs/precision/<job path>/{summary.json,resolved_config.yaml}
+    python -m experiments precision  # -> experiments/results/precision.md
 
 Pairs the runs by seed and reports test accuracy, best validation accuracy and fit time, the paired difference
 bf16 − fp32 with a paired t-test, and a paired TOST at ±``stats.MARGIN`` points (the pre-registered margin). Until
@@ -67,7 +67,8 @@ def report(runs: dict[int, dict[str, dict]], bench_path: Path = REPO / "benchmar
         "The main job's defaults (MiniLM, Rotten Tomatoes, LoRA r=8 on q,k,v,o, lr 2e-3, 3 epochs, best-validation "
         "checkpoint tested), one thread per run; exploratory (`experiments/PREREGISTRATION.md`, Runs §5).",
         "",
-        "| seed | test acc fp32 | test acc bf16-mixed | best val fp32 | best val bf16-mixed | fit s fp32 | fit s bf16-mixed |",
+        "| seed | test acc fp32 | test acc bf16-mixed | best val fp32 | best val bf16-mixed | fit s fp32 | fit s "
+        "bf16-mixed |",
         "|---|---|---|---|---|---|---|",
     ]
     for s in seeds:
@@ -89,19 +90,21 @@ def report(runs: dict[int, dict[str, dict]], bench_path: Path = REPO / "benchmar
         lines += [
             "",
             f"Test accuracy: fp32 {statistics.fmean(fp):.2f} ± {statistics.stdev(fp):.2f}, bf16-mixed "
-            f"{statistics.fmean(bf):.2f} ± {statistics.stdev(bf):.2f} (mean ± std over seeds {', '.join(map(str, seeds))}). Paired "
-            f"difference bf16 − fp32: {d.mean:+.2f} points (95% CI {d.ci[0]:+.2f} to {d.ci[1]:+.2f}), paired t-test "
-            f"p {p_text(d.p)}; equivalence within ±{MARGIN:g} point (paired TOST) p {p_text(d.p_tost)}"
+            f"{statistics.fmean(bf):.2f} ± {statistics.stdev(bf):.2f} (mean ± std over seeds "
+            f"{', '.join(map(str, seeds))}). Paired difference bf16 − fp32: {d.mean:+.2f} points (95% CI "
+            f"{d.ci[0]:+.2f} to {d.ci[1]:+.2f}), paired t-test p {p_text(d.p)}; equivalence within ±{MARGIN:g} point "
+            f"(paired TOST) p {p_text(d.p_tost)}"
             + (
                 " — equivalent at the 5% level"
                 if d.p_tost < ALPHA
                 else " — not established at the 5% level with these seeds"
             )
             + f"; MDE of the paired test {mde:.2f} points at n = {d.n}.",
-            "Fit times are of runs sharing two cores, not a clean comparison; the same-run measurement is benchmarks/RESULTS.md §11"
+            "Fit times are of runs sharing two cores, not a clean comparison; the same-run measurement is "
+            "benchmarks/RESULTS.md §11"
             + (
-                f": bf16-mixed takes {bench['median']:.2f}x [{bench['p25']:.2f}-{bench['p75']:.2f}] the time of fp32 per "
-                "training pass of this job."
+                f": bf16-mixed takes {bench['median']:.2f}x [{bench['p25']:.2f}-{bench['p75']:.2f}] the time of fp32 "
+                "per training pass of this job."
                 if bench
                 else "."
             ),

@@ -113,7 +113,8 @@ def deviations(rows: list[dict], runs: Path | None) -> list[str]:
         extra = sorted({r.get("seed") for r in mine if r.get("seed") not in PRIMARY_SEEDS}, key=str)
         if extra:
             out.append(
-                f"primary study, {schedule} steps: runs with seeds outside 101-117 ({', '.join(map(str, extra))}); not analysed."
+                f"primary study, {schedule} steps: runs with seeds outside 101-117 ({', '.join(map(str, extra))}); "
+                "not analysed."
             )
         lora, full = arms(mine)
         other = [r for r in mine if r not in lora and r not in full]
@@ -126,7 +127,8 @@ def deviations(rows: list[dict], runs: Path | None) -> list[str]:
         if wrong_lr:
             out.append(
                 f"primary study, {schedule} steps: {len(wrong_lr)} runs at another lr than the pre-registered "
-                f"{LORA_LR:g} (LoRA) / {FULL_LR:g} (full fine-tuning): seeds {', '.join(str(r.get('seed')) for r in wrong_lr)}."
+                f"{LORA_LR:g} (LoRA) / {FULL_LR:g} (full fine-tuning): seeds "
+                f"{', '.join(str(r.get('seed')) for r in wrong_lr)}."
             )
         wrong_steps = [r for r in lora + full if r.get("steps") not in (None, STEPS[schedule])]
         if wrong_steps:
@@ -169,10 +171,16 @@ def reading(check: ClaimCheck, bootstrap: tuple | None = None) -> str:
     if check.outcome.startswith("n/a"):
         return f"not testable yet (fewer than two seeds per arm; {power})"
     if check.verdict == AGREES:
-        return f"LoRA matches full fine-tuning within ±{m:g} point: {ci_text(w)} pp (TOST Holm p {p_text(check.p_tost_holm, check.alpha)}; {power}{boot})"
+        return (
+            f"LoRA matches full fine-tuning within ±{m:g} point: {ci_text(w)} pp (TOST Holm p "
+            f"{p_text(check.p_tost_holm, check.alpha)}; {power}{boot})"
+        )
     if check.outcome == DIFFERENT:
         side = "below" if w.diff < 0 else "above"
-        return f"LoRA is {side} full fine-tuning: {ci_text(w)} pp (Holm p {p_text(check.p_holm, check.alpha)}; {power}{boot})"
+        return (
+            f"LoRA is {side} full fine-tuning: {ci_text(w)} pp (Holm p {p_text(check.p_holm, check.alpha)}; "
+            f"{power}{boot})"
+        )
     return f"the data cannot tell: {interval_text(check)} ({power}{boot})"
 
 
@@ -207,12 +215,13 @@ def family_table(checks: Sequence[PrimaryCheck]) -> list[str]:
         return []
     c0 = checks[0].check
     lines = [
-        f"Family of {c0.family} checks (Holm over its difference p-values, and over its TOST p-values at ±{c0.margin:g}), "
-        f"alpha {c0.alpha:g}; MDE at the per-check level {c0.level:.4f} with the seed sd pooled over the family's arms "
-        f"({c0.sd:.2f} pp); TOST power at a true difference of 0 in brackets.",
+        f"Family of {c0.family} checks (Holm over its difference p-values, and over its TOST p-values at "
+        f"±{c0.margin:g}), alpha {c0.alpha:g}; MDE at the per-check level {c0.level:.4f} with the seed sd pooled over "
+        f"the family's arms ({c0.sd:.2f} pp); TOST power at a true difference of 0 in brackets.",
         "",
-        "| schedule | LoRA | full FT | seeds (LoRA / full) | n | LoRA − full (pp) [95% CI] | Welch t (df) | p | p, Holm | "
-        f"TOST p, Holm (±{c0.margin:g}) [power] | MDE (pp) | bootstrap over seeds and test examples [95% CI] | outcome | verdict |",
+        "| schedule | LoRA | full FT | seeds (LoRA / full) | n | LoRA − full (pp) [95% CI] | Welch t (df) | p | p, "
+        f"Holm | TOST p, Holm (±{c0.margin:g}) [power] | MDE (pp) | bootstrap over seeds and test examples [95% CI] | "
+        "outcome | verdict |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for pc in checks:
@@ -225,9 +234,9 @@ def family_table(checks: Sequence[PrimaryCheck]) -> list[str]:
             else "-"
         )
         lines.append(
-            f"| {pc.schedule} steps | {c.claim.a} | {c.claim.b} | {seed_range(list(pc.seeds_lora))} / {seed_range(list(pc.seeds_full))} "
-            f"| {c.n_text} | {ci_text(w)} | {tdf} | {p_text(w.p, c.level)} | {p_text(c.p_holm, c.alpha)} | {tost} | "
-            f"{mde_text(c.mde)} | {boot} | {c.outcome} | **{c.verdict}** |"
+            f"| {pc.schedule} steps | {c.claim.a} | {c.claim.b} | {seed_range(list(pc.seeds_lora))} / "
+            f"{seed_range(list(pc.seeds_full))} | {c.n_text} | {ci_text(w)} | {tdf} | {p_text(w.p, c.level)} | "
+            f"{p_text(c.p_holm, c.alpha)} | {tost} | {mde_text(c.mde)} | {boot} | {c.outcome} | **{c.verdict}** |"
         )
     return lines
 
@@ -245,16 +254,16 @@ def primary_section(
     lines = [
         "## LoRA vs full fine-tuning (the pre-registered primary family)",
         "",
-        f"Pre-registered in `experiments/PREREGISTRATION.md` (Runs, §1): LoRA W{{{LORA_ARM[1]}}}, r={LORA_ARM[2]}, alpha 16, "
-        f"lr {LORA_LR:g} against full fine-tuning at lr {FULL_LR:g}, on the ablation task at 150 steps "
-        f"(`experiment={PRIMARY[150]}`) and at 300 steps (`experiment={PRIMARY[300]}`), seeds 101-117 for both arms at "
-        "both schedules (`bash experiments/lora_vs_full.sh`, then `python -m experiments collect`). Test accuracy is the "
-        "primary metric and validation accuracy a secondary family of its own, never used to overturn a primary verdict. "
-        f"Each family holds one check per schedule (k = 2): Welch's t-test and TOST at ±{margin:g} point, each "
-        "Holm-corrected within the family; beside each test-accuracy check, the bootstrap over seeds and test examples "
-        "(`stats.example_bootstrap`, 4,000 draws, seed 0). 17 seeds per arm give each check 80% power to detect a "
-        "difference of 1 point and to show equivalence within ±1 when the true difference is 0 (the power analysis of "
-        "the pre-registration).",
+        f"Pre-registered in `experiments/PREREGISTRATION.md` (Runs, §1): LoRA W{{{LORA_ARM[1]}}}, r={LORA_ARM[2]}, "
+        f"alpha 16, lr {LORA_LR:g} against full fine-tuning at lr {FULL_LR:g}, on the ablation task at 150 steps "
+        f"(`experiment={PRIMARY[150]}`) and at 300 steps (`experiment={PRIMARY[300]}`), seeds 101-117 for both arms "
+        "at both schedules (`bash experiments/lora_vs_full.sh`, then `python -m experiments collect`). Test accuracy "
+        "is the primary metric and validation accuracy a secondary family of its own, never used to overturn a "
+        f"primary verdict. Each family holds one check per schedule (k = 2): Welch's t-test and TOST at ±{margin:g} "
+        "point, each Holm-corrected within the family; beside each test-accuracy check, the bootstrap over seeds and "
+        "test examples (`stats.example_bootstrap`, 4,000 draws, seed 0). 17 seeds per arm give each check 80% power "
+        "to detect a difference of 1 point and to show equivalence within ±1 when the true difference is 0 (the power "
+        "analysis of the pre-registration).",
         "",
     ]
     if primary:
@@ -291,10 +300,10 @@ def primary_section(
         lines += [
             "### The pilot (exploratory)",
             "",
-            "The same comparison on the pilot runs, every seed they have: at 150 steps Table 6's LoRA W{q,v} r=8 against "
-            "its full fine-tuning reference rows, at 300 steps the `convergence` runs of both; the same family definition "
-            "(k = 2 per metric). Exploratory: these data were seen before the analysis was fixed, and they sized the "
-            "primary study; they do not decide it.",
+            "The same comparison on the pilot runs, every seed they have: at 150 steps Table 6's LoRA W{q,v} r=8 "
+            "against its full fine-tuning reference rows, at 300 steps the `convergence` runs of both; the same "
+            "family definition (k = 2 per metric). Exploratory: these data were seen before the analysis was fixed, "
+            "and they sized the primary study; they do not decide it.",
             "",
         ]
         for metric in (TEST_METRIC, METRIC):

@@ -189,8 +189,8 @@ def cut_off_rows(logs: Path | None, task: str, rows: list[dict], experiment: str
         ]
         if not done:
             out.append(
-                f"| {METHOD_LABELS.get(method, method)} | {targets_text(targets)} | {lr:g} | - | - | cut off: started, never "
-                f"finished (no summary in `{Path(block.log).name}`, job #{block.job}) |"
+                f"| {METHOD_LABELS.get(method, method)} | {targets_text(targets)} | {lr:g} | - | - | cut off: "
+                f"started, never finished (no summary in `{Path(block.log).name}`, job #{block.job}) |"
             )
     return out
 
@@ -232,8 +232,9 @@ def recipe_final_table(final: list[dict], search: list[dict]) -> list[str]:
                     + ": a baseline at an unsearched lr, a lower bound for head-only training"
                 )
         lines.append(
-            f"| {METHOD_LABELS[method] if method != 'lora' else 'LoRA default'} | {targets_text(mine[0]['targets_key']) if method == 'lora' else ''} "
-            f"| {lr_text(lrs)} | {seeds_text(mine)} | {stat_of(mine, METRIC)} | {stat_of(mine, TEST_METRIC)} | {note} |"
+            f"| {METHOD_LABELS[method] if method != 'lora' else 'LoRA default'} | "
+            f"{targets_text(mine[0]['targets_key']) if method == 'lora' else ''} | {lr_text(lrs)} | "
+            f"{seeds_text(mine)} | {stat_of(mine, METRIC)} | {stat_of(mine, TEST_METRIC)} | {note} |"
         )
     ns = sorted(
         {stat_of([r for r in final if r.get("method") == m], METRIC).n for m in ("full", "lora", "head_only")} - {0}
@@ -249,15 +250,16 @@ def task_alpha(task: str, alpha: float) -> float:
 
 def recipe_check_rows(checks: Sequence[RecipeCheck], margin: float) -> list[str]:
     lines = [
-        f"| LoRA default − full FT | n (LoRA / full) | difference (pp) [95% CI] | Welch t (df) | p | TOST p (±{margin:g}) | level | "
-        "MDE (pp) | outcome |",
+        "| LoRA default − full FT | n (LoRA / full) | difference (pp) [95% CI] | Welch t (df) | p | TOST p "
+        f"(±{margin:g}) | level | MDE (pp) | outcome |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for c in checks:
         tdf = "-" if math.isnan(c.welch.t) else f"{c.welch.t:+.2f} ({c.welch.df:.1f})"
         lines.append(
-            f"| {METRIC_NAMES[c.metric]} | {c.n[0]} / {c.n[1]} | {ci_text(c.welch)} | {tdf} | {p_text(c.welch.p, c.alpha)} | "
-            f"{p_text(c.p_tost, c.alpha)} | {c.alpha:g} | {mde_text(c.mde)} | **{c.outcome}** |"
+            f"| {METRIC_NAMES[c.metric]} | {c.n[0]} / {c.n[1]} | {ci_text(c.welch)} | {tdf} | "
+            f"{p_text(c.welch.p, c.alpha)} | {p_text(c.p_tost, c.alpha)} | {c.alpha:g} | {mde_text(c.mde)} | "
+            f"**{c.outcome}** |"
         )
     return lines
 
@@ -345,8 +347,8 @@ def recipe_overview(
     lines = [
         "### Across tasks",
         "",
-        f"| task | seeds (LoRA / full) | LoRA default − full FT, test acc (pp) [95% CI] | level | MDE (pp) | bootstrap over seeds and "
-        f"test examples [95% CI] | outcome (±{margin:g}) |",
+        "| task | seeds (LoRA / full) | LoRA default − full FT, test acc (pp) [95% CI] | level | MDE (pp) | bootstrap "
+        f"over seeds and test examples [95% CI] | outcome (±{margin:g}) |",
         "|---|---|---|---|---|---|---|",
     ]
     met = 0
@@ -357,7 +359,8 @@ def recipe_overview(
         met += c.outcome == equivalent_label(margin)
         boot = bootstrap_text(lora, full, cell=True)
         lines.append(
-            f"| {task} | {seeds_text(lora)} / {seeds_text(full)} | {ci_text(c.welch)} | {c.alpha:g} | {mde_text(c.mde)} | {boot} | {c.outcome} |"
+            f"| {task} | {seeds_text(lora)} / {seeds_text(full)} | {ci_text(c.welch)} | {c.alpha:g} | "
+            f"{mde_text(c.mde)} | {boot} | {c.outcome} |"
         )
     missing = [t for t in tasks if t not in {s[0] for s in summary_rows}]
     verdict = (
@@ -368,10 +371,10 @@ def recipe_overview(
     )
     return lines + [
         "",
-        f"Goal (LoRA default within ±{margin:g} point of full fine-tuning on test accuracy, every task): equivalence {verdict}. "
-        "Level: 0.05, split over the looks a task had (TREC and the convention speeches were extended after an "
-        "inconclusive first look: 0.025 each, Bonferroni). The bootstrap uses the runs that recorded which test "
-        "examples they got right (their seeds in brackets).",
+        f"Goal (LoRA default within ±{margin:g} point of full fine-tuning on test accuracy, every task): equivalence "
+        f"{verdict}. Level: 0.05, split over the looks a task had (TREC and the convention speeches were extended "
+        "after an inconclusive first look: 0.025 each, Bonferroni). The bootstrap uses the runs that recorded which "
+        "test examples they got right (their seeds in brackets).",
         "",
     ]
 
@@ -386,8 +389,8 @@ def task_notes(task: str, check: RecipeCheck | None, lora: list[dict], full: lis
             if s not in {r.get("seed") for r in lora} or s not in {r.get("seed") for r in full}
         ]
         lines.append(
-            f"- Looked at twice (at 3 seeds, then with seeds {', '.join(map(str, EXTRA_SEEDS.get(task, ())))} added): the "
-            f"final test is at {task_alpha(task, ALPHA):g} (Bonferroni over the two looks)"
+            f"- Looked at twice (at 3 seeds, then with seeds {', '.join(map(str, EXTRA_SEEDS.get(task, ())))} added): "
+            f"the final test is at {task_alpha(task, ALPHA):g} (Bonferroni over the two looks)"
             + (
                 f"; the pre-registered second look is not run yet (seeds {', '.join(map(str, lacking))} missing in "
                 "at least one arm), so the result above is the first look's, at the final level."
@@ -423,8 +426,8 @@ def recipe_section(
         "## The default recipe",
         "",
         f"The goal: one LoRA setting (targets, r, alpha, lr) that is within ±{margin:g} accuracy point of full "
-        "fine-tuning on every task. Full fine-tuning runs at its own best lr per task (chosen on validation accuracy in "
-        "the seed-0 search); the LoRA default is one lr and one set of targets for all tasks; head only trains the "
+        "fine-tuning on every task. Full fine-tuning runs at its own best lr per task (chosen on validation accuracy "
+        "in the seed-0 search); the LoRA default is one lr and one set of targets for all tasks; head only trains the "
         "classification head on a frozen encoder. The decision is on test accuracy (of the checkpoint chosen on "
         "validation); validation accuracy is shown beside it. Every task's runs share one train/validation/test split "
         "(`data.seed=0`).",
@@ -490,7 +493,8 @@ def recipe_section(
     command = final_command(search)
     if command:
         lines += [
-            "What the search suggests for the final runs (best mean val acc over tasks for LoRA, best val acc per task for full FT):",
+            "What the search suggests for the final runs (best mean val acc over tasks for LoRA, best val acc per "
+            "task for full FT):",
             "",
             "```bash",
             command,
@@ -532,9 +536,15 @@ def rotation_reading(test, outcome: str, margin: float) -> str:
     """The rotation's sentence, no stronger than its interval."""
     ci = f"{test.mean:+.2f} [{test.ci[0]:+.2f}, {test.ci[1]:+.2f}]"
     if outcome.startswith("equivalent"):
-        return f"the LoRA default is within ±{margin:g} point of full fine-tuning across splits: {ci} pp (TOST p {p_text(test.p_tost)})"
+        return (
+            f"the LoRA default is within ±{margin:g} point of full fine-tuning across splits: {ci} pp (TOST p "
+            f"{p_text(test.p_tost)})"
+        )
     if outcome == "different":
-        return f"the LoRA default is {'below' if test.mean < 0 else 'above'} full fine-tuning across splits: {ci} pp (p {p_text(test.p)})"
+        return (
+            f"the LoRA default is {'below' if test.mean < 0 else 'above'} full fine-tuning across splits: {ci} pp (p "
+            f"{p_text(test.p)})"
+        )
     if test.ci[0] > 0 or test.ci[1] < 0:
         return f"the data cannot tell: the 95% CI {ci} pp excludes 0 but the test is not significant"
     return f"the data cannot tell: the 95% CI {ci} pp includes 0" + (
@@ -564,8 +574,9 @@ def rotation_section(
     )
     if not rot:
         lines += [
-            "Not run yet: the rotation (`experiment_name=recipe_rotation`, `data.seed` 1-5 x seeds 1, 2, the LoRA default "
-            "and full fine-tuning at its searched lr; `experiments/PREREGISTRATION.md`, Runs §2) has no collected run. "
+            "Not run yet: the rotation (`experiment_name=recipe_rotation`, `data.seed` 1-5 x seeds 1, 2, the LoRA "
+            "default and full fine-tuning at its searched lr; `experiments/PREREGISTRATION.md`, Runs §2) has no "
+            "collected run. "
             + (
                 split0_text + "; one split cannot tell a gap of LoRA from the split (which examples landed in train, "
                 "validation and test) or from the settings searched on it, so no sentence here attributes the gap to "
@@ -584,8 +595,9 @@ def rotation_section(
     n_lora, n_full = sum(len(v) for v in lora.values()), sum(len(v) for v in full.values())
     full_lr = lr_text(r.get("lr") for v in full.values() for r in v)
     lines += [
-        f"Runs (`experiment_name={ROTATION}`): LoRA default {n_lora} of {expected}, full fine-tuning (lr {full_lr}) {n_full} "
-        f"of {expected} (splits {', '.join(map(str, ROTATION_SPLITS))} x seeds {', '.join(map(str, ROTATION_SEEDS))})"
+        f"Runs (`experiment_name={ROTATION}`): LoRA default {n_lora} of {expected}, full fine-tuning (lr {full_lr}) "
+        f"{n_full} of {expected} (splits {', '.join(map(str, ROTATION_SPLITS))} x seeds "
+        f"{', '.join(map(str, ROTATION_SEEDS))})"
         + ("; in progress, so the result below is provisional." if min(n_lora, n_full) < expected else "."),
         "",
         "| split (data.seed) | LoRA default: seeds | test acc | full FT: seeds | test acc | LoRA − full (pp) |",
@@ -598,7 +610,8 @@ def rotation_section(
         if s in splits:
             diffs.append(d)
         lines.append(
-            f"| {s} | {seeds_text(lora.get(s, []))} | {a} | {seeds_text(full.get(s, []))} | {b} | {'-' if math.isnan(d) else f'{d:+.2f}'} |"
+            f"| {s} | {seeds_text(lora.get(s, []))} | {a} | {seeds_text(full.get(s, []))} | {b} | "
+            f"{'-' if math.isnan(d) else f'{d:+.2f}'} |"
         )
     lines += ["", f"Cells: mean ± std over the split's seeds; {STD_NOTE}.", ""]
     if len(diffs) < 2:
@@ -617,11 +630,11 @@ def rotation_section(
         f"±{margin:g}: p {p_text(test.p_tost)}; alpha {alpha:g} (a family of one); MDE {mde_text(mde)} pp (sd of the "
         f"per-split differences {test.sd:.2f}); outcome **{outcome}**.",
         "",
-        f"Variance components of test accuracy (method of moments): LoRA default between splits sd {comp_l.between_sd:.2f}, "
-        f"between seeds within a split sd {comp_l.within_sd:.2f} ({comp_l.within_df} df); full fine-tuning between splits "
-        f"sd {comp_f.between_sd:.2f}, within sd {comp_f.within_sd:.2f} ({comp_f.within_df} df); the gap itself varies "
-        f"between splits with sd {math.sqrt(gap_between) if not math.isnan(gap_between) else math.nan:.2f} beyond what its "
-        "seeds explain.",
+        "Variance components of test accuracy (method of moments): LoRA default between splits sd "
+        f"{comp_l.between_sd:.2f}, between seeds within a split sd {comp_l.within_sd:.2f} ({comp_l.within_df} df); "
+        f"full fine-tuning between splits sd {comp_f.between_sd:.2f}, within sd {comp_f.within_sd:.2f} "
+        f"({comp_f.within_df} df); the gap itself varies between splits with sd "
+        f"{math.sqrt(gap_between) if not math.isnan(gap_between) else math.nan:.2f} beyond what its seeds explain.",
         "",
     ]
     per_split = [([r["test_correct"] for r in lora[s]], [r["test_correct"] for r in full[s]]) for s in splits]
@@ -650,10 +663,11 @@ def rotation_section(
         ]
         t2 = paired_t(extra, margin) if len(extra) >= 2 else None
         lines.append(
-            f"- Exploratory arm, LoRA tuned on Rotten Tomatoes (W{{{key[0]}}}, lr {key[1]:g}, alpha {key[2]}, dropout {key[3]}): "
+            f"- Exploratory arm, LoRA tuned on Rotten Tomatoes (W{{{key[0]}}}, lr {key[1]:g}, alpha {key[2]}, dropout "
+            f"{key[3]}): "
             + (
-                f"− full FT over {t2.n} splits {t2.mean:+.2f} [{t2.ci[0]:+.2f}, {t2.ci[1]:+.2f}] pp (paired t p {p_text(t2.p)}, "
-                f"TOST p {p_text(t2.p_tost)})."
+                f"− full FT over {t2.n} splits {t2.mean:+.2f} [{t2.ci[0]:+.2f}, {t2.ci[1]:+.2f}] pp (paired t p "
+                f"{p_text(t2.p)}, TOST p {p_text(t2.p_tost)})."
                 if t2
                 else f"{len(runs)} runs, fewer than two splits shared with full fine-tuning."
             )
@@ -723,13 +737,14 @@ def same_schedule_lines(groups: dict[str, list[dict]], margin: float, alpha: flo
             if stat_of(l_runs, LAST_TEST_METRIC).n > 1 and stat_of(f_runs, LAST_TEST_METRIC).n > 1:
                 la, lb = ([r for r in x if has_metric(r, LAST_TEST_METRIC)] for x in (l_runs, f_runs))
                 last = (
-                    f"; last checkpoints on test {ci_text(welch(stat_of(la, LAST_TEST_METRIC), stat_of(lb, LAST_TEST_METRIC)))} "
-                    f"(seeds {seeds_text(la)} − {seeds_text(lb)})"
+                    "; last checkpoints on test "
+                    f"{ci_text(welch(stat_of(la, LAST_TEST_METRIC), stat_of(lb, LAST_TEST_METRIC)))} (seeds "
+                    f"{seeds_text(la)} − {seeds_text(lb)})"
                 )
             lines.append(
-                f"- Same schedule: {l_label} − {f_label}: test {ci_text(best.welch)} (n {best.n[0]} / {best.n[1]}, MDE "
-                f"{mde_text(best.mde)}; **{best.outcome}**, TOST p {p_text(best.p_tost)}); validation {ci_text(val)}{last}"
-                f"{bootstrap_text(l_runs, f_runs)}."
+                f"- Same schedule: {l_label} − {f_label}: test {ci_text(best.welch)} (n {best.n[0]} / {best.n[1]}, "
+                f"MDE {mde_text(best.mde)}; **{best.outcome}**, TOST p {p_text(best.p_tost)}); validation "
+                f"{ci_text(val)}{last}{bootstrap_text(l_runs, f_runs)}."
             )
     return lines + [""] if lines else []
 
@@ -754,9 +769,11 @@ def unsearched_lines(task: str, rows: list[dict], logs: Path | None) -> list[str
     best = best_by_val(full)
     text = []
     if open_:
+        fixed = ", ".join(
+            f"{n} {sorted(s)[0]:g}" for n, s in (("alpha", alphas), ("dropout", dropouts)) if n in open_ and s
+        )
         text.append(
-            f"LoRA's {' and '.join(open_)} {'was' if len(open_) == 1 else 'were'} never varied on this task "
-            f"({', '.join(f'{n} {sorted(s)[0]:g}' for n, s in (('alpha', alphas), ('dropout', dropouts)) if n in open_ and s)})"
+            f"LoRA's {' and '.join(open_)} {'was' if len(open_) == 1 else 'were'} never varied on this task ({fixed})"
         )
     if best is not None:
         edge = (
@@ -794,9 +811,9 @@ def task_reading(task: str, rows: list[dict], margin: float, alpha: float, logs:
     _, sentence = rotation_section(rows, margin, alpha, default, test) if task == "rotten_tomatoes" else ([], None)
     lines = [
         f"What the {task} intervals support (one split, `data.seed=0`): on test accuracy the LoRA default − full "
-        f"fine-tuning is {ci_text(test.welch)} pp (n {test.n[0]} / {test.n[1]}, MDE {mde_text(test.mde)}; {test.outcome}), on "
-        f"validation accuracy {ci_text(val.welch)} pp ({val.outcome}); the same-schedule comparisons and their bootstrap "
-        "over seeds and test examples are above."
+        f"fine-tuning is {ci_text(test.welch)} pp (n {test.n[0]} / {test.n[1]}, MDE {mde_text(test.mde)}; "
+        f"{test.outcome}), on validation accuracy {ci_text(val.welch)} pp ({val.outcome}); the same-schedule "
+        "comparisons and their bootstrap over seeds and test examples are above."
     ]
     gaps = unsearched_lines(task, rows, logs)
     if gaps:
@@ -817,8 +834,8 @@ def task_reading(task: str, rows: list[dict], margin: float, alpha: float, logs:
         lines[0] += (
             " These runs do not tell a shortfall of LoRA from this split's test examples or from the settings searched"
             + (
-                f"; the pre-registered seeds {', '.join(map(str, lacking))} of both arms (not run yet) give the final test, "
-                f"at {level:g}."
+                f"; the pre-registered seeds {', '.join(map(str, lacking))} of both arms (not run yet) give the final "
+                f"test, at {level:g}."
                 if lacking
                 else "."
             )
@@ -837,8 +854,8 @@ def recipe_probe_section(rows: list[dict], margin: float, alpha: float, logs: Pa
         "## Recipe probes",
         "",
         "Exploratory: variations of the LoRA default (and full fine-tuning at the longer schedule), run on the task's "
-        "split like the final runs (seeds in the table), compared with that task's full fine-tuning final runs (its own "
-        f"lr) and with the default itself. Test accuracy decides (Welch 95% CI; TOST at ±{margin:g} against full "
+        "split like the final runs (seeds in the table), compared with that task's full fine-tuning final runs (its "
+        f"own lr) and with the default itself. Test accuracy decides (Welch 95% CI; TOST at ±{margin:g} against full "
         f"fine-tuning at alpha {alpha:g}, uncorrected: these probes are outside the pre-registered tests); validation "
         "accuracy beside it. Runs: `bash experiments/recipe_probe.sh`.",
         "",
@@ -852,8 +869,8 @@ def recipe_probe_section(rows: list[dict], margin: float, alpha: float, logs: Pa
         lines += [
             f"### {task}",
             "",
-            "| runs | seeds | val acc | test acc | test acc, last checkpoint | − full FT, test (pp) [95% CI] | n | MDE (pp) | outcome (±"
-            + f"{margin:g}) | − LoRA default, test (pp) [95% CI] |",
+            "| runs | seeds | val acc | test acc | test acc, last checkpoint | − full FT, test (pp) [95% CI] | n | "
+            "MDE (pp) | outcome (±" + f"{margin:g}) | − LoRA default, test (pp) [95% CI] |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for label, mine in [("full fine-tuning (final runs)", full), ("LoRA default (final runs)", default)] + sorted(
@@ -868,9 +885,11 @@ def recipe_probe_section(rows: list[dict], margin: float, alpha: float, logs: Pa
                 else None
             )
             lines.append(
-                f"| {label} | {seeds_text(mine)} | {stat_of(mine, METRIC)} | {stat_of(mine, TEST_METRIC)} | {stat_with_seeds(mine, LAST_TEST_METRIC)} "
-                f"| {ci_text(vs_full.welch) if vs_full else ''} | {f'{vs_full.n[0]} / {vs_full.n[1]}' if vs_full else ''} "
-                f"| {mde_text(vs_full.mde) if vs_full else ''} | {vs_full.outcome if vs_full else ''} | {ci_text(vs_default) if vs_default else ''} |"
+                f"| {label} | {seeds_text(mine)} | {stat_of(mine, METRIC)} | {stat_of(mine, TEST_METRIC)} | "
+                f"{stat_with_seeds(mine, LAST_TEST_METRIC)} | {ci_text(vs_full.welch) if vs_full else ''} | "
+                f"{f'{vs_full.n[0]} / {vs_full.n[1]}' if vs_full else ''} | "
+                f"{mde_text(vs_full.mde) if vs_full else ''} | {vs_full.outcome if vs_full else ''} | "
+                f"{ci_text(vs_default) if vs_default else ''} |"
             )
         lines += [
             "",

@@ -3,7 +3,8 @@
     python -m experiments recover-logs experiments/logs/ablations_*.log
 
 Every ``lora-train`` run prints its overrides (Hydra's ``#N : ...`` line) and a summary table (test and best
-validation accuracy to 0.01 points — made exact again from the sizes of the splits, k/n —, trainable parameters, fit time and steps, output dir). When a run's folder
+validation accuracy to 0.01 points — made exact again from the sizes of the splits, k/n —, trainable parameters,
+fit time and steps, output dir). When a run's folder
 is lost (the sweeps of 2026-12-03 were: ``multirun/`` is not in git), this module turns each logged run into
 a ``summary.json`` under ``experiments/runs/<the run's path below multirun/>`` holding what the log shows, and
 a ``resolved_config.yaml`` composed from the same overrides with this checkout's configs (Hydra's job number
@@ -256,7 +257,8 @@ def recovered_runs(logs: Iterable[Path], rejected: list[str] | None = None) -> d
         if summary["experiment"] != cfg.get("experiment_name"):
             raise ValueError(
                 f"{run.log} job #{run.job}: the table says experiment {summary['experiment']!r}, its overrides "
-                f"compose {cfg.get('experiment_name')!r} with this checkout's configs; recover it at the commit that ran it"
+                f"compose {cfg.get('experiment_name')!r} with this checkout's configs; recover it at the commit that "
+                "ran it"
             )
         cfg["run_name"] = summary["run_name"]
         cfg["trainer"]["precision"] = summary["precision"]
@@ -276,7 +278,8 @@ def add_lora_params(summaries: list[dict]) -> None:
     for data, sizes in bases.items():
         if len(sizes) > 1:
             raise ValueError(
-                f"the logs hold full fine-tuning runs on {data} of {len(sizes)} model sizes ({sorted(sizes)}); recover them separately"
+                f"the logs hold full fine-tuning runs on {data} of {len(sizes)} model sizes ({sorted(sizes)}); "
+                "recover them separately"
             )
     for s in summaries:
         if s["method"] != "lora":

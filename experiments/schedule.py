@@ -55,7 +55,8 @@ def comparison_rows(short: dict[tuple, list[dict]], long: dict[tuple, list[dict]
     s_by_text = {c.text: c for c in a}
     seeds = seeds_text([r for v in long.values() for r in v])
     lines = [
-        f"| comparison ({METRIC_NAMES[metric]}) | 150 steps, seeds {seeds}: a − b (pp) [95% CI] | 300 steps, seeds {seeds}: a − b (pp) [95% CI] |",
+        f"| comparison ({METRIC_NAMES[metric]}) | 150 steps, seeds {seeds}: a − b (pp) [95% CI] | 300 steps, seeds "
+        f"{seeds}: a − b (pp) [95% CI] |",
         "|---|---|---|",
     ]
     for c in b:
@@ -72,8 +73,8 @@ def cell_table(first: str, cells: Sequence[tuple[str, list[dict], list[dict]]]) 
     """The table of both schedules, one row per (label, 300-step runs, 150-step runs): lr, seeds, val and test
     accuracy at both schedules and the change (Welch 95% CI; '-' below two runs a side); then its caption."""
     lines = [
-        f"| {first} | lr | seeds | val acc, 150 steps | val acc, 300 steps | Δ val (pp) [95% CI] | test acc, 150 steps | "
-        "test acc, 300 steps | Δ test (pp) [95% CI] |",
+        f"| {first} | lr | seeds | val acc, 150 steps | val acc, 300 steps | Δ val (pp) [95% CI] | test acc, 150 "
+        "steps | test acc, 300 steps | Δ test (pp) [95% CI] |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for label, long_runs, short_runs in cells:
@@ -130,10 +131,10 @@ def table5_lines(rows: list[dict], checks: dict[str, list[tuple[str, ClaimCheck]
     lines = [
         f"### Table 5 at {steps_text(long_rows)} steps",
         "",
-        f"The same trainable-parameter budget spent on different weight types, trained for {steps_text(long_rows)} steps "
-        f"instead of {steps_text(short_rows) if short_rows else '150'} (`conf/experiment/convergence_table5.yaml`, "
-        f"`bash experiments/convergence.sh table5`), each family at its 150-step lr; seeds {seeds_text(long_rows)}, "
-        "and the 150-step columns use the Table 5 runs of the same seeds.",
+        f"The same trainable-parameter budget spent on different weight types, trained for {steps_text(long_rows)} "
+        f"steps instead of {steps_text(short_rows) if short_rows else '150'} "
+        "(`conf/experiment/convergence_table5.yaml`, `bash experiments/convergence.sh table5`), each family at its "
+        f"150-step lr; seeds {seeds_text(long_rows)}, and the 150-step columns use the Table 5 runs of the same seeds.",
         "",
         *cell_table("weights", sets),
         *curve_lines(
@@ -151,8 +152,8 @@ def table5_lines(rows: list[dict], checks: dict[str, list[tuple[str, ClaimCheck]
         if not mine:
             continue
         lines += [
-            f"| Table 5 claim ({METRIC_NAMES[metric]}, groups as chosen at 300 steps) | 150 steps, seeds {seeds_text(long_rows)}: "
-            f"a − b (pp) [95% CI] | 300 steps: a − b (pp) [95% CI] |",
+            f"| Table 5 claim ({METRIC_NAMES[metric]}, groups as chosen at 300 steps) | 150 steps, seeds "
+            f"{seeds_text(long_rows)}: a − b (pp) [95% CI] | 300 steps: a − b (pp) [95% CI] |",
             "|---|---|---|",
         ]
         for c in (check.claim for check in mine):
@@ -218,12 +219,13 @@ def longer_schedule_section(
     lines = [
         "## A longer schedule",
         "",
-        f"The cells the verdicts compare, trained for {steps_text(long_rows)} AdamW steps (4 epochs; linear warmup and decay "
-        f"over the whole schedule) instead of {steps_text([r for v in short.values() for r in v])}, each at the lr its "
-        "family's 150-step search chose (`conf/experiment/convergence.yaml`; `bash experiments/convergence.sh`, and `... rest` for W{q} at r=1 and 64 and all four at r=64). "
-        f"Seeds {seeds_text(long_rows)}; the 150-step columns of the tables below use the same cells and seeds from the Table 6 "
-        "runs, so each row compares the two schedules like for like (the 150-step claim checks use every seed: 5 in the "
-        "eight Table 6 cells its claims compare).",
+        f"The cells the verdicts compare, trained for {steps_text(long_rows)} AdamW steps (4 epochs; linear warmup "
+        f"and decay over the whole schedule) instead of {steps_text([r for v in short.values() for r in v])}, each at "
+        "the lr its family's 150-step search chose (`conf/experiment/convergence.yaml`; `bash "
+        "experiments/convergence.sh`, and `... rest` for W{q} at r=1 and 64 and all four at r=64). Seeds "
+        f"{seeds_text(long_rows)}; the 150-step columns of the tables below use the same cells and seeds from the "
+        "Table 6 runs, so each row compares the two schedules like for like (the 150-step claim checks use every "
+        "seed: 5 in the eight Table 6 cells its claims compare).",
         "",
         *cell_table("cell", [(describe(v[0]), v, short.get(k, [])) for k, v in long.items()]),
         *curve_lines(

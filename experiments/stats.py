@@ -357,8 +357,9 @@ class Convergence:
     def line(self) -> str:
         noise = "n/a" if math.isnan(self.noise) else f"{self.noise:.2f} pp"
         return (
-            f"- {self.label}: step {self.steps[0]} → {self.steps[1]}: {self.prev:.1f} → {self.last:.1f} % "
-            f"(Δ {self.delta:+.2f} pp); seed noise (std over {self.n} seeds at step {self.steps[1]}) {noise}: {self.status}."
+            f"- {self.label}: step {self.steps[0]} → {self.steps[1]}: {self.prev:.1f} → {self.last:.1f} % (Δ "
+            f"{self.delta:+.2f} pp); seed noise (std over {self.n} seeds at step {self.steps[1]}) {noise}: "
+            f"{self.status}."
         )
 
 

@@ -118,7 +118,7 @@ def initial_lora_A(path: Path, model: str = "default") -> dict[str, torch.Tensor
     from lora_lightning.app.models import load_sequence_classifier  # noqa: PLC0415 (transformers: slow import)
 
     with safe_open(str(path), "pt") as f:
-        names = [k[: -len(".lora_A")] for k in f.keys() if k.endswith(".lora_A")]
+        names = [k[: -len(".lora_A")] for k in f.keys() if k.endswith(".lora_A")]  # noqa: SIM118 (safe_open: no __iter__)
     network, _ = load_sequence_classifier(model, num_labels=2)
     root = torch.nn.Module()
     if all(n.startswith("model.") for n in names):
@@ -151,7 +151,7 @@ def base_weight(kind: str, layer: int) -> torch.Tensor:
     path = default_model_path() / "model.safetensors"
     suffix = f"encoder.layer.{layer}.{MODULES[kind]}.weight"
     with safe_open(str(path), "pt") as f:
-        keys = [k for k in f.keys() if k.endswith(suffix)]
+        keys = [k for k in f.keys() if k.endswith(suffix)]  # noqa: SIM118 (safe_open: no __iter__)
         return f.get_tensor(keys[0])
 
 
@@ -190,7 +190,8 @@ def subspace_section(
     both = [s for s in seeds if s in seeds_at(runs, small, experiment)]
     if len(seeds) < 2 or not both:
         raise SystemExit(
-            f"§7.2 needs {{Wq,Wv}} adapters at r={small} and r={large} for one seed and a second seed at r={large} under {runs}"
+            f"§7.2 needs {{Wq,Wv}} adapters at r={small} and r={large} for one seed and a second seed at r={large} "
+            f"under {runs}"
         )
     pairs = list(combinations(seeds, 2))
     smalls = {s: find_adapter(runs, TARGETS, small, s, experiment) for s in both}
@@ -203,19 +204,21 @@ def subspace_section(
         f"{level}§7.2 Subspace similarity (ours{suffix})",
         "",
         f"φ(A_r={small}, A_r={large}, i, j) on the {{Wq,Wv}} runs of {label}, for every seed with both ranks "
-        f"({', '.join(map(str, both))}); i indexes the r={small} directions, j the r={large} ones; then every pair of seeds "
-        f"at r={large} ({', '.join(map(str, seeds))}). Each value is given after training, one column per seed (or pair), "
-        "and at initialisation (the A each run started from, rebuilt from its init_seed; the largest over the seeds): "
-        "the paper's reading — a shared top direction — is about what training adds above the initial overlap. The last "
-        f"rows are two random Gaussian matrices. Heatmaps (trained) for layer {mid} (the paper shows layer 48 of 96), "
-        f"seed {s1} and seeds {pairs[0][0]} vs {pairs[0][1]}.",
+        f"({', '.join(map(str, both))}); i indexes the r={small} directions, j the r={large} ones; then every pair of "
+        f"seeds at r={large} ({', '.join(map(str, seeds))}). Each value is given after training, one column per seed "
+        "(or pair), and at initialisation (the A each run started from, rebuilt from its init_seed; the largest over "
+        "the seeds): the paper's reading — a shared top direction — is about what training adds above the initial "
+        f"overlap. The last rows are two random Gaussian matrices. Heatmaps (trained) for layer {mid} (the paper "
+        f"shows layer 48 of 96), seed {s1} and seeds {pairs[0][0]} vs {pairs[0][1]}.",
         "",
-        f"| matrix, layer | φ(1,1) r={small} vs r={large}, trained: {seed_cols} | at init (largest) | mean φ i,j≤{small}, trained: "
-        f"{seed_cols} | at init (largest) | mean φ i≤{small}, j≤{large}, trained: {seed_cols} | at init (largest) |",
+        f"| matrix, layer | φ(1,1) r={small} vs r={large}, trained: {seed_cols} | at init (largest) | mean φ "
+        f"i,j≤{small}, trained: {seed_cols} | at init (largest) | mean φ i≤{small}, j≤{large}, trained: {seed_cols} | "
+        "at init (largest) |",
         "|---|" + "---|" * (3 * (len(both) + 1)),
     ]
     seed_rows = [
-        f"| matrix, layer | φ(1,1) at r={large}, trained: {pair_cols} | at init (largest) | mean φ i,j≤{small}, trained: {pair_cols} | at init (largest) |",
+        f"| matrix, layer | φ(1,1) at r={large}, trained: {pair_cols} | at init (largest) | mean φ i,j≤{small}, "
+        f"trained: {pair_cols} | at init (largest) |",
         "|---|" + "---|" * (2 * (len(pairs) + 1)),
     ]
     moved = [
@@ -317,13 +320,16 @@ def subspace_section(
             )
         ],
         "",
-        "How far training moved A from its initialisation, ‖A − A₀‖_F / ‖A₀‖_F (two independent draws would give about 1.41):",
+        "How far training moved A from its initialisation, ‖A − A₀‖_F / ‖A₀‖_F (two independent draws would give "
+        "about 1.41):",
         "",
         *moved,
         "",
-        f"![Wq r={small} vs r={large}]({link}/{tag}subspace_r{small}_r{large}_Wq.png) ![Wv r={small} vs r={large}]({link}/{tag}subspace_r{small}_r{large}_Wv.png)",
+        f"![Wq r={small} vs r={large}]({link}/{tag}subspace_r{small}_r{large}_Wq.png) ![Wv r={small} vs "
+        f"r={large}]({link}/{tag}subspace_r{small}_r{large}_Wv.png)",
         "",
-        f"![Wq seeds]({link}/{tag}subspace_seeds_r{large}_Wq.png) ![Wv seeds]({link}/{tag}subspace_seeds_r{large}_Wv.png)",
+        f"![Wq seeds]({link}/{tag}subspace_seeds_r{large}_Wq.png) ![Wv "
+        f"seeds]({link}/{tag}subspace_seeds_r{large}_Wv.png)",
         "",
     ]
     return lines, [*smalls.values(), *larges.values()]
@@ -351,7 +357,8 @@ def shared_top_direction_lines(
     )
     return [
         f"- Top direction shared, {what}: φ(1,1) > {threshold:g} in {len(shared)} of {len(cells)} matrices "
-        f"({', '.join(shared) or 'none'}); median {statistics.median(t for _, t, _ in cells):.2f}; {init_text} ({paper})."
+        f"({', '.join(shared) or 'none'}); median {statistics.median(t for _, t, _ in cells):.2f}; {init_text} "
+        f"({paper})."
     ]
 
 
@@ -371,10 +378,12 @@ def amplification_section(
         "random orthonormal directions (mean of 10 draws); each is the mean over the seeds ("
         + "; ".join(f"r={r}: {', '.join(map(str, s))}" for r, s in seeds.items())
         + "). The amplification factor ‖ΔWq‖_F / ‖U_ΔWᵀ Wq V_ΔW‖_F is given two ways: the mean of the per-seed ratios, "
-        "and the ratio of the seed means of numerator and denominator (the paper's 21.5 = 6.91 / 0.32 is one model's ratio, "
+        "and the ratio of the seed means of numerator and denominator (the paper's 21.5 = 6.91 / 0.32 is one "
+        "model's ratio, "
         "where the two coincide).",
         "",
-        "| r | layer | ‖Wq‖_F | ‖ΔWq‖_F | ΔWq directions | Wq top-r | random | amplification, mean of per-seed ratios | amplification, ratio of means |",
+        "| r | layer | ‖Wq‖_F | ‖ΔWq‖_F | ΔWq directions | Wq top-r | random | amplification, mean of per-seed ratios "
+        "| amplification, ratio of means |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     summary: dict[int, tuple[list[float], list[float]]] = {}
@@ -407,27 +416,31 @@ def amplification_section(
             vs_top.setdefault(r, []).append(m["proj_delta_w"] / m["proj_w_top_r"])
             random_amp.setdefault(r, []).append(m["delta_w_norm"] / m["proj_random"])
             lines.append(
-                f"| {r} | {layer} | {m['w_norm']:.2f} | {m['delta_w_norm']:.3f} | {m['proj_delta_w']:.3f} | {m['proj_w_top_r']:.2f} "
-                f"| {m['proj_random']:.3f} | {m['amplification_factor']:.1f} | {ratio_of_means:.1f} |"
+                f"| {r} | {layer} | {m['w_norm']:.2f} | {m['delta_w_norm']:.3f} | {m['proj_delta_w']:.3f} | "
+                f"{m['proj_w_top_r']:.2f} | {m['proj_random']:.3f} | {m['amplification_factor']:.1f} | "
+                f"{ratio_of_means:.1f} |"
             )
     d = base_weight("q", 0).shape[0]
     lines += [
         "",
         "Paper (GPT-3, layer 48, d = 12,288, ‖Wq‖_F = 61.95): r=4: ‖ΔWq‖_F 6.91, projections 0.32 / 21.67 / 0.02, "
-        "amplification ≈ 21.5; r=64: ‖ΔWq‖_F 3.57, projections 1.90 / 37.71 / 0.33, amplification ≈ 2. Raw projections "
-        f"and amplification factors depend on the dimensions (a random r-dimensional projection keeps about r/d of W), so "
-        f"ours (d = {d}) are not compared with the paper's (d = 12,288); what is compared is the ratio of W's projection "
-        "onto ΔW's directions to its projection onto random directions of the same dimensions, which is the paper's "
-        'reading "ΔW correlates with W more than a random matrix" (paper: 0.32 / 0.02 = 16x at r=4, 1.90 / 0.33 = 5.8x '
+        "amplification ≈ 21.5; r=64: ‖ΔWq‖_F 3.57, projections 1.90 / 37.71 / 0.33, amplification ≈ 2. Raw "
+        "projections and amplification factors depend on the dimensions (a random r-dimensional projection keeps "
+        f"about r/d of W), so ours (d = {d}) are not compared with the paper's (d = 12,288); what is compared is the "
+        "ratio of W's projection onto ΔW's directions to its projection onto random directions of the same "
+        "dimensions, which is the paper's "
+        'reading "ΔW correlates with W more than a random matrix" (paper: 0.32 / 0.02 = 16x at r=4, 1.90 / 0.33 = '
+        "5.8x "
         "at r=64). It is counted as reproduced when ours is at least half the paper's ratio.",
         "",
     ]
     for r, (per_seed, pooled) in summary.items():
         lines.append(
-            f"- ours, r={r}, over the {N_LAYERS} layers: amplification, mean of per-seed ratios median {statistics.median(per_seed):.1f} "
-            f"(min {min(per_seed):.1f}, max {max(per_seed):.1f}); ratio of means median {statistics.median(pooled):.1f} "
-            f"(min {min(pooled):.1f}, max {max(pooled):.1f}); for scale, the same factor with random directions in place "
-            f"of ΔW's is {statistics.median(random_amp[r]):.1f} here (median over layers)"
+            f"- ours, r={r}, over the {N_LAYERS} layers: amplification, mean of per-seed ratios median "
+            f"{statistics.median(per_seed):.1f} (min {min(per_seed):.1f}, max {max(per_seed):.1f}); ratio of means "
+            f"median {statistics.median(pooled):.1f} (min {min(pooled):.1f}, max {max(pooled):.1f}); for scale, the "
+            f"same factor with random directions in place of ΔW's is {statistics.median(random_amp[r]):.1f} here "
+            "(median over layers)"
         )
     for r in summary:
         paper = PAPER_TABLE7.get(r)
@@ -438,9 +451,9 @@ def amplification_section(
             target = paper[0] / paper[2]
             verdict = "reproduces" if ours >= target / 2 else "does not reproduce"
             lines.append(
-                f"- r={r}, ΔW correlates with W more than a random matrix: W projected onto ΔWq's directions is {ours:.1f}x its "
-                f"projection onto random directions of the same dimensions (median over layers; {seeds_range}){top} "
-                f"(paper: {target:.1f}x and {paper[0] / paper[1]:.3f}x): {verdict}"
+                f"- r={r}, ΔW correlates with W more than a random matrix: W projected onto ΔWq's directions is "
+                f"{ours:.1f}x its projection onto random directions of the same dimensions (median over layers; "
+                f"{seeds_range}){top} (paper: {target:.1f}x and {paper[0] / paper[1]:.3f}x): {verdict}"
                 + (f" — {ours:.1f}x against the paper's {target:.1f}x." if verdict != "reproduces" else ".")
             )
         else:

@@ -107,10 +107,10 @@ def claims_markdown(checks: Sequence[ClaimCheck]) -> str:
     )
     lines = [
         f"Claim checks: Welch t-test; p Holm-corrected over the {c0.family} checks of its family; {tost}; alpha "
-        f"{c0.alpha:g}. Brackets are 95% confidence intervals of the difference. MDE: the true difference the difference "
-        f"test detects with 80% power at its per-check level alpha/{c0.family} = {c0.level:.4f} (Holm's first step), "
-        f"at its n per arm, with the seed sd pooled over this family's groups ({c0.sd:.2f} pp); TOST power: the chance "
-        "to show equivalence when the true difference is 0, at its per-check level (see Method).",
+        f"{c0.alpha:g}. Brackets are 95% confidence intervals of the difference. MDE: the true difference the "
+        f"difference test detects with 80% power at its per-check level alpha/{c0.family} = {c0.level:.4f} (Holm's "
+        f"first step), at its n per arm, with the seed sd pooled over this family's groups ({c0.sd:.2f} pp); TOST "
+        "power: the chance to show equivalence when the true difference is 0, at its per-check level (see Method).",
         "",
         f"| paper's claim | test | ours: difference a − b (pp) [95% CI] | n (a / b) | Welch t (df) | p | p, Holm | "
         f"TOST p, Holm (±{c0.margin:g}) [power] | MDE (pp) | outcome | verdict |",
@@ -126,8 +126,9 @@ def claims_markdown(checks: Sequence[ClaimCheck]) -> str:
             else p_text(c.p_tost_holm, c.alpha) + ("" if math.isnan(c.tost_power) else f" [{c.tost_power:.2f}]")
         )
         lines.append(
-            f"| {c.claim.text} | {test} | {c.claim.a_label} − {c.claim.b_label}: {ci_text(w)} | {c.n_text} | {tdf} "
-            f"| {p_text(w.p, c.level)} | {p_text(c.p_holm, c.alpha)} | {tost_cell} | {mde_text(c.mde)} | {c.outcome} | **{c.verdict}** |"
+            f"| {c.claim.text} | {test} | {c.claim.a_label} − {c.claim.b_label}: {ci_text(w)} | {c.n_text} | {tdf} | "
+            f"{p_text(w.p, c.level)} | {p_text(c.p_holm, c.alpha)} | {tost_cell} | {mde_text(c.mde)} | {c.outcome} | "
+            f"**{c.verdict}** |"
         )
     return "\n".join(lines)
 
@@ -148,11 +149,13 @@ def method_markdown(margin: float = MARGIN, alpha: float = ALPHA, *, heading: bo
         "metric (validation and test accuracy), the ablation family holds the same 10 claims (Table 5: W{q,v} and "
         "W{q,k,v,o} beat the best single type, W{q} and W{k} alone are worse than the weaker of W{v}, W{o}; Table 6: "
         "r=1 competitive for W{q,v}, W{q} gains from r, little gain past r=8 for each of three sets, W{q,v} beats "
-        f"W{{q}} at r=8). Their 10 difference p-values are Holm–Bonferroni corrected together at alpha = {alpha:g}; the "
+        "W{q} at r=8). Their 10 difference p-values are Holm–Bonferroni corrected together at alpha = "
+        f"{alpha:g}; the "
         'TOST p-values of the 4 equivalence claims form a second Holm family (the "beats" claims are not in it). '
         '"LoRA matches full fine-tuning" is not an ablation claim: it is the primary family (its own section). '
         f"Equivalence margin ±{margin:g} point: TOST, two one-sided Welch t-tests of H0: |d| ≥ {margin:g} against "
-        f"|d| < {margin:g} accuracy points (uncorrected, this is the 90% confidence interval lying inside ±{margin:g}). "
+        f"|d| < {margin:g} accuracy points (uncorrected, this is the 90% confidence interval lying inside "
+        f"±{margin:g}). "
         f'Every check has one of three outcomes: "{equivalent_label(margin)}" (TOST significant after '
         'correction), "different" (difference significant after correction) or "inconclusive" (neither: the data '
         "cannot tell, and the check's CI says by how much). Where both tests are significant (a real difference inside "
@@ -174,7 +177,10 @@ def spread_caption(stats: Iterable[Stat]) -> str:
     """The line under a table that says what its ± is, with the seed counts of its cells."""
     ns = sorted({s.n for s in stats if s.n > 0})
     n = "-" if not ns else str(ns[0]) if len(ns) == 1 else f"{ns[0]}–{ns[-1]}, per cell"
-    return f"Cells: mean ± std over n seeds (n = {n}); ± is the sample standard deviation over seeds, not the standard error."
+    return (
+        f"Cells: mean ± std over n seeds (n = {n}); ± is the sample standard deviation over seeds, not the standard "
+        "error."
+    )
 
 
 # --------------------------------------------------------------------------- tables
@@ -322,14 +328,13 @@ def rank_profile_markdown(rows: list[dict]) -> str:
                 w = welch(a, b)
                 cells.append(f"{ci_text(w)}, p {p_text(w.p)} (n {a.n} / {b.n})")
             lines.append(
-                f"| W{{{key}}} | r={small} − r=64 | {paper[small][0] - paper[64][0]:+.1f} / {paper[small][1] - paper[64][1]:+.1f} | "
-                + " | ".join(cells)
-                + " |"
+                f"| W{{{key}}} | r={small} − r=64 | {paper[small][0] - paper[64][0]:+.1f} / "
+                f"{paper[small][1] - paper[64][1]:+.1f} | " + " | ".join(cells) + " |"
             )
     return "\n".join(
         [
-            "Rank profile of every row: r=1 and r=8 against r=64, ours beside the paper's difference (a description, not "
-            "a claim check: raw p-values, outside the Holm family of the checks above):",
+            "Rank profile of every row: r=1 and r=8 against r=64, ours beside the paper's difference (a description, "
+            "not a claim check: raw p-values, outside the Holm family of the checks above):",
             "",
             *lines,
         ]
@@ -347,7 +352,8 @@ def variants_markdown(rows: list[dict]) -> str:
         groups.setdefault((row.get("variant") or "lora", row.get("lr") or math.nan), []).append(row)
     order = sorted(groups, key=lambda k: (VARIANT_ORDER.index(k[0]) if k[0] in VARIANT_ORDER else 99, k[1]))
     lines = [
-        "| variant | lr | val acc (mean ± std) | seeds | adapter params | trainable (incl. head) | s / step (median) | adapter file | adapted base weights |",
+        "| variant | lr | val acc (mean ± std) | seeds | adapter params | trainable (incl. head) | s / step (median) "
+        "| adapter file | adapted base weights |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for key in order:
@@ -376,4 +382,7 @@ def noise_line(rows: list[dict], *keys: str, metric: str = METRIC) -> str:
     sd, dof = pooled_std(rows, *keys, metric=metric)
     times = [row["fit_seconds"] for row in rows if row.get("fit_seconds")]
     t = f"; fit time per run median {statistics.median(times):.0f} s" if times else ""
-    return f"{len(rows)} runs; seed noise of {METRIC_NAMES[metric]} (pooled within-config std) {sd:.2f} pp with {dof} degrees of freedom{t}."
+    return (
+        f"{len(rows)} runs; seed noise of {METRIC_NAMES[metric]} (pooled within-config std) {sd:.2f} pp with {dof} "
+        f"degrees of freedom{t}."
+    )

@@ -207,8 +207,8 @@ def report(results: Path = RESULTS, out: Path = RESULTS.parent / "two_tasks.md")
     if secs["alone"] and secs["together"]:
         lines += [
             "",
-            f"Fit time (one thread per run, two runs at a time): alone {sum(secs['alone']) / len(secs['alone']):.0f} s per task, "
-            f"together {sum(secs['together']) / len(secs['together']):.0f} s for both tasks.",
+            f"Fit time (one thread per run, two runs at a time): alone {sum(secs['alone']) / len(secs['alone']):.0f} "
+            f"s per task, together {sum(secs['together']) / len(secs['together']):.0f} s for both tasks.",
         ]
     text = "\n".join(lines) + "\n"
     out.write_text(text)

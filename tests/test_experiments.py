@@ -239,7 +239,7 @@ def test_power_functions_against_simulation():
     assert power_difference(k, 1.0, sd, alpha) >= 0.8 > power_difference(k - 1, 1.0, sd, alpha)
 
 
-# --------------------------------------------------------------------------- the pre-registered analysis (PREREGISTRATION.md)
+# --------------------------------------------------------------------------- the analysis of PREREGISTRATION.md
 def _record(root, rel, config=None, **fields):
     """A run record as collect writes it: ``root/rel/summary.json`` (and ``resolved_config.yaml`` from ``config``)."""
     import yaml
@@ -490,14 +490,14 @@ def test_split_rotation_pairs_split_means(tmp_path):
     d = means["lora"] - means["full"]
     half = st.t.ppf(0.975, 4) * d.std(ddof=1) / np.sqrt(5)
     assert (
-        f"{d.mean():+.2f} [{d.mean() - half:+.2f}, {d.mean() + half:+.2f}] pp, t = {st.ttest_rel(means['lora'], means['full']).statistic:+.2f} (df 4)"
-        in text
+        f"{d.mean():+.2f} [{d.mean() - half:+.2f}, {d.mean() + half:+.2f}] pp, t = "
+        f"{st.ttest_rel(means['lora'], means['full']).statistic:+.2f} (df 4)" in text
     )
     within = np.mean([np.var(v, ddof=1) for v in per["lora"]])
     between = max(0.0, np.var(means["lora"], ddof=1) - within / 2)
     assert (
-        f"LoRA default between splits sd {np.sqrt(between):.2f}, between seeds within a split sd {np.sqrt(within):.2f} (5 df)"
-        in text
+        f"LoRA default between splits sd {np.sqrt(between):.2f}, between seeds within a split sd "
+        f"{np.sqrt(within):.2f} (5 df)" in text
     )
     boot = hierarchical_bootstrap(
         [
@@ -552,8 +552,8 @@ def test_recipe_search_marks_grid_edges_and_runs_cut_off(tmp_path):
     logs = tmp_path / "logs"
     logs.mkdir()
     (logs / "recipe_search_a.log").write_text(
-        "[2026-12-03 09:46:26,303][HYDRA] \t#0 : experiment=recipe data=rotten_tomatoes seed=0 lora=full lora.lr=0.0002\n"
-        "some training output, then nothing\n"
+        "[2026-12-03 09:46:26,303][HYDRA] \t#0 : experiment=recipe data=rotten_tomatoes seed=0 lora=full "
+        "lora.lr=0.0002\nsome training output, then nothing\n"
     )
     for i, (method, lr, val, data) in enumerate(
         [
@@ -654,7 +654,9 @@ def _decoder_rows(root):
             test_inputs=2,
         )
         out = good if seed != 2 else ["the eagle is a pub", "cotto is a coffee shop"]
-        (folder / "test_predictions.json").write_text(json.dumps([dict(p, prediction=o) for p, o in zip(preds, out)]))
+        (folder / "test_predictions.json").write_text(
+            json.dumps([dict(p, prediction=o) for p, o in zip(preds, out, strict=True)])
+        )
         (folder / "zero_shot_predictions.json").write_text(json.dumps(["A quaint pub.", "A quaint shop."]))
 
 
@@ -870,12 +872,12 @@ def test_recipe_search_tells_lora_settings_apart(tmp_path):
     text = "\n".join(recipe_search_table(load_runs(tmp_path), ("q,k,v,o", 0.002)))
     assert text.count("the LoRA default") == 1
     assert (
-        "| W{q,k,v,o} (alpha 16, dropout 0.1) | 0.002 | 79.0 | 79.0 | the LoRA default, best of LoRA W{q,k,v,o}, alpha 16, dropout 0.1, on the upper edge"
-        in text
+        "| W{q,k,v,o} (alpha 16, dropout 0.1) | 0.002 | 79.0 | 79.0 | the LoRA default, best of LoRA W{q,k,v,o}, "
+        "alpha 16, dropout 0.1, on the upper edge" in text
     )
     assert (
-        "| W{q,k,v,o} (alpha 32, dropout 0) | 0.002 | 80.0 | 80.0 | best val of LoRA, best of LoRA W{q,k,v,o}, alpha 32, dropout 0, on the lower edge"
-        in text
+        "| W{q,k,v,o} (alpha 32, dropout 0) | 0.002 | 80.0 | 80.0 | best val of LoRA, best of LoRA W{q,k,v,o}, alpha "
+        "32, dropout 0, on the lower edge" in text
     )
 
 

@@ -236,7 +236,7 @@ def write_report_runs(root: Path) -> None:
     t6 = {("q", 1): [0.70] * 3, ("q", 8): [0.71] * 3, ("q,v", 8): [0.76] * 3}
     noisy = {("q", 64): [0.68, 0.74, 0.71]}
     for (key, r), base in {**t6, **noisy}.items():
-        for seed, acc in zip((1, 2, 3), base):
+        for seed, acc in zip((1, 2, 3), base, strict=True):
             acc = acc + (jitter[seed - 1] if (key, r) in t6 else 0.0)
             write_run(
                 root,
@@ -251,7 +251,7 @@ def write_report_runs(root: Path) -> None:
                 **lora(key.split(","), r),
             )
     for method, curves in (("full", FULL_CURVE), ("head_only", HEAD_CURVE)):
-        for seed, c in zip((1, 2, 3), curves):
+        for seed, c in zip((1, 2, 3), curves, strict=True):
             write_run(
                 root,
                 f"ablations/table6_reference/{method}/{seed}",
@@ -267,7 +267,7 @@ def write_report_runs(root: Path) -> None:
                 steps=150,
             )
     for key, acc in (("q", 0.71), ("v", 0.75), ("q,v", 0.76)):
-        for seed, j in zip((11, 12, 13), jitter):
+        for seed, j in zip((11, 12, 13), jitter, strict=True):
             write_run(
                 root,
                 f"ablations/table5/{key.replace(',', '')}/{seed}",
@@ -311,7 +311,7 @@ def write_report_runs(root: Path) -> None:
             )
     for task, (full, lora_accs) in RECIPE_FINAL.items():
         for method, accs, lr in (("full", full, 2e-4), ("lora", lora_accs, 2e-3)):
-            for seed, acc in zip((1, 2, 3), accs):
+            for seed, acc in zip((1, 2, 3), accs, strict=True):
                 spec = lora(["q", "k", "v", "o"], 8) if method == "lora" else {"method": "full"}
                 write_run(
                     root,
@@ -480,8 +480,8 @@ def test_recipe_verdicts_per_task(readme):
     # the search's suggestion: best mean val acc over tasks for LoRA ([q,k,v,o]), best val lr per task for full FT
     # (the call recipe.sh takes: `final LORA_LR LORA_TARGETS DATA...`; it reads each task's full-FT lr itself)
     assert (
-        "RUNS=experiments/runs bash experiments/recipe.sh final 0.002 '[q,k,v,o]' rotten_tomatoes trec convention_speeches "
-        "newsgroups   # full FT at each task's best search lr: rotten_tomatoes 0.0002, trec 0.0002"
+        "RUNS=experiments/runs bash experiments/recipe.sh final 0.002 '[q,k,v,o]' rotten_tomatoes trec "
+        "convention_speeches newsgroups   # full FT at each task's best search lr: rotten_tomatoes 0.0002, trec 0.0002"
     ) in recipe
 
 
@@ -549,7 +549,8 @@ def test_subspace_markdown_only_when_computed_from_these_runs(tmp_path):
     )
     assert "## §7.2 new" in "\n".join(subspace_markdown(out, runs, rows))
     (out / "subspace.md").write_text(
-        f"<!-- subspace.py runs={runs.as_posix()} adapters=ablations/table6/qv/9/adapter.safetensors -->\n## §7.2 gone\n"
+        f"<!-- subspace.py runs={runs.as_posix()} adapters=ablations/table6/qv/9/adapter.safetensors -->\n## §7.2 "
+        "gone\n"
     )
     assert "## §7.2 gone" not in "\n".join(subspace_markdown(out, runs, rows))
 
@@ -720,7 +721,9 @@ def test_recipe_probe_rows_compare_each_variation_with_full_ft_and_the_default(t
 
     qkvo = {"method": "lora", "targets": ["q", "k", "v", "o"], "r": 8}
     full_test, default_test, long_test = [0.805, 0.800, 0.810], [0.785, 0.780, 0.790], [0.800, 0.805, 0.802]
-    for seed, (f, d, l) in enumerate(zip(full_test, default_test, long_test), start=1):
+    for seed, (full_acc, default_acc, long_acc) in enumerate(
+        zip(full_test, default_test, long_test, strict=True), start=1
+    ):
         write_run(
             tmp_path,
             f"recipe/final-full/{seed}",
@@ -733,7 +736,7 @@ def test_recipe_probe_rows_compare_each_variation_with_full_ft_and_the_default(t
             r=None,
             lr=5e-5,
             best_val_acc=0.80,
-            test_acc=f,
+            test_acc=full_acc,
         )
         write_run(
             tmp_path,
@@ -744,7 +747,7 @@ def test_recipe_probe_rows_compare_each_variation_with_full_ft_and_the_default(t
             seed=seed,
             lr=2e-3,
             best_val_acc=0.80,
-            test_acc=d,
+            test_acc=default_acc,
             **qkvo,
         )
         write_run(
@@ -756,7 +759,7 @@ def test_recipe_probe_rows_compare_each_variation_with_full_ft_and_the_default(t
             seed=seed,
             lr=2e-3,
             best_val_acc=0.81,
-            test_acc=l,
+            test_acc=long_acc,
             val_curve=curve([0.78, 0.80, 0.81 + 0.001 * seed]),
             **qkvo,
         )
@@ -1066,8 +1069,8 @@ def test_recipe_probes_compare_lora_and_full_ft_at_the_same_schedule_and_their_l
 
     d, lo, hi = example_bootstrap(BITS[:3], BITS[3:])
     assert (
-        f"bootstrap over seeds and the 40 test examples (95% percentile CI): best-validation checkpoints {d:+.2f} [{lo:+.2f}, {hi:+.2f}] "
-        "(seeds 1, 2, 3 − 1, 2, 3)"
+        f"bootstrap over seeds and the 40 test examples (95% percentile CI): best-validation checkpoints {d:+.2f} "
+        f"[{lo:+.2f}, {hi:+.2f}] (seeds 1, 2, 3 − 1, 2, 3)"
     ) in same[0]
     assert "last checkpoints" not in same[0].split("bootstrap")[1]  # no last_test_correct recorded: no interval made up
     row = table_row(text, "full fine-tuning, lr 5e-05, 6 epochs")
@@ -1142,7 +1145,8 @@ def test_provenance_writes_a_recorded_absolute_path_from_multirun_on(tmp_path):
             {
                 "twin_checks": [],
                 "rejected_blocks": [
-                    "experiments/logs/x.log job #0: overrides 'a' but its table is of 'b' (/home/someone/lora/multirun/recipe/final-x/0): interleaved"
+                    "experiments/logs/x.log job #0: overrides 'a' but its table is of 'b' "
+                    "(/home/someone/lora/multirun/recipe/final-x/0): interleaved"
                 ],
             }
         )

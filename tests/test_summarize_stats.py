@@ -164,7 +164,7 @@ def test_welch_matches_independent_numpy_computation(seed):
 def test_paired_t_matches_r_paired_t_test_on_sleep_data():
     # R: t.test(extra ~ group, data = sleep, paired = TRUE)  (group 1 minus group 2)
     # t = -4.0621, df = 9, p-value = 0.002833, 95 percent CI: -2.4598858 -0.7001142, mean difference -1.58
-    d = paired_t([a - b for a, b in zip(SLEEP_1, SLEEP_2)], margin=0.5)
+    d = paired_t([a - b for a, b in zip(SLEEP_1, SLEEP_2, strict=True)], margin=0.5)
     assert d.n == 10 and d.mean == pytest.approx(-1.58, abs=1e-12)
     assert d.t == pytest.approx(-4.0621, abs=5e-5) and d.p == pytest.approx(0.002833, abs=5e-7)
     assert d.ci == pytest.approx((-2.4598858, -0.7001142), abs=5e-7)
