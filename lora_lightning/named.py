@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -702,7 +703,7 @@ def _check_merge_options(how: str, density: Any, majority_sign_method: Any, gene
             f"{how!r}: drop density or choose one of them"
         )
     if density is not None:
-        ok = isinstance(density, (int, float)) and not isinstance(density, bool) and 0 < density <= 1
+        ok = isinstance(density, numbers.Real) and not isinstance(density, bool) and 0 < float(density) <= 1
         if not ok:
             raise LoRAConfigError(
                 f"density={density!r} must be a number in (0, 1] (the fraction of entries kept; 1 keeps all), "
@@ -788,6 +789,7 @@ def add_weighted_adapter(
     if combination_type not in COMBINATIONS:
         raise LoRAConfigError(f"combination_type={combination_type!r} is not one of {COMBINATIONS}")
     _check_merge_options(combination_type, density, majority_sign_method, generator)
+    density = None if density is None else float(density)
     if isinstance(adapters, str):
         raise LoRAConfigError(
             f"add_weighted_adapter(adapters={adapters!r}): give a list of adapter names, e.g. [{adapters!r}]"
