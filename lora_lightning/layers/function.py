@@ -49,7 +49,7 @@ class LoRALinearFunction(torch.autograd.Function):
         bias: Tensor | None,
         lora_A: Tensor,
         lora_B: Tensor,
-        scaling: float,
+        scaling: float | Tensor,
     ) -> Tensor:
         d_in = x.shape[-1]
         x2 = x.reshape(-1, d_in)
@@ -63,7 +63,10 @@ class LoRALinearFunction(torch.autograd.Function):
         else:
             torch.mm(x2, weight.t(), out=out)
         h = torch.mm(xd2, lora_A.t())
-        out.addmm_(h, lora_B.t(), alpha=scaling)
+        if isinstance(scaling, Tensor):  # a 0-dim tensor (prepare_for_hotswap): changing it must not recompile
+            out.addmm_(h * scaling, lora_B.t())
+        else:
+            out.addmm_(h, lora_B.t(), alpha=scaling)
         ctx.same, ctx.scaling, ctx.has_bias = x_d is None, scaling, bias is not None
         # inputs only (plus h, N x R), so a create_graph backward can rebuild a differentiable graph;
         # x is kept alive only when W0 itself trains (or x is x_d, needed for ∂A anyway)
