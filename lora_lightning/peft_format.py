@@ -53,6 +53,9 @@ _UNSUPPORTED = {
     "megatron_config": (None,),
     "use_bdlora": (None, False),
 }
+# PEFT initialisations that change the base weights the adapter is trained against (PiSSA/CorDA/OLoRA subtract the
+# initial s·B·A from W0, LoftQ replaces W0 by its quantized residual); True/False/"gaussian"/"eva"/"orthogonal" do not
+_BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq")
 
 
 def _relative(name: str, submodule: str) -> str:
@@ -202,6 +205,14 @@ def read_peft_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], dic
         raise LoRAConfigError(
             f"the PEFT adapter in {str(directory)!r} uses {', '.join(bad)}, which lora_lightning does not support "
             "(plain LoRA only: no DoRA, LoRA biases, trained biases, layer replication or selective layers)"
+        )
+    init = cfg.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+        raise LoRAConfigError(
+            f"the PEFT adapter in {str(directory)!r} was made with init_lora_weights={init!r}, which rewrites the base "
+            "weights it trains on (the original base plus this adapter is another model): save it in PEFT with "
+            "save_pretrained(..., path_initial_model_for_weight_conversion=<its initial adapter>), which writes the "
+            "equivalent plain LoRA for the original base, and import that"
         )
     try:
         tensors = load_file(str(weights_path))

@@ -140,3 +140,26 @@ def test_unsupported_peft_features_and_bad_directories_are_clear_errors(tmp_path
     inject_lora(enc, LoRAConfig(r=2, targets=["q"]))
     with pytest.raises(LoRAConfigError, match="nn.MultiheadAttention"):
         export_peft_adapter(enc, tmp_path / "mha")
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_peft_adapter_trained_on_a_rewritten_base_is_refused_and_its_converted_form_imports(tmp_path, init):
+    """PEFT's PiSSA/OLoRA adapters are trained against W0 − s·B0·A0, not W0: imported onto the original base they
+    would give another model, so they are refused in one line naming PEFT's conversion; the converted adapter
+    (plain LoRA of rank 2r for the original base) imports and gives PEFT's outputs."""
+    cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"], init_lora_weights=init)
+    pm = peft.get_peft_model(bert(), cfg)
+    pm.save_pretrained(str(tmp_path / "initial"))  # the adapter as initialised, for PEFT's conversion
+    for name, p in pm.named_parameters():  # "train" it
+        if "lora_" in name:
+            p.data.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.1)
+    pm.eval()
+    expected = logits(pm)
+    pm.save_pretrained(str(tmp_path / "raw"))
+    m = bert()
+    with pytest.raises(LoRAConfigError, match=rf"init_lora_weights='{init}'.*path_initial_model_for_weight_conversion"):
+        import_peft_adapter(m, tmp_path / "raw")
+    assert not lora_layers(m)  # refused before anything changed
+    pm.save_pretrained(str(tmp_path / "converted"), path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
+    import_peft_adapter(m, tmp_path / "converted")
+    torch.testing.assert_close(logits(m), expected, atol=1e-5, rtol=0)
