@@ -23,6 +23,7 @@ from typing import Any
 from . import telemetry as telemetry  # public submodule (lora_lightning.telemetry: LoRAMonitor's maths)
 from .adapter_io import (
     adapter_state_dict,
+    hotswap_adapter,
     load_adapter,
     read_adapter,
     read_adapter_config,
@@ -47,6 +48,7 @@ from .errors import (
     TargetNotFoundError,
 )
 from .gradients import make_inputs_require_grad
+from .hotswap import prepare_for_hotswap
 from .injection import (
     ParameterCount,
     adapter_param_names,
@@ -213,6 +215,7 @@ __all__ = [
     "get_lora_state",
     "get_variant",
     "has_lora",
+    "hotswap_adapter",
     "import_peft_adapter",
     "inject_before_sharding",
     "inject_lora",
@@ -237,6 +240,7 @@ __all__ = [
     "orthogonality_penalty",
     "pissa_to_lora",
     "plan_injection",
+    "prepare_for_hotswap",
     "rank_for_budget",
     "read_adapter",
     "read_adapter_config",

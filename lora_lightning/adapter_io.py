@@ -15,6 +15,7 @@ import secrets
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 from . import registry
 from .config import LoRAConfig
 from .errors import AdapterFileError, AdapterMismatchError, LoRAConfigError, MergeStateError
+from .hotswap import check_name, hotswap_tensors, is_padded, padded_rank, unpadded, unwrap_compiled
 from .injection import (
     BANK,
     adapter_param_names,
@@ -141,6 +143,9 @@ def save_adapter(
     A sharded (FSDP2) model: call it inside :func:`~lora_lightning.gathered`."""
     if adapter_name is not None and adapter_name != active_adapter(model):
         with use_adapter(model, adapter_name, trainable=True):
+            return save_adapter(model, path, extra_metadata, adapter_name)
+    if any(padded_rank(layer) is not None for layer in lora_layers(model).values()):
+        with unpadded(model):  # prepared for hot-swapping: the file holds the adapter at its true rank
             return save_adapter(model, path, extra_metadata, adapter_name)
     extra_metadata = {"adapter_name": active_adapter(model), **(extra_metadata or {})}
     adapter = adapter_state_dict(model)
@@ -264,8 +269,11 @@ def load_adapter(
     ``raise`` | ``warn`` | ``ignore``). Nothing changes when anything does not fit. The tensors are
     copied into the existing ones (no module is re-created: a compiled model keeps its graph).
     ``adapter_name``: load into that named adapter instead of the active one, adding it (inactive) if
-    the model does not hold it yet.
+    the model does not hold it yet. An adapter prepared with :func:`~lora_lightning.prepare_for_hotswap` is
+    loaded by :func:`hotswap_adapter` (any rank up to the padded one, any alpha).
     """
+    if has_lora(model) and is_padded(model, adapter_name or active_adapter(model)):
+        return hotswap_adapter(model, path, adapter_name=adapter_name, on_base_mismatch=on_base_mismatch)
     tensors, metadata = read_adapter(path)
     saved = record_from_metadata(metadata, path)
     name = f"adapter {Path(path).name}"
@@ -295,6 +303,46 @@ def load_adapter(
     except BaseException:
         remove_lora(model)
         raise
+    return saved.config
+
+
+def hotswap_adapter(
+    model: nn.Module,
+    source: str | os.PathLike | Mapping[str, Tensor],
+    *,
+    config: LoRAConfig | Mapping[str, Any] | None = None,
+    adapter_name: str | None = None,
+    on_base_mismatch: str = "raise",
+) -> LoRAConfig:
+    """Swap an adapter of rank ``r <= target_rank`` (any alpha) into a model prepared with
+    :func:`~lora_lightning.prepare_for_hotswap`, compiled or not, without ``torch.compile`` recompiling: its
+    tensors are written into the padded ones and its scaling into the scaling tensors. Returns its config.
+
+    ``source``: an adapter file (``save_adapter``), or adapter tensors keyed like ``adapter_state_dict`` with
+    ``config`` (a :class:`LoRAConfig`, or a dict of its options) saying their ranks and alphas. ``model``: the
+    prepared model or its ``torch.compile`` wrapper. ``adapter_name``: swap into that named adapter (prepared
+    too) instead of the active one. The adapter must adapt the same modules in the same layouts, with the same
+    variant, dropout, bias and ``modules_to_save``; anything else is refused in one line before any change.
+    """
+    model = unwrap_compiled(model)
+    name = check_name(model, adapter_name)
+    if isinstance(source, Mapping):
+        if config is None:
+            raise LoRAConfigError(
+                "hotswap_adapter(model, tensors): pass config=LoRAConfig(...) (or a dict of its options) giving the "
+                "tensors' ranks and alphas"
+            )
+        if isinstance(config, Mapping):
+            config = LoRAConfig.from_dict(dict(config))
+        tensors, saved, what = dict(source), planned_state(model, config), "the given tensors"
+    else:
+        tensors, metadata = read_adapter(source)
+        saved, what = record_from_metadata(metadata, source), f"adapter {Path(source).name}"
+    if name != active_adapter(model):
+        with use_adapter(model, name, trainable=True):
+            hotswap_tensors(model, tensors, saved, source=what, on_base_mismatch=on_base_mismatch, hint=LOAD_HINT)
+    else:
+        hotswap_tensors(model, tensors, saved, source=what, on_base_mismatch=on_base_mismatch, hint=LOAD_HINT)
     return saved.config
 
 

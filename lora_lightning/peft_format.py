@@ -33,6 +33,7 @@ from . import registry
 from .adapter_io import atomic_write_bytes
 from .config import LoRAConfig
 from .errors import AdapterFileError, AdapterMismatchError, AlreadyInjectedError, LoRAConfigError, TargetNotFoundError
+from .hotswap import padded_rank, unpadded
 from .injection import BANK, get_lora_state, has_lora, inject_lora, lora_layers
 from .layers import LoRALayer, is_lora_layer
 from .named import active_adapter, add_adapter, check_adapter_name, delete_adapter, list_adapters, use_adapter
@@ -82,6 +83,9 @@ def export_peft_adapter(
     """
     if adapter_name is not None and adapter_name != active_adapter(model):
         with use_adapter(model, adapter_name, trainable=True):
+            return export_peft_adapter(model, directory, base_model_name_or_path, submodule)
+    if any(padded_rank(layer) is not None for layer in lora_layers(model).values()):
+        with unpadded(model):  # prepared for hot-swapping: PEFT gets the adapter at its true rank
             return export_peft_adapter(model, directory, base_model_name_or_path, submodule)
     state = get_lora_state(model)
     config = state.config

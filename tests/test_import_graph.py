@@ -25,7 +25,7 @@ STAGES: list[tuple[str, ...]] = [
     ("record",),  # what an adapter records about its base
     ("state",),  # the one handle per adapted model
     ("injection",),  # putting adapters in and out
-    ("merging", "named", "gradients", "loraplus", "telemetry"),  # operations on an injected model
+    ("merging", "named", "gradients", "loraplus", "telemetry", "hotswap"),  # operations on an injected model
     ("adapter_io",),  # files
     ("peft_format",),  # PEFT's files
     ("lightning.compat",),  # the one seam to Lightning's private API
