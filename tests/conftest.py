@@ -25,6 +25,7 @@ _LAYER = importlib.import_module(
 )
 LoRACallback = _LAYER.LoRACallback
 AtomicCheckpointIO = _LAYER.AtomicCheckpointIO
+LoRAMonitor = _LAYER.LoRAMonitor
 ModelCheckpoint = importlib.import_module(f"{PACKAGE}.callbacks").ModelCheckpoint
 CSVLogger = importlib.import_module(f"{PACKAGE}.loggers").CSVLogger
 

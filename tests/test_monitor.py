@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import CSVLogger, LitTiny, LoRACallback, pl, read_wandb_history, tiny_loader, trainer
-from lora_lightning import LoRAMonitor, read_adapter_config
+from conftest import CSVLogger, LitTiny, LoRACallback, LoRAMonitor, pl, read_wandb_history, tiny_loader, trainer
+from lora_lightning import read_adapter_config
 from lora_lightning.analysis import subspace_similarity
 from lora_lightning.telemetry import amplification, delta_frobenius, spectrum
 

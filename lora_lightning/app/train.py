@@ -151,7 +151,8 @@ def wandb_run_fields(cfg: DictConfig) -> dict[str, Any]:
     """The W&B ``group``, ``job_type`` and ``tags`` the logger config leaves unset (``null``): a multirun's jobs share
     the group ``<experiment_name>/<sweep folder>`` and have job type ``sweep`` (one run: group ``experiment_name``,
     job type ``train``; ``tune=...``: ``tune``); tags are the job's own command-line overrides (``lora.r=4``), the
-    keys kept out of run names (``hydra.job.config.override_dirname.exclude_keys``) left out, and ``experiment_name=``."""
+    keys kept out of run names (``hydra.job.config.override_dirname.exclude_keys``) left out, and
+    ``experiment_name=``."""
     try:
         hc = HydraConfig.get()
     except ValueError:  # not running under Hydra (tests calling run() directly)
@@ -357,7 +358,8 @@ def run_causal_lm(cfg: DictConfig, datamodule: Any, out: Path, method: str) -> d
         )
     if method == "head_only":
         raise AppConfigError(
-            "lora.method=head_only: a causal LM has no new head (its output layer is the tied embedding); use lora or full"
+            "lora.method=head_only: a causal LM has no new head (its output layer is the tied embedding); "
+            "use lora or full"
         )
     model = instantiate(cfg.model, _convert_="all")
     lora = build_lora_config(cfg, model) if method == "lora" else None
@@ -432,7 +434,8 @@ def find_lr(
         )
     else:
         print(
-            f"lr_find: suggested lr {suggestion:.3g} (loss vs lr in {out / 'lr_find.png'}); train with lora.lr={suggestion:.3g}"
+            f"lr_find: suggested lr {suggestion:.3g} (loss vs lr in {out / 'lr_find.png'}); "
+            f"train with lora.lr={suggestion:.3g}"
         )
     return result
 
@@ -532,7 +535,8 @@ def print_summary(summary: dict[str, Any]) -> None:
         ),
         (
             "trainable params",
-            f"{summary['params_trainable']:,} of {summary['params_total']:,} ({100 * summary['params_trainable'] / summary['params_total']:.3f}%)",
+            f"{summary['params_trainable']:,} of {summary['params_total']:,} "
+            f"({100 * summary['params_trainable'] / summary['params_total']:.3f}%)",
         ),
         ("adapter file", mb(summary.get("adapter_bytes"))),
         ("full model (fp32)", mb(summary["full_model_bytes"])),

@@ -61,7 +61,8 @@ class AdaLoRAConfig(LoRAConfig):
         check_fraction(self.adalora_tfinal, "adalora_tfinal", "a fraction of the training steps")
         if self.adalora_tinit + self.adalora_tfinal >= 1.0:
             raise LoRAConfigError(
-                f"adalora_tinit + adalora_tfinal = {self.adalora_tinit + self.adalora_tfinal:g} >= 1 leaves no steps to "
+                f"adalora_tinit + adalora_tfinal = {self.adalora_tinit + self.adalora_tfinal:g} >= 1 leaves no "
+                "steps to "
                 "prune in: lower them (defaults 0.1 and 0.2)"
             )
         check_rank(self.adalora_delta_t, "adalora_delta_t")
@@ -162,7 +163,7 @@ class AdaLoRAController:
             penalty = torch.stack([layer.orthogonality_penalty() for layer in self.layers.values()]).sum()
             grads = torch.autograd.grad(weight * penalty, params)
         with torch.no_grad():
-            for p, g in zip(params, grads):
+            for p, g in zip(params, grads, strict=True):
                 if p.grad is None:
                     p.grad = g.detach().clone()
                 else:

@@ -88,7 +88,8 @@ class Variant:
             bad = [s.name for s in specs if not registry.layer_kind(s.kind).quantizable]
             if bad:
                 raise LoRAConfigError(
-                    f"quantize_base={config.quantize_base!r} stores nn.Linear weights only; {bad[:3]} are not nn.Linear "
+                    f"quantize_base={config.quantize_base!r} stores nn.Linear weights only; "
+                    f"{bad[:3]} are not nn.Linear "
                     "(GPT-2 Conv1D, nn.MultiheadAttention, an embedding or a convolution): target nn.Linear layers or "
                     "drop quantize_base"
                 )
@@ -108,7 +109,8 @@ class Variant:
                     else f"kind {untieable}"
                 )
                 raise LoRAConfigError(
-                    f"{tied[0].name} and {tied[0].tied[0]} hold one tied weight and would share one adapter, which {why} "
+                    f"{tied[0].name} and {tied[0].tied[0]} hold one tied weight and would share one adapter, "
+                    f"which {why} "
                     "cannot do: target only one of them (merging is then refused while the other reads the weight), "
                     "untie the weights, or use variant='lora' without quantize_base"
                 )

@@ -41,9 +41,9 @@ class DoRALinear(LoRALinear):
             return self.dora_weight().to(dtype) - self.base_weight().to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        """``y = base + (m/||V|| - 1) ⊙ (x W0ᵀ) + (m/||V||) ⊙ s·dropout(x) Aᵀ Bᵀ`` with ``base = x W0ᵀ + b`` computed as the
-        base layer computes it: the same function as ``(m/||V||) ⊙ (x W0ᵀ + s·x Aᵀ Bᵀ) + b``, written (as in PEFT) so
-        that at initialisation (``m = ||W0||``, ``B = 0``) the output is bit-equal to the base layer's."""
+        """``y = base + (m/||V|| - 1) ⊙ (x W0ᵀ) + (m/||V||) ⊙ s·dropout(x) Aᵀ Bᵀ`` with ``base = x W0ᵀ + b`` computed
+        as the base layer computes it: the same function as ``(m/||V||) ⊙ (x W0ᵀ + s·x Aᵀ Bᵀ) + b``, written (as in
+        PEFT) so that at initialisation (``m = ||W0||``, ``B = 0``) the output is bit-equal to the base layer's."""
         w = self.base_weight()
         base = F.linear(x, w, self.bias)
         if self.adapter_off():

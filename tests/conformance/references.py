@@ -36,7 +36,7 @@ def _low_rank(layer: nn.Module, B: Tensor, A: Tensor, r: int) -> Tensor:
     if fused is None:
         return B @ A
     rows, b_row, i = [], 0, 0
-    for part, size in zip(fused.parts, fused.sizes):
+    for part, size in zip(fused.parts, fused.sizes, strict=True):
         if part in fused.adapted:
             rows.append(B[b_row : b_row + size] @ A[i * r : (i + 1) * r])
             b_row, i = b_row + size, i + 1
