@@ -300,11 +300,6 @@ def hotswap_tensors(
             f"hotswap_adapter: {source} has bias={saved.config.bias!r}, the model's adapters "
             f"bias={state.config.bias!r}; swap adapters with the same bias setting"
         )
-    if any(layer.merged for layer in layers.values()):
-        raise MergeStateError(
-            f"hotswap_adapter: adapter {active_adapter(model)!r} is merged into the base weights; call "
-            "unmerge_lora(model) first"
-        )
     check_fingerprint(saved.fingerprint, state.fingerprint, on_base_mismatch, source, hint)
     # the tensors: keys and shapes (the padded leaves at the adapter's own rank)
     wanted = adapter_param_names(model)
