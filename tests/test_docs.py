@@ -32,7 +32,7 @@ RUN = {
     "getting-started.md": 1,
     "callback.md": 1,
     "lifecycle.md": 1,
-    "many-adapters.md": 2,
+    "many-adapters.md": 3,
     "fabric.md": 1,
     "monitor.md": 1,
 }
@@ -150,6 +150,42 @@ def test_many_adapters_example(tmp_path, monkeypatch):
     for i, name in enumerate(["default", "task_b", None, "task_b"]):
         ref = outputs(base, x)[i] if name is None else per_adapter[name][i]
         torch.testing.assert_close(ns["y_mixed"][i], ref, atol=1e-5, rtol=0)
+
+
+def test_hotswap_example(tmp_path, monkeypatch):
+    """docs/many-adapters.md, "Hot-swapping adapters of other ranks under torch.compile": one compilation (counted
+    with a backend of our own), each output the eager model's with that adapter, the last file at its true rank."""
+    monkeypatch.chdir(tmp_path)
+    from lora_lightning import LoRAConfig, inject_lora, save_adapter
+
+    x = tiny_batch(4)[0]
+    expected = {}
+    for name, r, alpha, rs in (("r4", 4, 8, False), ("r16", 16, 5, False), ("r2", 2, 3, True)):
+        m = tiny_model()
+        inject_lora(m, LoRAConfig(r=r, alpha=alpha, use_rslora=rs, targets=["q", "v", "embed"]))
+        for layer in lora_layers(m).values():
+            torch.nn.init.normal_(layer.lora_B, std=0.5)
+        save_adapter(m, f"{name}.safetensors")
+        expected[name] = outputs(m, x)
+    compiles, real_compile = [], torch.compile
+
+    def backend(gm, example_inputs):
+        compiles.append(1)
+        return gm.forward
+
+    def compile_counting(model):
+        return real_compile(model, backend=backend)
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, "compile", compile_counting)
+    ns = {"model": tiny_model().eval(), "x": x}
+    with torch.no_grad():
+        exec(python_blocks("many-adapters.md")[2], ns)  # noqa: S102
+    assert len(compiles) == 1, f"{len(compiles)} compilations"
+    for name, y in (("r4", "y4"), ("r16", "y16"), ("r2", "y2")):
+        torch.testing.assert_close(ns[y], expected[name], atol=1e-6, rtol=0)
+    saved, original = read_adapter(tmp_path / "again.safetensors")[0], read_adapter(tmp_path / "r2.safetensors")[0]
+    assert saved.keys() == original.keys() and all(torch.equal(saved[k], original[k]) for k in saved)
 
 
 def test_several_adapters_in_one_fit_example(tmp_path, monkeypatch):
