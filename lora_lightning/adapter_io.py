@@ -43,6 +43,7 @@ from .named import active_adapter, add_adapter, delete_adapter, list_adapters, u
 from .record import FORMAT, FORMAT_VERSION, LoRAState, align_names, check_compatible, check_fingerprint
 from .sharding import check_not_sharded
 from .state import NamedAdapters, lora_handle
+from .tokens import token_modules
 
 LOAD_HINT = "pass on_base_mismatch='warn' (or 'ignore') to load_adapter/switch_adapter"
 
@@ -371,6 +372,13 @@ def unchanged_on_error(model: nn.Module) -> Iterator[None]:
         for leaf in layer.state_names + ((layer.base_weight_name,) if layer.merged else ())
         if isinstance(getattr(layer, leaf, None), Tensor)
     ]
+    tokens = token_modules(model)  # trainable token rows (and the table, if they are merged into it)
+    token_merged = {n: (t.token_merged, t.token_original) for n, t in tokens.items()}
+    snapshot += [
+        (getattr(t, leaf), getattr(t, leaf).detach().clone())
+        for t in tokens.values()
+        for leaf in ("token_rows", "token_indices") + (("weight",) if t.token_merged else ())
+    ]
     grads = {p: p.requires_grad for p in model.parameters()}
     try:
         yield
@@ -391,6 +399,8 @@ def unchanged_on_error(model: nn.Module) -> Iterator[None]:
                     tensor.copy_(value)
             for n, layer in lora_layers(model).items():
                 layer.merged = merged[n]
+            for n, t in token_modules(model).items():
+                t.token_merged, t.token_original = token_merged[n]
             for p, g in grads.items():
                 p.requires_grad_(g)
         raise

@@ -131,6 +131,12 @@ class LoRAConfig:
             one autograd node (one fused backward: one ``∂[A_1;...;A_n]`` GEMM, ``∂x`` summed in place;
             lora_lightning.shared_input).
             A speed setting only: results equal the unfused layers' up to float round-off.
+        trainable_token_indices: rows of an embedding to train on their own, the rest of it frozen (PEFT's option of
+            that name; lora_lightning.tokens): a list of token ids (the model's input embedding) or
+            ``{module name: [ids]}`` (a full name or a dotted suffix, e.g. ``{"embed_tokens": [...], "lm_head": [...]}``
+            for an untied output layer). New tokens first: ``tokenizer.add_tokens(...)``, then
+            ``model.resize_token_embeddings(len(tokenizer))``. A tied output head reads the same rows; adapter files
+            hold only those rows (and their indices). ``None``: no token rows train.
     """
 
     r: int = 8
@@ -149,6 +155,7 @@ class LoRAConfig:
     variant: str = "lora"
     quantize_base: str | None = None
     fuse_shared_inputs: bool = True
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
 
     # the registered name of this config class's variant; fields of a subclass that change what
     # saved adapter weights mean (compared when an adapter or checkpoint is loaded)
@@ -170,6 +177,9 @@ class LoRAConfig:
     def __post_init__(self) -> None:
         for name in ("targets", "layers", "modules_to_save", "rank_pattern", "alpha_pattern"):
             setattr(self, name, _plain(getattr(self, name)))
+        tokens = self.trainable_token_indices = _plain(self.trainable_token_indices)
+        if isinstance(tokens, dict):
+            self.trainable_token_indices = {k: _plain(v) for k, v in tokens.items()}
         if isinstance(self.targets, str):
             self.targets = [self.targets]
         if isinstance(self.modules_to_save, str):
@@ -222,6 +232,7 @@ class LoRAConfig:
                 f"targets={self.targets!r} must be a non-empty list of strings, e.g. ['q', 'v'] "
                 "or ['attention.self.query', 're:.*value']"
             )
+        check_token_indices(self.trainable_token_indices)
         if self.layers is not None and (
             not isinstance(self.layers, list)
             or not self.layers
@@ -311,6 +322,36 @@ def check_rank(r: Any, what: str = "r") -> None:
 def check_alpha(alpha: Any, what: str = "alpha") -> None:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
         raise LoRAConfigError(f"{what}={alpha!r} must be a positive number (commonly alpha = r or 2r)")
+
+
+def _is_index(i: Any) -> bool:
+    return isinstance(i, int) and not isinstance(i, bool) and i >= 0
+
+
+def check_token_indices(value: Any) -> None:
+    """``trainable_token_indices``: ``None``, a non-empty list of distinct token ids, or ``{module: such a list}``."""
+    example = "e.g. [50257, 50258] or {'embed_tokens': [50257], 'lm_head': [50257]}"
+    if value is None:
+        return
+    lists = value.items() if isinstance(value, dict) else [("", value)] if isinstance(value, list) else None
+    if lists is None or (isinstance(value, dict) and not value):
+        raise LoRAConfigError(
+            f"trainable_token_indices={value!r} must be a list of token ids or {{module name: [ids]}}, {example}"
+        )
+    for key, ids in lists:
+        where = f"[{key!r}]" if key else ""
+        if isinstance(value, dict) and (not isinstance(key, str) or not key):
+            raise LoRAConfigError(f"trainable_token_indices key {key!r} must be a module name, {example}")
+        if not isinstance(ids, list) or not ids or not all(_is_index(i) for i in ids):
+            raise LoRAConfigError(
+                f"trainable_token_indices{where}={ids!r} must be a non-empty list of token ids (integers >= 0), "
+                f"{example}"
+            )
+        repeated = sorted({i for i in ids if ids.count(i) > 1})
+        if repeated:
+            raise LoRAConfigError(
+                f"trainable_token_indices{where} lists token id {repeated[0]} more than once; give each row once"
+            )
 
 
 def check_fraction(value: Any, what: str, meaning: str) -> None:

@@ -24,6 +24,9 @@ from .record import LoRAState, base_fingerprint, identity_exclusions
 from .sharding import _is_dtensor
 from .shared_input import attach_tracker
 from .state import attach, get_lora_state, injected_handle, lora_handle
+from .tokens import LEAVES as TOKEN_LEAVES
+from .tokens import ROWS as TOKEN_ROWS
+from .tokens import TokenTarget, build_token_modules, is_token_module, plan_tokens, row_masks, token_modules
 
 BANK = "lora_bank"  # <module>.lora_bank[name]: an inactive named adapter's tensors
 
@@ -100,6 +103,8 @@ def mark_trainable(model: nn.Module, state: LoRAState | None = None) -> None:
     for name in state.modules_to_save:
         for pname, p in model.get_submodule(name).named_parameters():
             p.requires_grad_(f"{BANK}." not in f"{pname}.")  # the active adapter's copy only
+    for module in token_modules(model).values():  # the token rows only, never the table
+        module.token_rows.requires_grad_(True)
 
 
 @dataclass
@@ -126,6 +131,7 @@ class ParameterCount:
 def count_parameters(model: nn.Module) -> ParameterCount:
     trainable = total = lora = 0
     adapter = {f"{n}.{leaf}" if n else leaf for n, m in lora_layers(model).items() for leaf in m.adapter_names}
+    adapter |= {f"{n}.{TOKEN_ROWS}" if n else TOKEN_ROWS for n in token_modules(model)}
     for name, p in model.named_parameters():
         total += p.numel()
         if p.requires_grad:
@@ -147,10 +153,12 @@ def base_memory(model: nn.Module) -> dict[str, int]:
 
 def adapter_param_names(model: nn.Module, all_adapters: bool = False) -> list[str]:
     """State-dict keys that make up the (active) adapter: A/B (and a variant's own tensors), trainable
-    biases, ``modules_to_save`` (with their buffers); ``all_adapters``: the inactive named adapters' too."""
+    biases, ``modules_to_save`` (with their buffers), trainable token rows and their indices; ``all_adapters``: the
+    inactive named adapters' too."""
     state = get_lora_state(model)
     keys: list[str] = []
     adapted = lora_layers(model)
+    tokens = token_modules(model)
     saved = tuple(s + "." for s in state.modules_to_save)
     for key in model.state_dict(keep_vars=True):
         if f".{BANK}." in f".{key}":
@@ -158,7 +166,9 @@ def adapter_param_names(model: nn.Module, all_adapters: bool = False) -> list[st
                 keys.append(key)
             continue
         owner, _, leaf = key.rpartition(".")
-        adapter_tensor = owner in adapted and leaf in adapted[owner].adapter_names
+        adapter_tensor = (owner in adapted and leaf in adapted[owner].adapter_names) or (
+            owner in tokens and leaf in TOKEN_LEAVES
+        )
         trained_bias = leaf == "bias" and (
             state.config.bias == "all" or (state.config.bias == "lora_only" and owner in adapted)
         )
@@ -177,8 +187,17 @@ def fingerprint_for(model: nn.Module, plan: Plan) -> dict:
     names = plan.names
     tied = [f for s in plan for f in s.tied]
     exclude = identity_exclusions(model, plan.config, names + tied, plan.modules_to_save)
-    plan.fingerprint = base_fingerprint(model, names, exclude)
+    plan.fingerprint = base_fingerprint(model, names, exclude, row_masks(model, tokens_for(model, plan)))
     return plan.fingerprint
+
+
+def tokens_for(model: nn.Module, plan: Plan) -> list[TokenTarget]:
+    """The trainable tokens of ``plan.config`` in ``model`` (checked against the planned adapters; kept on the plan)."""
+    cached = getattr(plan, "tokens", None)
+    if cached is None:
+        adapted = plan.names + [f for s in plan for f in s.tied]
+        cached = plan.tokens = plan_tokens(model, plan.config, adapted, plan.modules_to_save)
+    return cached
 
 
 def planned_record(model: nn.Module, config: LoRAConfig) -> tuple[Plan, LoRAState]:
@@ -199,12 +218,15 @@ def planned_record(model: nn.Module, config: LoRAConfig) -> tuple[Plan, LoRAStat
                 "shapes": [recorded["shapes"][index[n]] for n in names],
                 "samples": None if not samples else [samples[index[n]] for n in names],
                 "tensors": recorded.get("tensors"),
-            }
+            } | ({"dropped_rows": recorded["dropped_rows"]} if recorded.get("dropped_rows") else {})
         else:  # other matrices than the record's: their shapes and samples from the model as it is now
             fingerprint = base_fingerprint(model, names, ()) | {"tensors": recorded.get("tensors")}
+            fingerprint |= {"dropped_rows": recorded["dropped_rows"]} if recorded.get("dropped_rows") else {}
     else:
         fingerprint = fingerprint_for(model, plan)
-    return plan, LoRAState(config, {s.name: s.structure() for s in plan}, list(plan.modules_to_save), fingerprint)
+    tokens = {t.name: list(t.indices) for t in tokens_for(model, plan)}
+    structures = {s.name: s.structure() for s in plan}
+    return plan, LoRAState(config, structures, list(plan.modules_to_save), fingerprint, tokens)
 
 
 def planned_state(model: nn.Module, config: LoRAConfig) -> LoRAState:
@@ -246,6 +268,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig, plan: Plan | None = None) 
         )
     if plan is None or plan.config is not config:
         plan = plan_injection(model, config)
+    tokens = tokens_for(model, plan)  # trainable token rows: checked before anything changes
     sharded = [s.name for s in plan if _is_dtensor(module_weight(model.get_submodule(s.name)))]
     if sharded:
         raise LoRAConfigError(
@@ -282,13 +305,18 @@ def inject_lora(model: nn.Module, config: LoRAConfig, plan: Plan | None = None) 
                 host = variant.build_host(base, None)
                 host.train(base.training)
                 built[id(base)] = host
+    built.update(build_token_modules(model, tokens, config))
     replace_modules(model, built)
     handle = attach(model)
     for kind in registry.LAYER_KINDS.values():
         handle.guards += kind.guards(model, adapted)
     layers = lora_layers(model)
     handle.record = LoRAState(
-        config, {s.name: layers[s.name].structure() for s in plan}, list(plan.modules_to_save), fingerprint
+        config,
+        {s.name: layers[s.name].structure() for s in plan},
+        list(plan.modules_to_save),
+        fingerprint,
+        {t.name: list(t.indices) for t in tokens},
     )
     handle.adapters = None
     handle.originals = originals_of(model, plan.modules_to_save)
@@ -308,13 +336,13 @@ def originals_of(model: nn.Module, modules_to_save: list[str]) -> dict[str, torc
 
 
 def remove_lora(model: nn.Module) -> nn.Module:
-    """Replace every LoRA layer by its plain base layer (merged weights stay merged), in place; the
-    inactive named adapters are dropped."""
+    """Replace every LoRA layer (and trainable-tokens module) by its plain base layer (merged weights stay merged), in
+    place; the inactive named adapters are dropped."""
     handle = injected_handle(model)
     for module in model.modules():
         if BANK in module._modules:
             del module._modules[BANK]
-    places = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if is_lora_module(m)]
+    places = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if is_lora_module(m) or is_token_module(m)]
     bases: dict[int, nn.Module] = {}  # one base module per LoRA layer, shared again where the layer was
     for name, layer in reversed(places):  # children (an attention host's out_proj) before parents
         if id(layer) not in bases:

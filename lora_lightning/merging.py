@@ -25,12 +25,15 @@ from .injection import get_lora_state, lora_layers, remove_lora
 from .layers import LoRALayer, is_lora_layer, is_lora_module
 from .sharding import check_not_sharded
 from .state import lora_handle
+from .tokens import ROWS as TOKEN_ROWS
+from .tokens import TrainableTokens, token_modules, token_readers
 
 
 def is_merged(model: nn.Module) -> bool:
-    """True when every LoRA layer of ``model`` is merged (False when there are none)."""
+    """True when every LoRA layer (and trainable-tokens module) of ``model`` is merged (False when there are none)."""
     layers = list(lora_layers(model).values())
-    return bool(layers) and all(layer.merged for layer in layers)
+    tokens = token_modules(model).values()
+    return bool(layers) and all(layer.merged for layer in layers) and all(t.token_merged for t in tokens)
 
 
 def check_mergeable(model: nn.Module) -> None:
@@ -90,6 +93,13 @@ def check_finite_merge(model: nn.Module, layers: dict[str, LoRALayer] | None = N
             f"safe_merge: merging into {name} gives {bad} non-finite value(s): {cause}; nothing was merged "
             "(fix or retrain that adapter, or leave it unmerged)"
         )
+    for name, module in token_modules(model).items():
+        rows = module.merged_weight().index_select(0, module.token_indices)
+        if not bool(torch.isfinite(rows).all()):
+            raise NonFiniteError(
+                f"safe_merge: merging the trainable token rows into {name} gives {int((~torch.isfinite(rows)).sum())} "
+                "non-finite value(s); nothing was merged (fix or retrain those rows, or leave them unmerged)"
+            )
 
 
 def _fold_all(model: nn.Module, merge: bool, safe_merge: bool = False) -> int:
@@ -100,7 +110,10 @@ def _fold_all(model: nn.Module, merge: bool, safe_merge: bool = False) -> int:
     if merge:
         check_mergeable(model)
     layers = lora_layers(model)
-    wrong = [n for n, layer in layers.items() if layer.merged == merge]
+    tokens = token_modules(model)
+    wrong = [n for n, layer in layers.items() if layer.merged == merge] + [
+        n for n, t in tokens.items() if t.token_merged == merge
+    ]
     if wrong:
         raise MergeStateError(
             f"{len(wrong)} LoRA layer(s) are already merged (e.g. {wrong[0]}); merging again would add ΔW twice. "
@@ -113,11 +126,14 @@ def _fold_all(model: nn.Module, merge: bool, safe_merge: bool = False) -> int:
         check_finite_merge(model, layers)  # every merged weight in a copy first: raises before any weight changes
     for layer in layers.values():
         layer.merge() if merge else layer.unmerge()
-    return len(layers)
+    for module in tokens.values():  # the token rows written into (or taken out of) their tables
+        module.merge() if merge else module.unmerge()
+    return len(layers) + len(tokens)
 
 
 def merge_lora(model: nn.Module, safe_merge: bool = False) -> int:
-    """Fold every adapter into its base weight. Returns the number of merged matrices.
+    """Fold every adapter into its base weight (and trainable token rows into their tables). Returns the number of
+    merged matrices (token tables included).
 
     ``safe_merge=True`` (as PEFT's): every merged weight is first computed in a copy and checked finite; if one
     holds inf/NaN, :class:`NonFiniteError` names its module and no weight of the model has changed."""
@@ -161,6 +177,7 @@ def merged_state_dict(model: nn.Module, submodule: str = "") -> dict[str, Tensor
     """
     check_mergeable(model)
     layers = adapted_modules(model)
+    tokens: dict[str, TrainableTokens] = token_readers(model)
     out: dict[str, Tensor] = {}
     for key, value in model.state_dict().items():
         if ".lora_bank." in f".{key}":  # inactive named adapters
@@ -169,6 +186,10 @@ def merged_state_dict(model: nn.Module, submodule: str = "") -> dict[str, Tensor
         layer = layers.get(owner)
         if layer is not None and leaf in layer.state_names:
             continue
+        if owner in tokens and leaf in (TOKEN_ROWS, "token_indices", "token_original"):
+            continue
+        if owner in tokens and leaf == "weight":  # the table with the token rows written in
+            value = tokens[owner].merged_weight()
         if layer is not None and leaf == layer.base_weight_name:
             value = layer.merged_weight()  # stored layout: transposed for Conv1D, in_proj_weight for MHA
         out[key] = value

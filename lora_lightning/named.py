@@ -42,6 +42,8 @@ from .layers import AdapterSlots, LoRALayer, stream_generator
 from .merging import merge_task_tensors
 from .record import LoRAState
 from .state import DEFAULT, LoRAHandle, NamedAdapters, get_lora_state, injected_handle, lora_handle
+from .tokens import LEAVES as TOKEN_LEAVES
+from .tokens import TrainableTokens, token_modules, token_record
 
 # PEFT's combination types; the pruning ones (TIES, DARE, magnitude) act on A and B separately, their ``_svd`` forms
 # on ΔW
@@ -75,10 +77,12 @@ def has_named_adapters(model: nn.Module) -> bool:
 # --------------------------------------------------------------------------- carriers
 def _carriers(model: nn.Module) -> dict[str, tuple[nn.Module, tuple[str, ...]]]:
     """Every module that holds adapter tensors, with the leaf names of those tensors: the LoRA layers
-    (``lora_A``, ``lora_B``) and each ``modules_to_save`` submodule with parameters of its own."""
+    (``lora_A``, ``lora_B``), the trainable-tokens modules (``token_rows``, ``token_indices``: each adapter its own
+    rows) and each ``modules_to_save`` submodule with parameters of its own."""
     out: dict[str, tuple[nn.Module, tuple[str, ...]]] = {
         n: (m, tuple(m.adapter_names)) for n, m in lora_layers(model).items()
     }
+    out |= {n: (m, TOKEN_LEAVES) for n, m in token_modules(model).items()}  # type: ignore[misc]
     for root in get_lora_state(model).modules_to_save:
         for sub_name, sub in model.get_submodule(root).named_modules():
             if isinstance(sub, (AdapterSlots, nn.ModuleDict)) and BANK in sub_name.split("."):
@@ -120,7 +124,8 @@ def _refresh_record(model: nn.Module, handle: LoRAHandle, name: str) -> None:
     old = handle.record
     assert old is not None
     structures = {n: layer.structure() for n, layer in lora_layers(model).items()}
-    handle.record = LoRAState(handle.named().configs[name], structures, list(old.modules_to_save), old.fingerprint)
+    config = handle.named().configs[name]
+    handle.record = LoRAState(config, structures, list(old.modules_to_save), old.fingerprint, token_record(model))
 
 
 def check_adapter_name(name: Any) -> str:
@@ -164,7 +169,11 @@ def unchanged(model: nn.Module) -> Iterator[None]:
     saved_named = NamedAdapters(named.active, dict(named.configs))
     saved_record = handle.record
     carriers = list(_carriers(model).values())
-    slots = [(m, leaf, m._parameters.get(leaf)) for m, leaves in carriers for leaf in leaves]
+    slots = [  # a leaf is a parameter, or a buffer (trainable tokens' indices)
+        (m._parameters if leaf in m._parameters else m._buffers, leaf, getattr(m, leaf))
+        for m, leaves in carriers
+        for leaf in leaves
+    ]
     banks = [
         (m, m._modules.get(BANK), dict(m._modules[BANK].items()) if BANK in m._modules else None) for m, _ in carriers
     ]
@@ -173,8 +182,8 @@ def unchanged(model: nn.Module) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        for m, leaf, p in slots:
-            m._parameters[leaf] = p
+        for where, leaf, p in slots:
+            where[leaf] = p
         for m, bank, entries in banks:
             if bank is None:
                 m._modules.pop(BANK, None)
@@ -247,6 +256,12 @@ def _check_same_structure(model: nn.Module, name: str, config: LoRAConfig) -> Lo
             f"{state.modules_to_save}; "
             "named adapters have the same modules_to_save (each its own copy)"
         )
+    if sorted(planned.tokens) != sorted(token_modules(model)):
+        raise AdapterMismatchError(
+            f"add_adapter({name!r}): it trains token rows of {sorted(planned.tokens) or 'no module'}, the model's "
+            f"adapters of {sorted(token_modules(model)) or 'no module'}; named adapters train rows of the same "
+            "embeddings (the indices may differ)"
+        )
     return planned
 
 
@@ -279,6 +294,8 @@ def add_adapter(model: nn.Module, name: str, config: LoRAConfig | Mapping[str, A
             s = planned.modules[module_name]
             gen = None if config.init_seed is None else stream_generator(config.init_seed, module_name, s["r"])
             built.append((module, module.new_adapter_slots(s["r"], s["alpha"], s["scaling"], gen)))  # type: ignore[arg-type]
+        elif isinstance(module, TrainableTokens):  # its rows at the new adapter's indices, from the table
+            built.append((module, AdapterSlots(module.new_slots(planned.tokens[module_name]))))
         else:
             tensors = {}
             for leaf in leaves:
@@ -390,18 +407,18 @@ def disable_adapter(model: nn.Module) -> Iterator[None]:
     """Inside the block the model computes exactly its base outputs: no adapter update, and the
     ``modules_to_save`` at their values from before injection."""
     _check_unmerged(model, "disable_adapter")
-    layers = list(lora_layers(model).values())
+    layers: list[LoRALayer | TrainableTokens] = [*lora_layers(model).values(), *token_modules(model).values()]
     originals = injected_handle(model).originals
     swapped: list[tuple[nn.Module, str, Tensor]] = []
     for module_name, (module, leaves) in _carriers(model).items():
-        if isinstance(module, LoRALayer):
+        if isinstance(module, (LoRALayer, TrainableTokens)):
             continue
         for leaf in leaves:
             key = f"{module_name}.{leaf}"
             if key not in originals:
                 raise AdapterMismatchError(f"disable_adapter: no value from before injection is kept for {key}")
     for module_name, (module, leaves) in _carriers(model).items():
-        if isinstance(module, LoRALayer):
+        if isinstance(module, (LoRALayer, TrainableTokens)):
             continue
         for leaf in leaves:
             current = getattr(module, leaf)
@@ -410,13 +427,14 @@ def disable_adapter(model: nn.Module) -> Iterator[None]:
             setattr(
                 module, leaf, nn.Parameter(original.to(device=current.device, dtype=current.dtype), requires_grad=False)
             )
+    flag = {id(m): "lora_disabled" if isinstance(m, LoRALayer) else "token_disabled" for m in layers}
     for layer in layers:
-        layer.lora_disabled = True
+        setattr(layer, flag[id(layer)], True)
     try:
         yield
     finally:
         for layer in layers:
-            layer.lora_disabled = False
+            setattr(layer, flag[id(layer)], False)
         for module, leaf, current in swapped:
             setattr(module, leaf, current)
 
@@ -512,6 +530,11 @@ def mixed_batch(
     if unknown:
         raise AdapterMismatchError(f"mixed_batch: unknown adapter name(s) {unknown}; the model holds {known}")
     _check_unmerged(model, "mixed_batch")
+    if token_modules(model):
+        raise LoRAConfigError(
+            f"mixed_batch does not route trainable token rows ({sorted(token_modules(model))}); run the samples of "
+            "each adapter in batches of their own with set_adapter"
+        )
     layers = lora_layers(model)
     unsupported = [n for n, layer in layers.items() if not layer.supports_routing or layer.variant_name != "lora"]
     if unsupported:
@@ -812,6 +835,11 @@ def add_weighted_adapter(
         _check_name(model, a, exists=True)
     _check_name(model, adapter_name, exists=False)
     _check_unmerged(model, "add_weighted_adapter")
+    if token_modules(model):
+        raise LoRAConfigError(
+            f"add_weighted_adapter does not combine trainable token rows ({sorted(token_modules(model))}: each adapter "
+            "replaces them with values of its own); combine adapters without trainable_token_indices"
+        )
     named = named_adapters(model)
     configs = [named.configs[a] for a in adapters]
     layers = lora_layers(model)

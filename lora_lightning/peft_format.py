@@ -5,7 +5,10 @@ Both libraries store ``A: r x d_in`` and ``B: d_out x r`` per adapted module (al
 ``Conv1D``, where PEFT uses ``fan_in_fan_out=True`` and so do we, implicitly) and scale by
 ``lora_alpha / r`` (or ``/ sqrt(r)`` with rsLoRA). PEFT keys are
 ``base_model.model.<module>.lora_A.weight``; ``modules_to_save`` are stored as
-``base_model.model.<module>.<param>``.
+``base_model.model.<module>.<param>``; trainable token rows as
+``base_model.model.<module>.token_adapter.trainable_tokens_delta`` (the rows' values, as ours) with
+``trainable_token_indices = {module: indices}`` (a tied output head is PEFT's to tie: it does so for a transformers
+model's input embedding when ``tie_word_embeddings``).
 
 Fused-block adapters (``targets=["q", "v"]`` on GPT-2's ``c_attn``) export exactly as a
 whole-``c_attn`` PEFT adapter of rank ``n·r``: ``A' = [A_q; A_v]`` and ``B'`` block-structured,
@@ -37,8 +40,10 @@ from .hotswap import padded_rank, unpadded
 from .injection import BANK, get_lora_state, has_lora, inject_lora, lora_layers
 from .layers import LoRALayer, is_lora_layer
 from .named import active_adapter, add_adapter, check_adapter_name, delete_adapter, list_adapters, use_adapter
+from .tokens import token_modules, token_readers
 
 PEFT_PREFIX = "base_model.model."
+TOKENS_KEY = "token_adapter.trainable_tokens_delta"  # PEFT's trainable token rows, below the module's name
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 # PEFT LoraConfig options that change the math in ways lora_lightning does not reproduce
@@ -49,7 +54,6 @@ _UNSUPPORTED = {
     "layer_replication": (None,),
     "layers_to_transform": (None,),
     "target_parameters": (None, []),
-    "trainable_token_indices": (None,),
     "alora_invocation_tokens": (None,),
     "megatron_config": (None,),
     "use_bdlora": (None, False),
@@ -107,10 +111,12 @@ def export_peft_adapter(
             )
         if isinstance(module, LoRALayer) and not is_lora_layer(module):  # a host: its kind decides
             registry.layer_kind(module.lora_kind).peft_tensors(module)
-    if any(layer.merged for layer in layers.values()):
+    tokens = token_modules(model)
+    if any(layer.merged for layer in layers.values()) or any(t.token_merged for t in tokens.values()):
         raise LoRAConfigError(
             "the adapters are merged into the base weights; call unmerge_lora(model) before exporting"
         )
+    _check_peft_ties(model, submodule)
     tensors: dict[str, Tensor] = {}
     targets: list[str] = []
     rank_pattern: dict[str, int] = {}
@@ -131,6 +137,8 @@ def export_peft_adapter(
             alpha_pattern[pattern] = alpha_eff
         if kind.linear:  # PEFT's fan_in_fan_out describes Linear-like weights only
             fan_in_fan_out.append(layer.fan_in_fan_out)
+    for name, t in tokens.items():  # the rows' values, as PEFT keeps them
+        tensors[f"{PEFT_PREFIX}{_relative(name, submodule)}.{TOKENS_KEY}"] = t.token_rows.detach()
     for saved in state.modules_to_save:
         rel = _relative(saved, submodule)
         for key, value in model.get_submodule(saved).state_dict().items():
@@ -148,6 +156,8 @@ def export_peft_adapter(
         "bias": "none",
         "use_rslora": config.use_rslora,
         "modules_to_save": [_relative(s, submodule) for s in state.modules_to_save] or None,
+        "trainable_token_indices": {_relative(n, submodule): t.token_indices.tolist() for n, t in tokens.items()}
+        or None,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "init_lora_weights": True,
@@ -159,6 +169,25 @@ def export_peft_adapter(
     atomic_write_bytes(directory / WEIGHTS_NAME, save(data, metadata={"format": "pt"}))
     atomic_write_bytes(directory / CONFIG_NAME, json.dumps(peft_config, indent=2, sort_keys=True).encode())
     return directory
+
+
+def _check_peft_ties(model: nn.Module, submodule: str) -> None:
+    """Refuse (one line) trainable token rows read by a tied module where PEFT would not tie them: PEFT ties the
+    modules holding a transformers model's input embedding when its config has ``tie_word_embeddings``."""
+    readers = token_readers(model)
+    hf = model.get_submodule(submodule) if submodule else model
+    for name, module in token_modules(model).items():
+        followers = sorted(n for n, m in readers.items() if m.token_leader is module)
+        if not followers:
+            continue
+        getter = getattr(hf, "get_input_embeddings", None)
+        tied = bool(getattr(getattr(hf, "config", None), "tie_word_embeddings", False))
+        if not (tied and callable(getter) and getter() is module):
+            raise LoRAConfigError(
+                f"the trainable token rows of {name} are read by {followers[0]}, which holds the same weight; PEFT "
+                "ties only a transformers model's input embedding (config.tie_word_embeddings=True) to its output: "
+                "save with save_adapter(), or untie the weights"
+            )
 
 
 def export_peft_adapters(
@@ -251,9 +280,12 @@ def import_peft_adapter(
     prefix = submodule + "." if submodule else ""
     lora: dict[str, dict[str, Tensor]] = {}
     other: dict[str, Tensor] = {}
+    rows: dict[str, Tensor] = {}  # trainable token rows, by module
     for key, value in tensors.items():
         match = _LORA_KEY.match(key)
-        if match:
+        if key.endswith("." + TOKENS_KEY):
+            rows[key.removeprefix(PEFT_PREFIX)[: -len(TOKENS_KEY) - 1]] = value
+        elif match:
             lora.setdefault(match["module"], {})[match["ab"] or match["eab"]] = value
         elif ".lora_" in key:
             raise LoRAConfigError(f"unsupported PEFT tensor {key!r} (only lora_A/lora_B weights are supported)")
@@ -264,6 +296,7 @@ def import_peft_adapter(
     incomplete = [m for m, ab in lora.items() if set(ab) != {"A", "B"}]
     if incomplete:
         raise AdapterFileError(f"PEFT adapter lacks lora_A or lora_B for {incomplete[:3]}")
+    token_indices = _peft_token_indices(cfg, rows, directory)
     r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, float] = {}
@@ -288,6 +321,7 @@ def import_peft_adapter(
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
         use_rslora=bool(cfg.get("use_rslora", False)),
+        trainable_token_indices={prefix + m: i for m, i in token_indices.items()} or None,
     )
     for module in lora:
         try:
@@ -306,7 +340,7 @@ def import_peft_adapter(
         add_adapter(model, adapter_name, config)  # type: ignore[arg-type]
         try:
             with use_adapter(model, adapter_name, trainable=True):  # type: ignore[arg-type]
-                _copy_peft_tensors(model, lora, other, prefix)
+                _copy_peft_tensors(model, lora, other, prefix, rows)
         except BaseException:
             delete_adapter(model, adapter_name)  # type: ignore[arg-type]
             raise
@@ -315,14 +349,47 @@ def import_peft_adapter(
         add_adapter(model, adapter_name, config)
     else:
         inject_lora(model, config)
-    _copy_peft_tensors(model, lora, other, prefix)
+    _copy_peft_tensors(model, lora, other, prefix, rows)
     return config
 
 
+def _peft_token_indices(cfg: dict[str, Any], rows: dict[str, Tensor], directory: str | os.PathLike) -> dict[str, list]:
+    """``{module: indices}`` of a PEFT adapter's trainable token rows (PEFT's ``trainable_token_indices``, a list for
+    the input embedding or ``{name: indices}``; a tied module's rows are not in the file: it follows the embedding)."""
+    spec = cfg.get("trainable_token_indices")
+    out = {}
+    for module, value in rows.items():
+        if isinstance(spec, dict):
+            key = next((k for k in spec if module == k or module.endswith("." + k)), None)
+            indices = spec.get(key) if key is not None else None
+        else:
+            indices = spec
+        if not isinstance(indices, list) or len(indices) != value.shape[0]:
+            raise AdapterFileError(
+                f"the PEFT adapter in {str(directory)!r} holds {value.shape[0]} trainable token rows for {module} but "
+                f"its trainable_token_indices={spec!r} gives {indices!r} for it"
+            )
+        out[module] = indices
+    return out
+
+
 def _copy_peft_tensors(
-    model: nn.Module, lora: dict[str, dict[str, Tensor]], other: dict[str, Tensor], prefix: str
+    model: nn.Module,
+    lora: dict[str, dict[str, Tensor]],
+    other: dict[str, Tensor],
+    prefix: str,
+    rows: dict[str, Tensor] | None = None,
 ) -> None:
     params = model.state_dict()
+    for module, value in (rows or {}).items():
+        key = f"{prefix}{module}.token_rows"
+        if key not in params or tuple(params[key].shape) != tuple(value.shape):
+            raise AdapterMismatchError(
+                f"PEFT trainable token rows for {module} have shape {tuple(value.shape)} but the model has "
+                f"{tuple(params[key].shape) if key in params else 'none there'}"
+            )
+        with torch.no_grad():
+            params[key].copy_(value)
     with torch.no_grad():
         for module, ab in lora.items():
             for leaf, value in (("lora_A", ab["A"]), ("lora_B", ab["B"])):

@@ -76,16 +76,24 @@ def tensor_identity(t: Tensor) -> dict[str, Any]:
     }
 
 
-def base_identity(model: nn.Module, exclude: Iterable[str] = ()) -> dict[str, dict[str, Any]] | None:
+def base_identity(
+    model: nn.Module, exclude: Iterable[str] = (), drop_rows: Mapping[str, list[int]] | None = None
+) -> dict[str, dict[str, Any]] | None:
     """:func:`tensor_identity` of every state-dict tensor of ``model`` not in ``exclude`` (the adapter's own:
-    ``modules_to_save``, trained biases); ``None`` if a tensor is on the meta device. Hashes run in threads."""
+    ``modules_to_save``, trained biases); ``drop_rows``: ``{key: rows}`` left out of a tensor (the rows trainable
+    tokens replace). ``None`` if a tensor is on the meta device. Hashes run in threads."""
     skip = set(exclude)
+    drop = dict(drop_rows or {})
     tensors: dict[str, Tensor] = {}
     for key, value in model.state_dict(keep_vars=True).items():
         if key in skip or not isinstance(value, Tensor):
             continue
         if value.is_meta:
             return None
+        if key in drop:
+            keep = torch.ones(value.shape[0], dtype=torch.bool, device=value.device)
+            keep[drop[key]] = False
+            value = value.detach()[keep]
         tensors[key] = value
     if not tensors:
         return {}
@@ -93,11 +101,13 @@ def base_identity(model: nn.Module, exclude: Iterable[str] = ()) -> dict[str, di
         return dict(zip(tensors, pool.map(tensor_identity, tensors.values()), strict=True))
 
 
-def base_fingerprint(model: nn.Module, names: list[str], exclude: Iterable[str] = ()) -> dict[str, Any]:
+def base_fingerprint(
+    model: nn.Module, names: list[str], exclude: Iterable[str] = (), drop_rows: Mapping[str, list[int]] | None = None
+) -> dict[str, Any]:
     """``{"names", "shapes", "samples", "tensors"}``: the adapted modules (names sorted) and their weights'
     shapes, 16 sampled values of each (the cross-precision fallback; ``None`` on the meta device) and the
-    :func:`base_identity` of every base tensor but ``exclude``. Compute it before merging or quantizing
-    (the record keeps it)."""
+    :func:`base_identity` of every base tensor but ``exclude`` (and the ``drop_rows``). Compute it before merging
+    or quantizing (the record keeps it)."""
     ordered = sorted(names)
     shapes, samples = [], []
     for name in ordered:
@@ -111,7 +121,8 @@ def base_fingerprint(model: nn.Module, names: list[str], exclude: Iterable[str] 
         idx = torch.linspace(0, flat.numel() - 1, SAMPLES_PER_MATRIX, device=flat.device).long()
         if samples is not None:
             samples.append([float(v) for v in flat[idx].float().cpu()])
-    return {"names": ordered, "shapes": shapes, "samples": samples, "tensors": base_identity(model, exclude)}
+    out = {"names": ordered, "shapes": shapes, "samples": samples, "tensors": base_identity(model, exclude, drop_rows)}
+    return out | ({"dropped_rows": {k: list(v) for k, v in drop_rows.items()}} if drop_rows else {})
 
 
 def identity_exclusions(
@@ -246,7 +257,14 @@ def check_fingerprint(
     s_tensors, c_tensors = saved.get("tensors"), current.get("tensors")
     check_samples, compared = True, 0
     if s_tensors is not None and c_tensors is not None:
-        differ, unverifiable, compared = identity_differences(s_tensors, c_tensors, _key_map(s_names, mapping))
+        prefixes = _key_map(s_names, mapping)
+        s_rows, c_rows = saved.get("dropped_rows") or {}, current.get("dropped_rows") or {}
+        if s_rows or c_rows:  # a token table hashed without other rows on each side (other named adapters' rows)
+            s_prefix, c_prefix = prefixes
+            s_tensors = {
+                k: v for k, v in s_tensors.items() if s_rows.get(k) == c_rows.get(c_prefix + k[len(s_prefix) :])
+            }
+        differ, unverifiable, compared = identity_differences(s_tensors, c_tensors, prefixes)
         check_samples = bool(unverifiable)
     s_samples, c_samples = saved.get("samples"), current.get("samples")
     if check_samples and s_samples and c_samples:  # a version-2 record, or float16 vs bfloat16
@@ -269,13 +287,15 @@ def check_fingerprint(
 @dataclass
 class LoRAState:
     """What injection recorded on the model (and what adapter files and checkpoints store): the
-    config, ``{module: structure}`` of every adapted matrix, the ``modules_to_save`` and the base
-    fingerprint."""
+    config, ``{module: structure}`` of every adapted matrix, the ``modules_to_save``, the base
+    fingerprint and ``tokens``: ``{module: row indices}`` of the trainable tokens (``trainable_token_indices``
+    resolved; the modules reading them through a tied weight are not listed)."""
 
     config: LoRAConfig
     modules: dict[str, dict[str, Any]]
     modules_to_save: list[str]
     fingerprint: dict[str, Any] = field(default_factory=dict)
+    tokens: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def adapted(self) -> list[str]:
@@ -288,7 +308,7 @@ class LoRAState:
             "modules": {n: dict(s) for n, s in self.modules.items()},
             "modules_to_save": list(self.modules_to_save),
             "fingerprint": dict(self.fingerprint),
-        }
+        } | ({"tokens": {n: list(i) for n, i in self.tokens.items()}} if self.tokens else {})
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LoRAState:
@@ -302,14 +322,18 @@ class LoRAState:
                 alpha = float(first_match(config.alpha_pattern, name) or config.alpha)
                 modules[name] = {"r": r, "alpha": alpha, "scaling": config.scaling_for(r, alpha)}
         fingerprint = dict(data.get("fingerprint") or {})
-        return cls(config, {n: dict(s) for n, s in modules.items()}, list(data.get("modules_to_save", [])), fingerprint)
+        tokens = {n: [int(i) for i in idx] for n, idx in (data.get("tokens") or {}).items()}
+        return cls(
+            config, {n: dict(s) for n, s in modules.items()}, list(data.get("modules_to_save", [])), fingerprint, tokens
+        )
 
     def describe(self) -> str:
         """``'12 matrices (r=8 on q,v: ...)'``: what the adapters are, for log lines and errors."""
         ranks = sorted({s.get("r") for s in self.modules.values()})
         r_text = f"r={ranks[0]}" if len(ranks) == 1 else f"r in {ranks}"
         names = summarize_names(self.modules, 6)
-        return f"{len(self.modules)} matrices, {r_text}, variant={self.config.variant!r} ({names})"
+        rows = "".join(f"; trainable token rows {list(i)} of {n}" for n, i in self.tokens.items())
+        return f"{len(self.modules)} matrices, {r_text}, variant={self.config.variant!r} ({names}){rows}"
 
 
 def _close(a: Any, b: Any) -> bool:
@@ -321,8 +345,8 @@ def _close(a: Any, b: Any) -> bool:
 def differences(saved: LoRAState, current: LoRAState, source: str = "adapter", against: str = "model") -> list[str]:
     """Each difference that changes what the saved adapter weights mean, as ``"r: 4 in <source> vs 8 in
     <against>"``: variant and its structural options, the adapted modules (as resolved, not as spelled),
-    their rank / alpha / scaling / fused blocks, ``bias`` and ``modules_to_save``. Shapes are left to
-    :func:`check_fingerprint`. Raises :class:`AdapterMismatchError` outright when the same targets name
+    their rank / alpha / scaling / fused blocks, ``bias``, ``modules_to_save`` and the trainable token rows. Shapes
+    are left to :func:`check_fingerprint`. Raises :class:`AdapterMismatchError` outright when the same targets name
     other modules (another architecture)."""
     diffs: list[str] = []
     sc, cc = saved.config, current.config
@@ -385,6 +409,10 @@ def differences(saved: LoRAState, current: LoRAState, source: str = "adapter", a
         saved.modules_to_save, current.modules_to_save
     ) is None:
         differ("modules_to_save", saved.modules_to_save, current.modules_to_save)
+    if saved.tokens or current.tokens:
+        names = align_names(list(saved.tokens), list(current.tokens))
+        if names is None or any(list(i) != list(current.tokens[names[n]]) for n, i in saved.tokens.items()):
+            differ("trainable token rows", saved.tokens, current.tokens)
     return diffs
 
 

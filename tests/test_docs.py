@@ -35,6 +35,7 @@ RUN = {
     "many-adapters.md": 3,
     "fabric.md": 1,
     "monitor.md": 1,
+    "variants.md": 1,
 }
 
 
@@ -278,6 +279,47 @@ def test_monitor_example_logs_the_adapters_delta_norms(tmp_path, monkeypatch):
     )
     assert logged[-1][0] == steps and logged[-1][1] == pytest.approx(expected, rel=1e-5)
     assert logged[0][1] != pytest.approx(expected, rel=1e-3)  # step 2 logged the adapters as they were then
+
+
+class _Tokenizer:
+    """The tokenizer calls of docs/variants.md's example, on a 40-token vocabulary."""
+
+    def __init__(self) -> None:
+        self.vocab = {f"t{i}": i for i in range(40)}
+
+    def add_tokens(self, tokens: list[str], special_tokens: bool = False) -> int:
+        new = [t for t in tokens if t not in self.vocab]
+        self.vocab.update({t: len(self.vocab) + i for i, t in enumerate(new)})
+        return len(new)
+
+    def convert_tokens_to_ids(self, token: str) -> int:
+        return self.vocab[token]
+
+    def __len__(self) -> int:
+        return len(self.vocab)
+
+
+def test_trainable_tokens_example(tmp_path, monkeypatch):
+    """docs/variants.md, "Trainable tokens": on a tiny GPT-2 LM, the new token's row is all of the table that trains
+    (beside LoRA), the tied lm_head reads it, the file holds that row and its index, the merged model is a plain GPT-2
+    with the row in its table."""
+    from torch import nn
+
+    from conftest import tiny_gpt2
+
+    monkeypatch.chdir(tmp_path)
+    model = tiny_gpt2(lm_head=True)
+    ns = {"model": model, "tokenizer": _Tokenizer()}
+    exec(python_blocks("variants.md")[0], ns)  # noqa: S102
+    assert ns["tool"] == 40
+    tensors, _ = read_adapter(tmp_path / "tool.safetensors")
+    assert tensors["transformer.wte.token_indices"].tolist() == [40]
+    assert tuple(tensors["transformer.wte.token_rows"].shape) == (1, 16)
+    assert not any(k.endswith(("wte.weight", "lm_head.weight")) for k in tensors)
+    merged = ns["merged"]
+    assert type(merged.transformer.wte) is nn.Embedding and merged.transformer.wte.num_embeddings == 41
+    assert merged.lm_head.weight is merged.transformer.wte.weight
+    assert torch.equal(merged.transformer.wte.weight[40], tensors["transformer.wte.token_rows"][0])
 
 
 def test_api_reference_covers_the_public_api():

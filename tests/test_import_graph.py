@@ -20,7 +20,7 @@ STAGES: list[tuple[str, ...]] = [
     ("errors", "registry", "sharding", "analysis"),  # foundations: no lora_lightning imports but errors/registry
     ("quantization", "config"),  # storage formats; the validated options
     ("plan",),  # which matrices, at which rank
-    ("layers.*", "layers"),  # one module per base-layer kind
+    ("layers.*", "layers", "tokens"),  # one module per base-layer kind; trainable token rows
     ("shared_input", "variants.*", "variants", "budget"),  # fusion of layers; variants of the update; rank budgets
     ("record",),  # what an adapter records about its base
     ("state",),  # the one handle per adapted model

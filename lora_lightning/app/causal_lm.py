@@ -4,6 +4,8 @@
   once to a plain Hugging Face folder (fp32 safetensors + tokenizer) in the cache and reused.
 * :class:`CausalLMModule`: next-token cross-entropy on the answer tokens only (prompt tokens carry
   label -100), AdamW with linear warmup/decay; :func:`generate` greedy-decodes a batch of prompts.
+* :func:`add_new_tokens`: new special tokens in the tokenizer and rows for them in the embedding (``lora.new_tokens``:
+  trained as ``trainable_token_indices``).
 """
 
 from __future__ import annotations
@@ -110,6 +112,23 @@ def load_causal_lm(name_or_path: str | os.PathLike[str] = "smollm2") -> tuple[nn
         tok.pad_token = tok.eos_token
     model.train()
     return model, tok
+
+
+def add_new_tokens(model: nn.Module | None, tokenizer: Any, tokens: Sequence[str]) -> list[int]:
+    """Add ``tokens`` to ``tokenizer`` as special tokens (kept whole, never split; again: no change) and grow
+    ``model``'s input embedding (and the output layer tied to it) to the new vocabulary, as ``resize_token_embeddings``
+    does (transformers draws the new rows around the old rows' mean). Returns the tokens' ids, for
+    ``trainable_token_indices``."""
+    if isinstance(tokens, str) or not tokens or not all(isinstance(t, str) and t for t in tokens):
+        raise ValueError(f"lora.new_tokens={tokens!r} must be a list of token strings, e.g. ['<|sep|>']")
+    tokenizer.add_tokens(list(tokens), special_tokens=True)
+    ids = [int(i) for i in tokenizer.convert_tokens_to_ids(list(tokens))]
+    if model is None:
+        return ids
+    rows = model.get_input_embeddings().num_embeddings
+    if max(ids) >= rows:  # a vocabulary padded beyond the tokenizer already has the rows
+        model.resize_token_embeddings(max(len(tokenizer), max(ids) + 1))
+    return ids
 
 
 @torch.no_grad()

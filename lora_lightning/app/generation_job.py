@@ -127,6 +127,9 @@ def peft_logit_difference(model: CausalLMModule, peft_dir: Path, base: str, dm: 
 
     PeftModel = import_quietly("peft").PeftModel  # peft imports bitsandbytes and torchao when installed
     fresh, _ = load_causal_lm(resolve_decoder_path(base))
+    rows = model.model.get_input_embeddings().num_embeddings
+    if fresh.get_input_embeddings().num_embeddings != rows:  # lora.new_tokens: the same vocabulary (new rows: PEFT's)
+        fresh.resize_token_embeddings(rows)
     peft_model = PeftModel.from_pretrained(fresh, str(peft_dir)).eval()
     batch = next(iter(dm.val_dataloader()))
     was = model.training

@@ -41,12 +41,13 @@ from lora_lightning.config import all_option_defaults
 from lora_lightning.errors import AppConfigError, LoRAError
 from lora_lightning.injection import lora_layers
 
+from .causal_lm import add_new_tokens
 from .generation_data import GenerationDataModule
 from .generation_job import run_generation
 from .quiet import quiet_run, without_wandb_anonymous
 
 CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")  # also shipped in the wheel (package data)
-LORA_APP_KEYS = ("method", "budget", "merge_on_fit_end", "lr")
+LORA_APP_KEYS = ("method", "budget", "merge_on_fit_end", "lr", "new_tokens")
 METHODS = ("lora", "full", "head_only")
 USER_ERRORS = (LoRAError, FileNotFoundError)  # printed as one line, exit code 2
 LAST_CHECKPOINT = "last"  # checkpoints/last.ckpt: the weights after the latest validation
@@ -71,9 +72,18 @@ OmegaConf.register_new_resolver("cpu_precision", cpu_precision, replace=True)
 
 
 # --------------------------------------------------------------------------- building blocks
-def build_lora_config(cfg: DictConfig, model: pl.LightningModule) -> LoRAConfig:
-    """``cfg.lora`` -> :class:`LoRAConfig`, resolving ``modules_to_save: auto`` and ``budget``."""
+def build_lora_config(cfg: DictConfig, model: pl.LightningModule, new_token_ids: list[int] | None = None) -> LoRAConfig:
+    """``cfg.lora`` -> :class:`LoRAConfig`, resolving ``modules_to_save: auto`` and ``budget``; ``new_token_ids``
+    (``lora.new_tokens`` added to the tokenizer) join ``trainable_token_indices`` (the input embedding's)."""
     fields = {k: v for k, v in OmegaConf.to_container(cfg.lora, resolve=True).items() if k not in LORA_APP_KEYS}
+    if new_token_ids:
+        given = fields.get("trainable_token_indices")
+        if isinstance(given, dict):
+            raise AppConfigError(
+                "lora.new_tokens trains the new tokens' rows of the input embedding: give lora.trainable_token_indices "
+                "as a list of ids (the input embedding's) with it, not a mapping"
+            )
+        fields["trainable_token_indices"] = list(dict.fromkeys([*(given or []), *new_token_ids]))
     targets = fields.get("targets")
     if isinstance(targets, str) and not targets.startswith("re:"):  # "q+k+v+o": a list as one sweeper choice
         fields["targets"] = [t.strip() for t in targets.split("+") if t.strip()]
@@ -254,6 +264,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return done
 
     datamodule = instantiate(cfg.data, _convert_="all")
+    if cfg.lora.get("new_tokens"):  # in the tokenizer before the data is tokenized
+        if not isinstance(datamodule, GenerationDataModule):
+            raise AppConfigError(
+                "lora.new_tokens adds tokens for the causal-LM job (model=smollm2 data=e2e_nlg); a classifier's "
+                "tokenizer is not extended: drop it"
+            )
+        try:
+            add_new_tokens(None, datamodule.tokenizer, list(cfg.lora.new_tokens))
+        except ValueError as e:
+            raise AppConfigError(str(e)) from None
     datamodule.prepare_data()
     datamodule.setup("fit")
     if isinstance(datamodule, GenerationDataModule) or _is_causal_lm(cfg):
@@ -362,7 +382,12 @@ def run_causal_lm(cfg: DictConfig, datamodule: Any, out: Path, method: str) -> d
             "use lora or full"
         )
     model = instantiate(cfg.model, _convert_="all")
-    lora = build_lora_config(cfg, model) if method == "lora" else None
+    new_tokens = list(cfg.lora.get("new_tokens") or [])
+    try:  # new special tokens: in the tokenizer, rows for them in the embedding (trained as token rows with LoRA)
+        new_ids = add_new_tokens(model.model, datamodule.tokenizer, new_tokens) if new_tokens else []
+    except ValueError as e:
+        raise AppConfigError(str(e)) from None
+    lora = build_lora_config(cfg, model, new_ids) if method == "lora" else None
     logger = build_logger(cfg)
     trainer: pl.Trainer = instantiate(
         cfg.trainer, callbacks=build_callbacks(cfg, out, lora, monitor="val_loss"), logger=logger
@@ -382,6 +407,7 @@ def run_causal_lm(cfg: DictConfig, datamodule: Any, out: Path, method: str) -> d
         "r": lora.r if lora else None,
         "alpha": lora.alpha if lora else None,
         "lr": float(cfg.model.lr),
+        "new_tokens": dict(zip(new_tokens, new_ids, strict=True)),
         "params_base": base.total,
         "full_model_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
         **run_generation(cfg, datamodule, out, lora, trainer, model),
