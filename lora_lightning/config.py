@@ -131,6 +131,10 @@ class LoRAConfig:
             one autograd node (one fused backward: one ``∂[A_1;...;A_n]`` GEMM, ``∂x`` summed in place;
             lora_lightning.shared_input).
             A speed setting only: results equal the unfused layers' up to float round-off.
+        target_parameters: parameters to adapt that are no module's weight (PEFT's option of that name): a full
+            parameter name or a dotted suffix of one, e.g. ``["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]``
+            for transformers' MoE experts, whose 3-D ``[num_experts, ...]`` weights get one adapter per expert
+            (PEFT's layout). Adds to ``targets``; with only parameters to adapt, set ``targets=[]``.
         trainable_token_indices: rows of an embedding to train on their own, the rest of it frozen (PEFT's option of
             that name; lora_lightning.tokens): a list of token ids (the model's input embedding) or
             ``{module name: [ids]}`` (a full name or a dotted suffix, e.g. ``{"embed_tokens": [...], "lm_head": [...]}``
@@ -155,6 +159,7 @@ class LoRAConfig:
     variant: str = "lora"
     quantize_base: str | None = None
     fuse_shared_inputs: bool = True
+    target_parameters: list[str] = field(default_factory=list)
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
 
     # the registered name of this config class's variant; fields of a subclass that change what
@@ -175,13 +180,15 @@ class LoRAConfig:
         return object.__new__(target)
 
     def __post_init__(self) -> None:
-        for name in ("targets", "layers", "modules_to_save", "rank_pattern", "alpha_pattern"):
+        for name in ("targets", "target_parameters", "layers", "modules_to_save", "rank_pattern", "alpha_pattern"):
             setattr(self, name, _plain(getattr(self, name)))
         tokens = self.trainable_token_indices = _plain(self.trainable_token_indices)
         if isinstance(tokens, dict):
             self.trainable_token_indices = {k: _plain(v) for k, v in tokens.items()}
         if isinstance(self.targets, str):
             self.targets = [self.targets]
+        if self.target_parameters is None:  # PEFT's default
+            self.target_parameters = []
         if isinstance(self.modules_to_save, str):
             self.modules_to_save = [self.modules_to_save]
         if isinstance(self.layers, int) and not isinstance(self.layers, bool):
@@ -223,14 +230,21 @@ class LoRAConfig:
             raise LoRAConfigError(
                 f"adapter_dtype={self.adapter_dtype!r} is not one of {DTYPE_OPTIONS}: use e.g. 'float32' or null"
             )
+        if not isinstance(self.target_parameters, list) or not all(
+            isinstance(t, str) and t for t in self.target_parameters
+        ):
+            raise LoRAConfigError(
+                f"target_parameters={self.target_parameters!r} must be a list of parameter names, e.g. "
+                "['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']"
+            )
         if (
             not isinstance(self.targets, list)
-            or not self.targets
+            or not (self.targets or self.target_parameters)
             or not all(isinstance(t, str) and t for t in self.targets)
         ):
             raise LoRAConfigError(
                 f"targets={self.targets!r} must be a non-empty list of strings, e.g. ['q', 'v'] "
-                "or ['attention.self.query', 're:.*value']"
+                "or ['attention.self.query', 're:.*value'] (it may be [] when target_parameters names parameters)"
             )
         check_token_indices(self.trainable_token_indices)
         if self.layers is not None and (

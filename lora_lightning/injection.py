@@ -19,7 +19,7 @@ from . import registry
 from .config import LoRAConfig
 from .errors import AlreadyInjectedError, LoRAConfigError
 from .layers import LoRALayer, LoRALinear, is_lora_layer, is_lora_module
-from .plan import AdapterSpec, Plan, module_weight, plan_injection, summarize_names
+from .plan import AdapterSpec, ParamTarget, Plan, module_weight, plan_injection, summarize_names, target_module
 from .record import LoRAState, base_fingerprint, identity_exclusions
 from .sharding import _is_dtensor
 from .shared_input import attach_tracker
@@ -71,6 +71,15 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+def place_parameter_layer(target: ParamTarget, layer: nn.Module) -> None:
+    """Put the LoRA layer of a parameter target into the model: the parameter moves into the layer (as its
+    ``weight``) and the layer takes its place as the owner's child of the same name, so the owner's ``state_dict``
+    keys stay the same (the layer kind's guards keep them and let the owner's forward read ``W + ΔW``)."""
+    owner = target.owner
+    del owner._parameters[target.param_name]
+    owner._modules[target.param_name] = layer
 
 
 def replace_modules(model: nn.Module, replacements: dict[int, nn.Module]) -> None:
@@ -269,7 +278,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig, plan: Plan | None = None) 
     if plan is None or plan.config is not config:
         plan = plan_injection(model, config)
     tokens = tokens_for(model, plan)  # trainable token rows: checked before anything changes
-    sharded = [s.name for s in plan if _is_dtensor(module_weight(model.get_submodule(s.name)))]
+    sharded = [s.name for s in plan if _is_dtensor(module_weight(target_module(model, s.name)))]
     if sharded:
         raise LoRAConfigError(
             f"the weights of {summarize_names(sharded, 3)} are already sharded (DTensor from fully_shard); an adapter "
@@ -280,10 +289,14 @@ def inject_lora(model: nn.Module, config: LoRAConfig, plan: Plan | None = None) 
     variant = registry.variant(config.variant)(model, config, plan)  # shared state; raises before any change
     # build everything first, swap in after: a failure while building leaves the model untouched
     built: dict[int, nn.Module] = {}
+    parameters: list[tuple[ParamTarget, nn.Module]] = []  # parameter targets: placed, not swapped in
     for s in plan:
-        base = model.get_submodule(s.name)
+        base = target_module(model, s.name)
         layer = variant.build(base, s)
         layer.train(base.training)
+        if isinstance(base, ParamTarget):
+            parameters.append((base, layer))
+            continue
         built[id(base)] = layer
         for follower in s.tied:  # same weight: the follower reads this layer's adapter
             f_base = model.get_submodule(follower)
@@ -307,6 +320,8 @@ def inject_lora(model: nn.Module, config: LoRAConfig, plan: Plan | None = None) 
                 built[id(base)] = host
     built.update(build_token_modules(model, tokens, config))
     replace_modules(model, built)
+    for target, layer in parameters:
+        place_parameter_layer(target, layer)
     handle = attach(model)
     for kind in registry.LAYER_KINDS.values():
         handle.guards += kind.guards(model, adapted)

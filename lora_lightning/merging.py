@@ -192,6 +192,8 @@ def merged_state_dict(model: nn.Module, submodule: str = "") -> dict[str, Tensor
             value = tokens[owner].merged_weight()
         if layer is not None and leaf == layer.base_weight_name:
             value = layer.merged_weight()  # stored layout: transposed for Conv1D, in_proj_weight for MHA
+        elif key in layers:  # a parameter target: its layer saves the weight under the parameter's own name
+            value = layers[key].merged_weight()
         out[key] = value
     if submodule:
         model.get_submodule(submodule)  # clear AttributeError for a wrong name

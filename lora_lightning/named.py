@@ -647,7 +647,7 @@ def _peft_delta(layer: LoRALayer, delta: Tensor) -> Tensor:
     if layer.fan_in_fan_out:
         return delta.T
     shape = getattr(layer, layer.base_weight_name).shape
-    if len(shape) <= 2:
+    if len(shape) <= 2 or layer.fused is not None:  # a fused part (one MoE expert of a 3-D stack): d_out x d_in
         return delta
     kernel = delta.reshape(shape)
     return kernel if tuple(shape[2:4]) == (1, 1) else kernel.transpose(0, 1).contiguous().transpose(0, 1)

@@ -17,6 +17,11 @@ module gets ``rank_pattern = n·r`` and ``alpha_pattern`` chosen so PEFT's scali
 Each layer kind says how its adapter looks in PEFT's layout, or refuses in one line where PEFT would
 compute something else (``nn.MultiheadAttention``; convolutions with dilation or non-zero padding modes,
 which PEFT's ``lora_A`` convolution ignores). Tied weights sharing one adapter have no PEFT layout either.
+
+Parameter targets (``target_parameters``, MoE experts) are PEFT's ``target_parameters``: PEFT wraps the targeted
+parameters of one module in nested ``ParamWrapper``s in the module's registration order, so their tensors sit under
+``<owner>.base_layer...`` (one ``base_layer`` per later parameter) and the last under ``<owner>``; a 3-D stack's
+``lora_B`` is ``d_out x r·E`` there (column ``j·E + e`` of expert ``e``), ``E·d_out x r`` here.
 """
 
 from __future__ import annotations
@@ -38,8 +43,9 @@ from .config import LoRAConfig
 from .errors import AdapterFileError, AdapterMismatchError, AlreadyInjectedError, LoRAConfigError, TargetNotFoundError
 from .hotswap import padded_rank, unpadded
 from .injection import BANK, get_lora_state, has_lora, inject_lora, lora_layers
-from .layers import LoRALayer, is_lora_layer
+from .layers import LoRALayer, is_lora_layer, peft_module_names
 from .named import active_adapter, add_adapter, check_adapter_name, delete_adapter, list_adapters, use_adapter
+from .plan import resolve_targets
 from .tokens import token_modules, token_readers
 
 PEFT_PREFIX = "base_model.model."
@@ -53,7 +59,6 @@ _UNSUPPORTED = {
     "lora_bias": (False, None),
     "layer_replication": (None,),
     "layers_to_transform": (None,),
-    "target_parameters": (None, []),
     "alora_invocation_tokens": (None,),
     "megatron_config": (None,),
     "use_bdlora": (None, False),
@@ -119,17 +124,20 @@ def export_peft_adapter(
     _check_peft_ties(model, submodule)
     tensors: dict[str, Tensor] = {}
     targets: list[str] = []
+    parameters: list[str] = []  # PEFT's target_parameters
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, float] = {}
     fan_in_fan_out = []
+    wrappers = peft_module_names(model, list(layers))  # parameter target -> the (nested) PEFT module holding it
     for name, layer in layers.items():
         rel = _relative(name, submodule)
         kind = registry.layer_kind(layer.lora_kind)
+        where = _relative(wrappers[name], submodule) if name in wrappers else rel
         for leaf, value in kind.peft_tensors(layer).items():  # fused: block-structured B'; embedding/conv: own shapes
-            tensors[f"{PEFT_PREFIX}{rel}.{leaf}"] = value
+            tensors[f"{PEFT_PREFIX}{where}.{leaf}"] = value
         r_eff = kind.peft_rank(layer)
         alpha_eff = layer.scaling * (math.sqrt(r_eff) if config.use_rslora else r_eff)
-        targets.append(rel)
+        (parameters if name in wrappers else targets).append(rel)
         pattern = "^" + re.escape(rel)  # PEFT matches patterns with re.match(r"(.*\.)?(pattern)$", name)
         if r_eff != config.r:
             rank_pattern[pattern] = r_eff
@@ -152,6 +160,7 @@ def export_peft_adapter(
         "lora_alpha": config.alpha,
         "lora_dropout": config.dropout,
         "target_modules": targets,
+        "target_parameters": parameters or None,
         "fan_in_fan_out": bool(fan_in_fan_out) and all(fan_in_fan_out),
         "bias": "none",
         "use_rslora": config.use_rslora,
@@ -278,6 +287,7 @@ def import_peft_adapter(
         )
     cfg, tensors = read_peft_adapter(directory)
     prefix = submodule + "." if submodule else ""
+    parameters = _peft_parameters(model.get_submodule(submodule) if submodule else model, cfg)  # PEFT module -> ours
     lora: dict[str, dict[str, Tensor]] = {}
     other: dict[str, Tensor] = {}
     rows: dict[str, Tensor] = {}  # trainable token rows, by module
@@ -286,7 +296,8 @@ def import_peft_adapter(
         if key.endswith("." + TOKENS_KEY):
             rows[key.removeprefix(PEFT_PREFIX)[: -len(TOKENS_KEY) - 1]] = value
         elif match:
-            lora.setdefault(match["module"], {})[match["ab"] or match["eab"]] = value
+            module = parameters.get(match["module"], match["module"])
+            lora.setdefault(module, {})[match["ab"] or match["eab"]] = value
         elif ".lora_" in key:
             raise LoRAConfigError(f"unsupported PEFT tensor {key!r} (only lora_A/lora_B weights are supported)")
         else:
@@ -300,8 +311,11 @@ def import_peft_adapter(
     r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, float] = {}
+    targeted = set(parameters.values())
     for module, ab in lora.items():
         r_m = ab["A"].shape[0]
+        if module in targeted:  # PEFT's r is per expert: its lora_A stacks r·E rows
+            r_m = int(_peft_pattern_value(cfg.get("rank_pattern") or {}, module, r))
         a_m = float(_peft_pattern_value(cfg.get("alpha_pattern") or {}, module, alpha))
         if r_m != r:
             rank_pattern[prefix + module] = r_m
@@ -311,7 +325,8 @@ def import_peft_adapter(
         r=r,
         alpha=alpha,
         dropout=float(cfg.get("lora_dropout") or 0.0),
-        targets=[prefix + m for m in lora],
+        targets=[prefix + m for m in lora if m not in targeted],
+        target_parameters=[prefix + m for m in lora if m in targeted],
         # PEFT task types add default heads ("classifier", "score"): keep those the file has tensors for
         modules_to_save=[
             prefix + m
@@ -324,6 +339,8 @@ def import_peft_adapter(
         trainable_token_indices={prefix + m: i for m, i in token_indices.items()} or None,
     )
     for module in lora:
+        if module in targeted:
+            continue
         try:
             target = model.get_submodule(prefix + module)
         except AttributeError:
@@ -373,6 +390,17 @@ def _peft_token_indices(cfg: dict[str, Any], rows: dict[str, Tensor], directory:
     return out
 
 
+def _peft_parameters(model: nn.Module, cfg: dict[str, Any]) -> dict[str, str]:
+    """``{PEFT module name: parameter target}`` for a PEFT adapter with ``target_parameters``: the parameters
+    PEFT's matching finds in ``model`` (adapted already or not), at the nesting PEFT gives them."""
+    names = cfg.get("target_parameters") or []
+    if not names:
+        return {}
+    probe = LoRAConfig(targets=[], target_parameters=list(names))
+    found = [t.name for t in resolve_targets(model, probe)]
+    return {wrapper: name for name, wrapper in peft_module_names(model, found).items()}
+
+
 def _copy_peft_tensors(
     model: nn.Module,
     lora: dict[str, dict[str, Tensor]],
@@ -390,9 +418,14 @@ def _copy_peft_tensors(
             )
         with torch.no_grad():
             params[key].copy_(value)
+    layers = lora_layers(model)
     with torch.no_grad():
         for module, ab in lora.items():
-            for leaf, value in (("lora_A", ab["A"]), ("lora_B", ab["B"])):
+            layer = layers.get(prefix + module)
+            A, B = ab["A"], ab["B"]
+            if layer is not None:  # PEFT's layout -> this layer's (a MoE expert stack's lora_B)
+                A, B = registry.layer_kind(layer.lora_kind).from_peft(layer, A, B)
+            for leaf, value in (("lora_A", A), ("lora_B", B)):
                 key = f"{prefix}{module}.{leaf}"
                 if key not in params or tuple(params[key].shape) != tuple(value.shape):
                     got = tuple(params[key].shape) if key in params else "missing"

@@ -24,6 +24,11 @@ GPT-2's ``c_attn``; naming the module itself adapts the whole matrix with one ad
 contiguous layouts are listed (GPT-NeoX/BLOOM ``query_key_value`` is interleaved per head); other
 models register theirs with :func:`register_fused_layout`.
 
+Parameters that are no module's weight (transformers' MoE experts hold ``gate_up_proj`` and ``down_proj`` as
+3-D ``[num_experts, ...]`` parameters) are named by ``target_parameters`` (PEFT's option): a full parameter name
+or a dotted suffix of one (``mlp.experts.gate_up_proj``). Each becomes a target named by the parameter
+(``model.layers.0.mlp.experts.gate_up_proj``), of the layer kind that adapts a :class:`ParamTarget`.
+
 Planning sees through adapters already in the model (an adapted layer counts as the layer it
 wraps), so a config can be planned, compared or budgeted on an injected model too.
 """
@@ -291,6 +296,116 @@ def module_weight(module: nn.Module) -> Tensor:
     return kind.weight(module)
 
 
+# --------------------------------------------------------------------------- parameter targets
+class ParamTarget(nn.Module):
+    """A parameter named by ``target_parameters``, ``owner.<param_name>``, seen as the module an adapter wraps (a
+    3-D MoE expert stack, or any 2-D weight a module reads as ``self.<param_name>``). Made while planning and
+    injecting, never put into the model: the layer kind that matches it builds the LoRA layer, which injection
+    places as the owner's child under the parameter's name (``name``: the parameter's full name)."""
+
+    def __init__(self, owner: nn.Module, param_name: str, name: str) -> None:
+        super().__init__()
+        self.__dict__["owner"] = owner  # not a submodule: the owner stays where it is
+        self.param_name, self.name = param_name, name
+        self.training = owner.training
+
+    @property
+    def param(self) -> Tensor:
+        return self.owner._parameters[self.param_name]  # type: ignore[return-value]
+
+    def extra_repr(self) -> str:
+        return f"{self.name}: {tuple(self.param.shape)}"
+
+
+def target_module(model: nn.Module, name: str) -> nn.Module:
+    """The module a planned adapter ``name`` wraps: ``model.get_submodule(name)``, or a :class:`ParamTarget` when
+    ``name`` is a parameter (``target_parameters``) not adapted yet (once adapted, its LoRA layer sits there)."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        owner_name, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        if isinstance(owner._parameters.get(leaf), nn.Parameter):
+            return ParamTarget(owner, leaf, name)
+        raise
+
+
+def _parameter_pattern(spec: str) -> Callable[[str], bool]:
+    """PEFT's ``target_parameters`` matching: the full name or a dotted suffix of it (no aliases); a glob or
+    ``re:<regex>`` as for targets."""
+    if spec.startswith("re:") or any(c in spec for c in "*?["):
+        return compile_pattern(spec)
+    return lambda name: name == spec or name.endswith("." + spec)
+
+
+def parameter_candidates(model: nn.Module) -> dict[str, nn.Module]:
+    """``{full name: module}`` of every parameter ``target_parameters`` may name: a :class:`ParamTarget` for a
+    parameter of a plain module, the LoRA layer for one adapted already (planning sees through adapters). The
+    tensors of LoRA modules themselves (and of what they hold) are not candidates."""
+    out: dict[str, nn.Module] = {}
+    lora_roots: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(root + ".") for root in lora_roots):
+            continue
+        if getattr(module, "lora_kind", None) is not None:  # a LoRA module (registry.kind_of sees through it)
+            lora_roots.append(name)
+            kind = registry.kind_of(module)
+            if kind is not None and kind.parameter:
+                out[name] = module
+            continue
+        for leaf, param in module._parameters.items():
+            if param is not None:
+                full = f"{name}.{leaf}" if name else leaf
+                out[full] = ParamTarget(module, leaf, full)
+    return out
+
+
+def _parameter_targets(
+    model: nn.Module, config: LoRAConfig, kept: Callable[[str], bool], modules: Iterable[str]
+) -> dict[str, nn.Module]:
+    """``{full name: ParamTarget or LoRA layer}`` of the parameters ``config.target_parameters`` names. Raises on an
+    entry matching nothing, a parameter no registered kind adapts (not 2-D or 3-D) or one whose module ``targets``
+    adapt as a whole too (two updates to one weight); two targets holding one tensor are refused."""
+    candidates = {n: m for n, m in parameter_candidates(model).items() if kept(n.rpartition(".")[0])}
+    hits: dict[str, nn.Module] = {}
+    for spec in config.target_parameters:
+        match = _parameter_pattern(spec)
+        found = [n for n in candidates if match(n)]
+        if not found:
+            shaped = [n for n, m in candidates.items() if registry.kind_of(m) is not None]
+            raise TargetNotFoundError(
+                f"target_parameters entry {spec!r} matched no parameter of {type(model).__name__}; parameters LoRA "
+                f"can adapt there (2-D or 3-D): {summarize_names(shaped, 25) or 'none'}. Give a full parameter name "
+                "or a dotted suffix of one, e.g. 'mlp.experts.gate_up_proj'"
+            )
+        for n in found:
+            if registry.kind_of(candidates[n]) is None:
+                shape = tuple(getattr(candidates[n], "param", torch.empty(0)).shape)
+                raise LoRAConfigError(
+                    f"target_parameters entry {spec!r} matches {n}, a parameter of shape {shape}; LoRA adapts a 2-D "
+                    "(d_out x d_in) or 3-D (experts x ...) floating-point weight: name another parameter"
+                )
+            hits[n] = candidates[n]
+    owners = set(modules)
+    for n in hits:
+        owner = n.rpartition(".")[0]
+        if owner in owners:
+            raise LoRAConfigError(
+                f"{n} is a parameter of {owner}, which targets adapt as a module too: its weight would get two "
+                "updates. Name it in targets or in target_parameters, not both"
+            )
+    holder: dict[int, str] = {}
+    for n, m in hits.items():
+        weight = registry.kind_of(m).weight(m)
+        if id(weight) in holder:
+            raise LoRAConfigError(
+                f"{holder[id(weight)]} and {n} hold one weight and are parameter targets, so their adapters would add "
+                "two updates to it (merging could not be exact): target only one of them, or untie the weights"
+            )
+        holder[id(weight)] = n
+    return hits
+
+
 # --------------------------------------------------------------------------- the plan
 @dataclass
 class AdapterSpec:
@@ -434,7 +549,7 @@ def resolve_targets(model: nn.Module, config: LoRAConfig) -> list[Target]:
             fused[name] = (module, layout)
         if kind.whole_module:
             whole[name] = module
-    if not whole and not fused:
+    if not whole and not fused and not config.target_parameters:
         raise TargetNotFoundError(
             f"{type(model).__name__} has no layer LoRA adapts ({adaptable_description()}) "
             "(if the model is built in configure_model(), inject after it has run)"
@@ -453,7 +568,8 @@ def resolve_targets(model: nn.Module, config: LoRAConfig) -> list[Target]:
                 chosen[n] = set()
             if chosen[n] is not None:
                 chosen[n].add(spec)  # type: ignore[union-attr]
-    names = list(chosen)
+    params = _parameter_targets(model, config, kept, chosen) if config.target_parameters else {}
+    names = list(chosen) + list(params)
     if config.layers is not None:
         indexed = {n: block_index(n) for n in names}
         present = sorted({i for i in indexed.values() if i is not None})
@@ -472,12 +588,21 @@ def resolve_targets(model: nn.Module, config: LoRAConfig) -> list[Target]:
             )
         names = [n for n in names if indexed[n] in wanted]
     aliases = _aliases(model)
-    followers = _tie_followers(whole, [n for n in names if chosen[n] is None])
-    _refuse_double_updates(model, names, chosen, followers)
+    modules = [n for n in names if n not in params]
+    followers = _tie_followers(whole, [n for n in modules if chosen[n] is None])
+    _refuse_double_updates(model, modules, chosen, followers)
     leader_of = {f: leader for leader, fs in followers.items() for f in fs}
     targets = []
     for n in dict.fromkeys(leader_of.get(n, n) if chosen.get(n) is None else n for n in names):
-        if chosen.get(n):
+        if n in params:
+            kind = registry.kind_of(params[n])
+            d_out, d_in = kind.dims(params[n])
+            blocks = kind.row_blocks(params[n])
+            owner, _, leaf = n.rpartition(".")
+            also = tuple(f"{a}.{leaf}" for a in aliases.get(owner, ()))
+            parts = blocks.adapted if blocks is not None else ()
+            targets.append(Target(n, kind.name, d_out, d_in, parts, blocks, aliases=also))
+        elif chosen.get(n):
             module, layout = fused[n]
             kind = registry.kind_of(module)
             kind.check_parts(module, n, sorted(chosen[n]))  # type: ignore[arg-type]

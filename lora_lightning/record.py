@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from .config import LoRAConfig
 from .errors import AdapterMismatchError, BaseModelMismatchError, LoRAConfigError
-from .plan import first_match, module_weight, summarize_names
+from .plan import first_match, module_weight, summarize_names, target_module
 
 FORMAT = "lora_lightning"
 FORMAT_VERSION = "3"
@@ -111,7 +111,7 @@ def base_fingerprint(
     ordered = sorted(names)
     shapes, samples = [], []
     for name in ordered:
-        weight = module_weight(model.get_submodule(name))  # .weight, or an nn.MultiheadAttention's in_proj_weight
+        weight = module_weight(target_module(model, name))  # .weight; an nn.MultiheadAttention's in_proj_weight
         shapes.append(list(weight.shape))
         if weight.is_meta:
             samples = None
@@ -369,13 +369,16 @@ def differences(saved: LoRAState, current: LoRAState, source: str = "adapter", a
             for where, names in ((source, only_s), (against, only_c))
             if names
         )
-        if (sc.targets, sc.layers) == (cc.targets, cc.layers):
+        spelled = [(c.targets, getattr(c, "target_parameters", []), c.layers) for c in (sc, cc)]
+        if spelled[0] == spelled[1]:
             raise AdapterMismatchError(
                 f"the {source} adapts modules this model does not have ({modules}): the same targets "
-                f"{sc.targets!r} name other modules here, so it was trained on another architecture. Load it onto "
-                "the model it was trained on"
+                f"{sc.targets!r} (target_parameters {spelled[0][1]!r}) name other modules here, so it was trained on "
+                "another architecture. Load it onto the model it was trained on"
             )
         diffs.append(f"targets: {sc.targets!r} in {source} vs {cc.targets!r} in {against} ({modules})")
+        if spelled[0][1] != spelled[1][1]:
+            differ("target_parameters", spelled[0][1], spelled[1][1])
         for key in ("r", "alpha"):  # per-module ranks cannot be paired up; the configs' can
             if getattr(sc, key) != getattr(cc, key):
                 differ(key, getattr(sc, key), getattr(cc, key))

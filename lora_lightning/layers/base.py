@@ -499,7 +499,8 @@ class LayerKind:
     ``linear`` (adapted by ``all-linear``), ``fusable`` (may hold a registered fused q/k/v layout),
     ``fused_parts`` (fixed parts, e.g. ``nn.MultiheadAttention``'s q/k/v), ``quantizable`` (``quantize_base``
     can store its weight), ``tieable`` (two such modules sharing one weight can share one adapter),
-    ``routable`` (``mixed_batch`` can route samples through it).
+    ``routable`` (``mixed_batch`` can route samples through it), ``parameter`` (it adapts a parameter named by
+    ``target_parameters``, a :class:`~lora_lightning.plan.ParamTarget`, not a module ``targets`` name).
     """
 
     name: ClassVar[str] = ""
@@ -512,6 +513,7 @@ class LayerKind:
     quantizable: ClassVar[bool] = False
     tieable: ClassVar[bool] = False
     routable: ClassVar[bool] = False
+    parameter: ClassVar[bool] = False
 
     def matches(self, module: nn.Module) -> bool:
         """Whether ``module`` (a plain, unadapted module) is of this kind."""
@@ -524,6 +526,11 @@ class LayerKind:
     def weight(self, module: nn.Module) -> Tensor:
         """The stored weight an adapter changes (merging writes into it)."""
         return module.weight  # type: ignore[return-value]
+
+    def row_blocks(self, module: nn.Module) -> FusedSlices | None:
+        """Fixed row blocks of the ``d_out x d_in`` weight that each get an adapter ``B_i·A_i`` of their own whatever
+        the targets say (the experts of a 3-D MoE parameter); ``None``: one adapter for the whole matrix."""
+        return None
 
     def check_parts(self, module: nn.Module, name: str, parts: list[str]) -> None:
         """Raise :class:`LoRAConfigError` if the fused ``parts`` of ``module`` cannot be adapted."""
@@ -554,6 +561,11 @@ class LayerKind:
     def peft_rank(self, layer: LoRALayer) -> int:
         """The rank PEFT sees (a fused layer exports its blocks as one adapter of rank ``n·r``)."""
         return int(layer.factors()[0].shape[0])
+
+    def from_peft(self, layer: LoRALayer, A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+        """A PEFT adapter's ``lora_A``, ``lora_B`` tensors for ``layer`` in this layer's layout (the inverse of
+        :meth:`peft_tensors`; the same tensors for most kinds)."""
+        return A, B
 
     def peft_import_leaves(self) -> dict[str, str]:
         """PEFT's tensor leaves -> this layer's (``lora_A.weight`` -> ``lora_A``)."""

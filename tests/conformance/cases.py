@@ -37,6 +37,8 @@ class Example:
     fused: bool = False
     peft: bool = True  # PEFT has an exact layout for it (else export/import must be refused)
     note: str = ""  # what makes this example special (shown in the matrix)
+    target_parameters: tuple[str, ...] = ()  # parameters named by target_parameters (with targets=())
+    weight: str = ""  # the tensor the "shared" topology shares, below the layer (default: weight / in_proj_weight)
 
 
 def _floats(*shape: int) -> Callable[[torch.Generator], Tensor]:
@@ -51,6 +53,22 @@ def _gpt2_conv1d(nf: int, nx: int) -> nn.Module:
 
 def _mha_run(m: nn.Module, x: Tensor) -> Tensor:
     return m(x, x, x, need_weights=False)[0]
+
+
+def _mixtral_moe() -> nn.Module:
+    """transformers' Mixtral sparse MoE block: a top-2 router over 4 experts held as 3-D parameters,
+    ``experts.gate_up_proj [4, 16, 16]`` and ``experts.down_proj [4, 16, 8]`` (``d_out x d_in`` per expert), eager."""
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    config = MixtralConfig(
+        hidden_size=16, intermediate_size=8, num_local_experts=4, num_experts_per_tok=2, experts_implementation="eager"
+    )
+    block = MixtralSparseMoeBlock(config)
+    with torch.no_grad():
+        for p in block.parameters():  # torch.empty in transformers: drawn here, from the caller's seed
+            p.normal_(0.0, 0.3)
+    return block
 
 
 # kind name -> its examples. A registered kind without an entry fails tests/test_conformance.py.
@@ -124,6 +142,20 @@ EXAMPLES: dict[str, list[Example]] = {
             note="padding_mode='reflect'",
         ),
     ],
+    "experts": [
+        Example(
+            "MoE experts (Mixtral)",
+            "experts",
+            _mixtral_moe,
+            _floats(3, 16),
+            attr="moe",
+            targets=(),
+            target_parameters=("experts.gate_up_proj", "experts.down_proj"),
+            weight="experts.gate_up_proj",
+            fused=True,
+            note="target_parameters: 3-D gate_up_proj and down_proj, one adapter per expert",
+        ),
+    ],
 }
 
 EXAMPLE_BY_NAME = {ex.name: ex for examples in EXAMPLES.values() for ex in examples}
@@ -166,6 +198,8 @@ class Case:
     def config(self, **overrides: Any) -> LoRAConfig:
         targets = list(self.example.targets) + (["head"] if self.topology == "tied-head" else [])
         options = {"r": 2, "alpha": 4.0, "targets": targets, "quantize_base": self.quantizer} | VARIANTS[self.variant]
+        if self.example.target_parameters:
+            options["target_parameters"] = list(self.example.target_parameters)
         return LoRAConfig(**(options | overrides))
 
 
@@ -215,8 +249,10 @@ class Net(nn.Module):
                 self.second = Holder(ex.attr, ex.build())
             elif case.topology == "shared":
                 twin = ex.build()
-                weight_name = "in_proj_weight" if isinstance(twin, nn.MultiheadAttention) else "weight"
-                setattr(twin, weight_name, getattr(self.first.get_submodule(ex.attr), weight_name))
+                weight_name = ex.weight or ("in_proj_weight" if isinstance(twin, nn.MultiheadAttention) else "weight")
+                owner, _, leaf = weight_name.rpartition(".")
+                shared = self.first.get_submodule(ex.attr).get_parameter(weight_name)
+                setattr(twin.get_submodule(owner), leaf, shared)
                 self.second = Holder(ex.attr, twin)
             elif case.topology == "alias":
                 self.second = self.first

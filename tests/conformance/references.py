@@ -95,22 +95,40 @@ def rewrites_base(case: Case) -> bool:
     return bool(registry.variant(case.variant).rewrites_base)
 
 
-def _view(kind: str, stored: Tensor) -> Tensor:
+def _view(kind: str, stored: Tensor, transposed: bool = False) -> Tensor:
     """The stored weight as ``d_out x d_in`` (GPT-2 Conv1D and embedding tables are stored transposed; a
-    convolution's kernel is flattened)."""
+    convolution's kernel is flattened; a 3-D MoE expert stack ``[E, d_out, d_in]`` is the ``E·d_out x d_in`` block
+    column of its experts, ``[E, d_in, d_out]`` transposed first where the experts module says ``is_transposed``)."""
     if kind in ("conv1d", "embedding"):
         return stored.T
+    if kind == "experts" and stored.dim() == 3:
+        per = stored.transpose(1, 2) if transposed else stored
+        return per.reshape(-1, per.shape[-1])
     return stored.reshape(stored.shape[0], -1)
 
 
-def _stored(kind: str, view: Tensor, like: Tensor) -> Tensor:
+def _stored(kind: str, view: Tensor, like: Tensor, transposed: bool = False) -> Tensor:
     if kind in ("conv1d", "embedding"):
         return view.T
+    if kind == "experts" and like.dim() == 3:
+        e = like.shape[0]
+        return view.reshape(e, like.shape[2], like.shape[1]).transpose(1, 2) if transposed else view.reshape(like.shape)
     return view.reshape(like.shape)
 
 
 def weight_name(module: nn.Module) -> str:
     return "in_proj_weight" if isinstance(module, nn.MultiheadAttention) else "weight"
+
+
+def stored_weight(plain: nn.Module, name: str) -> tuple[Tensor, bool]:
+    """``(tensor, transposed)``: the plain model's tensor the adapter ``name`` changes (a module's weight, or the
+    parameter a ``target_parameters`` adapter is named after) and whether its owner stores experts transposed."""
+    try:
+        target = plain.get_submodule(name)
+    except AttributeError:
+        owner = plain.get_submodule(name.rpartition(".")[0])
+        return plain.get_parameter(name), bool(getattr(owner, "is_transposed", False))
+    return getattr(target, weight_name(target)), False
 
 
 def reference_model(case: Case, model: nn.Module, weights: dict[str, float] | None = None, seed: int = 0) -> nn.Module:
@@ -124,21 +142,19 @@ def reference_model(case: Case, model: nn.Module, weights: dict[str, float] | No
     for adapter, w in (weights or {None: 1.0}).items():
         with use_adapter(model, adapter) if adapter is not None else _nothing():
             for name, layer in lora_layers(model).items():
-                target = plain.get_submodule(name)
-                stored = getattr(target, weight_name(target))
+                stored, transposed = stored_weight(plain, name)
                 if rewrites_base(case) and case.quantizer is None:
                     base_view = _view(case.example.kind, layer.weight.detach().to(D))  # PiSSA's or OLoRA's residual
                 elif case.quantizer is not None:
                     base_view = layer.base_weight().detach().to(D)  # the dequantized (residual) base
                 else:
-                    base_view = _view(case.example.kind, stored.detach())
+                    base_view = _view(case.example.kind, stored.detach(), transposed)
                 bases[name] = base_view
                 deltas[name] = deltas.get(name, 0) + w * FORMULAS[case.variant](case, layer, base_view)
     for name, delta in deltas.items():
-        target = plain.get_submodule(name)
-        stored = getattr(target, weight_name(target))
+        stored, transposed = stored_weight(plain, name)
         with torch.no_grad():
-            stored.copy_(_stored(case.example.kind, bases[name] + delta, stored))
+            stored.copy_(_stored(case.example.kind, bases[name] + delta, stored, transposed))
     return plain
 
 
