@@ -541,7 +541,9 @@ def test_unclear_inputs_get_clear_errors():
         merge_and_unload(model)
     conv = nn.Sequential(nn.ConvTranspose2d(3, 4, 3), nn.Linear(4, 4))
     with pytest.raises(
-        LoRAError, match=r"ConvTranspose2d\)'\], which are not layers LoRA adapts \(nn.Linear, .*nn.Conv1d/2d/3d\)"
+        LoRAError,
+        match=r"ConvTranspose2d\)'\], which are not layers LoRA adapts \(nn.Linear, .*nn.Conv1d/2d/3d, "
+        r"a 2-D/3-D parameter named by target_parameters \(MoE experts\)\)",
     ):
         inject_lora(conv, LoRAConfig(targets=["0"]))
 
