@@ -123,14 +123,16 @@ def run_generation(
 def peft_logit_difference(model: CausalLMModule, peft_dir: Path, base: str, dm: GenerationDataModule) -> float:
     """Load the exported PEFT adapter with ``peft`` onto a fresh copy of the base and compare logits on
     one validation batch: the largest absolute difference."""
-    from .quiet import import_quietly
+    from .quiet import import_quietly, quiet_backend_imports
 
-    PeftModel = import_quietly("peft").PeftModel  # peft imports bitsandbytes and torchao when installed
+    # peft imports torchao at import and (peft >= 0.22) bitsandbytes when it builds its LoRA layers
+    PeftModel = import_quietly("peft").PeftModel
     fresh, _ = load_causal_lm(resolve_decoder_path(base))
     rows = model.model.get_input_embeddings().num_embeddings
     if fresh.get_input_embeddings().num_embeddings != rows:  # lora.new_tokens: the same vocabulary (new rows: PEFT's)
         fresh.resize_token_embeddings(rows)
-    peft_model = PeftModel.from_pretrained(fresh, str(peft_dir)).eval()
+    with quiet_backend_imports():
+        peft_model = PeftModel.from_pretrained(fresh, str(peft_dir)).eval()
     batch = next(iter(dm.val_dataloader()))
     was = model.training
     model.eval()

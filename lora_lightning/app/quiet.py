@@ -7,7 +7,8 @@ unconditionally whenever they are installed (the ``[quant]`` extra, part of ``[d
 * ``transformers`` (5.x): ``transformers.modeling_utils`` -> ``transformers.quantizers`` ->
   ``quantizer_torchao`` imports ``torchao`` when it is installed, i.e. on the first model load
   (``AutoModel*.from_pretrained`` imports the model's module lazily, and with it ``modeling_utils``).
-* ``peft``: ``import peft`` imports ``bitsandbytes`` and ``torchao`` when they are installed.
+* ``peft``: ``import peft`` imports ``torchao`` (and, before peft 0.22, ``bitsandbytes``) when installed;
+  peft >= 0.22 imports ``bitsandbytes`` when it first builds its LoRA layers (``PeftModel.from_pretrained``).
 
 Their import prints lines that say nothing about the run: ``torchao`` logs ``Failed to load
 .../torchao/_C_mxfp8...so`` / ``_C_cutlass_90a...so`` (kernels built for CUDA / another Python) and
@@ -20,7 +21,7 @@ publisher trust check for 'kernels-community/...' because Hugging Face Hub is in
 :func:`quiet_backend_imports` drops exactly those records (matched by logger and message) while the
 block that triggers the import runs; every other message, and the same messages outside the block,
 pass unchanged. The app wraps its model loads (:func:`lora_lightning.app.models._quiet_transformers`)
-and its ``import peft`` in it; benchmarks and scripts can do the same.
+its ``import peft`` and its PEFT model loads in it; benchmarks and scripts can do the same.
 """
 
 from __future__ import annotations
