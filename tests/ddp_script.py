@@ -4,14 +4,18 @@ Lightning's subprocess launcher re-runs this very script once per extra rank, so
 runnable on its own::
 
     python tests/ddp_script.py OUTDIR --devices 2 --epochs 1 [--resume-epochs 2] [--ckpt PATH] [--tag NAME]
-        [--strategy ddp|fsdp2] [--format sharded|file] [--resume-from TAG=PATH ...]
+        [--strategy ddp|fsdp2] [--format sharded|file] [--resume-from TAG=PATH ...] [--num-nodes N]
+
+It also runs as one "node" of a multi-node job started by torchrun (``--num-nodes 2 --devices 1``, one
+launcher per node): Lightning then takes ranks and world size from TorchElastic's environment.
 
 Trains ``LitTiny`` with ``LoRACallback`` on the CPU (gloo) and writes, under ``OUTDIR``:
 
-* ``{tag}-rank{R}.pt``: every rank's adapter tensors (and global step) after ``fit``;
+* ``{tag}-rank{R}.pt``: every rank's adapter tensors (and global step, world size, node / local rank and the
+  cluster environment Lightning chose) after ``fit``, ``R`` the global rank;
 * ``{tag}-ckpt/``: what ``ModelCheckpoint`` wrote (``save_top_k=1``: one file);
 * ``{tag}-adapter.safetensors``: the callback's adapter export (and, for fsdp2, ``{tag}-merged.safetensors``);
-* ``writes-rank{R}.log``: one line per atomic file write this rank made (path), so the test
+* ``writes-rank{R}.log``: one line per atomic file write global rank ``R`` made (path), so the test
   can tell *which* rank wrote the checkpoint and the export.
 
 ``--resume-epochs K`` then resumes, in the same processes, from the checkpoint just written and
@@ -51,7 +55,9 @@ def _log_writes(out: Path) -> None:
     original = ll_checkpoint.atomic_write_bytes
 
     def logged(path, data):
-        rank = os.environ.get("LOCAL_RANK", "0")
+        import torch.distributed as dist
+
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         with open(out / f"writes-rank{rank}.log", "a") as fh:
             fh.write(f"{Path(path).relative_to(out)}\n")
         return original(path, data)
@@ -60,16 +66,18 @@ def _log_writes(out: Path) -> None:
     ll_io.atomic_write_bytes = logged
 
 
-def _strategy(name: str, devices: int, fmt: str):
+def _strategy(name: str, devices: int, fmt: str, num_nodes: int = 1):
     if name == "fsdp2":
         import importlib
 
         ModelParallelStrategy = importlib.import_module(f"{PACKAGE}.strategies").ModelParallelStrategy
 
         return ModelParallelStrategy(
-            data_parallel_size=devices, tensor_parallel_size=1, save_distributed_checkpoint=(fmt == "sharded")
+            data_parallel_size=devices * num_nodes,
+            tensor_parallel_size=1,
+            save_distributed_checkpoint=(fmt == "sharded"),
         )
-    return name if devices > 1 else "auto"
+    return name if devices * num_nodes > 1 else "auto"
 
 
 def _rank_view(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -100,6 +108,7 @@ def run(
     tag: str,
     init: str | None,
     fmt: str = "sharded",
+    num_nodes: int = 1,
 ) -> None:
     """One ``fit``; every rank then saves its adapter tensors to ``OUT/{tag}-rank{R}.pt``."""
     fsdp2 = strategy == "fsdp2"
@@ -115,13 +124,25 @@ def run(
         out / tag,
         callbacks,
         devices=devices,
-        strategy=_strategy(strategy, devices, fmt),
+        num_nodes=num_nodes,
+        strategy=_strategy(strategy, devices, fmt, num_nodes),
         max_steps=-1,
         max_epochs=epochs,
         enable_checkpointing=True,
     )
     t.fit(model, tiny_loader(n=32, batch_size=batch), ckpt_path=ckpt)
-    record = {"global_step": t.global_step, "world_size": t.world_size}
+    record = {
+        "global_step": t.global_step,
+        "world_size": t.world_size,
+        "global_rank": t.global_rank,
+        "node_rank": t.node_rank,
+        "local_rank": t.local_rank,
+        "num_nodes": t.num_nodes,
+        "environment": type(t.strategy.cluster_environment).__name__,
+        "env": {
+            k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "GROUP_RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID")
+        },
+    }
     if fsdp2:
         record |= _rank_view(model, t.optimizers[0]) | {"sharded_after_fit": is_sharded(model)}
     with gathered(model):  # FSDP2: the full tensors on every rank (a no-op under DDP)
@@ -135,6 +156,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
     parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--num-nodes", type=int, default=1, help="Trainer(num_nodes=): >1 under torchrun --nnodes")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch", type=int, default=4, help="per-rank batch size")
     parser.add_argument("--strategy", default="ddp", help="ddp, or fsdp2 (ModelParallelStrategy)")
@@ -164,18 +186,40 @@ def main() -> None:
     formats = args.format or ["sharded"]
     for spec in args.resume_from:
         tag, path = spec.split("=", 1)
-        run(out, args.devices, args.resume_epochs, args.batch, args.strategy, path, tag, args.init, formats[0])
+        run(
+            out,
+            args.devices,
+            args.resume_epochs,
+            args.batch,
+            args.strategy,
+            path,
+            tag,
+            args.init,
+            formats[0],
+            args.num_nodes,
+        )
     if args.refusals:
         refusals(out, args.devices, args.batch, args.init)
     if args.resume_from or args.refusals:
         return
     for fmt in formats:
         tag = args.tag if len(formats) == 1 else f"{args.tag}-{fmt}"
-        run(out, args.devices, args.epochs, args.batch, args.strategy, args.ckpt, tag, args.init, fmt)
+        run(out, args.devices, args.epochs, args.batch, args.strategy, args.ckpt, tag, args.init, fmt, args.num_nodes)
         if args.resume_epochs:
             (ckpt,) = sorted((out / f"{tag}-ckpt").glob("*.ckpt"))
             resumed = "resumed" if tag == "train" else f"{tag}-resumed"
-            run(out, args.devices, args.resume_epochs, args.batch, args.strategy, str(ckpt), resumed, args.init, fmt)
+            run(
+                out,
+                args.devices,
+                args.resume_epochs,
+                args.batch,
+                args.strategy,
+                str(ckpt),
+                resumed,
+                args.init,
+                fmt,
+                args.num_nodes,
+            )
 
 
 def refusals(out: Path, devices: int, batch: int, init: str | None) -> None:

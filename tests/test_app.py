@@ -293,7 +293,7 @@ def test_slurm_launcher_and_multinode_trainer_configs_compose(tmp_path):
         assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
         assert (launcher.partition, launcher.tasks_per_node, launcher.timeout_min) == ("cpu", 1, 60)
         cfg = compose("config", overrides=["trainer=multinode", "trainer.num_nodes=4", f"output_dir={tmp_path}"])
-    assert (cfg.trainer.num_nodes, cfg.trainer.strategy, cfg.trainer.accelerator) == (4, "ddp", "gpu")
+    assert (cfg.trainer.num_nodes, cfg.trainer.strategy, cfg.trainer.accelerator) == (4, "ddp", "auto")
     assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
 
 

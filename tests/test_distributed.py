@@ -11,105 +11,40 @@ FSDP2: the same on 2 ranks with ``fully_shard`` per block, once per checkpoint f
 folder, one file), then a 1-process launch that resumes both checkpoints and runs the cases that
 must refuse. Sharded or not, the adapters must equal the same single-process reference.
 
-Lightning gives every DDP training loader a ``DistributedSampler(shuffle=True, seed=PL_GLOBAL_SEED
-or 0)``: in epoch ``e`` the ranks together take ``randperm(32, seed + e)`` in order (rank ``r``
-gets positions ``r::2``), so step ``i`` sees positions ``8i..8i+7`` of that permutation.
-:class:`EpochPermutation` hands one process exactly those batches.
+The launch helper and the single-process references are in ``distributed_helpers.py``; the same runs
+across two simulated nodes (torchrun) are in ``test_multinode.py``.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import pytest
 import torch
-from torch.utils.data import DataLoader, Sampler
 
-from conftest import N_LAYERS, LitTiny, LoRACallback, ModelCheckpoint, randomize_adapters, tiny_loader, trainer
-from lora_lightning import LoRAConfig, inject_lora, save_adapter
-
-SCRIPT = Path(__file__).with_name("ddp_script.py")
-REPO = SCRIPT.parent.parent
-LORA = dict(r=2, targets=["q", "v", "mlp"])  # must match ddp_script.LORA
-N_ADAPTER_TENSORS = N_LAYERS * 4 * 2  # q, v, up, down per block; A and B each
-STEPS_PER_EPOCH = 4  # 32 samples: 2 ranks x batch 4, or 1 process x batch 8
-
-
-def lora_tensors(module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items() if ".lora_" in k}
-
-
-def assert_adapters_close(a: dict, b: dict, atol: float = 2e-5) -> None:
-    assert a.keys() == b.keys() and len(a) == N_ADAPTER_TENSORS
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
-
-
-def _launch(out: Path, *args: str) -> float:
-    """Run ``tests/ddp_script.py OUT *args`` in a clean environment; returns the seconds it took."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT", "PL_GLOBAL_SEED")
-    }
-    env["PYTHONWARNINGS"] = "ignore"
-    start = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), str(out), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, f"run {args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return time.perf_counter() - start
-
-
-def _initial_adapter(out: Path) -> Path:
-    model = LitTiny(seed=0)
-    inject_lora(model, LoRAConfig(**LORA))
-    randomize_adapters(model)  # B != 0: every adapter tensor gets a gradient from step 1
-    return save_adapter(model, out / "init.safetensors")
+from conftest import LitTiny, LoRACallback, ModelCheckpoint, tiny_loader, trainer
+from distributed_helpers import (
+    LORA,
+    N_ADAPTER_TENSORS,
+    STEPS_PER_EPOCH,
+    assert_adapters_close,
+    initial_adapter,
+    launch,
+    lora_tensors,
+    single_process_fit,
+)
 
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
     """Launch the 2-rank run once: ``train`` (1 epoch) then ``resumed`` (2nd epoch from its checkpoint)."""
     out = tmp_path_factory.mktemp("ddp")
-    init = _initial_adapter(out)
-    seconds = _launch(out, "--devices", "2", "--epochs", "1", "--resume-epochs", "2", "--init", str(init))
+    init = initial_adapter(out)
+    seconds = launch(out, "--devices", "2", "--epochs", "1", "--resume-epochs", "2", "--init", str(init))
     records = {
         (tag, rank): torch.load(out / f"{tag}-rank{rank}.pt", weights_only=False)
         for tag in ("train", "resumed")
         for rank in (0, 1)
     }
     return {"out": out, "init": init, "records": records, "seconds": seconds}
-
-
-class EpochPermutation(Sampler):
-    """All ranks' ``DistributedSampler(shuffle=True, seed=0)`` indices of an epoch, in one stream."""
-
-    def __init__(self, n: int, seed: int = 0) -> None:
-        self.n, self.seed, self.epoch = n, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:  # Lightning calls this at every epoch start
-        self.epoch = epoch
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
-
-    def __len__(self) -> int:
-        return self.n
-
-
-def _single_process_fit(root: Path, epochs: int, init: Path | None = None, ckpt: Path | None = None):
-    model = LitTiny(seed=0)
-    cb = LoRACallback(**LORA, init_adapter=str(init) if init else None, verbose=False)
-    t = trainer(root, [cb], max_steps=-1, max_epochs=epochs)
-    data = tiny_loader(n=32).dataset
-    t.fit(model, DataLoader(data, batch_size=8, sampler=EpochPermutation(len(data))), ckpt_path=ckpt)
-    return model, t
 
 
 def test_ddp_ranks_hold_identical_adapters_equal_to_single_process_run(ddp_run, tmp_path):
@@ -120,7 +55,7 @@ def test_ddp_ranks_hold_identical_adapters_equal_to_single_process_run(ddp_run, 
     for k in r0["adapter"]:
         assert torch.equal(r0["adapter"][k], r1["adapter"][k]), f"{k} differs between ranks"
     # independent computation: the same 4 optimizer steps on one process with the union batch
-    ref, t = _single_process_fit(tmp_path, epochs=1, init=ddp_run["init"])
+    ref, t = single_process_fit(tmp_path, epochs=1, init=ddp_run["init"])
     assert t.global_step == STEPS_PER_EPOCH
     assert_adapters_close(r0["adapter"], lora_tensors(ref))
     # and training did move the adapters (so the comparison above is not init == init)
@@ -156,7 +91,7 @@ def test_resume_ddp_checkpoint_on_two_processes(ddp_run):
 
 def test_resume_ddp_checkpoint_on_one_process_matches_two_process_resume(ddp_run, tmp_path):
     (ckpt,) = (ddp_run["out"] / "train-ckpt").glob("*.ckpt")
-    resumed, t = _single_process_fit(tmp_path, epochs=2, ckpt=ckpt)
+    resumed, t = single_process_fit(tmp_path, epochs=2, ckpt=ckpt)
     assert t.global_step == 2 * STEPS_PER_EPOCH
     ddp_resumed = ddp_run["records"][("resumed", 0)]["adapter"]
     assert_adapters_close(ddp_resumed, lora_tensors(resumed))
@@ -171,12 +106,12 @@ def fsdp2_runs(tmp_path_factory):
     """Two launches: 2 ranks train 1 epoch and resume a 2nd, once per checkpoint format; then 1 process
     (batch 8 = 2 x 4) resumes each 2-rank checkpoint and runs the cases that must refuse."""
     out = tmp_path_factory.mktemp("fsdp2")
-    init = _initial_adapter(out)
+    init = initial_adapter(out)
     fsdp = ("--strategy", "fsdp2", "--init", str(init), "--resume-epochs", "2")
-    _launch(out, "--devices", "2", "--epochs", "1", "--tag", "fsdp", "--format", "sharded", "--format", "file", *fsdp)
+    launch(out, "--devices", "2", "--epochs", "1", "--tag", "fsdp", "--format", "sharded", "--format", "file", *fsdp)
     (sharded,) = (out / "fsdp-sharded-ckpt").glob("*.ckpt")
     (single,) = (out / "fsdp-file-ckpt").glob("*.ckpt")
-    _launch(
+    launch(
         out,
         "--devices",
         "1",
@@ -210,8 +145,8 @@ def fsdp2_runs(tmp_path_factory):
 def single_process_reference(fsdp2_runs, tmp_path_factory):
     """The same data on one process, unsharded: after epoch 1 and after epoch 2."""
     root = tmp_path_factory.mktemp("reference")
-    one, _ = _single_process_fit(root / "1", epochs=1, init=fsdp2_runs["init"])
-    two, _ = _single_process_fit(root / "2", epochs=2, init=fsdp2_runs["init"])
+    one, _ = single_process_fit(root / "1", epochs=1, init=fsdp2_runs["init"])
+    two, _ = single_process_fit(root / "2", epochs=2, init=fsdp2_runs["init"])
     return {"epoch1": one, "epoch2": two}
 
 

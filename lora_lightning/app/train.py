@@ -24,6 +24,7 @@ from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from lora_lightning import (
@@ -68,7 +69,46 @@ def cpu_precision() -> str:
     return "bf16-mixed" if native else "32-true"
 
 
+def device_precision() -> str:
+    """``${device_precision:}`` in conf/trainer/multinode.yaml: ``bf16-mixed`` on CUDA nodes, else as
+    ``${cpu_precision:}`` (so the multi-node config also runs on CPU nodes, as in the torchrun test)."""
+    return "bf16-mixed" if torch.cuda.is_available() else cpu_precision()
+
+
+def run_stamp() -> str:
+    """``${run_stamp:}`` in ``hydra.run.dir``: the run folder's name, the same on every process of one launch.
+
+    One process (Lightning's own launcher hands its children the parent's folder): the start time,
+    ``%Y-%m-%d_%H-%M-%S``. Processes started by torchrun or srun each compose the config, seconds apart, so
+    a timestamp could split one run over folders: under torchrun the stamp is ``torchrun-<rdzv id>``; in a
+    SLURM batch job ``slurm-<job id>`` (array tasks ``slurm-<array job>_<task>``, srun steps after the first
+    ``.<step>``), which a requeued job gets again, so Lightning finds the checkpoint it saved on pre-emption.
+    ``LORA_RUN_STAMP`` overrides all of them (several runs in one job script: one stamp each)."""
+    env = os.environ
+    if env.get("LORA_RUN_STAMP"):
+        return env["LORA_RUN_STAMP"]
+    world = int(env.get("WORLD_SIZE", "1") or 1)
+    run_id = env.get("TORCHELASTIC_RUN_ID", "")
+    if world > 1 and run_id and run_id != "none":
+        return f"torchrun-{run_id}"
+    if env.get("SLURM_JOB_ID") and env.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
+        job = env["SLURM_JOB_ID"]
+        if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+            job = f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+        step = env.get("SLURM_STEP_ID", "")
+        return f"slurm-{job}" + (f".{step}" if step.isdigit() and step != "0" else "")
+    if world > 1:
+        raise AppConfigError(
+            f"hydra.run.dir: the {world} processes of this launch would each name their run folder by their own "
+            "start time; give torchrun --rdzv-id=<name> (folder torchrun-<name>), or set hydra.run.dir=<dir> "
+            "or LORA_RUN_STAMP=<name>"
+        )
+    return time.strftime("%Y-%m-%d_%H-%M-%S")
+
+
 OmegaConf.register_new_resolver("cpu_precision", cpu_precision, replace=True)
+OmegaConf.register_new_resolver("device_precision", device_precision, replace=True)
+OmegaConf.register_new_resolver("run_stamp", run_stamp, replace=True)
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -304,10 +344,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if cfg.get("test_last") and last_path:  # the final weights too: selection on validation vs the schedule's end
             tested = trainer.test(model, datamodule=datamodule, ckpt_path=last_path, verbose=False)
             results = {f"last_{k}": float(v) for k, v in (tested[0] if tested else {}).items()} | correctness(
-                model, "last_"
+                model, "last_", trainer
             )
         tested = trainer.test(model, datamodule=datamodule, ckpt_path=best_path or None, verbose=False)
-        results.update({k: float(v) for k, v in (tested[0] if tested else {}).items()} | correctness(model))
+        results.update(
+            {k: float(v) for k, v in (tested[0] if tested else {}).items()} | correctness(model, "", trainer)
+        )
 
     counts = count_parameters(model)
     summary: dict[str, Any] = {
@@ -335,6 +377,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "fit_seconds": round(fit_seconds, 2),
         "threads": torch.get_num_threads(),
         "precision": str(trainer.precision),
+        "world_size": trainer.world_size,
+        "num_nodes": trainer.num_nodes,
         "steps": trainer.global_step,
         "epochs": trainer.current_epoch,
         "train_size": len(datamodule.splits["train"]) if getattr(datamodule, "splits", None) else None,
@@ -342,6 +386,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "best_checkpoint_bytes": Path(best_path).stat().st_size if best_path else None,
         "output_dir": str(out),
     }
+    if not trainer.is_global_zero:  # one writer of a multi-process run: global rank 0 (it holds what the others do)
+        return summary
     if lora is not None:
         adapter = save_adapter(model, out / "adapter.safetensors", extra_metadata={"summary_run": cfg.run_name})
         summary["adapter_path"] = str(adapter)
@@ -356,12 +402,29 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-def correctness(model: pl.LightningModule, prefix: str = "") -> dict[str, Any]:
+def correctness(model: pl.LightningModule, prefix: str = "", trainer: pl.Trainer | None = None) -> dict[str, Any]:
     """``{prefix}test_correct``: which test examples the last test pass got right ("0"/"1" per example, data-loader
-    order, the same on every run of one split), for a bootstrap over test examples; empty for other models."""
+    order, the same on every run of one split), for a bootstrap over test examples; empty for other models.
+
+    On several processes each rank scored the examples Lightning's ``DistributedSampler(shuffle=False)`` gave
+    it (rank ``r``: positions ``r, r + W, ...`` of the split, the last few repeated to even the ranks out):
+    the ranks' strings are gathered and interleaved back into the split's order, so every rank returns the
+    whole split's string, as one process would."""
     get = getattr(model, "test_correctness", None)
     bits = get() if callable(get) else ""
+    if trainer is not None and trainer.world_size > 1:
+        import torch.distributed as dist
+
+        parts: list[str] = [""] * trainer.world_size
+        dist.all_gather_object(parts, bits)
+        bits = interleave_ranks(parts, len(trainer.test_dataloaders.dataset))
     return {f"{prefix}test_correct": bits} if bits else {}
+
+
+def interleave_ranks(parts: list[str], n: int) -> str:
+    """Per-rank strings of ``DistributedSampler(shuffle=False)`` positions (rank ``r``: ``r, r + W, ...``, padded
+    by repeating the first ones) -> the ``n`` positions in order."""
+    return "".join(p[i] for i in range(max(map(len, parts), default=0)) for p in parts if i < len(p))[:n]
 
 
 def _is_causal_lm(cfg: DictConfig) -> bool:
@@ -392,6 +455,11 @@ def run_causal_lm(cfg: DictConfig, datamodule: Any, out: Path, method: str) -> d
     trainer: pl.Trainer = instantiate(
         cfg.trainer, callbacks=build_callbacks(cfg, out, lora, monitor="val_loss"), logger=logger
     )
+    if trainer.world_size > 1:  # its generation and scoring run on one process, over the whole test split
+        raise AppConfigError(
+            f"the causal-LM job runs on one process (trainer.devices x trainer.num_nodes = {trainer.world_size}): "
+            "set trainer.devices=1 trainer.num_nodes=1"
+        )
     if cfg.get("tune") is not None:
         return find_lr(cfg, trainer, model, datamodule, out)
     base = count_parameters(model)
@@ -598,7 +666,8 @@ def main(cfg: DictConfig) -> float | None:
         _fail(exc)
     if summary.get("mode") == "lr_find":
         return summary.get("suggested_lr")
-    print_summary(summary)
+    if rank_zero_only.rank == 0:  # a multi-process run prints one table
+        print_summary(summary)
     if summary.get("task") == "causal_lm":  # sweepers maximise: the negated best validation loss
         return None if summary.get("best_val_loss") is None else -float(summary["best_val_loss"])
     return summary.get("best_val_acc")
