@@ -333,7 +333,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("tune") is not None:
         return find_lr(cfg, trainer, model, datamodule, out)
     start = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, out))
     fit_seconds = time.perf_counter() - start
     ckpt_cb = trainer.checkpoint_callback
     best_path = ckpt_cb.best_model_path if ckpt_cb else ""
@@ -402,6 +402,23 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
+def resume_checkpoint(cfg: DictConfig, out: Path) -> str | None:
+    """``resume=true``: where the fit goes on from. The checkpoint Lightning wrote on a SLURM requeue signal
+    (``<output_dir>/hpc_ckpt_<n>.ckpt``, its newest) if there is one, else ``checkpoints/last.ckpt`` (written
+    at every validation), else nothing: a fresh start. ``resume=false``: always a fresh start (under SLURM
+    Lightning itself still resumes from an hpc checkpoint in the run folder)."""
+    if not cfg.get("resume"):
+        return None
+    if any(out.glob("hpc_ckpt_*.ckpt")):
+        log.info("resume: %s holds a SLURM requeue checkpoint; the fit goes on from it", out)
+        return "hpc"
+    last = out / "checkpoints" / f"{LAST_CHECKPOINT}.ckpt"
+    if last.is_file():
+        log.info("resume: the fit goes on from %s", last)
+        return str(last)
+    return None
+
+
 def correctness(model: pl.LightningModule, prefix: str = "", trainer: pl.Trainer | None = None) -> dict[str, Any]:
     """``{prefix}test_correct``: which test examples the last test pass got right ("0"/"1" per example, data-loader
     order, the same on every run of one split), for a bootstrap over test examples; empty for other models.
@@ -455,6 +472,8 @@ def run_causal_lm(cfg: DictConfig, datamodule: Any, out: Path, method: str) -> d
     trainer: pl.Trainer = instantiate(
         cfg.trainer, callbacks=build_callbacks(cfg, out, lora, monitor="val_loss"), logger=logger
     )
+    if cfg.get("resume"):
+        raise AppConfigError("resume=true resumes the classification job; the causal-LM job starts afresh: drop it")
     if trainer.world_size > 1:  # its generation and scoring run on one process, over the whole test split
         raise AppConfigError(
             f"the causal-LM job runs on one process (trainer.devices x trainer.num_nodes = {trainer.world_size}): "
