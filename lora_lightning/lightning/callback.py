@@ -53,9 +53,10 @@ from ..plan import Plan, plan_injection
 from ..record import ON_MISMATCH, differences
 from ..sharding import gathered, is_sharded
 from ..state import CheckpointOptions, attach
-from .checkpoints import set_checkpoint_options
+from .checkpoints import CHECKPOINT_KEY, set_checkpoint_options
 from .compat import Namespace, lora_callback
 from .routing import check_adapter_names, clip_per_adapter, route_steps
+from .sharded import check_sharded_checkpoint
 
 _HALF_PRECISIONS = ("16-true", "bf16-true", "transformer-engine")
 _BNB_FORMATS = {
@@ -94,6 +95,111 @@ def shield_from_bitsandbytes(plugin: Any, module: Any) -> None:
     replace the LoRA layers (``nn.Linear`` subclasses) and drop their adapters: list them in its
     ``ignore_modules``. Their frozen bases are quantized by ``quantize_base`` instead."""
     plugin.ignore_modules = set(plugin.ignore_modules) | set(lora_layers(module))
+
+
+# --------------------------------------------------------------------------- DeepSpeed (docs/distributed.md)
+_DS_HALF = ("16-mixed", "bf16-mixed", "16-true", "bf16-true")
+
+
+def deepspeed_refusal(callback: Any, config: Mapping[str, Any] | None, precision: str) -> str | None:
+    """Why ``LoRACallback`` refuses this ``DeepSpeedStrategy`` config (one line naming the setting and the fix),
+    or ``None``: the callback guarantees ZeRO stages 0-2 without parameter offload and with one adapter."""
+    zero = dict((config or {}).get("zero_optimization") or {})
+    stage = int(zero.get("stage", 0) or 0)
+    offload = [k for k in ("offload_param", "offload_optimizer") if (zero.get(k) or {}).get("device", "none") != "none"]
+    if stage == 3:
+        return (
+            "DeepSpeed ZeRO stage 3 partitions the parameters as the model is built and wrapped, so the callback "
+            "cannot guarantee injection, exports, merges and resumes; use DeepSpeedStrategy(stage=2) or FSDP2 "
+            "(ModelParallelStrategy + fully_shard)"
+        )
+    if offload or zero.get("cpu_offload"):
+        return (
+            f"DeepSpeed {offload[0] if offload else 'cpu_offload'} is not verified with LoRA adapters; drop it "
+            "(DeepSpeedStrategy(stage=2) without offload_optimizer / offload_parameters) or use FSDP2"
+        )
+    if callback.adapters:
+        return (
+            f"LoRACallback(adapters={callback.adapters}) swaps adapter tensors between modules, which DeepSpeed's "
+            "flattened optimizer buffers do not follow; use DDP or one process to train several adapters"
+        )
+    if callback.loraplus_lr_ratio not in (None, 1):
+        return (
+            "loraplus_lr_ratio: DeepSpeed builds its optimizer before the callback could split lora_B into its own "
+            "group; drop loraplus_lr_ratio and give lora_B its own parameter group in configure_optimizers"
+        )
+    if callback.config.quantize_base is not None:
+        return f"quantize_base={callback.config.quantize_base!r}: DeepSpeed casts every parameter; use DDP or FSDP2"
+    if callback.config.adapter_dtype is not None and precision in _DS_HALF:
+        return (
+            f"adapter_dtype={callback.config.adapter_dtype!r} with precision={precision!r}: DeepSpeed casts every "
+            "parameter, the adapters too, to the half dtype; drop adapter_dtype or train in precision='32-true'"
+        )
+    return None
+
+
+def prepare_deepspeed(callback: Any, trainer: Any) -> bool:
+    """Under Lightning's ``DeepSpeedStrategy`` (returns whether it is one): refuse what :func:`deepspeed_refusal`
+    names, before anything changes; with adapter-only checkpoints set ``exclude_frozen_parameters=True`` (DeepSpeed
+    writes its own checkpoint folder, which the checkpoint dict's filtering does not reach) and resume through
+    :func:`_load_deepspeed_checkpoint`."""
+    strategy = trainer.strategy
+    if not isinstance(strategy, callback._ns.module("strategies").DeepSpeedStrategy):
+        return False
+    why = deepspeed_refusal(callback, strategy.config, str(trainer.precision))
+    if why is not None:
+        raise LoRAConfigError(f"LoRACallback with DeepSpeedStrategy: {why}")
+    if callback.adapter_only_checkpoints and not strategy.exclude_frozen_parameters:
+        strategy.exclude_frozen_parameters = True  # the folder holds only the trainable (adapter) tensors
+    if not hasattr(strategy.load_checkpoint, "_lora_original"):
+        original = strategy.load_checkpoint
+
+        def load_checkpoint(path: Any, *args: Any, **kwargs: Any) -> Any:
+            return _load_deepspeed_checkpoint(strategy, original, path, *args, **kwargs)
+
+        load_checkpoint._lora_original = original  # type: ignore[attr-defined]
+        strategy.load_checkpoint = load_checkpoint  # this strategy object only
+    return True
+
+
+def _load_deepspeed_checkpoint(strategy: Any, original: Any, path: Any, *args: Any, **kwargs: Any) -> Any:
+    """``DeepSpeedStrategy.load_checkpoint`` for a module with adapters: the folder's LoRA record and adapter
+    tensors are checked first; a folder without the frozen base (``exclude_frozen_parameters``) is loaded
+    non-strictly, so the module keeps its own base weights."""
+    module, folder = strategy.lightning_module, Path(path)
+    tag = (folder / "latest").read_text().strip() if (folder / "latest").is_file() else "checkpoint"
+    files = sorted((folder / tag).glob("mp_rank_*_model_states.pt")) if folder.is_dir() else []
+    if module is None or not has_lora(module) or not files:
+        return original(path, *args, **kwargs)  # not a DeepSpeed folder: Lightning's own error
+    saved = torch.load(files[0], map_location="cpu", weights_only=False)
+    keys = set(saved.get("module") or {})
+    check_sharded_checkpoint(module, saved.get(CHECKPOINT_KEY), keys)
+    strict = module.strict_loading
+    module.strict_loading = strict and set(module.state_dict()) <= keys
+    try:
+        return original(path, *args, **kwargs)
+    finally:
+        module.strict_loading = strict
+
+
+class _GradientWatch:
+    """Which trainable adapter tensors get a gradient in one backward, seen by tensor hooks: DeepSpeed's ZeRO moves
+    each gradient into its own buffers and sets ``.grad`` to ``None``, so ``.grad`` cannot tell."""
+
+    def __init__(self, module: Any) -> None:
+        self.seen: set[str] = set()
+        self.tensors = {
+            f"{n}.{leaf}": getattr(layer, leaf)
+            for n, layer in lora_layers(module).items()
+            for leaf in layer.trainable_names
+            if getattr(layer, leaf).requires_grad
+        }
+        self.handles = [t.register_hook(lambda g, name=name: self.seen.add(name)) for name, t in self.tensors.items()]
+
+    def missing(self) -> list[str]:
+        for handle in self.handles:
+            handle.remove()
+        return [name for name in self.tensors if name not in self.seen]
 
 
 class _ClipPerAdapter:
@@ -224,9 +330,12 @@ class CallbackImpl:
         self._stage = "fit"
         self._bnb_plugin: Any = None
         self._init_applied: weakref.WeakSet = weakref.WeakSet()
+        self._deepspeed = False  # the trainer's strategy is DeepSpeed (checked in setup)
+        self._grad_watch: _GradientWatch | None = None
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._deepspeed = prepare_deepspeed(self, trainer)  # refuses what DeepSpeed would break, before any change
         if self.atomic_checkpoints and type(trainer.strategy.checkpoint_io) is self._ns.TorchCheckpointIO:
             trainer.strategy.checkpoint_io = self._atomic_io()
         if stage == "fit":  # fail now, not after training
@@ -322,7 +431,8 @@ class CallbackImpl:
         if self._grad_checked:
             return
         self._grad_checked = True
-        missing = adapters_without_grad(pl_module)
+        watch, self._grad_watch = self._grad_watch, None
+        missing = watch.missing() if watch is not None else adapters_without_grad(pl_module)
         trainable = sum(len(layer.trainable_names) for layer in lora_layers(pl_module).values())
         if missing and len(missing) == trainable:
             raise NoAdapterGradientError(
@@ -345,6 +455,8 @@ class CallbackImpl:
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
         if not loss.requires_grad:
             raise NoAdapterGradientError(self._no_gradient_message("the training loss does not require grad"))
+        if self._deepspeed and not self._grad_checked and self._grad_watch is None:
+            self._grad_watch = _GradientWatch(pl_module)  # DeepSpeed leaves no .grad to look at
         if not self.check_finite:
             return
         local_ok = bool(torch.isfinite(loss.detach()).all())
@@ -411,7 +523,9 @@ class CallbackImpl:
     def __getstate__(self) -> dict[str, Any]:
         """Picklable (``ddp_spawn`` sends the Trainer to its workers): run-time handles are dropped."""
         state = self.__dict__.copy()
-        state.update(_init_applied=None, _input_hooks=[], variant_hooks=None, _trainable=[], _optimized=None)
+        state.update(
+            _init_applied=None, _input_hooks=[], variant_hooks=None, _trainable=[], _optimized=None, _grad_watch=None
+        )
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -567,6 +681,8 @@ class CallbackImpl:
         if self._optimized is not None and self._optimized[0] == active:
             return
         held = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
+        for attr in ("bit16_groups", "bf16_groups", "fp16_groups") if self._deepspeed else ():
+            held |= {id(p) for opt in trainer.optimizers for group in getattr(opt, attr, None) or () for p in group}
         self._optimized = (active, held)
         for name in self.adapters or [active]:
             missing = [p for p in adapter_tensors(pl_module, name) if p.requires_grad and id(p) not in held]
