@@ -49,6 +49,7 @@ EXCLUDED_FROM_RUN_NAME = (
     "hydra/launcher",
     "hparams_search",
     "skip_done",
+    "resume",
 )  # conf/config.yaml override_dirname.exclude_keys (a test checks)
 IDENTITY = ("experiment", "data", "method", "targets_key", "r", "lr", "seed")
 

@@ -20,7 +20,7 @@ SETUP = """\
 bash scripts/install.sh && .venv/bin/lora-train
 
 # 2. run the tests
-bash scripts/install.sh && .venv/bin/python -m pytest -m "not slow"
+bash scripts/install.sh && .venv/bin/python -m pytest -m "not slow" -n 2 --dist loadfile
 """
 
 
