@@ -253,9 +253,22 @@ def trainer(tmp_path, callbacks, **kw) -> pl.Trainer:
     return pl.Trainer(callbacks=callbacks, **defaults)
 
 
-def read_wandb_records(run_dir) -> list:
+def read_wandb_records(run_dir, wait_s: float = 60.0) -> list:
     """wandb's own protobuf ``Record`` messages of an offline W&B run, read from the ``.wandb`` file it writes (a
-    LevelDB-style log: 32 KiB blocks, 7-byte chunk headers, after a 7-byte file header)."""
+    LevelDB-style log: 32 KiB blocks, 7-byte chunk headers, after a 7-byte file header). wandb's service process
+    may still be writing the file's tail after ``finish()`` returns (seen on a loaded machine): the file is read
+    again until it ends with the run's ``exit`` record, for at most ``wait_s`` seconds."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        records = _wandb_records_now(run_dir)
+        if (records and records[-1].WhichOneof("record_type") == "exit") or time.monotonic() > deadline:
+            return records
+        time.sleep(0.5)
+
+
+def _wandb_records_now(run_dir) -> list:
     import struct
     from pathlib import Path
 
