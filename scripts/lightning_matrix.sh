@@ -11,11 +11,11 @@ PY=${PYTHON:-python3}
 PIP="$ENV/bin/python -m pip install -q --disable-pip-version-check"
 [ -x "$ENV/bin/python" ] || "$PY" -m venv "$ENV"
 $PIP "torch==2.13.0"
-$PIP "lightning==$VERSION" "pytorch-lightning==$VERSION" "torchmetrics>=1.4" "safetensors>=0.4" "pytest>=8" "numpy" "packaging" "transformers>=4.44"
+$PIP "lightning==$VERSION" "pytorch-lightning==$VERSION" "torchmetrics>=1.4" "safetensors>=0.4" "pytest>=8" "pytest-xdist>=3.6,<4" "numpy" "packaging" "transformers>=4.44"
 $PIP --no-deps -e .
 $ENV/bin/python -c "import lightning, pytorch_lightning; print('lightning', lightning.__version__, '/ pytorch_lightning', pytorch_lightning.__version__)"
 TESTS=(tests/test_lifecycle.py tests/test_callback.py tests/test_checkpoint.py tests/test_multi_adapter_fit.py tests/test_distributed.py tests/test_legacy_files.py)
 for PACKAGE in lightning.pytorch pytorch_lightning; do
   echo "== $PACKAGE $VERSION"
-  LORA_LIGHTNING_TEST_PACKAGE=$PACKAGE $ENV/bin/python -m pytest -q -p no:cacheprovider -m "not slow" "${TESTS[@]}"
+  LORA_LIGHTNING_TEST_PACKAGE=$PACKAGE $ENV/bin/python -m pytest -q -p no:cacheprovider -m "not slow" -n 2 --dist loadfile "${TESTS[@]}"
 done
