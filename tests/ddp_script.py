@@ -184,42 +184,23 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     _log_writes(out)
     formats = args.format or ["sharded"]
+
+    def fit(epochs: int, ckpt: str | None, tag: str, fmt: str) -> None:
+        run(out, args.devices, epochs, args.batch, args.strategy, ckpt, tag, args.init, fmt, args.num_nodes)
+
     for spec in args.resume_from:
         tag, path = spec.split("=", 1)
-        run(
-            out,
-            args.devices,
-            args.resume_epochs,
-            args.batch,
-            args.strategy,
-            path,
-            tag,
-            args.init,
-            formats[0],
-            args.num_nodes,
-        )
+        fit(args.resume_epochs, path, tag, formats[0])
     if args.refusals:
         refusals(out, args.devices, args.batch, args.init)
     if args.resume_from or args.refusals:
         return
     for fmt in formats:
         tag = args.tag if len(formats) == 1 else f"{args.tag}-{fmt}"
-        run(out, args.devices, args.epochs, args.batch, args.strategy, args.ckpt, tag, args.init, fmt, args.num_nodes)
+        fit(args.epochs, args.ckpt, tag, fmt)
         if args.resume_epochs:
             (ckpt,) = sorted((out / f"{tag}-ckpt").glob("*.ckpt"))
-            resumed = "resumed" if tag == "train" else f"{tag}-resumed"
-            run(
-                out,
-                args.devices,
-                args.resume_epochs,
-                args.batch,
-                args.strategy,
-                str(ckpt),
-                resumed,
-                args.init,
-                fmt,
-                args.num_nodes,
-            )
+            fit(args.resume_epochs, str(ckpt), "resumed" if tag == "train" else f"{tag}-resumed", fmt)
 
 
 def refusals(out: Path, devices: int, batch: int, init: str | None) -> None:

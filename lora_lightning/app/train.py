@@ -339,7 +339,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     best_path = ckpt_cb.best_model_path if ckpt_cb else ""
     results: dict[str, float] = {}
     if cfg.test:
-        last = out / "checkpoints" / f"{LAST_CHECKPOINT}.ckpt"
+        last = last_checkpoint(out)
         last_path = str(last) if last.is_file() else ""
         if cfg.get("test_last") and last_path:  # the final weights too: selection on validation vs the schedule's end
             tested = trainer.test(model, datamodule=datamodule, ckpt_path=last_path, verbose=False)
@@ -402,6 +402,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
+def last_checkpoint(out: Path) -> Path:
+    """``<output_dir>/checkpoints/last.ckpt``: the weights after the latest validation (see build_callbacks)."""
+    return out / "checkpoints" / f"{LAST_CHECKPOINT}.ckpt"
+
+
 def resume_checkpoint(cfg: DictConfig, out: Path) -> str | None:
     """``resume=true``: where the fit goes on from. The checkpoint Lightning wrote on a SLURM requeue signal
     (``<output_dir>/hpc_ckpt_<n>.ckpt``, its newest) if there is one, else ``checkpoints/last.ckpt`` (written
@@ -412,7 +417,7 @@ def resume_checkpoint(cfg: DictConfig, out: Path) -> str | None:
     if any(out.glob("hpc_ckpt_*.ckpt")):
         log.info("resume: %s holds a SLURM requeue checkpoint; the fit goes on from it", out)
         return "hpc"
-    last = out / "checkpoints" / f"{LAST_CHECKPOINT}.ckpt"
+    last = last_checkpoint(out)
     if last.is_file():
         log.info("resume: the fit goes on from %s", last)
         return str(last)
