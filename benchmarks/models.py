@@ -13,6 +13,8 @@ Methods (what is trained), all with AdamW over the trainable parameters:
 * ``full``: every weight.
 * ``lora_qv``: lora-lightning, r=8, alpha=16 on query and value; the new head trained.
 * ``lora_all``: lora-lightning, r=8, alpha=16 on every Linear layer except the head/pooler.
+* ``lora_fa_qv`` / ``lora_fa_all``: the same with ``variant="lora_fa"`` (A frozen, B trained, the backward keeps
+  ``x·Aᵀ`` instead of the input; ``benchmarks/lora_fa.py``, not in the main table).
 * ``peft_qv`` / ``peft_all``: HF PEFT ``get_peft_model`` with ``LoraConfig(r=8, lora_alpha=16,
   lora_dropout=0)`` on exactly the modules ours adapts (``target_modules`` = our resolved module
   names), head in ``modules_to_save``, adapters kept in the base dtype.
@@ -54,6 +56,8 @@ METHOD_LABELS = {
     "lora_all": "LoRA r=8 all-linear (ours)",
     "peft_qv": "LoRA r=8 q,v (HF PEFT)",
     "peft_all": "LoRA r=8 all-linear (HF PEFT)",
+    "lora_fa_qv": "LoRA-FA r=8 q,v (ours)",
+    "lora_fa_all": "LoRA-FA r=8 all-linear (ours)",
     "floor": "frozen base + input grads (limit)",
     "head_only": "frozen base, head only",
 }
@@ -182,8 +186,12 @@ def _freeze_all_but_head(model: nn.Module) -> None:
 
 
 def lora_config(method: str, r: int = LORA_R, alpha: float = LORA_ALPHA, head: bool = True) -> LoRAConfig:
-    targets = {"lora_qv": ["q", "v"], "lora_all": ["all-linear"]}[method]
-    return LoRAConfig(r=r, alpha=alpha, targets=targets, modules_to_save=["classifier"] if head else [])
+    """``lora_qv`` / ``lora_all`` (plain LoRA) or ``lora_fa_qv`` / ``lora_fa_all`` (LoRA-FA)."""
+    variant = "lora_fa" if method.startswith("lora_fa_") else "lora"
+    targets = {"qv": ["q", "v"], "all": ["all-linear"]}[method.rpartition("_")[2]]
+    return LoRAConfig(
+        variant=variant, r=r, alpha=alpha, targets=targets, modules_to_save=["classifier"] if head else []
+    )
 
 
 def prepare(model: nn.Module, method: str) -> nn.Module:
@@ -200,7 +208,7 @@ def prepare(model: nn.Module, method: str) -> nn.Module:
             # the same hook as transformers' enable_input_require_grads(): gradients flow through
             # every frozen layer down to the embeddings, but no weight gradient is computed
             model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
-    elif method in ("lora_qv", "lora_all"):
+    elif method in ("lora_qv", "lora_all", "lora_fa_qv", "lora_fa_all"):
         config = lora_config(method)
         config.fuse_shared_inputs = "unfused" not in mods
         if "bf16base" in mods:

@@ -473,6 +473,9 @@ def render_markdown(res: dict) -> str:
     from benchmarks.monitor_overhead import render as monitor_overhead_section
 
     L.extend(monitor_overhead_section(HERE / "monitor_overhead.json"))
+    from benchmarks.lora_fa import render as lora_fa_section
+
+    L.extend(lora_fa_section(HERE / "lora_fa.json"))
 
     prof = res.get("profile")
     if prof:

@@ -102,7 +102,7 @@ def export_peft_adapter(
         raise LoRAConfigError(
             f"bias={config.bias!r}: exporting trained biases to PEFT is not supported; train with bias='none'"
         )
-    if config.variant != "lora" or config.quantize_base is not None:
+    if not registry.variant(config.variant).peft_lora or config.quantize_base is not None:
         raise LoRAConfigError(
             f"variant={config.variant!r} / quantize_base={config.quantize_base!r}: only plain LoRA adapters have an "
             "exact PEFT LoRA equivalent here; save with save_adapter(), or merge_and_unload() for a plain model"

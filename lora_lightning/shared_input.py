@@ -204,6 +204,7 @@ def _ready(layer: LoRALinear, x: Tensor) -> bool:
         and layer.quantize_base is None
         and not layer.lora_disabled
         and layer.lora_route is None
+        and layer.lora_A.requires_grad  # a frozen A (LoRA-FA): the layer's own node keeps no input, this one would
         and one_node_ok(x, layer.weight, layer.lora_A, layer.lora_B)
     )
 

@@ -237,3 +237,20 @@ def test_monitor_overhead_quick_times_the_monitored_steps_it_claims():
     )
     assert len(result["samples_s"]["monitor on"]) == len(result["samples_s"]["monitor off"]) == result["rounds"]
     assert "LoRAMonitor overhead" in "\n".join(render_data(result))
+
+
+def test_lora_fa_quick_measures_what_its_table_says(tmp_path):
+    """``python -m benchmarks.lora_fa --quick``: LoRA-FA trains half of LoRA's parameters on the tiny model and keeps
+    fewer activations than LoRA on the same matrices; every memory process reports; the section renders."""
+    from benchmarks.lora_fa import METHODS, main, render_data
+
+    data = main(["--quick", "--out", str(tmp_path / "lora_fa.json")])
+    (model,) = data["models"].values()
+    meth = model["methods"]
+    assert list(meth) == METHODS
+    for targets in ("qv", "all"):
+        plain, fa = meth[f"lora_{targets}"], meth[f"lora_fa_{targets}"]
+        assert fa["saved_activation_bytes"] < plain["saved_activation_bytes"]
+        assert fa["trainable_params"] < plain["trainable_params"]
+    assert all(positive(m["memory"]["training_bytes"]) for m in meth.values())
+    assert "## 14. LoRA-FA" in "\n".join(render_data(data))

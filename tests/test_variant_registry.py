@@ -253,7 +253,8 @@ def test_rank_for_budget_and_allocate_ranks_spend_within_the_budget_for_every_va
         cfg = LoRAConfig(variant=name, r=8, targets=["q", "v"], **extra)
         budget = 6 * 8 * 32 + 100
         r = rank_for_budget(tiny_model(0), cfg, budget)
-        assert adapter_cost(tiny_model(0), cfg, r) <= budget < adapter_cost(tiny_model(0), cfg, r + 1), name
+        assert adapter_cost(tiny_model(0), cfg, r) <= budget, name
+        assert budget < adapter_cost(tiny_model(0), cfg, r + 1) or r == 16, name  # 16: the 16 x 16 q, v's rank cap
         pattern = allocate_ranks(tiny_model(0), cfg, budget)
         model = tiny_model(0)
         inject_lora(

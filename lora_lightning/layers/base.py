@@ -264,7 +264,7 @@ class LoRALayer:
         """``base() + lora_forward(x)``, as one autograd node where :class:`LoRALinearFunction` can take
         the inputs. ``weight`` is ``W0 (d_out x d_in)`` (a transposed view for Conv1D); ``base`` computes
         the frozen output the usual way for the composed fallback."""
-        from .function import LoRALinearFunction, one_node_ok
+        from .function import LoRALinearFunction, MaskedDropout, one_node_ok
 
         if self.adapter_off():
             return base()
@@ -272,7 +272,9 @@ class LoRALayer:
             return self._routed_forward(x, base())
         A, B, s = self.factors()
         if one_node_ok(x, weight, A, B):
-            x_d = self.lora_dropout(x) if self.dropout_p > 0 and self.lora_dropout.training else None
+            x_d = None
+            if self.dropout_p > 0 and self.lora_dropout.training:  # A frozen: the node keeps h, not x_d (one-byte mask)
+                x_d = self.lora_dropout(x) if A.requires_grad else MaskedDropout.apply(x, self.dropout_p)
             return LoRALinearFunction.apply(x, x_d, weight, bias, A, B, s)
         out = base()
         return out + self.lora_forward(x).to(out.dtype)

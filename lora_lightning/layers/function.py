@@ -32,7 +32,9 @@ class LoRALinearFunction(torch.autograd.Function):
 
     Shapes: ``x, x_d (..., d_in)`` (``x_d`` = ``dropout(x)``; ``None`` means ``x`` itself), ``W0 (d_out x d_in)``,
     ``A (R x d_in)``, ``B (d_out x R)``. Backward, with ``g = ∂L/∂y`` flattened to ``(N, d_out)``:
-    ``gh = s·g·B``, ``∂A = ghᵀ·x_d``, ``∂B = s·(hᵀ·g)ᵀ``, ``∂x = g·W0 (+ gh·A)``.
+    ``gh = s·g·B``, ``∂A = ghᵀ·x_d``, ``∂B = s·(hᵀ·g)ᵀ``, ``∂x = g·W0 (+ gh·A)``. Saved for the backward:
+    ``h = x_d·Aᵀ`` (N x R) and the parameters, plus ``x_d`` only while ``A`` trains (LoRA-FA: none of the input)
+    and ``x`` only while ``W0`` trains.
 
     Same function as ``F.linear(x, W0, b) + s·F.linear(F.linear(x_d, A), B)``, but autograd sees one
     node instead of five, the low-rank update is added into the base output in place, and every
@@ -68,17 +70,32 @@ class LoRALinearFunction(torch.autograd.Function):
         else:
             out.addmm_(h, lora_B.t(), alpha=scaling)
         ctx.same, ctx.scaling, ctx.has_bias = x_d is None, scaling, bias is not None
-        # inputs only (plus h, N x R), so a create_graph backward can rebuild a differentiable graph;
-        # x is kept alive only when W0 itself trains (or x is x_d, needed for ∂A anyway)
-        ctx.save_for_backward(x if weight.requires_grad or x_d is None else None, x_d, h, weight, lora_A, lora_B)
+        # inputs only (plus h, N x R), so a create_graph backward can rebuild a differentiable graph. The adapted
+        # input x_d is kept only for ∂A: with lora_A frozen (LoRA-FA) the node keeps h = x_d·Aᵀ (R values per token)
+        # and no input at all; x is kept only when W0 itself trains (or x is x_d and ∂A is needed)
+        keep_xd = lora_A.requires_grad
+        ctx.save_for_backward(
+            x if weight.requires_grad or (x_d is None and keep_xd) else None,
+            x_d if keep_xd else None,
+            h,
+            weight,
+            lora_A,
+            lora_B,
+        )
         return result
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, x_d, h, weight, lora_A, lora_B = ctx.saved_tensors
         s = ctx.scaling
-        xd2 = (x if ctx.same else x_d).reshape(-1, lora_A.shape[-1])
+        adapted = x if ctx.same else x_d  # None when lora_A is frozen: only h was kept
+        xd2 = None if adapted is None else adapted.reshape(-1, lora_A.shape[-1])
         if torch.is_grad_enabled():  # double backward: recompute h inside the graph being built
+            if xd2 is None:
+                raise RuntimeError(
+                    "create_graph backward through a LoRA layer whose lora_A is frozen (variant='lora_fa'): the layer "
+                    "kept only x·Aᵀ, not its input; use variant='lora' for higher-order gradients"
+                )
             h = torch.mm(xd2, lora_A.t())
         g2 = grad.reshape(-1, grad.shape[-1])
         # r-wide products in the layouts BLAS handles well (B is d_out x R, row-major)
@@ -97,3 +114,22 @@ class LoRALinearFunction(torch.autograd.Function):
         grad_w = torch.mm(g2.t(), x.reshape(-1, lora_A.shape[-1])) if ctx.needs_input_grad[2] else None
         grad_b = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
         return grad_x, grad_xd, grad_w, grad_b, grad_A, grad_B, None
+
+
+class MaskedDropout(torch.autograd.Function):
+    """``nn.Dropout``'s ``x·mask/keep`` (the same random draws), keeping the mask as one byte per element for the
+    backward where ``nn.Dropout`` on the CPU keeps a float32 one. For adapters whose node keeps no input
+    (``lora_A`` frozen): the mask is then the only input-sized tensor of the adapter path."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, p: float) -> Tensor:
+        keep = 1.0 - p
+        mask = torch.empty_like(x, dtype=torch.bool, memory_format=torch.contiguous_format).bernoulli_(keep)
+        ctx.keep = keep
+        ctx.save_for_backward(mask)
+        return x.mul(mask).mul_(1.0 / keep)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (mask,) = ctx.saved_tensors
+        return grad.mul(mask).mul_(1.0 / ctx.keep), None

@@ -1,7 +1,7 @@
 """LoRA variants, one file each, registered by name in :mod:`.registry`.
 
-``lora`` (with the aliases ``rslora`` and ``qlora``), ``dora``, ``pissa``, ``olora``, ``loftq``, ``vera`` and
-``adalora``;
+``lora`` (with the aliases ``rslora`` and ``qlora``), ``lora_fa``, ``dora``, ``pissa``, ``olora``, ``loftq``,
+``vera`` and ``adalora``;
 docs/variants.md gives the formulas and citations. A new variant is one file with a
 ``@register_variant("name")`` class (see :mod:`.registry`) plus its test file.
 """
@@ -11,6 +11,7 @@ from .base import TrainingHooks, Variant, get_variant, register_variant, registe
 from .dora import DoRALinear
 from .loftq import LoftQConfig, LoftQInit, LoftQLinear, loftq_init
 from .lora import LoRA  # noqa: E402  (registration order: plain LoRA first)
+from .lora_fa import LoRAFAConfig, LoRAFALinear, project_lora_fa_gradients, projected_gradient
 from .olora import OLoRALinear, olora_to_lora
 from .pissa import PiSSALinear, pissa_to_lora
 from .vera import VeRAConfig, VeRALinear, vera_shared_matrices
@@ -21,6 +22,8 @@ __all__ = [
     "AdaLoRALinear",
     "DoRALinear",
     "LoRA",
+    "LoRAFAConfig",
+    "LoRAFALinear",
     "LoftQConfig",
     "LoftQInit",
     "LoftQLinear",
@@ -35,6 +38,8 @@ __all__ = [
     "olora_to_lora",
     "orthogonality_penalty",
     "pissa_to_lora",
+    "project_lora_fa_gradients",
+    "projected_gradient",
     "register_variant",
     "register_variant_alias",
     "registered_variants",

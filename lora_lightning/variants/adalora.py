@@ -290,6 +290,10 @@ class AdaLoRA(Variant):
         return super().num_params(spec, config) + spec.r
 
     @classmethod
+    def edits_gradients(cls, config: LoRAConfig) -> bool:
+        return True  # the orthogonality penalty's gradient is added to .grad
+
+    @classmethod
     def training_hooks(cls, model: nn.Module, config: LoRAConfig, total_steps: int | None) -> AdaLoRAHooks:
         assert isinstance(config, AdaLoRAConfig)
         return AdaLoRAHooks(model, config, total_steps)

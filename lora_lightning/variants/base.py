@@ -68,6 +68,8 @@ class Variant:
     rewrites_base: ClassVar[bool] = False
     # whether the variant needs quantize_base (LoftQ fits A, B to the quantization error): refused without it
     needs_quantized_base: ClassVar[bool] = False
+    # whether a trained adapter is a plain PEFT LoRA adapter (export_peft_adapter writes it as one)
+    peft_lora: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, config: LoRAConfig, specs: Sequence[AdapterSpec]) -> None:
         self.config = config
@@ -162,6 +164,12 @@ class Variant:
         """Trainable parameters of one adapted matrix under ``config`` (the variant's options): plain LoRA
         ``r·(n·d_in + d_out)`` for ``n`` adapted blocks."""
         return spec.r * (max(1, len(spec.parts)) * spec.d_in + spec.d_out)
+
+    @classmethod
+    def edits_gradients(cls, config: LoRAConfig) -> bool:
+        """Whether the training hooks change ``.grad`` before the optimizer step (they need the gradients where
+        autograd leaves them: refused where a strategy keeps them elsewhere, e.g. DeepSpeed ZeRO's buffers)."""
+        return False
 
     @classmethod
     def training_hooks(cls, model: nn.Module, config: LoRAConfig, total_steps: int | None) -> TrainingHooks | None:

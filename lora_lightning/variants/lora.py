@@ -17,6 +17,7 @@ class LoRA(Variant):
 
     linear_only = False
     supports_ties = True
+    peft_lora = True
 
 
 register_variant_alias("rslora", "lora", use_rslora=True)

@@ -170,6 +170,7 @@ TOPOLOGIES = ("plain", "siblings", "shared", "alias", "tied-head")
 VARIANTS: dict[str, dict[str, Any]] = {
     "lora": {},
     "rslora": {"variant": "rslora"},
+    "lora_fa": {"variant": "lora_fa"},
     "dora": {"variant": "dora"},
     "pissa": {"variant": "pissa"},
     "olora": {"variant": "olora"},

@@ -79,7 +79,7 @@ def _plain_lora(case: Case) -> bool:
 
 
 def peft_refusal(case: Case) -> str | None:
-    if not _plain_lora(case) or case.quantizer is not None:
+    if not registry.variant(case.variant).peft_lora or case.quantizer is not None:
         return r"only plain LoRA adapters have an exact PEFT LoRA equivalent"
     if case.topology in ("shared", "tied-head"):
         return r"shares the adapter of its tied weight"

@@ -81,6 +81,7 @@ def adalora(case: Case, layer: nn.Module, W0: Tensor) -> Tensor:
 FORMULAS: dict[str, Callable[[Case, nn.Module, Tensor], Tensor]] = {
     "lora": lora,
     "rslora": lora,
+    "lora_fa": lora,  # A frozen: the same update
     "dora": dora,
     "pissa": lora,  # on the residual base
     "olora": lora,  # on the residual base
