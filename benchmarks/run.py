@@ -476,6 +476,9 @@ def render_markdown(res: dict) -> str:
     from benchmarks.lora_fa import render as lora_fa_section
 
     L.extend(lora_fa_section(HERE / "lora_fa.json"))
+    from benchmarks.main_job_ratio import render as main_job_ratio_section
+
+    L.extend(main_job_ratio_section(HERE / "main_job_ratio.json"))
 
     prof = res.get("profile")
     if prof:

@@ -254,3 +254,18 @@ def test_lora_fa_quick_measures_what_its_table_says(tmp_path):
         assert fa["trainable_params"] < plain["trainable_params"]
     assert all(positive(m["memory"]["training_bytes"]) for m in meth.values())
     assert "## 14. LoRA-FA" in "\n".join(render_data(data))
+
+
+def test_main_job_ratio_quick_times_lora_full_limit_and_peft(tmp_path):
+    """``python -m benchmarks.main_job_ratio --quick``: the main job's LoRA, full fine-tuning, frozen-base limit and
+    PEFT passes are built with the job's settings (trainable counts in the expected order) and timed."""
+    from benchmarks.main_job_ratio import main, render_data
+
+    data = main(["--quick", "--out", str(tmp_path / "ratio.json")])
+    passes = data["passes"]
+    trainable = {k.split(" | ")[1]: v["trainable_params"] for k, v in passes.items()}
+    assert trainable["lora"] == trainable["peft"] < trainable["full"]
+    assert trainable["floor"] < trainable["lora"]
+    assert all(positive(min(v["seconds"])) for v in passes.values())
+    assert positive(data["ratios"]["main job"]["median"])
+    assert "## 15. The main job's LoRA" in "\n".join(render_data(data))
