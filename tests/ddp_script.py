@@ -4,7 +4,7 @@ Lightning's subprocess launcher re-runs this very script once per extra rank, so
 runnable on its own::
 
     python tests/ddp_script.py OUTDIR --devices 2 --epochs 1 [--resume-epochs 2] [--ckpt PATH] [--tag NAME]
-        [--strategy ddp|fsdp2] [--format sharded|file] [--resume-from TAG=PATH ...] [--num-nodes N]
+        [--strategy ddp|fsdp2] [--format sharded|file] [--resume-from TAG=PATH ...] [--num-nodes N] [--variant V]
 
 It also runs as one "node" of a multi-node job started by torchrun (``--num-nodes 2 --devices 1``, one
 launcher per node): Lightning then takes ranks and world size from TorchElastic's environment.
@@ -170,6 +170,9 @@ def main() -> None:
     parser.add_argument("--ckpt", default=None, help="resume the first fit from this checkpoint")
     parser.add_argument("--tag", default="train")
     parser.add_argument(
+        "--variant", default=None, help="LoRACallback(variant=...) with init_seed=0 (the same A on every rank)"
+    )
+    parser.add_argument(
         "--init", default=None, help="init_adapter: the same start on every rank and in the reference run"
     )
     parser.add_argument(
@@ -184,6 +187,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     _log_writes(out)
     formats = args.format or ["sharded"]
+    if args.variant:
+        LORA.update(variant=args.variant, init_seed=0)
 
     def fit(epochs: int, ckpt: str | None, tag: str, fmt: str) -> None:
         run(out, args.devices, epochs, args.batch, args.strategy, ckpt, tag, args.init, fmt, args.num_nodes)

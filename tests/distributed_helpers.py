@@ -79,9 +79,13 @@ class EpochPermutation(Sampler):
         return self.n
 
 
-def single_process_fit(root: Path, epochs: int, init: Path | None = None, ckpt: Path | None = None):
+def single_process_fit(
+    root: Path, epochs: int, init: Path | None = None, ckpt: Path | None = None, variant: str | None = None
+):
+    """LitTiny on one process with the data order of 2 ranks (``variant``: as ``ddp_script.py --variant``)."""
     model = LitTiny(seed=0)
-    cb = LoRACallback(**LORA, init_adapter=str(init) if init else None, verbose=False)
+    options = LORA | ({"variant": variant, "init_seed": 0} if variant else {})
+    cb = LoRACallback(**options, init_adapter=str(init) if init else None, verbose=False)
     t = trainer(root, [cb], max_steps=-1, max_epochs=epochs)
     data = tiny_loader(n=32).dataset
     t.fit(model, DataLoader(data, batch_size=8, sampler=EpochPermutation(len(data))), ckpt_path=ckpt)
