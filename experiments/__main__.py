@@ -91,6 +91,12 @@ def _precision(args: argparse.Namespace) -> None:
     print(write_report(args.runs, args.out))
 
 
+def _lora_fa(args: argparse.Namespace) -> None:
+    from experiments.lora_fa import write_report
+
+    print(write_report(args.runs, args.lora_runs, args.out))
+
+
 def _decoder(args: argparse.Namespace) -> None:
     from experiments.decoder import write_report
 
@@ -199,6 +205,16 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--runs", type=Path, default=ROOT / RUNS / "precision", help="the collected precision records")
     pr.add_argument("--out", type=Path, default=ROOT / RESULTS / "precision.md")
     pr.set_defaults(func=_precision)
+
+    fa = sub.add_parser(
+        "lora-fa", help="results/lora_fa.md: LoRA-FA vs LoRA in the default recipe, from experiments/runs/lora_fa"
+    )
+    fa.add_argument("--runs", type=Path, default=ROOT / RUNS / "lora_fa", help="the collected LoRA-FA records")
+    fa.add_argument(
+        "--lora-runs", type=Path, default=ROOT / RUNS / "recipe" / "final-rotten_tomatoes-lora", help="plain LoRA"
+    )
+    fa.add_argument("--out", type=Path, default=ROOT / RESULTS / "lora_fa.md")
+    fa.set_defaults(func=_lora_fa)
 
     d = sub.add_parser(
         "decoder",

@@ -790,7 +790,7 @@ def test_committed_reports_regenerate_byte_identically(tmp_path, monkeypatch):
     committed records (run from the repository root, as the commands are)."""
     import shutil
 
-    from experiments import decoder, precision
+    from experiments import decoder, lora_fa, precision
     from experiments.report import write_readme
 
     monkeypatch.chdir(ROOT)
@@ -812,6 +812,23 @@ def test_committed_reports_regenerate_byte_identically(tmp_path, monkeypatch):
         precision.write_report(ROOT / "experiments" / "runs" / "precision", out / "precision.md")
         == (ROOT / "experiments/results/precision.md").read_text()
     )
+    assert lora_fa.write_report(out=out / "lora_fa.md") == (ROOT / "experiments/results/lora_fa.md").read_text()
+
+
+def test_lora_fa_report_states_the_interval_and_the_mde():
+    """experiments/lora_fa.py on made-up records: the Welch difference and CI, the MDE at n = 3, no verdict; runs of
+    another variant are not read as LoRA-FA."""
+    from experiments.lora_fa import report
+
+    def run(seed: int, test: float, val: float, variant: str) -> dict:
+        return {"seed": seed, "test_acc": test, "best_val_acc": val, "variant": variant, "params_trainable": 1}
+
+    fa = [run(s, t, v, "lora_fa") for s, t, v in ((1, 0.78, 0.80), (2, 0.79, 0.81), (3, 0.80, 0.80))]
+    lora = [run(s, t, v, "lora") for s, t, v in ((1, 0.80, 0.82), (2, 0.81, 0.82), (3, 0.82, 0.83))]
+    text = report(fa, lora)
+    assert "LoRA-FA − LoRA -2.00 points, 95% Welch CI [-4.27, +0.27]" in text
+    assert "MDE" not in text and "the smallest difference these seeds detect" in text
+    assert "equivalent" not in text and "Not run yet" in report([], lora)
 
 
 def test_subspace_reports_every_seed_and_the_random_baseline(sweeps):
