@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 
@@ -282,3 +283,46 @@ def test_blockwise_formats_refuse_weights_that_are_not_whole_blocks(fmt):
         LoRAConfigError, match=rf"quantize_base='{fmt}' stores blocks of 64 values; layer has 100, not a multiple"
     ):
         q.check(100, "layer")
+
+
+@pytest.mark.parametrize("name,extra", _configs(), ids=[n for n, _ in _configs()])
+def test_adapter_dtype_pins_every_adapter_tensor_through_a_half_precision_cast(name, extra):
+    """adapter_dtype='float32', then the model cast to bf16 (what Lightning's bf16-true does): every tensor the adapter
+    holds stays fp32, trained or frozen (LoRA-FA's A), and a training step runs."""
+    model = tiny_model(0)
+    inject_lora(model, LoRAConfig(variant=name, r=2, targets=["q", "v"], adapter_dtype="float32", **extra))
+    model.to(torch.bfloat16)
+    for layer in lora_layers(model).values():
+        for leaf in dict.fromkeys(layer.trainable_names + layer.adapter_names):
+            t = getattr(layer, leaf)
+            assert not t.is_floating_point() or t.dtype == torch.float32, (name, leaf, t.dtype)
+    ids, y = tiny_batch()
+    F.cross_entropy(model(ids).float(), y).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+QUANTIZER_PACKAGES = {"int8": "torch", "nf4": "torchao", "bnb-nf4": "bitsandbytes", "bnb-fp4": "bitsandbytes"}
+QUANTIZER_PACKAGES["bnb-int8"] = "bitsandbytes"
+
+
+def test_every_registered_quantizer_is_cast_checked():
+    from lora_lightning import registry
+
+    assert set(registry.QUANTIZERS) == set(QUANTIZER_PACKAGES)
+
+
+@pytest.mark.parametrize("fmt", sorted(QUANTIZER_PACKAGES))
+def test_a_quantized_base_follows_a_half_precision_cast_of_the_model(fmt):
+    """``model.to(torch.bfloat16)`` after injection with ``quantize_base`` (Lightning's bf16-true): the codes stay, the
+    base is dequantized to bf16, and the output is the fp32 one to bf16 round-off (it raised a dtype error)."""
+    pytest.importorskip(QUANTIZER_PACKAGES[fmt])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64))
+    inject_lora(model, LoRAConfig(targets=["0"], quantize_base=fmt))
+    randomize_adapters(model)
+    x = torch.randn(4, 64)
+    expected = model(x).detach()
+    model.to(torch.bfloat16)
+    out = model(x.bfloat16())
+    assert out.dtype == torch.bfloat16 and model[0].base_dtype == torch.bfloat16
+    assert torch.allclose(out.float(), expected, atol=0.05, rtol=0.02)

@@ -414,8 +414,8 @@ class LoRALayer:
         created with an explicit ``adapter_dtype`` keep that dtype (fp32 adapters on a half-precision
         base, the QLoRA recipe), whatever the cast."""
         out = super()._apply(fn, recurse)  # type: ignore[misc]
-        if self.pinned_dtype is not None:
-            for name in self.trainable_names:
+        if self.pinned_dtype is not None:  # every tensor of the adapter, trained or frozen (LoRA-FA's A)
+            for name in dict.fromkeys(self.trainable_names + self.adapter_names):
                 p = self._parameters.get(name)  # type: ignore[attr-defined]
                 if isinstance(p, Tensor) and p.is_floating_point() and p.dtype != self.pinned_dtype:
                     p.data = p.data.to(self.pinned_dtype)

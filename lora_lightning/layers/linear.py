@@ -82,6 +82,16 @@ class LoRALinear(LoRALayer, nn.Linear):
         self.quantize_base = method
         return before, self.base_weight_bytes()
 
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        """A cast of the model (``.to(torch.bfloat16)``, Lightning's ``bf16-true``) leaves a quantized ``W0``'s codes as
+        they are; the dtype it is dequantized to follows the cast, as an unquantized weight's would."""
+        out = super()._apply(fn, recurse)
+        if self.quantize_base is not None:
+            probe = fn(torch.empty(0, dtype=self.base_dtype))
+            if isinstance(probe, Tensor) and probe.is_floating_point():
+                self.base_dtype = probe.dtype
+        return out
+
     def _stored_state(self) -> Any:
         if self.weight_scale is not None:
             return self.weight_scale

@@ -247,6 +247,30 @@ def op_forward(case: Case) -> None:
 
 
 @operation(
+    "half_cast",
+    "adapter_dtype='float32', then model.to(torch.bfloat16) (Lightning's bf16-true): every adapter tensor stays "
+    "fp32, outputs equal the fp32 model's to bf16 round-off, and a backward reaches the trainable tensors",
+)
+def op_half_cast(case: Case) -> None:
+    model = Net(case).eval()
+    refused_as_expected(model, lambda: inject_lora(model, case.config(adapter_dtype="float32")), inject_refusal(case))
+    randomize(model)
+    x = inputs(case)
+    expected = out(model, x)
+    model.to(torch.bfloat16)
+    for name, layer in lora_layers(model).items():
+        for leaf in dict.fromkeys(layer.trainable_names + layer.adapter_names):
+            t = getattr(layer, leaf)
+            assert not t.is_floating_point() or t.dtype == torch.float32, f"{name}.{leaf} is {t.dtype} after the cast"
+    xb = x.to(torch.bfloat16) if x.is_floating_point() else x
+    close(out(model, xb).float(), expected, "bf16 model vs fp32", rtol=0.05, atol=0.05)
+    model.train()
+    model(xb).float().pow(2).sum().backward()
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(model.get_parameter(n).grad is not None for n in trainable if ".lora_bank." not in n)
+
+
+@operation(
     "merge",
     "merge_lora: outputs equal the unmerged ones; unmerge_lora: the base weights back; merge_and_unload: "
     "the base architecture (no LoRA module left) with the same outputs",
