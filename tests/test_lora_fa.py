@@ -311,3 +311,29 @@ def test_fsdp2_two_processes_project_their_rows_equal_to_one_process(tmp_path):
     for k, v in lora_tensors(unprojected).items():
         if k.endswith("lora_A"):
             assert torch.equal(r0["adapter"][k], v), k  # never trained
+
+
+def test_resume_from_the_adapter_only_checkpoint_restores_A_and_is_bit_identical(tmp_path):
+    """The checkpoint holds A (frozen, random: part of the adapter) and B; a resume under another global seed and with
+    no init_seed equals the uninterrupted run bit for bit."""
+    from conftest import ModelCheckpoint
+
+    def fit(root, epochs, ckpt_path=None):
+        model = LitTiny(seed=0)
+        cb = LoRACallback(variant="lora_fa", r=2, targets=["q", "v", "mlp"], verbose=False)
+        ckpt = ModelCheckpoint(dirpath=root / "ckpt", save_last=True, save_top_k=0)
+        t = trainer(root, [cb, ckpt], max_steps=-1, max_epochs=epochs, enable_checkpointing=True)
+        t.fit(model, tiny_loader(n=32, batch_size=8), ckpt_path=ckpt_path)
+        return model
+
+    torch.manual_seed(0)
+    straight = fit(tmp_path / "a", 3)
+    torch.manual_seed(0)
+    fit(tmp_path / "b", 2)
+    mid = tmp_path / "b" / "ckpt" / "last.ckpt"
+    keys = set(torch.load(mid, weights_only=False)["state_dict"])
+    assert keys == {k for k in straight.state_dict() if ".lora_" in k} and any(k.endswith("lora_A") for k in keys)
+    torch.manual_seed(123)  # another A would be drawn: it must come from the checkpoint
+    resumed = fit(tmp_path / "c", 3, ckpt_path=mid)
+    for k, v in straight.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
