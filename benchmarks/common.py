@@ -257,3 +257,10 @@ def write_results(path, payload: dict, start: float, packages: tuple[str, ...] =
         )
     )
     print(f"wrote {path}")
+
+
+def render_json(path, render_data) -> list[str]:
+    """A benchmark's RESULTS.md section: ``render_data`` of the JSON at ``path`` (empty if it was not run)."""
+    import json
+
+    return render_data(json.loads(path.read_text())) if path.is_file() else []

@@ -24,7 +24,7 @@ import json
 import time
 from pathlib import Path
 
-from benchmarks.common import load_average, machine_info, paired_ratio, setup_torch, write_results
+from benchmarks.common import load_average, machine_info, paired_ratio, render_json, setup_torch, write_results
 
 HERE = Path(__file__).resolve().parent
 METHODS = ["floor", "lora_qv", "lora_fa_qv", "lora_all", "lora_fa_all"]
@@ -173,9 +173,7 @@ def render_data(data: dict) -> list[str]:
 
 def render(path: Path) -> list[str]:
     """The RESULTS.md section for ``lora_fa.json`` (empty if the benchmark was not run)."""
-    if not path.is_file():
-        return []
-    return render_data(json.loads(path.read_text()))
+    return render_json(path, render_data)
 
 
 if __name__ == "__main__":

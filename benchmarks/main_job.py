@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
+import functools
 import itertools
 import json
 import sys
@@ -40,10 +41,22 @@ def _compose(overrides: list[str]):
         return compose("config", overrides=["logger=none", "output_dir=/tmp/lora_lightning_main_job_bench", *overrides])
 
 
-def build(method: str):
-    """(model, optimizer, autocast factory) for one method, with the main job's settings."""
+def job(overrides: list[str]):
+    """(config, fitted-up data module, fresh model) of the main job with ``overrides``, the model seeded as the job
+    seeds it."""
     from hydra.utils import instantiate
 
+    cfg = _compose(overrides)
+    dm = instantiate(cfg.data, _convert_="all")
+    dm.prepare_data()
+    dm.setup("fit")
+    torch.manual_seed(int(cfg.seed))
+    model = instantiate(cfg.model, _convert_="all", num_labels=dm.num_labels, label_names=list(dm.label_names))
+    return cfg, dm, model
+
+
+def build(method: str):
+    """(model, optimizer, autocast factory) for one method, with the main job's settings."""
     from lora_lightning import inject_lora
     from lora_lightning.app.train import build_lora_config, freeze_all_but_head
 
@@ -51,12 +64,7 @@ def build(method: str):
     overrides = [] if base == "lora" else [f"lora={base}"]
     if method.endswith("+unfused"):
         overrides.append("lora.fuse_shared_inputs=false")
-    cfg = _compose(overrides)
-    dm = instantiate(cfg.data, _convert_="all")
-    dm.prepare_data()
-    dm.setup("fit")
-    torch.manual_seed(int(cfg.seed))
-    model = instantiate(cfg.model, _convert_="all", num_labels=dm.num_labels, label_names=list(dm.label_names))
+    cfg, dm, model = job(overrides)
     if base == "lora":
         inject_lora(model, build_lora_config(cfg, model))
     elif base == "head_only":
@@ -70,6 +78,16 @@ def build(method: str):
         else contextlib.nullcontext
     )
     return model, opt, autocast, dm, sum(p.numel() for p in params)
+
+
+def train_pass(model, opt, autocast, batches: list[dict]) -> None:
+    """What Lightning's fit does per batch, without logging: zero_grad, forward, cross-entropy, backward, step."""
+    for b in batches:
+        opt.zero_grad(set_to_none=True)
+        with autocast():
+            logits = model(b["input_ids"], b["attention_mask"])
+        F.cross_entropy(logits.float(), b["labels"]).backward()
+        opt.step()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,15 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             loader = dm.train_dataloader()
             batches = list(itertools.islice(loader, args.batches))
 
-        def epoch(model=model, opt=opt, autocast=autocast, batches=batches) -> None:
-            for b in batches:
-                opt.zero_grad(set_to_none=True)
-                with autocast():
-                    logits = model(b["input_ids"], b["attention_mask"])
-                F.cross_entropy(logits.float(), b["labels"]).backward()
-                opt.step()
-
-        fns[method] = epoch
+        fns[method] = functools.partial(train_pass, model, opt, autocast, batches)
         info[method] = {"trainable_params": trainable}
     real = int(sum(int(b["attention_mask"].sum()) for b in batches))
     padded = int(sum(b["input_ids"].numel() for b in batches))

@@ -36,9 +36,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from benchmarks.common import interleaved, load_average, machine_info, paired_ratio, setup_torch, write_results
+from benchmarks.common import (
+    interleaved,
+    load_average,
+    machine_info,
+    paired_ratio,
+    render_json,
+    setup_torch,
+    write_results,
+)
 
 HERE = Path(__file__).resolve().parent
 
@@ -55,26 +62,13 @@ SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 
-def _compose(overrides: list[str]):
-    from hydra import compose, initialize_config_module
-
-    with initialize_config_module("lora_lightning.app.conf", version_base="1.3"):
-        return compose("config", overrides=["logger=none", "output_dir=/tmp/lora_lightning_ratio_bench", *overrides])
-
-
 def build(method: str, overrides: list[str]) -> tuple[torch.nn.Module, torch.optim.Optimizer, Any, int]:
     """(model, optimizer, data module, trainable parameters) for ``lora`` | ``full`` | ``floor`` | ``peft``."""
-    from hydra.utils import instantiate
-
+    from benchmarks.main_job import job
     from lora_lightning import inject_lora, plan_injection
     from lora_lightning.app.train import build_lora_config, freeze_all_but_head
 
-    cfg = _compose(([] if method in ("lora", "peft", "floor") else [f"lora={method}"]) + overrides)
-    dm = instantiate(cfg.data, _convert_="all")
-    dm.prepare_data()
-    dm.setup("fit")
-    torch.manual_seed(int(cfg.seed))
-    model = instantiate(cfg.model, _convert_="all", num_labels=dm.num_labels, label_names=list(dm.label_names))
+    cfg, dm, model = job(([] if method in ("lora", "peft", "floor") else [f"lora={method}"]) + overrides)
     if method == "lora":
         inject_lora(model, build_lora_config(cfg, model))
     elif method == "floor":
@@ -125,6 +119,8 @@ def reshape_batches(batches: list[dict], batch: int, seq: int, pad_id: int) -> l
 
 
 def make_pass(model, opt, batches: list[dict], threads: int | None, bf16: bool) -> Callable[[], None]:
+    from benchmarks.main_job import train_pass
+
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
 
     def run() -> None:
@@ -132,12 +128,7 @@ def make_pass(model, opt, batches: list[dict], threads: int | None, bf16: bool) 
         if threads:
             torch.set_num_threads(threads)
         try:
-            for b in batches:
-                opt.zero_grad(set_to_none=True)
-                with autocast():
-                    logits = model(b["input_ids"], b["attention_mask"])
-                F.cross_entropy(logits.float(), b["labels"]).backward()
-                opt.step()
+            train_pass(model, opt, autocast, batches)
         finally:
             torch.set_num_threads(before)
 
@@ -241,9 +232,7 @@ def render_data(data: dict) -> list[str]:
 
 def render(path: Path) -> list[str]:
     """The RESULTS.md section for ``main_job_ratio.json`` (empty if the benchmark was not run)."""
-    if not path.is_file():
-        return []
-    return render_data(json.loads(path.read_text()))
+    return render_json(path, render_data)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from benchmarks.common import interleaved, load_average, machine_info, paired_ratio, setup_torch, summarize
+from benchmarks.common import interleaved, load_average, machine_info, paired_ratio, render_json, setup_torch, summarize
 
 HERE = Path(__file__).resolve().parent
 GOAL = 1.02  # the step-time ratio monitor on / off asked for at the default cadence
@@ -226,9 +226,7 @@ def render_data(data: dict) -> list[str]:
 
 def render(path: Path) -> list[str]:
     """The RESULTS.md section for ``monitor_overhead.json`` (empty if the benchmark was not run)."""
-    if not path.is_file():
-        return []
-    return render_data(json.loads(path.read_text()))
+    return render_json(path, render_data)
 
 
 if __name__ == "__main__":
