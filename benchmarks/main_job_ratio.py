@@ -14,7 +14,8 @@ fp32, 2 threads) against, one change each:
 * ``batch 8 x 128``: the same snippets in batches of 8, padded to 128 tokens (the benchmark's shape);
 * ``bf16-mixed``: both methods under ``torch.autocast("cpu", bfloat16)``;
 * ``shared-input fusion off``;
-* ``the benchmark's settings together``: batch 8 x 128, q,v, no dropout.
+* ``the benchmark's settings together``: batch 8 x 128, q,v, no dropout, 1 thread (``python -m benchmarks.run
+  --threads 1``).
 
 Beside them, in the main job's setting: the frozen-base limit (every weight frozen, the head trained, gradients sent
 down to the embeddings: the least any adapter method can cost) and HF PEFT's LoRA on the same matrices with the same
@@ -58,7 +59,11 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "batch 8 x 128": {"shape": (8, 128)},
     "bf16-mixed": {"bf16": True},
     "shared-input fusion off": {"overrides": ["lora.fuse_shared_inputs=false"]},
-    "the benchmark's settings together": {"overrides": ["lora.targets=[q,v]", "lora.dropout=0"], "shape": (8, 128)},
+    "the benchmark's settings together": {
+        "overrides": ["lora.targets=[q,v]", "lora.dropout=0"],
+        "shape": (8, 128),
+        "threads": 1,
+    },
 }
 
 
