@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from .layers import LoRALinear, one_node_ok
+from .layers.function import keep_mask
 
 TRACKER_ATTR = "lora_shared"  # the attribute of each LoRALinear holding its model's tracker
 
@@ -312,9 +313,7 @@ class SharedInputTracker:
                 # the draw nn.Dropout makes (same shape, same order of members): the same random stream as unfused
                 keep = 1.0 - m.dropout_p
                 keeps.append(keep)
-                masks.append(
-                    torch.empty_like(x, dtype=torch.bool, memory_format=torch.contiguous_format).bernoulli_(keep)
-                )
+                masks.append(keep_mask(x, keep))
             else:
                 keeps.append(None)
                 masks.append(None)

@@ -116,6 +116,12 @@ class LoRALinearFunction(torch.autograd.Function):
         return grad_x, grad_xd, grad_w, grad_b, grad_A, grad_B, None
 
 
+def keep_mask(x: Tensor, keep: float) -> Tensor:
+    """A boolean keep-mask of ``x``'s shape drawn as ``nn.Dropout`` draws it (``bernoulli_(keep)``: the same random
+    stream), one byte per element."""
+    return torch.empty_like(x, dtype=torch.bool, memory_format=torch.contiguous_format).bernoulli_(keep)
+
+
 class MaskedDropout(torch.autograd.Function):
     """``nn.Dropout``'s ``x·mask/keep`` (the same random draws), keeping the mask as one byte per element for the
     backward where ``nn.Dropout`` on the CPU keeps a float32 one. For adapters whose node keeps no input
@@ -124,7 +130,7 @@ class MaskedDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, p: float) -> Tensor:
         keep = 1.0 - p
-        mask = torch.empty_like(x, dtype=torch.bool, memory_format=torch.contiguous_format).bernoulli_(keep)
+        mask = keep_mask(x, keep)
         ctx.keep = keep
         ctx.save_for_backward(mask)
         return x.mul(mask).mul_(1.0 / keep)

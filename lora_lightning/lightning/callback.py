@@ -128,11 +128,12 @@ def deepspeed_refusal(callback: Any, config: Mapping[str, Any] | None, precision
             "loraplus_lr_ratio: DeepSpeed builds its optimizer before the callback could split lora_B into its own "
             "group; drop loraplus_lr_ratio and give lora_B its own parameter group in configure_optimizers"
         )
-    if registry.variant(callback.config.variant).edits_gradients(callback.config):
+    variant = registry.variant(callback.config.variant)
+    if variant.edits_gradients(callback.config):
+        switch = f" (or {variant.gradient_edit_switch})" if variant.gradient_edit_switch else ""
         return (
             f"variant={callback.config.variant!r} changes the adapters' .grad before each optimizer step, and "
-            "DeepSpeed keeps the gradients in ZeRO's buffers; use DDP or FSDP2"
-            + (" (or lora_fa_projection=False)" if callback.config.variant == "lora_fa" else "")
+            f"DeepSpeed keeps the gradients in ZeRO's buffers; use DDP or FSDP2{switch}"
         )
     if callback.config.quantize_base is not None:
         return f"quantize_base={callback.config.quantize_base!r}: DeepSpeed casts every parameter; use DDP or FSDP2"

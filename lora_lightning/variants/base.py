@@ -165,6 +165,9 @@ class Variant:
         ``r·(n·d_in + d_out)`` for ``n`` adapted blocks."""
         return spec.r * (max(1, len(spec.parts)) * spec.d_in + spec.d_out)
 
+    # the option that switches the gradient edit off (named in a refusal), if the variant has one
+    gradient_edit_switch: ClassVar[str | None] = None
+
     @classmethod
     def edits_gradients(cls, config: LoRAConfig) -> bool:
         """Whether the training hooks change ``.grad`` before the optimizer step (they need the gradients where

@@ -105,6 +105,7 @@ class LoRAFA(Variant):
     config_class = LoRAFAConfig
     layer_class = LoRAFALinear
     peft_lora = True  # a PEFT LoRA adapter (PEFT trains it with create_lorafa_optimizer)
+    gradient_edit_switch = "lora_fa_projection=False"
 
     @classmethod
     def num_params(cls, spec: AdapterSpec, config: LoRAConfig) -> int:
