@@ -334,6 +334,11 @@ def test_refusals_are_one_line():
             check_method(method, causal_lm=True)
     with pytest.raises(AppConfigError, match="head_only"):
         check_method("head_only", causal_lm=True)
+    with pytest.raises(AppConfigError, match=r"lora.variant=dora shapes LoRA's adapters, and lora.method=adapter_h"):
+        check_method("adapter_h", causal_lm=False, options={"variant": "dora"})
+    with pytest.raises(AppConfigError, match="lora.quantize_base=nf4"):
+        check_method("full", causal_lm=False, options={"quantize_base": "nf4", "variant": "lora"})
+    check_method("lora_pe", causal_lm=False, options={"variant": "dora", "quantize_base": "nf4"})
     import transformers
 
     from lora_lightning.app.causal_lm import CausalLMModule

@@ -39,10 +39,18 @@ PEFT_METHODS = {"prefix": "PrefixTuningConfig", "prompt": "PromptTuningConfig", 
 TRAINABLE_ONLY_KEY = "trainable_only"  # a checkpoint's record of what it holds
 
 
-def check_method(method: str, causal_lm: bool) -> None:
-    """Refuse, in one line, a method this job cannot run."""
+def check_method(method: str, causal_lm: bool, options: Mapping[str, Any] | None = None) -> None:
+    """Refuse, in one line, a method this job cannot run, or LoRA settings a method without LoRA would ignore."""
     if method not in METHODS:
         raise AppConfigError(f"lora.method={method!r} is not one of {METHODS}")
+    options = options or {}
+    if method not in USES_LORA:
+        for key, plain in (("variant", "lora"), ("quantize_base", None)):
+            if options.get(key, plain) != plain:
+                raise AppConfigError(
+                    f"lora.{key}={options[key]} shapes LoRA's adapters, and lora.method={method} has none: drop "
+                    f"lora.{key}, or use lora.method=lora (or lora_pe)"
+                )
     if causal_lm and method in PEFT_METHODS:
         raise AppConfigError(
             f"lora.method={method}: prefix and prompt tuning run on the classification job (model=minilm); the "

@@ -289,7 +289,7 @@ def finished_summary(cfg: DictConfig, out: Path) -> dict[str, Any] | None:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train + evaluate as configured; returns the summary (also written to ``summary.json``)."""
     method = cfg.lora.get("method", "lora")
-    check_method(method, causal_lm=_is_causal_lm(cfg))
+    check_method(method, causal_lm=_is_causal_lm(cfg), options=cfg.lora)
     threads = cfg.threads or parallel_job_threads()
     if threads:
         torch.set_num_threads(int(threads))
