@@ -479,6 +479,9 @@ def render_markdown(res: dict) -> str:
     from benchmarks.main_job_ratio import render as main_job_ratio_section
 
     L.extend(main_job_ratio_section(HERE / "main_job_ratio.json"))
+    from benchmarks.adapter_latency import render as adapter_latency_section
+
+    L.extend(adapter_latency_section(HERE / "adapter_latency.json"))
 
     prof = res.get("profile")
     if prof:

@@ -97,6 +97,12 @@ def _lora_fa(args: argparse.Namespace) -> None:
     print(write_report(args.runs, args.lora_runs, args.out))
 
 
+def _baselines(args: argparse.Namespace) -> None:
+    from experiments.baselines import write_report
+
+    print(write_report(args.runs, args.ablation_search, args.latency, args.out))
+
+
 def _decoder(args: argparse.Namespace) -> None:
     from experiments.decoder import write_report
 
@@ -215,6 +221,15 @@ def parser() -> argparse.ArgumentParser:
     )
     fa.add_argument("--out", type=Path, default=ROOT / RESULTS / "lora_fa.md")
     fa.set_defaults(func=_lora_fa)
+
+    bl = sub.add_parser(
+        "baselines", help="results/baselines.md: LoRA beside adapters, prefix tuning and BitFit (Tables 1-2)"
+    )
+    bl.add_argument("--runs", type=Path, default=ROOT / RUNS / "baselines", help="the collected baseline records")
+    bl.add_argument("--ablation-search", type=Path, default=ROOT / RUNS / "ablations" / "search")
+    bl.add_argument("--latency", type=Path, default=ROOT / "benchmarks" / "adapter_latency.json")
+    bl.add_argument("--out", type=Path, default=ROOT / RESULTS / "baselines.md")
+    bl.set_defaults(func=_baselines)
 
     d = sub.add_parser(
         "decoder",

@@ -36,6 +36,7 @@ COLLECTED = (
     "decoder",
     "precision",
     "lora_fa",
+    "baselines",
 )  # the sweep folders below multirun/ that collect copies
 DEST = {"smollm2": "decoder"}  # a sweep folder copied under another name (experiments/runs/decoder)
 SMALL_FILES = ("summary.json", "resolved_config.yaml", "test_predictions.json", "zero_shot_predictions.json")

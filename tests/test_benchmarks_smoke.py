@@ -269,3 +269,24 @@ def test_main_job_ratio_quick_times_lora_full_limit_and_peft(tmp_path):
     assert all(positive(min(v["seconds"])) for v in passes.values())
     assert positive(data["ratios"]["main job"]["median"])
     assert "## 15. The main job's LoRA" in "\n".join(render_data(data))
+
+
+def test_adapter_latency_quick_times_every_configuration(tmp_path):
+    """``python -m benchmarks.adapter_latency --quick``: every configuration timed at the three settings on both model
+    shapes; merged and unmerged LoRA compute the same logits; the adapters hold what their formula says; the table
+    renders with the paper's overheads beside."""
+    import json
+
+    from benchmarks.adapter_latency import CONFIGS, main, render_data
+
+    out = tmp_path / "adapter_latency.json"
+    main(["--quick", "--out", str(out)])
+    data = json.loads(out.read_text())
+    for res in data["models"].values():
+        assert list(res["settings"]) == ["32x512", "16x256", "1x128"]
+        for s in res["settings"].values():
+            assert set(s["seconds"]) == set(CONFIGS) and all(v["n"] == s["rounds"] for v in s["seconds"].values())
+            assert s["merged_vs_unmerged_max_abs_logit_diff"] < 1e-3
+            assert s["added_params"]["adapter_h"] > 0 and s["added_params"]["lora_unmerged"] > 0
+    text = "\n".join(render_data(data))
+    assert "| paper Adapter^H | paper Adapter^L |" in text and "+30.3%" in text and "+2.2%" in text

@@ -790,7 +790,7 @@ def test_committed_reports_regenerate_byte_identically(tmp_path, monkeypatch):
     committed records (run from the repository root, as the commands are)."""
     import shutil
 
-    from experiments import decoder, lora_fa, precision
+    from experiments import baselines, decoder, lora_fa, precision
     from experiments.report import write_readme
 
     monkeypatch.chdir(ROOT)
@@ -813,6 +813,37 @@ def test_committed_reports_regenerate_byte_identically(tmp_path, monkeypatch):
         == (ROOT / "experiments/results/precision.md").read_text()
     )
     assert lora_fa.write_report(out=out / "lora_fa.md") == (ROOT / "experiments/results/lora_fa.md").read_text()
+    assert baselines.write_report(out=out / "baselines.md") == (ROOT / "experiments/results/baselines.md").read_text()
+
+
+def test_baselines_search_table_picks_the_best_lr_and_flags_grid_edges(tmp_path):
+    """experiments/baselines.py on made-up search records: the best validation lr per arm, an lr at the grid's end
+    flagged, an unfinished search said to be so, the ablation search's full fine-tuning runs read too."""
+    from experiments.baselines import report, search_rows
+
+    def put(root, arm, lr, acc, method="x", seed=0, steps=150):
+        d = root / "search" / arm / f"lr{lr}" / "0"
+        d.mkdir(parents=True)
+        summary = {"method": method, "lr": lr, "best_val_acc": acc, "seed": seed, "steps": steps}
+        (d / "summary.json").write_text(json.dumps(summary))
+
+    runs, ablation = tmp_path / "baselines", tmp_path / "ablation"
+    for lr, acc in ((0.001, 0.70), (0.003, 0.74), (0.01, 0.72), (0.03, 0.71)):
+        put(runs, "bitfit", lr, acc, "bitfit")
+    for lr, acc in ((0.003, 0.60), (0.01, 0.62), (0.03, 0.65), (0.1, 0.66)):
+        put(runs, "prefix", lr, acc, "prefix")
+    put(runs, "prompt", 0.003, 0.5, "prompt")
+    put(ablation, "full", 0.0002, 0.81, "full")
+    rows = search_rows(runs, ablation)
+    assert rows["full"] == {0.0002: 0.81} and rows["bitfit"][0.003] == 0.74
+    text = report(rows, tmp_path / "no_latency.json")
+    assert "| BitFit | 0.001: 70.0, 0.003: 74.0, 0.01: 72.0, 0.03: 71.0 | 0.003 | inside | 4 |" in text
+    assert (
+        "| PreLayer (prefix tuning, 16 tokens) | 0.003: 60.0, 0.01: 62.0, 0.03: 65.0, 0.1: 66.0 | 0.1 | high edge |"
+        in text
+    )
+    assert "| PreEmbed (prompt tuning, 16 tokens) | 0.003: 50.0 | 0.003 | search unfinished | 1 of 4 |" in text
+    assert "| Adapter^H (m=8) | not run yet |" in text
 
 
 def test_lora_fa_report_states_the_interval_and_the_mde():

@@ -20,7 +20,7 @@ STAGES: list[set[str]] = [
     {"claims"},  # the paper's claims and their verdicts
     {"tables", "plots"},  # markdown and PNGs
     {"ablations", "schedule", "recipe", "primary"},  # the README's sections
-    {"report", "subspace", "precision", "decoder", "two_tasks", "lora_fa"},  # the reports
+    {"report", "subspace", "precision", "decoder", "two_tasks", "lora_fa", "baselines"},  # the reports
     {"__main__"},  # the command line
     {"summarize"},  # the alias running every report through the command line
 ]
