@@ -416,3 +416,75 @@ def test_every_method_runs_in_one_hydra_sweep_and_saves_only_its_own_state(tmp_p
     assert summaries["lora_pe"]["params_trainable"] == (
         summaries["lora"]["params_trainable"] + summaries["prompt"]["params_method"]
     )
+
+
+def test_causal_lm_job_trains_bottleneck_adapters(tmp_path):
+    """lora-train model=smollm2 lora=adapter_h at smoke scale: the adapters train alone (SmolLM2's 30 blocks, two
+    adapters each), generation runs through them, and only their tensors are written."""
+    import json
+
+    from safetensors import safe_open
+
+    from test_app import cli
+    from test_causal_lm import SAMPLE
+
+    pytest.importorskip("gguf")
+    res = cli(
+        [
+            "model=smollm2",
+            "data=e2e_nlg",
+            f"data.source={SAMPLE}",
+            "data.train_size=3",
+            "data.val_size=1",
+            "data.test_size=2",
+            "data.batch_size=4",
+            "+trainer.max_steps=2",
+            "generation.max_new_tokens=8",
+            "generation.zero_shot=false",
+            "lora=adapter_h",
+            "lora.adapter_size=4",
+            "logger=none",
+            f"hydra.run.dir={tmp_path}/run",
+        ],
+        tmp_path,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["method"] == "adapter_h" and summary["steps"] == 2
+    assert summary["params_method"] == summary["params_trainable"] == 2 * 30 * (2 * 576 * 4 + 4 + 576)
+    assert len(json.loads((tmp_path / "run" / "test_predictions.json").read_text())) == 2
+    with safe_open(summary["trainable_state_path"], "pt") as f:
+        assert all(".adapter." in k for k in f.keys())  # noqa: SIM118
+
+
+@pytest.mark.parametrize("method", ["adapter_h", "prefix"])
+def test_resume_from_a_trainable_only_checkpoint_equals_the_uninterrupted_fit(tmp_path, method):
+    """2 steps, a checkpoint holding only the trained tensors (and the optimizer), 2 more steps from it = 4 steps at
+    once: the frozen weights come from the model, the trained ones and AdamW's moments from the file."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fresh():
+        torch.manual_seed(0)  # the method's own initialisation draws from the global stream
+        module = adapted(method)
+        for m in module.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = 0.0
+        return module
+
+    whole = fresh()
+    trainer(tmp_path / "a", [], max_steps=4).fit(whole, loader(2))
+    first = fresh()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True, every_n_train_steps=2)
+    import lightning.pytorch as pl
+
+    class StopAt2(pl.Callback):  # the same 4-step schedule, cut after step 2 = epoch 1's end
+        def on_train_batch_end(self, trainer, *args):
+            trainer.should_stop = trainer.global_step >= 2
+
+    trainer(tmp_path / "b", [ckpt, StopAt2()], max_steps=4, enable_checkpointing=True).fit(first, loader(2))
+    assert first.trainer.global_step == 2
+    assert sorted(torch.load(ckpt.last_model_path, weights_only=False)["state_dict"]) == trainable_names(first)
+    resumed = fresh()
+    trainer(tmp_path / "c", [], max_steps=4).fit(resumed, loader(2), ckpt_path=ckpt.last_model_path)
+    for p, q in zip(whole.parameters(), resumed.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
