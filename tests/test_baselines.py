@@ -329,9 +329,8 @@ def test_trainable_state_file_round_trip(tmp_path):
 def test_refusals_are_one_line():
     with pytest.raises(AppConfigError, match="is not one of"):
         check_method("adapter", causal_lm=False)
-    for method in ("prefix", "prompt", "lora_pe"):
-        with pytest.raises(AppConfigError, match="classification job"):
-            check_method(method, causal_lm=True)
+    with pytest.raises(AppConfigError, match="lora_pe runs on the classification job"):
+        check_method("lora_pe", causal_lm=True)
     with pytest.raises(AppConfigError, match="head_only"):
         check_method("head_only", causal_lm=True)
     with pytest.raises(AppConfigError, match=r"lora.variant=dora shapes LoRA's adapters, and lora.method=adapter_h"):
@@ -418,31 +417,25 @@ def test_every_method_runs_in_one_hydra_sweep_and_saves_only_its_own_state(tmp_p
     )
 
 
-def test_causal_lm_job_trains_bottleneck_adapters(tmp_path):
-    """lora-train model=smollm2 lora=adapter_h at smoke scale: the adapters train alone (SmolLM2's 30 blocks, two
-    adapters each), generation runs through them, and only their tensors are written."""
+@pytest.mark.parametrize("method", ["adapter_h", "prefix"])
+def test_causal_lm_job_trains_a_baseline(tmp_path, method):
+    """lora-train model=smollm2 lora=adapter_h / prefix at smoke scale: the method's tensors train alone (Adapter^H:
+    SmolLM2's 30 blocks, two adapters each), generation runs through them, and only their tensors are written."""
     import json
 
     from safetensors import safe_open
 
     from test_app import cli
-    from test_causal_lm import SAMPLE
+    from test_causal_lm import SMOKE_JOB
 
     pytest.importorskip("gguf")
     res = cli(
         [
-            "model=smollm2",
-            "data=e2e_nlg",
-            f"data.source={SAMPLE}",
-            "data.train_size=3",
-            "data.val_size=1",
-            "data.test_size=2",
-            "data.batch_size=4",
-            "+trainer.max_steps=2",
+            *SMOKE_JOB,
             "generation.max_new_tokens=8",
-            "generation.zero_shot=false",
-            "lora=adapter_h",
+            f"lora={method}",
             "lora.adapter_size=4",
+            "lora.prefix_tokens=3",
             "logger=none",
             f"hydra.run.dir={tmp_path}/run",
         ],
@@ -450,11 +443,13 @@ def test_causal_lm_job_trains_bottleneck_adapters(tmp_path):
     )
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["method"] == "adapter_h" and summary["steps"] == 2
-    assert summary["params_method"] == summary["params_trainable"] == 2 * 30 * (2 * 576 * 4 + 4 + 576)
+    assert summary["method"] == method and summary["steps"] == 2
+    assert summary["params_method"] == summary["params_trainable"] > 0
+    if method == "adapter_h":
+        assert summary["params_trainable"] == 2 * 30 * (2 * 576 * 4 + 4 + 576)
     assert len(json.loads((tmp_path / "run" / "test_predictions.json").read_text())) == 2
     with safe_open(summary["trainable_state_path"], "pt") as f:
-        assert all(".adapter." in k for k in f.keys())  # noqa: SIM118
+        assert all((".adapter." if method == "adapter_h" else "prompt_encoder.") in k for k in f.keys())  # noqa: SIM118
 
 
 @pytest.mark.parametrize("method", ["adapter_h", "prefix"])
@@ -488,3 +483,80 @@ def test_resume_from_a_trainable_only_checkpoint_equals_the_uninterrupted_fit(tm
     trainer(tmp_path / "c", [], max_steps=4).fit(resumed, loader(2), ckpt_path=ckpt.last_model_path)
     for p, q in zip(whole.parameters(), resumed.parameters(), strict=True):
         torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+
+
+# --------------------------------------------------------------------------- prefix and prompt tuning on a decoder
+def tiny_llama_module(method: str):
+    import transformers
+
+    from lora_lightning.app.causal_lm import CausalLMModule
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=60,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    module = CausalLMModule(transformers.LlamaForCausalLM(config))
+    apply_method(module, method, options(prefix_tokens=3))
+    return module.eval()
+
+
+def greedy_by_hand(module, prompt: list[int], steps: int) -> list[int]:
+    """Greedy decoding by re-running the module's whole forward each step (no cache, no generate())."""
+    ids = list(prompt)
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = module(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))
+        ids.append(int(logits[0, -1].argmax()))
+    return ids[len(prompt) :]
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_decoder_prefix_and_prompt_tuning_train_alone_and_generate_what_the_forward_says(tmp_path, method):
+    module = tiny_llama_module(method)
+    assert all(".prompt_encoder." in n for n in trainable_names(module))
+    x = torch.randint(3, 60, (2, 6), generator=torch.Generator().manual_seed(0))
+    logits = module(x, torch.ones_like(x))
+    assert logits.shape == (2, 6, 60)  # the input's positions only
+    if method == "prompt":  # = the base model reading [trained embeddings; the text]
+        prompt = module.model.prompt_encoder.default.embedding.weight.detach()
+        base = module.model.get_base_model()
+        embeds = torch.cat([prompt.expand(2, -1, -1), base.get_input_embeddings()(x)], 1)
+        want = base(inputs_embeds=embeds, attention_mask=torch.ones(2, 9, dtype=torch.long)).logits[:, 3:]
+        torch.testing.assert_close(logits, want)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.requires_grad:
+                p.normal_(std=2.0)  # a trained prefix / prompt that changes the continuation
+    prompt_ids = [5, 9, 13, 7]
+    gen = module.model.generate(
+        input_ids=torch.tensor([prompt_ids]),
+        attention_mask=torch.ones(1, 4, dtype=torch.long),
+        max_new_tokens=5,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=[],
+    )[0, 4:].tolist()
+    assert gen == greedy_by_hand(module, prompt_ids, 5)
+    from types import SimpleNamespace
+
+    from lora_lightning.app.causal_lm import generate
+
+    tok = SimpleNamespace(eos_token_id=2, pad_token_id=0, decode=lambda t, skip_special_tokens: " ".join(map(str, t)))
+    prompts = [[5, 9, 13, 7], [11, 4]]  # left-padded into one batch by the job's generate()
+    hand = [greedy_by_hand(module, p, 5) for p in prompts]
+    want = [" ".join(map(str, h[: h.index(59)] if 59 in h else h)) for h in hand]  # cut at the stop token
+    assert generate(module.model, tok, prompts, max_new_tokens=5, batch_size=2, stop_ids=[59]) == want
+    batch = {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()}
+    module.train()
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    trainer(tmp_path, [], max_steps=2).fit(module, DataLoader([batch, batch], batch_size=None))
+    moved = {n for n, p in module.named_parameters() if not torch.equal(p, before[n])}
+    assert moved == set(trainable_names(module))

@@ -32,6 +32,17 @@ from lora_lightning.app.generation_data import (
 from lora_lightning.errors import DataError
 
 SAMPLE = Path(__file__).resolve().parent / "data" / "e2e_sample.jsonl"
+# lora-train arguments of the causal-LM job at smoke size: the E2E sample, 3 / 1 / 2 examples, 2 steps
+SMOKE_JOB = [
+    "model=smollm2",
+    "data=e2e_nlg",
+    f"data.source={SAMPLE}",
+    "data.train_size=3",
+    "data.val_size=1",
+    "data.test_size=2",
+    "data.batch_size=4",
+    "+trainer.max_steps=2",
+]
 
 
 def test_groups_keep_every_reference_and_split_by_input(tmp_path):
@@ -209,21 +220,7 @@ def test_causal_lm_job_smoke(tmp_path, smollm2_tokenizer_dir):
     the merged model scored, PEFT export checked by the job itself, merged HF folder written."""
     from test_app import cli
 
-    res = cli(
-        [
-            "model=smollm2",
-            "data=e2e_nlg",
-            f"data.source={SAMPLE}",
-            "data.train_size=3",
-            "data.val_size=1",
-            "data.test_size=2",
-            "data.batch_size=4",
-            "+trainer.max_steps=2",
-            "generation.max_new_tokens=8",
-            f"hydra.run.dir={tmp_path}/run",
-        ],
-        tmp_path,
-    )
+    res = cli([*SMOKE_JOB, "generation.max_new_tokens=8", f"hydra.run.dir={tmp_path}/run"], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["task"] == "causal_lm" and summary["steps"] == 2 and summary["test_inputs"] == 2

@@ -462,20 +462,13 @@ def test_causal_lm_job_adds_a_token_and_trains_its_row(tmp_path, smollm2):
     prompts carry it, its row trains beside LoRA; the adapter holds that one row, PEFT (on a base resized alike) gives
     the job's logits, the merged Hugging Face folder holds the trained row."""
     from test_app import cli
-    from test_causal_lm import SAMPLE
+    from test_causal_lm import SMOKE_JOB
 
     res = cli(
         [
-            "model=smollm2",
-            "data=e2e_nlg",
-            f"data.source={SAMPLE}",
-            "data.train_size=3",
-            "data.val_size=1",
-            "data.test_size=2",
-            "data.batch_size=4",
+            *SMOKE_JOB,
             "+data.instruction='<|e2e|> Describe the restaurant in one sentence. Attributes: '",
             "lora.new_tokens=['<|e2e|>']",
-            "+trainer.max_steps=2",
             "generation.max_new_tokens=4",
             "generation.zero_shot=false",
             f"hydra.run.dir={tmp_path}/run",

@@ -191,6 +191,8 @@ class CausalLMModule(StagedSteps):
     ``{train,val,test}_loss``.
     """
 
+    task = "causal_lm"  # lora_lightning.app.methods gives prefix / prompt tuning PEFT's CAUSAL_LM task
+
     def __init__(
         self,
         model: str | nn.Module = "smollm2",
@@ -209,7 +211,9 @@ class CausalLMModule(StagedSteps):
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
     ) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
+        """Logits ``(B, T, V)`` of the ``T`` input tokens (prompt tuning's virtual tokens in front are cut off)."""
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
+        return logits[:, -input_ids.shape[1] :]
 
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         labels = batch["labels"]

@@ -60,7 +60,8 @@ def run_generation(
     tokenizer = datamodule.tokenizer
     summary: dict[str, Any] = {}
     if gen.get("zero_shot", True):
-        base_scores, base_preds, _ = evaluate(model.model, tokenizer, datamodule, "test", max_new, gen_batch)
+        base = model.model.get_base_model() if hasattr(model.model, "get_base_model") else model.model  # no prompt
+        base_scores, base_preds, _ = evaluate(base, tokenizer, datamodule, "test", max_new, gen_batch)
         summary.update({f"zero_shot_{k}": v for k, v in base_scores.items()})
         (out / "zero_shot_predictions.json").write_text(json.dumps(base_preds, indent=1))
     start = time.perf_counter()

@@ -9,7 +9,7 @@
   ``PrefixTuningConfig``.
 * ``prompt``: ``n`` trained input embeddings before the text (PreEmbed, prompt tuning, Lester et al. 2021): PEFT's
   ``PromptTuningConfig``, started from random vocabulary rows.
-* ``lora_pe``: LoRA and ``prompt`` together (the paper's LoRA+PE, Table 15).
+* ``lora_pe``: LoRA and ``prompt`` together (the paper's LoRA+PE, Table 15); the classification job only.
 
 The methods other than ``lora`` and ``full`` keep only what they train in checkpoints (:func:`keep_trainable_only`,
 :func:`restore_trainable_only`) and in ``trainable_state.safetensors`` (:func:`save_trainable_state`). Sizes:
@@ -51,11 +51,10 @@ def check_method(method: str, causal_lm: bool, options: Mapping[str, Any] | None
                     f"lora.{key}={options[key]} shapes LoRA's adapters, and lora.method={method} has none: drop "
                     f"lora.{key}, or use lora.method=lora (or lora_pe)"
                 )
-    if causal_lm and method in PEFT_METHODS:
+    if causal_lm and method == "lora_pe":
         raise AppConfigError(
-            f"lora.method={method}: prefix and prompt tuning run on the classification job (model=minilm); the "
-            "causal-LM job's loss and generation are not wired for virtual tokens: use lora, full, adapter_h or "
-            "adapter_l"
+            "lora.method=lora_pe runs on the classification job (model=minilm); the causal-LM job exports and merges "
+            "plain LoRA: use lora, or prompt for the prompt embeddings alone"
         )
     if causal_lm and method == "head_only":
         raise AppConfigError(
@@ -110,7 +109,8 @@ def _wrap_peft(module: nn.Module, method: str, options: Mapping[str, Any]) -> No
     if n < 1:
         raise AppConfigError(f"lora.prefix_tokens={n}: give at least 1 virtual token")
     heads = sorted({name.removeprefix("model.").rpartition(".")[0] for name in module.head_parameter_names})
-    common = dict(task_type=peft.TaskType.SEQ_CLS, num_virtual_tokens=n, modules_to_save=heads or None)
+    task = peft.TaskType.CAUSAL_LM if getattr(module, "task", None) == "causal_lm" else peft.TaskType.SEQ_CLS
+    common = dict(task_type=task, num_virtual_tokens=n, modules_to_save=heads or None)
     if method == "prefix":
         config: Any = peft.PrefixTuningConfig(**common, prefix_projection=bool(options.get("prefix_projection")))
     else:  # PreEmbed: prompt vectors started from randomly chosen rows of the vocabulary (Lester et al. 2021)
