@@ -329,6 +329,10 @@ def test_trainable_state_file_round_trip(tmp_path):
 def test_refusals_are_one_line():
     with pytest.raises(AppConfigError, match="is not one of"):
         check_method("adapter", causal_lm=False)
+    with pytest.raises(AppConfigError, match=r"lora.adapter_size=0: the bottleneck needs at least 1 unit"):
+        adapted("adapter_h", adapter_size=0)
+    with pytest.raises(AppConfigError, match=r"lora.prefix_tokens=0: give at least 1 virtual token"):
+        adapted("prefix", prefix_tokens=0)
     with pytest.raises(AppConfigError, match="lora_pe runs on the classification job"):
         check_method("lora_pe", causal_lm=True)
     with pytest.raises(AppConfigError, match="head_only"):

@@ -84,7 +84,7 @@ def apply_method(module: nn.Module, method: str, options: Mapping[str, Any]) -> 
             )
         _train_only(module, head | biases)
     elif method in ADAPTER_STYLES:
-        add_adapters(module.model, method, int(options.get("adapter_size") or 8))
+        add_adapters(module.model, method, int(options.get("adapter_size", 8)))
         _train_only(module, head | {n for n, _ in module.named_parameters() if ".adapter." in n})
     elif method in PEFT_METHODS:
         _wrap_peft(module, method, options)
@@ -105,7 +105,7 @@ def _wrap_peft(module: nn.Module, method: str, options: Mapping[str, Any]) -> No
         raise AppConfigError(
             f"lora.method={method} runs through PEFT: pip install 'lora-lightning[baselines]'"
         ) from None
-    n = int(options.get("prefix_tokens") or 16)
+    n = int(options.get("prefix_tokens", 16))
     if n < 1:
         raise AppConfigError(f"lora.prefix_tokens={n}: give at least 1 virtual token")
     heads = sorted({name.removeprefix("model.").rpartition(".")[0] for name in module.head_parameter_names})
