@@ -25,6 +25,11 @@ search_jobs() {  # "<name> <overrides> <lr>" per line, in the pre-registered ord
   for lr in 0.001 0.002 0.004 0.008; do echo "lora_pe lora=lora_pe+lora.targets=[q,v] $lr"; done
 }
 
+extend_jobs() {  # the edge rule (PREREGISTRATION.md section 7): one more lr beyond a best lr at a grid's end
+  echo "adapter_l lora=adapter_l 0.016"  # best 0.008, the grid's top; its step is x2
+  echo "prompt lora=prompt 0.001"        # best 0.003, the grid's bottom; its step is about x3
+}
+
 worker() {  # worker <core> <stage> <jobs file>: every other job, starting at line <core> + 1
   local core=$1 stage=$2 i=0 name overrides lr
   while read -r name overrides lr; do
@@ -44,8 +49,16 @@ case "${1:-}" in
     wait
     echo "search done $(date -u +%FT%TZ)" >>experiments/logs/baselines_progress.log
     ;;
+  extend)
+    jobs=$(mktemp)
+    extend_jobs >"$jobs"
+    worker 0 search "$jobs" >>experiments/logs/baselines_search_a.log 2>&1 &
+    worker 1 search "$jobs" >>experiments/logs/baselines_search_b.log 2>&1 &
+    wait
+    echo "extend done $(date -u +%FT%TZ)" >>experiments/logs/baselines_progress.log
+    ;;
   *)
-    echo "usage: bash experiments/baselines.sh search" >&2
+    echo "usage: bash experiments/baselines.sh search|extend" >&2
     exit 2
     ;;
 esac
