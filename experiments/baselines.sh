@@ -40,23 +40,18 @@ worker() {  # worker <core> <stage> <jobs file>: every other job, starting at li
   done <"$3"
 }
 
+two_workers() {  # two_workers <stage>: the jobs <stage>_jobs lists, on both cores, then a line in the progress log
+  local jobs
+  jobs=$(mktemp)
+  "$1_jobs" >"$jobs"
+  worker 0 search "$jobs" >>experiments/logs/baselines_search_a.log 2>&1 &
+  worker 1 search "$jobs" >>experiments/logs/baselines_search_b.log 2>&1 &
+  wait
+  echo "$1 done $(date -u +%FT%TZ)" >>experiments/logs/baselines_progress.log
+}
+
 case "${1:-}" in
-  search)
-    jobs=$(mktemp)
-    search_jobs >"$jobs"
-    worker 0 search "$jobs" >>experiments/logs/baselines_search_a.log 2>&1 &
-    worker 1 search "$jobs" >>experiments/logs/baselines_search_b.log 2>&1 &
-    wait
-    echo "search done $(date -u +%FT%TZ)" >>experiments/logs/baselines_progress.log
-    ;;
-  extend)
-    jobs=$(mktemp)
-    extend_jobs >"$jobs"
-    worker 0 search "$jobs" >>experiments/logs/baselines_search_a.log 2>&1 &
-    worker 1 search "$jobs" >>experiments/logs/baselines_search_b.log 2>&1 &
-    wait
-    echo "extend done $(date -u +%FT%TZ)" >>experiments/logs/baselines_progress.log
-    ;;
+  search | extend) two_workers "$1" ;;
   *)
     echo "usage: bash experiments/baselines.sh search|extend" >&2
     exit 2

@@ -66,6 +66,22 @@ def adapted(method: str, seed: int = 0, **kw) -> SequenceClassifier:
     return module
 
 
+def tiny_llama(hidden: int = 16, heads: int = 2, kv_heads: int = 2, vocab: int = 50, **kw):
+    """A randomly initialised 2-layer LlamaForCausalLM (MLP width 2·hidden)."""
+    import transformers
+
+    config = transformers.LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=vocab,
+        **kw,
+    )
+    return transformers.LlamaForCausalLM(config)
+
+
 # --------------------------------------------------------------------------- formulas, float64
 @pytest.mark.parametrize("layer_norm", [False, True])
 def test_bottleneck_adapter_is_its_formula(layer_norm):
@@ -92,7 +108,6 @@ def test_methods_start_from_the_base_model(method):
 
 
 def test_adapter_placements_on_bert_gpt2_and_llama():
-    import transformers
 
     bert = tiny_bert_classifier()
     assert add_adapters(bert, "adapter_h", 4) == [
@@ -103,19 +118,8 @@ def test_adapter_placements_on_bert_gpt2_and_llama():
     want = [f"transformer.h.{i}.{m}" for i in range(2) for m in ("attn.c_proj", "mlp.c_proj")]
     assert add_adapters(gpt2, "adapter_h", 4) == want
 
-    def llama():
-        config = transformers.LlamaConfig(
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            vocab_size=50,
-        )
-        return transformers.LlamaForCausalLM(config)
-
-    assert add_adapters(llama(), "adapter_l", 4) == [f"model.layers.{i}.mlp" for i in range(2)]
-    llama = llama()
+    assert add_adapters(tiny_llama(), "adapter_l", 4) == [f"model.layers.{i}.mlp" for i in range(2)]
+    llama = tiny_llama()
     names = add_adapters(llama, "adapter_h", 4)
     assert names == [f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.o_proj", "mlp.down_proj")]
     out = llama.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False)  # generation goes through
@@ -342,20 +346,10 @@ def test_refusals_are_one_line():
     with pytest.raises(AppConfigError, match="lora.quantize_base=nf4"):
         check_method("full", causal_lm=False, options={"quantize_base": "nf4", "variant": "lora"})
     check_method("lora_pe", causal_lm=False, options={"variant": "dora", "quantize_base": "nf4"})
-    import transformers
 
     from lora_lightning.app.causal_lm import CausalLMModule
 
-    llama = transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            vocab_size=50,
-        )
-    )
+    llama = tiny_llama()
     with pytest.raises(AppConfigError, match="no bias parameters"):
         apply_method(CausalLMModule(llama), "bitfit", options())
     module = CausalLMModule(llama)
@@ -491,23 +485,12 @@ def test_resume_from_a_trainable_only_checkpoint_equals_the_uninterrupted_fit(tm
 
 # --------------------------------------------------------------------------- prefix and prompt tuning on a decoder
 def tiny_llama_module(method: str):
-    import transformers
 
     from lora_lightning.app.causal_lm import CausalLMModule
 
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=60,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    module = CausalLMModule(transformers.LlamaForCausalLM(config))
+    llama = tiny_llama(hidden=32, heads=4, kv_heads=2, vocab=60, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    module = CausalLMModule(llama)
     apply_method(module, method, options(prefix_tokens=3))
     return module.eval()
 
