@@ -98,8 +98,12 @@ def _lora_fa(args: argparse.Namespace) -> None:
 
 
 def _baselines(args: argparse.Namespace) -> None:
-    from experiments.baselines import write_report
+    from experiments.baselines import chosen_lrs, search_rows, write_report
 
+    if args.chosen:
+        lrs = chosen_lrs(search_rows(args.runs, args.ablation_search))
+        print("".join(f"{arm} {lr!r}\n" for arm, lr in lrs.items()), end="")
+        return
     print(write_report(args.runs, args.ablation_search, args.latency, args.out))
 
 
@@ -229,6 +233,9 @@ def parser() -> argparse.ArgumentParser:
     bl.add_argument("--ablation-search", type=Path, default=ROOT / RUNS / "ablations" / "search")
     bl.add_argument("--latency", type=Path, default=ROOT / "benchmarks" / "adapter_latency.json")
     bl.add_argument("--out", type=Path, default=ROOT / RESULTS / "baselines.md")
+    bl.add_argument(
+        "--chosen", action="store_true", help="print '<arm> <lr>' per arm ready for its seeds (baselines.sh seeds)"
+    )
     bl.set_defaults(func=_baselines)
 
     d = sub.add_parser(

@@ -73,6 +73,21 @@ def choose(scores: dict[float, float], grid: tuple[float, ...]) -> tuple[float, 
     return lr, edge
 
 
+def chosen_lrs(rows: dict[str, dict]) -> dict[str, float]:
+    """``arm -> lr`` for the seeds stage: the best lr of each arm whose whole pre-registered grid has run and whose
+    best lr is inside the grid or past an edge the grid was extended at (the edge rule). Other arms are left out."""
+    out = {}
+    for arm, _, grid in ARMS:
+        scores = rows.get(arm, {})
+        if not set(grid) <= set(scores):
+            continue
+        lr, where = choose(scores, grid)
+        if where in ("low edge", "high edge"):
+            continue
+        out[arm] = lr
+    return out
+
+
 def search_section(rows: dict[str, dict]) -> list[str]:
     lines = [
         "## Table 2's search stage (seed 0, best validation accuracy, %)",

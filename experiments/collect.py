@@ -8,7 +8,8 @@ is built from (``summary.json``, ``resolved_config.yaml``), the decoder's predic
 ``zero_shot_predictions.json``: the decoder report rescores them) and, for the Table 6 runs on {Wq, Wv} at the
 ranks §7.2 / §7.3 read, the ``adapter.safetensors``; the layout below ``multirun/`` is kept, except that the decoder
 sweep ``multirun/smollm2`` lands in ``experiments/runs/decoder`` (``DEST``). A sweep folder's ``COMMIT`` file (the
-code its runs trained with, written by ``lora_vs_full.sh``) is copied too.
+code its runs trained with, written by ``lora_vs_full.sh``; ``baselines.sh`` writes one per job folder) is copied
+too, wherever it sits below the sweep folder.
 
 The committed layout the reports read:
 
@@ -148,14 +149,14 @@ def collect(source: Path, dest: Path) -> list[Path]:
     """Copy every finished run under the sweep folders ``COLLECTED`` of ``source`` to ``dest/<same relative path>``
     (``destination``): ``summary.json`` (paths rewritten, see ``relocated``), ``resolved_config.yaml``, the decoder's
     prediction files where present and, where ``keeps_adapter``, ``adapter.safetensors``; and each sweep folder's
-    ``COMMIT``. Returns the files written."""
+    ``COMMIT`` files. Returns the files written."""
     written: list[Path] = []
     for sweep in COLLECTED:
         for name in SWEEP_FILES:
-            if (source / sweep / name).is_file():
-                target = dest / destination(Path(sweep)) / name
+            for found in sorted((source / sweep).rglob(name)) if (source / sweep).is_dir() else []:
+                target = dest / destination(found.relative_to(source))
                 target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(source / sweep / name, target)
+                shutil.copyfile(found, target)
                 written.append(target)
     for run in finished_runs(source):
         rel = run.relative_to(source)

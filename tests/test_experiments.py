@@ -720,6 +720,8 @@ def test_collect_copies_the_decoder_records_and_the_commit(tmp_path):
     _record(src, "precision/seed0-1/0", config={"trainer": {"precision": "bf16-mixed"}}, seed=0)
     (src / "lora_vs_full").mkdir()
     (src / "lora_vs_full" / "COMMIT").write_text("523bbe91df06\n")
+    (src / "baselines" / "seeds" / "bitfit" / "101").mkdir(parents=True)  # baselines.sh: one COMMIT per job folder
+    (src / "baselines" / "seeds" / "bitfit" / "101" / "COMMIT").write_text("b577ea8d6b9b\n")
     collect(src, dest)
     assert {p.name for p in (dest / "decoder" / "lora" / "0").iterdir()} == {
         "summary.json",
@@ -730,6 +732,7 @@ def test_collect_copies_the_decoder_records_and_the_commit(tmp_path):
     assert json.loads((dest / "decoder/lora/0/summary.json").read_text())["output_dir"] == "multirun/smollm2/lora/0"
     assert (dest / "precision/seed0-1/0/resolved_config.yaml").is_file()
     assert (dest / "lora_vs_full" / "COMMIT").read_text() == "523bbe91df06\n"
+    assert (dest / "baselines/seeds/bitfit/101/COMMIT").read_text() == "b577ea8d6b9b\n"
 
 
 def test_provenance_counts_only_own_configs_and_flags_relaunches(tmp_path):
@@ -819,7 +822,7 @@ def test_committed_reports_regenerate_byte_identically(tmp_path, monkeypatch):
 def test_baselines_search_table_picks_the_best_lr_and_flags_grid_edges(tmp_path):
     """experiments/baselines.py on made-up search records: the best validation lr per arm, an lr at the grid's end
     flagged, an unfinished search said to be so, the ablation search's full fine-tuning runs read too."""
-    from experiments.baselines import report, search_rows
+    from experiments.baselines import chosen_lrs, report, search_rows
 
     def put(root, arm, lr, acc, method="x", seed=0, steps=150):
         d = root / "search" / arm / f"lr{lr}" / "0"
@@ -844,6 +847,10 @@ def test_baselines_search_table_picks_the_best_lr_and_flags_grid_edges(tmp_path)
     )
     assert "| PreEmbed (prompt tuning, 16 tokens) | 0.003: 50.0 | 0.003 | search unfinished | 1 of 4 |" in text
     assert "| Adapter^H (m=8) | not run yet |" in text
+    # the seeds stage's lrs: only finished searches, and an edge only once its extra point has run
+    assert chosen_lrs(rows) == {"bitfit": 0.003}
+    put(runs, "prefix", 0.3, 0.64, "prefix")
+    assert chosen_lrs(search_rows(runs, ablation)) == {"bitfit": 0.003, "prefix": 0.1}
 
 
 def test_lora_fa_report_states_the_interval_and_the_mde():
