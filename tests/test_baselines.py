@@ -547,3 +547,86 @@ def test_decoder_prefix_and_prompt_tuning_train_alone_and_generate_what_the_forw
     trainer(tmp_path, [], max_steps=2).fit(module, DataLoader([batch, batch], batch_size=None))
     moved = {n for n, p in module.named_parameters() if not torch.equal(p, before[n])}
     assert moved == set(trainable_names(module))
+
+
+# --------------------------------------------------------------------------- LoRA+PE with every variant and quantizer
+def lora_pe_fit(tmp_path, variant: str, quantizer: str | None, seed: int = 0) -> SequenceClassifier:
+    """The app's lora_pe path on the tiny BERT: PEFT's prompt wrapper (3 tokens), then LoRA on query/value by
+    LoRACallback with ``variant`` and ``quantizer``, the prompt and the head saved with the adapter; 3 steps at a
+    large lr so every trained tensor is far from its start."""
+    from conformance.cases import VARIANTS as BATTERY_VARIANTS
+    from lora_lightning.app.train import build_lora_config
+    from lora_lightning.lightning import LoRACallback
+
+    module = classifier(seed)
+    apply_method(module, "lora_pe", options())
+    variant_options = BATTERY_VARIANTS[variant] | ({"adalora_total_steps": 3} if variant == "adalora" else {})
+    lora = {"method": "lora_pe", "r": 2, "alpha": 4.0, "targets": ["query", "value"], "modules_to_save": "auto"}
+    cfg = OmegaConf.create({"lora": lora | {"quantize_base": quantizer} | variant_options})
+    cb = LoRACallback(build_lora_config(cfg, module), verbose=False)  # the app's config: the prompt and head saved
+    trainer(tmp_path, [cb], max_steps=3).fit(module, loader())
+    return module.eval()
+
+
+def lora_pe_by_hand(module: SequenceClassifier, variant: str, quantizer: str | None, ids, mask) -> torch.Tensor:
+    """The float64 reference: a BERT built again from the seed, its query/value weights replaced by ``W0 + ΔW`` with
+    ``ΔW`` from the battery's hand formula of ``variant`` (on the residual or dequantized base where the variant or
+    quantizer rewrites it), the trained head copies and the trained prompt before the text."""
+    from types import SimpleNamespace
+
+    from conformance.references import FORMULAS
+    from lora_lightning import lora_layers, registry
+
+    ref = tiny_bert_classifier().double()
+    wrapped = module.model.base_model
+    for name, layer in lora_layers(module).items():
+        plain = ref.get_submodule(name.removeprefix("model.base_model.").removesuffix(".base"))
+        if quantizer is not None:
+            w0 = layer.base_weight().detach().double()
+        elif registry.variant(variant).rewrites_base:
+            w0 = layer.weight.detach().double()
+        else:
+            w0 = plain.weight.detach()
+        with torch.no_grad():
+            plain.weight.copy_(w0 + FORMULAS[variant](SimpleNamespace(variant=variant), layer, w0))
+    ref.classifier.load_state_dict(wrapped.classifier.modules_to_save.default.state_dict())
+    ref.bert.pooler.dense.load_state_dict(wrapped.bert.pooler.dense.modules_to_save.default.state_dict())
+    prompt = module.model.prompt_encoder.default.embedding.weight.detach().double()
+    return bert_by_hand(ref, ids, mask, prompt=prompt)
+
+
+def _lora_pe_cases():
+    from conformance.cases import QUANTIZERS as BATTERY_QUANTIZERS
+    from conformance.cases import VARIANTS as BATTERY_VARIANTS
+
+    needs_quantizer = {"loftq"}  # fits A, B to a quantized base's error: refused without one (test_variants)
+    return [(v, "nf4" if v in needs_quantizer else None) for v in BATTERY_VARIANTS] + [
+        ("lora", q) for q in BATTERY_QUANTIZERS if q is not None
+    ]
+
+
+@pytest.mark.parametrize(("variant", "quantizer"), _lora_pe_cases())
+def test_lora_pe_with_every_variant_and_quantizer_is_the_hand_forward_merges_and_reloads(tmp_path, variant, quantizer):
+    """LoRA+PE (the app's lora_pe) meets every variant and quantizer of the conformance battery: after a fit its
+    forward is the hand float64 model (the battery's formula for the variant, the trained prompt before the text);
+    merging under PEFT's wrapper keeps it; the adapter file (LoRA, prompt and head) reloads into a fresh lora_pe model
+    to the same logits."""
+    from lora_lightning import load_adapter, lora_layers, merge_lora, save_adapter
+
+    module = lora_pe_fit(tmp_path, variant, quantizer)
+    layers = lora_layers(module).values()
+    assert layers and all(float(layer.lora_B.detach().abs().sum()) > 0 for layer in layers)
+    b = batch(seed=4)
+    ids, mask = b["input_ids"], b["attention_mask"]
+    got = module(ids, mask).double()
+    torch.testing.assert_close(got, lora_pe_by_hand(module, variant, quantizer, ids, mask), rtol=1e-4, atol=1e-4)
+
+    path = save_adapter(module, tmp_path / "adapter.safetensors")
+    fresh = classifier()
+    apply_method(fresh, "lora_pe", options())
+    load_adapter(fresh, path)
+    torch.testing.assert_close(fresh.eval()(ids, mask), got.float(), rtol=1e-5, atol=1e-5)
+
+    if quantizer is None:
+        merge_lora(module)
+        torch.testing.assert_close(module(ids, mask).double(), got, rtol=1e-4, atol=1e-4)
