@@ -229,6 +229,12 @@ def values(runs: dict[int, dict], seeds: Sequence[int], metric: str) -> list[flo
     return [float(runs[s][metric]) for s in seeds if runs.get(s, {}).get(metric) is not None]
 
 
+def own_parameters(runs: dict[int, dict], seeds: Sequence[int]) -> str:
+    """The method's own trainable parameters (``params_method``) its runs at ``seeds`` share, or "-"."""
+    counts = {runs[s].get("params_method") for s in seeds if s in runs} - {None}
+    return f"{counts.pop():,}" if len(counts) == 1 else "-"
+
+
 def arms_table(runs: dict[str, dict[int, dict]], seeds: Sequence[int], lrs: dict[str, float]) -> list[str]:
     lines = [
         "| arm | lr | its own trainable parameters | seeds | test accuracy | 95% CI | best validation accuracy |",
@@ -238,8 +244,7 @@ def arms_table(runs: dict[str, dict[int, dict]], seeds: Sequence[int], lrs: dict
         by_seed = runs.get(arm, {})
         test = Stat.of(values(by_seed, seeds, "test_acc"))
         val = Stat.of(values(by_seed, seeds, "best_val_acc"))
-        params = {by_seed[s].get("params_method") for s in seeds if s in by_seed} - {None}
-        count = f"{params.pop():,}" if len(params) == 1 else "-"
+        count = own_parameters(by_seed, seeds)
         lr = f"{lrs[arm]:g}" if arm in lrs else "-"
         lines.append(f"| {LABEL[arm]} | {lr} | {count} | {test.n} | {test} | {mean_ci(test)} | {val} |")
     return lines + [""]
@@ -327,7 +332,7 @@ def sizes_section(runs: dict[str, dict[int, dict]]) -> list[str]:
     lines = [
         "## Section 8: accuracy against the number of prefix tokens, and LoRA against r (seeds 101-103, exploratory)",
         "",
-        "Each method at its section 7 lr; mean ± sd of test accuracy (best validation in brackets) over the seeds run. "
+        "Each method at its section 7 lr; mean ± sd over the seeds run. "
         "n = 3 carries no verdict (about 4.4 points is the smallest difference it detects at the section 7 level).",
         "",
         "| method | size | seeds | test accuracy | best validation | trainable (own) |",
@@ -340,8 +345,7 @@ def sizes_section(runs: dict[str, dict[int, dict]]) -> list[str]:
             by_seed = runs.get(arm if size == own else f"{arm}_{suffix}{size}", {})
             test = Stat.of(values(by_seed, PROBE_SEEDS, "test_acc"))
             val = Stat.of(values(by_seed, PROBE_SEEDS, "best_val_acc"))
-            params = {by_seed[s].get("params_method") for s in PROBE_SEEDS if s in by_seed} - {None}
-            count = f"{params.pop():,}" if len(params) == 1 else "-"
+            count = own_parameters(by_seed, PROBE_SEEDS)
             lines.append(f"| {name} | {unit} {size} | {test.n} | {test} | {val} | {count} |")
             means.append(test.mean if test.n == len(PROBE_SEEDS) else math.nan)
         if not any(math.isnan(m) for m in means):
