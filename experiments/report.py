@@ -160,7 +160,7 @@ def howto_section() -> list[str]:
         "# the same on the 300-step runs -> results/subspace_convergence.md",
         "python -m experiments report              # this README, results/tables.md, *_runs.csv, *.png",
         "python -m experiments.summarize           "
-        "# all of the above reports at once: subspace (both), report, decoder, precision",
+        "# every report at once: subspace (both), report, decoder, precision, lora-fa, baselines",
         "```",
         "",
         "The last two commands read only the committed files under `experiments/runs` (and "
@@ -257,6 +257,22 @@ STUDIES = (
         "`python -m experiments decoder`",
         (),
         ("decoder.md", "decoder_runs.csv"),
+    ),
+    Study(
+        "LoRA-FA vs LoRA in the default recipe (exploratory)",
+        "`lora-train -m experiment=recipe experiment_name=lora_fa data=rotten_tomatoes lora.lr=0.002 "
+        f"'lora.targets=[q,k,v,o]' lora.variant=lora_fa seed=1,2,3 hydra.sweep.dir=multirun/lora_fa/...`; {COLLECT}",
+        "`python -m experiments lora-fa`",
+        (),
+        ("lora_fa.md",),
+    ),
+    Study(
+        "LoRA beside BitFit, adapters and prefix tuning: the paper's Tables 1-2 (pre-registered §7-9)",
+        "`python -m benchmarks.adapter_latency` (Table 1); `bash experiments/baselines.sh search`, `... extend`, "
+        f"`... seeds` (Table 2, prefix length, LoRA+PE); {COLLECT}",
+        "`python -m experiments baselines`",
+        (),
+        ("baselines.md",),
     ),
     Study(
         "Two task adapters in one fit vs each alone",

@@ -3,15 +3,23 @@
     python -m experiments.summarize
 
 runs ``python -m experiments subspace``, ``... subspace --experiment convergence`` (the README includes both), then
-``report``, ``decoder`` and ``precision``, each with its defaults. Nothing is trained. The last stage of the flow,
-after ``__main__``, whose command line it runs.
+``report``, ``decoder``, ``precision``, ``lora-fa`` and ``baselines``, each with its defaults. Nothing is trained.
+The last stage of the flow, after ``__main__``, whose command line it runs.
 """
 
 from __future__ import annotations
 
 import sys
 
-COMMANDS = (["subspace"], ["subspace", "--experiment", "convergence"], ["report"], ["decoder"], ["precision"])
+COMMANDS = (
+    ["subspace"],
+    ["subspace", "--experiment", "convergence"],
+    ["report"],
+    ["decoder"],
+    ["precision"],
+    ["lora-fa"],
+    ["baselines"],
+)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1226,7 +1226,7 @@ def test_every_experiments_command_in_the_scripts_and_the_readme_parses():
 def test_the_summarize_alias_runs_every_report_through_the_command_line(monkeypatch):
     """``python -m experiments.summarize`` (the one module entry point besides ``python -m experiments``) runs the
     command line's own commands, each of which parses, in the order the reports depend on each other: both subspace
-    reports before ``report`` (the README includes them), then the decoder and precision reports."""
+    reports before ``report`` (the README includes them), then the decoder, precision, LoRA-FA and baselines reports."""
     import runpy
     import sys
 
@@ -1243,6 +1243,8 @@ def test_the_summarize_alias_runs_every_report_through_the_command_line(monkeypa
         ["report"],
         ["decoder"],
         ["precision"],
+        ["lora-fa"],
+        ["baselines"],
     ]
     for argv in ran:
         cli.parser().parse_args(argv)  # exits (SystemExit) on an unknown command or argument
@@ -1250,4 +1252,4 @@ def test_the_summarize_alias_runs_every_report_through_the_command_line(monkeypa
 
     with pytest.raises(SystemExit, match="takes no arguments"):
         summarize.main(["report"])
-    assert len(ran) == 5  # nothing ran
+    assert len(ran) == 7  # nothing ran
