@@ -322,6 +322,12 @@ def seeds_section(runs: dict[str, dict[int, dict]], lrs: dict[str, float], check
     )
     lines += [status, ""]
     lines += arms_table(runs, seeds, lrs)
+    lines += [
+        "The paper's orderings these claims test (its Tables 2-4, RoBERTa, DeBERTa, GPT-2 and GPT-3): LoRA at or above "
+        "BitFit, Adapter^H, Adapter^L, PreLayer and PreEmbed at comparable trainable-parameter counts, and PreLayer "
+        "above PreEmbed. A claim holds when its Holm-adjusted one-sided p is below 0.05.",
+        "",
+    ]
     for metric, label in METRICS:
         lines += [
             f"### The six claims on {label}",
