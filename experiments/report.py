@@ -230,6 +230,13 @@ STUDIES = (
         ("recipe_convergence.png",),
     ),
     Study(
+        "The recipe's Rotten Tomatoes gap across splits, and the convention speeches' seeds 4-6 (pre-registered §2-3)",
+        f"`bash experiments/recipe_gap.sh search`, `... extend`, `... rotation`, `... speeches`; {COLLECT}",
+        "`python -m experiments report`",
+        ("The default recipe",),
+        (),
+    ),
+    Study(
         "Recipe probes: variations of the LoRA default",
         f"`bash experiments/recipe_probe.sh DATA` (more seeds and r=64 under How to regenerate); {COLLECT}",
         "`python -m experiments report`",

@@ -1011,3 +1011,39 @@ def test_a_study_declared_not_run_is_a_listed_deviation(tmp_path):
     after = "\n".join(deviations_section([], runs, []))
     assert "- Decoder (Runs §4) not run: the data package is not served." in after
     assert "None so far." not in after and "not run (declared in" in after
+
+
+def _listed(script: str, stage: str) -> list[str]:
+    """The jobs ``bash experiments/<script> list <stage>`` prints (runs none), reading the committed records."""
+    done = subprocess.run(
+        ["bash", f"experiments/{script}", "list", stage],
+        cwd=ROOT,
+        env=ENV | {"RUNS": "experiments/runs"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
+def test_the_sweep_scripts_list_the_preregistered_jobs():
+    """experiments/baselines.sh and recipe_gap.sh list the runs PREREGISTRATION.md §2 and §7-9 name: every arm's
+    seeds 101-121 at the lr its committed search chose (full fine-tuning adds only 118-121 to section 1's runs, after
+    a retraining check), LoRA+PE and the prefix lengths at seeds 101-103, and the 11 new Rotten Tomatoes search
+    cells."""
+    assert len(_listed("baselines.sh", "search")) == 32
+    seeds = _listed("baselines.sh", "seeds")
+    assert seeds[0] == "baselines check/full/101 0.0002 lora=full+seed=101"
+    section7 = [job.split()[1] for job in seeds if job.split()[1].startswith("seeds/") and "/lora_pe/" not in job]
+    assert len(section7) == len(set(section7)) == 9 * 21 - 17
+    assert sorted(int(p.split("/")[2]) for p in section7 if p.startswith("seeds/full/")) == [118, 119, 120, 121]
+    assert "baselines seeds/adapter_l/121 0.008 lora=adapter_l+seed=121" in seeds  # its edge point did not win
+    assert sum("/lora_pe/" in job for job in seeds) == 3
+    assert sum(job.split()[1].startswith("length/") for job in seeds) == 3 * (3 + 3 + 3)
+    assert seeds.index("baselines seeds/prompt/103 0.003 lora=prompt+seed=103") < seeds.index(
+        "baselines seeds/lora_qv/104 0.004 lora.targets=[q,v]+seed=104"
+    )
+    search = _listed("recipe_gap.sh", "search")
+    assert len(search) == 11 and not any("alpha16-dropout0.1" in job for job in search)
+    assert _listed("recipe_gap.sh", "speeches")[1].endswith("lora=full+lora.lr=5e-05")  # full FT's search lr
