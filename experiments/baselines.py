@@ -20,6 +20,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
+from experiments.plots import plot_arms, plot_sizes
 from experiments.power import mde
 from experiments.records import REPO, load_runs
 from experiments.stats import ALPHA, Stat, example_bootstrap, holm, pooled_sd_of, t_ppf, t_sf, welch
@@ -31,6 +32,8 @@ ABLATION_SEARCH = RUNS / "ablations" / "search"
 PRIMARY_FULL = RUNS / "lora_vs_full" / "150" / "full"  # section 1's 150-step full fine-tuning runs (seeds 101-117)
 LATENCY = REPO / "benchmarks" / "adapter_latency.json"
 OUT = REPO / "experiments" / "results" / "baselines.md"
+ARMS_PNG = "baselines_table2.png"  # beside OUT
+SIZES_PNG = "baselines_sizes.png"
 ARMS = (  # arm -> (label, the pre-registered search grid)
     ("lora_qv", "LoRA W{q,v} r=8", (0.001, 0.002, 0.004, 0.008)),
     ("lora_default", "LoRA W{q,k,v,o} r=8 (default recipe)", (0.001, 0.002, 0.004, 0.008)),
@@ -322,6 +325,7 @@ def seeds_section(runs: dict[str, dict[int, dict]], lrs: dict[str, float], check
     )
     lines += [status, ""]
     lines += arms_table(runs, seeds, lrs)
+    lines += [f"![Test accuracy per arm, mean and 95% interval, one dot per seed]({ARMS_PNG})", ""]
     lines += [
         "The paper's orderings these claims test (its Tables 2-4, RoBERTa, DeBERTa, GPT-2 and GPT-3): LoRA at or above "
         "BitFit, Adapter^H, Adapter^L, PreLayer and PreEmbed at comparable trainable-parameter counts, and PreLayer "
@@ -340,6 +344,27 @@ def seeds_section(runs: dict[str, dict[int, dict]], lrs: dict[str, float], check
     return lines
 
 
+def size_runs(runs: dict[str, dict[int, dict]], arm: str, suffix: str, size: int, own: int) -> dict[int, dict]:
+    """Section 8's runs of ``arm`` at ``size`` (section 7's own runs at its own size)."""
+    return runs.get(arm if size == own else f"{arm}_{suffix}{size}", {})
+
+
+def size_series(runs: dict[str, dict[int, dict]]) -> list[tuple[str, list[tuple[int, list[float]]]]]:
+    """Per method, its sizes whose three seeds have run: (own trainable parameters, test accuracies)."""
+    series = []
+    for arm, name, _, suffix, sizes, own in SIZES:
+        points = []
+        for size in sizes:
+            by_seed = size_runs(runs, arm, suffix, size, own)
+            accs = values(by_seed, PROBE_SEEDS, "test_acc")
+            count = own_parameters(by_seed, PROBE_SEEDS)
+            if len(accs) == len(PROBE_SEEDS) and count != "-":
+                points.append((int(count.replace(",", "")), accs))
+        if points:
+            series.append((name, points))
+    return series
+
+
 def sizes_section(runs: dict[str, dict[int, dict]]) -> list[str]:
     lines = [
         "## Section 8: accuracy against the number of prefix tokens, and LoRA against r (seeds 101-103, exploratory)",
@@ -354,7 +379,7 @@ def sizes_section(runs: dict[str, dict[int, dict]]) -> list[str]:
     for arm, name, unit, suffix, sizes, own in SIZES:
         means = []
         for size in sizes:
-            by_seed = runs.get(arm if size == own else f"{arm}_{suffix}{size}", {})
+            by_seed = size_runs(runs, arm, suffix, size, own)
             test = Stat.of(values(by_seed, PROBE_SEEDS, "test_acc"))
             val = Stat.of(values(by_seed, PROBE_SEEDS, "best_val_acc"))
             count = own_parameters(by_seed, PROBE_SEEDS)
@@ -374,7 +399,10 @@ def sizes_section(runs: dict[str, dict[int, dict]]) -> list[str]:
                 f"- {name}: mean test accuracy {trend} in {unit} "
                 f"({' → '.join(f'{m:.1f}' for m in means)}); highest at {unit} {best}."
             )
-    return lines + [""] + (shape or ["- Not every size has its three seeds yet."]) + [""]
+    lines += [""] + (shape or ["- Not every size has its three seeds yet."]) + [""]
+    if size_series(runs):
+        lines += [f"![Test accuracy against each method's trainable parameters, mean ± sd over seeds]({SIZES_PNG})", ""]
+    return lines
 
 
 def combined_section(runs: dict[str, dict[int, dict]]) -> list[str]:
@@ -435,6 +463,12 @@ def write_report(
     """``out`` from the records; returns its text."""
     runs = seed_runs(baseline_root, primary_full)
     text = report(search_rows(baseline_root, ablation_root), latency, runs, reuse_check(baseline_root, primary_full))
+    seeds = complete_seeds(runs)
+    if seeds:
+        arms = [(LABEL[arm].split(" (")[0], values(runs[arm], seeds, "test_acc")) for arm in SECTION7]
+        plot_arms(arms, out.parent / ARMS_PNG, f"Table 2 at CPU scale: test accuracy, seeds {seeds[0]}-{seeds[-1]}")
+    if series := size_series(runs):
+        plot_sizes(series, out.parent / SIZES_PNG, "Section 8: accuracy against trainable parameters (seeds 101-103)")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     return text

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from experiments.claims import TABLE5_ORDER, TABLE6_RANKS, TABLE6_TARGETS, table5_stats, table6_stats
 from experiments.records import METRIC, METRIC_NAMES, has_metric, metrics_present
-from experiments.stats import Stat, group, mean_curve
+from experiments.stats import Stat, group, mean_curve, t_ppf
 
 
 def _figure(width: float, height: float):
@@ -141,4 +141,44 @@ def plot_curves(panels: dict[str, dict[str, list[dict]]], path: Path) -> Path:
         ax.set_ylabel("validation accuracy (%)")
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=7, loc="lower right")
+    return _save(fig, path)
+
+
+def plot_arms(arms: list[tuple[str, list[float]]], path: Path, title: str) -> Path:
+    """One bar per arm, its mean accuracy (%) with the 95% t interval of the mean, and one dot per seed; ``arms``:
+    (label, per-seed accuracies in [0, 1])."""
+    fig = _figure(8.0, 3.8)
+    ax = fig.add_subplot(1, 1, 1)
+    stats = [Stat.of(values) for _, values in arms]
+    half = [t_ppf(0.975, s.n - 1) * s.sem if s.n > 1 else 0.0 for s in stats]
+    xs = list(range(len(arms)))
+    ax.bar(xs, [s.mean for s in stats], 0.6, yerr=half, color="#8fb3d9", capsize=3, label="mean, 95% interval")
+    for x, (_, values) in zip(xs, arms, strict=True):
+        ax.scatter([x] * len(values), [100 * v for v in values], color="#1f3b5c", s=10, zorder=3)
+    ax.set_xticks(xs, [label for label, _ in arms], fontsize=7, rotation=20, ha="right")
+    points = [100 * v for _, values in arms for v in values]
+    ax.set_ylim(min(points) - 2.0, max(points) + 1.5)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="lower right", fontsize=7)
+    return _save(fig, path)
+
+
+def plot_sizes(series: list[tuple[str, list[tuple[int, list[float]]]]], path: Path, title: str) -> Path:
+    """Accuracy (%, mean ± sd over seeds, dots per seed) against the method's trainable parameters (log axis), one
+    line per method; ``series``: (label, [(parameters, per-seed accuracies in [0, 1])])."""
+    fig = _figure(6.5, 3.8)
+    ax = fig.add_subplot(1, 1, 1)
+    for label, points in series:
+        xs = [p for p, _ in points]
+        stats = [Stat.of(values) for _, values in points]
+        sd = [0.0 if math.isnan(s.std) else s.std for s in stats]
+        line = ax.errorbar(xs, [s.mean for s in stats], yerr=sd, marker="o", capsize=3, label=label)
+        for x, (_, values) in zip(xs, points, strict=True):
+            ax.scatter([x] * len(values), [100 * v for v in values], color=line[0].get_color(), s=8, alpha=0.5)
+    ax.set_xscale("log")
+    ax.set_xlabel("the method's own trainable parameters")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="lower right", fontsize=7)
     return _save(fig, path)

@@ -279,7 +279,7 @@ STUDIES = (
         f"`... seeds` (Table 2, prefix length, LoRA+PE); {COLLECT}",
         "`python -m experiments baselines`",
         (),
-        ("baselines.md",),
+        ("baselines.md", "baselines_table2.png", "baselines_sizes.png"),
     ),
     Study(
         "Two task adapters in one fit vs each alone",
