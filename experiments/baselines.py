@@ -372,8 +372,8 @@ def sizes_section(runs: dict[str, dict[int, dict]]) -> list[str]:
         "Each method at its section 7 lr; mean ± sd over the seeds run. "
         "n = 3 carries no verdict (about 4.4 points is the smallest difference it detects at the section 7 level).",
         "",
-        "| method | size | seeds | test accuracy | best validation | trainable (own) |",
-        "|---|---|---|---|---|---|",
+        "| method | size | seeds | test accuracy | lowest seed | best validation | trainable (own) |",
+        "|---|---|---|---|---|---|---|",
     ]
     shape = []
     for arm, name, unit, suffix, sizes, own in SIZES:
@@ -383,21 +383,26 @@ def sizes_section(runs: dict[str, dict[int, dict]]) -> list[str]:
             test = Stat.of(values(by_seed, PROBE_SEEDS, "test_acc"))
             val = Stat.of(values(by_seed, PROBE_SEEDS, "best_val_acc"))
             count = own_parameters(by_seed, PROBE_SEEDS)
-            lines.append(f"| {name} | {unit} {size} | {test.n} | {test} | {val} | {count} |")
-            means.append(test.mean if test.n == len(PROBE_SEEDS) else math.nan)
-        if not any(math.isnan(m) for m in means):
-            steps = [b - a for a, b in zip(means, means[1:], strict=False)]
+            accs = values(by_seed, PROBE_SEEDS, "test_acc")
+            low = f"{100 * min(accs):.1f}" if accs else "-"
+            lines.append(f"| {name} | {unit} {size} | {test.n} | {test} | {low} | {val} | {count} |")
+            means.append(test if test.n == len(PROBE_SEEDS) else None)
+        if all(m is not None for m in means):
+            steps = [b.mean - a.mean for a, b in zip(means, means[1:], strict=False)]
             trend = (
                 "rises at every step"
                 if all(d > 0 for d in steps)
                 else "falls at every step"
                 if all(d < 0 for d in steps)
-                else "not monotone"
+                else "is not monotone"
             )
-            best = sizes[max(range(len(sizes)), key=lambda i: means[i])]
+            best = sizes[max(range(len(sizes)), key=lambda i: means[i].mean)]
+            sd, _ = pooled_sd_of(means)
+            step = max(steps, key=abs)
             shape.append(
-                f"- {name}: mean test accuracy {trend} in {unit} "
-                f"({' → '.join(f'{m:.1f}' for m in means)}); highest at {unit} {best}."
+                f"- {name}: mean test accuracy {trend} in {unit} ({' → '.join(f'{m.mean:.1f}' for m in means)}), "
+                f"highest at {unit} {best}; the largest change between neighbouring sizes is {step:+.1f} points, "
+                f"against a seed sd of {sd:.1f} (pooled over its sizes)."
             )
     lines += [""] + (shape or ["- Not every size has its three seeds yet."]) + [""]
     if size_series(runs):
