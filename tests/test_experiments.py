@@ -908,8 +908,8 @@ def test_baselines_seeds_report_reads_balanced_seeds_under_one_holm_family(tmp_p
     assert "| full fine-tuning | - | 7 | 3 | 85.0 ± 5.0 |" in text
     assert text.count("bootstrap 95% (seeds × examples)") == 1  # on test accuracy, where test_correct is recorded
     assert (
-        "- PreLayer: mean test accuracy not monotone in tokens (70.0 → 75.0 → 80.0 → 65.0); highest at tokens 64."
-        in text
+        "- PreLayer: mean test accuracy is not monotone in tokens (70.0 → 75.0 → 80.0 → 65.0), highest at tokens 64; "
+        "the largest change between neighbouring sizes is -15.0 points, against a seed sd of 5.0" in text
     )
     assert "Section 9" in text and "Not run yet." in text
 
