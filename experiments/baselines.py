@@ -193,8 +193,7 @@ def seed_runs(baseline_root: Path = BASELINE_RUNS, primary_full: Path = PRIMARY_
             run = json.loads(summary.read_text())
             parts = summary.relative_to(baseline_root / stage).parts
             out[parts[0]][int(run["seed"])] = run
-    check = sorted((baseline_root / "check" / "full").rglob("summary.json")) if baseline_root.is_dir() else []
-    counted = json.loads(check[0].read_text()).get("params_method") if check else None
+    counted = (check_run(baseline_root) or {}).get("params_method")
     for run in load_runs(primary_full) if primary_full.is_dir() else []:
         if run.get("method") == "full" and run.get("steps") == 150 and int(run["seed"]) in SEEDS[:17]:
             if run.get("params_method") is None and counted is not None:  # section 1 predates the field; the
@@ -203,14 +202,20 @@ def seed_runs(baseline_root: Path = BASELINE_RUNS, primary_full: Path = PRIMARY_
     return dict(out)
 
 
+def check_run(baseline_root: Path = BASELINE_RUNS) -> dict | None:
+    """The seeds stage's retraining of section 1's full fine-tuning seed 101 (``check/full/101``), or None."""
+    found = sorted((baseline_root / "check" / "full").rglob("summary.json")) if baseline_root.is_dir() else []
+    return json.loads(found[0].read_text()) if found else None
+
+
 def reuse_check(baseline_root: Path = BASELINE_RUNS, primary_full: Path = PRIMARY_FULL) -> str:
     """One line: section 1's full fine-tuning seed 101 retrained by the seeds stage (``check/full/101``) against its
     committed record, the premise of reusing section 1's runs."""
-    again = sorted((baseline_root / "check" / "full").rglob("summary.json")) if baseline_root.is_dir() else []
+    a = check_run(baseline_root)
     first = [r for r in load_runs(primary_full) if r.get("seed") == 101] if primary_full.is_dir() else []
-    if not again or not first:
+    if a is None or not first:
         return "- The retraining check of section 1's full fine-tuning seed 101 has not run yet."
-    a, b = json.loads(again[0].read_text()), first[0]
+    b = first[0]
     same = all(a.get(k) == b.get(k) for k in ("test_acc", "best_val_acc", "test_correct", "val_curve"))
     return (
         f"- Reuse check: section 1's full fine-tuning seed 101 retrained on this stage's code: test accuracy "
